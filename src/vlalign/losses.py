@@ -1,0 +1,244 @@
+"""Contrastive and alignment losses for vision-language models.
+
+Every function here is small and pure: it takes embeddings / logits and returns a scalar loss (or the targets a
+loss needs), works on any model's outputs, and computes in float32 (or float64 when given float64) whatever the
+input precision, so that bf16 autocast never reaches a softmax. Features are expected L2-normalised where a
+function says so. Names follow the paper terms:
+
+- ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
+- ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
+- ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
+- ``sample_hard_negatives``: ALBEF/TCL's ITM negative mining;
+- ``masked_lm_distillation_loss``: MLM cross-entropy blended with soft targets from a teacher;
+- ``all_gather_with_grad`` / ``all_gather_no_grad``: feature gathering across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Large negative used instead of -inf for masked logits: exp() of it is 0 in float32, but unlike -inf it keeps the
+# softmax/logsumexp backward finite when a whole row is masked.
+_MASKED_LOGIT = -1e9
+
+
+def _loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (reference computations), everything else is promoted to float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def contrastive_cross_entropy(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE in one direction: cross-entropy of ``softmax(queries @ keys.T / temperature)`` against targets.
+
+    Args:
+        queries: (N, D) normalised features.
+        keys: (M, D) normalised features, M >= N. With ``targets=None`` query i's positive is key i (the in-batch
+            keys come first, followed by e.g. queue entries).
+        temperature: scalar (float or 0-dim tensor, may require grad).
+        targets: optional (N, M) rows summing to 1 (soft targets, several positives, or distillation targets).
+
+    Returns:
+        Mean over queries of ``-sum_j targets_ij * log p_ij``.
+    """
+    dtype = _loss_dtype(queries, keys)
+    logits = queries.to(dtype) @ keys.to(dtype).t()
+    logits = logits / torch.as_tensor(temperature, device=logits.device).to(dtype)
+    if targets is None:
+        labels = torch.arange(queries.shape[0], device=queries.device)
+        return F.cross_entropy(logits, labels)
+    return -(F.log_softmax(logits, dim=1) * targets.to(dtype)).sum(dim=1).mean()
+
+
+def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_queries: int, num_keys: int,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """Target distribution spreading mass uniformly over the positives of each query.
+
+    With ids, key j is a positive of query i iff ``query_ids[i] == key_ids[j]`` (several captions of one image, or
+    class-level positives). Without ids, query i's only positive is key i. Query i is always a positive of key i,
+    whatever the ids say, so no row is ever empty.
+    """
+    eye = torch.zeros(num_queries, num_keys, device=device)
+    eye[torch.arange(num_queries), torch.arange(num_queries)] = 1.0
+    if query_ids is None or key_ids is None:
+        return eye
+    positives = (query_ids.view(-1, 1) == key_ids.view(1, -1)).float()
+    positives = torch.maximum(positives, eye)
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+def distillation_targets(teacher_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Momentum-distillation targets: ``alpha * softmax(teacher) + (1 - alpha) * hard_targets`` (no gradient)."""
+    with torch.no_grad():
+        dtype = _loss_dtype(teacher_logits)
+        soft = F.softmax(teacher_logits.to(dtype), dim=1)
+        return alpha * soft + (1.0 - alpha) * hard_targets.to(dtype)
+
+
+def local_mutual_information(
+    global_features: torch.Tensor,
+    local_features: torch.Tensor,
+    temperature: torch.Tensor | float,
+    local_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TCL's local mutual information loss (global-to-local InfoNCE, in-batch).
+
+    For sample i, global feature g_i must pick out each of its own locals l_ij against the locals of every other
+    sample: ``-log( e^{g_i.l_ij/t} / (e^{g_i.l_ij/t} + sum_{k != i} sum_j' e^{g_i.l_kj'/t}) )``, averaged over the
+    valid locals of i, then over the batch. The other locals of sample i itself are neither positive nor negative.
+
+    Args:
+        global_features: (B, D) normalised.
+        local_features: (B, P, D) normalised (e.g. pooled patch features, or token features).
+        temperature: scalar.
+        local_mask: optional (B, P), 1/True for real locals. Masked locals (padding tokens) are excluded both as
+            positives and as negatives.
+    """
+    dtype = _loss_dtype(global_features, local_features)
+    g = global_features.to(dtype)
+    loc = local_features.to(dtype)
+    batch, num_locals = loc.shape[:2]
+    if local_mask is None:
+        valid = torch.ones(batch, num_locals, dtype=torch.bool, device=loc.device)
+    else:
+        valid = local_mask.to(device=loc.device).bool()
+    t = torch.as_tensor(temperature, device=g.device).to(dtype)
+    # logits[i, k, j] = g_i . l_kj / t
+    logits = torch.einsum("id,kjd->ikj", g, loc) / t
+    idx = torch.arange(batch, device=g.device)
+    positive = logits[idx, idx]  # (B, P)
+    # negatives of anchor i: every valid local of every other sample
+    negative_mask = valid.unsqueeze(0).expand(batch, batch, num_locals).clone()
+    negative_mask[idx, idx] = False
+    negatives = logits.masked_fill(~negative_mask, _MASKED_LOGIT).flatten(1)
+    negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (B, 1)
+    per_local = torch.logaddexp(positive, negative_lse) - positive  # (B, P)
+    per_local = per_local * valid
+    counts = valid.sum(dim=1)
+    has_locals = counts > 0
+    per_sample = per_local.sum(dim=1) / counts.clamp(min=1)
+    return per_sample[has_locals].mean() if has_locals.any() else per_sample.sum() * 0.0
+
+
+def sample_hard_negatives(
+    similarity: torch.Tensor,
+    positive_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one negative column per row by multinomial sampling from ``softmax(similarity)`` with positives zeroed.
+
+    Args:
+        similarity: (N, M) logits (e.g. ``text_feat @ image_feat.T / t``).
+        positive_mask: (N, M) bool, True where column j is a positive of row i (at least the diagonal). Positives
+            are never returned.
+        generator: optional torch.Generator for reproducible sampling.
+
+    Returns:
+        (N,) long indices. A row whose non-positive weights all underflow to zero falls back to a uniform choice
+        among its non-positives; a row with no non-positive at all (every column is a positive) falls back to a
+        uniform choice among the columns other than itself, or itself when M == 1.
+    """
+    with torch.no_grad():
+        weights = F.softmax(similarity.float(), dim=1).masked_fill(positive_mask, 0.0)
+        no_mass = weights.sum(dim=1) <= 0
+        if no_mass.any():
+            # underflow or all-positive rows: uniform over non-positives, else over non-self columns
+            fallback = (~positive_mask[no_mass]).float()
+            empty = fallback.sum(dim=1) == 0
+            if empty.any():
+                rows = torch.nonzero(no_mass).flatten()[empty]
+                non_self = torch.ones(len(rows), similarity.shape[1], device=similarity.device)
+                in_range = rows < similarity.shape[1]
+                non_self[in_range, rows[in_range]] = 0.0
+                non_self[non_self.sum(dim=1) == 0] = 1.0
+                fallback[empty] = non_self
+            weights[no_mass] = fallback
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def mask_tokens_for_mlm(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    special_token_ids: list[int] | tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose ``probability`` of the real tokens (never position 0, padding or special ids); of
+    those, 80% become [MASK], 10% a random token, 10% stay. Returns ``(masked_input_ids, labels)`` with labels
+    -100 at unchosen positions."""
+    device = input_ids.device
+    probs = torch.full(input_ids.shape, probability, device=device)
+    maskable = attention_mask.bool().clone()
+    maskable[:, 0] = False  # [CLS]/BOS is the global feature, never masked
+    for token_id in special_token_ids:
+        maskable &= input_ids != token_id
+    probs = probs * maskable
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels = input_ids.masked_fill(~chosen, -100)
+    masked = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool() & chosen
+    masked[to_mask] = mask_token_id
+    to_random = (
+        torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool()
+        & chosen
+        & ~to_mask
+    )
+    random_tokens = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
+    masked[to_random] = random_tokens[to_random]
+    return masked, labels
+
+
+def masked_lm_distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(logits, labels) + alpha * H(softmax(teacher_logits), softmax(logits))`` over the masked
+    positions (labels != -100). The teacher distribution is a softmax over the *vocabulary* dimension."""
+    dtype = _loss_dtype(logits)
+    selected = labels != -100
+    if not selected.any():
+        return logits.sum() * 0.0
+    student = logits[selected].to(dtype)
+    log_probs = F.log_softmax(student, dim=-1)
+    hard = F.nll_loss(log_probs, labels[selected])
+    if teacher_logits is None or alpha == 0:
+        return hard
+    with torch.no_grad():
+        soft = F.softmax(teacher_logits[selected].to(dtype), dim=-1)
+    distill = -(log_probs * soft).sum(dim=-1).mean()
+    return (1.0 - alpha) * hard + alpha * distill
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all processes along dim 0 in rank order (identity when not distributed). The
+    result carries no gradient: use it for queue updates and negative mining."""
+    if not _distributed():
+        return tensor.detach()
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.detach().contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all processes along dim 0 in rank order, keeping the autograd graph: the
+    gradient of each rank's slice flows back to the rank that produced it (summed over ranks), so that a loss
+    computed on local rows against all gathered columns gives the full-batch gradient."""
+    if not _distributed():
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
