@@ -15,6 +15,8 @@ function says so. Names follow the paper terms:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,11 +26,31 @@ import torch.nn.functional as F
 _MASKED_LOGIT = -1e9
 
 
+def full_precision(fn):
+    """Run `fn` with autocast disabled, so its matmuls and softmaxes really happen in float32/float64 even when
+    the caller is under bf16/fp16 autocast (autocast would otherwise re-cast our float32 matmul inputs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (reference computations), everything else is promoted to float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _as_temperature(temperature: torch.Tensor | float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A python float goes straight to `dtype` (not via float32, which would round 0.07 in float64 references)."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(device=device, dtype=dtype)
+    return torch.tensor(temperature, dtype=dtype, device=device)
+
+
+@full_precision
 def contrastive_cross_entropy(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -47,13 +69,19 @@ def contrastive_cross_entropy(
     Returns:
         Mean over queries of ``-sum_j targets_ij * log p_ij``.
     """
-    dtype = _loss_dtype(queries, keys)
-    logits = queries.to(dtype) @ keys.to(dtype).t()
-    logits = logits / torch.as_tensor(temperature, device=logits.device).to(dtype)
+    logits = similarity_logits(queries, keys, temperature)
+    dtype = logits.dtype
     if targets is None:
         labels = torch.arange(queries.shape[0], device=queries.device)
         return F.cross_entropy(logits, labels)
     return -(F.log_softmax(logits, dim=1) * targets.to(dtype)).sum(dim=1).mean()
+
+
+@full_precision
+def similarity_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """``queries @ keys.T / temperature`` in float32 (or float64), e.g. teacher logits for distillation targets."""
+    dtype = _loss_dtype(queries, keys)
+    return (queries.to(dtype) @ keys.to(dtype).t()) / _as_temperature(temperature, dtype, queries.device)
 
 
 def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_queries: int, num_keys: int,
@@ -73,6 +101,7 @@ def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | Non
     return positives / positives.sum(dim=1, keepdim=True)
 
 
+@full_precision
 def distillation_targets(teacher_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
     """Momentum-distillation targets: ``alpha * softmax(teacher) + (1 - alpha) * hard_targets`` (no gradient)."""
     with torch.no_grad():
@@ -81,6 +110,7 @@ def distillation_targets(teacher_logits: torch.Tensor, hard_targets: torch.Tenso
         return alpha * soft + (1.0 - alpha) * hard_targets.to(dtype)
 
 
+@full_precision
 def local_mutual_information(
     global_features: torch.Tensor,
     local_features: torch.Tensor,
@@ -108,7 +138,7 @@ def local_mutual_information(
         valid = torch.ones(batch, num_locals, dtype=torch.bool, device=loc.device)
     else:
         valid = local_mask.to(device=loc.device).bool()
-    t = torch.as_tensor(temperature, device=g.device).to(dtype)
+    t = _as_temperature(temperature, dtype, g.device)
     # logits[i, k, j] = g_i . l_kj / t
     logits = torch.einsum("id,kjd->ikj", g, loc) / t
     idx = torch.arange(batch, device=g.device)
@@ -196,6 +226,7 @@ def mask_tokens_for_mlm(
     return masked, labels
 
 
+@full_precision
 def masked_lm_distillation_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

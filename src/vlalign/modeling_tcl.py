@@ -41,6 +41,7 @@ from .losses import (
     masked_lm_distillation_loss,
     positive_targets,
     sample_hard_negatives,
+    similarity_logits,
 )
 
 LOSS_COMPONENTS = ("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text", "itm", "mlm")
@@ -92,6 +93,18 @@ class TCLPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["FusionLayer"]
     # Our losses are per-batch means: the Trainer must scale them for gradient accumulation itself.
     accepts_loss_kwargs = False
+
+    # Auto classes written into `auto_map` on save besides the one `register_for_auto_class` records, so that a
+    # saved folder also works in `pipeline("zero-shot-image-classification", ..., trust_remote_code=True)`.
+    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto_class in self._extra_auto_classes:
+                auto_map[auto_class] = f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -266,7 +279,7 @@ class TCLModel(TCLPreTrainedModel):
         logits_per_image = logits_per_text = None
         temperature = self.temperature
         if image_embeds is not None and text_embeds is not None:
-            logits_per_text = (text_embeds.float() @ image_embeds.float().t()) / temperature
+            logits_per_text = similarity_logits(text_embeds, image_embeds, temperature)
             logits_per_image = logits_per_text.t()
         return TCLOutput(
             logits_per_image=logits_per_image,
@@ -307,8 +320,8 @@ class TCLModel(TCLPreTrainedModel):
                 text_keys = torch.cat([text_feat_m, self.text_queue.clone()], dim=0)
                 key_ids = None if positive_ids is None else torch.cat([positive_ids, self.id_queue.clone()])
                 hard = positive_targets(positive_ids, key_ids, batch, image_keys.shape[0], device=image_feat.device)
-                i2t_targets = distillation_targets(image_feat_m @ text_keys.t() / temp, hard, alpha)
-                t2i_targets = distillation_targets(text_feat_m @ image_keys.t() / temp, hard, alpha)
+                i2t_targets = distillation_targets(similarity_logits(image_feat_m, text_keys, temp), hard, alpha)
+                t2i_targets = distillation_targets(similarity_logits(text_feat_m, image_keys, temp), hard, alpha)
                 if use_lmi:
                     image_locals = self._image_locals(image_tokens_m, momentum=True)
                     text_locals = self._text_locals(text_tokens_m, momentum=True)
@@ -383,7 +396,7 @@ class TCLModel(TCLPreTrainedModel):
             if positive_ids is not None:
                 positive |= positive_ids.view(-1, 1) == positive_ids.view(1, -1)
             if self.config.itm_hard_negatives:
-                sim_t2i = text_feat.float() @ image_feat.float().t() / temp
+                sim_t2i = similarity_logits(text_feat, image_feat, temp)
             else:
                 sim_t2i = torch.zeros(batch, batch, device=image_feat.device)
             negative_image_for_text = sample_hard_negatives(sim_t2i, positive)
@@ -474,6 +487,8 @@ class TCLModel(TCLPreTrainedModel):
 def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
     """Load `state` into `module`, raising with the mismatched keys instead of silently keeping random weights."""
     own = module.state_dict()
+    # poolers are deliberately not built (we use the [CLS] token states), so theirs are not a mismatch
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state and not any(marker in k for marker in allow_missing)

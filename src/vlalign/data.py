@@ -1,0 +1,627 @@
+"""Image-text data: the embedded handwritten-digits demo, generic `datasets` loading, decoding and collation.
+
+Design notes:
+- Images stay *undecoded* in the datasets (`datasets.Image(decode=False)`) and are decoded in the collator, so
+  a corrupt file skips one row instead of crashing a training run hours in.
+- Positives for the contrastive losses are expressed as integer `positive_ids`: items with equal ids are
+  positives (same label for labelled data such as digits, otherwise the same image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, to_rgb
+
+__all__ = [
+    "DIGIT_CAPTION_TEMPLATES",
+    "DIGIT_NAMES",
+    "DIGIT_ZERO_SHOT_TEMPLATES",
+    "GENERIC_ZERO_SHOT_TEMPLATES",
+    "ROW_ID_COLUMN",
+    "DataArguments",
+    "EvalInputs",
+    "ImageTextCollator",
+    "build_digits_dataset",
+    "build_digits_processor",
+    "build_digits_tokenizer",
+    "build_eval_inputs",
+    "decode_image",
+    "digit_captions",
+    "load_image_text_datasets",
+    "resolve_class_names",
+]
+
+logger = logging.getLogger("vlalign.data")
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+DIGIT_CAPTION_TEMPLATES = [
+    "a handwritten digit {name}",
+    "the number {digit} written by hand",
+    "a scan of a handwritten {name}",
+    "a pen drawing of the digit {digit}",
+    "a low resolution image of the number {name}",
+    "a blurry photo of a handwritten {digit}",
+    "the digit {name}, written in dark ink on paper",
+    "a small picture showing the numeral {digit} ({name})",
+]
+
+DIGIT_ZERO_SHOT_TEMPLATES = [
+    "a handwritten digit {name}",
+    "the number {digit} written by hand",
+    "a scan of a handwritten {name}",
+]
+
+GENERIC_ZERO_SHOT_TEMPLATES = ["a photo of a {name}."]
+
+# Column added by `load_image_text_datasets` when `image_id_column` is None: the row index in the split, so
+# "same image" positives stay globally unique (needed once ids are compared against a momentum queue).
+ROW_ID_COLUMN = "__vlalign_row_id__"
+
+_DIGITS_SPLITS = ("train", "test")
+
+
+def digit_captions(label: int) -> list[str]:
+    """All caption templates filled in for one digit."""
+    return [t.format(name=DIGIT_NAMES[label], digit=label) for t in DIGIT_CAPTION_TEMPLATES]
+
+
+def _digit_to_png(pixels: np.ndarray, image_size: int) -> bytes:
+    """8x8 sklearn digit (0..16, 16 = ink) -> PNG bytes of a dark-ink-on-light-paper grayscale image."""
+    ink = np.clip(np.round(pixels.reshape(8, 8) * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    paper = Image.fromarray(255 - ink)  # invert: looks like a scan of pen on paper
+    if image_size != 8:
+        paper = paper.resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    paper.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_digits_dataset(image_size: int = 32, cache_dir: str | None = None) -> datasets.DatasetDict:
+    """The embedded demo: scikit-learn's 1797 real 8x8 handwritten digits as an image-caption dataset.
+
+    Splits: rows with `index % 5 == 0` -> "test" (360), the rest -> "train" (1437). Columns: `image`
+    (PNG, `datasets.Image()`), `caption` (list of all `DIGIT_CAPTION_TEMPLATES` for the digit), `label`
+    (`ClassLabel(names=DIGIT_NAMES)`), `image_id` (sklearn index). Built in memory; with `cache_dir` the result
+    is saved there with `save_to_disk` and reused.
+    """
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size!r}")
+    image_size = int(image_size)
+    cache_path = os.path.join(cache_dir, f"vlalign_digits_{image_size}") if cache_dir else None
+    if cache_path and os.path.isdir(cache_path):
+        return datasets.load_from_disk(cache_path)
+
+    from sklearn.datasets import load_digits  # ships its data with the wheel: no download
+
+    digits = load_digits()
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "label": datasets.ClassLabel(names=DIGIT_NAMES),
+            "image_id": datasets.Value("int64"),
+        }
+    )
+    columns: dict[str, dict[str, list]] = {split: {k: [] for k in features} for split in _DIGITS_SPLITS}
+    for index, (pixels, label) in enumerate(zip(digits.data, digits.target)):
+        split = "test" if index % 5 == 0 else "train"
+        columns[split]["image"].append({"bytes": _digit_to_png(pixels, image_size), "path": None})
+        columns[split]["caption"].append(digit_captions(int(label)))
+        columns[split]["label"].append(int(label))
+        columns[split]["image_id"].append(index)
+    result = datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(columns[split], features=features) for split in _DIGITS_SPLITS}
+    )
+    if cache_path:
+        result.save_to_disk(cache_path)
+    return result
+
+
+def _digits_vocabulary_words() -> list[str]:
+    """Every pre-token (lowercased) of the digit captions, zero-shot templates and the generic template."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    texts = []
+    for label in range(10):
+        for template in DIGIT_CAPTION_TEMPLATES + DIGIT_ZERO_SHOT_TEMPLATES + GENERIC_ZERO_SHOT_TEMPLATES:
+            texts.append(template.format(name=DIGIT_NAMES[label], digit=label))
+    words = set()
+    for text in texts:
+        words.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    return sorted(words)
+
+
+def build_digits_tokenizer(model_max_length: int = 64):
+    """An offline BERT WordPiece tokenizer whose vocabulary covers the digit captions and templates.
+
+    Vocabulary (deterministic order): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, digits 0-9, ASCII
+    punctuation, single letters a-z plus their `##` continuations (so unseen lowercase words split into letters
+    instead of becoming [UNK]), then all caption/template words sorted. Lowercasing is on.
+    """
+    from transformers import BertTokenizer  # the tokenizers-backed ("fast") BERT tokenizer in transformers 5
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list(string.digits) + list(string.punctuation)
+    tokens += list(string.ascii_lowercase)
+    tokens += ["##" + c for c in string.ascii_lowercase + string.digits]
+    seen = set(tokens)
+    for word in _digits_vocabulary_words():
+        if word not in seen:
+            tokens.append(word)
+            seen.add(word)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
+
+
+def build_digits_processor(image_size: int = 32) -> VLAlignProcessor:
+    """Processor for the digits demo: PIL ViT image processor (mean/std 0.5), digits tokenizer, default
+    augmentation except no horizontal flip (a mirrored digit is not that digit) and a milder crop (0.5, 1.0)
+    so the digit mostly stays in view; max_length 16."""
+    from transformers import ViTImageProcessorPil
+
+    image_processor = ViTImageProcessorPil(
+        size={"height": int(image_size), "width": int(image_size)},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_resize=True,
+    )
+    augmentation = dict(DEFAULT_AUGMENTATION, hflip_p=0.0, crop_scale=[0.5, 1.0])
+    return VLAlignProcessor(
+        image_processor=image_processor,
+        tokenizer=build_digits_tokenizer(),
+        augmentation=augmentation,
+        max_length=16,
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which image-text data to train and evaluate on (HfArgumentParser-compatible).
+
+    `dataset_name` is anything `datasets.load_dataset` takes (Hub name, "imagefolder", "parquet", "json", a
+    local path) or "digits" for the embedded demo. `data_files` may be a str, list or dict when set from
+    Python/YAML; on the command line pass a path or a JSON list/dict string.
+    """
+
+    dataset_name: str = field(default="digits", metadata={"help": 'load_dataset name/path, or "digits".'})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir passed to load_dataset."})
+    # Typed `str | None` for HfArgumentParser (it rejects wider unions); lists/dicts are accepted at runtime.
+    data_files: str | None = field(default=None, metadata={"help": "data_files (str, JSON list or dict)."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    caption_column: str = field(default="caption", metadata={"help": "Column holding a caption or a list."})
+    label_column: str | None = field(default="label", metadata={"help": "Class label column, or None."})
+    image_id_column: str | None = field(default="image_id", metadata={"help": "Image id column; None: row."})
+    train_split: str = field(default="train", metadata={"help": "Training split name."})
+    eval_split: str | None = field(default="test", metadata={"help": "Eval split name (None: no eval)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval split."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "Zero-shot class names."})
+    zero_shot_templates: list[str] | None = field(
+        default=None, metadata={"help": "Prompts with {name} and/or {digit} placeholders."}
+    )
+    positives_by: str = field(default="label", metadata={"help": '"label" or "image".'})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+
+    def __post_init__(self):
+        if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
+            raise ValueError(f"dataset_name must be a non-empty string, got {self.dataset_name!r}")
+        for name in ("image_column", "caption_column", "train_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("label_column", "image_id_column", "eval_split", "dataset_config_name", "data_dir", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+                # The command line cannot express None for a field with a non-None default; accept spellings of it.
+                value = None
+                setattr(self, name, None)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be None or a non-empty string, got {value!r}")
+        if isinstance(self.data_files, str) and self.data_files.strip()[:1] in ("[", "{"):
+            try:
+                self.data_files = json.loads(self.data_files)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"data_files looks like JSON but does not parse: {error}") from error
+        if self.data_files is not None and not isinstance(self.data_files, (str, list, tuple, dict)):
+            raise ValueError(f"data_files must be a str, list, dict or None, got {type(self.data_files).__name__}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if self.positives_by not in ("label", "image"):
+            raise ValueError(f'positives_by must be "label" or "image", got {self.positives_by!r}')
+        if self.class_names is not None:
+            names = list(self.class_names)
+            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+                raise ValueError(f"class_names must be a non-empty list of unique non-empty strings, got {names!r}")
+            self.class_names = names
+        if self.zero_shot_templates is None:
+            self.zero_shot_templates = list(
+                DIGIT_ZERO_SHOT_TEMPLATES if self.dataset_name == "digits" else GENERIC_ZERO_SHOT_TEMPLATES
+            )
+        else:
+            templates = list(self.zero_shot_templates)
+            if not templates:
+                raise ValueError("zero_shot_templates must not be empty")
+            for template in templates:
+                if not isinstance(template, str) or ("{name}" not in template and "{digit}" not in template):
+                    raise ValueError(
+                        f"zero_shot_templates entries need a {{name}} or {{digit}} placeholder: {template!r}"
+                    )
+                try:
+                    template.format(name="x", digit=0)
+                except (KeyError, IndexError, ValueError) as error:
+                    raise ValueError(f"zero_shot_templates entry {template!r} does not format: {error!r}") from error
+            self.zero_shot_templates = templates
+
+
+def _check_columns(dataset: datasets.Dataset, args: DataArguments, split: str) -> None:
+    required = {"image_column": args.image_column, "caption_column": args.caption_column}
+    if args.label_column is not None:
+        required["label_column"] = args.label_column
+    if args.image_id_column is not None:
+        required["image_id_column"] = args.image_id_column
+    for field_name, column in required.items():
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{field_name}={column!r} not found in split {split!r}; available columns: {dataset.column_names}"
+                + ("" if field_name in ("image_column", "caption_column") else f" (set {field_name}=None if absent)")
+            )
+
+
+def _prepare_split(dataset: datasets.Dataset, args: DataArguments, max_samples: int | None) -> datasets.Dataset:
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    feature = dataset.features.get(args.image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Decode lazily in the collator, where a corrupt image can be skipped instead of raising in __getitem__.
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.image_id_column is None and ROW_ID_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+    return dataset
+
+
+def _encode_string_labels(splits: dict[str, datasets.Dataset], column: str) -> dict[str, datasets.Dataset]:
+    """String labels -> one shared ClassLabel (sorted names) across splits, so ids agree between train and eval."""
+    names = sorted({str(v) for ds in splits.values() for v in ds[column] if v is not None})
+    class_label = datasets.ClassLabel(names=names)
+    return {k: ds.cast_column(column, class_label) for k, ds in splits.items()}
+
+
+def load_image_text_datasets(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Load (train, eval) splits described by `args`; eval is None when `eval_split` is None or missing.
+
+    Checks the configured columns exist (ValueError listing the available ones), casts Image columns to
+    `Image(decode=False)`, encodes string labels as a ClassLabel shared by both splits, adds `ROW_ID_COLUMN`
+    when `image_id_column` is None, and applies `max_train_samples`/`max_eval_samples`.
+    """
+    if args.dataset_name == "digits":
+        all_splits = build_digits_dataset(cache_dir=args.cache_dir)
+    else:
+        loaded = datasets.load_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            data_dir=args.data_dir,
+            data_files=args.data_files,
+            cache_dir=args.cache_dir,
+        )
+        all_splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    if args.train_split not in all_splits:
+        raise ValueError(f"train_split={args.train_split!r} not found; available splits: {list(all_splits)}")
+    chosen = {"train": all_splits[args.train_split]}
+    if args.eval_split is not None:
+        if args.eval_split in all_splits:
+            chosen["eval"] = all_splits[args.eval_split]
+        else:
+            logger.warning("eval_split=%r not found (splits: %s); no eval set", args.eval_split, list(all_splits))
+    for split_name, dataset in chosen.items():
+        _check_columns(dataset, args, args.train_split if split_name == "train" else args.eval_split)
+    if args.label_column is not None:
+        feature = chosen["train"].features[args.label_column]
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            chosen = _encode_string_labels(chosen, args.label_column)
+    train = _prepare_split(chosen["train"], args, args.max_train_samples)
+    evaluation = _prepare_split(chosen["eval"], args, args.max_eval_samples) if "eval" in chosen else None
+    return train, evaluation
+
+
+def resolve_class_names(dataset: datasets.Dataset | None, args: DataArguments) -> list[str] | None:
+    """Zero-shot class names: `args.class_names`, else the names of a ClassLabel label column, else None."""
+    if args.class_names is not None:
+        return list(args.class_names)
+    if dataset is not None and args.label_column is not None and args.label_column in dataset.features:
+        feature = dataset.features[args.label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            return list(feature.names)
+    return None
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode anything an image column may hold into a fully loaded RGB PIL image.
+
+    Accepts a PIL image, a datasets-style dict (`{"bytes": ..., "path": ...}`), a file path, raw bytes, or a
+    numpy array / torch tensor. Pixels are loaded eagerly so truncated files fail here. Any decoding failure is
+    raised as `ValueError` or `OSError` (PIL also raises SyntaxError/EOFError/struct.error on some broken files;
+    those are re-raised as ValueError so callers need to catch only two types).
+    """
+    try:
+        if isinstance(value, Image.Image):
+            value.load()
+            return _owned_rgb(value)
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            return to_rgb(value)
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is not None:
+                return _decode_bytes(bytes(data))
+            if path:
+                return _decode_path(path)
+            raise ValueError("image dict has neither 'bytes' nor 'path'")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return _decode_bytes(bytes(value))
+        if isinstance(value, (str, os.PathLike)):
+            return _decode_path(value)
+    except (ValueError, OSError):
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from error
+    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+
+
+def _owned_rgb(image: Image.Image) -> Image.Image:
+    rgb = to_rgb(image)
+    # `to_rgb` returns RGB inputs unchanged; copy so closing the source file cannot invalidate the result.
+    return rgb.copy() if rgb is image else rgb
+
+
+def _decode_bytes(data: bytes) -> Image.Image:
+    if not data:
+        raise ValueError("empty image bytes")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return _owned_rgb(image)
+
+
+def _decode_path(path: str | os.PathLike) -> Image.Image:
+    # Read the bytes first so no file handle outlives this call, whatever happens while decoding.
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data:
+        raise ValueError(f"empty image file: {path}")
+    return _decode_bytes(data)
+
+
+def _to_id(value: Any) -> int:
+    """Integer id for equality-based positives: ints as-is, anything else by a stable 56-bit hash."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return int(value.item())
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=7).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _caption_choices(value: Any) -> list[str]:
+    """Non-empty captions of a row (a caption cell may hold a string or a list of strings)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [c for c in value if isinstance(c, str) and c.strip()]
+    return []
+
+
+class ImageTextCollator:
+    """Turns dataset rows into a contrastive training batch, skipping rows that cannot be used.
+
+    Output (all tensors unless noted): `pixel_values`, `pixel_values_view2` (if `two_views`), `input_ids`,
+    `attention_mask`, `positive_ids` (LongTensor; equal ids are positives), `return_loss=True` and
+    `num_skipped` (int, rows dropped from *this* batch for a bad image or caption, so a trainer can accumulate
+    it even when collation runs in dataloader workers). If no row of the batch is usable the result is
+    `{"num_skipped": n, "empty_batch": True}` and the trainer must skip the step.
+
+    Positive ids: the label when `positives_by == "label"` and the label column exists in the row; otherwise
+    the image id from `image_id_column`, else `ROW_ID_COLUMN` if present, else a running counter (unique per
+    collator call and worker). Non-integer ids (e.g. file names) are hashed stably.
+
+    Rows should come from a dataset whose image column is `datasets.Image(decode=False)` (as returned by
+    `load_image_text_datasets`); otherwise `datasets` decodes, and may fail, before the collator sees the row.
+
+    Running totals: `num_skipped` (undecodable images) and `num_skipped_captions` (empty/None captions); in
+    worker processes these live in the worker's copy. A warning (logger "vlalign.data") is logged for the
+    first bad image and then every `log_every`-th one, with the reason.
+    """
+
+    def __init__(
+        self,
+        processor: VLAlignProcessor,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        label_column: str | None = None,
+        image_id_column: str | None = None,
+        positives_by: str = "label",
+        two_views: bool = True,
+        seed: int = 0,
+        log_every: int = 100,
+    ):
+        if positives_by not in ("label", "image"):
+            raise ValueError(f'positives_by must be "label" or "image", got {positives_by!r}')
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every!r}")
+        self.processor = processor
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.label_column = label_column
+        self.image_id_column = image_id_column
+        self.positives_by = positives_by
+        self.two_views = two_views
+        self.seed = int(seed)
+        self.log_every = int(log_every)
+        self.num_skipped = 0
+        self.num_skipped_captions = 0
+        self._fallback_counter = 0
+        self._worker_seed: int | None = None
+        self._reseed(None)
+
+    @classmethod
+    def from_data_args(cls, processor: VLAlignProcessor, args: DataArguments, **kwargs) -> ImageTextCollator:
+        """Collator wired to the columns of `args` (uses `ROW_ID_COLUMN` when `image_id_column` is None)."""
+        return cls(
+            processor,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            label_column=args.label_column,
+            image_id_column=args.image_id_column or ROW_ID_COLUMN,
+            positives_by=args.positives_by,
+            **kwargs,
+        )
+
+    def _reseed(self, worker_seed: int | None) -> None:
+        # Separate streams for caption choice and augmentation, so changing one does not shift the other.
+        entropy = [self.seed] if worker_seed is None else [self.seed, worker_seed]
+        caption_seq, augment_seq = np.random.SeedSequence(entropy).spawn(2)
+        self.rng = np.random.default_rng(caption_seq)
+        self.augment_rng = np.random.default_rng(augment_seq)
+        self._worker_seed = worker_seed
+
+    def _maybe_reseed_for_worker(self) -> tuple[int, int]:
+        """Dataloader workers each get a copy of this object: without reseeding they would all produce the
+        same augmentations. torch gives every worker a distinct seed (new each epoch), which we mix in."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return 0, 1
+        if self._worker_seed != info.seed:
+            self._reseed(int(info.seed))
+        return int(info.id), int(info.num_workers)
+
+    def _positive_id(self, row: dict, worker_id: int, num_workers: int) -> int:
+        if self.positives_by == "label" and self.label_column is not None and row.get(self.label_column) is not None:
+            return _to_id(row[self.label_column])
+        for column in (self.image_id_column, ROW_ID_COLUMN):
+            if column is not None and row.get(column) is not None:
+                return _to_id(row[column])
+        # No id available: a fresh id per row (interleaved across workers) so distinct rows never collide.
+        self._fallback_counter += 1
+        return (1 << 56) + self._fallback_counter * num_workers + worker_id
+
+    def _log_bad_image(self, reason: str) -> None:
+        if self.num_skipped == 1 or self.num_skipped % self.log_every == 0:
+            logger.warning("Skipped an undecodable image (%d so far): %s", self.num_skipped, reason)
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        worker_id, num_workers = self._maybe_reseed_for_worker()
+        images, captions, ids = [], [], []
+        skipped = 0
+        for row in rows:
+            choices = _caption_choices(row.get(self.caption_column))
+            if not choices:
+                self.num_skipped_captions += 1
+                skipped += 1
+                continue
+            try:
+                image = decode_image(row.get(self.image_column))
+            except (ValueError, OSError) as error:
+                self.num_skipped += 1
+                skipped += 1
+                self._log_bad_image(f"{type(error).__name__}: {error}")
+                continue
+            images.append(image)
+            captions.append(choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
+            ids.append(self._positive_id(row, worker_id, num_workers))
+        if not images:
+            return {"num_skipped": skipped, "empty_batch": True}
+        encoded = self.processor(
+            images=images, text=captions, two_views=self.two_views, rng=self.augment_rng, return_tensors="pt"
+        )
+        batch: dict[str, Any] = dict(encoded)
+        batch["positive_ids"] = torch.tensor(ids, dtype=torch.long)
+        batch["return_loss"] = True
+        batch["num_skipped"] = skipped
+        return batch
+
+
+@dataclass
+class EvalInputs:
+    """What retrieval / zero-shot evaluation needs, already decoded.
+
+    `image_ids[i]` / `text_ids[j]`: positive ids (equal ids = a match; labels when positives are by label).
+    `labels`: per-image class labels, or None without a label column. `num_skipped`: undecodable images dropped
+    (their captions are dropped too, since they have no image to retrieve).
+    """
+
+    images: list[Image.Image]
+    image_ids: list[int]
+    texts: list[str]
+    text_ids: list[int]
+    labels: list[int] | None
+    num_skipped: int
+
+
+def build_eval_inputs(
+    dataset: datasets.Dataset, processor: VLAlignProcessor | None, args: DataArguments, batch_size: int = 256
+) -> EvalInputs:
+    """Decode an eval split into `EvalInputs` (all captions of every image, flattened).
+
+    `processor` is accepted for interface symmetry with training and is not needed to decode; `batch_size`
+    only controls how many rows are read from the Arrow table at a time.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    feature = dataset.features.get(args.image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Slicing a decoding Image column would raise inside `datasets` on the first corrupt file.
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    use_labels = args.label_column is not None and args.label_column in dataset.column_names
+    id_column = args.image_id_column if args.image_id_column in dataset.column_names else None
+    if id_column is None and ROW_ID_COLUMN in dataset.column_names:
+        id_column = ROW_ID_COLUMN
+    images, image_ids, texts, text_ids = [], [], [], []
+    labels: list[int] | None = [] if use_labels else None
+    num_skipped = 0
+    for start in range(0, len(dataset), batch_size):
+        chunk = dataset[start : start + batch_size]
+        for offset in range(len(chunk[args.image_column])):
+            index = start + offset
+            try:
+                image = decode_image(chunk[args.image_column][offset])
+            except (ValueError, OSError) as error:
+                num_skipped += 1
+                logger.warning("Eval row %d: skipped undecodable image: %s: %s", index, type(error).__name__, error)
+                continue
+            label = chunk[args.label_column][offset] if use_labels else None
+            if args.positives_by == "label" and use_labels and label is not None:
+                positive = _to_id(label)
+            elif id_column is not None:
+                positive = _to_id(chunk[id_column][offset])
+            else:
+                positive = index
+            images.append(image)
+            image_ids.append(positive)
+            if labels is not None:
+                labels.append(int(label) if label is not None else -1)
+            for caption in _caption_choices(chunk[args.caption_column][offset]):
+                texts.append(caption)
+                text_ids.append(positive)
+    return EvalInputs(images, image_ids, texts, text_ids, labels, num_skipped)

@@ -1,0 +1,306 @@
+"""Model cards and Hub uploads for vlalign models.
+
+Design decisions
+----------------
+* ``library_name`` is ``"transformers"``: saved folders load with ``transformers.AutoModel`` (with our package
+  installed, or with ``trust_remote_code=True`` without it), so the Hub's "Use in Transformers" snippet is
+  right. The ``"vlalign"`` tag marks the training library instead.
+* The YAML front matter is produced by ``huggingface_hub.ModelCardData`` (``yaml.dump``), which quotes any
+  string that could break it, so user strings go into metadata unchanged and read back equal. The Markdown
+  body is a Jinja template rendered *without* autoescaping (``ModelCard.from_template`` uses a bare
+  ``jinja2.Template``), so every user string is escaped here before it reaches the template.
+* Only ids the Hub can link go into metadata: ``datasets`` needs a ``namespace/name`` id (bare names are
+  usually ``datasets`` builders such as ``"imagefolder"`` or our built-in ``"digits"``); ``base_model`` takes
+  any valid repo id (legacy ``bert-base-uncased`` style included) that is not a local path. Everything else
+  appears in the card body only.
+* Tokens are passed straight to ``HfApi`` and never logged, printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_model_card", "save_model_card", "push_folder_to_hub", "is_hub_id"]
+
+DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
+RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
+ZERO_SHOT_TASK = ("zero-shot-image-classification", "Zero-Shot Image Classification")
+
+# CommonMark lets any ASCII punctuation be backslash-escaped; these are the ones that can start inline
+# markup, HTML, table cells, headings, math or entities in the places the template puts values.
+_MD_SPECIAL = set("\\`*_[]<>|#~&$")
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
+
+
+def _md(value: Any) -> str:
+    """Escape a value for inline Markdown: one line, no markup, safe inside a table cell."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    # Other control characters (NUL, ESC, ...) have no business in a card and can confuse renderers.
+    text = "".join(" " if unicodedata.category(c) == "Cc" and c != "\t" else c for c in text)
+    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text).strip()
+
+
+def _py_literal(value: str) -> str:
+    """A Python string literal for code blocks. JSON string escapes are a subset of Python's, and the
+    result has no newline, so it cannot close the surrounding fenced block."""
+    return json.dumps(str(value), ensure_ascii=True)
+
+
+def is_hub_id(name: Any) -> bool:
+    """True for a ``namespace/name`` id that the Hub accepts (the form that links to a repo page)."""
+    if not isinstance(name, str) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _is_hub_model_id(name: Any) -> bool:
+    if not isinstance(name, str) or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "custom"
+
+
+def _scalar(value: Any) -> Any:
+    """numpy / torch scalars -> Python scalars (yaml.dump would write them as unsafe python objects)."""
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (TypeError, ValueError, RuntimeError):
+            return value
+    return value
+
+
+def _as_number(value: Any) -> float | None:
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _format_hparam(value: Any) -> str:
+    value = _scalar(value)
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(value, default=str, ensure_ascii=False)
+    return _md(value)
+
+
+def _metric_info(key: str) -> tuple[str, str, str] | None:
+    """(task_type, task_name, pretty metric name) for evaluation metrics, None for bookkeeping numbers."""
+    base = key.lower()
+    base = base[len("eval_") :] if base.startswith("eval_") else base
+    if base.endswith(("num_queries", "runtime", "per_second")) or base.startswith("num_"):
+        return None
+    m = re.fullmatch(r"(i2t|t2i)_recall@(\d+)", base)
+    if m:
+        direction = "Image→text" if m.group(1) == "i2t" else "Text→image"
+        return (*RETRIEVAL_TASK, f"{direction} recall@{m.group(2)}")
+    if "recall" in base:
+        return (*RETRIEVAL_TASK, key)
+    if base == "zero_shot_accuracy":
+        return (*ZERO_SHOT_TASK, "Zero-shot top-1 accuracy")
+    if "accuracy" in base:
+        return (*ZERO_SHOT_TASK, key)
+    return None
+
+
+def _split_eval_results(
+    eval_results: Mapping[str, Any] | None, default_dataset: str, default_split: str | None
+) -> list[tuple[str, str | None, Mapping[str, Any]]]:
+    """Flat ``{metric: value}`` (for ``default_dataset``) or ``{dataset: {metric: value}}``."""
+    if not eval_results:
+        return []
+    nested = [isinstance(v, Mapping) for v in eval_results.values()]
+    if all(nested):
+        return [(str(ds), default_split, metrics) for ds, metrics in eval_results.items()]
+    if any(nested):
+        raise ValueError("eval_results must be either {metric: value} or {dataset_name: {metric: value}}")
+    return [(default_dataset, default_split, eval_results)]
+
+
+def build_model_card(
+    template_path: str | Path,
+    *,
+    model_id: str,
+    model_type_name: str = "TCL",
+    base_model: str | list[str] | None = None,
+    dataset_name: str,
+    dataset_description: str | None = None,
+    num_train_samples: int | None = None,
+    hyperparameters: Mapping[str, Any],
+    eval_results: Mapping[str, Any],
+    license: str = "apache-2.0",
+    tags: list[str] | None = None,
+    pipeline_tag: str | None = "zero-shot-image-classification",
+    extra: Mapping[str, Any] | None = None,
+    dataset_split: str | None = None,
+    eval_dataset_name: str | None = None,
+    eval_split: str | None = None,
+) -> ModelCard:
+    """Render a model card from a Jinja template (e.g. ``model_cards/tcl.md``).
+
+    Args:
+        template_path: Markdown/Jinja template whose first lines are ``---``, ``{{ card_data }}``, ``---``.
+        model_id: Hub repo id (``user/name``) used as title, ``model-index`` name and in the usage snippets.
+        model_type_name: display name of the method; its lowercase form is added as a tag.
+        base_model: backbone checkpoint id(s) the model was initialised from.
+        dataset_name: training dataset (Hub id, builder name or description).
+        dataset_description, num_train_samples, dataset_split: shown in the "Training data" section.
+        hyperparameters: the hyperparameters actually used, rendered as a table (insertion order kept).
+        eval_results: ``{metric: value}`` measured on ``eval_dataset_name`` (default: ``dataset_name``), or
+            ``{eval_dataset: {metric: value}}``. Keys as produced by :mod:`vlalign.metrics`
+            (``i2t_recall@k``, ``t2i_recall@k``, ``zero_shot_accuracy``; an ``eval_`` prefix is accepted),
+            values in percent. Recall and accuracy keys become ``EvalResult`` entries (``metric_type`` = the
+            key, so they read back unchanged) and rows of the evaluation table; other numbers (counts,
+            runtimes, losses) are only listed in the body; NaN values are shown as "n/a" and not exported.
+        license, tags, pipeline_tag: metadata. Tags always include ``vlalign``, ``vision-language``,
+            ``contrastive-learning`` and ``model_type_name.lower()``.
+        extra: further ``{name: value}`` facts for an "Additional information" section (body only).
+        eval_split: dataset split of the evaluation results (metadata and table heading).
+
+    Returns:
+        ``huggingface_hub.ModelCard``; ``card.data`` holds the metadata, ``card.text`` the body.
+    """
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ValueError("model_id must be a non-empty string")
+    if not isinstance(dataset_name, str) or not dataset_name.strip():
+        raise ValueError("dataset_name must be a non-empty string")
+    if not is_hub_id(model_id):
+        logger.warning("model_id %r is not a valid Hub repo id (namespace/name); the card is built anyway", model_id)
+
+    # ---- evaluation results: metadata entries + table rows + other numbers
+    metadata_results: list[EvalResult] = []
+    tables: list[dict[str, Any]] = []
+    other_rows: list[tuple[str, str]] = []
+    metric_ids: list[str] = []
+    for ds, split, metrics in _split_eval_results(eval_results, eval_dataset_name or dataset_name, eval_split):
+        rows = []
+        for key, raw in metrics.items():
+            key = str(key)
+            value = _as_number(raw)
+            info = _metric_info(key)
+            if info is None or value is None:
+                other_rows.append((_md(key), _md(_scalar(raw))))
+                continue
+            task_type, task_name, pretty = info
+            finite = math.isfinite(value)
+            rows.append({"task": _md(task_name), "metric": _md(pretty), "value": f"{value:.2f}" if finite else "n/a"})
+            if not finite:
+                continue  # the Hub's model-index has no representation for NaN/inf
+            metric_ids.append("accuracy" if task_type == ZERO_SHOT_TASK[0] else "recall")
+            metadata_results.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=task_name,
+                    dataset_type=ds if is_hub_id(ds) else _slug(ds),
+                    dataset_name=ds,
+                    dataset_split=split,
+                    metric_type=key,
+                    metric_name=pretty,
+                    metric_value=value,
+                )
+            )
+        if rows:
+            tables.append({"dataset": _md(ds), "split": _md(split) if split else None, "rows": rows})
+
+    # ---- metadata
+    base_models = [base_model] if isinstance(base_model, str) else list(base_model or [])
+    hub_base = [m for m in base_models if _is_hub_model_id(m)]
+    all_tags = [*DEFAULT_TAGS, model_type_name.lower(), *(tags or [])]
+    card_data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        tags=all_tags,
+        datasets=[dataset_name] if is_hub_id(dataset_name) else None,
+        metrics=sorted(set(metric_ids)) or None,
+        pipeline_tag=pipeline_tag,
+        base_model=(hub_base[0] if len(hub_base) == 1 else hub_base) or None,
+        model_name=model_id if metadata_results else None,
+        eval_results=metadata_results or None,
+    )
+
+    # ---- body variables, all escaped. They also shadow the raw card-data keys that from_template exposes
+    # to the template (license, tags, ...), so a template using those cannot inject unescaped text.
+    hparams = dict(hyperparameters or {})
+    embed_dim = _as_number(hparams.get("embed_dim"))
+    template_vars: dict[str, Any] = {
+        "model_id": _md(model_id),
+        "model_id_literal": _py_literal(model_id),
+        "model_type_name": _md(model_type_name),
+        "base_models": [_md(m) for m in base_models],
+        "dataset_name": _md(dataset_name),
+        "dataset_split": _md(dataset_split) if dataset_split else None,
+        "dataset_description": _md(dataset_description) if dataset_description else None,
+        "num_train_samples": f"{int(num_train_samples):,}" if num_train_samples is not None else "not recorded",
+        "embed_dim": int(embed_dim) if embed_dim is not None and embed_dim.is_integer() else None,
+        "hyperparameters": [(_md(k), _format_hparam(v)) for k, v in hparams.items()],
+        "eval_tables": tables,
+        "other_results": other_rows,
+        "extra": [(_md(k), _format_hparam(v)) for k, v in (extra or {}).items()],
+        "license": _md(license),
+        "tags": [_md(t) for t in all_tags],
+        "datasets": [_md(dataset_name)],
+        "base_model": ", ".join(_md(m) for m in base_models) or None,
+        "pipeline_tag": _md(pipeline_tag) if pipeline_tag else None,
+        "library_name": "transformers",
+        "model_name": _md(model_id),
+        "metrics": sorted(set(metric_ids)),
+    }
+    template_str = Path(template_path).read_text(encoding="utf-8")
+    if not template_str.lstrip().startswith("---"):
+        raise ValueError(f"{template_path}: a model card template must start with the '---' YAML front matter")
+    return ModelCard.from_template(card_data, template_str=template_str, **template_vars)
+
+
+def save_model_card(output_dir: str | Path, card: ModelCard) -> Path:
+    """Write ``card`` to ``output_dir/README.md`` (the file the Hub displays) and return that path."""
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload vlalign model",
+) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the commit URL.
+
+    ``token=None`` uses the locally stored login / ``HF_TOKEN``. ``private=None`` keeps the Hub default for
+    new repos and leaves an existing repo's visibility unchanged. The token is only handed to ``HfApi``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
+    # create_repo resolves a bare "name" to "user/name"; upload to what it actually created.
+    target = getattr(repo_url, "repo_id", None) or repo_id
+    logger.info("Uploading %s to the Hub repo %s", folder, target)
+    info = api.upload_folder(repo_id=target, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, "commit_url", None) or info)

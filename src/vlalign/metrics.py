@@ -1,0 +1,302 @@
+"""Retrieval and zero-shot classification metrics for vision-language embeddings.
+
+Pure torch, no model dependency. Everything is computed in query chunks so that evaluation on
+COCO-5K sized sets (25,000 captions x 5,000 images) needs O(chunk_size x N) memory instead of the
+full N_txt x N_img similarity matrix.
+
+Conventions
+-----------
+* Embeddings are used *as given*: callers pass L2-normalised embeddings (cosine similarity is the
+  dot product). Nothing is normalised here, so unnormalised inputs are ranked by raw dot product.
+* Recall@k and accuracy are returned as percentages in [0, 100].
+* Ties in similarity are broken by ``torch.topk``'s order, which is implementation-defined; with
+  continuous embeddings ties have probability zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "chunked_similarity_topk",
+    "retrieval_metrics",
+    "zero_shot_accuracy",
+    "zero_shot_classifier",
+]
+
+RerankFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point:
+        return torch.float32
+    # CPU half/bfloat16 matmuls are slow or imprecise; ranking is cheap to do in float32.
+    if dtype in (torch.float16, torch.bfloat16) and tensors[0].device.type == "cpu":
+        return torch.float32
+    return dtype
+
+
+@torch.no_grad()
+def chunked_similarity_topk(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` candidates by dot-product similarity for every query, computed in query chunks.
+
+    Args:
+        queries: ``(N_q, d)`` tensor.
+        candidates: ``(N_c, d)`` tensor (same device as ``queries``).
+        k: number of neighbours; clipped to ``N_c``.
+        chunk_size: queries per matmul. Peak extra memory is ``chunk_size x N_c`` similarities.
+
+    Returns:
+        ``(values, indices)``, both ``(N_q, min(k, N_c))``, sorted by decreasing similarity.
+    """
+    if queries.dim() != 2 or candidates.dim() != 2:
+        raise ValueError("queries and candidates must be 2-D (N, d) tensors")
+    if queries.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"embedding sizes differ: queries have d={queries.shape[1]}, candidates d={candidates.shape[1]}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    dtype = _compute_dtype(queries, candidates)
+    cand = candidates.to(dtype)
+    k = min(int(k), cand.shape[0])
+    n_q = queries.shape[0]
+    values = torch.empty((n_q, k), dtype=dtype, device=queries.device)
+    indices = torch.empty((n_q, k), dtype=torch.long, device=queries.device)
+    if k == 0:  # no candidates at all
+        return values, indices
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        sims = queries[start:stop].to(dtype) @ cand.T  # the only O(chunk x N_c) buffer
+        v, i = sims.topk(k, dim=1, largest=True, sorted=True)
+        values[start:stop] = v
+        indices[start:stop] = i
+        del sims
+    return values, indices
+
+
+def _to_id_tensor(ids: Any) -> torch.Tensor | None:
+    """Integer ids as a 1-D LongTensor, or None when they are not integers (e.g. strings)."""
+    if isinstance(ids, torch.Tensor):
+        t = ids
+    else:
+        try:
+            import numpy as np
+
+            arr = np.asarray(ids)
+            if arr.dtype.kind not in "iub":
+                return None
+            t = torch.from_numpy(arr.astype("int64", copy=False))
+        except (TypeError, ValueError):
+            return None
+    if t.is_floating_point() or t.is_complex():
+        return None
+    return t.reshape(-1).long()
+
+
+def _encode_ids(image_ids: Any, text_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map both id sequences to a shared integer code space so matching is one tensor compare."""
+    img, txt = _to_id_tensor(image_ids), _to_id_tensor(text_ids)
+    if img is not None and txt is not None:
+        return img, txt
+    # Arbitrary hashable ids (file names, string labels): shared dictionary encoding.
+    codes: dict[Any, int] = {}
+    img_codes = [codes.setdefault(_hashable(x), len(codes)) for x in image_ids]
+    txt_codes = [codes.setdefault(_hashable(x), len(codes)) for x in text_ids]
+    return torch.tensor(img_codes, dtype=torch.long), torch.tensor(txt_codes, dtype=torch.long)
+
+
+def _hashable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.item()
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # numpy scalars
+        try:
+            return x.item()
+        except (TypeError, ValueError):
+            pass
+    return x
+
+
+@torch.no_grad()
+def _direction_hits(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_ids: torch.Tensor,
+    cand_ids: torch.Tensor,
+    ks: Sequence[int],
+    chunk_size: int,
+    direction: str,
+    rerank_fn: RerankFn | None,
+    rerank_k: int,
+) -> tuple[dict[int, int], int]:
+    """Number of (valid) queries with a positive in the top-k, for each k, plus the valid count."""
+    n_q, n_c = queries.shape[0], candidates.shape[0]
+    device = queries.device
+    query_ids = query_ids.to(device)
+    cand_ids = cand_ids.to(device)
+    # Queries without any positive cannot be retrieved; they are excluded from the denominator.
+    valid = torch.isin(query_ids, cand_ids)
+    num_valid = int(valid.sum())
+    hits = {k: 0 for k in ks}
+    if num_valid == 0 or n_c == 0:
+        return hits, num_valid
+
+    depth = min(max(max(ks), rerank_k if rerank_fn is not None else 0), n_c)
+    r = min(rerank_k, n_c) if rerank_fn is not None else 0
+    dtype = _compute_dtype(queries, candidates)
+    cand = candidates.to(dtype)
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        chunk_valid = valid[start:stop]
+        if not bool(chunk_valid.any()):
+            continue
+        # Same computation as chunked_similarity_topk, inlined so the re-ranking can work per chunk.
+        sims = queries[start:stop].to(dtype) @ cand.T
+        top = sims.topk(depth, dim=1, largest=True, sorted=True).indices
+        del sims
+        if r > 0:
+            head = top[:, :r]
+            q_idx = torch.arange(start, stop, device=device)
+            scores = torch.as_tensor(rerank_fn(q_idx, head, direction), device=device)
+            if scores.shape != head.shape:
+                raise ValueError(
+                    f"rerank_fn must return scores of shape {tuple(head.shape)}, got {tuple(scores.shape)}"
+                )
+            # Stable sort: equal re-rank scores keep their similarity order.
+            order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+            top = torch.cat([head.gather(1, order), top[:, r:]], dim=1)
+        match = cand_ids[top] == query_ids[start:stop, None]  # (chunk, depth)
+        match = match[chunk_valid]
+        for k in ks:
+            hits[k] += int(match[:, : min(k, depth)].any(dim=1).sum())
+    return hits, num_valid
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_ids: Sequence[Any] | torch.Tensor,
+    text_ids: Sequence[Any] | torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    rerank_fn: RerankFn | None = None,
+    rerank_k: int = 16,
+) -> dict[str, float]:
+    """Image-to-text and text-to-image Recall@k.
+
+    Args:
+        image_embeds: ``(N_img, d)`` L2-normalised image embeddings (used as given).
+        text_embeds: ``(N_txt, d)`` L2-normalised text embeddings (used as given).
+        image_ids: ``N_img`` ids. Image ``i`` and text ``j`` are a positive pair iff
+            ``image_ids[i] == text_ids[j]``: use the image id for caption datasets (5 captions per image)
+            or the class label for class-level datasets; any number of positives per query is allowed
+            in both directions. Integer tensors/arrays or any hashable values (e.g. file names).
+        text_ids: ``N_txt`` ids, see ``image_ids``.
+        ks: cut-offs k; recall@k = % of queries with at least one positive among their top-k.
+        chunk_size: queries per similarity matmul; memory is O(chunk_size x N_candidates).
+        rerank_fn: optional re-ranker (e.g. ITM head) called once per query chunk as
+            ``rerank_fn(query_indices (q,), candidate_indices (q, rerank_k), direction)`` with
+            ``direction`` in ``{"i2t", "t2i"}``; indices are global row indices of the embeddings
+            (for "i2t" queries are images and candidates texts). It returns ``(q, rerank_k)`` scores
+            (higher = better); the top ``rerank_k`` candidates by similarity are re-ordered by them,
+            candidates beyond ``rerank_k`` keep their similarity order after the re-ranked block.
+        rerank_k: number of similarity top candidates passed to ``rerank_fn``.
+
+    Returns:
+        Flat dict: ``i2t_recall@{k}`` and ``t2i_recall@{k}`` as floats in [0, 100], plus the
+        integer counts ``i2t_num_queries`` and ``t2i_num_queries``. Queries that have no positive
+        among the candidates are excluded from the denominators (and the counts); a direction with
+        no valid query reports NaN recalls.
+    """
+    if image_embeds.dim() != 2 or text_embeds.dim() != 2:
+        raise ValueError("image_embeds and text_embeds must be 2-D (N, d) tensors")
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if rerank_fn is not None and rerank_k < 1:
+        raise ValueError(f"rerank_k must be >= 1, got {rerank_k}")
+    img_ids, txt_ids = _encode_ids(image_ids, text_ids)
+    if img_ids.numel() != image_embeds.shape[0]:
+        raise ValueError(f"got {img_ids.numel()} image_ids for {image_embeds.shape[0]} image embeddings")
+    if txt_ids.numel() != text_embeds.shape[0]:
+        raise ValueError(f"got {txt_ids.numel()} text_ids for {text_embeds.shape[0]} text embeddings")
+
+    out: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for direction, q, c, qi, ci in (
+        ("i2t", image_embeds, text_embeds, img_ids, txt_ids),
+        ("t2i", text_embeds, image_embeds, txt_ids, img_ids),
+    ):
+        hits, n = _direction_hits(q, c, qi, ci, ks, chunk_size, direction, rerank_fn, rerank_k)
+        for k in ks:
+            out[f"{direction}_recall@{k}"] = 100.0 * hits[k] / n if n > 0 else float("nan")
+        counts[f"{direction}_num_queries"] = n
+    out.update(counts)
+    return out
+
+
+def zero_shot_classifier(
+    text_embeds_per_class: Sequence[torch.Tensor] | torch.Tensor,
+) -> torch.Tensor:
+    """CLIP-style zero-shot classifier weights from prompt-template text embeddings.
+
+    Args:
+        text_embeds_per_class: one ``(n_templates, d)`` tensor per class (template counts may differ),
+            or a ``(C, n_templates, d)`` tensor.
+
+    Returns:
+        ``(C, d)``: each template embedding is L2-normalised (a no-op for normalised inputs, and it
+        stops a long prompt with a large norm from dominating), averaged over templates, and the mean
+        is L2-normalised again.
+    """
+    if isinstance(text_embeds_per_class, torch.Tensor) and text_embeds_per_class.dim() == 3:
+        text_embeds_per_class = list(text_embeds_per_class)
+    if len(text_embeds_per_class) == 0:
+        raise ValueError("need at least one class")
+    weights = []
+    for c, emb in enumerate(text_embeds_per_class):
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[0] == 0:
+            raise ValueError(f"class {c}: expected a non-empty (n_templates, d) tensor, got {tuple(emb.shape)}")
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    image_embeds: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    class_embeds: torch.Tensor,
+    chunk_size: int = 1024,
+) -> float:
+    """Top-1 zero-shot accuracy in percent: ``argmax(image_embeds @ class_embeds.T) == labels``.
+
+    ``labels[i]`` is the row of ``class_embeds`` (e.g. from :func:`zero_shot_classifier`) that is the
+    correct class of image ``i``. Returns NaN for an empty set.
+    """
+    labels = torch.as_tensor(labels).reshape(-1).long().to(image_embeds.device)
+    if labels.numel() != image_embeds.shape[0]:
+        raise ValueError(f"got {labels.numel()} labels for {image_embeds.shape[0]} images")
+    if labels.numel() == 0:
+        return float("nan")
+    _, pred = chunked_similarity_topk(image_embeds, class_embeds.to(image_embeds.device), 1, chunk_size)
+    return 100.0 * float((pred[:, 0] == labels).float().mean())

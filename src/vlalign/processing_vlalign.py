@@ -1,0 +1,397 @@
+"""Processor for vlalign image-text models: image processor + tokenizer + two-view augmentation.
+
+Training ALBEF/TCL-style models needs two independently augmented views of every image; evaluation uses the
+plain (resize + normalise) path of the image processor. The augmentation is implemented with PIL/numpy only so
+that the package never depends on torchvision.
+
+This module only imports from third-party packages (no sibling imports) so that `register_for_auto_class` can
+copy it to a Hub repo on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from transformers import BatchFeature, ProcessorMixin
+
+__all__ = ["DEFAULT_AUGMENTATION", "VLAlignProcessor", "augment_image", "resolve_augmentation", "to_rgb"]
+
+
+# Two-view augmentation defaults (TCL paper, Sec. 4.1; SimCLR-style pipeline). Ranges are lists, not tuples,
+# so that the dict is identical before and after a JSON round trip.
+DEFAULT_AUGMENTATION: dict[str, Any] = {
+    "crop_scale": [0.2, 1.0],
+    "crop_ratio": [3.0 / 4.0, 4.0 / 3.0],
+    "color_jitter_p": 0.8,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.4,
+    "hue": 0.1,
+    "grayscale_p": 0.2,
+    "blur_p": 0.5,
+    "blur_sigma": [0.1, 2.0],
+    "hflip_p": 0.5,
+    "interpolation": "bicubic",
+}
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_PROBABILITY_KEYS = ("color_jitter_p", "grayscale_p", "blur_p", "hflip_p")
+_RANGE_KEYS = ("crop_scale", "crop_ratio", "blur_sigma")
+
+
+def resolve_augmentation(augmentation: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge user parameters over `DEFAULT_AUGMENTATION` and validate them.
+
+    Returns a new JSON-serialisable dict (ranges as 2-element float lists). Unknown keys and out-of-range values
+    raise `ValueError` naming the key, because a typo (e.g. `"flip_p"`) would otherwise be silently ignored.
+    """
+    params = copy.deepcopy(DEFAULT_AUGMENTATION)
+    if augmentation is None:
+        return params
+    if not isinstance(augmentation, dict):
+        raise TypeError(f"augmentation must be a dict, got {type(augmentation).__name__}")
+    unknown = sorted(set(augmentation) - set(DEFAULT_AUGMENTATION))
+    if unknown:
+        raise ValueError(f"Unknown augmentation keys {unknown}; valid keys: {sorted(DEFAULT_AUGMENTATION)}")
+    params.update(augmentation)
+
+    for key in _RANGE_KEYS:
+        value = params[key]
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"augmentation['{key}'] must be a pair (low, high), got {value!r}")
+        low, high = float(value[0]), float(value[1])
+        if not (0 < low <= high):
+            raise ValueError(f"augmentation['{key}'] must satisfy 0 < low <= high, got {value!r}")
+        params[key] = [low, high]
+    if params["crop_scale"][1] > 1.0:
+        raise ValueError(f"augmentation['crop_scale'] must lie in (0, 1], got {params['crop_scale']!r}")
+    for key in _PROBABILITY_KEYS:
+        p = float(params[key])
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"augmentation['{key}'] must be a probability in [0, 1], got {params[key]!r}")
+        params[key] = p
+    for key in ("brightness", "contrast", "saturation"):
+        value = float(params[key])
+        if value < 0:
+            raise ValueError(f"augmentation['{key}'] must be >= 0, got {params[key]!r}")
+        params[key] = value
+    hue = float(params["hue"])
+    if not 0.0 <= hue <= 0.5:
+        raise ValueError(f"augmentation['hue'] must lie in [0, 0.5], got {params['hue']!r}")
+    params["hue"] = hue
+    if params["interpolation"] not in _INTERPOLATIONS:
+        raise ValueError(
+            f"augmentation['interpolation'] must be one of {sorted(_INTERPOLATIONS)}, got {params['interpolation']!r}"
+        )
+    return params
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """Convert a PIL image of any mode (or an HxW[xC] numpy array) to an 8-bit RGB PIL image.
+
+    Transparent pixels are composited on white (dropping alpha would turn them black, which for scans and
+    drawings inverts the meaning of the background). High bit-depth modes are rescaled, not clipped.
+    """
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Expected a PIL image or numpy array, got {type(image).__name__}")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        # Palette images may carry transparency through `info`; go through RGBA to honour it.
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _array_to_pil(np.asarray(image))
+    if mode == "1":
+        return image.convert("L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError):
+        # Modes without a direct RGB conversion (e.g. LAB): go through the raw bands as a last resort.
+        return _array_to_pil(np.asarray(image)[..., :3])
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    """uint8/int/float array (HxW, HxWx1/3/4 or CxHxW) -> RGB PIL image, rescaling wide integer/float ranges."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first (e.g. from a tensor) -> channel-last
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
+        raise ValueError(f"Cannot interpret array of shape {array.shape} as an image")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if np.issubdtype(array.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        elif low >= 0 and high <= 255:
+            pass  # already on the 8-bit scale, stored in a wider type
+        elif low >= 0 and high <= 65535 and not np.issubdtype(array.dtype, np.floating):
+            values = values / 257.0  # 16-bit scale (I;16 PNGs, scientific TIFFs)
+        else:
+            values = (values - low) / max(high - low, 1e-12) * 255.0
+        array = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    if array.ndim == 2:
+        return Image.fromarray(array).convert("RGB")
+    if array.shape[-1] == 4:
+        return to_rgb(Image.fromarray(array))
+    return Image.fromarray(array)
+
+
+def _random_resized_crop_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """Sample a crop box (left, top, right, bottom) covering a random area fraction and aspect ratio.
+
+    Same sampling scheme as the RandomResizedCrop used by TCL/SimCLR: 10 rejection-sampling attempts with a
+    log-uniform aspect ratio, then a centre crop with the aspect ratio clamped into `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    w, h = max(1, min(w, width)), max(1, min(h, height))
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def _adjust_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue of an RGB image by `shift` turns (in [-0.5, 0.5]) through HSV, with uint8 wrap-around."""
+    h, s, v = image.convert("HSV").split()
+    hue = np.asarray(h, dtype=np.uint8)
+    # uint8 addition wraps modulo 256, which is exactly a rotation on the hue circle.
+    hue = (hue.astype(np.int16) + round(shift * 255)) % 256
+    h = Image.fromarray(hue.astype(np.uint8))
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def _color_jitter(image: Image.Image, params: dict[str, Any], rng: np.random.Generator) -> Image.Image:
+    """Brightness/contrast/saturation/hue jitter with random factors, applied in a random order."""
+    for op in rng.permutation(4):
+        if op == 0 and params["brightness"] > 0:
+            b = params["brightness"]
+            image = ImageEnhance.Brightness(image).enhance(rng.uniform(max(0.0, 1 - b), 1 + b))
+        elif op == 1 and params["contrast"] > 0:
+            c = params["contrast"]
+            image = ImageEnhance.Contrast(image).enhance(rng.uniform(max(0.0, 1 - c), 1 + c))
+        elif op == 2 and params["saturation"] > 0:
+            s = params["saturation"]
+            image = ImageEnhance.Color(image).enhance(rng.uniform(max(0.0, 1 - s), 1 + s))
+        elif op == 3 and params["hue"] > 0:
+            image = _adjust_hue(image, rng.uniform(-params["hue"], params["hue"]))
+    return image
+
+
+def augment_image(
+    image: Image.Image, size: tuple[int, int], params: dict[str, Any] | None, rng: np.random.Generator
+) -> Image.Image:
+    """Return one random training view of `image` as an RGB PIL image of `size` = (height, width).
+
+    Pipeline: random resized crop -> colour jitter (p) -> grayscale (p) -> gaussian blur (p) -> horizontal flip (p).
+    Every random draw comes from `rng`, so a seeded generator reproduces the view exactly. A probability of 0
+    disables a step entirely (e.g. `hflip_p=0` for digits, whose mirror images are not digits).
+    """
+    params = resolve_augmentation(params)
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive (height, width), got {size!r}")
+    image = to_rgb(image)
+    box = _random_resized_crop_box(image.width, image.height, params["crop_scale"], params["crop_ratio"], rng)
+    # Crop and resize in one resampling pass (PIL's `box` argument) to avoid a second interpolation.
+    image = image.resize((width, height), resample=_INTERPOLATIONS[params["interpolation"]], box=box)
+    if rng.random() < params["color_jitter_p"]:
+        image = _color_jitter(image, params, rng)
+    if rng.random() < params["grayscale_p"]:
+        image = image.convert("L").convert("RGB")
+    if rng.random() < params["blur_p"]:
+        sigma = rng.uniform(params["blur_sigma"][0], params["blur_sigma"][1])
+        image = image.filter(ImageFilter.GaussianBlur(radius=sigma))  # Pillow's radius is the gaussian std
+    if rng.random() < params["hflip_p"]:
+        image = ImageOps.mirror(image)
+    return image
+
+
+def _target_size(image_processor: Any) -> tuple[int, int]:
+    """(height, width) the image processor outputs, so augmented views match eval-time pixel_values."""
+    size = None
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        size = image_processor.crop_size
+    elif getattr(image_processor, "size", None):
+        size = image_processor.size
+    if size is None:
+        raise ValueError("The image processor has no `size`; cannot determine the augmentation output size")
+    if isinstance(size, int):
+        return size, size
+    size = dict(size)
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise ValueError(f"Unsupported image processor size {size!r}")
+
+
+class VLAlignProcessor(ProcessorMixin):
+    r"""Wraps an image processor and a tokenizer, and adds the two-view training augmentation.
+
+    Args:
+        image_processor: a transformers image processor (e.g. `ViTImageProcessorPil`) giving size and normalisation.
+        tokenizer: a transformers tokenizer.
+        augmentation (`dict`, *optional*): two-view augmentation parameters, merged over `DEFAULT_AUGMENTATION`
+            (keys: crop_scale, crop_ratio, color_jitter_p, brightness, contrast, saturation, hue, grayscale_p,
+            blur_p, blur_sigma, hflip_p, interpolation). Saved in `processor_config.json`.
+        max_length (`int`, defaults to 30): default maximum caption length in tokens.
+
+    `ProcessorMixin` (transformers 5) infers the components from the `__init__` parameter names
+    (`image_processor`, `tokenizer`); no `attributes`/`*_class` declarations are needed (they are deprecated).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, augmentation=None, max_length=30, **kwargs):
+        if image_processor is None or tokenizer is None:
+            raise ValueError("VLAlignProcessor needs both an `image_processor` and a `tokenizer`")
+        if int(max_length) <= 0:
+            raise ValueError(f"max_length must be > 0, got {max_length!r}")
+        # Plain attributes named like __init__ parameters are what ProcessorMixin.to_dict serialises.
+        self.augmentation = resolve_augmentation(augmentation)
+        self.max_length = int(max_length)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of `pixel_values`."""
+        return _target_size(self.image_processor)
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        return_tensors="pt",
+        two_views: bool = False,
+        rng: np.random.Generator | None = None,
+        padding="longest",
+        truncation=True,
+        max_length=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Prepare images and/or captions.
+
+        Returns a `BatchFeature` with `pixel_values` (un-augmented unless `two_views`), `pixel_values_view2`
+        (only with `two_views=True`: a second, independent augmentation), `input_ids` and `attention_mask`.
+        Extra image-processor / tokenizer options can be passed as `images_kwargs={...}` / `text_kwargs={...}`.
+        """
+        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
+        if kwargs:
+            raise TypeError(f"Unexpected keyword arguments for VLAlignProcessor: {sorted(kwargs)}")
+        if images is None and text is None:
+            raise ValueError("Provide `images`, `text`, or both")
+
+        data: dict[str, Any] = {}
+        if images is not None:
+            single = isinstance(images, (Image.Image, np.ndarray)) and not (
+                isinstance(images, np.ndarray) and images.ndim == 4
+            )
+            image_list = [images] if single else list(images)
+            if not image_list:
+                raise ValueError("`images` is empty")
+            image_list = [to_rgb(image) for image in image_list]
+            if two_views:
+                rng = np.random.default_rng() if rng is None else rng
+                size = self.image_size
+                view1, view2 = [], []
+                for image in image_list:
+                    view1.append(augment_image(image, size, self.augmentation, rng))
+                    view2.append(augment_image(image, size, self.augmentation, rng))
+                # Views are already at the target size: skip resizing/cropping, keep rescale + normalise.
+                norm_kwargs = {**images_kwargs, "do_resize": False}
+                if getattr(self.image_processor, "do_center_crop", False):
+                    norm_kwargs["do_center_crop"] = False
+                for key, views in (("pixel_values", view1), ("pixel_values_view2", view2)):
+                    encoded = self.image_processor(views, return_tensors=return_tensors, **norm_kwargs)
+                    data[key] = encoded["pixel_values"]
+            else:
+                encoded = self.image_processor(image_list, return_tensors=return_tensors, **images_kwargs)
+                data["pixel_values"] = encoded["pixel_values"]
+
+        if text is not None:
+            if isinstance(text, str):
+                text = [text]
+            encoding = self.tokenizer(
+                list(text),
+                padding=padding,
+                truncation=truncation,
+                max_length=self.max_length if max_length is None else max_length,
+                return_tensors=return_tensors,
+                **text_kwargs,
+            )
+            data["input_ids"] = encoding["input_ids"]
+            data["attention_mask"] = encoding["attention_mask"]
+
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """Eval-time model inputs (token_type_ids are never produced; `pixel_values_view2` is training-only)."""
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save `processor_config.json` + tokenizer files, and also the image processor's own
+        `preprocessor_config.json`, so that `AutoImageProcessor.from_pretrained` works from the folder with any
+        reader, not only ones that look inside the nested `processor_config.json`."""
+        if push_to_hub:
+            # Save locally, then let `push_to_hub` (which calls this method again into a temporary folder)
+            # upload everything, including the extra image-processor file.
+            files = self.save_pretrained(save_directory)
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip(os.sep).split(os.sep)[-1])
+            self.push_to_hub(repo_id, **kwargs)
+            return files
+        files = list(super().save_pretrained(save_directory) or [])
+        files.extend(self.image_processor.save_pretrained(save_directory))
+        return files

@@ -1,0 +1,230 @@
+"""`ContrastiveTrainer`: transformers' Trainer for vlalign's contrastive models.
+
+What it adds to `transformers.Trainer`:
+- the momentum-distillation ramp: alpha grows linearly from 0 to `config.alpha` over `alpha_ramp_steps`
+  optimizer steps (default: one epoch), and is passed to the model every step;
+- per-component loss logging (i2t, t2i, i2i, t2t, lmi_image, lmi_text, itm, mlm), temperature and alpha, and the
+  number of training items skipped by the collator (unreadable images, empty captions);
+- correct gradient-accumulation scaling for per-batch-mean losses (`loss_is_scaled_for_ga = False`: the
+  Trainer divides by the accumulation steps, see HF5.md);
+- no weight decay on the temperature;
+- `evaluate()` computes retrieval recall@k both ways and zero-shot accuracy (`evaluate_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+
+logger = logging.getLogger("vlalign.trainer")
+
+
+@torch.no_grad()
+def embed_images(model, processor, images, batch_size: int = 128) -> tuple[torch.Tensor, list]:
+    """Normalised image embeddings (N, D), in batches, in eval mode (no augmentation)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        out.append(model.get_image_features(pixel_values=pixels.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def embed_texts(model, processor, texts, batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings (N, D), in batches."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
+        out.append(
+            model.get_text_features(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+            ).float().cpu()
+        )
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def class_prompts(class_names: list[str], templates: list[str]) -> list[list[str]]:
+    """Prompts per class: each template formatted with `name` (the class name) and `digit` (its index)."""
+    return [[t.format(name=name, digit=i, label=i) for t in templates] for i, name in enumerate(class_names)]
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    processor,
+    eval_inputs,
+    class_names: list[str] | None = None,
+    zero_shot_templates: list[str] | None = None,
+    batch_size: int = 128,
+    itm_rerank_k: int = 0,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` /
+    `text_ids`) and, when labels and class names are known, zero-shot classification accuracy from class
+    prompts. With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head."""
+    was_training = model.training
+    model.eval()
+    try:
+        image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
+        text_embeds = embed_texts(model, processor, eval_inputs.texts, batch_size)
+        rerank_fn = None
+        if itm_rerank_k > 0:
+            rerank_fn = _itm_rerank_fn(model, processor, eval_inputs, batch_size)
+        metrics = retrieval_metrics(
+            image_embeds, text_embeds, eval_inputs.image_ids, eval_inputs.text_ids,
+            chunk_size=chunk_size, rerank_fn=rerank_fn, rerank_k=max(itm_rerank_k, 1),
+        )
+        if class_names and zero_shot_templates and eval_inputs.labels is not None:
+            prompts = class_prompts(class_names, zero_shot_templates)
+            per_class = [embed_texts(model, processor, p, batch_size) for p in prompts]
+            classifier = zero_shot_classifier(per_class)
+            metrics["zero_shot_accuracy"] = zero_shot_accuracy(
+                image_embeds, torch.as_tensor(eval_inputs.labels), classifier
+            )
+        metrics["num_eval_images"] = len(eval_inputs.images)
+        metrics["num_eval_texts"] = len(eval_inputs.texts)
+        metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def _itm_rerank_fn(model, processor, eval_inputs, batch_size):
+    device = next(model.parameters()).device
+    tokens = processor(text=list(eval_inputs.texts), return_tensors="pt")
+    image_tokens = []
+    for start in range(0, len(eval_inputs.images), batch_size):
+        pixels = processor(images=eval_inputs.images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        image_tokens.append(model.get_image_tokens(pixels.to(device)))
+    image_tokens = torch.cat(image_tokens)
+
+    def rerank(query_indices, candidate_indices, direction):
+        q, k = candidate_indices.shape
+        if direction == "i2t":
+            image_index = query_indices.view(-1, 1).expand(q, k).reshape(-1)
+            text_index = candidate_indices.reshape(-1)
+        else:
+            text_index = query_indices.view(-1, 1).expand(q, k).reshape(-1)
+            image_index = candidate_indices.reshape(-1)
+        scores = []
+        for start in range(0, len(text_index), batch_size):
+            ti, ii = text_index[start : start + batch_size], image_index[start : start + batch_size]
+            scores.append(
+                model.itm_score(
+                    input_ids=tokens["input_ids"][ti].to(device),
+                    attention_mask=tokens["attention_mask"][ti].to(device),
+                    image_tokens=image_tokens[ii.to(device)],
+                ).float().cpu()
+            )
+        return torch.cat(scores).view(q, k)
+
+    return rerank
+
+
+class ContrastiveTrainer(Trainer):
+    """`transformers.Trainer` for vlalign models (see module docstring).
+
+    Extra arguments:
+        alpha_ramp_steps: optimizer steps over which the distillation weight ramps from 0 to `config.alpha`
+            (None: one epoch; 0: no ramp).
+        eval_inputs: `data.EvalInputs` for `evaluate()`; class_names / zero_shot_templates for zero-shot accuracy.
+        vlalign_processor: the `VLAlignProcessor` used to embed evaluation images and texts.
+        itm_rerank_k: re-rank the top-k retrieval candidates with ITM during evaluation (0: off).
+    """
+
+    # our losses are per-batch means: let the Trainer divide them by the gradient-accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, alpha_ramp_steps: int | None = None, eval_inputs=None, class_names=None,
+                 zero_shot_templates=None, vlalign_processor=None, itm_rerank_k: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha_ramp_steps = alpha_ramp_steps
+        self.eval_inputs = eval_inputs
+        self.class_names = class_names
+        self.zero_shot_templates = zero_shot_templates
+        self.vlalign_processor = vlalign_processor or self.processing_class
+        self.itm_rerank_k = itm_rerank_k
+        self._component_sums: dict[str, float] = defaultdict(float)
+        self._component_counts: dict[str, int] = defaultdict(int)
+        self.num_skipped_items = 0
+        config = self.model.config
+        if hasattr(config, "train_batch_size"):
+            # the queue must hold a whole number of global batches
+            config.train_batch_size = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
+            if hasattr(config, "validate_tcl"):
+                config.validate_tcl()
+
+    # ------------------------------------------------------------------------------------------------------
+    def current_alpha(self) -> float:
+        """Distillation weight for the current optimizer step (linear ramp from 0)."""
+        target = float(getattr(self.model.config, "alpha", 0.0))
+        ramp = self.alpha_ramp_steps
+        if ramp is None:
+            ramp = self._steps_per_epoch()
+        if not ramp:
+            return target
+        return target * min(1.0, self.state.global_step / ramp)
+
+    def _steps_per_epoch(self) -> int:
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:  # iterable datasets have no length
+            return 0
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        return [n for n in names if n.split(".")[-1] != "temp"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        skipped = inputs.pop("num_skipped", 0)
+        self.num_skipped_items += int(skipped)
+        if inputs.pop("empty_batch", False):
+            # every item of this batch was unreadable: a zero loss that touches every parameter keeps DDP in sync
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (loss, None) if return_outputs else loss
+        if "alpha" not in inputs and model.training:
+            inputs["alpha"] = self.current_alpha()
+        outputs = model(**inputs)
+        if model.training and hasattr(outputs, "loss_components"):
+            for name, value in outputs.loss_components().items():
+                if math.isfinite(value):
+                    self._component_sums[name] += value
+                    self._component_counts[name] += 1
+            if outputs.temperature is not None:
+                self._component_sums["temperature"] += float(outputs.temperature)
+                self._component_counts["temperature"] += 1
+        loss = outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_counts:
+            for name, total in self._component_sums.items():
+                key = name if name == "temperature" else f"loss_{name}"
+                logs[key] = round(total / self._component_counts[name], 4)
+            logs["alpha"] = round(self.current_alpha(), 4)
+            logs["skipped_items"] = self.num_skipped_items
+            self._component_sums.clear()
+            self._component_counts.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.eval_inputs is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = evaluate_model(
+            self.model, self.vlalign_processor, self.eval_inputs, self.class_names, self.zero_shot_templates,
+            batch_size=self.args.per_device_eval_batch_size, itm_rerank_k=self.itm_rerank_k,
+        )
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

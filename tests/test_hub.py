@@ -1,0 +1,287 @@
+"""Tests for vlalign.hub: model card rendering / round trip and Hub upload (network mocked)."""
+
+import ast
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+
+from vlalign.hub import build_model_card, is_hub_id, push_folder_to_hub, save_model_card
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "tcl.md"
+
+HPARAMS = {
+    "learning_rate": 1e-4,
+    "weight_decay": 0.02,
+    "per_device_train_batch_size": 64,
+    "embed_dim": 256,
+    "queue_size": 65536,
+    "momentum": 0.995,
+    "betas": [0.9, 0.98],
+    "lr_scheduler_type": "cosine",
+}
+METRICS = {
+    "zero_shot_accuracy": 71.25,
+    "i2t_recall@1": 93.0,
+    "i2t_recall@5": 99.2,
+    "i2t_recall@10": 99.8,
+    "t2i_recall@1": 79.6,
+    "t2i_recall@5": 95.1,
+    "t2i_recall@10": 97.7,
+}
+BOOKKEEPING = {"i2t_num_queries": 1000, "t2i_num_queries": 5000, "train_loss": 1.2345}
+
+
+def _build(**overrides):
+    kwargs = dict(
+        model_id="vlalign-test/tcl-coco",
+        base_model=["google/vit-base-patch16-224-in21k", "bert-base-uncased"],
+        dataset_name="vlalign-test/coco-karpathy",
+        dataset_split="train",
+        dataset_description="COCO captions, Karpathy split",
+        num_train_samples=566_747,
+        hyperparameters=HPARAMS,
+        eval_results={**METRICS, **BOOKKEEPING},
+        eval_split="test",
+        tags=["coco"],
+    )
+    kwargs.update(overrides)
+    return build_model_card(TEMPLATE, **kwargs)
+
+
+def _front_matter(path):
+    """The YAML block exactly as the Hub reads it: between the first two '---' lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    m = re.match(r"^---\n(.*?)\n---\n", text, flags=re.S)
+    assert m, "README.md must start with a YAML front matter block"
+    return yaml.safe_load(m.group(1)), text[m.end() :]
+
+
+def _table_rows(body):
+    """Markdown table rows split on unescaped pipes."""
+    rows = []
+    for line in body.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = re.split(r"(?<!\\)\|", line)[1:-1]
+            rows.append([c.strip() for c in cells])
+    return rows
+
+
+# ----------------------------------------------------------------------------- round trip
+def test_card_round_trip(tmp_path):
+    card = _build()
+    path = save_model_card(tmp_path, card)
+    assert path == tmp_path / "README.md"
+    loaded = ModelCard.load(path)
+    data = loaded.data
+
+    assert data.library_name == "transformers"
+    assert data.license == "apache-2.0"
+    assert data.pipeline_tag == "zero-shot-image-classification"
+    assert data.tags == ["vlalign", "vision-language", "contrastive-learning", "tcl", "coco"]
+    assert data.datasets == ["vlalign-test/coco-karpathy"]
+    assert data.base_model == ["google/vit-base-patch16-224-in21k", "bert-base-uncased"]
+    assert data.metrics == ["accuracy", "recall"]
+    assert data.model_name == "vlalign-test/tcl-coco"
+
+    # every metric went into model-index with its value, nothing else did
+    got = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert got == METRICS
+    tasks = {r.metric_type: r.task_type for r in data.eval_results}
+    assert tasks["zero_shot_accuracy"] == "zero-shot-image-classification"
+    assert {tasks[k] for k in METRICS if "recall" in k} == {"image-text-retrieval"}
+    assert {(r.dataset_name, r.dataset_type, r.dataset_split) for r in data.eval_results} == {
+        ("vlalign-test/coco-karpathy", "vlalign-test/coco-karpathy", "test")
+    }
+
+    # loading and re-serialising is stable (nothing lost or reordered)
+    assert loaded.content == card.content
+
+
+def test_card_body_tables_and_usage(tmp_path):
+    card = _build()
+    save_model_card(tmp_path, card)
+    meta, body = _front_matter(tmp_path / "README.md")
+    assert meta["library_name"] == "transformers"
+    assert body.lstrip().startswith("# vlalign-test/tcl-coco")
+
+    rows = _table_rows(body)
+    eval_rows = {r[1]: r[2] for r in rows if len(r) == 3}
+    assert eval_rows["Zero-shot top-1 accuracy"] == "71.25"
+    for k in (1, 5, 10):
+        assert eval_rows[f"Image→text recall@{k}"] == f"{METRICS[f'i2t_recall@{k}']:.2f}"
+        assert eval_rows[f"Text→image recall@{k}"] == f"{METRICS[f't2i_recall@{k}']:.2f}"
+    pairs = {r[0].replace("\\_", "_"): r[1] for r in rows if len(r) == 2}
+    assert pairs["learning_rate"] == "0.0001" and pairs["queue_size"] == "65536"
+    assert pairs["lr_scheduler_type"] == "cosine"
+    assert pairs["i2t_num_queries"] == "1000" and pairs["train_loss"] == "1.2345"  # listed, not exported
+    assert "566,747" in body and "Karpathy split" in body
+
+    # usage: package import, remote code and pipeline; the code blocks are valid Python
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert len(blocks) == 3
+    for b in blocks:
+        ast.parse(b)
+    assert 'AutoModel.from_pretrained("vlalign-test/tcl-coco")' in blocks[0] and "import vlalign" in blocks[0]
+    assert 'AutoModel.from_pretrained("vlalign-test/tcl-coco", trust_remote_code=True)' in blocks[1]
+    assert 'pipeline("zero-shot-image-classification", model="vlalign-test/tcl-coco", trust_remote_code=True)' in blocks[2]
+    assert "2202.10401" in body and "@inproceedings" in body and "Triple Contrastive Learning" in body
+
+
+def test_nested_eval_results_nan_and_numpy_values(tmp_path):
+    card = _build(
+        eval_results={
+            "nlphuji/flickr30k": {"i2t_recall@1": np.float32(88.5), "t2i_recall@1": float("nan")},
+            "CIFAR-10 (test)": {"eval_zero_shot_accuracy": np.float64(90.0)},
+        },
+        eval_split=None,
+    )
+    save_model_card(tmp_path, card)
+    data = ModelCard.load(tmp_path / "README.md").data
+    got = {(r.dataset_name, r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
+    # numpy scalars became plain floats (yaml.safe_load could read them); NaN is not exported
+    assert got == {
+        ("nlphuji/flickr30k", "nlphuji/flickr30k", "i2t_recall@1"): float(np.float32(88.5)),
+        ("CIFAR-10 (test)", "cifar-10-test", "eval_zero_shot_accuracy"): 90.0,
+    }
+    assert all(type(v) is float for v in got.values())
+    rows = _table_rows(card.text)
+    assert ["Image-Text Retrieval", "Text→image recall@1", "n/a"] in rows
+    assert data.metrics == ["accuracy", "recall"]
+
+
+def test_non_hub_names_stay_out_of_metadata():
+    card = _build(dataset_name="digits", base_model="/data/checkpoints/vit", eval_results={})
+    assert card.data.datasets is None and card.data.base_model is None
+    assert card.data.eval_results is None
+    assert "digits" in card.text and "/data/checkpoints/vit" in card.text
+    assert "No evaluation results were recorded." in card.text
+    assert is_hub_id("user/name") and not is_hub_id("digits") and not is_hub_id("a/b/c")
+
+
+# ----------------------------------------------------------------------------- adversarial input
+BAD = [
+    'evil"\n---\nfoo: bar\n---\n# injected',
+    "key: value # comment\r\n- list: item",
+    "it's \"quoted\" | pipe `code` ```fence``` <!-- html --> [link](x) *bold* {{ card_data }} {% raw %}",
+    "line\u2028sep\u2029para\x85nel\x00nul \\ backslash",
+]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_adversarial_strings_keep_card_parseable(tmp_path, bad):
+    card = _build(
+        model_id=bad,
+        dataset_name=bad,
+        dataset_description=bad,
+        tags=[bad],
+        hyperparameters={bad: bad, "lr": 1e-4},
+        extra={bad: bad},
+        eval_results=METRICS,
+    )
+    save_model_card(tmp_path, card)
+    meta, body = _front_matter(tmp_path / "README.md")
+    # the front matter holds exactly the keys we wrote, nothing injected
+    assert set(meta) == {"library_name", "license", "metrics", "pipeline_tag", "tags", "base_model", "model-index"}
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.model_name == bad
+    assert bad in loaded.data.tags
+    assert {r.dataset_name for r in loaded.data.eval_results} == {bad}
+    assert {r.metric_type: r.metric_value for r in loaded.data.eval_results} == METRICS
+
+    # body: no stray front-matter delimiters or headings, tables keep their columns
+    for line in body.splitlines():
+        assert line.strip() != "---"
+        assert "injected" not in line or not line.startswith("#")
+    for row in _table_rows(body):
+        assert len(row) in (2, 3), row
+    if "{{ card_data }}" in bad:  # shown as text, never evaluated as a template expression
+        assert "{{ card\\_data }}" in body and "library_name" not in body
+    # the usage snippets are still valid Python and load exactly this model id
+    for block in re.findall(r"```python\n(.*?)```", body, flags=re.S):
+        tree = ast.parse(block)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_pretrained"]
+        for call in calls:
+            assert ast.literal_eval(call.args[0]) == bad
+
+
+def test_template_must_start_with_front_matter(tmp_path):
+    t = tmp_path / "bad.md"
+    t.write_text("# title\n{{ card_data }}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="front matter"):
+        build_model_card(t, model_id="a/b", dataset_name="a/c", hyperparameters={}, eval_results={})
+
+
+# ----------------------------------------------------------------------------- push
+TOKEN = "hf_" + "SeCrEt" * 6
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    calls = {}
+
+    def create_repo(self, repo_id, *, exist_ok=False, private=None, **kw):
+        calls["create"] = dict(repo_id=repo_id, exist_ok=exist_ok, private=private, token=self.token, **kw)
+        full = repo_id if "/" in repo_id else f"someuser/{repo_id}"
+        return RepoUrl(f"https://huggingface.co/{full}")
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kw):
+        calls["upload"] = dict(repo_id=repo_id, folder_path=folder_path, commit_message=commit_message,
+                               token=self.token, **kw)
+        logging.getLogger("huggingface_hub").info("uploading %s", folder_path)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd",
+            commit_message=commit_message,
+            commit_description="",
+            oid="0123abcd",
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def _model_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "tcl"}', encoding="utf-8")
+    save_model_card(folder, _build())
+    return folder
+
+
+def test_push_folder_to_hub(tmp_path, fake_hub, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    folder = _model_folder(tmp_path)
+    url = push_folder_to_hub(folder, "vlalign-test/tcl-coco", token=TOKEN, private=True, commit_message="v1")
+    assert url == "https://huggingface.co/vlalign-test/tcl-coco/commit/0123abcd"
+    assert fake_hub["create"]["repo_id"] == "vlalign-test/tcl-coco"
+    assert fake_hub["create"]["exist_ok"] is True and fake_hub["create"]["private"] is True
+    assert fake_hub["upload"]["repo_id"] == "vlalign-test/tcl-coco"
+    assert Path(fake_hub["upload"]["folder_path"]) == folder
+    assert fake_hub["upload"]["commit_message"] == "v1"
+    assert fake_hub["create"]["token"] == fake_hub["upload"]["token"] == TOKEN  # reached HfApi, nowhere else
+
+    out = capsys.readouterr()
+    assert TOKEN not in out.out and TOKEN not in out.err
+    assert TOKEN not in caplog.text and all(TOKEN not in str(r.args) for r in caplog.records)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_push_bare_name_uploads_to_resolved_repo(tmp_path, fake_hub):
+    folder = _model_folder(tmp_path)
+    url = push_folder_to_hub(folder, "tcl-coco", token=TOKEN)
+    assert fake_hub["create"]["private"] is None
+    assert fake_hub["upload"]["repo_id"] == "someuser/tcl-coco"
+    assert url.startswith("https://huggingface.co/someuser/tcl-coco/commit/")
+
+
+def test_push_missing_folder_raises_before_network(tmp_path, fake_hub):
+    with pytest.raises(NotADirectoryError):
+        push_folder_to_hub(tmp_path / "nope", "a/b", token=TOKEN)
+    assert fake_hub == {}

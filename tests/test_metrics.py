@@ -1,0 +1,337 @@
+"""Tests for vlalign.metrics against brute-force float64 references."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vlalign.metrics
+from vlalign.metrics import (
+    chunked_similarity_topk,
+    retrieval_metrics,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+
+KS = (1, 5, 10)
+
+
+# ----------------------------------------------------------------------------- references
+def ref_recall(q, c, q_ids, c_ids, ks, rerank=None, rerank_k=0):
+    """Brute force: full float64 similarity, full argsort per query, optional re-rank of the head."""
+    sims = np.asarray(q, dtype=np.float64) @ np.asarray(c, dtype=np.float64).T
+    q_ids, c_ids = np.asarray(q_ids), np.asarray(c_ids)
+    hits, n = {k: 0 for k in ks}, 0
+    for i in range(len(q_ids)):
+        pos = c_ids == q_ids[i]
+        if not pos.any():
+            continue
+        n += 1
+        order = np.argsort(-sims[i], kind="stable")
+        if rerank is not None:
+            head = order[:rerank_k]
+            scores = np.asarray([rerank(i, j) for j in head])
+            order = np.concatenate([head[np.argsort(-scores, kind="stable")], order[rerank_k:]])
+        for k in ks:
+            hits[k] += bool(pos[order[:k]].any())
+    return {k: 100.0 * hits[k] / n for k in ks}, n
+
+
+def ref_metrics(img, txt, img_ids, txt_ids, ks, **kw):
+    out = {}
+    for d, q, c, qi, ci in (("i2t", img, txt, img_ids, txt_ids), ("t2i", txt, img, txt_ids, img_ids)):
+        rec, n = ref_recall(q, c, qi, ci, ks, **{k: (v(d) if k == "rerank" else v) for k, v in kw.items()})
+        out.update({f"{d}_recall@{k}": v for k, v in rec.items()})
+        out[f"{d}_num_queries"] = n
+    return out
+
+
+def _exact_and_tie_free(img, txt):
+    """Every partial sum of every dot product is an integer below 2**24, so float32 and the float64
+    reference compute *identical* similarities; no row or column has ties, so rankings are unique."""
+    bound = np.abs(img) @ np.abs(txt).T
+    s = img @ txt.T
+    return bound.max() < 2**24 and all(len(np.unique(r)) == len(r) for m in (s, s.T) for r in m)
+
+
+def integer_embeddings(seed, n_img, n_txt, d=16, lim=700, txt_fn=None):
+    """Integer-valued float32 embeddings, resampled until `_exact_and_tie_free` holds."""
+    rng = np.random.default_rng(seed)
+    while True:
+        img = rng.integers(-lim, lim + 1, size=(n_img, d)).astype(np.float64)
+        txt = rng.integers(-lim, lim + 1, size=(n_txt, d)).astype(np.float64)
+        if txt_fn is not None:
+            txt = txt_fn(img, txt)
+        if _exact_and_tie_free(img, txt):
+            return torch.from_numpy(img).float(), torch.from_numpy(txt).float()
+
+
+@pytest.fixture(scope="module")
+def class_level():
+    """Class-level ids: many positives per query in both directions, plus ids with no positive."""
+    img, txt = integer_embeddings(0, 60, 90)
+    rng = np.random.default_rng(1)
+    img_ids = rng.integers(0, 8, size=60)  # classes 0..7
+    txt_ids = rng.integers(3, 11, size=90)  # classes 3..10: 0-2 images and 8-10 texts have no positive
+    return img, txt, img_ids, txt_ids
+
+
+@pytest.fixture(scope="module")
+def caption_level():
+    """Caption datasets: 5 captions per image, positives by image id. Each caption is its image plus
+    integer noise, so recall is neither ~0 nor 100."""
+    img_ids = np.arange(40)
+    txt_ids = np.repeat(img_ids, 5)
+    img, txt = integer_embeddings(2, 40, 200, txt_fn=lambda i, t: np.round(i[txt_ids] * 0.5 + t * 0.8))
+    return img, txt, img_ids, txt_ids
+
+
+# ----------------------------------------------------------------------------- retrieval
+@pytest.mark.parametrize("data", ["class_level", "caption_level"])
+def test_matches_bruteforce(data, request):
+    img, txt, img_ids, txt_ids = request.getfixturevalue(data)
+    got = retrieval_metrics(img, txt, img_ids, txt_ids, ks=KS, chunk_size=16)
+    want = ref_metrics(img.numpy(), txt.numpy(), img_ids, txt_ids, KS)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    # non-trivial data: neither all zero nor all perfect
+    assert 0 < got["i2t_recall@1"] < 100 or 0 < got["t2i_recall@1"] < 100
+
+
+def test_class_level_excludes_queries_without_positive(class_level):
+    img, txt, img_ids, txt_ids = class_level
+    got = retrieval_metrics(img, txt, img_ids, txt_ids)
+    assert got["i2t_num_queries"] == int(np.isin(img_ids, txt_ids).sum()) < len(img_ids)
+    assert got["t2i_num_queries"] == int(np.isin(txt_ids, img_ids).sum()) < len(txt_ids)
+    # Appending queries that have no positive must not change any recall value. The extra items get a
+    # new dimension that puts them last in every real query's ranking (real pairs all gain +1, which
+    # keeps their order), so only the denominators could change.
+    pad = lambda x, v: torch.cat([x, torch.full((len(x), 1), v)], 1)  # noqa: E731
+    extra = torch.zeros(6, img.shape[1] + 1)
+    extra[:, -1] = -1e6
+    got2 = retrieval_metrics(
+        torch.cat([pad(img, 1.0), extra[:5]]),
+        torch.cat([pad(txt, 1.0), extra]),
+        np.concatenate([img_ids, np.full(5, 100)]),
+        np.concatenate([txt_ids, np.full(6, 200)]),
+    )
+    assert got2 == got
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_chunk_size_invariance(class_level, chunk_size):
+    img, txt, img_ids, txt_ids = class_level
+    base = retrieval_metrics(img, txt, img_ids, txt_ids, chunk_size=1024)
+    assert retrieval_metrics(img, txt, img_ids, txt_ids, chunk_size=chunk_size) == base
+
+
+def test_id_types_equivalent(caption_level):
+    img, txt, img_ids, txt_ids = caption_level
+    base = retrieval_metrics(img, txt, torch.from_numpy(img_ids), torch.from_numpy(txt_ids))
+    assert retrieval_metrics(img, txt, img_ids.tolist(), txt_ids.tolist()) == base
+    as_str = [f"COCO_{i:06d}.jpg" for i in img_ids]
+    assert retrieval_metrics(img, txt, as_str, [f"COCO_{i:06d}.jpg" for i in txt_ids]) == base
+
+
+def test_hand_built_known_values():
+    # 2-D toy case; similarities written out in the comments, ranks counted by hand.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # ids a, b, c
+    txt = torch.tensor([[0.8, 0.6], [1.0, 0.0], [0.0, 1.0], [0.28, 0.96], [0.6, 0.8]])  # a, b, c, z, c
+    # i2t: A -> t1 1, t0 .8 (rank 2); B -> t2 1, t3 .96, t4 .8, t0 .6, t1 0 (rank 5); C -> t4 1 (rank 1)
+    # t2i: t0 -> C .96, A .8 (2); t1 -> A 1, C .6, B 0 (3); t2 -> B 1, C .8 (2); t4 -> C 1 (1); t3 no positive
+    got = retrieval_metrics(img, txt, ["a", "b", "c"], ["a", "b", "c", "z", "c"], ks=(1, 2, 3, 5))
+    assert got["i2t_num_queries"] == 3 and got["t2i_num_queries"] == 4
+    assert got["i2t_recall@1"] == pytest.approx(100 / 3)
+    assert got["i2t_recall@2"] == pytest.approx(200 / 3)
+    assert got["i2t_recall@3"] == pytest.approx(200 / 3)
+    assert got["i2t_recall@5"] == 100.0
+    assert (got["t2i_recall@1"], got["t2i_recall@2"], got["t2i_recall@3"], got["t2i_recall@5"]) == (
+        25.0,
+        75.0,
+        100.0,
+        100.0,  # k larger than the number of candidates
+    )
+
+
+def test_no_valid_query_gives_nan():
+    got = retrieval_metrics(torch.eye(3), torch.eye(3), [0, 1, 2], [3, 4, 5])
+    assert got["i2t_num_queries"] == 0 and math.isnan(got["i2t_recall@1"])
+
+
+# ----------------------------------------------------------------------------- re-ranking
+def _oracle(img_ids, txt_ids, calls):
+    img_ids, txt_ids = torch.as_tensor(img_ids), torch.as_tensor(txt_ids)
+
+    def fn(q_idx, cand_idx, direction):
+        calls.append((direction, q_idx.clone(), cand_idx.clone()))
+        q, c = (img_ids, txt_ids) if direction == "i2t" else (txt_ids, img_ids)
+        return (c[cand_idx] == q[q_idx][:, None]).float()  # positives score 1, negatives 0
+
+    return fn
+
+
+def test_oracle_rerank_recall_at_1(class_level):
+    img, txt, img_ids, txt_ids = class_level
+    r = 4
+    plain = retrieval_metrics(img, txt, img_ids, txt_ids, ks=(1, r))
+    calls = []
+    got = retrieval_metrics(
+        img, txt, img_ids, txt_ids, ks=(1, r), chunk_size=7, rerank_fn=_oracle(img_ids, txt_ids, calls), rerank_k=r
+    )
+    # After an oracle re-rank, a positive is first iff one was in the similarity top-r.
+    for d in ("i2t", "t2i"):
+        assert got[f"{d}_recall@1"] == pytest.approx(plain[f"{d}_recall@{r}"])
+        assert got[f"{d}_recall@1"] > plain[f"{d}_recall@1"]
+    # called per chunk with global query indices covering every query once, in both directions
+    for d, n in (("i2t", len(img_ids)), ("t2i", len(txt_ids))):
+        qs = torch.cat([q for dd, q, _ in calls if dd == d])
+        assert torch.equal(qs, torch.arange(n))
+        assert all(c.shape == (len(q), r) for dd, q, c in calls if dd == d)
+
+
+def test_oracle_rerank_reaches_100_when_all_positives_in_head(caption_level):
+    img, txt, img_ids, txt_ids = caption_level
+    r = len(img_ids)  # every candidate image is inside the re-rank window for t2i
+    got = retrieval_metrics(img, txt, img_ids, txt_ids, rerank_fn=_oracle(img_ids, txt_ids, []), rerank_k=r)
+    assert got["t2i_recall@1"] == 100.0 and got["i2t_recall@1"] == 100.0
+    assert retrieval_metrics(img, txt, img_ids, txt_ids)["t2i_recall@1"] < 100.0
+
+
+def test_rerank_order_matches_reference(class_level):
+    """A re-ranker that reverses the head: candidates beyond rerank_k must keep similarity order."""
+    img, txt, img_ids, txt_ids = class_level
+    r = 6
+    rng = np.random.default_rng(5)
+    table = {d: rng.permutation(10_000).reshape(100, 100) for d in ("i2t", "t2i")}  # distinct scores
+
+    def fn(q_idx, cand_idx, direction):
+        return torch.from_numpy(table[direction][q_idx.numpy()[:, None], cand_idx.numpy()]).float()
+
+    got = retrieval_metrics(img, txt, img_ids, txt_ids, ks=(1, 3, 6, 10), chunk_size=5, rerank_fn=fn, rerank_k=r)
+    want = ref_metrics(
+        img.numpy(), txt.numpy(), img_ids, txt_ids, (1, 3, 6, 10),
+        rerank=lambda d: (lambda i, j: table[d][i, j]), rerank_k=r,
+    )
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+def test_rerank_bad_shape_raises(class_level):
+    img, txt, img_ids, txt_ids = class_level
+    with pytest.raises(ValueError, match="shape"):
+        retrieval_metrics(img, txt, img_ids, txt_ids, rerank_fn=lambda q, c, d: torch.zeros(len(q)), rerank_k=3)
+
+
+# ----------------------------------------------------------------------------- top-k helper
+@pytest.mark.parametrize("chunk_size", [1, 7, 500])
+def test_chunked_topk_matches_bruteforce(class_level, chunk_size):
+    img, txt, _, _ = class_level
+    vals, idx = chunked_similarity_topk(txt, img, k=12, chunk_size=chunk_size)
+    s = txt.double().numpy() @ img.double().numpy().T
+    ref_idx = np.argsort(-s, axis=1)[:, :12]
+    assert np.array_equal(idx.numpy(), ref_idx)
+    assert np.array_equal(vals.double().numpy(), np.take_along_axis(s, ref_idx, axis=1))
+    # k beyond the number of candidates is clipped
+    assert chunked_similarity_topk(txt[:3], img[:5], k=50, chunk_size=chunk_size)[1].shape == (3, 5)
+
+
+# ----------------------------------------------------------------------------- zero-shot
+def test_zero_shot_accuracy_constructed():
+    classes = torch.eye(3)
+    images = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.0, 0.4, 0.6], [0.5, 0.45, 0.05]])
+    # predictions: 0, 1, 2, 0
+    assert zero_shot_accuracy(images, torch.tensor([0, 1, 2, 1]), classes) == pytest.approx(75.0)
+    assert zero_shot_accuracy(images, [0, 1, 2, 0], classes, chunk_size=1) == 100.0
+
+
+def test_zero_shot_accuracy_random_vs_argmax():
+    rng = np.random.default_rng(7)
+    images, classes = rng.standard_normal((300, 32)), rng.standard_normal((17, 32))
+    labels = rng.integers(0, 17, 300)
+    pred = np.argmax(images @ classes.T, axis=1)
+    want = 100.0 * np.mean(pred == labels)
+    got = zero_shot_accuracy(torch.from_numpy(images).float(), torch.from_numpy(labels), torch.from_numpy(classes).float())
+    assert got == pytest.approx(want)
+
+
+def test_zero_shot_classifier_clip_style():
+    rng = np.random.default_rng(8)
+    per_class = [rng.standard_normal((t, 16)) for t in (1, 4, 7)]  # different template counts
+    got = zero_shot_classifier([torch.from_numpy(x).float() for x in per_class])
+    for c, x in enumerate(per_class):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        m = x.mean(0)
+        np.testing.assert_allclose(got[c].numpy(), m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
+    assert got.shape == (3, 16)
+    # 3-D tensor input equals the list form
+    same = [torch.from_numpy(rng.standard_normal((5, 16))).float() for _ in range(4)]
+    assert torch.allclose(zero_shot_classifier(torch.stack(same)), zero_shot_classifier(same))
+    # scaling one template must not change the classifier (templates are normalised first)
+    scaled = [same[0] * torch.tensor([[10.0], [1], [1], [1], [1]])] + same[1:]
+    assert torch.allclose(zero_shot_classifier(scaled), zero_shot_classifier(same), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- scale / memory
+_BIG_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, resource, sys, torch
+    # Load metrics.py by path: only torch is imported, whatever the package __init__ pulls in.
+    spec = importlib.util.spec_from_file_location("_vlalign_metrics", sys.argv[1])
+    metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metrics)
+
+    # Integer-valued embeddings, |partial sums| <= 256 * 100 * 600 < 2**24: float32 similarities are
+    # exact, so the reference below is exact too. Each caption = its image + integer noise.
+    g = torch.Generator().manual_seed(0)
+    n_img, per, d = 5000, 5, 256
+    img = torch.randint(-100, 101, (n_img, d), generator=g).float()
+    img_ids = torch.arange(n_img)
+    txt_ids = img_ids.repeat_interleave(per)
+    txt = img[txt_ids] + torch.randint(-500, 501, (n_img * per, d), generator=g).float()
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    got = metrics.retrieval_metrics(img, txt, img_ids, txt_ids, ks=(1, 5, 10), chunk_size=1024)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    # Reference by rank counting: a query hits @k iff fewer than k negatives beat its best positive.
+    # Ties with a negative make the outcome depend on tie-breaking: count strict (">", optimistic)
+    # and non-strict (">=", pessimistic) ranks and require the result to lie between the two.
+    pos_t2i = (txt * img[txt_ids]).sum(1)  # each caption has exactly one positive image
+    pos_i2t = pos_t2i.view(n_img, per).max(1).values  # best of an image's captions
+    rank = {(dr, op): torch.zeros(n, dtype=torch.long) for dr, n in (("t2i", n_img * per), ("i2t", n_img))
+            for op in ("gt", "ge")}
+    for a in range(0, n_img * per, 2500):
+        S = txt[a:a + 2500] @ img.T
+        S[torch.arange(S.shape[0]), txt_ids[a:a + 2500]] = -float("inf")  # negatives only
+        for op, f in (("gt", torch.gt), ("ge", torch.ge)):
+            rank["t2i", op][a:a + 2500] = f(S, pos_t2i[a:a + 2500, None]).sum(1)
+            rank["i2t", op] += f(S, pos_i2t[None, :]).sum(0)
+    ref = {f"{dr}_recall@{k}": [100.0 * int((rank[dr, op] < k).sum()) / len(rank[dr, op]) for op in ("ge", "gt")]
+           for dr in ("i2t", "t2i") for k in (1, 5, 10)}
+    print(json.dumps({"got": got, "ref": ref, "rss_delta_mb": (rss1 - rss0) / 1024}))
+    """
+)
+
+
+def test_coco_scale_bounded_memory_matches_reference():
+    """25,000 captions x 5,000 images, d=256: the full float32 similarity matrix alone would be 500 MB.
+    Runs in a fresh process so the peak-RSS delta measures this call only."""
+    path = str(Path(vlalign.metrics.__file__))
+    proc = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    got, ref = res["got"], res["ref"]
+    assert got["i2t_num_queries"] == 5000 and got["t2i_num_queries"] == 25000
+    for key, (lo, hi) in ref.items():
+        assert hi - lo < 0.1, (key, lo, hi)  # the reference is (nearly) tie-free, so the check is tight
+        assert lo - 1e-9 <= got[key] <= hi + 1e-9, (key, got[key], lo, hi)
+    assert 5 < got["t2i_recall@1"] < 95  # the data is neither trivial nor hopeless
+    # one 1024 x 25,000 float32 chunk is ~100 MB, far below the 500 MB full matrix
+    assert res["rss_delta_mb"] < 300, res["rss_delta_mb"]

@@ -1,0 +1,285 @@
+"""Train a vlalign model with `accelerate launch`:
+
+    accelerate launch training/train.py --config training/configs/tcl_digits.yaml [--key value ...]
+
+The YAML file has four sections: `model` (TCLConfig fields, with `vision_config` / `text_config` dicts), `data`
+(vlalign.data.DataArguments), `training` (transformers.TrainingArguments) and `run` (RunArguments below). Any
+field of any section can be overridden on the command line as `--key value` (or `--section.key value`, and
+`--model.vision_config.hidden_size 64` for nested keys); values are parsed as YAML (`--max_steps 10`,
+`--report_to '[tensorboard]'`, `--label_column null`).
+
+Steps: read config -> apply overrides -> build data, processor and model -> ContrastiveTrainer.train() ->
+evaluate on the eval split -> save model (safetensors + config with auto_map + code files), processor,
+eval_results.json and a model card to `output_dir` -> optionally push them to the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+logger = logging.getLogger("vlalign.train")
+
+
+@dataclass
+class RunArguments:
+    """vlalign-specific run options (the `run` section)."""
+
+    model_name_or_path: str | None = None  # continue from a saved vlalign model (folder or Hub id)
+    vision_model_name_or_path: str | None = None  # initialise towers from pretrained checkpoints
+    text_model_name_or_path: str | None = None
+    processor_name_or_path: str | None = None  # a saved VLAlignProcessor; default: built for the data
+    tokenizer_name_or_path: str | None = None  # with a PIL ViT image processor when no processor is given
+    alpha_ramp_steps: int | None = None  # None: one epoch
+    itm_rerank_k: int = 0
+    eval_batch_size: int = 128
+    model_card_template: str = "model_cards/tcl.md"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool | None = None
+    license: str = "apache-2.0"
+
+
+SECTIONS = ("run", "data", "training", "model")
+
+
+def _section_fields() -> dict[str, set[str]]:
+    from transformers import TrainingArguments
+
+    from vlalign import TCLConfig
+    from vlalign.data import DataArguments
+
+    model_fields = {f.name for f in dataclasses.fields(TCLConfig)}
+    return {
+        "run": {f.name for f in dataclasses.fields(RunArguments)},
+        "data": {f.name for f in dataclasses.fields(DataArguments)},
+        "training": {f.name for f in dataclasses.fields(TrainingArguments)} - {"push_to_hub", "hub_model_id"},
+        "model": model_fields | {"model_type"},
+    }
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """`--key value` pairs (values parsed as YAML); `--flag` alone means true."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: overrides are --key value")
+        key = arg[2:].replace("-", "_") if "." not in arg else arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            raw, i = argv[i + 1], i + 2
+        else:
+            raw, i = "true", i + 1
+        pairs.append((key, yaml.safe_load(raw)))
+    return pairs
+
+
+def apply_overrides(config: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Put each override into its section: an explicit `section.key`, else the section whose YAML already has the
+    key, else the first section (run, data, training, model) whose schema has it."""
+    fields = _section_fields()
+    for key, value in overrides:
+        parts = key.split(".")
+        if parts[0] in SECTIONS and len(parts) > 1:
+            section, path = parts[0], parts[1:]
+        else:
+            path = parts
+            in_yaml = [s for s in SECTIONS if path[0] in (config.get(s) or {})]
+            in_schema = [s for s in SECTIONS if path[0] in fields[s]]
+            candidates = in_yaml or in_schema
+            if not candidates:
+                raise SystemExit(f"unknown option --{key}: not a field of {', '.join(SECTIONS)}")
+            section = candidates[0]
+        target = config.setdefault(section, {}) or {}
+        config[section] = target
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return config
+
+
+def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> dict:
+    config: dict = {}
+    if config_path:
+        with open(config_path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    unknown = set(config) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
+    return apply_overrides(config, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_processor(run: RunArguments, data_args, image_size: int):
+    from transformers import AutoProcessor, AutoTokenizer, ViTImageProcessorPil
+
+    from vlalign import VLAlignProcessor
+    from vlalign.data import build_digits_processor
+
+    if run.processor_name_or_path:
+        return AutoProcessor.from_pretrained(run.processor_name_or_path)
+    if run.model_name_or_path and os.path.exists(os.path.join(run.model_name_or_path, "processor_config.json")):
+        return AutoProcessor.from_pretrained(run.model_name_or_path)
+    if data_args.dataset_name == "digits" and not run.tokenizer_name_or_path:
+        return build_digits_processor(image_size=image_size)
+    if not run.tokenizer_name_or_path and not run.text_model_name_or_path:
+        raise SystemExit("set run.processor_name_or_path or run.tokenizer_name_or_path for this dataset")
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_name_or_path or run.text_model_name_or_path)
+    image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+    return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model(run: RunArguments, model_section: dict, tokenizer):
+    from vlalign import TCLConfig, TCLModel
+
+    overrides = {k: v for k, v in model_section.items() if k not in ("vision_config", "text_config", "model_type")}
+    if run.model_name_or_path:
+        return TCLModel.from_pretrained(run.model_name_or_path, **overrides)
+    if run.vision_model_name_or_path or run.text_model_name_or_path:
+        if not (run.vision_model_name_or_path and run.text_model_name_or_path):
+            raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path")
+        overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
+        return TCLModel.from_vision_text_pretrained(
+            run.vision_model_name_or_path, run.text_model_name_or_path, **overrides
+        )
+    text_config = dict(model_section.get("text_config") or {})
+    # a model trained from scratch takes its vocabulary from the tokenizer
+    text_config.setdefault("vocab_size", len(tokenizer))
+    if tokenizer.pad_token_id is not None:
+        text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if tokenizer.mask_token_id is not None:
+        overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
+    config = TCLConfig(vision_config=model_section.get("vision_config"), text_config=text_config, **overrides)
+    return TCLModel(config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/tcl_digits.yaml"))
+    args, rest = parser.parse_known_args(argv)
+    config = load_config(args.config, parse_overrides(rest))
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    import vlalign  # noqa: F401  (registers the Auto classes)
+    from vlalign.data import (
+        DataArguments,
+        ImageTextCollator,
+        build_eval_inputs,
+        load_image_text_datasets,
+        resolve_class_names,
+    )
+    from vlalign.hub import build_model_card, push_folder_to_hub, save_model_card
+    from vlalign.trainer import ContrastiveTrainer, evaluate_model
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run = RunArguments(**(config.get("run") or {}))
+    data_args = DataArguments(**(config.get("data") or {}))
+    training_section = dict(config.get("training") or {})
+    training_section.setdefault("output_dir", "outputs/tcl")
+    training_section.setdefault("remove_unused_columns", False)  # the collator needs the raw image/caption columns
+    training_section.setdefault("report_to", "none")
+    training_args = TrainingArguments(**training_section)
+    set_seed(training_args.seed)
+
+    train_dataset, eval_dataset = load_image_text_datasets(data_args)
+    model_section = dict(config.get("model") or {})
+    image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
+    processor = build_processor(run, data_args, image_size)
+    model = build_model(run, model_section, processor.tokenizer)
+
+    collator = ImageTextCollator.from_data_args(processor, data_args, seed=training_args.seed)
+    class_names = resolve_class_names(train_dataset, data_args)
+    eval_inputs = build_eval_inputs(eval_dataset, processor, data_args) if eval_dataset is not None else None
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        alpha_ramp_steps=run.alpha_ramp_steps,
+        eval_inputs=eval_inputs,
+        class_names=class_names,
+        zero_shot_templates=data_args.zero_shot_templates,
+        itm_rerank_k=run.itm_rerank_k,
+    )
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - start
+
+    results: dict[str, Any] = {}
+    if eval_inputs is not None:
+        results.update(
+            evaluate_model(model, processor, eval_inputs, class_names, data_args.zero_shot_templates,
+                           batch_size=run.eval_batch_size, itm_rerank_k=run.itm_rerank_k)
+        )
+    results["train_runtime_seconds"] = round(train_seconds, 1)
+    results["train_steps"] = int(train_result.global_step)
+    results["train_loss"] = float(train_result.training_loss)
+    results["train_items_skipped"] = int(trainer.num_skipped_items)
+
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        trainer.save_model(str(output_dir))
+        processor.save_pretrained(str(output_dir))
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        hyperparameters = {
+            "max_steps": training_args.max_steps,
+            "num_train_epochs": training_args.num_train_epochs,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "world_size": training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "weight_decay": training_args.weight_decay,
+            "lr_scheduler_type": str(training_args.lr_scheduler_type),
+            "warmup_steps": training_args.warmup_steps,
+            "seed": training_args.seed,
+            **{k: getattr(model.config, k) for k in (
+                "embed_dim", "num_fusion_layers", "temperature", "momentum", "queue_size", "alpha", "cma_weight",
+                "imc_weight", "lmi_weight", "itm_weight", "mlm_weight", "lmi_image_grid", "mlm_probability")},
+        }
+        template = Path(run.model_card_template)
+        if not template.is_absolute() and not template.exists():
+            template = REPO_ROOT / template
+        card = build_model_card(
+            template,
+            model_id=run.hub_model_id or output_dir.name,
+            model_type_name="TCL",
+            base_model=run.vision_model_name_or_path,
+            dataset_name=data_args.dataset_name,
+            num_train_samples=len(train_dataset),
+            hyperparameters=hyperparameters,
+            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
+            license=run.license,
+        )
+        save_model_card(output_dir, card)
+        logger.info("eval results: %s", json.dumps(results))
+        if run.push_to_hub:
+            if not run.hub_model_id:
+                raise SystemExit("--push_to_hub needs --hub_model_id")
+            url = push_folder_to_hub(output_dir, run.hub_model_id, token=os.environ.get("HF_TOKEN"),
+                                     private=run.hub_private_repo)
+            logger.info("pushed to %s", url)
+    del torch
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
