@@ -129,6 +129,7 @@ def test_digits_tokenizer_covers_all_captions(tmp_path):
     texts = all_digit_texts()
     ids = tokenizer(texts)["input_ids"]
     assert all(tokenizer.unk_token_id not in seq for seq in ids)
+    assert max(len(seq) for seq in ids) <= build_digits_processor().max_length  # captions are never truncated
     # whole words, not character pieces, for caption vocabulary
     assert tokenizer.tokenize("a handwritten digit seven") == ["a", "handwritten", "digit", "seven"]
     # lowercasing is on

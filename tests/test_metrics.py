@@ -110,10 +110,13 @@ def test_class_level_excludes_queries_without_positive(class_level):
     got = retrieval_metrics(img, txt, img_ids, txt_ids)
     assert got["i2t_num_queries"] == int(np.isin(img_ids, txt_ids).sum()) < len(img_ids)
     assert got["t2i_num_queries"] == int(np.isin(txt_ids, img_ids).sum()) < len(txt_ids)
+
     # Appending queries that have no positive must not change any recall value. The extra items get a
     # new dimension that puts them last in every real query's ranking (real pairs all gain +1, which
     # keeps their order), so only the denominators could change.
-    pad = lambda x, v: torch.cat([x, torch.full((len(x), 1), v)], 1)  # noqa: E731
+    def pad(x, v):
+        return torch.cat([x, torch.full((len(x), 1), v)], 1)
+
     extra = torch.zeros(6, img.shape[1] + 1)
     extra[:, -1] = -1e6
     got2 = retrieval_metrics(
@@ -189,10 +192,11 @@ def test_oracle_rerank_recall_at_1(class_level):
     for d in ("i2t", "t2i"):
         assert got[f"{d}_recall@1"] == pytest.approx(plain[f"{d}_recall@{r}"])
         assert got[f"{d}_recall@1"] > plain[f"{d}_recall@1"]
-    # called per chunk with global query indices covering every query once, in both directions
-    for d, n in (("i2t", len(img_ids)), ("t2i", len(txt_ids))):
+    # called per chunk with the global indices of every query that has a positive, once, both directions
+    for d, q_ids, c_ids in (("i2t", img_ids, txt_ids), ("t2i", txt_ids, img_ids)):
         qs = torch.cat([q for dd, q, _ in calls if dd == d])
-        assert torch.equal(qs, torch.arange(n))
+        assert torch.equal(qs, torch.from_numpy(np.flatnonzero(np.isin(q_ids, c_ids))))
+        assert max(len(q) for dd, q, _ in calls if dd == d) <= 7
         assert all(c.shape == (len(q), r) for dd, q, c in calls if dd == d)
 
 
@@ -216,8 +220,13 @@ def test_rerank_order_matches_reference(class_level):
 
     got = retrieval_metrics(img, txt, img_ids, txt_ids, ks=(1, 3, 6, 10), chunk_size=5, rerank_fn=fn, rerank_k=r)
     want = ref_metrics(
-        img.numpy(), txt.numpy(), img_ids, txt_ids, (1, 3, 6, 10),
-        rerank=lambda d: (lambda i, j: table[d][i, j]), rerank_k=r,
+        img.numpy(),
+        txt.numpy(),
+        img_ids,
+        txt_ids,
+        (1, 3, 6, 10),
+        rerank=lambda d: lambda i, j: table[d][i, j],
+        rerank_k=r,
     )
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
@@ -257,7 +266,9 @@ def test_zero_shot_accuracy_random_vs_argmax():
     labels = rng.integers(0, 17, 300)
     pred = np.argmax(images @ classes.T, axis=1)
     want = 100.0 * np.mean(pred == labels)
-    got = zero_shot_accuracy(torch.from_numpy(images).float(), torch.from_numpy(labels), torch.from_numpy(classes).float())
+    got = zero_shot_accuracy(
+        torch.from_numpy(images).float(), torch.from_numpy(labels), torch.from_numpy(classes).float()
+    )
     assert got == pytest.approx(want)
 
 
@@ -324,7 +335,9 @@ def test_coco_scale_bounded_memory_matches_reference():
     """25,000 captions x 5,000 images, d=256: the full float32 similarity matrix alone would be 500 MB.
     Runs in a fresh process so the peak-RSS delta measures this call only."""
     path = str(Path(vlalign.metrics.__file__))
-    proc = subprocess.run([sys.executable, "-c", _BIG_SCRIPT, path], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BIG_SCRIPT, path], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     got, ref = res["got"], res["ref"]

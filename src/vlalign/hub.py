@@ -32,7 +32,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model_card", "save_model_card", "push_folder_to_hub", "is_hub_id"]
+__all__ = ["build_model_card", "is_hub_id", "push_folder_to_hub", "save_model_card"]
 
 DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
 RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
@@ -53,9 +53,9 @@ def _md(value: Any) -> str:
 
 
 def _py_literal(value: str) -> str:
-    """A Python string literal for code blocks. JSON string escapes are a subset of Python's, and the
-    result has no newline, so it cannot close the surrounding fenced block."""
-    return json.dumps(str(value), ensure_ascii=True)
+    """A Python string literal for code blocks. JSON string escapes are a subset of Python's; the result
+    has no newline and no backtick (written as \\x60), so it cannot close the surrounding fenced block."""
+    return json.dumps(str(value), ensure_ascii=True).replace("`", "\\x60")
 
 
 def is_hub_id(name: Any) -> bool:
@@ -109,8 +109,7 @@ def _format_hparam(value: Any) -> str:
 
 def _metric_info(key: str) -> tuple[str, str, str] | None:
     """(task_type, task_name, pretty metric name) for evaluation metrics, None for bookkeeping numbers."""
-    base = key.lower()
-    base = base[len("eval_") :] if base.startswith("eval_") else base
+    base = key.lower().removeprefix("eval_")  # Trainer-style prefixes
     if base.endswith(("num_queries", "runtime", "per_second")) or base.startswith("num_"):
         return None
     m = re.fullmatch(r"(i2t|t2i)_recall@(\d+)", base)

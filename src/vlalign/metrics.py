@@ -168,9 +168,11 @@ def _direction_hits(
         sims = queries[start:stop].to(dtype) @ cand.T
         top = sims.topk(depth, dim=1, largest=True, sorted=True).indices
         del sims
+        # Drop queries without a positive before re-ranking: the ITM re-ranker is the expensive part.
+        q_idx = torch.arange(start, stop, device=device)[chunk_valid]
+        top = top[chunk_valid]
         if r > 0:
             head = top[:, :r]
-            q_idx = torch.arange(start, stop, device=device)
             scores = torch.as_tensor(rerank_fn(q_idx, head, direction), device=device)
             if scores.shape != head.shape:
                 raise ValueError(
@@ -179,8 +181,7 @@ def _direction_hits(
             # Stable sort: equal re-rank scores keep their similarity order.
             order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
             top = torch.cat([head.gather(1, order), top[:, r:]], dim=1)
-        match = cand_ids[top] == query_ids[start:stop, None]  # (chunk, depth)
-        match = match[chunk_valid]
+        match = cand_ids[top] == query_ids[q_idx, None]  # (valid queries in chunk, depth)
         for k in ks:
             hits[k] += int(match[:, : min(k, depth)].any(dim=1).sum())
     return hits, num_valid
@@ -212,7 +213,8 @@ def retrieval_metrics(
         rerank_fn: optional re-ranker (e.g. ITM head) called once per query chunk as
             ``rerank_fn(query_indices (q,), candidate_indices (q, rerank_k), direction)`` with
             ``direction`` in ``{"i2t", "t2i"}``; indices are global row indices of the embeddings
-            (for "i2t" queries are images and candidates texts). It returns ``(q, rerank_k)`` scores
+            (for "i2t" queries are images and candidates texts). Queries without a positive are not
+            passed (they do not count). It returns ``(q, rerank_k)`` scores
             (higher = better); the top ``rerank_k`` candidates by similarity are re-ordered by them,
             candidates beyond ``rerank_k`` keep their similarity order after the re-ranked block.
         rerank_k: number of similarity top candidates passed to ``rerank_fn``.
