@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,18 @@ class RunArguments:
 
 
 SECTIONS = ("run", "data", "training", "model")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; turn such strings into floats, recursively."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def _section_fields() -> dict[str, set[str]]:
@@ -85,7 +98,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             raw, i = argv[i + 1], i + 2
         else:
             raw, i = "true", i + 1
-        pairs.append((key, yaml.safe_load(raw)))
+        pairs.append((key, _numbers(yaml.safe_load(raw))))
     return pairs
 
 
@@ -117,7 +130,7 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
     config: dict = {}
     if config_path:
         with open(config_path, encoding="utf-8") as handle:
-            config = yaml.safe_load(handle) or {}
+            config = _numbers(yaml.safe_load(handle) or {})
     unknown = set(config) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
@@ -248,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
             "world_size": training_args.world_size,
             "learning_rate": training_args.learning_rate,
             "weight_decay": training_args.weight_decay,
-            "lr_scheduler_type": str(training_args.lr_scheduler_type),
+            "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
             "warmup_steps": training_args.warmup_steps,
             "seed": training_args.seed,
             **{k: getattr(model.config, k) for k in (

@@ -1,0 +1,127 @@
+"""training/train.py: config + overrides, and an end-to-end `accelerate launch` run on a dataset with bad images."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "training"))
+
+from train import apply_overrides, load_config, parse_overrides  # noqa: E402
+
+TINY_MODEL = {
+    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "intermediate_size": 64, "max_position_embeddings": 32},
+    "num_fusion_layers": 1, "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2,
+}
+
+
+def test_overrides_go_to_the_right_section():
+    config = {"model": {"embed_dim": 64, "vision_config": {"hidden_size": 8}}, "training": {"max_steps": 5}}
+    pairs = parse_overrides(["--max_steps", "10", "--learning_rate", "1e-4", "--embed_dim=32", "--push_to_hub",
+                             "--model.vision_config.hidden_size", "16", "--label_column", "null",
+                             "--report_to", "[tensorboard]"])
+    config = apply_overrides(config, pairs)
+    assert config["training"]["max_steps"] == 10
+    assert config["training"]["learning_rate"] == pytest.approx(1e-4)
+    assert config["model"]["embed_dim"] == 32
+    assert config["model"]["vision_config"]["hidden_size"] == 16
+    assert config["run"]["push_to_hub"] is True
+    assert config["data"]["label_column"] is None
+    assert config["training"]["report_to"] == ["tensorboard"]
+    with pytest.raises(SystemExit, match="unknown option --no_such_field"):
+        apply_overrides({}, parse_overrides(["--no_such_field", "1"]))
+
+
+def test_default_demo_config_parses():
+    config = load_config(str(REPO / "training/configs/tcl_digits.yaml"), [])
+    assert config["data"]["dataset_name"] == "digits"
+    assert config["model"]["vision_config"]["image_size"] == 32
+
+
+def _write_imagefolder(root: Path) -> int:
+    """A few real digit scans with captions, plus files that cannot be decoded."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root.mkdir(parents=True)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    rows = []
+    for i in range(60):
+        pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).resize((16, 16)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": f"a handwritten digit {names[digits.target[i]]}",
+                     "label": int(digits.target[i])})
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "empty.png").write_bytes(b"")
+    good = (root / "0.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    for name in ("corrupt.png", "empty.png", "truncated.png"):
+        rows.append({"file_name": name, "caption": "a handwritten digit zero", "label": 0})
+    with open(root / "metadata.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return 3
+
+
+def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
+    data_dir = tmp_path / "data" / "train"
+    bad = _write_imagefolder(data_dir)
+    config = {
+        "model": TINY_MODEL,
+        "data": {"dataset_name": "imagefolder", "data_dir": str(tmp_path / "data"), "label_column": "label",
+                 "image_id_column": None, "eval_split": "train",
+                 "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+                 "zero_shot_templates": ["a handwritten digit {name}"]},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 6, "per_device_train_batch_size": 16,
+                     "learning_rate": 1e-3, "logging_steps": 2, "save_strategy": "no", "report_to": "none",
+                     "dataloader_drop_last": True, "use_cpu": True, "seed": 0},
+        "run": {"tokenizer_name_or_path": None, "processor_name_or_path": str(tmp_path / "processor"),
+                "hub_model_id": "someone/tiny-tcl"},
+    }
+    from vlalign.data import build_digits_processor
+
+    build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="hf_secret_token_never_written")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+           str(REPO / "training/train.py"), "--config", str(tmp_path / "config.yaml"), "--seed", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "eval_results.json").read_text())
+    for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
+                "t2i_recall@5", "t2i_recall@10"):
+        assert 0.0 <= results[key] <= 100.0, key
+    assert results["train_steps"] == 6
+    assert results["train_items_skipped"] >= 1  # bad images met during training were skipped and counted
+    assert results["num_eval_images_skipped"] == bad
+    assert "Skipped an undecodable image" in proc.stderr
+    config_json = json.loads((out / "config.json").read_text())
+    assert set(config_json["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"}
+    for name in ("model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "albef_stack.py", "losses.py",
+                 "processor_config.json", "tokenizer.json", "README.md"):
+        assert (out / name).exists(), name
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert "temp" in handle.keys() and "image_queue" in handle.keys()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["zero_shot_accuracy"] == pytest.approx(results["zero_shot_accuracy"])
+    assert "| seed | 1 |" in card.content  # the hyperparameters actually used, command-line override included
+    assert "| lr\\_scheduler\\_type | linear |" in card.content
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_token_never_written" not in path.read_bytes(), path
+    assert "hf_secret_token_never_written" not in proc.stdout + proc.stderr
