@@ -379,3 +379,50 @@ def test_from_vision_text_pretrained_rejects_mismatched_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="num_fusion_layers"):
         TCLModel.from_vision_text_pretrained(str(tmp_path / "v"), str(tmp_path / "t"), num_fusion_layers=5,
                                              embed_dim=16, queue_size=32, mask_token_id=4, lmi_image_grid=2)
+
+
+@pytest.mark.parametrize(
+    "vision_config",
+    [
+        dict(model_type="deit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+             num_attention_heads=4, intermediate_size=64),  # [CLS] + distillation token before the patches
+        dict(model_type="clip_vision_model", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+             num_attention_heads=4, intermediate_size=64, projection_dim=16),
+    ],
+)
+def test_other_vision_encoders_with_patch_tokens(vision_config):
+    model = TCLModel(tiny_tcl_config(vision_config=vision_config))
+    model.train()
+    out = model(**tiny_batch(), return_loss=True)
+    assert torch.isfinite(out.loss) and out.loss_lmi_image is not None
+    out.loss.backward()
+
+
+def test_roberta_text_encoder():
+    text = dict(model_type="roberta", vocab_size=144, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
+    model = TCLModel(tiny_tcl_config(text_config=text))
+    model.train()
+    out = model(**tiny_batch(), return_loss=True)
+    assert torch.isfinite(out.loss)
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    config = tiny_tcl_config(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, mlm_weight=0.0)
+    for sub in (config.vision_config, config.text_config):
+        sub.hidden_dropout_prob = sub.attention_probs_dropout_prob = 0.0
+    batch = dict(tiny_batch(), return_loss=True)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = TCLModel(config)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.fusion_model.layer[0].gradient_checkpointing
+        torch.manual_seed(1)  # same ITM negatives
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

@@ -125,3 +125,44 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
         if path.is_file():
             assert b"hf_secret_token_never_written" not in path.read_bytes(), path
     assert "hf_secret_token_never_written" not in proc.stdout + proc.stderr
+
+
+def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
+    """--push_to_hub sends model, processor, code and card; the Hub is intercepted (no network in CI)."""
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+    import train
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        uploaded["token"] = self.token
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="m",
+                          commit_description="", oid="1" * 40)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_never_written")
+    config = {"model": TINY_MODEL,
+              "data": {"max_train_samples": 64, "max_eval_samples": 20},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
+                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl"])
+    assert uploaded["repo_id"] == "someone/tiny-tcl"
+    assert uploaded["token"] == "hf_secret_token_never_written"
+    for name in ("config.json", "model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "albef_stack.py",
+                 "losses.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "eval_results.json"):
+        assert name in uploaded["files"], name
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.model_name == "someone/tiny-tcl"
+    assert "hf_secret_token_never_written" not in caplog.text
+    for path in (tmp_path / "out").rglob("*"):
+        assert b"hf_secret_token_never_written" not in path.read_bytes(), path
+    assert not list((tmp_path / "out").glob("*.bin"))  # no pickle files in a Hub folder

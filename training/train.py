@@ -51,6 +51,9 @@ class RunArguments:
     hub_model_id: str | None = None
     hub_private_repo: bool | None = None
     license: str = "apache-2.0"
+    # CPU threads per process when training on CPU. `accelerate launch` exports OMP_NUM_THREADS=1 unless told
+    # otherwise, which halves a 2-core machine; None uses all cores divided among the local processes.
+    cpu_threads: int | None = None
 
 
 SECTIONS = ("run", "data", "training", "model")
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     training_section.setdefault("report_to", "none")
     training_args = TrainingArguments(**training_section)
     set_seed(training_args.seed)
+    if training_args.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
 
     train_dataset, eval_dataset = load_image_text_datasets(data_args)
     model_section = dict(config.get("model") or {})
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         trainer.save_model(str(output_dir))
+        # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
         processor.save_pretrained(str(output_dir))
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         hyperparameters = {
@@ -290,7 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
             url = push_folder_to_hub(output_dir, run.hub_model_id, token=os.environ.get("HF_TOKEN"),
                                      private=run.hub_private_repo)
             logger.info("pushed to %s", url)
-    del torch
     return results
 
 

@@ -72,14 +72,19 @@ def evaluate_model(
     prompts. With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head."""
     was_training = model.training
     model.eval()
+    # identical captions with the same positive id are one query/candidate, not several (class-level datasets
+    # repeat each caption for every image of the class; duplicates would only tie with each other)
+    unique = dict.fromkeys(zip(eval_inputs.texts, eval_inputs.text_ids))
+    texts = [text for text, _ in unique]
+    text_ids = [text_id for _, text_id in unique]
     try:
         image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
-        text_embeds = embed_texts(model, processor, eval_inputs.texts, batch_size)
+        text_embeds = embed_texts(model, processor, texts, batch_size)
         rerank_fn = None
         if itm_rerank_k > 0:
-            rerank_fn = _itm_rerank_fn(model, processor, eval_inputs, batch_size)
+            rerank_fn = _itm_rerank_fn(model, processor, eval_inputs.images, texts, batch_size)
         metrics = retrieval_metrics(
-            image_embeds, text_embeds, eval_inputs.image_ids, eval_inputs.text_ids,
+            image_embeds, text_embeds, eval_inputs.image_ids, text_ids,
             chunk_size=chunk_size, rerank_fn=rerank_fn, rerank_k=max(itm_rerank_k, 1),
         )
         if class_names and zero_shot_templates and eval_inputs.labels is not None:
@@ -90,19 +95,19 @@ def evaluate_model(
                 image_embeds, torch.as_tensor(eval_inputs.labels), classifier
             )
         metrics["num_eval_images"] = len(eval_inputs.images)
-        metrics["num_eval_texts"] = len(eval_inputs.texts)
+        metrics["num_eval_texts"] = len(texts)
         metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
     finally:
         model.train(was_training)
     return metrics
 
 
-def _itm_rerank_fn(model, processor, eval_inputs, batch_size):
+def _itm_rerank_fn(model, processor, images, texts, batch_size):
     device = next(model.parameters()).device
-    tokens = processor(text=list(eval_inputs.texts), return_tensors="pt")
+    tokens = processor(text=list(texts), return_tensors="pt")
     image_tokens = []
-    for start in range(0, len(eval_inputs.images), batch_size):
-        pixels = processor(images=eval_inputs.images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+    for start in range(0, len(images), batch_size):
+        pixels = processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
         image_tokens.append(model.get_image_tokens(pixels.to(device)))
     image_tokens = torch.cat(image_tokens)
 
