@@ -57,6 +57,11 @@ class RunArguments:
 
 
 SECTIONS = ("run", "data", "training", "model")
+DIGITS_DESCRIPTION = (
+    "the embedded digits demo: scikit-learn's 1,797 real handwritten digit scans (8x8, upsampled), each with "
+    "several template captions naming the digit; scans with index % 5 == 0 form the test split (360), the "
+    "rest the training split (1,437)"
+)
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -263,9 +268,14 @@ def main(argv: list[str] | None = None) -> dict:
         (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
         processor.save_pretrained(str(output_dir))
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        vision, text = model.config.vision_config, model.config.text_config
         hyperparameters = {
-            "max_steps": training_args.max_steps,
-            "num_train_epochs": training_args.num_train_epochs,
+            "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                              f"{vision.image_size}px / patch {vision.patch_size}",
+            "text_encoder": f"{text.model_type}, {model.config.num_text_layers} text + "
+                            f"{model.config.num_fusion_layers} fusion layers, width {text.hidden_size}",
+            **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
+               else {"num_train_epochs": training_args.num_train_epochs}),
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
             "world_size": training_args.world_size,
             "learning_rate": training_args.learning_rate,
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
             model_type_name="TCL",
             base_model=run.vision_model_name_or_path,
             dataset_name=data_args.dataset_name,
+            dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
+            dataset_split=data_args.train_split,
+            eval_split=data_args.eval_split,
             num_train_samples=len(train_dataset),
             hyperparameters=hyperparameters,
             eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
