@@ -58,25 +58,24 @@ def _py_literal(value: str) -> str:
     return json.dumps(str(value), ensure_ascii=True).replace("`", "\\x60")
 
 
-def is_hub_id(name: Any) -> bool:
-    """True for a ``namespace/name`` id that the Hub accepts (the form that links to a repo page)."""
-    if not isinstance(name, str) or name.count("/") != 1:
+def _valid_repo_id(name: Any) -> bool:
+    if not isinstance(name, str):
         return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def is_hub_id(name: Any) -> bool:
+    """True for a ``namespace/name`` id that the Hub accepts (the form that links to a repo page)."""
+    return isinstance(name, str) and name.count("/") == 1 and _valid_repo_id(name)
 
 
 def _is_hub_model_id(name: Any) -> bool:
-    if not isinstance(name, str) or Path(name).exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    """A repo id that is not a local path (for `base_model`)."""
+    return isinstance(name, str) and not Path(name).exists() and _valid_repo_id(name)
 
 
 def _slug(name: str) -> str:
