@@ -302,7 +302,7 @@ def test_remote_code_loads_without_vlalign(tmp_path, digits_processor_16):
         from transformers import AutoModel, AutoModelForZeroShotImageClassification, pipeline
         from PIL import Image
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        assert 'vlalign' not in type(model).__module__, type(model).__module__
+        assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
         model.eval()
         b = torch.load({str(tmp_path / 'batch.pt')!r})
         with torch.no_grad():
@@ -312,6 +312,12 @@ def test_remote_code_loads_without_vlalign(tmp_path, digits_processor_16):
         pipe = pipeline('zero-shot-image-classification', model={str(folder)!r}, trust_remote_code=True)
         result = pipe(Image.new('RGB', (20, 20), 'white'), candidate_labels=['a handwritten digit one', 'a handwritten digit two'])
         assert abs(sum(r['score'] for r in result) - 1) < 1e-5, result
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == 'VLAlignProcessor', type(processor)
+        assert type(processor).__module__.startswith('transformers_modules'), type(processor).__module__
+        views = processor(images=[Image.new('RGB', (20, 20))], text=['a handwritten digit one'], two_views=True)
+        assert views['pixel_values_view2'].shape == (1, 3, 16, 16)
         import vlalign
         """
     )
@@ -426,3 +432,23 @@ def test_gradient_checkpointing_gives_identical_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_from_vision_text_pretrained_takes_the_vision_half_of_a_clip_checkpoint(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, CLIPConfig, CLIPModel
+
+    torch.manual_seed(2)
+    clip = CLIPModel(CLIPConfig(
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64),
+        text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=16),
+        projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    BertForMaskedLM(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(
+        tmp_path / "bert")
+    model = TCLModel.from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "bert"), num_fusion_layers=1,
+                                                 embed_dim=16, queue_size=32, mask_token_id=4, lmi_image_grid=2)
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    assert torch.equal(model.vision_model.embeddings.patch_embedding.weight,
+                       clip.vision_model.embeddings.patch_embedding.weight)

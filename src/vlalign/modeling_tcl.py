@@ -447,8 +447,8 @@ class TCLModel(TCLPreTrainedModel):
                            **config_overrides)
         model = cls(config)
 
-        vision = AutoModel.from_pretrained(vision_model_name_or_path, use_safetensors=True)
-        vision = getattr(vision, "vision_model", vision) if not hasattr(vision, "embeddings") else vision
+        # load with our tower's own class: e.g. CLIPVisionModel takes the vision half of a full CLIP checkpoint
+        vision = type(model.vision_model).from_pretrained(vision_model_name_or_path, use_safetensors=True)
         _load_matching(model.vision_model, vision.state_dict(), "vision tower")
 
         try:
