@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassif
 
 from vlalign import TCLConfig, TCLModel
 from vlalign.albef_stack import ema_update, enqueue
-from vlalign.losses import contrastive_cross_entropy, local_mutual_information
+from vlalign.losses import local_mutual_information
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -261,7 +261,8 @@ def test_save_load_identical_outputs_and_auto_map(tmp_path):
     assert not list(tmp_path.glob("*.bin"))
     loaded = AutoModel.from_pretrained(tmp_path)
     assert type(loaded) is TCLModel
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+    assert list(model.state_dict()) == list(loaded.state_dict())
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     model.eval()
     loaded.eval()

@@ -135,8 +135,8 @@ class MLMHead(nn.Module):
 @torch.no_grad()
 def copy_parameters(students: list[nn.Module], teachers: list[nn.Module]) -> None:
     """Make each teacher an exact copy of its student and freeze it."""
-    for student, teacher in zip(students, teachers):
-        for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+    for student, teacher in zip(students, teachers, strict=True):
+        for p_s, p_t in zip(student.parameters(), teacher.parameters(), strict=True):
             p_t.copy_(p_s)
             p_t.requires_grad_(False)
 
@@ -151,8 +151,8 @@ def ema_update(students: list[nn.Module], teachers: list[nn.Module], momentum: f
     if len(student_params) != len(teacher_params):
         raise RuntimeError("student and teacher modules have different numbers of parameters")
     torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, [p.detach().to(t.dtype) for p, t in zip(student_params, teacher_params)],
-                        alpha=1.0 - momentum)
+    students_detached = [p.detach().to(t.dtype) for p, t in zip(student_params, teacher_params, strict=True)]
+    torch._foreach_add_(teacher_params, students_detached, alpha=1.0 - momentum)
 
 
 @torch.no_grad()
