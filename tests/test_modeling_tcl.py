@@ -14,7 +14,8 @@ from conftest import TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl_config
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from vlalign import TCLConfig, TCLModel
-from vlalign.albef_stack import ema_update, enqueue
+from vlalign.albef_stack import ema_update
+from vlalign.losses import FeatureQueue
 from vlalign.losses import local_mutual_information
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,9 +78,11 @@ def test_cma_and_imc_against_reference_from_teacher_features():
     model.eval()  # deterministic (no dropout); the training path does not depend on train/eval otherwise
     batch = tiny_batch()
     ids = torch.tensor([5, 6, 5, 7])
-    queue_img, queue_txt, queue_ids = model.image_queue.clone(), model.text_queue.clone(), model.id_queue.clone()
+    queue_img, queue_txt = model.image_queue.features.clone(), model.text_queue.features.clone()
+    queue_ids = model.image_queue.ids.clone()
     queue_ids[:3] = torch.tensor([5, 7, 9])
-    model.id_queue.copy_(queue_ids)
+    model.image_queue.ids.copy_(queue_ids)
+    model.text_queue.ids.copy_(queue_ids)
     alpha = 0.4
     out = model(**batch, positive_ids=ids, alpha=alpha, return_loss=True)
     with torch.no_grad():
@@ -151,13 +154,15 @@ def test_training_forward_applies_ema_before_teacher_pass():
 
 
 def test_enqueue_wraps_around_exactly():
-    queue = torch.zeros(5, 2)
-    ptr = torch.zeros(1, dtype=torch.long)
-    enqueue(queue, ptr, torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
-    assert ptr.item() == 3
-    enqueue(queue, ptr, torch.tensor([[4.0, 4], [5, 5], [6, 6]]))
-    assert ptr.item() == 1
-    assert torch.equal(queue[:, 0], torch.tensor([6.0, 2, 3, 4, 5]))
+    queue = FeatureQueue(5, 2)
+    queue.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]), torch.tensor([1, 2, 3]))
+    assert queue.ptr.item() == 3
+    queue.enqueue(torch.tensor([[4.0, 4], [5, 5], [6, 6]]))
+    assert queue.ptr.item() == 1
+    assert torch.equal(queue.features[:, 0], torch.tensor([6.0, 2, 3, 4, 5]))
+    assert queue.ids.tolist() == [-1, 2, 3, -1, -1]
+    keys = queue.keys(torch.zeros(2, 2))
+    assert keys.shape == (7, 2) and torch.equal(keys[2:], queue.features)
 
 
 def test_model_queues_receive_teacher_features_in_order():
@@ -168,11 +173,11 @@ def test_model_queues_receive_teacher_features_in_order():
     for step in range(3):
         model(**batch, positive_ids=ids + 4 * step, return_loss=True)
     # 12 items written into 8 slots: slots 0-3 hold step 2, slots 4-7 step 1; pointer at 4
-    assert model.queue_ptr.item() == 4
-    assert model.id_queue.tolist() == [18, 19, 20, 21, 14, 15, 16, 17]
+    assert model.image_queue.ptr.item() == model.text_queue.ptr.item() == 4
+    assert model.image_queue.ids.tolist() == [18, 19, 20, 21, 14, 15, 16, 17]
     with torch.no_grad():
         v_m = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
-    assert torch.allclose(model.image_queue[:4], v_m, atol=1e-5)
+    assert torch.allclose(model.image_queue.features[:4], v_m, atol=1e-5)
 
 
 def test_temperature_is_clamped():

@@ -114,7 +114,7 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
                  "processor_config.json", "tokenizer.json", "README.md"):
         assert (out / name).exists(), name
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
-        assert "temp" in handle.keys() and "image_queue" in handle.keys()
+        assert "temp" in handle.keys() and "image_queue.features" in handle.keys()
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "zero-shot-image-classification"
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}

@@ -129,7 +129,7 @@ class MLMHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# EMA teachers and feature queues
+# EMA teachers (the feature queues live in losses.FeatureQueue)
 
 
 @torch.no_grad()
@@ -153,21 +153,6 @@ def ema_update(students: list[nn.Module], teachers: list[nn.Module], momentum: f
     torch._foreach_mul_(teacher_params, momentum)
     students_detached = [p.detach().to(t.dtype) for p, t in zip(student_params, teacher_params, strict=True)]
     torch._foreach_add_(teacher_params, students_detached, alpha=1.0 - momentum)
-
-
-@torch.no_grad()
-def enqueue(queue: torch.Tensor, pointer: torch.Tensor, features: torch.Tensor) -> None:
-    """Write `features` (B, ...) into the ring buffer `queue` (Q, ...) at `pointer` (1-element long tensor),
-    wrapping around the end, and advance the pointer."""
-    size = queue.shape[0]
-    count = features.shape[0]
-    if count > size:
-        features = features[-size:]
-        count = size
-    start = int(pointer.item())
-    index = (start + torch.arange(count, device=queue.device)) % size
-    queue[index] = features.to(queue.dtype)
-    pointer.fill_((start + count) % size)
 
 
 def pool_patch_locals(patch_features: torch.Tensor, grid_size: int, pooled_grid: int) -> torch.Tensor:

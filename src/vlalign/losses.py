@@ -5,12 +5,14 @@ loss needs), works on any model's outputs, and computes in float32 (or float64 w
 input precision, so that bf16 autocast never reaches a softmax. Features are expected L2-normalised where a
 function says so. Names follow the paper terms:
 
+- ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
 - ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
 - ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
 - ``sample_hard_negatives``: ALBEF/TCL's ITM negative mining;
 - ``masked_lm_distillation_loss``: MLM cross-entropy blended with soft targets from a teacher;
-- ``all_gather_with_grad`` / ``all_gather_no_grad``: feature gathering across processes.
+- ``all_gather_with_grad`` / ``all_gather_no_grad``: feature gathering across processes;
+- ``FeatureQueue``: the memory bank (queue) of TCL / ALBEF / CODIS, filled with features of all processes.
 """
 
 from __future__ import annotations
@@ -85,15 +87,17 @@ def similarity_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: to
 
 
 def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_queries: int, num_keys: int,
-                     device: torch.device | None = None) -> torch.Tensor:
+                     device: torch.device | None = None, offset: int = 0) -> torch.Tensor:
     """Target distribution spreading mass uniformly over the positives of each query.
 
     With ids, key j is a positive of query i iff ``query_ids[i] == key_ids[j]`` (several captions of one image, or
-    class-level positives). Without ids, query i's only positive is key i. Query i is always a positive of key i,
-    whatever the ids say, so no row is ever empty.
+    class-level positives). Without ids, query i's only positive is key ``offset + i`` (``offset`` is where this
+    process's rows start among keys gathered from all processes). That key is always a positive, whatever the ids
+    say, so no row is ever empty.
     """
     eye = torch.zeros(num_queries, num_keys, device=device)
-    eye[torch.arange(num_queries), torch.arange(num_queries)] = 1.0
+    rows = torch.arange(num_queries, device=device)
+    eye[rows, rows + offset] = 1.0
     if query_ids is None or key_ids is None:
         return eye
     positives = (query_ids.view(-1, 1) == key_ids.view(1, -1)).float()
@@ -273,3 +277,105 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn
 
     return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when not distributed."""
+    if _distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gathered_keys(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Keys from every process (with gradient) and the offset of this process's rows among them."""
+    rank, _ = rank_and_world_size()
+    return all_gather_with_grad(local), rank * local.shape[0]
+
+
+def info_nce(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    temperature: torch.Tensor | float,
+    image_ids: torch.Tensor | None = None,
+    return_directions: bool = False,
+):
+    """Symmetric image-text InfoNCE (the CLIP loss): ``(L_i2t + L_t2i) / 2``.
+
+    Args:
+        image_embeds, text_embeds: (B, D) normalised features of matching pairs (row i <-> row i).
+        temperature: scalar.
+        image_ids: optional (B,) ids; pairs with equal ids are all positives of each other (soft targets spread
+            uniformly over them), e.g. several captions of one image or class-level positives.
+        return_directions: also return ``(L_i2t, L_t2i)``.
+
+    When `torch.distributed` is initialised, both embeddings are gathered from all processes *with gradient*
+    and each process computes the loss of its own rows against all columns (open_clip's "local loss"). The
+    mean of the per-process losses is the single-process loss on the concatenated batch, and since the gather's
+    backward sums the gradients of every process, DDP's gradient averaging yields exactly the full-batch gradient.
+    All processes must use the same batch size.
+    """
+    all_images, offset = gathered_keys(image_embeds)
+    all_texts, _ = gathered_keys(text_embeds)
+    all_ids = None if image_ids is None else all_gather_no_grad(image_ids)
+    targets = positive_targets(image_ids, all_ids, image_embeds.shape[0], all_texts.shape[0],
+                               device=image_embeds.device, offset=offset)
+    loss_i2t = contrastive_cross_entropy(image_embeds, all_texts, temperature, targets)
+    loss_t2i = contrastive_cross_entropy(text_embeds, all_images, temperature, targets)
+    loss = (loss_i2t + loss_t2i) / 2
+    return (loss, loss_i2t, loss_t2i) if return_directions else loss
+
+
+def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temperature: torch.Tensor | float):
+    """One-direction InfoNCE between two views of the same inputs (IMC / SimCLR-style): query i's positive is
+    view i, the other views of every process (gathered with gradient) are negatives."""
+    keys, offset = gathered_keys(other_view)
+    targets = positive_targets(None, None, queries.shape[0], keys.shape[0], device=queries.device, offset=offset)
+    return contrastive_cross_entropy(queries, keys, temperature, targets)
+
+
+class FeatureQueue(torch.nn.Module):
+    """A ring buffer of past (teacher) features and their ids: the memory bank of MoCo / ALBEF / TCL / CODIS.
+
+    `keys(batch_features)` gives ``[batch_features; queue]`` (the in-batch keys first, so key i is query i's
+    positive), `ids(batch_ids)` the matching ids, and `enqueue(features, ids)` gathers the features of all
+    processes (in rank order) and writes them over the oldest entries, wrapping around, so that every process
+    holds the same queue. Buffers are persistent: they are saved with the model (exact resume).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"FeatureQueue needs a positive size and dim, got size={size}, dim={dim}")
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[0]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.features.copy_(F.normalize(torch.randn_like(self.features), dim=1))
+            self.ids.fill_(-1)
+            self.ptr.zero_()
+
+    def keys(self, batch_features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([batch_features, self.features.clone().detach().to(batch_features.dtype)], dim=0)
+
+    def key_ids(self, batch_ids: torch.Tensor | None) -> torch.Tensor | None:
+        return None if batch_ids is None else torch.cat([batch_ids, self.ids.clone()])
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        features = all_gather_no_grad(features)
+        if ids is None:
+            ids = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+        else:
+            ids = all_gather_no_grad(ids)
+        count = min(features.shape[0], self.size)
+        start = int(self.ptr.item())
+        index = (start + torch.arange(count, device=self.features.device)) % self.size
+        self.features[index] = features[-count:].to(self.features.dtype)
+        self.ids[index] = ids[-count:].to(self.ids.dtype)
+        self.ptr.fill_((start + count) % self.size)

@@ -28,13 +28,14 @@ from .albef_stack import (
     build_vision_encoder,
     copy_parameters,
     ema_update,
-    enqueue,
     pool_patch_locals,
 )
 from .configuration_tcl import TCLConfig
 from .losses import (
-    all_gather_no_grad,
+    FeatureQueue,
     contrastive_cross_entropy,
+    info_nce,
+    intra_modal_info_nce,
     distillation_targets,
     local_mutual_information,
     mask_tokens_for_mlm,
@@ -111,11 +112,10 @@ class TCLPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TCLModel):
             init.constant_(module.temp, self.config.temperature)
-            if module.config.use_momentum:
-                init.copy_(module.image_queue, F.normalize(torch.randn_like(module.image_queue), dim=1))
-                init.copy_(module.text_queue, F.normalize(torch.randn_like(module.text_queue), dim=1))
-                init.constant_(module.id_queue, -1)
-                init.zeros_(module.queue_ptr)
+        elif isinstance(module, FeatureQueue):
+            init.copy_(module.features, F.normalize(torch.randn_like(module.features), dim=1))
+            init.constant_(module.ids, -1)
+            init.zeros_(module.ptr)
 
 
 class TCLModel(TCLPreTrainedModel):
@@ -144,10 +144,8 @@ class TCLModel(TCLPreTrainedModel):
                     self.momentum_text_model.config, config.num_fusion_layers, vision_config.hidden_size
                 )
                 self.momentum_mlm_head = MLMHead(text_config)
-            self.register_buffer("image_queue", torch.zeros(config.queue_size, config.embed_dim))
-            self.register_buffer("text_queue", torch.zeros(config.queue_size, config.embed_dim))
-            self.register_buffer("id_queue", torch.full((config.queue_size,), -1, dtype=torch.long))
-            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            self.image_queue = FeatureQueue(config.queue_size, config.embed_dim)
+            self.text_queue = FeatureQueue(config.queue_size, config.embed_dim)
         self.post_init()
         if config.use_momentum:
             copy_parameters(*self._momentum_pairs())
@@ -316,9 +314,9 @@ class TCLModel(TCLPreTrainedModel):
                 image_feat_m = self._image_feature(image_tokens_m, momentum=True)
                 text_tokens_m = self._text_tokens(input_ids, attention_mask, momentum=True)
                 text_feat_m = self._text_feature(text_tokens_m, momentum=True)
-                image_keys = torch.cat([image_feat_m, self.image_queue.clone()], dim=0)
-                text_keys = torch.cat([text_feat_m, self.text_queue.clone()], dim=0)
-                key_ids = None if positive_ids is None else torch.cat([positive_ids, self.id_queue.clone()])
+                image_keys = self.image_queue.keys(image_feat_m)
+                text_keys = self.text_queue.keys(text_feat_m)
+                key_ids = self.image_queue.key_ids(positive_ids)
                 hard = positive_targets(positive_ids, key_ids, batch, image_keys.shape[0], device=image_feat.device)
                 i2t_targets = distillation_targets(similarity_logits(image_feat_m, text_keys, temp), hard, alpha)
                 t2i_targets = distillation_targets(similarity_logits(text_feat_m, image_keys, temp), hard, alpha)
@@ -326,29 +324,30 @@ class TCLModel(TCLPreTrainedModel):
                     image_locals = self._image_locals(image_tokens_m, momentum=True)
                     text_locals = self._text_locals(text_tokens_m, momentum=True)
         else:
-            # CLIP-style: in-batch student keys, a second student pass gives the other view for IMC
-            image_keys, text_keys = image_feat, text_feat
-            i2t_targets = t2i_targets = positive_targets(
-                positive_ids, positive_ids, batch, batch, device=image_feat.device
-            )
+            # CLIP-style: student keys from every process (gathered with gradient, local rows against all
+            # columns); a second student pass gives the other view for IMC
             if use_imc:
-                image_keys_view2 = self._image_feature(self._image_tokens(pixel_values_view2))
-                text_keys_view2 = self._text_feature(self._text_tokens(input_ids, attention_mask))
+                image_view2 = self._image_feature(self._image_tokens(pixel_values_view2))
+                text_view2 = self._text_feature(self._text_tokens(input_ids, attention_mask))
             if use_lmi:
                 image_locals = self._image_locals(image_tokens, momentum=False)
                 text_locals = self._text_locals(text_tokens, momentum=False)
 
         losses: dict[str, torch.Tensor] = {}
         if use_cma:
-            losses["i2t"] = contrastive_cross_entropy(image_feat, text_keys, temp, i2t_targets)
-            losses["t2i"] = contrastive_cross_entropy(text_feat, image_keys, temp, t2i_targets)
+            if cfg.use_momentum:
+                losses["i2t"] = contrastive_cross_entropy(image_feat, text_keys, temp, i2t_targets)
+                losses["t2i"] = contrastive_cross_entropy(text_feat, image_keys, temp, t2i_targets)
+            else:
+                _, losses["i2t"], losses["t2i"] = info_nce(image_feat, text_feat, temp, positive_ids,
+                                                           return_directions=True)
         if use_imc:
             if cfg.use_momentum:
                 losses["i2i"] = contrastive_cross_entropy(image_feat, image_keys, temp)
                 losses["t2t"] = contrastive_cross_entropy(text_feat, text_keys, temp)
             else:
-                losses["i2i"] = contrastive_cross_entropy(image_feat, image_keys_view2, temp)
-                losses["t2t"] = contrastive_cross_entropy(text_feat, text_keys_view2, temp)
+                losses["i2i"] = intra_modal_info_nce(image_feat, image_view2, temp)
+                losses["t2t"] = intra_modal_info_nce(text_feat, text_view2, temp)
         if use_lmi:
             losses["lmi_image"] = local_mutual_information(image_feat, image_locals, temp)
             losses["lmi_text"] = local_mutual_information(text_feat, text_locals, temp, text_local_mask)
@@ -369,8 +368,9 @@ class TCLModel(TCLPreTrainedModel):
                 total = weight * losses[name] if total is None else total + weight * losses[name]
 
         if cfg.use_momentum:
-            ids = positive_ids if positive_ids is not None else torch.full((batch,), -1, device=input_ids.device)
-            self._enqueue(all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m), all_gather_no_grad(ids))
+            # every process enqueues the features of all processes, in rank order
+            self.image_queue.enqueue(image_feat_m, positive_ids)
+            self.text_queue.enqueue(text_feat_m, positive_ids)
 
         return TCLOutput(
             loss=total,
@@ -379,15 +379,6 @@ class TCLModel(TCLPreTrainedModel):
             text_embeds=text_feat,
             temperature=temp.detach(),
         )
-
-    @torch.no_grad()
-    def _enqueue(self, image_feat, text_feat, ids) -> None:
-        start = self.queue_ptr.clone()
-        enqueue(self.image_queue, self.queue_ptr, image_feat)
-        self.queue_ptr.copy_(start)
-        enqueue(self.text_queue, self.queue_ptr, text_feat)
-        self.queue_ptr.copy_(start)
-        enqueue(self.id_queue, self.queue_ptr, ids)
 
     def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp):
         batch = image_feat.shape[0]
