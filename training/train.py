@@ -167,10 +167,12 @@ def build_processor(run: RunArguments, data_args, image_size: int):
     return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_model(run: RunArguments, model_section: dict, tokenizer):
+def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
     from vlalign import TCLConfig, TCLModel
 
     overrides = {k: v for k, v in model_section.items() if k not in ("vision_config", "text_config", "model_type")}
+    if num_train_samples is not None:
+        overrides.setdefault("num_train_samples", num_train_samples)  # sizes per-sample statistics (running Z)
     if run.model_name_or_path:
         return TCLModel.from_pretrained(run.model_name_or_path, **overrides)
     if run.vision_model_name_or_path or run.text_model_name_or_path:
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_section = dict(config.get("model") or {})
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
     processor = build_processor(run, data_args, image_size)
-    model = build_model(run, model_section, processor.tokenizer)
+    model = build_model(run, model_section, processor.tokenizer, len(train_dataset))
 
     collator = ImageTextCollator.from_data_args(processor, data_args, seed=training_args.seed)
     class_names = resolve_class_names(train_dataset, data_args)

@@ -50,6 +50,22 @@ class TCLConfig(PreTrainedConfig):
         mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
         lmi_image_grid: side of the grid that the patch features are average-pooled to for LMI (4 -> 16 locals);
             must divide the patch grid side (`image_size // patch_size`).
+        contrastive_loss: "info_nce" or "decomposable" (Bayesian-augmented, Chen et al. NeurIPS 2022) for the
+            cross-modal term of the contrastive-only configuration (`use_momentum=False`).
+        z_estimate: how the decomposable loss estimates the partition function Z: "batch", "queue" (a queue of
+            past features, `queue_size` long) or "running" (per-sample running average; needs
+            `num_train_samples` and `sample_ids` in the batch).
+        sample_u: draw the auxiliary variable u ~ Gamma(1, Z) instead of using its mean 1/Z.
+        running_z_momentum: momentum of the per-sample running average of Z.
+        num_train_samples: number of training samples (set by the trainer; sizes the running-Z table).
+        use_feature_separation, feature_separation_weight: deep feature separation regulariser (orthogonality +
+            independent in-modal contrastive + uniformity, with extra "independent" projection heads).
+        use_brownian_bridge, brownian_bridge_weight, brownian_bridge_t: Brownian-bridge regulariser
+            (text -> augmented image -> image), t = 0.25.
+        use_geometric_consistency, geometric_consistency_weight: geometric consistency regulariser (CyCLIP's
+            cross and in-modal terms plus their augmented-view versions); weight 0.25 as CyCLIP.
+        gradient_cache_chunk_size: train with gradient caching, embedding the batch in chunks of this size
+            (None: off). See `TCLModel.gradient_cached_backward`.
         train_batch_size: global training batch size when known (set by the trainer), used to check that
             `queue_size` is divisible by it.
         initializer_range: std of the normal init of the projections and heads.
@@ -83,6 +99,19 @@ class TCLConfig(PreTrainedConfig):
     mlm_probability: float = 0.15
     mask_token_id: int = 103
     lmi_image_grid: int = 4
+    contrastive_loss: str = "info_nce"
+    z_estimate: str = "batch"
+    sample_u: bool = False
+    running_z_momentum: float = 0.9
+    num_train_samples: int | None = None
+    use_feature_separation: bool = False
+    feature_separation_weight: float = 1.0
+    use_brownian_bridge: bool = False
+    brownian_bridge_weight: float = 1.0
+    brownian_bridge_t: float = 0.25
+    use_geometric_consistency: bool = False
+    geometric_consistency_weight: float = 0.25
+    gradient_cache_chunk_size: int | None = None
     train_batch_size: int | None = None
     initializer_range: float = 0.02
 
@@ -160,9 +189,32 @@ class TCLConfig(PreTrainedConfig):
             fail("momentum", f"must be in [0, 1], got {self.momentum}")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", f"must be in [0, 1], got {self.alpha}")
-        if self.use_momentum:
+        if self.contrastive_loss not in ("info_nce", "decomposable"):
+            fail("contrastive_loss", f"unknown loss {self.contrastive_loss!r}: use 'info_nce' or 'decomposable'")
+        if self.z_estimate not in ("batch", "queue", "running"):
+            fail("z_estimate", f"unknown estimate {self.z_estimate!r}: use 'batch', 'queue' or 'running'")
+        decomposable = self.contrastive_loss == "decomposable"
+        if decomposable and self.use_momentum:
+            fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
+                 "configuration: set use_momentum=False (momentum distillation has soft targets)")
+        if decomposable and self.z_estimate == "running" and (
+            not _is_int(self.num_train_samples) or self.num_train_samples <= 0
+        ):
+            fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
+        if not 0.0 <= self.running_z_momentum < 1.0:
+            fail("running_z_momentum", f"must be in [0, 1), got {self.running_z_momentum}")
+        for field in ("feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight"):
+            if getattr(self, field) < 0:
+                fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if not 0.0 < self.brownian_bridge_t < 1.0:
+            fail("brownian_bridge_t", f"must be in (0, 1), got {self.brownian_bridge_t}")
+        if self.gradient_cache_chunk_size is not None and (
+            not _is_int(self.gradient_cache_chunk_size) or self.gradient_cache_chunk_size <= 0
+        ):
+            fail("gradient_cache_chunk_size", f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
+        if self.use_momentum or (decomposable and self.z_estimate == "queue"):
             if not _is_int(self.queue_size) or self.queue_size <= 0:
-                fail("queue_size", f"must be a positive integer when use_momentum=True, got {self.queue_size!r}")
+                fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
             if self.train_batch_size is not None and self.queue_size % self.train_batch_size != 0:
                 fail(
                     "queue_size",
@@ -173,7 +225,9 @@ class TCLConfig(PreTrainedConfig):
         for field in ("cma_weight", "imc_weight", "lmi_weight", "itm_weight", "mlm_weight"):
             if getattr(self, field) < 0:
                 fail(field, f"must be >= 0, got {getattr(self, field)}")
-        if self.cma_weight + self.imc_weight + self.lmi_weight + self.itm_weight + self.mlm_weight <= 0:
+        if self.cma_weight + self.imc_weight + self.lmi_weight + self.itm_weight + self.mlm_weight <= 0 and not (
+            self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency
+        ):
             fail("cma_weight", "at least one loss weight must be > 0")
         if not 0.0 < self.mlm_probability < 1.0:
             fail("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")

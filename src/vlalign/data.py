@@ -293,7 +293,8 @@ def _prepare_split(dataset: datasets.Dataset, args: DataArguments, max_samples: 
     if isinstance(feature, datasets.Image) and feature.decode:
         # Decode lazily in the collator, where a corrupt image can be skipped instead of raising in __getitem__.
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    if args.image_id_column is None and ROW_ID_COLUMN not in dataset.column_names:
+    if ROW_ID_COLUMN not in dataset.column_names:
+        # the row index: an image id when the data has none, and the sample index of per-sample statistics
         dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
     return dataset
 
@@ -437,7 +438,8 @@ class ImageTextCollator:
     """Turns dataset rows into a contrastive training batch, skipping rows that cannot be used.
 
     Output (all tensors unless noted): `pixel_values`, `pixel_values_view2` (if `two_views`), `input_ids`,
-    `attention_mask`, `positive_ids` (LongTensor; equal ids are positives), `return_loss=True` and
+    `attention_mask`, `positive_ids` (LongTensor; equal ids are positives), `sample_ids` (the dataset row of
+    each item, when the rows carry `ROW_ID_COLUMN` as `load_image_text_datasets` adds it), `return_loss=True` and
     `num_skipped` (int, rows dropped from *this* batch for a bad image or caption, so a trainer can accumulate
     it even when collation runs in dataloader workers). If no row of the batch is usable the result is
     `{"num_skipped": n, "empty_batch": True}` and the trainer must skip the step.
@@ -532,7 +534,7 @@ class ImageTextCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         worker_id, num_workers = self._maybe_reseed_for_worker()
-        images, captions, ids = [], [], []
+        images, captions, ids, rows_index = [], [], [], []
         skipped = 0
         for row in rows:
             choices = _caption_choices(row.get(self.caption_column))
@@ -550,6 +552,7 @@ class ImageTextCollator:
             images.append(image)
             captions.append(choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
             ids.append(self._positive_id(row, worker_id, num_workers))
+            rows_index.append(row.get(ROW_ID_COLUMN))
         if not images:
             return {"num_skipped": skipped, "empty_batch": True}
         encoded = self.processor(
@@ -557,6 +560,8 @@ class ImageTextCollator:
         )
         batch: dict[str, Any] = dict(encoded)
         batch["positive_ids"] = torch.tensor(ids, dtype=torch.long)
+        if all(index is not None for index in rows_index):
+            batch["sample_ids"] = torch.tensor(rows_index, dtype=torch.long)  # dataset row of each item
         batch["return_loss"] = True
         batch["num_skipped"] = skipped
         return batch

@@ -18,6 +18,7 @@ function says so. Names follow the paper terms:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -379,3 +380,310 @@ class FeatureQueue(torch.nn.Module):
         self.features[index] = features[-count:].to(self.features.dtype)
         self.ids[index] = ids[-count:].to(self.ids.dtype)
         self.ptr.fill_((start + count) % self.size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decomposable contrastive loss by Bayesian data augmentation (Chen et al., NeurIPS 2022)
+#
+# InfoNCE's log Z_i is not linear in the negatives, so a minibatch estimate of Z_i gives a biased gradient of log Z_i.
+# Using 1/Z = integral_0^inf exp(-u Z) du, the loss -s_ii/t + u_i * Z_i (u_i fixed by an E-step, stop-gradient) is
+# linear in Z_i: with u_i = 1/Z_i its gradient is exactly InfoNCE's, and Z_i itself may come from more samples (a
+# queue, or a running average across steps) than the batch whose gradient is taken.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# appended below the existing imports on purpose (the top of this file belongs to another edit); the lead may hoist it
+
+_Z_ESTIMATES = ("batch", "queue", "running")
+
+
+def _positive_logits(logits: torch.Tensor, offset: int) -> torch.Tensor:
+    """``logits[i, offset + i]``: query i's positive among keys gathered from all processes."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, rows + offset]
+
+
+@full_precision
+def decomposable_info_nce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    log_u: torch.Tensor,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Augmented (decomposable) InfoNCE: ``mean_i [ -s_ii/t + u_i * sum_j exp(s_ij/t) ]``.
+
+    Args:
+        queries: (N, D) normalised features.
+        keys: (M, D) normalised features (in-batch keys, possibly gathered from all processes); every key enters
+            the sum, the positive included.
+        temperature: scalar (float or 0-dim tensor, may require grad).
+        log_u: (N,) log of the auxiliary variables; treated as a constant (detached here).
+        offset: query i's positive is key ``offset + i``.
+
+    With ``log_u = -logsumexp_j(s_ij/t)`` from the same logits, the gradient equals InfoNCE's while the value does
+    not (it is ``mean_i(-s_ii/t) + 1``).
+    """
+    logits = similarity_logits(queries, keys, temperature)
+    log_u = log_u.detach().to(device=logits.device, dtype=logits.dtype)
+    # u * Z as one exp of a sum of logs: Z alone overflows float32 at small temperatures
+    partition_term = torch.exp(log_u + torch.logsumexp(logits, dim=1))
+    return (partition_term - _positive_logits(logits, offset)).mean()
+
+
+@torch.no_grad()
+@full_precision
+def estimate_log_z(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    queue: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """E-step estimate of log Z_i (no gradient), on the scale of the in-batch sum ``sum_j exp(s_ij/t)``.
+
+    Without ``queue``: ``logsumexp_j(s_ij/t)`` over the M batch keys. With a queue (Q, D) of past key features:
+    ``log[ exp(s_ii/t) + (M - 1) * mean_q exp(s_iq/t) ]``, i.e. the M - 1 in-batch negatives replaced by M - 1 times
+    the mean over the (many more) queue negatives, a lower-variance estimate of the same quantity.
+    """
+    logits = similarity_logits(queries, keys, temperature)
+    if queue is None:
+        return torch.logsumexp(logits, dim=1)
+    if queue.dim() != 2 or queue.shape[0] == 0 or queue.shape[1] != queries.shape[1]:
+        raise ValueError(f"queue must be a non-empty (Q, {queries.shape[1]}) tensor, got shape {tuple(queue.shape)}")
+    positive = _positive_logits(logits, offset)
+    num_negatives = keys.shape[0] - 1
+    if num_negatives == 0:
+        return positive
+    queue_logits = similarity_logits(queries, queue, temperature)
+    log_mean_queue = torch.logsumexp(queue_logits, dim=1) - math.log(queue.shape[0])
+    return torch.logaddexp(positive, log_mean_queue + math.log(num_negatives))
+
+
+@torch.no_grad()
+def sample_log_u(log_z: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """log of the auxiliary u_i ~ Gamma(shape 1, rate Z_i) (``sample=True``: u = E / Z with E ~ Exponential(1)), or
+    of its mean 1/Z_i (``sample=False``). No gradient."""
+    log_z = log_z.detach()
+    if not sample:
+        return -log_z
+    exponential = torch.empty_like(log_z).exponential_(generator=generator)
+    # E == 0 has probability ~0 but would give log u = -inf; the clamp only changes that measure-zero event
+    return torch.log(exponential.clamp_min(torch.finfo(log_z.dtype).tiny)) - log_z
+
+
+class RunningLogZ(torch.nn.Module):
+    """Per-sample moving average of Z_i across steps (SogCLR-like), stored as log Z for range.
+
+    ``update(ids, batch_log_z)``: a sample seen for the first time takes its batch value; afterwards
+    ``Z <- momentum * Z_old + (1 - momentum) * Z_batch``, computed in log space. Buffers are persistent (exact
+    resume). The buffers are not synchronised here: `DecomposableContrastiveLoss` gathers ids and estimates of
+    all processes before updating, so every process holds the same state.
+    """
+
+    def __init__(self, num_samples: int, momentum: float = 0.9):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.register_buffer("log_z", torch.zeros(num_samples))
+        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
+
+    @property
+    def num_samples(self) -> int:
+        return self.log_z.shape[0]
+
+    @torch.no_grad()
+    def update(self, sample_ids: torch.Tensor, batch_log_z: torch.Tensor) -> torch.Tensor:
+        """Fold ``batch_log_z`` (N,) into the running state of ``sample_ids`` (N,) and return their new log Z in
+        the dtype of ``batch_log_z``. With repeated ids in one call, each row's result is computed from the state
+        before the call and the last one is stored."""
+        ids = sample_ids.to(device=self.log_z.device, dtype=torch.long).flatten()
+        if ids.shape[0] != batch_log_z.numel():
+            raise ValueError(f"sample_ids has {ids.shape[0]} entries but batch_log_z has {batch_log_z.numel()}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
+            raise ValueError(f"sample_ids must lie in [0, {self.num_samples}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        batch = batch_log_z.detach().flatten().to(device=self.log_z.device, dtype=self.log_z.dtype)
+        if self.momentum == 0.0:
+            blended = batch
+        else:
+            blended = torch.logaddexp(self.log_z[ids] + math.log(self.momentum),
+                                      batch + math.log1p(-self.momentum))
+        new = torch.where(self.seen[ids], blended, batch)
+        self.log_z[ids] = new
+        self.seen[ids] = True
+        return new.to(device=batch_log_z.device, dtype=batch_log_z.dtype)
+
+
+class DecomposableContrastiveLoss(torch.nn.Module):
+    """Symmetric image-text decomposable contrastive loss (one stochastic-EM step per call).
+
+    E-step (no gradient): estimate log Z_i of each anchor, from the batch (``"batch"``), from the batch positive
+    plus a queue of past features (``"queue"``), or as a per-sample running average across steps (``"running"``,
+    needs ``num_samples`` and per-call ``sample_ids``); then u_i = 1/Z_i, or u_i ~ Gamma(1, Z_i) with
+    ``sample_u=True``. M-step: `decomposable_info_nce` of local queries against the keys of all processes
+    (gathered with gradient), so the gradient is the full-batch one as for `info_nce`.
+
+    ``forward`` returns ``(loss_i2t, loss_t2i)``.
+    """
+
+    def __init__(self, z_estimate: str = "batch", sample_u: bool = False, num_samples: int | None = None,
+                 running_momentum: float = 0.9):
+        super().__init__()
+        if z_estimate not in _Z_ESTIMATES:
+            raise ValueError(f"z_estimate must be one of {_Z_ESTIMATES}, got {z_estimate!r}")
+        if not isinstance(sample_u, bool):
+            raise ValueError(f"sample_u must be a bool, got {sample_u!r}")
+        if not 0.0 <= float(running_momentum) < 1.0:
+            raise ValueError(f"running_momentum must be in [0, 1), got {running_momentum!r}")
+        if z_estimate == "running" and num_samples is None:
+            raise ValueError("num_samples is required with z_estimate='running' (size of the per-sample state)")
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or num_samples <= 0):
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        self.z_estimate = z_estimate
+        self.sample_u = sample_u
+        if z_estimate == "running":
+            self.running_i2t = RunningLogZ(num_samples, running_momentum)
+            self.running_t2i = RunningLogZ(num_samples, running_momentum)
+        else:
+            self.running_i2t = self.running_t2i = None
+
+    def _log_z(self, queries, keys, temperature, offset, queue, running, sample_ids):
+        if self.z_estimate == "queue":
+            return estimate_log_z(queries, keys, temperature, queue=queue, offset=offset)
+        log_z = estimate_log_z(queries, keys, temperature, offset=offset)
+        if self.z_estimate == "running":
+            # update with every process's rows so that all processes keep identical state, then keep ours
+            all_log_z = running.update(all_gather_no_grad(sample_ids), all_gather_no_grad(log_z))
+            log_z = all_log_z[offset:offset + queries.shape[0]]
+        return log_z
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        temperature: torch.Tensor | float,
+        sample_ids: torch.Tensor | None = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = image_embeds.shape[0]
+        if self.z_estimate == "running":
+            if sample_ids is None or sample_ids.numel() != batch:
+                raise ValueError(f"sample_ids of shape ({batch},) are required with z_estimate='running'")
+            sample_ids = sample_ids.to(device=image_embeds.device, dtype=torch.long).flatten()
+        if self.z_estimate == "queue" and (image_queue is None or text_queue is None):
+            raise ValueError("image_queue and text_queue (Q, D) are required with z_estimate='queue'")
+        if isinstance(temperature, torch.Tensor):
+            estimate_temperature = temperature.detach()
+        else:
+            estimate_temperature = temperature
+        all_images, offset = gathered_keys(image_embeds)
+        all_texts, _ = gathered_keys(text_embeds)
+        directions = (
+            (image_embeds, all_texts, text_queue, self.running_i2t),
+            (text_embeds, all_images, image_queue, self.running_t2i),
+        )
+        losses = []
+        for queries, keys, queue, running in directions:
+            log_z = self._log_z(queries, keys, estimate_temperature, offset, queue, running, sample_ids)
+            log_u = sample_log_u(log_z, self.sample_u, generator)
+            losses.append(decomposable_info_nce(queries, keys, temperature, log_u, offset=offset))
+        return losses[0], losses[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Latent modality structures (Jiang et al., CVPR 2023): regularisers on L2-normalised (N, D) features. The double
+# sums over pairs (j, k) are normalised by 1/N, not 1/N^2, as in the paper's formulas.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@full_precision
+def orthogonality_loss(z_v: torch.Tensor, z_t: torch.Tensor, independent_v: torch.Tensor,
+                       independent_t: torch.Tensor) -> torch.Tensor:
+    """``1/N sum_j (<z_Vj, z^i_Vj>^2 + <z_Tj, z^i_Tj>^2)``: independent features orthogonal to the shared ones."""
+    dtype = _loss_dtype(z_v, z_t, independent_v, independent_t)
+    cos_v = (z_v.to(dtype) * independent_v.to(dtype)).sum(dim=1)
+    cos_t = (z_t.to(dtype) * independent_t.to(dtype)).sum(dim=1)
+    return (cos_v.square() + cos_t.square()).mean()
+
+
+def _pairwise_squared_distances(x: torch.Tensor) -> torch.Tensor:
+    # the clamp removes rounding below 0 on the diagonal, where the true gradient is 0 anyway (no sqrt: no NaN)
+    squared_norms = x.square().sum(dim=1)
+    return (squared_norms[:, None] + squared_norms[None, :] - 2.0 * (x @ x.t())).clamp_min(0.0)
+
+
+@full_precision
+def uniformity_loss(independent_v: torch.Tensor, independent_t: torch.Tensor) -> torch.Tensor:
+    """``log 1/N sum_j sum_k [G(z^i_Vj, z^i_Vk) + G(z^i_Tj, z^i_Tk)]`` with ``G(u, v) = exp(-2 ||u - v||^2)``,
+    as a logsumexp over the 2 N^2 Gaussian-kernel exponents (this process's batch only)."""
+    dtype = _loss_dtype(independent_v, independent_t)
+    exponents = torch.cat([
+        -2.0 * _pairwise_squared_distances(independent_v.to(dtype)).flatten(),
+        -2.0 * _pairwise_squared_distances(independent_t.to(dtype)).flatten(),
+    ])
+    return torch.logsumexp(exponents, dim=0) - math.log(independent_v.shape[0])
+
+
+def feature_separation_loss(
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    independent_v: torch.Tensor,
+    independent_t: torch.Tensor,
+    independent_v_aug: torch.Tensor,
+    independent_t_aug: torch.Tensor,
+    temperature: torch.Tensor | float,
+) -> dict[str, torch.Tensor]:
+    """Deep feature separation ``L_sep = L_ortho + L^i_con + L^i_uni``.
+
+    ``"independent_contrastive"`` is the mean over the two modalities of the in-modal InfoNCE of the independent
+    features, the augmented view's independent feature being the positive (negatives gathered from all processes).
+    """
+    terms = {
+        "orthogonality": orthogonality_loss(z_v, z_t, independent_v, independent_t),
+        "independent_contrastive": (intra_modal_info_nce(independent_v, independent_v_aug, temperature)
+                                    + intra_modal_info_nce(independent_t, independent_t_aug, temperature)) / 2,
+        "uniformity": uniformity_loss(independent_v, independent_t),
+    }
+    terms["total"] = terms["orthogonality"] + terms["independent_contrastive"] + terms["uniformity"]
+    return terms
+
+
+@full_precision
+def brownian_bridge_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, t: float = 0.25) -> torch.Tensor:
+    """``1/N sum_j ||z^a_Vj - mu_j||^2`` with ``mu = normalise(t z_V + (1 - t) z_T)``: the augmented image should lie
+    on the path from the text to the image, closer to the text for small t."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must be in [0, 1], got {t!r}")
+    dtype = _loss_dtype(z_v, z_t, z_v_aug)
+    bridge = F.normalize(t * z_v.to(dtype) + (1.0 - t) * z_t.to(dtype), dim=1)
+    return (z_v_aug.to(dtype) - bridge).square().sum(dim=1).mean()
+
+
+@full_precision
+def geometric_consistency_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor,
+                               z_t_aug: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Geometric consistency (a generalised CyCLIP).
+
+    ``"cross"``: ``1/N sum_jk [(<z_Vj,z_Tk> - <z_Vk,z_Tj>)^2 + (<z_Vj,z_Vk> - <z_Tj,z_Tk>)^2]`` (symmetric cross-modal
+    similarities, matching in-modal geometry). ``"augmented"``: ``1/N sum_jk [(<z_Vj,z_Vk> - <z^a_Vj,z^a_Vk>)^2 +
+    (<z_Tj,z_Tk> - <z^a_Tj,z^a_Tk>)^2] + 1/N sum_j (<z_Vj,z_Tj> - <z^a_Vj,z^a_Tj>)^2`` (augmentation keeps the
+    geometry). ``"total"``: their sum.
+    """
+    dtype = _loss_dtype(z_v, z_t, z_v_aug, z_t_aug)
+    v, t, v_aug, t_aug = (x.to(dtype) for x in (z_v, z_t, z_v_aug, z_t_aug))
+    num = v.shape[0]
+    cross_vt = v @ t.t()
+    gram_v, gram_t = v @ v.t(), t @ t.t()
+    gram_v_aug, gram_t_aug = v_aug @ v_aug.t(), t_aug @ t_aug.t()
+    cross = ((cross_vt - cross_vt.t()).square().sum() + (gram_v - gram_t).square().sum()) / num
+    paired = (v * t).sum(dim=1)
+    paired_aug = (v_aug * t_aug).sum(dim=1)
+    augmented = ((gram_v - gram_v_aug).square().sum() + (gram_t - gram_t_aug).square().sum()) / num
+    augmented = augmented + (paired - paired_aug).square().mean()
+    return {"cross": cross, "augmented": augmented, "total": cross + augmented}

@@ -32,8 +32,12 @@ from .albef_stack import (
 )
 from .configuration_tcl import TCLConfig
 from .losses import (
+    DecomposableContrastiveLoss,
     FeatureQueue,
+    brownian_bridge_loss,
     contrastive_cross_entropy,
+    feature_separation_loss,
+    geometric_consistency_loss,
     info_nce,
     intra_modal_info_nce,
     distillation_targets,
@@ -45,7 +49,25 @@ from .losses import (
     similarity_logits,
 )
 
-LOSS_COMPONENTS = ("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text", "itm", "mlm")
+LOSS_COMPONENTS = ("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text", "itm", "mlm", "separation", "bridge",
+                   "geometric")
+
+
+class _RNGState:
+    """CPU (and current CUDA device) RNG state, so a chunk can be re-run with the same dropout masks."""
+
+    def __init__(self, cpu, cuda):
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "_RNGState":
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
 
 
 @dataclass
@@ -67,6 +89,9 @@ class TCLOutput(ModelOutput):
     loss_lmi_text: torch.FloatTensor | None = None
     loss_itm: torch.FloatTensor | None = None
     loss_mlm: torch.FloatTensor | None = None
+    loss_separation: torch.FloatTensor | None = None
+    loss_bridge: torch.FloatTensor | None = None
+    loss_geometric: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
@@ -144,8 +169,18 @@ class TCLModel(TCLPreTrainedModel):
                     self.momentum_text_model.config, config.num_fusion_layers, vision_config.hidden_size
                 )
                 self.momentum_mlm_head = MLMHead(text_config)
+        if config.use_momentum or (config.contrastive_loss == "decomposable" and config.z_estimate == "queue"):
             self.image_queue = FeatureQueue(config.queue_size, config.embed_dim)
             self.text_queue = FeatureQueue(config.queue_size, config.embed_dim)
+        if config.contrastive_loss == "decomposable":
+            self.decomposable_loss = DecomposableContrastiveLoss(
+                z_estimate=config.z_estimate, sample_u=config.sample_u, num_samples=config.num_train_samples,
+                running_momentum=config.running_z_momentum,
+            )
+        if config.use_feature_separation:
+            # the "independent" heads of deep feature separation (Jiang et al., CVPR 2023)
+            self.vision_independent_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+            self.text_independent_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
         self.post_init()
         if config.use_momentum:
             copy_parameters(*self._momentum_pairs())
@@ -246,6 +281,7 @@ class TCLModel(TCLPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         pixel_values_view2: torch.FloatTensor | None = None,
         positive_ids: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
         alpha: float | None = None,
         return_loss: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
@@ -258,6 +294,8 @@ class TCLModel(TCLPreTrainedModel):
             pixel_values_view2: the second augmented view (training; defaults to `pixel_values`).
             positive_ids: optional (batch,) ids; items with equal ids are positives of each other (several
                 captions of one image, or class-level positives). Without them only pair i <-> i is positive.
+            sample_ids: optional (batch,) dataset indices, needed by the decomposable loss with a running-average
+                Z estimate (`z_estimate="running"`).
             alpha: momentum-distillation weight for this step (the trainer's ramp); defaults to `config.alpha`.
             return_loss: compute the training losses (requires images and texts). Otherwise CLIP-style logits.
             token_type_ids: accepted for tokenizer/pipeline compatibility and ignored (single segments only).
@@ -268,7 +306,7 @@ class TCLModel(TCLPreTrainedModel):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             return self._training_forward(
-                input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids,
+                input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, sample_ids,
                 self.config.alpha if alpha is None else float(alpha),
             )
 
@@ -288,97 +326,283 @@ class TCLModel(TCLPreTrainedModel):
         )
 
     # ------------------------------------------------------------------------------------------------------
-    def _training_forward(self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, alpha):
+    # Training. The forward is split so that gradient caching can re-use the pieces:
+    #   _student_pass  (per chunk, with grad)     -> features that carry gradient into the alignment losses
+    #   _teacher_pass  (whole batch, no grad)     -> EMA update, teacher keys + queues, distillation targets
+    #   _alignment_losses(student, teacher)       -> CMA / IMC / LMI / decomposable / regularisers
+    #   _fusion_losses (per chunk, with grad)     -> ITM and MLM on the token states
+
+    def _needs(self) -> dict[str, bool]:
         cfg = self.config
-        if pixel_values_view2 is None:
-            pixel_values_view2 = pixel_values
+        regularised = cfg.use_feature_separation or cfg.use_brownian_bridge or cfg.use_geometric_consistency
+        return {
+            "view2": (not cfg.use_momentum and cfg.imc_weight > 0) or regularised,
+            "student_locals": not cfg.use_momentum and cfg.lmi_weight > 0,
+            "independent": cfg.use_feature_separation,
+            "fusion": cfg.itm_weight > 0 or cfg.mlm_weight > 0,
+        }
+
+    def _student_pass(self, batch: dict, keep_tokens: bool) -> dict[str, torch.Tensor]:
+        """Student features of one (chunk of a) batch. Everything returned carries gradient."""
+        needs = self._needs()
+        out: dict[str, torch.Tensor] = {}
+        image_tokens = self._image_tokens(batch["pixel_values"])
+        text_tokens = self._text_tokens(batch["input_ids"], batch["attention_mask"])
+        out["image_feat"] = self._image_feature(image_tokens)
+        out["text_feat"] = self._text_feature(text_tokens)
+        if needs["view2"]:
+            image_tokens2 = self._image_tokens(batch["pixel_values_view2"])
+            text_tokens2 = self._text_tokens(batch["input_ids"], batch["attention_mask"])  # dropout view
+            out["image_feat2"] = self._image_feature(image_tokens2)
+            out["text_feat2"] = self._text_feature(text_tokens2)
+            if needs["independent"]:
+                out["independent_image2"] = F.normalize(self.vision_independent_proj(image_tokens2[:, 0]), dim=-1)
+                out["independent_text2"] = F.normalize(self.text_independent_proj(text_tokens2[:, 0]), dim=-1)
+        if needs["independent"]:
+            out["independent_image"] = F.normalize(self.vision_independent_proj(image_tokens[:, 0]), dim=-1)
+            out["independent_text"] = F.normalize(self.text_independent_proj(text_tokens[:, 0]), dim=-1)
+        if needs["student_locals"]:
+            out["image_locals"] = self._image_locals(image_tokens, momentum=False)
+            out["text_locals"] = self._text_locals(text_tokens, momentum=False)
+        if keep_tokens:
+            out["image_tokens"] = image_tokens
+            out["text_tokens"] = text_tokens
+        return out
+
+    @torch.no_grad()
+    def _teacher_pass(self, batch: dict, positive_ids, temp, alpha, chunk_size: int | None = None) -> dict:
+        """EMA update, then the teacher's keys, distillation targets and locals (no gradient)."""
+        cfg = self.config
+        teacher: dict = {}
+        if not cfg.use_momentum:
+            return teacher
+        self.momentum_update()
+        size = batch["input_ids"].shape[0]
+        chunk_size = chunk_size or size
+        parts: dict[str, list] = {}
+        for start in range(0, size, chunk_size):
+            piece = {k: v[start : start + chunk_size] for k, v in batch.items()}
+            image_tokens_m = self._image_tokens(piece["pixel_values_view2"], momentum=True)
+            text_tokens_m = self._text_tokens(piece["input_ids"], piece["attention_mask"], momentum=True)
+            parts.setdefault("image_feat_m", []).append(self._image_feature(image_tokens_m, momentum=True))
+            parts.setdefault("text_feat_m", []).append(self._text_feature(text_tokens_m, momentum=True))
+            if cfg.lmi_weight > 0:
+                parts.setdefault("image_locals", []).append(self._image_locals(image_tokens_m, momentum=True))
+                parts.setdefault("text_locals", []).append(self._text_locals(text_tokens_m, momentum=True))
+            if cfg.mlm_weight > 0 and alpha > 0:
+                parts.setdefault("image_tokens_m", []).append(image_tokens_m)
+        teacher = {k: torch.cat(v) for k, v in parts.items()}
+        image_keys = self.image_queue.keys(teacher["image_feat_m"])
+        text_keys = self.text_queue.keys(teacher["text_feat_m"])
+        key_ids = self.image_queue.key_ids(positive_ids)
+        hard = positive_targets(positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device)
+        teacher["image_keys"], teacher["text_keys"] = image_keys, text_keys
+        teacher["i2t_targets"] = distillation_targets(
+            similarity_logits(teacher["image_feat_m"], text_keys, temp), hard, alpha)
+        teacher["t2i_targets"] = distillation_targets(
+            similarity_logits(teacher["text_feat_m"], image_keys, temp), hard, alpha)
+        return teacher
+
+    def _alignment_losses(self, student: dict, teacher: dict, batch: dict, positive_ids, sample_ids, temp):
+        """Every loss that depends on the student only through the features of `_student_pass`."""
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.cma_weight > 0:
+            if cfg.use_momentum:
+                losses["i2t"] = contrastive_cross_entropy(student["image_feat"], teacher["text_keys"], temp,
+                                                          teacher["i2t_targets"])
+                losses["t2i"] = contrastive_cross_entropy(student["text_feat"], teacher["image_keys"], temp,
+                                                          teacher["t2i_targets"])
+            elif cfg.contrastive_loss == "decomposable":
+                queues = {}
+                if cfg.z_estimate == "queue":
+                    queues = {"image_queue": self.image_queue.features, "text_queue": self.text_queue.features}
+                losses["i2t"], losses["t2i"] = self.decomposable_loss(
+                    student["image_feat"], student["text_feat"], temp, sample_ids=sample_ids, **queues)
+            else:
+                _, losses["i2t"], losses["t2i"] = info_nce(student["image_feat"], student["text_feat"], temp,
+                                                           positive_ids, return_directions=True)
+        if cfg.imc_weight > 0:
+            if cfg.use_momentum:
+                losses["i2i"] = contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp)
+                losses["t2t"] = contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp)
+            else:
+                losses["i2i"] = intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp)
+                losses["t2t"] = intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp)
+        if cfg.lmi_weight > 0:
+            local_source = teacher if cfg.use_momentum else student
+            losses["lmi_image"] = local_mutual_information(student["image_feat"], local_source["image_locals"], temp)
+            losses["lmi_text"] = local_mutual_information(student["text_feat"], local_source["text_locals"], temp,
+                                                          batch["attention_mask"][:, 1:])
+        if cfg.use_feature_separation:
+            losses["separation"] = feature_separation_loss(
+                student["image_feat"], student["text_feat"], student["independent_image"],
+                student["independent_text"], student["independent_image2"], student["independent_text2"], temp,
+            )["total"]
+        if cfg.use_brownian_bridge:
+            losses["bridge"] = brownian_bridge_loss(student["image_feat"], student["text_feat"],
+                                                    student["image_feat2"], cfg.brownian_bridge_t)
+        if cfg.use_geometric_consistency:
+            losses["geometric"] = geometric_consistency_loss(student["image_feat"], student["text_feat"],
+                                                             student["image_feat2"], student["text_feat2"])["total"]
+        return losses
+
+    def _alignment_total(self, losses: dict) -> torch.Tensor | None:
+        """Weighted mean of the active CMA/IMC/LMI terms (paper: /6) plus the weighted regularisers."""
+        cfg = self.config
+        group_weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight,
+                         "t2t": cfg.imc_weight, "lmi_image": cfg.lmi_weight, "lmi_text": cfg.lmi_weight}
+        terms = [group_weights[n] * v for n, v in losses.items() if n in group_weights]
+        total = torch.stack(terms).sum() / len(terms) if terms else None
+        for name, weight in (("separation", cfg.feature_separation_weight), ("bridge", cfg.brownian_bridge_weight),
+                             ("geometric", cfg.geometric_consistency_weight)):
+            if name in losses:
+                total = weight * losses[name] if total is None else total + weight * losses[name]
+        return total
+
+    def _fusion_losses(self, student: dict, batch: dict, positive_ids, temp, alpha, image_tokens_m):
+        cfg = self.config
+        losses = {}
+        if cfg.itm_weight > 0:
+            losses["itm"] = self._itm_loss(student["image_tokens"], student["image_feat"], student["text_tokens"],
+                                           student["text_feat"], batch["attention_mask"], positive_ids, temp)
+        if cfg.mlm_weight > 0:
+            losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], student["image_tokens"],
+                                           image_tokens_m, alpha)
+        return losses
+
+    def _fusion_total(self, losses: dict) -> torch.Tensor | None:
+        parts = [w * losses[n] for n, w in (("itm", self.config.itm_weight), ("mlm", self.config.mlm_weight))
+                 if n in losses]
+        return sum(parts) if parts else None
+
+    def _prepare_training(self, input_ids, attention_mask, pixel_values, pixel_values_view2):
+        cfg = self.config
         if cfg.learnable_temperature:
             with torch.no_grad():
                 self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
-        temp = self.temperature
-        batch = input_ids.shape[0]
-        use_cma, use_imc, use_lmi = cfg.cma_weight > 0, cfg.imc_weight > 0, cfg.lmi_weight > 0
-        use_itm, use_mlm = cfg.itm_weight > 0, cfg.mlm_weight > 0
-        text_local_mask = attention_mask[:, 1:]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "pixel_values_view2": pixel_values if pixel_values_view2 is None else pixel_values_view2}
+        return batch, self.temperature
 
-        image_tokens = self._image_tokens(pixel_values)
-        image_feat = self._image_feature(image_tokens)
-        text_tokens = self._text_tokens(input_ids, attention_mask)
-        text_feat = self._text_feature(text_tokens)
-
-        image_tokens_m = None
-        if cfg.use_momentum:
-            with torch.no_grad():
-                self.momentum_update()
-                image_tokens_m = self._image_tokens(pixel_values_view2, momentum=True)
-                image_feat_m = self._image_feature(image_tokens_m, momentum=True)
-                text_tokens_m = self._text_tokens(input_ids, attention_mask, momentum=True)
-                text_feat_m = self._text_feature(text_tokens_m, momentum=True)
-                image_keys = self.image_queue.keys(image_feat_m)
-                text_keys = self.text_queue.keys(text_feat_m)
-                key_ids = self.image_queue.key_ids(positive_ids)
-                hard = positive_targets(positive_ids, key_ids, batch, image_keys.shape[0], device=image_feat.device)
-                i2t_targets = distillation_targets(similarity_logits(image_feat_m, text_keys, temp), hard, alpha)
-                t2i_targets = distillation_targets(similarity_logits(text_feat_m, image_keys, temp), hard, alpha)
-                if use_lmi:
-                    image_locals = self._image_locals(image_tokens_m, momentum=True)
-                    text_locals = self._text_locals(text_tokens_m, momentum=True)
-        else:
-            # CLIP-style: student keys from every process (gathered with gradient, local rows against all
-            # columns); a second student pass gives the other view for IMC
-            if use_imc:
-                image_view2 = self._image_feature(self._image_tokens(pixel_values_view2))
-                text_view2 = self._text_feature(self._text_tokens(input_ids, attention_mask))
-            if use_lmi:
-                image_locals = self._image_locals(image_tokens, momentum=False)
-                text_locals = self._text_locals(text_tokens, momentum=False)
-
-        losses: dict[str, torch.Tensor] = {}
-        if use_cma:
-            if cfg.use_momentum:
-                losses["i2t"] = contrastive_cross_entropy(image_feat, text_keys, temp, i2t_targets)
-                losses["t2i"] = contrastive_cross_entropy(text_feat, image_keys, temp, t2i_targets)
-            else:
-                _, losses["i2t"], losses["t2i"] = info_nce(image_feat, text_feat, temp, positive_ids,
-                                                           return_directions=True)
-        if use_imc:
-            if cfg.use_momentum:
-                losses["i2i"] = contrastive_cross_entropy(image_feat, image_keys, temp)
-                losses["t2t"] = contrastive_cross_entropy(text_feat, text_keys, temp)
-            else:
-                losses["i2i"] = intra_modal_info_nce(image_feat, image_view2, temp)
-                losses["t2t"] = intra_modal_info_nce(text_feat, text_view2, temp)
-        if use_lmi:
-            losses["lmi_image"] = local_mutual_information(image_feat, image_locals, temp)
-            losses["lmi_text"] = local_mutual_information(text_feat, text_locals, temp, text_local_mask)
-
-        group_weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight,
-                         "t2t": cfg.imc_weight, "lmi_image": cfg.lmi_weight, "lmi_text": cfg.lmi_weight}
-        alignment_terms = [group_weights[name] * value for name, value in losses.items()]
-        total = torch.stack(alignment_terms).sum() / len(alignment_terms) if alignment_terms else None
-
-        if use_itm:
-            losses["itm"] = self._itm_loss(
-                image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp
-            )
-        if use_mlm:
-            losses["mlm"] = self._mlm_loss(input_ids, attention_mask, image_tokens, image_tokens_m, alpha)
-        for name, weight in (("itm", cfg.itm_weight), ("mlm", cfg.mlm_weight)):
-            if name in losses:
-                total = weight * losses[name] if total is None else total + weight * losses[name]
-
-        if cfg.use_momentum:
+    def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
+        if self.config.use_momentum:
             # every process enqueues the features of all processes, in rank order
-            self.image_queue.enqueue(image_feat_m, positive_ids)
-            self.text_queue.enqueue(text_feat_m, positive_ids)
+            self.image_queue.enqueue(teacher["image_feat_m"], positive_ids)
+            self.text_queue.enqueue(teacher["text_feat_m"], positive_ids)
+        elif hasattr(self, "image_queue"):  # decomposable loss with queue-estimated Z: past student features
+            self.image_queue.enqueue(student["image_feat"].detach(), positive_ids)
+            self.text_queue.enqueue(student["text_feat"].detach(), positive_ids)
 
-        return TCLOutput(
-            loss=total,
-            **{f"loss_{name}": value for name, value in losses.items()},
-            image_embeds=image_feat,
-            text_embeds=text_feat,
-            temperature=temp.detach(),
-        )
+    def _training_forward(self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids,
+                          sample_ids, alpha):
+        batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
+        student = self._student_pass(batch, keep_tokens=self._needs()["fusion"])
+        teacher = self._teacher_pass(batch, positive_ids, temp, alpha)
+        losses = self._alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp)
+        total = self._alignment_total(losses)
+        fusion = self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher.get("image_tokens_m"))
+        losses.update(fusion)
+        fusion_total = self._fusion_total(fusion)
+        if fusion_total is not None:
+            total = fusion_total if total is None else total + fusion_total
+        self._update_queues(student, teacher, positive_ids)
+        return TCLOutput(loss=total, **{f"loss_{n}": v for n, v in losses.items()},
+                         image_embeds=student["image_feat"], text_embeds=student["text_feat"],
+                         temperature=temp.detach())
+
+    def gradient_cached_backward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.FloatTensor,
+        pixel_values_view2: torch.FloatTensor | None = None,
+        positive_ids: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        alpha: float | None = None,
+        chunk_size: int | None = None,
+        loss_scale: float = 1.0,
+        backward_fn=None,
+    ) -> TCLOutput:
+        """One training step's forward AND backward with gradient caching (GradCache, Gao et al. 2021).
+
+        1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk);
+        2. the alignment losses (CMA / IMC / LMI / decomposable / regularisers) are computed on the cached
+           features and back-propagated to them (and to the temperature);
+        3. every chunk is embedded again with gradient under its recorded RNG state (same dropout), and the
+           cached feature gradients are back-propagated through it.
+        Peak activation memory is that of one chunk, and the parameter gradients equal those of the
+        full-batch loss. ITM and MLM need the token states of a pair's image and text together: they are
+        computed per chunk in step 3 (ITM hard negatives are mined within the chunk) and averaged over chunks,
+        i.e. their gradients are those of chunk-sized batches.
+
+        ``loss_scale`` multiplies the loss before backward (e.g. 1 / gradient accumulation steps);
+        ``backward_fn(tensor)`` replaces ``tensor.backward()`` (e.g. ``accelerator.backward``). Returns the
+        detached loss and components.
+        """
+        cfg = self.config
+        chunk_size = chunk_size or cfg.gradient_cache_chunk_size
+        if not chunk_size:
+            raise ValueError("gradient_cached_backward needs chunk_size or config.gradient_cache_chunk_size")
+        alpha = cfg.alpha if alpha is None else float(alpha)
+        backward_fn = backward_fn or (lambda tensor: tensor.backward())
+        batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
+        size = input_ids.shape[0]
+        chunks = [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+        keep_tokens = self._needs()["fusion"]
+
+        def piece(start, stop):
+            return {k: v[start:stop] for k, v in batch.items()}
+
+        # 1. cached student features, no graph kept
+        rng_states, cached = [], []
+        with torch.no_grad():
+            for start, stop in chunks:
+                rng_states.append(_RNGState.capture(input_ids.device))
+                cached.append(self._student_pass(piece(start, stop), keep_tokens=False))
+        leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in cached[0]}
+        teacher = self._teacher_pass(batch, positive_ids, temp, alpha, chunk_size=chunk_size)
+
+        # 2. alignment losses on the cached features -> their gradients (and the temperature's)
+        losses = self._alignment_losses(leaves, teacher, batch, positive_ids, sample_ids, temp)
+        total = self._alignment_total(losses)
+        if total is not None:
+            backward_fn(total * loss_scale)
+        detached = {k: v.detach() for k, v in losses.items()}
+        total_value = total.detach() if total is not None else torch.zeros((), device=input_ids.device)
+
+        # 3. re-embed each chunk with gradient and push the cached gradients through it
+        fusion_sums: dict[str, torch.Tensor] = {}
+        end_state = _RNGState.capture(input_ids.device)
+        for (start, stop), state in zip(chunks, rng_states, strict=True):
+            state.restore()
+            part = piece(start, stop)
+            student = self._student_pass(part, keep_tokens=keep_tokens)
+            surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves
+                            if leaves[k].grad is not None)
+            if keep_tokens:
+                ids = None if positive_ids is None else positive_ids[start:stop]
+                image_tokens_m = teacher.get("image_tokens_m")
+                fusion = self._fusion_losses(student, part, ids, temp, alpha,
+                                             None if image_tokens_m is None else image_tokens_m[start:stop])
+                weight = (stop - start) / size
+                fusion_total = self._fusion_total(fusion)
+                surrogate = surrogate + fusion_total * weight * loss_scale
+                for name, value in fusion.items():
+                    fusion_sums[name] = fusion_sums.get(name, 0.0) + value.detach() * weight
+            if torch.is_tensor(surrogate) and surrogate.requires_grad:
+                backward_fn(surrogate)
+        end_state.restore()
+        for name, value in fusion_sums.items():
+            detached[name] = value
+            weight = cfg.itm_weight if name == "itm" else cfg.mlm_weight
+            total_value = total_value + weight * value
+        self._update_queues(leaves, teacher, positive_ids)
+        return TCLOutput(loss=total_value, **{f"loss_{n}": v for n, v in detached.items()},
+                         image_embeds=leaves["image_feat"].detach(), text_embeds=leaves["text_feat"].detach(),
+                         temperature=temp.detach())
 
     def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp):
         batch = image_feat.shape[0]

@@ -13,11 +13,13 @@ What it adds to `transformers.Trainer`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 
 from .metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
@@ -185,6 +187,48 @@ class ContrastiveTrainer(Trainer):
             return 0
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With `config.gradient_cache_chunk_size` set, run the model's gradient-cached forward/backward (memory of
+        one chunk, gradients of the whole batch); otherwise the standard Trainer step."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        chunk_size = getattr(unwrapped.config, "gradient_cache_chunk_size", None)
+        if not chunk_size or not hasattr(unwrapped, "gradient_cached_backward"):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = dict(self._prepare_inputs(inputs))
+        self.num_skipped_items += int(inputs.pop("num_skipped", 0))
+        inputs.pop("return_loss", None)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        if inputs.pop("empty_batch", False):
+            return torch.zeros((), device=self.args.device)
+        inputs.setdefault("alpha", self.current_alpha())
+        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        # The chunks run several backward passes per step: DDP's per-backward all-reduce is switched off and
+        # the gradients are averaged once at the end (exact, also under gradient accumulation).
+        sync_context = model.no_sync() if is_ddp else contextlib.nullcontext()
+        with sync_context, self.accelerator.autocast():
+            outputs = unwrapped.gradient_cached_backward(**inputs, chunk_size=chunk_size, loss_scale=scale,
+                                                         backward_fn=self.accelerator.backward)
+        if is_ddp:
+            world = dist.get_world_size()
+            for parameter in unwrapped.parameters():
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad.div_(world)
+        self._record_components(outputs)
+        return outputs.loss.detach() * scale
+
+    def _record_components(self, outputs) -> None:
+        if not hasattr(outputs, "loss_components"):
+            return
+        for name, value in outputs.loss_components().items():
+            if math.isfinite(value):
+                self._component_sums[name] += value
+                self._component_counts[name] += 1
+        if outputs.temperature is not None:
+            self._component_sums["temperature"] += float(outputs.temperature)
+            self._component_counts["temperature"] += 1
+
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
         return [n for n in names if n.split(".")[-1] != "temp"]
@@ -200,14 +244,8 @@ class ContrastiveTrainer(Trainer):
         if "alpha" not in inputs and model.training:
             inputs["alpha"] = self.current_alpha()
         outputs = model(**inputs)
-        if model.training and hasattr(outputs, "loss_components"):
-            for name, value in outputs.loss_components().items():
-                if math.isfinite(value):
-                    self._component_sums[name] += value
-                    self._component_counts[name] += 1
-            if outputs.temperature is not None:
-                self._component_sums["temperature"] += float(outputs.temperature)
-                self._component_counts["temperature"] += 1
+        if model.training:
+            self._record_components(outputs)
         loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 

@@ -1,0 +1,285 @@
+"""Worker functions for tests/test_distributed.py (importable, so `torch.multiprocessing` can spawn them).
+
+Every worker has the signature ``worker(rank, world_size, port, out_dir, ...)``: it joins a gloo process group on
+127.0.0.1:``port``, runs its scenario, and saves what the parent test needs to ``out_dir/<name>_rank<r>.pt``.
+The parent computes the single-process references and does the assertions, so failures read as ordinary pytest
+assertion errors. Inputs are built by functions of this module shared by parent and workers (same seeds).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's tiny configs, in spawned children
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 8
+EMBED_DIM = 6
+COLLECTIVE_TIMEOUT_S = 60
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process management
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on the loopback interface (bind to port 0, let the OS choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_distributed(worker, *args, world_size: int = WORLD_SIZE, timeout: float = 120.0) -> None:
+    """Spawn `world_size` processes running ``worker(rank, world_size, port, *args)`` and wait for them, at most
+    `timeout` seconds. A worker's exception is re-raised here (with its traceback); on timeout every process we
+    spawned is killed and TimeoutError raised, so a deadlocked collective can never hang the test session."""
+    port = free_port()
+    context = mp.start_processes(worker, args=(world_size, port) + args, nprocs=world_size, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
+def _init(rank: int, world_size: int, port: int) -> None:
+    torch.set_num_threads(1)  # two processes share two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def _finish(out_dir: str, name: str, rank: int, payload: dict) -> None:
+    torch.save(payload, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def rows_of(rank: int, per_rank: int = GLOBAL_BATCH // WORLD_SIZE) -> slice:
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared inputs
+
+
+def embedding_pairs(seed: int = 0, batch: int = GLOBAL_BATCH, dim: int = EMBED_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float64 (image, text) embeddings of `batch` pairs, correlated so the loss is not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    texts = images + 0.8 * torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    return F.normalize(images, dim=1), F.normalize(texts, dim=1)
+
+
+# class-level positives: ids repeat within a rank (rows 0, 3) and across ranks (1 <-> 4, 2 <-> 6, 0 <-> 7)
+IMAGE_IDS = torch.tensor([0, 1, 2, 0, 1, 5, 2, 0])
+LEARNABLE_TEMPERATURE = 0.1
+
+# (name, use image_ids, learnable temperature)
+LOSS_CASES = (("plain", False, False), ("image_ids", True, False), ("learnable_temperature", True, True))
+
+
+def tcl_config(**overrides):
+    """conftest's tiny TCL config with every dropout probability at 0 (deterministic passes)."""
+    from conftest import TINY_TEXT, TINY_VISION, tiny_tcl_config
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tiny_tcl_config(vision_config=dict(TINY_VISION, **no_dropout), text_config=dict(TINY_TEXT, **no_dropout),
+                           **overrides)
+
+
+DDP_MODEL_CASES = {
+    # the plain contrastive (CLIP-style) objective: i2t + t2i, in-batch negatives from every process
+    "cma": dict(use_momentum=False, num_fusion_layers=0, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0,
+                mlm_weight=0.0),
+    # plus intra-modal contrast against a second student pass of the other image view, and class positives
+    "cma_imc_ids": dict(use_momentum=False, num_fusion_layers=0, imc_weight=1.0, lmi_weight=0.0, itm_weight=0.0,
+                        mlm_weight=0.0),
+}
+MOMENTUM_CONFIG = dict(itm_weight=0.0, mlm_weight=0.0, queue_size=16)
+
+
+def model_batch(case: str) -> dict:
+    from conftest import tiny_batch
+
+    batch = tiny_batch(batch=GLOBAL_BATCH, seed=3)
+    if case == "cma_imc_ids":
+        batch["positive_ids"] = IMAGE_IDS.clone()
+    return batch
+
+
+def build_model(seed: int, **config_overrides):
+    from vlalign import TCLModel
+
+    torch.manual_seed(seed)
+    model = TCLModel(tcl_config(**config_overrides))
+    model.train()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers
+
+
+class _GatherRecorder:
+    """Wraps `vlalign.losses.all_gather_with_grad` (the real one still runs) to keep each gathered tensor and its
+    gradient: the gradient of this rank's loss w.r.t. the *whole* gathered batch."""
+
+    def __init__(self):
+        import vlalign.losses as losses
+
+        self.losses = losses
+        self.original = losses.all_gather_with_grad
+        self.gathered: list[torch.Tensor] = []
+
+    def __enter__(self):
+        def recording(tensor):
+            out = self.original(tensor)
+            out.retain_grad()
+            self.gathered.append(out)
+            return out
+
+        self.losses.all_gather_with_grad = recording
+        return self
+
+    def __exit__(self, *exc):
+        self.losses.all_gather_with_grad = self.original
+
+
+def info_nce_worker(rank, world_size, port, out_dir):
+    from vlalign.losses import info_nce
+
+    _init(rank, world_size, port)
+    images, texts = embedding_pairs(seed=0)
+    rows = rows_of(rank)
+    results = {}
+    for name, use_ids, learnable in LOSS_CASES:
+        img = images[rows].clone().requires_grad_()
+        txt = texts[rows].clone().requires_grad_()
+        temp = torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
+        with _GatherRecorder() as recorder:
+            loss, i2t, t2i = info_nce(img, txt, temp, IMAGE_IDS[rows] if use_ids else None, return_directions=True)
+        loss.backward()
+        gathered_images, gathered_texts = recorder.gathered  # gathered_keys(image) first, then text
+        results[name] = dict(
+            loss=loss.detach(), i2t=i2t.detach(), t2i=t2i.detach(), image_grad=img.grad, text_grad=txt.grad,
+            temperature_grad=temp.grad if learnable else None,
+            gathered_image_grad=gathered_images.grad, gathered_text_grad=gathered_texts.grad,
+            gathered_images=gathered_images.detach(), gathered_texts=gathered_texts.detach(),
+        )
+    _finish(out_dir, "info_nce", rank, results)
+
+
+def intra_modal_worker(rank, world_size, port, out_dir):
+    from vlalign.losses import intra_modal_info_nce
+
+    _init(rank, world_size, port)
+    queries, other_view = embedding_pairs(seed=1)
+    rows = rows_of(rank)
+    results = {}
+    for name, learnable in (("fixed_temperature", False), ("learnable_temperature", True)):
+        q = queries[rows].clone().requires_grad_()
+        k = other_view[rows].clone().requires_grad_()
+        temp = torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
+        with _GatherRecorder() as recorder:
+            loss = intra_modal_info_nce(q, k, temp)
+        loss.backward()
+        (gathered_keys,) = recorder.gathered
+        results[name] = dict(loss=loss.detach(), query_grad=q.grad, key_grad=k.grad,
+                             temperature_grad=temp.grad if learnable else None,
+                             gathered_key_grad=gathered_keys.grad)
+    _finish(out_dir, "intra_modal", rank, results)
+
+
+QUEUE_SIZE = 10
+QUEUE_DIM = 4
+# per-rank batch of each enqueue step, and whether ids are given: 3+3 rows fill 0..5, the next 6 wrap around
+# (6..9, 0..1), then a step without ids, then a global batch (12) larger than the queue (only the last 10 stay)
+QUEUE_STEPS = ((3, True), (3, True), (2, False), (6, True))
+
+
+def queue_step_inputs(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    per_rank, with_ids = QUEUE_STEPS[step]
+    g = torch.Generator().manual_seed(100 * step + rank)
+    features = F.normalize(torch.randn(per_rank, QUEUE_DIM, generator=g), dim=1)
+    ids = torch.arange(per_rank) + 1000 * step + 100 * rank if with_ids else None
+    return features, ids
+
+
+def feature_queue_worker(rank, world_size, port, out_dir):
+    from vlalign.losses import FeatureQueue
+
+    _init(rank, world_size, port)
+    torch.manual_seed(0)  # identical initial contents on every rank
+    queue = FeatureQueue(QUEUE_SIZE, QUEUE_DIM)
+    states = [dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone())]
+    for step in range(len(QUEUE_STEPS)):
+        features, ids = queue_step_inputs(step, rank)
+        queue.enqueue(features, ids)
+        states.append(dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone()))
+    _finish(out_dir, "feature_queue", rank, states)
+
+
+def ddp_model_worker(rank, world_size, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, world_size, port)
+    results = {}
+    for case, overrides in DDP_MODEL_CASES.items():
+        model = build_model(seed=0, **overrides)
+        ddp = DistributedDataParallel(model)
+        batch = {k: v[rows_of(rank)] for k, v in model_batch(case).items()}
+        out = ddp(**batch, return_loss=True)
+        out.loss.backward()
+        results[case] = dict(
+            loss=out.loss.detach(),
+            grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+            components=out.loss_components(),
+        )
+    _finish(out_dir, "ddp_model", rank, results)
+
+
+MOMENTUM_POSITIVE_IDS = (torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 12, 0]))
+
+
+def momentum_worker(rank, world_size, port, out_dir):
+    from conftest import tiny_batch
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, world_size, port)
+    model = build_model(seed=0, **MOMENTUM_CONFIG)
+    initial = dict(image=model.image_queue.features.clone(), text=model.text_queue.features.clone())
+    # the fusion layers are unused when itm and mlm are off, as under the Trainer's DDP
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = tiny_batch(batch=GLOBAL_BATCH // world_size, seed=10 + rank)  # different inputs per rank
+    batch["positive_ids"] = MOMENTUM_POSITIVE_IDS[rank]
+    out = ddp(**batch, return_loss=True, alpha=0.4)
+    out.loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        # the step's teacher pass ran after its EMA update; the optimizer step only moved the students
+        teacher_image = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
+        teacher_text = model._text_feature(
+            model._text_tokens(batch["input_ids"], batch["attention_mask"], momentum=True), True
+        )
+    payload = dict(
+        initial=initial, teacher_image=teacher_image, teacher_text=teacher_text, loss=out.loss.detach(),
+        **{f"{which}_queue": dict(features=q.features.clone(), ids=q.ids.clone(), ptr=q.ptr.clone())
+           for which, q in (("image", model.image_queue), ("text", model.text_queue))},
+    )
+    _finish(out_dir, "momentum", rank, payload)
