@@ -137,19 +137,25 @@ def build_model(seed: int, **config_overrides):
 
 class _GatherRecorder:
     """Wraps `vlalign.losses.all_gather_with_grad` (the real one still runs) to keep each gathered tensor and its
-    gradient: the gradient of this rank's loss w.r.t. the *whole* gathered batch."""
+    gradient: the key-side gradient of this rank's loss w.r.t. the *whole* gathered batch. With ``cut=True`` the
+    gathered keys are detached (what a plain, gradient-less `dist.all_gather` gives): the rank's embedding
+    gradient is then the query-side term of its own loss only."""
 
-    def __init__(self):
+    def __init__(self, cut: bool = False):
         import vlalign.losses as losses
 
         self.losses = losses
         self.original = losses.all_gather_with_grad
+        self.cut = cut
         self.gathered: list[torch.Tensor] = []
 
     def __enter__(self):
         def recording(tensor):
             out = self.original(tensor)
-            out.retain_grad()
+            if self.cut:
+                out = out.detach()
+            else:
+                out.retain_grad()
             self.gathered.append(out)
             return out
 
@@ -168,19 +174,27 @@ def info_nce_worker(rank, world_size, port, out_dir):
     rows = rows_of(rank)
     results = {}
     for name, use_ids, learnable in LOSS_CASES:
-        img = images[rows].clone().requires_grad_()
-        txt = texts[rows].clone().requires_grad_()
-        temp = torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
-        with _GatherRecorder() as recorder:
-            loss, i2t, t2i = info_nce(img, txt, temp, IMAGE_IDS[rows] if use_ids else None, return_directions=True)
-        loss.backward()
-        gathered_images, gathered_texts = recorder.gathered  # gathered_keys(image) first, then text
-        results[name] = dict(
-            loss=loss.detach(), i2t=i2t.detach(), t2i=t2i.detach(), image_grad=img.grad, text_grad=txt.grad,
-            temperature_grad=temp.grad if learnable else None,
-            gathered_image_grad=gathered_images.grad, gathered_text_grad=gathered_texts.grad,
-            gathered_images=gathered_images.detach(), gathered_texts=gathered_texts.detach(),
-        )
+        result = {}
+        for cut in (False, True):
+            img = images[rows].clone().requires_grad_()
+            txt = texts[rows].clone().requires_grad_()
+            temp = (torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable
+                    else 0.07)
+            with _GatherRecorder(cut=cut) as recorder:
+                loss, i2t, t2i = info_nce(img, txt, temp, IMAGE_IDS[rows] if use_ids else None,
+                                          return_directions=True)
+            loss.backward()
+            gathered_images, gathered_texts = recorder.gathered  # gathered_keys(image) first, then text
+            if cut:
+                result.update(query_side_image_grad=img.grad, query_side_text_grad=txt.grad)
+            else:
+                result.update(
+                    loss=loss.detach(), i2t=i2t.detach(), t2i=t2i.detach(), image_grad=img.grad,
+                    text_grad=txt.grad, temperature_grad=temp.grad if learnable else None,
+                    gathered_image_grad=gathered_images.grad, gathered_text_grad=gathered_texts.grad,
+                    gathered_images=gathered_images.detach(), gathered_texts=gathered_texts.detach(),
+                )
+        results[name] = result
     _finish(out_dir, "info_nce", rank, results)
 
 

@@ -245,6 +245,15 @@ def test_bf16_autocast_losses_are_float32_and_finite():
         (dict(mask_token_id=999), "mask_token_id"),
         (dict(text_config=dict(model_type="gpt2", n_layer=2)), "text_config"),
         (dict(vision_config=dict(model_type="vit", image_size=18, patch_size=4)), "vision_config"),
+        (dict(contrastive_loss="hinge"), "contrastive_loss"),
+        (dict(contrastive_loss="decomposable"), "contrastive_loss"),  # needs use_momentum=False
+        (dict(use_momentum=False, z_estimate="median"), "z_estimate"),
+        (dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="running"), "num_train_samples"),
+        (dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="queue", queue_size=0), "queue_size"),
+        (dict(running_z_momentum=1.0), "running_z_momentum"),
+        (dict(brownian_bridge_t=1.5), "brownian_bridge_t"),
+        (dict(geometric_consistency_weight=-1.0), "geometric_consistency_weight"),
+        (dict(gradient_cache_chunk_size=0), "gradient_cache_chunk_size"),
     ],
 )
 def test_config_validation_names_the_field(overrides, field):
@@ -458,3 +467,43 @@ def test_from_vision_text_pretrained_takes_the_vision_half_of_a_clip_checkpoint(
     assert model.config.vision_config.model_type == "clip_vision_model"
     assert torch.equal(model.vision_model.embeddings.patch_embedding.weight,
                        clip.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_regularisers_and_decomposable_inside_the_model_match_the_pure_functions():
+    from vlalign.losses import brownian_bridge_loss, geometric_consistency_loss
+
+    config = tiny_tcl_config(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
+                             num_fusion_layers=0, contrastive_loss="decomposable", z_estimate="running",
+                             num_train_samples=10, use_brownian_bridge=True, use_geometric_consistency=True,
+                             use_feature_separation=True, geometric_consistency_weight=0.25)
+    for sub in (config.vision_config, config.text_config):
+        sub.hidden_dropout_prob = sub.attention_probs_dropout_prob = 0.0
+    torch.manual_seed(0)
+    model = TCLModel(config)
+    model.train()
+    batch = tiny_batch()
+    out = model(**batch, sample_ids=torch.tensor([0, 3, 5, 9]), return_loss=True)
+    assert set(out.loss_components()) == {"i2t", "t2i", "separation", "bridge", "geometric"}
+    with torch.no_grad():
+        v = model.get_image_features(batch["pixel_values"])
+        t = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        v2 = model.get_image_features(batch["pixel_values_view2"])
+    assert out.loss_bridge.item() == pytest.approx(brownian_bridge_loss(v, t, v2, 0.25).item(), rel=1e-5)
+    ref_gc = geometric_consistency_loss(v, t, v2, t)["total"]  # no dropout: the text "view" equals the text
+    assert out.loss_geometric.item() == pytest.approx(ref_gc.item(), rel=1e-4, abs=1e-6)
+    expected = ((out.loss_i2t + out.loss_t2i) / 2 + out.loss_separation + out.loss_bridge
+                + 0.25 * out.loss_geometric)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    seen = model.decomposable_loss.running_i2t.seen
+    assert seen[[0, 3, 5, 9]].all() and seen.sum() == 4  # the running Z table is indexed by sample_ids
+    out.loss.backward()
+    assert model.vision_independent_proj.weight.grad is not None
+
+
+def test_full_tcl_with_regularisers_trains():
+    model = _model(use_brownian_bridge=True, use_geometric_consistency=True, use_feature_separation=True)
+    model.train()
+    out = model(**tiny_batch(), return_loss=True)
+    assert {"separation", "bridge", "geometric", "itm", "mlm"} <= set(out.loss_components())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
