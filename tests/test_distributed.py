@@ -178,3 +178,73 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(ddp_model_results, ca
             assert actual is not None, f"rank {rank}: {name} got no gradient"
             _close(actual, expected, f"rank {rank}: gradient of {name} (DDP on 2 x 4 vs 1 x 8)", rtol=0.0,
                    atol=1e-5)
+
+
+def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_order(tmp_path):
+    ranks = _run(workers.momentum_worker, "momentum", tmp_path)
+    per_rank = workers.GLOBAL_BATCH // W
+    size = workers.MOMENTUM_CONFIG["queue_size"]
+    expected_ids = torch.full((size,), -1, dtype=torch.long)
+    expected_ids[: W * per_rank] = torch.cat(workers.MOMENTUM_POSITIVE_IDS)
+    _close(ranks[0]["initial"]["image"], ranks[1]["initial"]["image"], "initial queues differ", rtol=0, atol=0)
+    for which in ("image", "text"):
+        queues = [r[f"{which}_queue"] for r in ranks]
+        assert torch.equal(queues[0]["features"], queues[1]["features"]), f"{which} queues differ between ranks"
+        assert torch.equal(queues[0]["ids"], queues[1]["ids"]), f"{which} queue ids differ between ranks"
+        for rank, queue in enumerate(queues):
+            assert queue["ptr"].tolist() == [W * per_rank], (which, rank)  # advanced by the global batch
+            assert torch.equal(queue["ids"], expected_ids), (which, rank)
+            for source in range(W):
+                # rows [4 * source, 4 * source + 4) hold rank `source`'s teacher features of this step
+                _close(queue["features"][workers.rows_of(source)], ranks[source][f"teacher_{which}"],
+                       f"{which} queue rank {rank}: rows of rank {source}", rtol=0.0, atol=1e-6)
+            # the rest of the queue is untouched
+            assert torch.equal(queue["features"][W * per_rank:], ranks[0]["initial"][which][W * per_rank:])
+        # different inputs per rank: the two halves really differ
+        assert (ranks[0][f"teacher_{which}"] - ranks[1][f"teacher_{which}"]).abs().max() > 1e-3
+    assert all(torch.isfinite(r["loss"]) for r in ranks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `accelerate launch` with 2 CPU processes
+
+TINY_OVERRIDES = [
+    "--max_steps", "4", "--per_device_train_batch_size", "16", "--queue_size", "64", "--max_eval_samples", "40",
+    "--logging_steps", "2", "--model.vision_config.hidden_size", "32", "--model.vision_config.num_hidden_layers", "1",
+    "--model.vision_config.intermediate_size", "64", "--model.text_config.hidden_size", "32",
+    "--model.text_config.intermediate_size", "64", "--model.text_config.num_hidden_layers", "2", "--embed_dim", "16",
+]
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process on CPU (its simple launcher runs the script
+    once, with MASTER_PORT set but no RANK / WORLD_SIZE; multi-process CPU needs mpirun). Two real processes come
+    from the torchrun-based launcher (`--multi_gpu`), told to train on CPU with `--use_cpu true` (gloo): that is
+    the command used here. `--main_process_port` becomes torchrun's MASTER_PORT (default 29500, often taken)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(workers.free_port()),
+           str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
+           "--use_cpu", "true", "--output_dir", str(out), *TINY_OVERRIDES]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the two workers it started
+        log, _ = process.communicate()
+        pytest.fail(f"accelerate launch timed out:\n{log[-4000:]}")
+    assert process.returncode == 0, log[-4000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
+                "t2i_recall@5", "t2i_recall@10"):
+        assert 0.0 <= results[key] <= 100.0, key
+    assert results["train_steps"] == 4
+    assert results["num_eval_images"] == 40
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_batch_size"] == 32  # the global batch: 2 processes x 16
+    assert config["queue_size"] == 64
+    assert json.loads((out / "training_args.json").read_text())["use_cpu"] is True
+    assert "| world\\_size | 2 |" in (out / "README.md").read_text()

@@ -383,3 +383,22 @@ def test_structure_losses_have_finite_gradients_and_float32_under_bfloat16():
     for name, value in outputs.items():
         assert value.dtype == torch.float32, name
         assert value.item() == pytest.approx(references[name].item(), rel=1e-4, abs=1e-5), name
+
+
+def test_decomposable_with_soft_targets_has_the_soft_info_nce_gradient():
+    """Several positives per anchor: with u = 1/Z from the batch, the gradient equals that of soft-target
+    InfoNCE (`contrastive_cross_entropy` with the same targets)."""
+    from vlalign.losses import contrastive_cross_entropy, positive_targets
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    ids = torch.tensor([0, 1, 1, 2, 2, 2])
+    positives = positive_targets(ids, ids, 6, 6) > 0
+    targets = positives.double() / positives.double().sum(1, keepdim=True)  # rows sum to 1 exactly in float64
+    log_z = estimate_log_z(q, k, 0.1)
+    decomposable_info_nce(q, k, 0.1, sample_log_u(log_z, sample=False), targets=targets).backward()
+    grad_q, grad_k = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    contrastive_cross_entropy(q, k, 0.1, targets).backward()
+    assert torch.allclose(grad_q, q.grad, atol=1e-12) and torch.allclose(grad_k, k.grad, atol=1e-12)

@@ -409,6 +409,7 @@ def decomposable_info_nce(
     temperature: torch.Tensor | float,
     log_u: torch.Tensor,
     offset: int = 0,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Augmented (decomposable) InfoNCE: ``mean_i [ -s_ii/t + u_i * sum_j exp(s_ij/t) ]``.
 
@@ -419,6 +420,8 @@ def decomposable_info_nce(
         temperature: scalar (float or 0-dim tensor, may require grad).
         log_u: (N,) log of the auxiliary variables; treated as a constant (detached here).
         offset: query i's positive is key ``offset + i``.
+        targets: optional (N, M) rows summing to 1 (several positives): the positive term becomes
+            ``sum_j targets_ij * s_ij / t``, the soft-target InfoNCE's, and the defining property below still holds.
 
     With ``log_u = -logsumexp_j(s_ij/t)`` from the same logits, the gradient equals InfoNCE's while the value does
     not (it is ``mean_i(-s_ii/t) + 1``).
@@ -427,7 +430,11 @@ def decomposable_info_nce(
     log_u = log_u.detach().to(device=logits.device, dtype=logits.dtype)
     # u * Z as one exp of a sum of logs: Z alone overflows float32 at small temperatures
     partition_term = torch.exp(log_u + torch.logsumexp(logits, dim=1))
-    return (partition_term - _positive_logits(logits, offset)).mean()
+    if targets is None:
+        positive = _positive_logits(logits, offset)
+    else:
+        positive = (targets.to(logits.dtype) * logits).sum(dim=1)
+    return (partition_term - positive).mean()
 
 
 @torch.no_grad()
@@ -570,7 +577,10 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         image_queue: torch.Tensor | None = None,
         text_queue: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        image_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image_ids`` (optional, (B,)): pairs with equal ids are all positives of each other, as in
+        `info_nce` (soft targets spread over them)."""
         batch = image_embeds.shape[0]
         if self.z_estimate == "running":
             if sample_ids is None or sample_ids.numel() != batch:
@@ -584,6 +594,10 @@ class DecomposableContrastiveLoss(torch.nn.Module):
             estimate_temperature = temperature
         all_images, offset = gathered_keys(image_embeds)
         all_texts, _ = gathered_keys(text_embeds)
+        targets = None
+        if image_ids is not None:
+            targets = positive_targets(image_ids, all_gather_no_grad(image_ids), batch, all_texts.shape[0],
+                                       device=image_embeds.device, offset=offset)
         directions = (
             (image_embeds, all_texts, text_queue, self.running_i2t),
             (text_embeds, all_images, image_queue, self.running_t2i),
@@ -592,7 +606,7 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         for queries, keys, queue, running in directions:
             log_z = self._log_z(queries, keys, estimate_temperature, offset, queue, running, sample_ids)
             log_u = sample_log_u(log_z, self.sample_u, generator)
-            losses.append(decomposable_info_nce(queries, keys, temperature, log_u, offset=offset))
+            losses.append(decomposable_info_nce(queries, keys, temperature, log_u, offset=offset, targets=targets))
         return losses[0], losses[1]
 
 

@@ -418,7 +418,8 @@ class TCLModel(TCLPreTrainedModel):
                 if cfg.z_estimate == "queue":
                     queues = {"image_queue": self.image_queue.features, "text_queue": self.text_queue.features}
                 losses["i2t"], losses["t2i"] = self.decomposable_loss(
-                    student["image_feat"], student["text_feat"], temp, sample_ids=sample_ids, **queues)
+                    student["image_feat"], student["text_feat"], temp, sample_ids=sample_ids, image_ids=positive_ids,
+                    **queues)
             else:
                 _, losses["i2t"], losses["t2i"] = info_nce(student["image_feat"], student["text_feat"], temp,
                                                            positive_ids, return_directions=True)
