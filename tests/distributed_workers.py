@@ -1,7 +1,8 @@
 """Worker functions for tests/test_distributed.py (importable, so `torch.multiprocessing` can spawn them).
 
-Every worker has the signature ``worker(rank, world_size, port, out_dir, ...)``: it joins a gloo process group on
-127.0.0.1:``port``, runs its scenario, and saves what the parent test needs to ``out_dir/<name>_rank<r>.pt``.
+`scenario_worker(rank, world_size, port, out_dir, names)` joins a gloo process group on 127.0.0.1:``port``, runs
+the scenarios ``scenario_<name>(rank, world_size)`` and saves what each returns (what the parent test needs) to
+``out_dir/<name>_rank<r>.pt``.
 The parent computes the single-process references and does the assertions, so failures read as ordinary pytest
 assertion errors. Inputs are built by functions of this module shared by parent and workers (same seeds).
 """
@@ -63,10 +64,17 @@ def _init(rank: int, world_size: int, port: int) -> None:
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
-def _finish(out_dir: str, name: str, rank: int, payload: dict) -> None:
-    torch.save(payload, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+def scenario_worker(rank: int, world_size: int, port: int, out_dir: str, names: tuple[str, ...]) -> None:
+    """Spawn entry point: join the process group once, run the named scenarios in order (each process pays the
+    torch/transformers imports once), save each payload to ``out_dir/<name>_rank<rank>.pt``."""
+    _init(rank, world_size, port)
+    try:
+        for name in names:
+            payload = globals()[f"scenario_{name}"](rank, world_size)
+            torch.save(payload, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def rows_of(rank: int, per_rank: int = GLOBAL_BATCH // WORLD_SIZE) -> slice:
@@ -166,10 +174,9 @@ class _GatherRecorder:
         self.losses.all_gather_with_grad = self.original
 
 
-def info_nce_worker(rank, world_size, port, out_dir):
+def scenario_info_nce(rank, world_size):
     from vlalign.losses import info_nce
 
-    _init(rank, world_size, port)
     images, texts = embedding_pairs(seed=0)
     rows = rows_of(rank)
     results = {}
@@ -195,13 +202,12 @@ def info_nce_worker(rank, world_size, port, out_dir):
                     gathered_images=gathered_images.detach(), gathered_texts=gathered_texts.detach(),
                 )
         results[name] = result
-    _finish(out_dir, "info_nce", rank, results)
+    return results
 
 
-def intra_modal_worker(rank, world_size, port, out_dir):
+def scenario_intra_modal(rank, world_size):
     from vlalign.losses import intra_modal_info_nce
 
-    _init(rank, world_size, port)
     queries, other_view = embedding_pairs(seed=1)
     rows = rows_of(rank)
     results = {}
@@ -216,7 +222,7 @@ def intra_modal_worker(rank, world_size, port, out_dir):
         results[name] = dict(loss=loss.detach(), query_grad=q.grad, key_grad=k.grad,
                              temperature_grad=temp.grad if learnable else None,
                              gathered_key_grad=gathered_keys.grad)
-    _finish(out_dir, "intra_modal", rank, results)
+    return results
 
 
 QUEUE_SIZE = 10
@@ -234,10 +240,9 @@ def queue_step_inputs(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor 
     return features, ids
 
 
-def feature_queue_worker(rank, world_size, port, out_dir):
+def scenario_feature_queue(rank, world_size):
     from vlalign.losses import FeatureQueue
 
-    _init(rank, world_size, port)
     torch.manual_seed(0)  # identical initial contents on every rank
     queue = FeatureQueue(QUEUE_SIZE, QUEUE_DIM)
     states = [dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone())]
@@ -245,13 +250,12 @@ def feature_queue_worker(rank, world_size, port, out_dir):
         features, ids = queue_step_inputs(step, rank)
         queue.enqueue(features, ids)
         states.append(dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone()))
-    _finish(out_dir, "feature_queue", rank, states)
+    return states
 
 
-def ddp_model_worker(rank, world_size, port, out_dir):
+def scenario_ddp_model(rank, world_size):
     from torch.nn.parallel import DistributedDataParallel
 
-    _init(rank, world_size, port)
     results = {}
     for case, overrides in DDP_MODEL_CASES.items():
         model = build_model(seed=0, **overrides)
@@ -264,17 +268,16 @@ def ddp_model_worker(rank, world_size, port, out_dir):
             grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
             components=out.loss_components(),
         )
-    _finish(out_dir, "ddp_model", rank, results)
+    return results
 
 
 MOMENTUM_POSITIVE_IDS = (torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 12, 0]))
 
 
-def momentum_worker(rank, world_size, port, out_dir):
+def scenario_momentum(rank, world_size):
     from conftest import tiny_batch
     from torch.nn.parallel import DistributedDataParallel
 
-    _init(rank, world_size, port)
     model = build_model(seed=0, **MOMENTUM_CONFIG)
     initial = dict(image=model.image_queue.features.clone(), text=model.text_queue.features.clone())
     # the fusion layers are unused when itm and mlm are off, as under the Trainer's DDP
@@ -296,4 +299,4 @@ def momentum_worker(rank, world_size, port, out_dir):
         **{f"{which}_queue": dict(features=q.features.clone(), ids=q.ids.clone(), ptr=q.ptr.clone())
            for which, q in (("image", model.image_queue), ("text", model.text_queue))},
     )
-    _finish(out_dir, "momentum", rank, payload)
+    return payload

@@ -1,8 +1,8 @@
 """Exactness across processes: contrastive losses, feature queues, DDP training and `accelerate launch`.
 
-Each test spawns 2 CPU processes (gloo on 127.0.0.1, a port picked by binding port 0) running a worker from
-`distributed_workers.py`; the workers save their results and this process compares them with a single process
-on the concatenated batch. Every spawn and subprocess has a timeout and is killed when it runs over.
+Two module fixtures each spawn 2 CPU processes (gloo on 127.0.0.1, a port picked by binding port 0) that run
+scenarios from `distributed_workers.py` and save their results; the tests compare them with a single process on
+the concatenated batch. Every spawn and subprocess has a timeout and is killed when it runs over.
 
 The identity behind the loss tests: with W processes each holding B/W rows, rank r's "local loss" L_r (its rows
 against keys gathered from every rank) satisfies ``L_full = mean_r L_r``. The gather's backward sums over ranks,
@@ -36,10 +36,23 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-def _run(worker, name, tmp_path, timeout=120.0):
+def _run(names, out_dir, timeout=150.0):
+    """Run the named scenarios on 2 spawned processes; {name: [payload of rank 0, payload of rank 1]}."""
     assert not torch.distributed.is_initialized()  # references below must take the single-process path
-    workers.run_distributed(worker, str(tmp_path), timeout=timeout)
-    return [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=False) for r in range(W)]
+    workers.run_distributed(workers.scenario_worker, str(out_dir), tuple(names), timeout=timeout)
+    return {name: [torch.load(out_dir / f"{name}_rank{r}.pt", weights_only=False) for r in range(W)]
+            for name in names}
+
+
+# one spawn per group of tests: each spawned process spends seconds importing torch and transformers
+@pytest.fixture(scope="module")
+def loss_results(tmp_path_factory):
+    return _run(["info_nce", "intra_modal", "feature_queue"], tmp_path_factory.mktemp("losses"))
+
+
+@pytest.fixture(scope="module")
+def model_results(tmp_path_factory):
+    return _run(["ddp_model", "momentum"], tmp_path_factory.mktemp("model"))
 
 
 def _close(actual, expected, msg="", **tol):
@@ -60,8 +73,8 @@ def _full_batch_info_nce(use_ids, learnable):
                 temperature_grad=temp.grad if learnable else None, images=images, texts=texts)
 
 
-def test_info_nce_across_two_processes_equals_full_batch(tmp_path):
-    ranks = _run(workers.info_nce_worker, "info_nce", tmp_path)
+def test_info_nce_across_two_processes_equals_full_batch(loss_results):
+    ranks = loss_results["info_nce"]
     for name, use_ids, learnable in workers.LOSS_CASES:
         full = _full_batch_info_nce(use_ids, learnable)
         per_rank = [r[name] for r in ranks]
@@ -94,8 +107,8 @@ def test_info_nce_across_two_processes_equals_full_batch(tmp_path):
                    f"{name}: temperature gradient averaged over ranks")
 
 
-def test_intra_modal_info_nce_across_two_processes_equals_full_batch(tmp_path):
-    ranks = _run(workers.intra_modal_worker, "intra_modal", tmp_path)
+def test_intra_modal_info_nce_across_two_processes_equals_full_batch(loss_results):
+    ranks = loss_results["intra_modal"]
     queries, other_view = workers.embedding_pairs(seed=1)
     for name, learnable in (("fixed_temperature", False), ("learnable_temperature", True)):
         q, k = queries.clone().requires_grad_(), other_view.clone().requires_grad_()
@@ -117,8 +130,8 @@ def test_intra_modal_info_nce_across_two_processes_equals_full_batch(tmp_path):
                    f"{name}: temperature gradient averaged over ranks")
 
 
-def test_feature_queue_enqueue_gathers_all_ranks_in_rank_order(tmp_path):
-    ranks = _run(workers.feature_queue_worker, "feature_queue", tmp_path)
+def test_feature_queue_enqueue_gathers_all_ranks_in_rank_order(loss_results):
+    ranks = loss_results["feature_queue"]
     size = workers.QUEUE_SIZE
     torch.manual_seed(0)
     reference = FeatureQueue(size, workers.QUEUE_DIM)  # same seed as the workers: same initial contents
@@ -156,15 +169,9 @@ def _full_batch_model_grads(case):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def ddp_model_results(tmp_path_factory):
-    """Both model cases come from one spawn (each spawn costs a few seconds of imports)."""
-    return _run(workers.ddp_model_worker, "ddp_model", tmp_path_factory.mktemp("ddp_model"))
-
-
 @pytest.mark.parametrize("case", list(workers.DDP_MODEL_CASES))
-def test_ddp_tcl_gradients_equal_single_process_full_batch(ddp_model_results, case):
-    ranks = ddp_model_results
+def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case):
+    ranks = model_results["ddp_model"]
     out, full_grads = _full_batch_model_grads(case)
     per_rank = [r[case] for r in ranks]
     assert set(per_rank[0]["components"]) == set(out.loss_components())
@@ -176,12 +183,13 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(ddp_model_results, ca
         for rank, result in enumerate(per_rank):
             actual = result["grads"][name]
             assert actual is not None, f"rank {rank}: {name} got no gradient"
-            _close(actual, expected, f"rank {rank}: gradient of {name} (DDP on 2 x 4 vs 1 x 8)", rtol=0.0,
+            # float32 with other batch shapes and thread counts: ~3e-6 observed, a gradient-less gather is off by ~1
+            _close(actual, expected, f"rank {rank}: gradient of {name} (DDP on 2 x 4 vs 1 x 8)", rtol=1e-5,
                    atol=1e-5)
 
 
-def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_order(tmp_path):
-    ranks = _run(workers.momentum_worker, "momentum", tmp_path)
+def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_order(model_results):
+    ranks = model_results["momentum"]
     per_rank = workers.GLOBAL_BATCH // W
     size = workers.MOMENTUM_CONFIG["queue_size"]
     expected_ids = torch.full((size,), -1, dtype=torch.long)
