@@ -144,7 +144,7 @@ def build_model(seed: int, **config_overrides):
 
 
 class _GatherRecorder:
-    """Wraps `vlalign.losses.all_gather_with_grad` (the real one still runs) to keep each gathered tensor and its
+    """Wraps `vlalign.losses._all_gather` (the real one still runs) to keep each gathered tensor and its
     gradient: the key-side gradient of this rank's loss w.r.t. the *whole* gathered batch. With ``cut=True`` the
     gathered keys are detached (what a plain, gradient-less `dist.all_gather` gives): the rank's embedding
     gradient is then the query-side term of its own loss only."""
@@ -153,25 +153,27 @@ class _GatherRecorder:
         import vlalign.losses as losses
 
         self.losses = losses
-        self.original = losses.all_gather_with_grad
+        self.original = losses._all_gather
         self.cut = cut
         self.gathered: list[torch.Tensor] = []
 
     def __enter__(self):
-        def recording(tensor):
-            out = self.original(tensor)
+        def recording(tensor, with_grad):
+            out, offset = self.original(tensor, with_grad)
+            if not with_grad:
+                return out, offset
             if self.cut:
                 out = out.detach()
             else:
                 out.retain_grad()
             self.gathered.append(out)
-            return out
+            return out, offset
 
-        self.losses.all_gather_with_grad = recording
+        self.losses._all_gather = recording
         return self
 
     def __exit__(self, *exc):
-        self.losses.all_gather_with_grad = self.original
+        self.losses._all_gather = self.original
 
 
 def scenario_info_nce(rank, world_size):
@@ -300,3 +302,24 @@ def scenario_momentum(rank, world_size):
            for which, q in (("image", model.image_queue), ("text", model.text_queue))},
     )
     return payload
+
+
+UNEQUAL_ROWS = (slice(0, 5), slice(5, 8))  # rank 0 holds 5 pairs, rank 1 holds 3 (e.g. after dropped images)
+
+
+def scenario_unequal_batches(rank, world_size):
+    """Processes holding different numbers of rows: gathers must not fail, and weighting each process's mean loss
+    by its share of the rows gives back the full-batch loss and gradients."""
+    from vlalign.losses import FeatureQueue, info_nce
+
+    images, texts = embedding_pairs(seed=0)
+    rows = UNEQUAL_ROWS[rank]
+    img, txt = images[rows].clone().requires_grad_(), texts[rows].clone().requires_grad_()
+    loss = info_nce(img, txt, 0.07)
+    share = img.shape[0] / images.shape[0]
+    (loss * share).backward()
+    torch.manual_seed(0)
+    queue = FeatureQueue(10, images.shape[1])
+    queue.enqueue(images[rows].float(), torch.arange(8)[rows])
+    return dict(weighted_loss=(loss * share).detach(), image_grad=img.grad, text_grad=txt.grad,
+                queue_ids=queue.ids.clone(), queue_ptr=queue.ptr.clone())

@@ -394,7 +394,7 @@ def mixed_rows():
 
 
 def test_collator_skips_bad_rows_and_counts(processor, caplog):
-    collator = ImageTextCollator(processor, label_column="label", image_id_column="image_id", seed=0)
+    collator = ImageTextCollator(processor, label_column="label", image_id_column="image_id", seed=0, refill=False)
     with caplog.at_level(logging.WARNING, logger="vlalign.data"):
         batch = collator(mixed_rows())
     good = [0, 2, 7]
@@ -412,6 +412,21 @@ def test_collator_skips_bad_rows_and_counts(processor, caplog):
     # totals accumulate across calls; the per-batch count does not
     batch = collator(mixed_rows()[:2])
     assert batch["num_skipped"] == 1 and collator.num_skipped == 4
+
+
+def test_collator_refills_dropped_rows_from_earlier_good_items(processor):
+    collator = ImageTextCollator(processor, label_column="label", image_id_column="image_id", seed=0)
+    first = collator(mixed_rows())  # nothing seen yet: the 5 bad rows cannot be replaced
+    assert first["pixel_values"].shape[0] == 3 and first["num_skipped"] == 5 and collator.num_refilled == 0
+    second = collator(mixed_rows())  # now the 5 dropped rows are replaced by good items already seen
+    assert second["pixel_values"].shape[0] == len(mixed_rows()) == 8
+    assert second["num_skipped"] == 5 and collator.num_refilled == 5
+    assert set(second["positive_ids"].tolist()) <= {i % 3 for i in (0, 2, 7)}
+    texts = processor.batch_decode(second["input_ids"], skip_special_tokens=True)
+    assert set(texts) <= {"one caption", "another caption", "good caption", "last good"}
+    # an all-bad batch after good ones keeps its size too
+    bad_rows = [r for i, r in enumerate(mixed_rows()) if i in (1, 3, 4, 5)]
+    assert collator(bad_rows)["pixel_values"].shape[0] == 4
 
 
 def test_collator_all_bad_batch_is_flagged_empty(processor):

@@ -47,7 +47,7 @@ def _run(names, out_dir, timeout=150.0):
 # one spawn per group of tests: each spawned process spends seconds importing torch and transformers
 @pytest.fixture(scope="module")
 def loss_results(tmp_path_factory):
-    return _run(["info_nce", "intra_modal", "feature_queue"], tmp_path_factory.mktemp("losses"))
+    return _run(["info_nce", "intra_modal", "feature_queue", "unequal_batches"], tmp_path_factory.mktemp("losses"))
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +256,20 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert config["queue_size"] == 64
     assert json.loads((out / "training_args.json").read_text())["use_cpu"] is True
     assert "| world\\_size | 2 |" in (out / "README.md").read_text()
+
+
+def test_processes_with_different_batch_sizes(loss_results):
+    """A collator that dropped unreadable images leaves ranks with different batch sizes: gathers pad and trim,
+    and the per-rank losses weighted by their share of rows are exactly the full-batch loss and gradients."""
+    ranks = loss_results["unequal_batches"]
+    images, texts = workers.embedding_pairs(seed=0)
+    img, txt = images.clone().requires_grad_(), texts.clone().requires_grad_()
+    loss = info_nce(img, txt, 0.07)
+    loss.backward()
+    _close(sum(r["weighted_loss"] for r in ranks), loss.detach())
+    for rank, rows in enumerate(workers.UNEQUAL_ROWS):
+        _close(ranks[rank]["image_grad"], img.grad[rows], msg=f"rank {rank} image grad")
+        _close(ranks[rank]["text_grad"], txt.grad[rows], msg=f"rank {rank} text grad")
+    for r in ranks:  # 5 + 3 rows, rank order, identical on both ranks
+        assert r["queue_ids"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1]
+        assert r["queue_ptr"].item() == 8

@@ -441,7 +441,9 @@ class ImageTextCollator:
     `attention_mask`, `positive_ids` (LongTensor; equal ids are positives), `sample_ids` (the dataset row of
     each item, when the rows carry `ROW_ID_COLUMN` as `load_image_text_datasets` adds it), `return_loss=True` and
     `num_skipped` (int, rows dropped from *this* batch for a bad image or caption, so a trainer can accumulate
-    it even when collation runs in dataloader workers). If no row of the batch is usable the result is
+    it even when collation runs in dataloader workers). With ``refill=True`` (default) the dropped rows are
+    replaced by good items drawn from the last batch's worth of good items, so batches keep their size (equal
+    batches on every process); `num_refilled` counts them. If no row of the batch is usable the result is
     `{"num_skipped": n, "empty_batch": True}` and the trainer must skip the step.
 
     Positive ids: the label when `positives_by == "label"` and the label column exists in the row; otherwise
@@ -467,6 +469,7 @@ class ImageTextCollator:
         two_views: bool = True,
         seed: int = 0,
         log_every: int = 100,
+        refill: bool = True,
     ):
         if positives_by not in ("label", "image"):
             raise ValueError(f'positives_by must be "label" or "image", got {positives_by!r}')
@@ -481,6 +484,11 @@ class ImageTextCollator:
         self.two_views = two_views
         self.seed = int(seed)
         self.log_every = int(log_every)
+        # Rows dropped for a bad image/caption are replaced by recently seen good items, so every batch keeps its
+        # size: processes then hold equal batches (their losses weigh the same) and queues stay aligned.
+        self.refill = bool(refill)
+        self._reservoir: list[tuple] = []
+        self.num_refilled = 0
         self.num_skipped = 0
         self.num_skipped_captions = 0
         self._fallback_counter = 0
@@ -553,6 +561,19 @@ class ImageTextCollator:
             captions.append(choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
             ids.append(self._positive_id(row, worker_id, num_workers))
             rows_index.append(row.get(ROW_ID_COLUMN))
+        if self.refill:
+            good = list(zip(images, captions, ids, rows_index))
+            missing = len(rows) - len(good)
+            if missing and self._reservoir:
+                for index in self.rng.integers(len(self._reservoir), size=missing):
+                    image, caption, item_id, row_index = self._reservoir[int(index)]
+                    images.append(image)
+                    captions.append(caption)
+                    ids.append(item_id)
+                    rows_index.append(row_index)
+                self.num_refilled += missing
+            if good:
+                self._reservoir = (self._reservoir + good)[-len(rows):]
         if not images:
             return {"num_skipped": skipped, "empty_batch": True}
         encoded = self.processor(

@@ -259,25 +259,65 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _gather_sizes(count: int, device: torch.device) -> list[int]:
+    """Number of rows held by every process (processes may hold different batch sizes, e.g. after the collator
+    dropped unreadable images)."""
+    size = torch.tensor([count], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _padded_all_gather(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """all_gather of tensors whose first dimensions differ: pad to the largest, gather, drop the padding."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes, strict=True)], dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: rows of every process in rank order. Backward: the gradient w.r.t. the gathered tensor is summed
+    over processes (every process's loss used these rows) and each process keeps the slice of its own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        ctx.start = sum(sizes[: dist.get_rank()])
+        ctx.count = tensor.shape[0]
+        return _padded_all_gather(tensor.detach(), sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None
+
+
+def _all_gather(tensor: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
+    """(rows of all processes in rank order, offset of this process's rows among them)."""
+    if not _distributed():
+        return (tensor if with_grad else tensor.detach()), 0
+    sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    offset = sum(sizes[: dist.get_rank()])
+    if with_grad and tensor.requires_grad:
+        return _AllGatherWithGrad.apply(tensor, sizes), offset
+    return _padded_all_gather(tensor.detach(), sizes), offset
+
+
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all processes along dim 0 in rank order (identity when not distributed). The
-    result carries no gradient: use it for queue updates and negative mining."""
-    if not _distributed():
-        return tensor.detach()
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.detach().contiguous())
-    return torch.cat(gathered, dim=0)
+    result carries no gradient: use it for queue updates and negative mining. Processes may hold different
+    numbers of rows."""
+    return _all_gather(tensor, with_grad=False)[0]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all processes along dim 0 in rank order, keeping the autograd graph: the
     gradient of each rank's slice flows back to the rank that produced it (summed over ranks), so that a loss
-    computed on local rows against all gathered columns gives the full-batch gradient."""
-    if not _distributed():
-        return tensor
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    computed on local rows against all gathered columns gives the full-batch gradient. Processes may hold
+    different numbers of rows."""
+    return _all_gather(tensor, with_grad=True)[0]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -289,8 +329,7 @@ def rank_and_world_size() -> tuple[int, int]:
 
 def gathered_keys(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Keys from every process (with gradient) and the offset of this process's rows among them."""
-    rank, _ = rank_and_world_size()
-    return all_gather_with_grad(local), rank * local.shape[0]
+    return _all_gather(local, with_grad=True)
 
 
 def info_nce(

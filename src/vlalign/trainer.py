@@ -200,6 +200,7 @@ class ContrastiveTrainer(Trainer):
         inputs.pop("return_loss", None)
         scale = 1.0 / self.current_gradient_accumulation_steps
         if inputs.pop("empty_batch", False):
+            self._check_empty_batch_allowed()
             return torch.zeros((), device=self.args.device)
         inputs.setdefault("alpha", self.current_alpha())
         is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -217,6 +218,16 @@ class ContrastiveTrainer(Trainer):
                     parameter.grad.div_(world)
         self._record_components(outputs)
         return outputs.loss.detach() * scale
+
+    def _check_empty_batch_allowed(self) -> None:
+        # The collator refills dropped rows from earlier good items, so an empty batch only happens when every row
+        # seen so far was unreadable. Alone, the step is skipped; with several processes the others would wait
+        # forever in the loss's collectives, so stop with the reason instead.
+        if self.args.world_size > 1:
+            raise RuntimeError(
+                "every image of this process's first batch(es) was unreadable (see the 'Skipped an undecodable "
+                "image' warnings): check image_column and the data files before distributed training"
+            )
 
     def _record_components(self, outputs) -> None:
         if not hasattr(outputs, "loss_components"):
@@ -238,7 +249,8 @@ class ContrastiveTrainer(Trainer):
         skipped = inputs.pop("num_skipped", 0)
         self.num_skipped_items += int(skipped)
         if inputs.pop("empty_batch", False):
-            # every item of this batch was unreadable: a zero loss that touches every parameter keeps DDP in sync
+            self._check_empty_batch_allowed()
+            # every item of this batch was unreadable: a zero loss that touches every parameter
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, None) if return_outputs else loss
         if "alpha" not in inputs and model.training:
