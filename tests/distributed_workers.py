@@ -270,6 +270,21 @@ def scenario_ddp_model(rank, world_size):
             grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
             components=out.loss_components(),
         )
+        # gradient caching under DDP, as ContrastiveTrainer.training_step does it: chunks without DDP's
+        # per-backward all-reduce, then one averaging of the gradients
+        model = build_model(seed=0, **overrides)
+        ddp = DistributedDataParallel(model)
+        with ddp.no_sync():
+            out = model.gradient_cached_backward(**batch, chunk_size=3)
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad.div_(world_size)
+        results[f"{case}_grad_cache"] = dict(
+            loss=out.loss.detach(),
+            grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+            components=out.loss_components(),
+        )
     return results
 
 

@@ -169,11 +169,13 @@ def _full_batch_model_grads(case):
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("grad_cache", [False, True], ids=["plain", "grad_cache"])
 @pytest.mark.parametrize("case", list(workers.DDP_MODEL_CASES))
-def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case):
+def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case, grad_cache):
+    """DDP on 2 x 4 rows, with or without gradient caching (chunks of 3), gives the 1 x 8 full-batch gradients."""
     ranks = model_results["ddp_model"]
     out, full_grads = _full_batch_model_grads(case)
-    per_rank = [r[case] for r in ranks]
+    per_rank = [r[f"{case}_grad_cache" if grad_cache else case] for r in ranks]
     assert set(per_rank[0]["components"]) == set(out.loss_components())
     _close(torch.stack([r["loss"] for r in per_rank]).mean(), out.loss.detach(), "mean over ranks of the loss",
            rtol=0.0, atol=1e-5)
