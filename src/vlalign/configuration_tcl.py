@@ -56,7 +56,9 @@ class TCLConfig(PreTrainedConfig):
             past features, `queue_size` long) or "running" (per-sample running average; needs
             `num_train_samples` and `sample_ids` in the batch).
         sample_u: draw the auxiliary variable u ~ Gamma(1, Z) instead of using its mean 1/Z.
-        running_z_momentum: momentum of the per-sample running average of Z.
+        running_z_momentum: weight of the previous estimate in the per-sample running average of Z (0.1: the new
+            batch estimate weighs 0.9, SogCLR's gamma; each sample is seen once per epoch, so a heavy momentum
+            would keep estimates from a much older model).
         num_train_samples: number of training samples (set by the trainer; sizes the running-Z table).
         use_feature_separation, feature_separation_weight: deep feature separation regulariser (orthogonality +
             independent in-modal contrastive + uniformity, with extra "independent" projection heads).
@@ -102,7 +104,7 @@ class TCLConfig(PreTrainedConfig):
     contrastive_loss: str = "info_nce"
     z_estimate: str = "batch"
     sample_u: bool = False
-    running_z_momentum: float = 0.9
+    running_z_momentum: float = 0.1
     num_train_samples: int | None = None
     use_feature_separation: bool = False
     feature_separation_weight: float = 1.0

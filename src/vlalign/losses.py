@@ -526,7 +526,7 @@ class RunningLogZ(torch.nn.Module):
     all processes before updating, so every process holds the same state.
     """
 
-    def __init__(self, num_samples: int, momentum: float = 0.9):
+    def __init__(self, num_samples: int, momentum: float = 0.1):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -576,7 +576,7 @@ class DecomposableContrastiveLoss(torch.nn.Module):
     """
 
     def __init__(self, z_estimate: str = "batch", sample_u: bool = False, num_samples: int | None = None,
-                 running_momentum: float = 0.9):
+                 running_momentum: float = 0.1):
         super().__init__()
         if z_estimate not in _Z_ESTIMATES:
             raise ValueError(f"z_estimate must be one of {_Z_ESTIMATES}, got {z_estimate!r}")
