@@ -529,7 +529,8 @@ class TCLModel(TCLPreTrainedModel):
     ) -> TCLOutput:
         """One training step's forward AND backward with gradient caching (GradCache, Gao et al. 2021).
 
-        1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk);
+        1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk; the last chunk
+           keeps its graph for step 3);
         2. the alignment losses (CMA / IMC / LMI / decomposable / regularisers) are computed on the cached
            features and back-propagated to them (and to the temperature);
         3. every chunk is embedded again with gradient under its recorded RNG state (same dropout), and the
@@ -557,13 +558,18 @@ class TCLModel(TCLPreTrainedModel):
         def piece(start, stop):
             return {k: v[start:stop] for k, v in batch.items()}
 
-        # 1. cached student features, no graph kept
+        # 1. cached student features, no graph kept -- except for the last chunk, whose graph is kept and reused
+        #    in step 3 instead of being recomputed (saves one chunk's forward per step)
         rng_states, cached = [], []
-        with torch.no_grad():
-            for start, stop in chunks:
-                rng_states.append(_RNGState.capture(input_ids.device))
-                cached.append(self._student_pass(piece(start, stop), keep_tokens=False))
-        leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in cached[0]}
+        for index, (start, stop) in enumerate(chunks):
+            rng_states.append(_RNGState.capture(input_ids.device))
+            if index < len(chunks) - 1:
+                with torch.no_grad():
+                    cached.append(self._student_pass(piece(start, stop), keep_tokens=False))
+            else:
+                last_student = self._student_pass(piece(start, stop), keep_tokens=keep_tokens)
+                cached.append({k: v for k, v in last_student.items() if k not in ("image_tokens", "text_tokens")})
+        leaves = {k: torch.cat([c[k].detach() for c in cached]).requires_grad_(True) for k in cached[0]}
         teacher = self._teacher_pass(batch, positive_ids, temp, alpha, chunk_size=chunk_size)
 
         # 2. alignment losses on the cached features -> their gradients (and the temperature's)
@@ -577,10 +583,16 @@ class TCLModel(TCLPreTrainedModel):
         # 3. re-embed each chunk with gradient and push the cached gradients through it
         fusion_sums: dict[str, torch.Tensor] = {}
         end_state = _RNGState.capture(input_ids.device)
-        for (start, stop), state in zip(chunks, rng_states, strict=True):
-            state.restore()
+        # the last chunk first: its graph from step 1 is then freed before any other chunk builds one
+        order = [len(chunks) - 1, *range(len(chunks) - 1)]
+        for index in order:
+            (start, stop), state = chunks[index], rng_states[index]
             part = piece(start, stop)
-            student = self._student_pass(part, keep_tokens=keep_tokens)
+            if index < len(chunks) - 1:
+                state.restore()
+                student = self._student_pass(part, keep_tokens=keep_tokens)
+            else:
+                student = last_student
             surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves
                             if leaves[k].grad is not None)
             if keep_tokens:
