@@ -213,7 +213,8 @@ class TCLConfig(PreTrainedConfig):
         if self.gradient_cache_chunk_size is not None and (
             not _is_int(self.gradient_cache_chunk_size) or self.gradient_cache_chunk_size <= 0
         ):
-            fail("gradient_cache_chunk_size", f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
+            fail("gradient_cache_chunk_size",
+                 f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
         if self.use_momentum or (decomposable and self.z_estimate == "queue"):
             if not _is_int(self.queue_size) or self.queue_size <= 0:
                 fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
@@ -234,7 +235,8 @@ class TCLConfig(PreTrainedConfig):
         if not 0.0 < self.mlm_probability < 1.0:
             fail("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         if self.mlm_weight > 0 and not (_is_int(self.mask_token_id) and 0 <= self.mask_token_id < text.vocab_size):
-            fail("mask_token_id", f"{self.mask_token_id!r} is not a token id of the text vocabulary ({text.vocab_size})")
+            fail("mask_token_id",
+                 f"{self.mask_token_id!r} is not a token id of the text vocabulary ({text.vocab_size})")
         grid = self.patch_grid_size
         if not _is_int(self.lmi_image_grid) or self.lmi_image_grid <= 0 or grid % self.lmi_image_grid != 0:
             fail(

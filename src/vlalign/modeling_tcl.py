@@ -155,7 +155,9 @@ class TCLModel(TCLPreTrainedModel):
         has_fusion = config.num_fusion_layers > 0
         if has_fusion:
             # fusion layers share the text encoder's config object, so attention-implementation changes reach both
-            self.fusion_model = FusionEncoder(self.text_model.config, config.num_fusion_layers, vision_config.hidden_size)
+            self.fusion_model = FusionEncoder(
+                self.text_model.config, config.num_fusion_layers, vision_config.hidden_size
+            )
             self.itm_head = nn.Linear(text_config.hidden_size, 2)
             self.mlm_head = MLMHead(text_config)
 
