@@ -740,3 +740,76 @@ def geometric_consistency_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: to
     augmented = ((gram_v - gram_v_aug).square().sum() + (gram_t - gram_t_aug).square().sum()) / num
     augmented = augmented + (paired - paired_aug).square().mean()
     return {"cross": cross, "augmented": augmented, "total": cross + augmented}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimal transport (CODIS, Duan et al., CVPR 2022): plans between a batch of features and a codebook, computed
+# without gradient. Marginals default to uniform: 1/N per row (sample), 1/K per column (code).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _uniform_marginals(cost: torch.Tensor, row_marginal, column_marginal):
+    rows, cols = cost.shape
+    a = torch.full((rows,), 1.0 / rows, dtype=cost.dtype, device=cost.device) if row_marginal is None else row_marginal
+    b = (torch.full((cols,), 1.0 / cols, dtype=cost.dtype, device=cost.device)
+         if column_marginal is None else column_marginal)
+    return a.to(cost.dtype), b.to(cost.dtype)
+
+
+@torch.no_grad()
+@full_precision
+def sinkhorn(
+    cost: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 100,
+    row_marginal: torch.Tensor | None = None,
+    column_marginal: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Entropic OT plan (Sinkhorn-Knopp) for an (N, K) cost: ``argmin <T, C> - epsilon * H(T)`` subject to the
+    marginals, by alternating scalings in the log domain (stable for small epsilon). No gradient. The final row
+    scaling makes the row marginals exact; the column marginals converge with `iterations`."""
+    if epsilon <= 0 or iterations <= 0:
+        raise ValueError(f"sinkhorn needs epsilon > 0 and iterations > 0, got {epsilon}, {iterations}")
+    dtype = _loss_dtype(cost)
+    cost = cost.to(dtype)
+    a, b = _uniform_marginals(cost, row_marginal, column_marginal)
+    log_kernel = -cost / epsilon
+    log_a, log_b = a.log(), b.log()
+    log_v = torch.zeros_like(log_b)
+    for _ in range(iterations):
+        log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
+        log_v = log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0)
+    log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
+    return torch.exp(log_u[:, None] + log_kernel + log_v[None, :])
+
+
+@torch.no_grad()
+@full_precision
+def ipot(
+    cost: torch.Tensor,
+    beta: float = 0.5,
+    iterations: int = 50,
+    inner_iterations: int = 1,
+    row_marginal: torch.Tensor | None = None,
+    column_marginal: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inexact proximal point OT (IPOT, Xie et al. 2019) for an (N, K) cost: each outer step solves
+    ``argmin <T, C> + beta * KL(T || T_prev)`` approximately with `inner_iterations` Sinkhorn scalings of the kernel
+    ``exp(-C / beta) * T_prev``. Unlike Sinkhorn it converges to the exact (unregularised) OT plan as iterations
+    grow, for a fixed beta. No gradient; computed in the log domain."""
+    if beta <= 0 or iterations <= 0 or inner_iterations <= 0:
+        raise ValueError(f"ipot needs beta > 0 and positive iteration counts, got {beta}, {iterations}, "
+                         f"{inner_iterations}")
+    dtype = _loss_dtype(cost)
+    cost = cost.to(dtype)
+    a, b = _uniform_marginals(cost, row_marginal, column_marginal)
+    log_a, log_b = a.log(), b.log()
+    log_plan = (log_a[:, None] + log_b[None, :])  # independent coupling as the starting point
+    log_v = torch.zeros_like(log_b)
+    for _ in range(iterations):
+        log_q = -cost / beta + log_plan
+        for _ in range(inner_iterations):
+            log_u = log_a - torch.logsumexp(log_q + log_v[None, :], dim=1)
+            log_v = log_b - torch.logsumexp(log_q + log_u[:, None], dim=0)
+        log_plan = log_u[:, None] + log_q + log_v[None, :]
+    return torch.exp(log_plan)
