@@ -48,7 +48,9 @@ def test_small_square_problems_approach_the_exact_assignment(solver, kwargs, see
     optimum = cost.numpy()[rows, cols].sum() / n
     plan = solver(cost, **kwargs)
     assert np.array_equal(plan.argmax(dim=1).numpy(), cols)
-    assert (plan * cost).sum().item() == pytest.approx(optimum, abs=1e-3)
+    # Sinkhorn's entropic plan is suboptimal by at most epsilon * (H(a) + H(b)) = 2 epsilon log n; IPOT is not
+    entropic_bias = 2 * kwargs.get("epsilon", 0.0) * np.log(n)
+    assert optimum - 1e-4 <= (plan * cost).sum().item() <= optimum + entropic_bias + 1e-4  # marginals to ~1e-5
 
 
 def test_ipot_converges_to_the_exact_plan_for_fixed_beta_where_sinkhorn_stays_blurred():
