@@ -394,12 +394,6 @@ class FeatureQueue(torch.nn.Module):
     def size(self) -> int:
         return self.features.shape[0]
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.features.copy_(F.normalize(torch.randn_like(self.features), dim=1))
-            self.ids.fill_(-1)
-            self.ptr.zero_()
-
     def keys(self, batch_features: torch.Tensor) -> torch.Tensor:
         return torch.cat([batch_features, self.features.clone().detach().to(batch_features.dtype)], dim=0)
 
@@ -756,6 +750,13 @@ def _uniform_marginals(cost: torch.Tensor, row_marginal, column_marginal):
     return a.to(cost.dtype), b.to(cost.dtype)
 
 
+def _scaling_step(log_kernel, log_a, log_b, log_v):
+    """One Sinkhorn scaling of rows then columns, in the log domain: returns the new (log_u, log_v)."""
+    log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
+    log_v = log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0)
+    return log_u, log_v
+
+
 @torch.no_grad()
 @full_precision
 def sinkhorn(
@@ -777,8 +778,7 @@ def sinkhorn(
     log_a, log_b = a.log(), b.log()
     log_v = torch.zeros_like(log_b)
     for _ in range(iterations):
-        log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
-        log_v = log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0)
+        log_u, log_v = _scaling_step(log_kernel, log_a, log_b, log_v)
     log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
     return torch.exp(log_u[:, None] + log_kernel + log_v[None, :])
 
@@ -809,7 +809,6 @@ def ipot(
     for _ in range(iterations):
         log_q = -cost / beta + log_plan
         for _ in range(inner_iterations):
-            log_u = log_a - torch.logsumexp(log_q + log_v[None, :], dim=1)
-            log_v = log_b - torch.logsumexp(log_q + log_u[:, None], dim=0)
+            log_u, log_v = _scaling_step(log_q, log_a, log_b, log_v)
         log_plan = log_u[:, None] + log_q + log_v[None, :]
     return torch.exp(log_plan)

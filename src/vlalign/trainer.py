@@ -196,11 +196,9 @@ class ContrastiveTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = dict(self._prepare_inputs(inputs))
-        self.num_skipped_items += int(inputs.pop("num_skipped", 0))
         inputs.pop("return_loss", None)
         scale = 1.0 / self.current_gradient_accumulation_steps
-        if inputs.pop("empty_batch", False):
-            self._check_empty_batch_allowed()
+        if self._pop_bookkeeping(inputs):
             return torch.zeros((), device=self.args.device)
         inputs.setdefault("alpha", self.current_alpha())
         is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -219,7 +217,11 @@ class ContrastiveTrainer(Trainer):
         self._record_components(outputs)
         return outputs.loss.detach() * scale
 
-    def _check_empty_batch_allowed(self) -> None:
+    def _pop_bookkeeping(self, inputs: dict) -> bool:
+        """Take the collator's skip count out of `inputs` (into the run total) and say whether the batch is empty."""
+        self.num_skipped_items += int(inputs.pop("num_skipped", 0))
+        if not inputs.pop("empty_batch", False):
+            return False
         # The collator refills dropped rows from earlier good items, so an empty batch only happens when every row
         # seen so far was unreadable. Alone, the step is skipped; with several processes the others would wait
         # forever in the loss's collectives, so stop with the reason instead.
@@ -228,6 +230,7 @@ class ContrastiveTrainer(Trainer):
                 "every image of this process's first batch(es) was unreadable (see the 'Skipped an undecodable "
                 "image' warnings): check image_column and the data files before distributed training"
             )
+        return True
 
     def _record_components(self, outputs) -> None:
         if not hasattr(outputs, "loss_components"):
@@ -246,10 +249,7 @@ class ContrastiveTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        skipped = inputs.pop("num_skipped", 0)
-        self.num_skipped_items += int(skipped)
-        if inputs.pop("empty_batch", False):
-            self._check_empty_batch_allowed()
+        if self._pop_bookkeeping(inputs):
             # every item of this batch was unreadable: a zero loss that touches every parameter
             loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (loss, None) if return_outputs else loss
