@@ -13,7 +13,9 @@ from transformers import (
 )
 
 from .configuration_tcl import TCLConfig
-from .modeling_tcl import TCLModel, TCLOutput, TCLPreTrainedModel
+from .albef_stack import ALBEFModel, ALBEFOutput
+from .configuration_albef import ALBEFStackConfig
+from .modeling_tcl import TCLModel, TCLOutput
 from .processing_vlalign import VLAlignProcessor
 
 __version__ = "0.1.0"
@@ -27,4 +29,5 @@ TCLConfig.register_for_auto_class()
 TCLModel.register_for_auto_class("AutoModel")
 VLAlignProcessor.register_for_auto_class()
 
-__all__ = ["TCLConfig", "TCLModel", "TCLOutput", "TCLPreTrainedModel", "VLAlignProcessor", "__version__"]
+__all__ = ["ALBEFModel", "ALBEFOutput", "ALBEFStackConfig", "TCLConfig", "TCLModel", "TCLOutput", "VLAlignProcessor",
+           "__version__"]

@@ -1,4 +1,4 @@
-"""Building blocks of the ALBEF-style image / text / fusion encoder stack shared by TCL and CODIS.
+"""The ALBEF-style image / text / fusion encoder stack shared by TCL and CODIS: building blocks and the base model.
 
 Everything is built from transformers' own blocks: the towers are `AutoModel.from_config` models and the fusion
 layers are BERT attention / feed-forward modules (`BertAttention`, `BertIntermediate`, `BertOutput`) arranged as
@@ -12,11 +12,13 @@ next to them for `trust_remote_code` loading.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bert.modeling_bert import (
@@ -24,6 +26,20 @@ from transformers.models.bert.modeling_bert import (
     BertIntermediate,
     BertOutput,
     BertPredictionHeadTransform,
+)
+from transformers.utils import ModelOutput
+
+from .losses import (
+    FeatureQueue,
+    contrastive_cross_entropy,
+    distillation_targets,
+    info_nce,
+    intra_modal_info_nce,
+    mask_tokens_for_mlm,
+    masked_lm_distillation_loss,
+    positive_targets,
+    sample_hard_negatives,
+    similarity_logits,
 )
 
 
@@ -164,3 +180,637 @@ def pool_patch_locals(patch_features: torch.Tensor, grid_size: int, pooled_grid:
     kernel = grid_size // pooled_grid
     pooled = F.avg_pool2d(grid, kernel_size=kernel, stride=kernel)
     return pooled.flatten(2).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The base model
+
+
+class _RNGState:
+    """CPU (and current CUDA device) RNG state, so a chunk can be re-run with the same dropout masks."""
+
+    def __init__(self, cpu, cuda):
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "_RNGState":
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+@dataclass
+class ALBEFOutput(ModelOutput):
+    """Output of the ALBEF-style models; each model's output class adds its own ``loss_<name>`` fields.
+
+    Training (``return_loss=True``): ``loss`` (the total) and each component ``loss_<name>`` (None for disabled
+    terms), plus ``temperature``. Inference: ``logits_per_image`` (images x texts) / ``logits_per_text``, scaled by
+    1 / temperature, and the normalised ``image_embeds`` / ``text_embeds``.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_i2t: torch.FloatTensor | None = None
+    loss_t2i: torch.FloatTensor | None = None
+    loss_i2i: torch.FloatTensor | None = None
+    loss_t2t: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_mlm: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    temperature: torch.FloatTensor | None = None
+
+    def loss_components(self) -> dict[str, float]:
+        """The non-None loss components as floats, keyed by component name (for logging)."""
+        return {key[len("loss_"):]: float(value.detach()) for key, value in self.items()
+                if key.startswith("loss_") and value is not None}
+
+
+class ALBEFModel(PreTrainedModel):
+    """Base of the ALBEF-style models: towers, projections, temperature, fusion encoder with ITM and MLM heads, EMA
+    teachers and feature queues, the CLIP-like inference API, and a training step split into pieces that each model
+    fills in with its own objectives (and that gradient caching re-uses):
+
+      _student_pass     (per chunk, with grad)  -> features that carry gradient into the alignment losses
+      _teacher_pass     (whole batch, no grad)  -> EMA update, teacher keys + queues, distillation targets
+      _alignment_losses (student, teacher)      -> contrastive terms + the model's own (`_extra_alignment_losses`)
+      _fusion_losses    (per chunk, with grad)  -> ITM and MLM on the token states
+
+    Subclasses set `config_class`, `base_model_prefix` and `output_class`, build their extra modules after
+    `super().__init__(config)` and then call `self._finish_init()`.
+    """
+
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["FusionLayer"]
+    # Our losses are per-batch means: the Trainer must scale them for gradient accumulation itself.
+    accepts_loss_kwargs = False
+    output_class = ALBEFOutput
+    # names of the student modules that have an EMA teacher `momentum_<name>` (fusion ones only with fusion layers)
+    _momentum_modules = ("vision_model", "text_model", "vision_proj", "text_proj")
+    _momentum_fusion_modules = ("fusion_model", "mlm_head")
+
+    # Auto classes written into `auto_map` on save besides the one `register_for_auto_class` records, so that a
+    # saved folder also works in `pipeline("zero-shot-image-classification", ..., trust_remote_code=True)`.
+    _extra_auto_classes = ("AutoModelForZeroShotImageClassification",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        text_config, vision_config = config.text_config, config.vision_config
+        self.vision_model = build_vision_encoder(vision_config)
+        self.text_model = build_text_encoder(text_config, config.num_text_layers)
+        self.vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature)
+        has_fusion = config.num_fusion_layers > 0
+        if has_fusion:
+            # fusion layers share the text encoder's config object, so attention-implementation changes reach both
+            self.fusion_model = FusionEncoder(
+                self.text_model.config, config.num_fusion_layers, vision_config.hidden_size
+            )
+            self.itm_head = nn.Linear(text_config.hidden_size, 2)
+            self.mlm_head = MLMHead(text_config)
+        if config.use_momentum:
+            self.momentum_vision_model = build_vision_encoder(vision_config)
+            self.momentum_text_model = build_text_encoder(text_config, config.num_text_layers)
+            self.momentum_vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+            self.momentum_text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
+            if has_fusion:
+                self.momentum_fusion_model = FusionEncoder(
+                    self.momentum_text_model.config, config.num_fusion_layers, vision_config.hidden_size
+                )
+                self.momentum_mlm_head = MLMHead(text_config)
+        if config.uses_queue:
+            self.image_queue = FeatureQueue(config.queue_size, config.embed_dim)
+            self.text_queue = FeatureQueue(config.queue_size, config.embed_dim)
+
+    def _finish_init(self) -> None:
+        """Initialise the weights, then make every teacher an exact copy of its student."""
+        self.post_init()
+        self.copy_params_to_momentum()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for auto_class in self._extra_auto_classes:
+                auto_map[auto_class] = f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ALBEFModel):
+            init.constant_(module.temp, self.config.temperature)
+        elif isinstance(module, FeatureQueue):
+            init.copy_(module.features, F.normalize(torch.randn_like(module.features), dim=1))
+            init.constant_(module.ids, -1)
+            init.zeros_(module.ptr)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _momentum_pairs(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        names = list(self._momentum_modules)
+        if self.config.num_fusion_layers > 0:
+            names += self._momentum_fusion_modules
+        return [getattr(self, n) for n in names], [getattr(self, f"momentum_{n}") for n in names]
+
+    def momentum_update(self) -> None:
+        """EMA step of every teacher towards its student."""
+        ema_update(*self._momentum_pairs(), momentum=self.config.momentum)
+
+    def copy_params_to_momentum(self) -> None:
+        """Reset every teacher to an exact copy of its student (after loading student weights)."""
+        if self.config.use_momentum:
+            copy_parameters(*self._momentum_pairs())
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
+
+    def _image_tokens(self, pixel_values: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        model = self.momentum_vision_model if momentum else self.vision_model
+        pixel_values = pixel_values.to(self.vision_proj.weight.dtype)
+        return model(pixel_values=pixel_values).last_hidden_state
+
+    def _text_tokens(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+        model = self.momentum_text_model if momentum else self.text_model
+        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _image_feature(self, image_tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        proj = self.momentum_vision_proj if momentum else self.vision_proj
+        return F.normalize(proj(image_tokens[:, 0]), dim=-1)
+
+    def _text_feature(self, text_tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        proj = self.momentum_text_proj if momentum else self.text_proj
+        return F.normalize(proj(text_tokens[:, 0]), dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Inference API (CLIP-like)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (batch, embed_dim)."""
+        return self._image_feature(self._image_tokens(pixel_values))
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings (batch, embed_dim)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self._text_feature(self._text_tokens(input_ids, attention_mask))
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image encoder's token states (batch, tokens, hidden), as the fusion encoder consumes them."""
+        return self._image_tokens(pixel_values)
+
+    def itm_score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Probability that text i matches image i (row-aligned pairs), from the fusion encoder's ITM head.
+
+        Pass ``pixel_values`` or precomputed ``image_tokens`` (from `get_image_tokens`) to re-rank many
+        candidates without re-encoding the images."""
+        if self.config.num_fusion_layers == 0:
+            raise ValueError("itm_score needs fusion layers (config.num_fusion_layers > 0)")
+        if image_tokens is None:
+            if pixel_values is None:
+                raise ValueError("itm_score needs pixel_values or image_tokens")
+            image_tokens = self._image_tokens(pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_tokens = self._text_tokens(input_ids, attention_mask)
+        fused = self.fusion_model(text_tokens, attention_mask, image_tokens)
+        return F.softmax(self.itm_head(fused[:, 0]).float(), dim=-1)[:, 1]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_view2: torch.FloatTensor | None = None,
+        positive_ids: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        alpha: float | None = None,
+        return_loss: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ALBEFOutput:
+        r"""
+        Args:
+            input_ids, attention_mask: tokenised captions (batch, length).
+            pixel_values: images, or the first augmented view when training (batch, 3, H, W).
+            pixel_values_view2: the second augmented view (training; defaults to `pixel_values`).
+            positive_ids: optional (batch,) ids; items with equal ids are positives of each other (several
+                captions of one image, or class-level positives). Without them only pair i <-> i is positive.
+            sample_ids: optional (batch,) dataset indices, for losses that keep per-sample statistics (TCL's
+                decomposable loss with a running-average Z estimate).
+            alpha: momentum-distillation weight for this step (the trainer's ramp); defaults to `config.alpha`.
+            return_loss: compute the training losses (requires images and texts). Otherwise CLIP-style logits.
+            token_type_ids: accepted for tokenizer/pipeline compatibility and ignored (single segments only).
+        """
+        if return_loss:
+            if input_ids is None or pixel_values is None:
+                raise ValueError("training (return_loss=True) needs both input_ids and pixel_values")
+            return self._training_forward(
+                input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, sample_ids,
+                self.config.alpha if alpha is None else float(alpha),
+            )
+
+        image_embeds = self.get_image_features(pixel_values) if pixel_values is not None else None
+        text_embeds = self.get_text_features(input_ids, attention_mask) if input_ids is not None else None
+        logits_per_image = logits_per_text = None
+        temperature = self.temperature
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_text = similarity_logits(text_embeds, image_embeds, temperature)
+            logits_per_image = logits_per_text.t()
+        return self.output_class(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            temperature=temperature.detach(),
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training pieces. Subclasses extend `_needs`, `_extra_student_features`, `_extra_teacher_features`,
+    # `_extra_alignment_losses` and define `_alignment_total`.
+
+    def _needs(self) -> dict[str, bool]:
+        cfg = self.config
+        return {
+            "view2": not cfg.use_momentum and cfg.imc_weight > 0,
+            "fusion": cfg.itm_weight > 0 or cfg.mlm_weight > 0,
+        }
+
+    def _student_pass(self, batch: dict, keep_tokens: bool) -> dict[str, torch.Tensor]:
+        """Student features of one (chunk of a) batch. Everything returned carries gradient."""
+        out: dict[str, torch.Tensor] = {}
+        tokens = {"image": self._image_tokens(batch["pixel_values"]),
+                  "text": self._text_tokens(batch["input_ids"], batch["attention_mask"])}
+        out["image_feat"] = self._image_feature(tokens["image"])
+        out["text_feat"] = self._text_feature(tokens["text"])
+        if self._needs()["view2"]:
+            tokens["image2"] = self._image_tokens(batch["pixel_values_view2"])
+            tokens["text2"] = self._text_tokens(batch["input_ids"], batch["attention_mask"])  # dropout view
+            out["image_feat2"] = self._image_feature(tokens["image2"])
+            out["text_feat2"] = self._text_feature(tokens["text2"])
+        self._extra_student_features(out, tokens)
+        if keep_tokens:
+            out["image_tokens"] = tokens["image"]
+            out["text_tokens"] = tokens["text"]
+        return out
+
+    def _extra_student_features(self, out: dict, tokens: dict) -> None:
+        """Add model-specific student features to `out` from the token states (`image`, `text`, and with a second
+        view `image2`, `text2`)."""
+
+    @torch.no_grad()
+    def _teacher_pass(self, batch: dict, positive_ids, temp, alpha, chunk_size: int | None = None) -> dict:
+        """EMA update, then the teacher's features, keys and distillation targets (no gradient)."""
+        cfg = self.config
+        teacher: dict = {}
+        if not cfg.use_momentum:
+            return teacher
+        self.momentum_update()
+        size = batch["input_ids"].shape[0]
+        chunk_size = chunk_size or size
+        parts: dict[str, list] = {}
+        for start in range(0, size, chunk_size):
+            piece = {k: v[start : start + chunk_size] for k, v in batch.items()}
+            tokens = {"image": self._image_tokens(piece["pixel_values_view2"], momentum=True),
+                      "text": self._text_tokens(piece["input_ids"], piece["attention_mask"], momentum=True)}
+            features = {"image_feat_m": self._image_feature(tokens["image"], momentum=True),
+                        "text_feat_m": self._text_feature(tokens["text"], momentum=True)}
+            self._extra_teacher_features(features, tokens)
+            if cfg.mlm_weight > 0 and alpha > 0:
+                features["image_tokens_m"] = tokens["image"]
+            for name, value in features.items():
+                parts.setdefault(name, []).append(value)
+        teacher = {k: torch.cat(v) for k, v in parts.items()}
+        image_keys = self.image_queue.keys(teacher["image_feat_m"])
+        text_keys = self.text_queue.keys(teacher["text_feat_m"])
+        key_ids = self.image_queue.key_ids(positive_ids)
+        hard = positive_targets(positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device)
+        teacher["image_keys"], teacher["text_keys"] = image_keys, text_keys
+        teacher["i2t_targets"] = distillation_targets(
+            similarity_logits(teacher["image_feat_m"], text_keys, temp), hard, alpha)
+        teacher["t2i_targets"] = distillation_targets(
+            similarity_logits(teacher["text_feat_m"], image_keys, temp), hard, alpha)
+        return teacher
+
+    def _extra_teacher_features(self, features: dict, tokens: dict) -> None:
+        """Add model-specific teacher features of one chunk to `features` from the teacher's token states."""
+
+    def _cross_modal_losses(self, student, teacher, positive_ids, sample_ids, temp) -> dict[str, torch.Tensor]:
+        """i2t and t2i: against the teacher keys + queue with distillation targets, or in-batch InfoNCE."""
+        if self.config.use_momentum:
+            return {
+                "i2t": contrastive_cross_entropy(student["image_feat"], teacher["text_keys"], temp,
+                                                 teacher["i2t_targets"]),
+                "t2i": contrastive_cross_entropy(student["text_feat"], teacher["image_keys"], temp,
+                                                 teacher["t2i_targets"]),
+            }
+        _, i2t, t2i = info_nce(student["image_feat"], student["text_feat"], temp, positive_ids,
+                               return_directions=True)
+        return {"i2t": i2t, "t2i": t2i}
+
+    def _intra_modal_losses(self, student, teacher, temp) -> dict[str, torch.Tensor]:
+        """i2i and t2t: a student view against the teacher's other view + queue, or against its own second view."""
+        if self.config.use_momentum:
+            return {"i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp),
+                    "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp)}
+        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp),
+                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp)}
+
+    def _alignment_losses(self, student: dict, teacher: dict, batch: dict, positive_ids, sample_ids, temp):
+        """Every loss that depends on the student only through the features of `_student_pass`."""
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.cma_weight > 0:
+            losses.update(self._cross_modal_losses(student, teacher, positive_ids, sample_ids, temp))
+        if cfg.imc_weight > 0:
+            losses.update(self._intra_modal_losses(student, teacher, temp))
+        losses.update(self._extra_alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp))
+        return losses
+
+    def _extra_alignment_losses(self, student, teacher, batch, positive_ids, sample_ids, temp) -> dict:
+        return {}
+
+    def _alignment_total(self, losses: dict) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _fusion_losses(self, student: dict, batch: dict, positive_ids, temp, alpha, image_tokens_m):
+        cfg = self.config
+        losses = {}
+        if cfg.itm_weight > 0:
+            losses["itm"] = self._itm_loss(student["image_tokens"], student["image_feat"], student["text_tokens"],
+                                           student["text_feat"], batch["attention_mask"], positive_ids, temp)
+        if cfg.mlm_weight > 0:
+            losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], student["image_tokens"],
+                                           image_tokens_m, alpha)
+        return losses
+
+    def _fusion_total(self, losses: dict) -> torch.Tensor | None:
+        parts = [w * losses[n] for n, w in (("itm", self.config.itm_weight), ("mlm", self.config.mlm_weight))
+                 if n in losses]
+        return sum(parts) if parts else None
+
+    def _prepare_training(self, input_ids, attention_mask, pixel_values, pixel_values_view2):
+        cfg = self.config
+        if cfg.learnable_temperature:
+            with torch.no_grad():
+                self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "pixel_values_view2": pixel_values if pixel_values_view2 is None else pixel_values_view2}
+        return batch, self.temperature
+
+    def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
+        if self.config.use_momentum:
+            # every process enqueues the features of all processes, in rank order
+            self.image_queue.enqueue(teacher["image_feat_m"], positive_ids)
+            self.text_queue.enqueue(teacher["text_feat_m"], positive_ids)
+
+    def _training_forward(self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids,
+                          sample_ids, alpha):
+        batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
+        student = self._student_pass(batch, keep_tokens=self._needs()["fusion"])
+        teacher = self._teacher_pass(batch, positive_ids, temp, alpha)
+        losses = self._alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp)
+        total = self._alignment_total(losses)
+        fusion = self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher.get("image_tokens_m"))
+        losses.update(fusion)
+        fusion_total = self._fusion_total(fusion)
+        if fusion_total is not None:
+            total = fusion_total if total is None else total + fusion_total
+        self._update_queues(student, teacher, positive_ids)
+        return self.output_class(loss=total, **{f"loss_{n}": v for n, v in losses.items()},
+                                 image_embeds=student["image_feat"], text_embeds=student["text_feat"],
+                                 temperature=temp.detach())
+
+    def gradient_cached_backward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.FloatTensor,
+        pixel_values_view2: torch.FloatTensor | None = None,
+        positive_ids: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        alpha: float | None = None,
+        chunk_size: int | None = None,
+        loss_scale: float = 1.0,
+        backward_fn=None,
+    ) -> ALBEFOutput:
+        """One training step's forward AND backward with gradient caching (GradCache, Gao et al. 2021).
+
+        1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk; the last chunk
+           keeps its graph for step 3);
+        2. the alignment losses (CMA / IMC / LMI / decomposable / regularisers) are computed on the cached
+           features and back-propagated to them (and to the temperature);
+        3. every chunk is embedded again with gradient under its recorded RNG state (same dropout), and the
+           cached feature gradients are back-propagated through it.
+        Peak activation memory is that of one chunk, and the parameter gradients equal those of the
+        full-batch loss. ITM and MLM need the token states of a pair's image and text together: they are
+        computed per chunk in step 3 (ITM hard negatives are mined within the chunk) and averaged over chunks,
+        i.e. their gradients are those of chunk-sized batches.
+
+        ``loss_scale`` multiplies the loss before backward (e.g. 1 / gradient accumulation steps);
+        ``backward_fn(tensor)`` replaces ``tensor.backward()`` (e.g. ``accelerator.backward``). Returns the
+        detached loss and components.
+        """
+        cfg = self.config
+        chunk_size = chunk_size or cfg.gradient_cache_chunk_size
+        if not chunk_size:
+            raise ValueError("gradient_cached_backward needs chunk_size or config.gradient_cache_chunk_size")
+        alpha = cfg.alpha if alpha is None else float(alpha)
+        backward_fn = backward_fn or (lambda tensor: tensor.backward())
+        batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
+        size = input_ids.shape[0]
+        chunks = [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
+        keep_tokens = self._needs()["fusion"]
+
+        def piece(start, stop):
+            return {k: v[start:stop] for k, v in batch.items()}
+
+        # 1. cached student features, no graph kept -- except for the last chunk, whose graph is kept and reused
+        #    in step 3 instead of being recomputed (saves one chunk's forward per step)
+        rng_states, cached = [], []
+        for index, (start, stop) in enumerate(chunks):
+            rng_states.append(_RNGState.capture(input_ids.device))
+            if index < len(chunks) - 1:
+                with torch.no_grad():
+                    cached.append(self._student_pass(piece(start, stop), keep_tokens=False))
+            else:
+                last_student = self._student_pass(piece(start, stop), keep_tokens=keep_tokens)
+                cached.append({k: v for k, v in last_student.items() if k not in ("image_tokens", "text_tokens")})
+        leaves = {k: torch.cat([c[k].detach() for c in cached]).requires_grad_(True) for k in cached[0]}
+        teacher = self._teacher_pass(batch, positive_ids, temp, alpha, chunk_size=chunk_size)
+
+        # 2. alignment losses on the cached features -> their gradients (and the temperature's)
+        losses = self._alignment_losses(leaves, teacher, batch, positive_ids, sample_ids, temp)
+        total = self._alignment_total(losses)
+        if total is not None:
+            backward_fn(total * loss_scale)
+        detached = {k: v.detach() for k, v in losses.items()}
+        total_value = total.detach() if total is not None else torch.zeros((), device=input_ids.device)
+
+        # 3. re-embed each chunk with gradient and push the cached gradients through it
+        fusion_sums: dict[str, torch.Tensor] = {}
+        end_state = _RNGState.capture(input_ids.device)
+        # the last chunk first: its graph from step 1 is then freed before any other chunk builds one
+        order = [len(chunks) - 1, *range(len(chunks) - 1)]
+        for index in order:
+            (start, stop), state = chunks[index], rng_states[index]
+            part = piece(start, stop)
+            if index < len(chunks) - 1:
+                state.restore()
+                student = self._student_pass(part, keep_tokens=keep_tokens)
+            else:
+                student = last_student
+            surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves
+                            if leaves[k].grad is not None)
+            if keep_tokens:
+                ids = None if positive_ids is None else positive_ids[start:stop]
+                image_tokens_m = teacher.get("image_tokens_m")
+                fusion = self._fusion_losses(student, part, ids, temp, alpha,
+                                             None if image_tokens_m is None else image_tokens_m[start:stop])
+                weight = (stop - start) / size
+                fusion_total = self._fusion_total(fusion)
+                surrogate = surrogate + fusion_total * weight * loss_scale
+                for name, value in fusion.items():
+                    fusion_sums[name] = fusion_sums.get(name, 0.0) + value.detach() * weight
+            if torch.is_tensor(surrogate) and surrogate.requires_grad:
+                backward_fn(surrogate)
+        end_state.restore()
+        for name, value in fusion_sums.items():
+            detached[name] = value
+            weight = cfg.itm_weight if name == "itm" else cfg.mlm_weight
+            total_value = total_value + weight * value
+        self._update_queues(leaves, teacher, positive_ids)
+        return self.output_class(loss=total_value, **{f"loss_{n}": v for n, v in detached.items()},
+                         image_embeds=leaves["image_feat"].detach(),
+                                 text_embeds=leaves["text_feat"].detach(), temperature=temp.detach())
+
+    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp):
+        batch = image_feat.shape[0]
+        with torch.no_grad():
+            positive = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
+            if positive_ids is not None:
+                positive |= positive_ids.view(-1, 1) == positive_ids.view(1, -1)
+            if self.config.itm_hard_negatives:
+                sim_t2i = similarity_logits(text_feat, image_feat, temp)
+            else:
+                sim_t2i = torch.zeros(batch, batch, device=image_feat.device)
+            negative_image_for_text = sample_hard_negatives(sim_t2i, positive)
+            negative_text_for_image = sample_hard_negatives(sim_t2i.t(), positive.t())
+        # one batched fusion pass over the 3B pairs: positives, (text, negative image), (negative text, image)
+        text_all = torch.cat([text_tokens, text_tokens, text_tokens[negative_text_for_image]], dim=0)
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[negative_text_for_image]], dim=0)
+        image_all = torch.cat([image_tokens, image_tokens[negative_image_for_text], image_tokens], dim=0)
+        fused = self.fusion_model(text_all, mask_all, image_all)
+        logits = self.itm_head(fused[:, 0]).float()
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+        labels[:batch] = 1
+        return F.cross_entropy(logits, labels)
+
+    def _mlm_loss(self, input_ids, attention_mask, image_tokens, image_tokens_m, alpha):
+        cfg = self.config
+        masked_ids, labels = mask_tokens_for_mlm(
+            input_ids, attention_mask, cfg.mask_token_id, cfg.text_config.vocab_size, cfg.mlm_probability
+        )
+        selected = labels != -100
+        fused = self.fusion_model(self._text_tokens(masked_ids, attention_mask), attention_mask, image_tokens)
+        logits = self.mlm_head(fused[selected])
+        teacher_logits = None
+        if cfg.use_momentum and alpha > 0:
+            with torch.no_grad():
+                fused_m = self.momentum_fusion_model(
+                    self._text_tokens(masked_ids, attention_mask, momentum=True), attention_mask, image_tokens_m
+                )
+                teacher_logits = self.momentum_mlm_head(fused_m[selected])
+        return masked_lm_distillation_loss(logits, labels[selected], teacher_logits, alpha)
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
+                                    **config_overrides) -> "ALBEFModel":
+        """Build a model whose towers start from pretrained checkpoints.
+
+        The vision encoder loads from ``vision_model_name_or_path``; the text checkpoint (a BERT-like encoder,
+        ideally with its masked-LM head) is split: its first ``num_hidden_layers - num_fusion_layers`` layers
+        become the text encoder, the remaining layers the self-attention/feed-forward of the fusion layers (their
+        cross-attention starts new), and its MLM head (if present) the MLM head. Teachers start as copies.
+        ``config_overrides`` are fields of the model's config (e.g. ``num_fusion_layers=6, queue_size=4096``).
+        """
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        vision_config = getattr(vision_config, "vision_config", vision_config)  # e.g. a full CLIP checkpoint
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        config = cls.config_class(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
+                           **config_overrides)
+        model = cls(config)
+
+        # load with our tower's own class: e.g. CLIPVisionModel takes the vision half of a full CLIP checkpoint
+        vision = type(model.vision_model).from_pretrained(vision_model_name_or_path, use_safetensors=True)
+        _load_matching(model.vision_model, vision.state_dict(), "vision tower")
+
+        try:
+            text = AutoModelForMaskedLM.from_pretrained(text_model_name_or_path, use_safetensors=True)
+        except (ValueError, OSError):
+            text = AutoModel.from_pretrained(text_model_name_or_path, use_safetensors=True)
+        base = getattr(text, text.base_model_prefix, text)
+        text_state = base.state_dict()
+        n_text = config.num_text_layers
+        encoder_state, fusion_state = {}, {}
+        for key, value in text_state.items():
+            if ".layer." in key:
+                prefix, rest = key.split(".layer.", 1)
+                index, tail = rest.split(".", 1)
+                if int(index) < n_text:
+                    encoder_state[key] = value
+                else:
+                    fusion_state[f"layer.{int(index) - n_text}.{tail}"] = value
+            elif not key.startswith("pooler."):
+                encoder_state[key] = value
+        _load_matching(model.text_model, encoder_state, "text encoder")
+        if config.num_fusion_layers > 0:
+            _load_matching(model.fusion_model, fusion_state, "fusion encoder", allow_missing=("crossattention",
+                                                                                                "image_proj"))
+            head_state = {}
+            for key, value in text.state_dict().items():
+                for marker in ("predictions.transform.", "predictions.decoder."):
+                    if marker in key:
+                        head_state[marker.split(".", 1)[1] + key.split(marker, 1)[1]] = value
+            if head_state:
+                _load_matching(model.mlm_head, head_state, "MLM head")
+        model.copy_params_to_momentum()
+        return model
+
+
+def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`, raising with the mismatched keys instead of silently keeping random weights."""
+    own = module.state_dict()
+    # poolers are deliberately not built (we use the [CLS] token states), so theirs are not a mismatch
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not any(marker in k for marker in allow_missing)
+               and not k.endswith(("position_ids", "token_type_ids"))]
+    if shape_mismatch or unexpected or missing:
+        raise ValueError(
+            f"pretrained weights do not match the {what}: missing {missing[:20]}, unexpected {unexpected[:20]}, "
+            f"shape mismatch {[(k, tuple(own[k].shape), tuple(state[k].shape)) for k in shape_mismatch][:20]}"
+        )
+    module.load_state_dict(state, strict=False)

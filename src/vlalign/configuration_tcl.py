@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-
-# Fields a text config must have for us to build BERT-style fusion layers (self-attn + cross-attn + FFN) from it.
-BERT_LIKE_FIELDS = (
-    "hidden_size",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "layer_norm_eps",
-    "num_hidden_layers",
-    "vocab_size",
-)
+from .configuration_albef import ALBEFStackConfig, _is_int
 
 
-class TCLConfig(PreTrainedConfig):
+class TCLConfig(ALBEFStackConfig):
     r"""Configuration of [`TCLModel`]: an ALBEF-style image / text / fusion encoder stack trained with cross-modal
     alignment (CMA, with momentum distillation), intra-modal contrastive (IMC) and local mutual information (LMI)
-    losses, plus image-text matching (ITM) and masked language modelling (MLM).
+    losses, plus image-text matching (ITM) and masked language modelling (MLM). The stack's fields are those of
+    [`ALBEFStackConfig`] (repeated here for reference).
 
     Args:
         vision_config: config of any transformers vision encoder that returns [CLS] + patch tokens (ViT, DeiT, CLIP
@@ -74,32 +61,10 @@ class TCLConfig(PreTrainedConfig):
     """
 
     model_type = "tcl"
-    sub_configs_defaults = {
-        # the paper's towers: ViT-B/16 at 256 px (16x16 patch grid) and bert-base
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit", init_kwargs={"image_size": 256}),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
-    }
+    loss_weight_fields = ALBEFStackConfig.loss_weight_fields + (
+        "lmi_weight", "feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight")
 
-    vision_config: PreTrainedConfig | dict | None = None
-    text_config: PreTrainedConfig | dict | None = None
-    num_fusion_layers: int = 6
-    embed_dim: int = 256
-    temperature: float = 0.07
-    temperature_min: float = 0.001
-    temperature_max: float = 0.5
-    learnable_temperature: bool = True
-    use_momentum: bool = True
-    momentum: float = 0.995
-    queue_size: int = 65536
-    alpha: float = 0.4
-    cma_weight: float = 1.0
-    imc_weight: float = 1.0
     lmi_weight: float = 1.0
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
-    itm_hard_negatives: bool = True
-    mlm_probability: float = 0.15
-    mask_token_id: int = 103
     lmi_image_grid: int = 4
     contrastive_loss: str = "info_nce"
     z_estimate: str = "batch"
@@ -113,88 +78,26 @@ class TCLConfig(PreTrainedConfig):
     brownian_bridge_t: float = 0.25
     use_geometric_consistency: bool = False
     geometric_consistency_weight: float = 0.25
-    gradient_cache_chunk_size: int | None = None
-    train_batch_size: int | None = None
-    initializer_range: float = 0.02
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_tcl()
 
     # ---------------------------------------------------------------------------------------------------------
     @property
-    def num_text_layers(self) -> int:
-        """Layers of the text encoder proper (the rest of `text_config.num_hidden_layers` is fusion)."""
-        return self.text_config.num_hidden_layers - self.num_fusion_layers
+    def uses_queue(self) -> bool:
+        return self.use_momentum or (self.contrastive_loss == "decomposable" and self.z_estimate == "queue")
 
-    @property
-    def patch_grid_size(self) -> int:
-        """Side of the vision encoder's patch grid."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+    def has_objective(self) -> bool:
+        core = ("cma_weight", "imc_weight", "lmi_weight", "itm_weight", "mlm_weight")
+        return any(getattr(self, f) > 0 for f in core) or (
+            self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency)
 
-    def validate_tcl(self) -> None:
+    def validate_fields(self) -> None:
         """Raise `ValueError` naming the first invalid field."""
-
-        def fail(field: str, message: str):
-            raise ValueError(f"TCLConfig.{field}: {message}")
-
-        def _is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        vision, text = self.vision_config, self.text_config
-        for field in ("image_size", "patch_size", "hidden_size"):
-            if not _is_int(getattr(vision, field, None)):
-                fail(
-                    "vision_config",
-                    f"the vision encoder must output patch tokens and define `{field}` (got model_type "
-                    f"{getattr(vision, 'model_type', None)!r})",
-                )
-        if vision.image_size % vision.patch_size != 0:
-            fail("vision_config", f"image_size {vision.image_size} is not divisible by patch_size {vision.patch_size}")
-        missing = [f for f in BERT_LIKE_FIELDS if getattr(text, f, None) is None]
-        if missing:
-            fail(
-                "text_config",
-                f"a BERT-like text encoder config is required (model_type {getattr(text, 'model_type', None)!r} "
-                f"lacks {missing})",
-            )
-        if getattr(text, "is_decoder", False):
-            fail("text_config", "the text encoder must be bidirectional (is_decoder=True is not supported)")
-
-        if not _is_int(self.num_fusion_layers) or self.num_fusion_layers < 0:
-            fail("num_fusion_layers", f"must be an integer >= 0, got {self.num_fusion_layers!r}")
-        if self.num_fusion_layers >= text.num_hidden_layers:
-            fail(
-                "num_fusion_layers",
-                f"{self.num_fusion_layers} leaves no layer for the text encoder (text_config.num_hidden_layers="
-                f"{text.num_hidden_layers})",
-            )
-        if self.num_fusion_layers == 0 and (self.itm_weight > 0 or self.mlm_weight > 0):
-            fail(
-                "num_fusion_layers",
-                "ITM and MLM need cross-attention fusion layers: set num_fusion_layers > 0 or itm_weight = "
-                "mlm_weight = 0",
-            )
-        if not _is_int(self.embed_dim) or self.embed_dim <= 0:
-            fail("embed_dim", f"must be a positive integer, got {self.embed_dim!r}")
-        if not self.temperature_min > 0:
-            fail("temperature_min", f"must be > 0, got {self.temperature_min}")
-        if not self.temperature > 0:
-            fail("temperature", f"must be > 0, got {self.temperature}")
-        if not self.temperature_min <= self.temperature <= self.temperature_max:
-            fail(
-                "temperature",
-                f"{self.temperature} is outside [temperature_min, temperature_max] = "
-                f"[{self.temperature_min}, {self.temperature_max}]",
-            )
-        if not 0.0 <= self.momentum <= 1.0:
-            fail("momentum", f"must be in [0, 1], got {self.momentum}")
-        if not 0.0 <= self.alpha <= 1.0:
-            fail("alpha", f"must be in [0, 1], got {self.alpha}")
+        # checked first: the shared checks read `uses_queue`, which depends on these
+        fail = self.fail
         if self.contrastive_loss not in ("info_nce", "decomposable"):
             fail("contrastive_loss", f"unknown loss {self.contrastive_loss!r}: use 'info_nce' or 'decomposable'")
         if self.z_estimate not in ("batch", "queue", "running"):
             fail("z_estimate", f"unknown estimate {self.z_estimate!r}: use 'batch', 'queue' or 'running'")
+        super().validate_fields()
         decomposable = self.contrastive_loss == "decomposable"
         if decomposable and self.use_momentum:
             fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
@@ -205,40 +108,11 @@ class TCLConfig(PreTrainedConfig):
             fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
         if not 0.0 <= self.running_z_momentum < 1.0:
             fail("running_z_momentum", f"must be in [0, 1), got {self.running_z_momentum}")
-        for field in ("feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight"):
-            if getattr(self, field) < 0:
-                fail(field, f"must be >= 0, got {getattr(self, field)}")
         if not 0.0 < self.brownian_bridge_t < 1.0:
             fail("brownian_bridge_t", f"must be in (0, 1), got {self.brownian_bridge_t}")
-        if self.gradient_cache_chunk_size is not None and (
-            not _is_int(self.gradient_cache_chunk_size) or self.gradient_cache_chunk_size <= 0
-        ):
-            fail("gradient_cache_chunk_size",
-                 f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
-        if self.use_momentum or (decomposable and self.z_estimate == "queue"):
-            if not _is_int(self.queue_size) or self.queue_size <= 0:
-                fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
-            if self.train_batch_size is not None and self.queue_size % self.train_batch_size != 0:
-                fail(
-                    "queue_size",
-                    f"{self.queue_size} is not divisible by the global train batch size {self.train_batch_size}",
-                )
-        if self.train_batch_size is not None and (not _is_int(self.train_batch_size) or self.train_batch_size <= 0):
-            fail("train_batch_size", f"must be a positive integer, got {self.train_batch_size!r}")
-        for field in ("cma_weight", "imc_weight", "lmi_weight", "itm_weight", "mlm_weight"):
-            if getattr(self, field) < 0:
-                fail(field, f"must be >= 0, got {getattr(self, field)}")
-        if self.cma_weight + self.imc_weight + self.lmi_weight + self.itm_weight + self.mlm_weight <= 0 and not (
-            self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency
-        ):
-            fail("cma_weight", "at least one loss weight must be > 0")
-        if not 0.0 < self.mlm_probability < 1.0:
-            fail("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
-        if self.mlm_weight > 0 and not (_is_int(self.mask_token_id) and 0 <= self.mask_token_id < text.vocab_size):
-            fail("mask_token_id",
-                 f"{self.mask_token_id!r} is not a token id of the text vocabulary ({text.vocab_size})")
         grid = self.patch_grid_size
         if not _is_int(self.lmi_image_grid) or self.lmi_image_grid <= 0 or grid % self.lmi_image_grid != 0:
+            vision = self.vision_config
             fail(
                 "lmi_image_grid",
                 f"unknown pooling grid {self.lmi_image_grid!r}: must be a positive divisor of the patch grid side "

@@ -166,8 +166,8 @@ class ContrastiveTrainer(Trainer):
         if hasattr(config, "train_batch_size"):
             # the queue must hold a whole number of global batches
             config.train_batch_size = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
-            if hasattr(config, "validate_tcl"):
-                config.validate_tcl()
+            if hasattr(config, "validate_fields"):
+                config.validate_fields()
 
     # ------------------------------------------------------------------------------------------------------
     def current_alpha(self) -> float:
