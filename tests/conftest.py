@@ -30,6 +30,17 @@ def tiny_tcl_config(**overrides):
     return TCLConfig(**kwargs)
 
 
+def tiny_codis_config(**overrides):
+    from vlalign import CODISConfig
+
+    kwargs = dict(
+        vision_config=dict(TINY_VISION), text_config=dict(TINY_TEXT), num_fusion_layers=1, embed_dim=16,
+        queue_size=32, mask_token_id=4, codebook_size=12,
+    )
+    kwargs.update(overrides)
+    return CODISConfig(**kwargs)
+
+
 def tiny_batch(batch=4, length=8, seed=0, image_size=16):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, 144, (batch, length), generator=g)

@@ -2,7 +2,8 @@
 
     accelerate launch training/train.py --config training/configs/tcl_digits.yaml [--key value ...]
 
-The YAML file has four sections: `model` (TCLConfig fields, with `vision_config` / `text_config` dicts), `data`
+The YAML file has four sections: `model` (`model_type: tcl | codis` and that model's config fields, e.g. TCLConfig
+or CODISConfig, with `vision_config` / `text_config` dicts; default tcl), `data`
 (vlalign.data.DataArguments), `training` (transformers.TrainingArguments) and `run` (RunArguments below). Any
 field of any section can be overridden on the command line as `--key value` (or `--section.key value`, and
 `--model.vision_config.hidden_size 64` for nested keys); values are parsed as YAML (`--max_steps 10`,
@@ -46,7 +47,7 @@ class RunArguments:
     alpha_ramp_steps: int | None = None  # None: one epoch
     itm_rerank_k: int = 0
     eval_batch_size: int = 128
-    model_card_template: str = "model_cards/tcl.md"
+    model_card_template: str | None = None  # default: model_cards/<model_type>.md
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private_repo: bool | None = None
@@ -76,13 +77,22 @@ def _numbers(value: Any) -> Any:
     return value
 
 
+def _model_configs() -> dict[str, type]:
+    """vlalign's ALBEF-style config classes by model_type (from the Auto registry that `import vlalign` fills)."""
+    from transformers import CONFIG_MAPPING
+
+    import vlalign
+
+    return {name: CONFIG_MAPPING[name] for name in ("tcl", "codis")
+            if issubclass(CONFIG_MAPPING[name], vlalign.ALBEFStackConfig)}
+
+
 def _section_fields() -> dict[str, set[str]]:
     from transformers import TrainingArguments
 
-    from vlalign import TCLConfig
     from vlalign.data import DataArguments
 
-    model_fields = {f.name for f in dataclasses.fields(TCLConfig)}
+    model_fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _model_configs().values()))
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
         "data": {f.name for f in dataclasses.fields(DataArguments)},
@@ -168,18 +178,33 @@ def build_processor(run: RunArguments, data_args, image_size: int):
 
 
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
-    from vlalign import TCLConfig, TCLModel
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    from transformers import AutoConfig
+
+    model_type = model_section.get("model_type")
+    if model_type is None:
+        model_type = AutoConfig.from_pretrained(run.model_name_or_path).model_type if run.model_name_or_path else "tcl"
+    configs = _model_configs()
+    if model_type not in configs:
+        raise SystemExit(f"unknown model.model_type {model_type!r}: use one of {sorted(configs)}")
+    config_class = configs[model_type]
     overrides = {k: v for k, v in model_section.items() if k not in ("vision_config", "text_config", "model_type")}
-    if num_train_samples is not None:
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise SystemExit(f"model section: {unknown} are not fields of {config_class.__name__}")
+    if num_train_samples is not None and "num_train_samples" in fields:
         overrides.setdefault("num_train_samples", num_train_samples)  # sizes per-sample statistics (running Z)
     if run.model_name_or_path:
-        return TCLModel.from_pretrained(run.model_name_or_path, **overrides)
+        return AutoModel.from_pretrained(run.model_name_or_path, **overrides)
+    model_class = MODEL_MAPPING[config_class]
     if run.vision_model_name_or_path or run.text_model_name_or_path:
         if not (run.vision_model_name_or_path and run.text_model_name_or_path):
             raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path")
         overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
-        return TCLModel.from_vision_text_pretrained(
+        return model_class.from_vision_text_pretrained(
             run.vision_model_name_or_path, run.text_model_name_or_path, **overrides
         )
     text_config = dict(model_section.get("text_config") or {})
@@ -189,8 +214,38 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
         text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
     if tokenizer.mask_token_id is not None:
         overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
-    config = TCLConfig(vision_config=model_section.get("vision_config"), text_config=text_config, **overrides)
-    return TCLModel(config)
+    config = config_class(vision_config=model_section.get("vision_config"), text_config=text_config, **overrides)
+    return model_class(config)
+
+
+def card_hyperparameters(model, training_args) -> dict[str, Any]:
+    """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
+    model's own config class (e.g. CODIS's codebook and OT settings)."""
+    from vlalign import ALBEFStackConfig
+
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    shared = ("embed_dim", "num_fusion_layers", "temperature", "learnable_temperature", "use_momentum", "momentum",
+              "queue_size", "alpha", "cma_weight", "imc_weight", "itm_weight", "mlm_weight", "mlm_probability")
+    base_fields = {f.name for f in dataclasses.fields(ALBEFStackConfig)}
+    own = [f.name for f in dataclasses.fields(type(config)) if f.name not in base_fields
+           and f.name != "num_train_samples"]
+    return {
+        "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                          f"{vision.image_size}px / patch {vision.patch_size}",
+        "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
+                        f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
+        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
+           else {"num_train_epochs": training_args.num_train_epochs}),
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "world_size": training_args.world_size,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
+        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps,
+        "seed": training_args.seed,
+        **{k: getattr(config, k) for k in (*shared, *own)},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     run = RunArguments(**(config.get("run") or {}))
     data_args = DataArguments(**(config.get("data") or {}))
     training_section = dict(config.get("training") or {})
-    training_section.setdefault("output_dir", "outputs/tcl")
+    model_section = dict(config.get("model") or {})
+    training_section.setdefault("output_dir", f"outputs/{model_section.get('model_type', 'tcl')}")
     training_section.setdefault("remove_unused_columns", False)  # the collator needs the raw image/caption columns
     training_section.setdefault("report_to", "none")
     training_args = TrainingArguments(**training_section)
@@ -227,7 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
 
     train_dataset, eval_dataset = load_image_text_datasets(data_args)
-    model_section = dict(config.get("model") or {})
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
     processor = build_processor(run, data_args, image_size)
     model = build_model(run, model_section, processor.tokenizer, len(train_dataset))
@@ -270,32 +325,16 @@ def main(argv: list[str] | None = None) -> dict:
         (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
         processor.save_pretrained(str(output_dir))
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        vision, text = model.config.vision_config, model.config.text_config
-        hyperparameters = {
-            "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-                              f"{vision.image_size}px / patch {vision.patch_size}",
-            "text_encoder": f"{text.model_type}, {model.config.num_text_layers} text + "
-                            f"{model.config.num_fusion_layers} fusion layers, width {text.hidden_size}",
-            **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
-               else {"num_train_epochs": training_args.num_train_epochs}),
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "world_size": training_args.world_size,
-            "learning_rate": training_args.learning_rate,
-            "weight_decay": training_args.weight_decay,
-            "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-            "warmup_steps": training_args.warmup_steps,
-            "seed": training_args.seed,
-            **{k: getattr(model.config, k) for k in (
-                "embed_dim", "num_fusion_layers", "temperature", "momentum", "queue_size", "alpha", "cma_weight",
-                "imc_weight", "lmi_weight", "itm_weight", "mlm_weight", "lmi_image_grid", "mlm_probability")},
-        }
-        template = Path(run.model_card_template)
+        hyperparameters = card_hyperparameters(model, training_args)
+        code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
+        model_type = model.config.model_type
+        template = Path(run.model_card_template or f"model_cards/{model_type}.md")
         if not template.is_absolute() and not template.exists():
             template = REPO_ROOT / template
         card = build_model_card(
             template,
             model_id=run.hub_model_id or output_dir.name,
-            model_type_name="TCL",
+            model_type_name=model_type.upper(),
             base_model=run.vision_model_name_or_path,
             dataset_name=data_args.dataset_name,
             dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
@@ -303,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
             eval_split=data_args.eval_split,
             num_train_samples=len(train_dataset),
             hyperparameters=hyperparameters,
-            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
+            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in code_keys},
+            code_usage={k: results[k] for k in code_keys} or None,
             license=run.license,
         )
         save_model_card(output_dir, card)

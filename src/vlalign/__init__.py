@@ -1,4 +1,4 @@
-"""vlalign: Hugging Face-native vision-language representation learning (TCL, and more to come).
+"""vlalign: Hugging Face-native vision-language representation learning (TCL, CODIS, and more to come).
 
 Importing the package registers its configs, models and processors with transformers' Auto classes, and marks
 them for `register_for_auto_class` so that saved folders carry `auto_map` and the code files (loadable with
@@ -12,22 +12,36 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_tcl import TCLConfig
 from .albef_stack import ALBEFModel, ALBEFOutput
 from .configuration_albef import ALBEFStackConfig
+from .configuration_codis import CODISConfig
+from .configuration_tcl import TCLConfig
+from .modeling_codis import CODISCodes, CODISModel, CODISOutput
 from .modeling_tcl import TCLModel, TCLOutput
 from .processing_vlalign import VLAlignProcessor
 
 __version__ = "0.1.0"
 
-AutoConfig.register(TCLConfig.model_type, TCLConfig, exist_ok=True)
-AutoModel.register(TCLConfig, TCLModel, exist_ok=True)
-AutoModelForZeroShotImageClassification.register(TCLConfig, TCLModel, exist_ok=True)
-AutoProcessor.register(TCLConfig, VLAlignProcessor, exist_ok=True)
-
-TCLConfig.register_for_auto_class()
-TCLModel.register_for_auto_class("AutoModel")
+for _config_class, _model_class in ((TCLConfig, TCLModel), (CODISConfig, CODISModel)):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModel.register(_config_class, _model_class, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(_config_class, _model_class, exist_ok=True)
+    AutoProcessor.register(_config_class, VLAlignProcessor, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModel")
 VLAlignProcessor.register_for_auto_class()
 
-__all__ = ["ALBEFModel", "ALBEFOutput", "ALBEFStackConfig", "TCLConfig", "TCLModel", "TCLOutput", "VLAlignProcessor",
-           "__version__"]
+__all__ = [
+    "ALBEFModel",
+    "ALBEFOutput",
+    "ALBEFStackConfig",
+    "CODISCodes",
+    "CODISConfig",
+    "CODISModel",
+    "CODISOutput",
+    "TCLConfig",
+    "TCLModel",
+    "TCLOutput",
+    "VLAlignProcessor",
+    "__version__",
+]

@@ -156,6 +156,7 @@ def build_model_card(
     dataset_split: str | None = None,
     eval_dataset_name: str | None = None,
     eval_split: str | None = None,
+    code_usage: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render a model card from a Jinja template (e.g. ``model_cards/tcl.md``).
 
@@ -177,6 +178,10 @@ def build_model_card(
             ``contrastive-learning`` and ``model_type_name.lower()``.
         extra: further ``{name: value}`` facts for an "Additional information" section (body only).
         eval_split: dataset split of the evaluation results (metadata and table heading).
+        code_usage: for codebook models, ``codebook_size`` and per modality ``<image|text>_codes_used`` /
+            ``<image|text>_code_perplexity`` (optionally ``image_code_purity``), as from
+            ``trainer.codebook_metrics``; rendered as a "Codebook usage" table, with a warning when the codebook
+            collapsed (perplexity below ``metrics.CODE_COLLAPSE_PERPLEXITY``).
 
     Returns:
         ``huggingface_hub.ModelCard``; ``card.data`` holds the metadata, ``card.text`` the body.
@@ -266,10 +271,36 @@ def build_model_card(
         "model_name": _md(model_id),
         "metrics": sorted(set(metric_ids)),
     }
+    template_vars["code_usage"] = _code_usage_vars(code_usage) if code_usage else None
     template_str = Path(template_path).read_text(encoding="utf-8")
     if not template_str.lstrip().startswith("---"):
         raise ValueError(f"{template_path}: a model card template must start with the '---' YAML front matter")
     return ModelCard.from_template(card_data, template_str=template_str, **template_vars)
+
+
+def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:
+    from .metrics import CODE_COLLAPSE_PERPLEXITY
+
+    size = _as_number(code_usage.get("codebook_size"))
+    rows, collapsed = [], []
+    for modality in ("image", "text"):
+        used = _as_number(code_usage.get(f"{modality}_codes_used"))
+        perplexity = _as_number(code_usage.get(f"{modality}_code_perplexity"))
+        if used is None and perplexity is None:
+            continue
+        rows.append({"modality": modality, "used": "n/a" if used is None else f"{int(used):,}",
+                     "perplexity": "n/a" if perplexity is None or not math.isfinite(perplexity)
+                     else f"{perplexity:.2f}"})
+        if perplexity is not None and math.isfinite(perplexity) and perplexity < CODE_COLLAPSE_PERPLEXITY:
+            collapsed.append(modality)
+    purity = _as_number(code_usage.get("image_code_purity"))
+    return {
+        "size": "n/a" if size is None else f"{int(size):,}",
+        "rows": rows,
+        "purity": None if purity is None or not math.isfinite(purity) else f"{purity:.1f}",
+        "collapsed": collapsed,
+        "collapse_threshold": f"{CODE_COLLAPSE_PERPLEXITY:g}",
+    }
 
 
 def save_model_card(output_dir: str | Path, card: ModelCard) -> Path:

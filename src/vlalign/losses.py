@@ -812,3 +812,69 @@ def ipot(
             log_u, log_v = _scaling_step(log_q, log_a, log_b, log_v)
         log_plan = log_u[:, None] + log_q + log_v[None, :]
     return torch.exp(log_plan)
+
+
+def code_similarities(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (N, K) between features (N, D) and codewords (K, D); both are L2-normalised here."""
+    return F.normalize(features, dim=-1) @ F.normalize(codebook, dim=-1).t()
+
+
+@torch.no_grad()
+@full_precision
+def code_assignment_targets(
+    teacher_features: torch.Tensor,
+    codebook: torch.Tensor,
+    solver: str = "ipot",
+    **solver_kwargs,
+) -> torch.Tensor:
+    """CODIS's cluster assignments of a batch: the OT plan T between the teacher features and the codebook for the
+    cost ``1 - cosine`` under uniform marginals (1/N per sample, 1/K per code), scaled by N so that each sample's
+    row is a distribution over the K codes. No gradient.
+
+    Under torch.distributed the plan is solved over the features of all processes (the equipartition constraint is
+    then global, as for one large batch) and this process's rows are returned.
+
+    Args:
+        teacher_features: (N, D) features (normalised here).
+        codebook: (K, D) codewords (normalised here).
+        solver: "ipot" (keyword arguments of `ipot`: beta, iterations, inner_iterations) or "sinkhorn" (epsilon,
+            iterations).
+    Returns:
+        (N, K) targets, rows summing to 1.
+    """
+    solvers = {"ipot": ipot, "sinkhorn": sinkhorn}
+    if solver not in solvers:
+        raise ValueError(f"unknown OT solver {solver!r}: use 'ipot' or 'sinkhorn'")
+    dtype = _loss_dtype(teacher_features, codebook)
+    gathered, offset = _all_gather(teacher_features.detach().to(dtype), with_grad=False)
+    cost = 1.0 - code_similarities(gathered, codebook.detach().to(dtype))
+    plan = solvers[solver](cost, **solver_kwargs)
+    return plan[offset : offset + teacher_features.shape[0]] * gathered.shape[0]
+
+
+@full_precision
+def code_prediction_loss(
+    student_features: torch.Tensor,
+    codebook: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Cross-entropy of the student's code distribution ``softmax(cos(student, codebook) / temperature)`` against
+    target assignments (rows summing to 1, e.g. `code_assignment_targets`), averaged over the batch."""
+    dtype = _loss_dtype(student_features, codebook)
+    logits = code_similarities(student_features.to(dtype), codebook.to(dtype)) / temperature
+    return -(F.log_softmax(logits, dim=1) * targets.to(dtype)).sum(dim=1).mean()
+
+
+@full_precision
+def optimal_transport_loss(
+    teacher_features: torch.Tensor,
+    codebook: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """The OT cost ``<1 - cos(teacher, codebook), T>`` of a plan T given as per-sample targets ``N * T`` (rows
+    summing to 1): the mean over samples of ``sum_k (1 - cos_ik) * targets_ik``. The plan is a constant, so the
+    gradient pulls each codeword toward the features assigned to it (pass teacher features without gradient)."""
+    dtype = _loss_dtype(teacher_features, codebook)
+    cost = 1.0 - code_similarities(teacher_features.to(dtype), codebook.to(dtype))
+    return (cost * targets.to(dtype)).sum(dim=1).mean()

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CODE_COLLAPSE_PERPLEXITY",
     "chunked_similarity_topk",
+    "code_purity",
+    "code_usage",
     "retrieval_metrics",
     "zero_shot_accuracy",
     "zero_shot_classifier",
@@ -302,3 +305,41 @@ def zero_shot_accuracy(
         return float("nan")
     _, pred = chunked_similarity_topk(image_embeds, class_embeds.to(image_embeds.device), 1, chunk_size)
     return 100.0 * float((pred[:, 0] == labels).float().mean())
+
+
+# A codebook whose assignments have a perplexity below this is reported as collapsed (effectively one code).
+CODE_COLLAPSE_PERPLEXITY = 2.0
+
+
+@torch.no_grad()
+def code_usage(codes: Sequence[int] | torch.Tensor, num_codes: int) -> dict[str, float]:
+    """How a set of inputs spreads over a codebook, from each input's assigned (argmax) code.
+
+    Returns ``codes_used`` (distinct codes assigned) and ``code_perplexity``: ``exp(entropy)`` of the empirical
+    code distribution, i.e. the effective number of equally used codes (1 = every input on one code, a collapsed
+    codebook; ``num_codes`` = perfectly uniform use). NaN for an empty set.
+    """
+    codes = torch.as_tensor(codes).reshape(-1).long()
+    if codes.numel() == 0:
+        return {"codes_used": 0, "code_perplexity": float("nan")}
+    if codes.min() < 0 or codes.max() >= num_codes:
+        raise ValueError(f"codes must lie in [0, {num_codes}), got range [{int(codes.min())}, {int(codes.max())}]")
+    counts = torch.bincount(codes, minlength=num_codes).double()
+    p = counts[counts > 0] / codes.numel()
+    return {"codes_used": int((counts > 0).sum()), "code_perplexity": float(torch.exp(-(p * p.log()).sum()))}
+
+
+@torch.no_grad()
+def code_purity(codes: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    """Cluster purity in percent: each code is credited with the most frequent label among its inputs, and purity
+    is the fraction of inputs carrying their code's majority label. NaN for an empty set."""
+    codes = torch.as_tensor(codes).reshape(-1).long()
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if codes.numel() != labels.numel():
+        raise ValueError(f"got {labels.numel()} labels for {codes.numel()} codes")
+    if codes.numel() == 0:
+        return float("nan")
+    majority = 0
+    for code in codes.unique():
+        majority += int(torch.bincount(labels[codes == code]).max())
+    return 100.0 * majority / codes.numel()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
-from .metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+from .metrics import code_purity, code_usage, retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
 
 logger = logging.getLogger("vlalign.trainer")
 
@@ -96,12 +96,30 @@ def evaluate_model(
             metrics["zero_shot_accuracy"] = zero_shot_accuracy(
                 image_embeds, torch.as_tensor(eval_inputs.labels), classifier
             )
+        if hasattr(model, "code_logits"):
+            metrics.update(codebook_metrics(model, image_embeds, text_embeds, eval_inputs.labels))
         metrics["num_eval_images"] = len(eval_inputs.images)
         metrics["num_eval_texts"] = len(texts)
         metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
     finally:
         model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def codebook_metrics(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels=None) -> dict:
+    """Code usage of a codebook model (CODIS) on the evaluation images and texts: codes used and perplexity per
+    modality (see `metrics.code_usage`), and with labels the purity of the image clusters."""
+    num_codes = model.config.codebook_size
+    weight = model.codebook.weight
+    image_codes = model.code_logits(image_embeds.to(weight)).argmax(dim=-1).cpu()
+    text_codes = model.code_logits(text_embeds.to(weight)).argmax(dim=-1).cpu()
+    results = {"codebook_size": num_codes}
+    for name, codes in (("image", image_codes), ("text", text_codes)):
+        results.update({f"{name}_{k}": v for k, v in code_usage(codes, num_codes).items()})
+    if labels is not None:
+        results["image_code_purity"] = code_purity(image_codes, labels)
+    return results
 
 
 def _itm_rerank_fn(model, processor, images, texts, batch_size):
@@ -245,7 +263,8 @@ class ContrastiveTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
-        return [n for n in names if n.split(".")[-1] != "temp"]
+        exempt = getattr(self.accelerator.unwrap_model(model), "_no_weight_decay_parameters", ("temp",))
+        return [n for n in names if not any(n == e or n.endswith("." + e) for e in exempt)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

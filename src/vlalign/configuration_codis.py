@@ -1,0 +1,87 @@
+"""Configuration of CODIS (Multi-modal Alignment using Representation Codebook, Duan et al., CVPR 2022)."""
+
+from __future__ import annotations
+
+from .configuration_albef import ALBEFStackConfig, _is_int
+
+
+class CODISConfig(ALBEFStackConfig):
+    r"""Configuration of [`CODISModel`]: the ALBEF-style stack of [`ALBEFStackConfig`] (towers, fusion encoder, EMA
+    teachers, queues, ITM, MLM; see there for those fields) plus a learnable codebook of cluster centres shared by
+    both modalities. The training loss is
+
+        cma_weight * (i2t + t2i) + imc_weight * (i2i + t2t)              (four-term queue contrastive, L_ica)
+        + code_weight * (code_image + code_text)                          (student code prediction vs OT plans)
+        + ot_weight * (ot_image + ot_text)                                (OT cost: moves the codewords)
+        + itm_weight * itm + mlm_weight * mlm
+
+    (the paper's total with all weights 1; the paper's weights are not confirmed, hence fields).
+
+    Args:
+        codebook_size: number K of codewords (cluster centres). The paper's value (4,000) is not confirmed.
+        codebook_dim: dimension of the codewords; None uses `embed_dim` (the contrastive features are assigned
+            directly). A different value adds a bias-free linear map `code_proj` from the contrastive space to the
+            codebook space, shared by both modalities.
+        code_temperature: temperature of the student's code distribution ``softmax(cos(feature, codeword) / t)``.
+        ot_solver: "ipot" (inexact proximal point OT) or "sinkhorn" (entropic OT) for the assignment plans.
+        ot_iterations: outer iterations of IPOT / scaling iterations of Sinkhorn (paper: IPOT, 50).
+        ipot_beta: IPOT's proximal step size beta (paper: 0.5).
+        ipot_inner_iterations: Sinkhorn scalings per IPOT step (1, as in IPOT's paper).
+        sinkhorn_epsilon: entropic regularisation of Sinkhorn.
+        code_targets: "own": each modality's student predicts its own teacher's plan (image student <- image
+            teacher plan), the default, the two modalities meeting through the shared codebook; "swapped": the
+            image student predicts the text teacher's plan of its paired text and vice versa (cross-view teaching).
+        code_weight, ot_weight: weights of the code-prediction and OT-cost terms (0 disables a term).
+    """
+
+    model_type = "codis"
+    loss_weight_fields = ALBEFStackConfig.loss_weight_fields + ("code_weight", "ot_weight")
+
+    codebook_size: int = 4000
+    codebook_dim: int | None = None
+    code_temperature: float = 0.1
+    ot_solver: str = "ipot"
+    ot_iterations: int = 50
+    ipot_beta: float = 0.5
+    ipot_inner_iterations: int = 1
+    sinkhorn_epsilon: float = 0.05
+    code_targets: str = "own"
+    code_weight: float = 1.0
+    ot_weight: float = 1.0
+
+    @property
+    def code_dim(self) -> int:
+        """Dimension of the codewords."""
+        return self.codebook_dim or self.embed_dim
+
+    def solver_kwargs(self) -> dict:
+        """Keyword arguments of the chosen OT solver (`losses.ipot` / `losses.sinkhorn`)."""
+        if self.ot_solver == "ipot":
+            return {"beta": self.ipot_beta, "iterations": self.ot_iterations,
+                    "inner_iterations": self.ipot_inner_iterations}
+        return {"epsilon": self.sinkhorn_epsilon, "iterations": self.ot_iterations}
+
+    def validate_fields(self) -> None:
+        """Raise `ValueError` naming the first invalid field."""
+        super().validate_fields()
+        fail = self.fail
+        if not _is_int(self.codebook_size) or self.codebook_size < 2:
+            fail("codebook_size", f"must be an integer >= 2, got {self.codebook_size!r}")
+        if self.codebook_dim is not None and (not _is_int(self.codebook_dim) or self.codebook_dim <= 0):
+            fail("codebook_dim", f"must be None or a positive integer, got {self.codebook_dim!r}")
+        if not self.code_temperature > 0:
+            fail("code_temperature", f"must be > 0, got {self.code_temperature}")
+        if self.ot_solver not in ("ipot", "sinkhorn"):
+            fail("ot_solver", f"unknown solver {self.ot_solver!r}: use 'ipot' or 'sinkhorn'")
+        for field in ("ot_iterations", "ipot_inner_iterations"):
+            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
+                fail(field, f"must be a positive integer, got {getattr(self, field)!r}")
+        if not self.ipot_beta > 0:
+            fail("ipot_beta", f"must be > 0, got {self.ipot_beta}")
+        if not self.sinkhorn_epsilon > 0:
+            fail("sinkhorn_epsilon", f"must be > 0, got {self.sinkhorn_epsilon}")
+        if self.code_targets not in ("own", "swapped"):
+            fail("code_targets", f"unknown choice {self.code_targets!r}: use 'own' or 'swapped'")
+
+
+__all__ = ["CODISConfig"]
