@@ -338,3 +338,36 @@ def scenario_unequal_batches(rank, world_size):
     queue.enqueue(images[rows].float(), torch.arange(8)[rows])
     return dict(weighted_loss=(loss * share).detach(), image_grad=img.grad, text_grad=txt.grad,
                 queue_ids=queue.ids.clone(), queue_ptr=queue.ptr.clone())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CODIS: OT code assignment over the teacher features of every rank
+
+# rank r's rows of the global batch: halves, and unequal shares (e.g. after dropped images)
+CODE_ASSIGNMENT_SPLITS = {"halves": (slice(0, 4), slice(4, 8)), "unequal": (slice(0, 5), slice(5, 8))}
+CODE_ASSIGNMENT_SOLVERS = {"ipot": dict(beta=0.5, iterations=50),
+                           "sinkhorn": dict(epsilon=0.05, iterations=50)}
+CODEBOOK_SIZE = 5
+
+
+def code_assignment_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (GLOBAL_BATCH, EMBED_DIM) teacher features (not normalised) and a (CODEBOOK_SIZE, EMBED_DIM)
+    codebook, identical on every rank."""
+    g = torch.Generator().manual_seed(42)
+    features = torch.randn(GLOBAL_BATCH, EMBED_DIM, generator=g, dtype=torch.float64) * 2.0
+    codebook = torch.randn(CODEBOOK_SIZE, EMBED_DIM, generator=g, dtype=torch.float64)
+    return features, codebook
+
+
+def scenario_code_assignment(rank, world_size):
+    from vlalign.losses import code_assignment_targets
+
+    features, codebook = code_assignment_inputs()
+    results = {}
+    for split, rows in CODE_ASSIGNMENT_SPLITS.items():
+        for solver, kwargs in CODE_ASSIGNMENT_SOLVERS.items():
+            for dtype in (torch.float64, torch.float32):
+                local = features[rows[rank]].to(dtype).requires_grad_()  # no gradient may flow, gathered or not
+                targets = code_assignment_targets(local, codebook.to(dtype), solver, **kwargs)
+                results[(split, solver, str(dtype))] = dict(targets=targets, requires_grad=targets.requires_grad)
+    return results

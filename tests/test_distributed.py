@@ -275,3 +275,46 @@ def test_processes_with_different_batch_sizes(loss_results):
     for r in ranks:  # 5 + 3 rows, rank order, identical on both ranks
         assert r["queue_ids"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1]
         assert r["queue_ptr"].item() == 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CODIS: the OT plan is solved over the teacher features of all ranks
+
+
+@pytest.fixture(scope="module")
+def code_assignment_results(tmp_path_factory):
+    return _run(["code_assignment"], tmp_path_factory.mktemp("codis"))
+
+
+def test_code_assignment_targets_across_two_processes_are_rows_of_the_global_plan(code_assignment_results):
+    """Each rank gets exactly its rows of the single-process plan over the whole batch (the equipartition over
+    the codes is global), for halves and for unequal shares, IPOT and Sinkhorn."""
+    from test_codebook_losses import targets_reference
+
+    from vlalign.losses import code_assignment_targets
+
+    ranks = code_assignment_results["code_assignment"]
+    features, codebook = workers.code_assignment_inputs()
+    n, k = features.shape[0], codebook.shape[0]
+    for split, rows in workers.CODE_ASSIGNMENT_SPLITS.items():
+        for solver, kwargs in workers.CODE_ASSIGNMENT_SOLVERS.items():
+            full = code_assignment_targets(features, codebook, solver, **kwargs)
+            # the single-process plan itself is the float64 reference plan
+            _close(full, targets_reference(features, codebook, solver, **kwargs), f"{solver}: reference",
+                   rtol=1e-9, atol=1e-12)
+            for dtype, atol in ((torch.float64, 1e-6), (torch.float32, 1e-5)):
+                where = f"{split}, {solver}, {dtype}"
+                per_rank = [r[(split, solver, str(dtype))] for r in ranks]
+                for rank, result in enumerate(per_rank):
+                    assert not result["requires_grad"], where
+                    assert result["targets"].dtype == dtype, where
+                    _close(result["targets"].double(), full[rows[rank]], f"{where}: rank {rank} rows",
+                           rtol=0.0, atol=atol)
+                    # the comparison has teeth: a plan over this rank's rows only is clearly different
+                    local = code_assignment_targets(features[rows[rank]], codebook, solver, **kwargs)
+                    assert (local - full[rows[rank]]).abs().max() > 1e-2, where
+                # together the ranks' rows give every code N/K samples (up to the solver's convergence: the rows
+                # are normalised exactly)
+                stacked = torch.cat([r["targets"].double() for r in per_rank])
+                _close(stacked.sum(0), torch.full((k,), n / k, dtype=torch.float64), f"{where}: column sums",
+                       rtol=1e-3, atol=0.0)

@@ -848,8 +848,10 @@ def code_assignment_targets(
     dtype = _loss_dtype(teacher_features, codebook)
     gathered, offset = _all_gather(teacher_features.detach().to(dtype), with_grad=False)
     cost = 1.0 - code_similarities(gathered, codebook.detach().to(dtype))
-    plan = solvers[solver](cost, **solver_kwargs)
-    return plan[offset : offset + teacher_features.shape[0]] * gathered.shape[0]
+    plan = solvers[solver](cost, **solver_kwargs)[offset : offset + teacher_features.shape[0]]
+    # each row of the plan holds 1/N up to the solver's convergence (IPOT ends on the column scaling): normalise
+    # so that every sample's target is exactly a distribution (the columns stay within that tolerance of N/K)
+    return plan / plan.sum(dim=1, keepdim=True)
 
 
 @full_precision

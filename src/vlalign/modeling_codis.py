@@ -111,9 +111,11 @@ class CODISModel(ALBEFModel):
         losses: dict[str, torch.Tensor] = {}
         if cfg.code_weight == 0 and cfg.ot_weight == 0:
             return losses
-        # the teachers' features; without momentum teachers the student's own, detached
-        image_teacher = self._to_code_space(teacher.get("image_feat_m", student["image_feat"]).detach())
-        text_teacher = self._to_code_space(teacher.get("text_feat_m", student["text_feat"]).detach())
+        # the teachers' features (without momentum teachers the student's own), constants of the OT terms: the
+        # transport cost moves the codewords only
+        with torch.no_grad():
+            image_teacher = self._to_code_space(teacher.get("image_feat_m", student["image_feat"])).detach()
+            text_teacher = self._to_code_space(teacher.get("text_feat_m", student["text_feat"])).detach()
         codebook = self.codebook.weight
         image_plan = code_assignment_targets(image_teacher, codebook, cfg.ot_solver, **cfg.solver_kwargs())
         text_plan = code_assignment_targets(text_teacher, codebook, cfg.ot_solver, **cfg.solver_kwargs())
