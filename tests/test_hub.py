@@ -291,3 +291,30 @@ def test_push_missing_folder_raises_before_network(tmp_path, fake_hub):
     with pytest.raises(NotADirectoryError):
         push_folder_to_hub(tmp_path / "nope", "a/b", token=TOKEN)
     assert fake_hub == {}
+
+
+# ----------------------------------------------------------------------------- CODIS: code usage in the card
+CODIS_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "codis.md"
+
+
+def _codis_card(usage):
+    return build_model_card(CODIS_TEMPLATE, model_id="someone/codis-digits", model_type_name="CODIS",
+                            dataset_name="digits", hyperparameters={"codebook_size": 64}, eval_results=METRICS,
+                            code_usage=usage)
+
+
+def test_codis_card_reports_code_usage_and_flags_a_collapse(tmp_path):
+    healthy = _codis_card({"codebook_size": 64, "image_codes_used": 62, "image_code_perplexity": 45.99,
+                           "text_codes_used": 58, "text_code_perplexity": 53.35, "image_code_purity": 87.2})
+    rows = _table_rows(healthy.text)
+    assert ["image", "62", "45.99"] in rows and ["text", "58", "53.35"] in rows
+    assert "64 codewords" in healthy.text and "87.2%" in healthy.text
+    assert "codebook collapsed" not in healthy.text
+    assert "codis" in healthy.data.tags and "Multi-modal Alignment using Representation Codebook" in healthy.text
+
+    collapsed = _codis_card({"codebook_size": 64, "image_codes_used": 1, "image_code_perplexity": 1.0,
+                             "text_codes_used": 3, "text_code_perplexity": 2.5})
+    assert "the codebook collapsed** for image inputs" in collapsed.text
+    save_model_card(tmp_path, collapsed)
+    loaded = ModelCard.load(tmp_path / "README.md")  # still a valid card with its metadata
+    assert {r.metric_type for r in loaded.data.eval_results} == set(METRICS)

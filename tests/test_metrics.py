@@ -348,3 +348,32 @@ def test_coco_scale_bounded_memory_matches_reference():
     assert 5 < got["t2i_recall@1"] < 95  # the data is neither trivial nor hopeless
     # one 1024 x 25,000 float32 chunk is ~100 MB, far below the 500 MB full matrix
     assert res["rss_delta_mb"] < 300, res["rss_delta_mb"]
+
+
+# ----------------------------------------------------------------------------- codebook usage
+def test_code_usage_counts_and_perplexity():
+    from vlalign.metrics import code_usage
+
+    # uniform over 4 of 10 codes: perplexity 4
+    assert code_usage([0, 3, 5, 9] * 5, 10) == {"codes_used": 4, "code_perplexity": pytest.approx(4.0)}
+    # a collapsed codebook: perplexity 1
+    assert code_usage([7] * 20, 10) == {"codes_used": 1, "code_perplexity": pytest.approx(1.0)}
+    # skewed: exp(-(0.75 ln 0.75 + 0.25 ln 0.25))
+    skewed = code_usage([1, 1, 1, 2], 3)
+    assert skewed["codes_used"] == 2
+    assert skewed["code_perplexity"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert math.isnan(code_usage([], 5)["code_perplexity"])
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        code_usage([0, 5], 5)
+
+
+def test_code_purity_against_labels():
+    from vlalign.metrics import code_purity
+
+    # code 0: labels 1,1,2 -> 2 correct; code 1: labels 3,3 -> 2 correct; code 2: label 0 -> 1 correct
+    assert code_purity([0, 0, 0, 1, 1, 2], [1, 1, 2, 3, 3, 0]) == pytest.approx(100 * 5 / 6)
+    assert code_purity([4, 4, 4], [0, 1, 2]) == pytest.approx(100 / 3)
+    # relabelling the codes changes nothing
+    assert code_purity([9, 9, 9, 2, 2, 5], [1, 1, 2, 3, 3, 0]) == pytest.approx(100 * 5 / 6)
+    with pytest.raises(ValueError, match="labels"):
+        code_purity([0, 1], [0])

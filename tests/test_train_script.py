@@ -48,6 +48,8 @@ def test_default_demo_config_parses():
     config = load_config(str(REPO / "training/configs/tcl_digits.yaml"), [])
     assert config["data"]["dataset_name"] == "digits"
     assert config["model"]["vision_config"]["image_size"] == 32
+    codis = load_config(str(REPO / "training/configs/codis_digits.yaml"), [])
+    assert codis["model"]["model_type"] == "codis" and codis["run"]["model_card_template"] == "model_cards/codis.md"
 
 
 def _write_imagefolder(root: Path) -> int:
@@ -166,3 +168,47 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
     for path in (tmp_path / "out").rglob("*"):
         assert b"hf_secret_token_never_written" not in path.read_bytes(), path
     assert not list((tmp_path / "out").glob("*.bin"))  # no pickle files in a Hub folder
+
+
+def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
+    """`model_type: codis` trains CODIS from the same script; eval_results.json and the card carry code usage."""
+    import train
+
+    model = {k: v for k, v in TINY_MODEL.items() if k != "lmi_image_grid"}
+    config = {"model": {**model, "model_type": "codis", "codebook_size": 8},
+              "data": {"max_train_samples": 64, "max_eval_samples": 30},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
+                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = train.main(["--config", str(tmp_path / "config.yaml"), "--code_targets", "swapped"])
+    out = tmp_path / "out"
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["codebook_size"] == 8
+    for modality in ("image", "text"):
+        assert 1 <= saved[f"{modality}_codes_used"] <= 8
+        assert 1.0 <= saved[f"{modality}_code_perplexity"] <= saved[f"{modality}_codes_used"] + 1e-6
+    assert 0.0 < saved["image_code_purity"] <= 100.0
+    assert results["codebook_size"] == 8
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model_type"] == "codis" and config_json["code_targets"] == "swapped"
+    assert config_json["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
+    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py"):
+        assert (out / name).exists(), name
+    card = ModelCard.load(out / "README.md")
+    assert "codis" in card.data.tags
+    assert "## Codebook usage" in card.content
+    assert f"| image | {saved['image_codes_used']} | {saved['image_code_perplexity']:.2f} |" in card.content
+    assert "| code\\_targets | swapped |" in card.content  # CODIS's own fields are in the hyperparameters
+    assert "lmi" not in card.content.split("## Training hyperparameters")[1].split("## Evaluation")[0]
+
+
+def test_model_section_rejects_fields_of_another_model(tmp_path):
+    import train
+
+    config = {"model": {**TINY_MODEL, "model_type": "codis"},  # lmi_image_grid is a TCL field
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"\['lmi_image_grid'\] are not fields of CODISConfig"):
+        train.main(["--config", str(tmp_path / "config.yaml")])
+    with pytest.raises(SystemExit, match="unknown model.model_type 'nope'"):
+        train.main(["--config", str(tmp_path / "config.yaml"), "--model_type", "nope"])

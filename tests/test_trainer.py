@@ -60,6 +60,16 @@ def test_temperature_gets_no_weight_decay(tmp_path):
     assert "temp" not in names and "vision_proj.weight" in names
 
 
+def test_codebook_gets_no_weight_decay(tmp_path):
+    from conftest import tiny_codis_config
+
+    from vlalign import CODISModel
+
+    trainer = _trainer(CODISModel(tiny_codis_config(train_batch_size=4)), tmp_path)
+    names = trainer.get_decay_parameter_names(trainer.model)
+    assert "codebook.weight" not in names and "temp" not in names and "text_proj.weight" in names
+
+
 def test_trainer_sets_and_validates_global_batch_for_queue(tmp_path):
     model = TCLModel(tiny_tcl_config(queue_size=30))
     with pytest.raises(ValueError, match="queue_size"):
