@@ -1,4 +1,4 @@
-"""vlalign: Hugging Face-native vision-language representation learning (TCL, CODIS, and more to come).
+"""vlalign: Hugging Face-native vision-language representation learning (TCL, CODIS, MIVC).
 
 Importing the package registers its configs, models and processors with transformers' Auto classes, and marks
 them for `register_for_auto_class` so that saved folders carry `auto_map` and the code files (loadable with
@@ -8,6 +8,7 @@ them for `register_for_auto_class` so that saved folders carry `auto_map` and th
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -15,10 +16,13 @@ from transformers import (
 from .albef_stack import ALBEFModel, ALBEFOutput
 from .configuration_albef import ALBEFStackConfig
 from .configuration_codis import CODISConfig
+from .configuration_mivc import MIVCConfig
 from .configuration_tcl import TCLConfig
+from .mivc_pooling import MIVCPooling, MIVCPoolingOutput
 from .modeling_codis import CODISCodes, CODISModel, CODISOutput
+from .modeling_mivc import MIVCForConditionalGeneration, MIVCOutput
 from .modeling_tcl import TCLModel, TCLOutput
-from .processing_vlalign import VLAlignProcessor
+from .processing_vlalign import MIVCProcessor, VLAlignProcessor
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,13 @@ for _config_class, _model_class in ((TCLConfig, TCLModel), (CODISConfig, CODISMo
     _model_class.register_for_auto_class("AutoModel")
 VLAlignProcessor.register_for_auto_class()
 
+AutoConfig.register(MIVCConfig.model_type, MIVCConfig, exist_ok=True)
+AutoModelForImageTextToText.register(MIVCConfig, MIVCForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(MIVCConfig, MIVCProcessor, exist_ok=True)
+MIVCConfig.register_for_auto_class()
+MIVCForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+MIVCProcessor.register_for_auto_class()
+
 __all__ = [
     "ALBEFModel",
     "ALBEFOutput",
@@ -39,6 +50,12 @@ __all__ = [
     "CODISConfig",
     "CODISModel",
     "CODISOutput",
+    "MIVCConfig",
+    "MIVCForConditionalGeneration",
+    "MIVCOutput",
+    "MIVCPooling",
+    "MIVCPoolingOutput",
+    "MIVCProcessor",
     "TCLConfig",
     "TCLModel",
     "TCLOutput",

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
-__all__ = ["DEFAULT_AUGMENTATION", "VLAlignProcessor", "augment_image", "resolve_augmentation", "to_rgb"]
+__all__ = ["DEFAULT_AUGMENTATION", "MIVCProcessor", "VLAlignProcessor", "augment_image", "resolve_augmentation", "to_rgb"]
 
 
 # Two-view augmentation defaults (TCL paper, Sec. 4.1; SimCLR-style pipeline). Ranges are lists, not tuples,
@@ -395,3 +396,155 @@ class VLAlignProcessor(ProcessorMixin):
         files = list(super().save_pretrained(save_directory) or [])
         files.extend(self.image_processor.save_pretrained(save_directory))
         return files
+
+
+class MIVCProcessor(ProcessorMixin):
+    r"""Prompts with an image placeholder + a variable number of images per sample -> inputs of
+    [`MIVCForConditionalGeneration`].
+
+    Each prompt holds one `image_token` (prepended when missing); it is expanded to the number of visual tokens the
+    model will splice in: `image_seq_length` for pooled MIVC (the images of a sample become one token sequence), or
+    `image_seq_length` per image with `concatenate_images=True` (the concatenation baseline).
+
+    Args:
+        image_processor: a transformers image processor (e.g. `ViTImageProcessorPil`).
+        tokenizer: the causal LM's tokenizer; `image_token` must be one of its tokens (add it with
+            `tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})` and resize the LM).
+        image_seq_length: visual tokens per image (`MIVCConfig.image_seq_length`).
+        image_token: the placeholder string.
+        concatenate_images: expand the placeholder per image (pooling_mode "concatenate").
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=16, image_token="<image>",
+                 concatenate_images=False, **kwargs):
+        if image_processor is None or tokenizer is None:
+            raise ValueError("MIVCProcessor needs both an `image_processor` and a `tokenizer`")
+        if int(image_seq_length) <= 0:
+            raise ValueError(f"image_seq_length must be > 0, got {image_seq_length!r}")
+        self.image_seq_length = int(image_seq_length)
+        self.image_token = str(image_token)
+        self.concatenate_images = bool(concatenate_images)
+        super().__init__(image_processor, tokenizer, **kwargs)
+        token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no token {self.image_token!r}: add it as a special token first")
+        self.image_token_id = int(token_id)
+
+    def _images_per_sample(self, images, batch: int) -> list[list]:
+        def is_image(x):
+            return isinstance(x, (Image.Image, np.ndarray))
+
+        if is_image(images):
+            images = [images]
+        images = list(images)
+        if images and all(isinstance(x, (list, tuple)) for x in images):
+            per_sample = [list(x) for x in images]
+        elif all(is_image(x) for x in images):
+            # one prompt: all the images are its own; several prompts: one image each
+            per_sample = [images] if batch == 1 else [[x] for x in images]
+        else:
+            raise ValueError("images must be an image, a list of images (one prompt), or one list of images per "
+                             "prompt")
+        if len(per_sample) != batch:
+            raise ValueError(f"got {len(per_sample)} image lists for {batch} prompts")
+        for index, sample in enumerate(per_sample):
+            if not sample:
+                raise ValueError(f"sample {index} has no image")
+        return per_sample
+
+    def _prompt_ids(self, prompt: str, num_images: int) -> list[int]:
+        count = prompt.count(self.image_token)
+        if count == 0:
+            prompt = f"{self.image_token} {prompt}"
+        elif count > 1:
+            raise ValueError(f"a prompt must hold one {self.image_token!r} placeholder for all its images, got "
+                             f"{count}: {prompt!r}")
+        repeats = self.image_seq_length * (num_images if self.concatenate_images else 1)
+        ids = self.tokenizer(prompt.replace(self.image_token, self.image_token * repeats),
+                             add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + list(ids)
+
+    def __call__(self, images=None, text=None, answers=None, return_tensors="pt", padding_side=None,
+                 **kwargs) -> BatchFeature:
+        """Prepare prompts and their images (and, for training, answers).
+
+        Args:
+            images: per prompt a list of images (variable counts); for a single prompt a flat list is its images.
+            text: a prompt or a list of prompts, each with one image placeholder (prepended when missing).
+            answers: optional target texts (training): appended to the prompts with the tokenizer's EOS token, and
+                `labels` hold their ids (-100 on prompt, image and padding positions).
+            padding_side: "left" (default without answers, for batched generation) or "right" (default with
+                answers).
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (batch, max images, C, H, W; zeros in
+            padded slots), `image_mask` (batch, max images; True for real images) and, with answers, `labels`.
+        """
+        for key in ("padding", "truncation", "max_length", "images_kwargs", "text_kwargs", "processor_kwargs"):
+            kwargs.pop(key, None)  # pipelines pass tokenizer options; prompts are padded here, never truncated
+        if kwargs:
+            raise TypeError(f"Unexpected keyword arguments for MIVCProcessor: {sorted(kwargs)}")
+        if text is None:
+            raise ValueError("MIVCProcessor needs `text` (prompts with an image placeholder)")
+        prompts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            raise ValueError("MIVCProcessor needs `images` (one or more per prompt)")
+        per_sample = self._images_per_sample(images, len(prompts))
+        sequences = [self._prompt_ids(p, len(s)) for p, s in zip(prompts, per_sample, strict=True)]
+        labels = None
+        if answers is not None:
+            answers = [answers] if isinstance(answers, str) else list(answers)
+            if len(answers) != len(prompts):
+                raise ValueError(f"got {len(answers)} answers for {len(prompts)} prompts")
+            eos = self.tokenizer.eos_token_id
+            labels = []
+            for index, answer in enumerate(answers):
+                target = list(self.tokenizer(str(answer), add_special_tokens=False)["input_ids"])
+                target += [eos] if eos is not None else []
+                labels.append([-100] * len(sequences[index]) + target)
+                sequences[index] = sequences[index] + target
+        side = padding_side or ("right" if answers is not None else "left")
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
+        longest = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        label_tensor = torch.full((len(sequences), longest), -100, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            span = slice(0, len(sequence)) if side == "right" else slice(longest - len(sequence), longest)
+            input_ids[row, span] = torch.tensor(sequence)
+            attention_mask[row, span] = 1
+            if labels is not None:
+                label_tensor[row, span] = torch.tensor(labels[row])
+
+        flat = [to_rgb(image) for sample in per_sample for image in sample]
+        pixels = torch.as_tensor(np.asarray(self.image_processor(flat, return_tensors="np")["pixel_values"]))
+        max_images = max(len(s) for s in per_sample)
+        pixel_values = pixels.new_zeros(len(per_sample), max_images, *pixels.shape[1:])
+        image_mask = torch.zeros(len(per_sample), max_images, dtype=torch.bool)
+        start = 0
+        for row, sample in enumerate(per_sample):
+            pixel_values[row, : len(sample)] = pixels[start : start + len(sample)]
+            image_mask[row, : len(sample)] = True
+            start += len(sample)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                "image_mask": image_mask}
+        if labels is not None:
+            data["labels"] = label_tensor
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Decode generated ids (a batch) to texts (used by the image-text-to-text pipeline)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_mask"]

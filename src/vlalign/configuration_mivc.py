@@ -1,0 +1,122 @@
+"""Configuration of MIVC (Multiple Instance Visual Component, Wu et al., WACV 2024)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+POOLING_MODES = ("mean", "max", "attention", "gated_attention", "concatenate")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class MIVCConfig(PreTrainedConfig):
+    r"""Configuration of [`MIVCForConditionalGeneration`]: vision encoder per image -> optional Q-Former ->
+    MIVC pooling over the images of an item -> projector -> visual tokens spliced into a causal LM.
+
+    Args:
+        vision_config: config of any transformers vision encoder returning token states (ViT, CLIP vision, ...).
+        text_config: config of any transformers causal LM (Llama, GPT-2, Qwen2, ...).
+        qformer_config: optional `Blip2QFormerConfig` (BLIP-2 style): `num_query_tokens` learned queries read each
+            image's tokens; its `encoder_hidden_size` is set to the vision width. None: the image tokens themselves.
+        num_query_tokens: number of Q-Former queries (tokens per image with a Q-Former).
+        vision_feature_select_strategy: "default" drops the vision encoder's prefix tokens ([CLS]) and keeps the patch
+            tokens (LLaVA's default); "full" keeps every token.
+        pooling_mode: "mean", "max", "attention", "gated_attention" (MIVC: the images of an item are fused into one
+            token sequence, order-invariantly) or "concatenate" (baseline: every image's tokens, one after another).
+        pooling_attention_dim: hidden size L of the attention scorer (V: D -> L, w: L -> 1).
+        pooling_granularity: "token" (each token position pooled over the images with its own weights) or "image"
+            (one weight per image, scored from its mean token).
+        projector_type: "linear" or "mlp2x_gelu" (Linear -> GELU -> Linear, LLaVA-1.5) into the LM's width.
+        freeze_vision_model, freeze_qformer, freeze_language_model: exclude those parts from training (BLIP-2
+            convention: vision encoder and LM frozen, the rest trained). Frozen parts also stay in eval mode.
+        image_token_id: id of the image placeholder token in the LM vocabulary (set from the processor's tokenizer).
+        initializer_range: std of the normal init of the projector, pooling and query tokens.
+    """
+
+    model_type = "mivc"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "qformer_config": SubConfigSpec(config_class=Blip2QFormerConfig, optional=True),
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    qformer_config: PreTrainedConfig | dict | None = None
+    num_query_tokens: int = 32
+    vision_feature_select_strategy: str = "default"
+    pooling_mode: str = "attention"
+    pooling_attention_dim: int = 128
+    pooling_granularity: str = "token"
+    projector_type: str = "mlp2x_gelu"
+    freeze_vision_model: bool = True
+    freeze_qformer: bool = False
+    freeze_language_model: bool = True
+    image_token_id: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.qformer_config is not None:
+            # the Q-Former cross-attends to the vision tokens
+            self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.validate_fields()
+
+    def fail(self, field: str, message: str):
+        raise ValueError(f"{type(self).__name__}.{field}: {message}")
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of the per-image features that MIVC pools (the Q-Former's, or the vision encoder's)."""
+        config = self.qformer_config or self.vision_config
+        return config.hidden_size
+
+    @property
+    def image_seq_length(self) -> int:
+        """Visual tokens per image (Q-Former queries, or the vision encoder's selected tokens)."""
+        if self.qformer_config is not None:
+            return self.num_query_tokens
+        vision = self.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches if self.vision_feature_select_strategy == "default" else patches + 1
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        # generation settings (eos / pad / vocabulary) come from the language model
+        return self.text_config
+
+    def validate_fields(self) -> None:
+        """Raise `ValueError` naming the first invalid field."""
+        fail = self.fail
+        vision, text = self.vision_config, self.text_config
+        for field in ("hidden_size", "image_size", "patch_size"):
+            if not _is_int(getattr(vision, field, None)):
+                fail("vision_config", f"the vision encoder must define `{field}` (model_type "
+                                      f"{getattr(vision, 'model_type', None)!r})")
+        for field in ("hidden_size", "vocab_size"):
+            if not _is_int(getattr(text, field, None)):
+                fail("text_config", f"the language model must define `{field}` (model_type "
+                                    f"{getattr(text, 'model_type', None)!r})")
+        if self.pooling_mode not in POOLING_MODES:
+            fail("pooling_mode", f"unknown mode {self.pooling_mode!r}: use one of {POOLING_MODES}")
+        if self.pooling_granularity not in ("token", "image"):
+            fail("pooling_granularity", f"unknown granularity {self.pooling_granularity!r}: use 'token' or 'image'")
+        if self.projector_type not in ("linear", "mlp2x_gelu"):
+            fail("projector_type", f"unknown projector {self.projector_type!r}: use 'linear' or 'mlp2x_gelu'")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            fail("vision_feature_select_strategy",
+                 f"unknown strategy {self.vision_feature_select_strategy!r}: use 'default' or 'full'")
+        for field in ("num_query_tokens", "pooling_attention_dim"):
+            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
+                fail(field, f"must be a positive integer, got {getattr(self, field)!r}")
+        if self.image_token_id is not None and not (
+            _is_int(self.image_token_id) and 0 <= self.image_token_id < text.vocab_size
+        ):
+            fail("image_token_id", f"{self.image_token_id!r} is not a token id of the LM vocabulary ({text.vocab_size})")
+        if self.qformer_config is None and self.freeze_qformer:
+            fail("freeze_qformer", "there is no Q-Former to freeze (qformer_config is None)")
+
+
+__all__ = ["MIVCConfig", "POOLING_MODES"]
