@@ -41,7 +41,8 @@ class RunArguments:
 
     model_name_or_path: str | None = None  # continue from a saved vlalign model (folder or Hub id)
     vision_model_name_or_path: str | None = None  # initialise towers from pretrained checkpoints
-    text_model_name_or_path: str | None = None
+    text_model_name_or_path: str | None = None  # (MIVC: the causal LM)
+    qformer_model_name_or_path: str | None = None  # MIVC: a pretrained Q-Former
     processor_name_or_path: str | None = None  # a saved VLAlignProcessor; default: built for the data
     tokenizer_name_or_path: str | None = None  # with a PIL ViT image processor when no processor is given
     alpha_ramp_steps: int | None = None  # None: one epoch
@@ -83,19 +84,19 @@ def _model_configs() -> dict[str, type]:
 
     import vlalign
 
-    return {name: CONFIG_MAPPING[name] for name in ("tcl", "codis")
-            if issubclass(CONFIG_MAPPING[name], vlalign.ALBEFStackConfig)}
+    return {name: CONFIG_MAPPING[name] for name in ("tcl", "codis", "mivc")
+            if issubclass(CONFIG_MAPPING[name], (vlalign.ALBEFStackConfig, vlalign.MIVCConfig))}
 
 
 def _section_fields() -> dict[str, set[str]]:
     from transformers import TrainingArguments
 
-    from vlalign.data import DataArguments
+    from vlalign.data import DataArguments, MIVCDataArguments
 
     model_fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _model_configs().values()))
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
-        "data": {f.name for f in dataclasses.fields(DataArguments)},
+        "data": {f.name for f in dataclasses.fields(DataArguments)} | {f.name for f in dataclasses.fields(MIVCDataArguments)},
         "training": {f.name for f in dataclasses.fields(TrainingArguments)} - {"push_to_hub", "hub_model_id"},
         "model": model_fields | {"model_type"},
     }
@@ -218,6 +219,71 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
     return model_class(config)
 
 
+def _pretrained_model_type(path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type
+
+
+def _training_arguments(config: dict, default_output_dir: str):
+    from transformers import TrainingArguments
+
+    training_section = dict(config.get("training") or {})
+    training_section.setdefault("output_dir", default_output_dir)
+    training_section.setdefault("remove_unused_columns", False)  # the collators need the raw columns
+    training_section.setdefault("report_to", "none")
+    return TrainingArguments(**training_section)
+
+
+def _set_cpu_threads(run: RunArguments, training_args) -> None:
+    import torch
+
+    if training_args.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+
+
+def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
+    return {
+        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
+           else {"num_train_epochs": training_args.num_train_epochs}),
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "world_size": training_args.world_size,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
+        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps,
+        "seed": training_args.seed,
+    }
+
+
+def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, card, run: RunArguments) -> None:
+    """Weights + config + code, processor, eval_results.json, training_args.json (no pickle), card; optional push."""
+    from vlalign.hub import push_folder_to_hub, save_model_card
+
+    trainer.save_model(str(output_dir))
+    # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
+    (output_dir / "training_args.bin").unlink(missing_ok=True)
+    (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
+    processor.save_pretrained(str(output_dir))
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    save_model_card(output_dir, card)
+    logger.info("eval results: %s", json.dumps(results))
+    if run.push_to_hub:
+        if not run.hub_model_id:
+            raise SystemExit("--push_to_hub needs --hub_model_id")
+        url = push_folder_to_hub(output_dir, run.hub_model_id, token=os.environ.get("HF_TOKEN"),
+                                 private=run.hub_private_repo)
+        logger.info("pushed to %s", url)
+
+
+def _card_template(run: RunArguments, model_type: str) -> Path:
+    template = Path(run.model_card_template or f"model_cards/{model_type}.md")
+    if not template.is_absolute() and not template.exists():
+        template = REPO_ROOT / template
+    return template
+
+
 def card_hyperparameters(model, training_args) -> dict[str, Any]:
     """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
     model's own config class (e.g. CODIS's codebook and OT settings)."""
@@ -235,15 +301,7 @@ def card_hyperparameters(model, training_args) -> dict[str, Any]:
                           f"{vision.image_size}px / patch {vision.patch_size}",
         "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
                         f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
-        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
-           else {"num_train_epochs": training_args.num_train_epochs}),
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "world_size": training_args.world_size,
-        "learning_rate": training_args.learning_rate,
-        "weight_decay": training_args.weight_decay,
-        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-        "warmup_steps": training_args.warmup_steps,
-        "seed": training_args.seed,
+        **_optimisation_hyperparameters(training_args),
         **{k: getattr(config, k) for k in (*shared, *own)},
     }
 
@@ -254,8 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config, parse_overrides(rest))
 
-    import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     import vlalign  # noqa: F401  (registers the Auto classes)
     from vlalign.data import (
@@ -265,22 +322,21 @@ def main(argv: list[str] | None = None) -> dict:
         load_image_text_datasets,
         resolve_class_names,
     )
-    from vlalign.hub import build_model_card, push_folder_to_hub, save_model_card
+    from vlalign.hub import build_model_card
     from vlalign.trainer import ContrastiveTrainer, evaluate_model
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**(config.get("run") or {}))
-    data_args = DataArguments(**(config.get("data") or {}))
-    training_section = dict(config.get("training") or {})
     model_section = dict(config.get("model") or {})
-    training_section.setdefault("output_dir", f"outputs/{model_section.get('model_type', 'tcl')}")
-    training_section.setdefault("remove_unused_columns", False)  # the collator needs the raw image/caption columns
-    training_section.setdefault("report_to", "none")
-    training_args = TrainingArguments(**training_section)
+    if model_section.get("model_type") == "mivc" or (
+        run.model_name_or_path and "model_type" not in model_section
+        and _pretrained_model_type(run.model_name_or_path) == "mivc"
+    ):
+        return main_mivc(config, run)
+    data_args = DataArguments(**(config.get("data") or {}))
+    training_args = _training_arguments(config, f"outputs/{model_section.get('model_type', 'tcl')}")
     set_seed(training_args.seed)
-    if training_args.device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    _set_cpu_threads(run, training_args)
 
     train_dataset, eval_dataset = load_image_text_datasets(data_args)
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
@@ -319,20 +375,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
-        trainer.save_model(str(output_dir))
-        # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
-        processor.save_pretrained(str(output_dir))
-        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        hyperparameters = card_hyperparameters(model, training_args)
         code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
         model_type = model.config.model_type
-        template = Path(run.model_card_template or f"model_cards/{model_type}.md")
-        if not template.is_absolute() and not template.exists():
-            template = REPO_ROOT / template
         card = build_model_card(
-            template,
+            _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
             model_type_name=model_type.upper(),
             base_model=run.vision_model_name_or_path,
@@ -341,19 +387,130 @@ def main(argv: list[str] | None = None) -> dict:
             dataset_split=data_args.train_split,
             eval_split=data_args.eval_split,
             num_train_samples=len(train_dataset),
-            hyperparameters=hyperparameters,
+            hyperparameters=card_hyperparameters(model, training_args),
             eval_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in code_keys},
             code_usage={k: results[k] for k in code_keys} or None,
             license=run.license,
         )
-        save_model_card(output_dir, card)
-        logger.info("eval results: %s", json.dumps(results))
-        if run.push_to_hub:
-            if not run.hub_model_id:
-                raise SystemExit("--push_to_hub needs --hub_model_id")
-            url = push_folder_to_hub(output_dir, run.hub_model_id, token=os.environ.get("HF_TOKEN"),
-                                     private=run.hub_private_repo)
-            logger.info("pushed to %s", url)
+        _save_run(output_dir, trainer, training_args, processor, results, card, run)
+    return results
+
+
+MULTIVIEW_DIGITS_DESCRIPTION = (
+    "the embedded multi-view digits task: each item shows 2-5 different scans of one handwritten digit "
+    "(scikit-learn's real digits), about half of them degraded by heavy noise or occlusion (at least one clean); "
+    "the target names the digit. Items of the test split use only scans with index % 5 == 0, never seen in training"
+)
+
+
+def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_token_id: int):
+    """MIVCForConditionalGeneration from a saved model, from pretrained components, or from the YAML configs."""
+    from vlalign import MIVCConfig, MIVCForConditionalGeneration
+
+    overrides = {k: v for k, v in model_section.items()
+                 if k not in ("vision_config", "text_config", "qformer_config", "model_type")}
+    fields = {f.name for f in dataclasses.fields(MIVCConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise SystemExit(f"model section: {unknown} are not fields of MIVCConfig")
+    overrides.setdefault("image_token_id", image_token_id)
+    if run.model_name_or_path:
+        return MIVCForConditionalGeneration.from_pretrained(run.model_name_or_path, **overrides)
+    if run.vision_model_name_or_path or run.text_model_name_or_path:
+        if not (run.vision_model_name_or_path and run.text_model_name_or_path):
+            raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path (the LM)")
+        return MIVCForConditionalGeneration.from_pretrained_components(
+            run.vision_model_name_or_path, run.text_model_name_or_path, run.qformer_model_name_or_path, **overrides)
+    text_config = dict(model_section.get("text_config") or {})
+    # a model trained from scratch takes its vocabulary and special tokens from the tokenizer
+    text_config.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            text_config.setdefault(name, getattr(tokenizer, name))
+    config = MIVCConfig(vision_config=model_section.get("vision_config"), text_config=text_config,
+                        qformer_config=model_section.get("qformer_config"), **overrides)
+    return MIVCForConditionalGeneration(config)
+
+
+def main_mivc(config: dict, run: RunArguments) -> dict:
+    """The generative path: multi-image items -> MIVCForConditionalGeneration trained with the LM loss, evaluated
+    by exact match of greedy answers and by the pooling weights on clean vs degraded images."""
+    from transformers import AutoProcessor, Trainer, set_seed
+
+    from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets
+    from vlalign.hub import build_model_card
+    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.trainer import evaluate_mivc
+
+    model_section = dict(config.get("model") or {})
+    data_args = MIVCDataArguments(**(config.get("data") or {}))
+    training_args = _training_arguments(config, "outputs/mivc")
+    set_seed(training_args.seed)
+    _set_cpu_threads(run, training_args)
+    train_dataset, eval_dataset = load_multi_image_datasets(data_args, seed=training_args.seed)
+
+    if run.processor_name_or_path or run.model_name_or_path:
+        processor = AutoProcessor.from_pretrained(run.processor_name_or_path or run.model_name_or_path)
+    elif data_args.dataset_name == "multiview_digits":
+        image_size = int((model_section.get("vision_config") or {}).get("image_size", data_args.image_size))
+        processor = build_mivc_digits_processor(image_seq_length=1, image_size=image_size)
+    else:
+        raise SystemExit("set run.processor_name_or_path (an MIVCProcessor) for this dataset")
+    model = build_mivc_model(run, model_section, processor.tokenizer, processor.image_token_id)
+    # the placeholder expansion follows the model
+    processor.image_seq_length = model.config.image_seq_length
+    processor.concatenate_images = model.config.pooling_mode == "concatenate"
+
+    collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
+                                  data_args.answer_column)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+                      processing_class=processor)
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - start
+
+    results: dict[str, Any] = {}
+    if eval_dataset is not None:
+        results.update(evaluate_mivc(model, processor, eval_dataset, collator, batch_size=run.eval_batch_size))
+    results["train_runtime_seconds"] = round(train_seconds, 1)
+    results["train_steps"] = int(train_result.global_step)
+    results["train_loss"] = float(train_result.training_loss)
+    results["train_images_skipped"] = collator.num_skipped_images
+    results["train_items_skipped"] = collator.num_skipped_items
+
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        cfg = model.config
+        vision, text = cfg.vision_config, cfg.text_config
+        hyperparameters = {
+            "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                              f"{vision.image_size}px / patch {vision.patch_size}",
+            "q_former": "none" if cfg.qformer_config is None else
+                        f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
+            "language_model": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}",
+            **_optimisation_hyperparameters(training_args),
+            **{k: getattr(cfg, k) for k in (
+                "pooling_mode", "pooling_granularity", "pooling_attention_dim", "projector_type",
+                "vision_feature_select_strategy", "freeze_vision_model", "freeze_qformer", "freeze_language_model")},
+            "visual_tokens_per_image": cfg.image_seq_length,
+        }
+        card = build_model_card(
+            _card_template(run, "mivc"),
+            model_id=run.hub_model_id or output_dir.name,
+            model_type_name="MIVC",
+            base_model=[m for m in (run.vision_model_name_or_path, run.text_model_name_or_path) if m] or None,
+            dataset_name=data_args.dataset_name,
+            dataset_description=(MULTIVIEW_DIGITS_DESCRIPTION if data_args.dataset_name == "multiview_digits"
+                                 else None),
+            dataset_split=data_args.train_split,
+            eval_split=data_args.eval_split,
+            num_train_samples=len(train_dataset),
+            hyperparameters=hyperparameters,
+            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
+            pipeline_tag="image-text-to-text",
+            license=run.license,
+        )
+        _save_run(output_dir, trainer, training_args, processor, results, card, run)
     return results
 
 

@@ -651,3 +651,105 @@ def build_eval_inputs(
                 texts.append(caption)
                 text_ids.append(positive)
     return EvalInputs(images, image_ids, texts, text_ids, labels, num_skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-image items (MIVC)
+
+
+@dataclass
+class MIVCDataArguments:
+    """Multi-image data for MIVC: "multiview_digits" (the embedded demo) or any `datasets.load_dataset` source with
+    a column of image lists, a prompt column (with an image placeholder) and an answer column."""
+
+    dataset_name: str = field(default="multiview_digits", metadata={"help": 'load_dataset name, or "multiview_digits".'})
+    data_files: str | None = field(default=None, metadata={"help": "data_files passed to load_dataset."})
+    images_column: str = field(default="images", metadata={"help": "Column holding each item's list of images."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the target text."})
+    train_split: str = field(default="train", metadata={"help": "Training split name."})
+    eval_split: str | None = field(default="test", metadata={"help": "Eval split name (None: no eval)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval split."})
+    num_train_items: int = field(default=2000, metadata={"help": "multiview_digits: training items."})
+    num_test_items: int = field(default=400, metadata={"help": "multiview_digits: test items."})
+    min_images: int = field(default=2, metadata={"help": "multiview_digits: fewest images per item."})
+    max_images: int = field(default=5, metadata={"help": "multiview_digits: most images per item."})
+    degraded_fraction: float = field(default=0.5, metadata={"help": "multiview_digits: share of degraded images."})
+    image_size: int = field(default=32, metadata={"help": "multiview_digits: image side in pixels."})
+
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if isinstance(self.eval_split, str) and self.eval_split.strip().lower() in ("", "none", "null"):
+            self.eval_split = None
+
+
+def load_multi_image_datasets(args: MIVCDataArguments, seed: int = 0):
+    """(train, eval or None) splits of multi-image items."""
+    if args.dataset_name == "multiview_digits":
+        from .multiview_digits import build_multiview_digits_dataset
+
+        splits = build_multiview_digits_dataset(
+            image_size=args.image_size, num_train_items=args.num_train_items, num_test_items=args.num_test_items,
+            min_images=args.min_images, max_images=args.max_images, degraded_fraction=args.degraded_fraction,
+            seed=seed)
+    else:
+        splits = datasets.load_dataset(args.dataset_name, data_files=args.data_files)
+    train = splits[args.train_split]
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    evaluation = None
+    if args.eval_split:
+        evaluation = splits[args.eval_split]
+        if args.max_eval_samples:
+            evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    for split in (train, evaluation):
+        if split is None:
+            continue
+        missing = [c for c in (args.images_column, args.prompt_column, args.answer_column)
+                   if c not in split.column_names]
+        if missing:
+            raise ValueError(f"multi-image dataset lacks columns {missing} (has {split.column_names})")
+    return train, evaluation
+
+
+class MultiImageCollator:
+    """Rows of multi-image items -> an `MIVCProcessor` training batch (prompt + answer, labels on the answer).
+
+    Undecodable images are dropped from their item (an item left without images is skipped); every skip is counted
+    in `num_skipped` and warned about, never a crash.
+    """
+
+    def __init__(self, processor, images_column: str = "images", prompt_column: str = "prompt",
+                 answer_column: str = "answer"):
+        self.processor = processor
+        self.images_column, self.prompt_column, self.answer_column = images_column, prompt_column, answer_column
+        self.num_skipped_images = 0
+        self.num_skipped_items = 0
+
+    def decoded_images(self, row: dict) -> list[Image.Image]:
+        images = []
+        for value in row[self.images_column] or []:
+            try:
+                images.append(decode_image(value))
+            except (ValueError, OSError) as error:
+                self.num_skipped_images += 1
+                logger.warning("Skipped an undecodable image in a multi-image item: %s", error)
+        return images
+
+    def __call__(self, rows: list[dict]) -> dict:
+        images, prompts, answers = [], [], []
+        for row in rows:
+            item_images = self.decoded_images(row)
+            if not item_images:
+                self.num_skipped_items += 1
+                continue
+            images.append(item_images)
+            prompts.append(row[self.prompt_column])
+            answers.append(row[self.answer_column])
+        if not images:
+            raise RuntimeError("no item of this batch has a readable image: check the images column and files")
+        return dict(self.processor(images=images, text=prompts, answers=answers))

@@ -37,6 +37,7 @@ __all__ = ["build_model_card", "is_hub_id", "push_folder_to_hub", "save_model_ca
 DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
 RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
 ZERO_SHOT_TASK = ("zero-shot-image-classification", "Zero-Shot Image Classification")
+GENERATION_TASK = ("image-text-to-text", "Image-Text-to-Text")
 
 # CommonMark lets any ASCII punctuation be backslash-escaped; these are the ones that can start inline
 # markup, HTML, table cells, headings, math or entities in the places the template puts values.
@@ -117,6 +118,8 @@ def _metric_info(key: str) -> tuple[str, str, str] | None:
         return (*RETRIEVAL_TASK, f"{direction} recall@{m.group(2)}")
     if "recall" in base:
         return (*RETRIEVAL_TASK, key)
+    if base == "exact_match_accuracy":
+        return (*GENERATION_TASK, "Exact-match accuracy")
     if base == "zero_shot_accuracy":
         return (*ZERO_SHOT_TASK, "Zero-shot top-1 accuracy")
     if "accuracy" in base:
@@ -212,7 +215,7 @@ def build_model_card(
             rows.append({"task": _md(task_name), "metric": _md(pretty), "value": f"{value:.2f}" if finite else "n/a"})
             if not finite:
                 continue  # the Hub's model-index has no representation for NaN/inf
-            metric_ids.append("accuracy" if task_type == ZERO_SHOT_TASK[0] else "recall")
+            metric_ids.append({ZERO_SHOT_TASK[0]: "accuracy", GENERATION_TASK[0]: "exact_match"}.get(task_type, "recall"))
             metadata_results.append(
                 EvalResult(
                     task_type=task_type,

@@ -302,3 +302,65 @@ class ContrastiveTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MIVC (generative) evaluation
+
+
+def _normalise_answer(text: str) -> str:
+    return " ".join(str(text).lower().replace("?", " ").replace(".", " ").split())
+
+
+@torch.no_grad()
+def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max_new_tokens: int = 4,
+                  degraded_column: str | None = "degraded") -> dict[str, float]:
+    """Exact-match accuracy of greedy answers and, when the dataset marks degraded images, the mean weight that
+    MIVC's pooling gives to clean and to degraded images (per-token weights averaged over the tokens).
+
+    Returns ``exact_match_accuracy`` (percent), ``mean_weight_clean_images``, ``mean_weight_degraded_images``,
+    ``uniform_weight_reference`` (the mean of 1 / images per item over the same images: what equal weighting gives)
+    and ``num_eval_items``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    sums = {"clean": 0.0, "degraded": 0.0}
+    counts = {"clean": 0, "degraded": 0}
+    uniform = 0.0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            kept = [(row, collator.decoded_images(row)) for row in rows]
+            kept = [(row, images) for row, images in kept if images]
+            if not kept:
+                continue
+            inputs = processor(images=[images for _, images in kept],
+                               text=[row[collator.prompt_column] for row, _ in kept]).to(device)
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for (row, _), answer in zip(kept, answers, strict=True):
+                correct += _normalise_answer(answer) == _normalise_answer(row[collator.answer_column])
+                total += 1
+            if degraded_column and degraded_column in rows[0] and model.config.pooling_mode != "concatenate":
+                _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+                per_image = weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float()
+                for index, (row, images) in enumerate(kept):
+                    flags = row[degraded_column]
+                    if len(flags) != len(images):  # an image was dropped as unreadable: flags no longer align
+                        continue
+                    for slot, degraded in enumerate(flags):
+                        key = "degraded" if degraded else "clean"
+                        sums[key] += float(per_image[index, slot])
+                        counts[key] += 1
+                        uniform += 1.0 / len(flags)
+    finally:
+        model.train(was_training)
+    results = {"exact_match_accuracy": 100.0 * correct / total if total else float("nan"),
+               "num_eval_items": total}
+    if counts["clean"] + counts["degraded"]:
+        for key in ("clean", "degraded"):
+            results[f"mean_weight_{key}_images"] = sums[key] / counts[key] if counts[key] else float("nan")
+        results["uniform_weight_reference"] = uniform / (counts["clean"] + counts["degraded"])
+    return results
