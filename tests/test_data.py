@@ -514,3 +514,35 @@ def test_build_eval_inputs_on_digits_with_a_corrupt_row(processor, digits):
     by_image = build_eval_inputs(evaluation, processor, DataArguments(positives_by="image"))
     assert by_image.image_ids == [evaluation["image_id"][i] for i in keep]
     assert by_image.text_ids[:8] == [evaluation["image_id"][0]] * 8
+
+
+def test_multi_image_collator_drops_unreadable_images_and_empty_items(caplog):
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from vlalign.data import MultiImageCollator
+    from vlalign.multiview_digits import build_mivc_digits_processor
+
+    processor = build_mivc_digits_processor(image_seq_length=4, image_size=16)
+    buffer = _io.BytesIO()
+    _Image.new("RGB", (16, 16), "white").save(buffer, format="PNG")
+    good = {"bytes": buffer.getvalue(), "path": None}
+    corrupt = {"bytes": b"\x89PNG\r\n\x1a\n not a png", "path": None}
+    rows = [
+        {"images": [good, corrupt, good], "prompt": "<image> which digit?", "answer": "one"},
+        {"images": [corrupt], "prompt": "<image> which digit?", "answer": "two"},   # nothing readable: skipped
+        {"images": [good], "prompt": "<image> which digit?", "answer": "three"},
+    ]
+    collator = MultiImageCollator(processor)
+    with caplog.at_level("WARNING"):
+        batch = collator(rows)
+    assert collator.num_skipped_images == 2 and collator.num_skipped_items == 1
+    assert "Skipped an undecodable image" in caplog.text
+    assert batch["pixel_values"].shape[:2] == (2, 2)
+    assert batch["image_mask"].tolist() == [[True, True], [True, False]]
+    answers = processor.batch_decode(torch.where(batch["labels"] == -100, processor.tokenizer.pad_token_id,
+                                                 batch["labels"]), skip_special_tokens=True)
+    assert answers == ["one", "three"]
+    with pytest.raises(RuntimeError, match="no item of this batch has a readable image"):
+        collator([rows[1]])

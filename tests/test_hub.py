@@ -318,3 +318,18 @@ def test_codis_card_reports_code_usage_and_flags_a_collapse(tmp_path):
     save_model_card(tmp_path, collapsed)
     loaded = ModelCard.load(tmp_path / "README.md")  # still a valid card with its metadata
     assert {r.metric_type for r in loaded.data.eval_results} == set(METRICS)
+
+
+def test_exact_match_is_an_image_text_to_text_result():
+    card = build_model_card(Path(__file__).resolve().parents[1] / "model_cards" / "mivc.md",
+                            model_id="someone/mivc-digits", model_type_name="MIVC", dataset_name="multiview_digits",
+                            hyperparameters={"pooling_mode": "attention"},
+                            eval_results={"exact_match_accuracy": 97.5, "mean_weight_clean_images": 0.5},
+                            pipeline_tag="image-text-to-text")
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.metric_type, result.metric_value) == (
+        "image-text-to-text", "exact_match_accuracy", 97.5)
+    assert card.data.metrics == ["exact_match"] and card.data.pipeline_tag == "image-text-to-text"
+    assert ["Image-Text-to-Text", "Exact-match accuracy", "97.50"] in _table_rows(card.text)
+    assert ["mean\\_weight\\_clean\\_images", "0.5"] in _table_rows(card.text)
+    assert "Multiple Instance Visual Component" in card.text

@@ -212,3 +212,53 @@ def test_model_section_rejects_fields_of_another_model(tmp_path):
         train.main(["--config", str(tmp_path / "config.yaml")])
     with pytest.raises(SystemExit, match="unknown model.model_type 'nope'"):
         train.main(["--config", str(tmp_path / "config.yaml"), "--model_type", "nope"])
+
+
+TINY_MIVC = {
+    "model_type": "mivc",
+    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+    "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 128},
+    "pooling_mode": "gated_attention", "pooling_attention_dim": 16,
+    "freeze_vision_model": False, "freeze_language_model": False,
+}
+
+
+def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
+    """`model_type: mivc` trains the generative model on multi-view digits and writes weights, processor, code,
+    eval_results.json (exact match, pooling weights on clean vs degraded images) and an image-text-to-text card."""
+    import train
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = {"model": TINY_MIVC,
+              "data": {"num_train_items": 40, "num_test_items": 12, "image_size": 16},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 8,
+                           "save_strategy": "no", "report_to": "none", "use_cpu": True, "learning_rate": 1e-3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = train.main(["--config", str(tmp_path / "config.yaml"), "--seed", "3"])
+    out = tmp_path / "out"
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved == pytest.approx(results, nan_ok=True)
+    assert saved["num_eval_items"] == 12 and 0.0 <= saved["exact_match_accuracy"] <= 100.0
+    # weights are per-image shares: the clean/degraded means bracket the equal-weight reference
+    low, high = sorted((saved["mean_weight_clean_images"], saved["mean_weight_degraded_images"]))
+    assert low <= saved["uniform_weight_reference"] <= high
+    assert saved["train_steps"] == 3 and saved["train_images_skipped"] == 0
+    config_json = json.loads((out / "config.json").read_text())
+    assert config_json["model_type"] == "mivc"
+    assert config_json["auto_map"]["AutoModelForImageTextToText"] == "modeling_mivc.MIVCForConditionalGeneration"
+    for name in ("model.safetensors", "modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py",
+                 "processor_config.json", "README.md"):
+        assert (out / name).exists(), name
+    assert not list(out.glob("*.bin"))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text" and "mivc" in card.data.tags
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"exact_match_accuracy": pytest.approx(saved["exact_match_accuracy"])}
+    assert "| pooling\\_mode | gated\\_attention |" in card.content
+    # the folder loads back and its processor expands the placeholder for this model
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_seq_length == model.config.image_seq_length == 4
+    assert not processor.concatenate_images
