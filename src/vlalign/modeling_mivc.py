@@ -238,8 +238,8 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         return inputs
 
     @classmethod
-    def from_pretrained_components(cls, vision_model_name_or_path: str, language_model_name_or_path: str,
-                                   qformer_name_or_path: str | None = None, **config_overrides):
+    def from_pretrained_components(cls, vision_path: str, llm_path: str, qformer_path: str | None = None,
+                                   **config_overrides):
         """Build from pretrained parts: any vision encoder checkpoint (the vision half of a CLIP checkpoint works),
         any causal LM, optionally a Q-Former (a `Blip2QFormerModel` folder, or the `qformer` of a BLIP-2
         checkpoint). The pooling, projector and (without a Q-Former checkpoint) the queries start new.
@@ -247,24 +247,31 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         """
         from transformers import AutoConfig
 
-        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        vision_config = AutoConfig.from_pretrained(vision_path)
         vision_config = getattr(vision_config, "vision_config", vision_config)
-        text_config = AutoConfig.from_pretrained(language_model_name_or_path)
+        text_config = AutoConfig.from_pretrained(llm_path)
         qformer_config = None
-        if qformer_name_or_path is not None:
-            qformer_config = AutoConfig.from_pretrained(qformer_name_or_path)
+        if qformer_path is not None:
+            qformer_config = AutoConfig.from_pretrained(qformer_path)
             qformer_config = getattr(qformer_config, "qformer_config", qformer_config)
             qformer_config = qformer_config.to_dict()
         config = MIVCConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
                             qformer_config=qformer_config, **config_overrides)
         model = cls(config)
-        vision = type(model.vision_model).from_pretrained(vision_model_name_or_path, use_safetensors=True)
-        _load_strict(model.vision_model, vision.state_dict(), "vision encoder")
-        language = AutoModelForCausalLM.from_pretrained(language_model_name_or_path, use_safetensors=True)
-        _load_strict(model.language_model, language.state_dict(), "language model")
-        if qformer_name_or_path is not None:
-            qformer = Blip2QFormerModel.from_pretrained(qformer_name_or_path, use_safetensors=True)
-            _load_strict(model.qformer, qformer.state_dict(), "Q-Former")
+        parts = [(model.vision_model, type(model.vision_model), vision_path, "vision encoder"),
+                 (model.language_model, AutoModelForCausalLM, llm_path, "language model")]
+        if qformer_path is not None:
+            parts.append((model.qformer, Blip2QFormerModel, qformer_path, "Q-Former"))
+        for module, loader, path, what in parts:
+            pretrained, info = loader.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+            # a checkpoint that does not match its own config would otherwise leave random weights behind
+            problems = {k: [key for key in info.get(k, ()) if not str(key).startswith("pooler.")]
+                        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            if any(problems.values()):
+                raise ValueError(f"the {what} checkpoint {path!r} does not match its config: "
+                                 f"missing {problems['missing_keys'][:20]}, unexpected "
+                                 f"{problems['unexpected_keys'][:20]}, shape mismatch {problems['mismatched_keys'][:20]}")
+            _load_strict(module, pretrained.state_dict(), what)
         model.apply_freeze_flags()
         return model
 
