@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .albef_stack import build_vision_encoder
+from .albef_stack import _load_matching, build_vision_encoder
 from .configuration_mivc import MIVCConfig
 from .mivc_pooling import MIVCPooling
 
@@ -271,7 +271,7 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
                 raise ValueError(f"the {what} checkpoint {path!r} does not match its config: "
                                  f"missing {problems['missing_keys'][:20]}, unexpected "
                                  f"{problems['unexpected_keys'][:20]}, shape mismatch {problems['mismatched_keys'][:20]}")
-            _load_strict(module, pretrained.state_dict(), what)
+            _load_matching(module, pretrained.state_dict(), what)
         model.apply_freeze_flags()
         return model
 
@@ -282,19 +282,6 @@ class _ParameterHolder(nn.Module):
     def __init__(self, parameter: nn.Parameter):
         super().__init__()
         self.parameter = parameter
-
-
-def _load_strict(module: nn.Module, state: dict, what: str) -> None:
-    """Load `state` into `module`, raising with the mismatched keys instead of keeping random weights."""
-    own = module.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}  # we never build poolers
-    mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    if mismatch or unexpected or missing:
-        raise ValueError(f"pretrained weights do not match the {what}: missing {missing[:20]}, unexpected "
-                         f"{unexpected[:20]}, shape mismatch {mismatch[:20]}")
-    module.load_state_dict(state)
 
 
 __all__ = ["MIVCForConditionalGeneration", "MIVCOutput", "MIVCPreTrainedModel", "MIVCProjector"]
