@@ -19,6 +19,18 @@ TINY_TEXT = dict(
 )
 
 
+# A script prefix that makes `import vlalign` fail, so a subprocess proves that a saved folder loads through
+# transformers' remote code alone (the script can end by importing vlalign and expect the ImportError).
+BLOCK_VLALIGN = """import sys
+sys.path = [p for p in sys.path if 'vlalign' not in p and not p.endswith('/src')]
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'vlalign' or name.startswith('vlalign.'):
+            raise ImportError('vlalign is blocked in this test')
+sys.meta_path.insert(0, Block())
+"""
+
+
 def tiny_tcl_config(**overrides):
     from vlalign import TCLConfig
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
+from conftest import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
 from test_codebook_losses import targets_reference
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
@@ -379,15 +379,8 @@ def test_remote_code_loads_without_vlalign(tmp_path, digits_processor_16):
     torch.save(dict(logits=out.logits_per_image, image_codes=codes.image_codes, text_codes=codes.text_codes,
                     image_code_probs=codes.image_code_probs, zero_shot=dict(zip(labels, zero_shot.tolist()))),
                tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = BLOCK_VLALIGN + textwrap.dedent(
         f"""
-        import sys
-        sys.path = [p for p in sys.path if 'vlalign' not in p and not p.endswith('/src')]
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == 'vlalign' or name.startswith('vlalign.'):
-                    raise ImportError('vlalign is blocked in this test')
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModel, pipeline
         from PIL import Image

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl_config
+from conftest import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl_config
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from vlalign import TCLConfig, TCLModel
@@ -304,15 +304,8 @@ def test_remote_code_loads_without_vlalign(tmp_path, digits_processor_16):
                          pixel_values=b["pixel_values"]).logits_per_image
     torch.save(b, tmp_path / "batch.pt")
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = BLOCK_VLALIGN + textwrap.dedent(
         f"""
-        import sys, importlib.util
-        sys.path = [p for p in sys.path if 'vlalign' not in p and not p.endswith('/src')]
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == 'vlalign' or name.startswith('vlalign.'):
-                    raise ImportError('vlalign is blocked in this test')
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModel, AutoModelForZeroShotImageClassification, pipeline
         from PIL import Image
@@ -507,3 +500,15 @@ def test_full_tcl_with_regularisers_trains():
     assert {"separation", "bridge", "geometric", "itm", "mlm"} <= set(out.loss_components())
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_teachers_and_fixed_temperature_stay_frozen_after_from_pretrained(tmp_path):
+    """transformers' loader makes every parameter trainable; teachers must not be (DDP would see unused
+    parameters, optimisers would hold them)."""
+    _model(learnable_temperature=False).save_pretrained(tmp_path)
+    for loaded in (TCLModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path),
+                   TCLModel.from_pretrained(tmp_path, output_loading_info=True)[0]):
+        teachers = [n for n, p in loaded.named_parameters() if n.startswith("momentum_")]
+        assert teachers and not any(p.requires_grad for n, p in loaded.named_parameters() if n in teachers)
+        assert not loaded.temp.requires_grad
+        assert loaded.vision_model.embeddings.cls_token.requires_grad

@@ -298,6 +298,21 @@ class ALBEFModel(PreTrainedModel):
         """Initialise the weights, then make every teacher an exact copy of its student."""
         self.post_init()
         self.copy_params_to_momentum()
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        """Teachers and a fixed temperature take no gradient."""
+        self.temp.requires_grad_(self.config.learnable_temperature)
+        if self.config.use_momentum:
+            for teacher in self._momentum_pairs()[1]:
+                teacher.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers' loader replaces every parameter with a new, trainable one: restore what `__init__` froze
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._set_trainable()
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None:

@@ -111,6 +111,13 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers' loader replaces every parameter with a new, trainable one: re-apply the freeze flags
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_freeze_flags()
+        return loaded
+
     def train(self, mode: bool = True):
         # frozen parts keep eval-mode behaviour (no dropout), as in BLIP-2
         super().train(mode)
