@@ -284,6 +284,89 @@ def _card_template(run: RunArguments, model_type: str) -> Path:
     return template
 
 
+def retrieval_pictures(model, processor, eval_inputs, output_dir: Path, log_history: list[dict],
+                       num_queries: int = 4, k: int = 5) -> list[tuple[str, str]]:
+    """Card pictures of a contrastive model: text-to-image retrieval examples (a few test captions with their
+    top-k test images) and the training curves. Returns ``(caption, file name)`` pairs."""
+    import torch
+
+    from vlalign.hub import plot_retrieval_grid, plot_training_curves
+    from vlalign.trainer import embed_images, embed_texts
+
+    pictures = []
+    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
+    if curves is not None:
+        pictures.append(("Training loss and its components over optimizer steps.", curves.name))
+    if eval_inputs is None or not eval_inputs.images:
+        return pictures
+    queries, query_ids = [], []
+    for text, text_id in zip(eval_inputs.texts, eval_inputs.text_ids, strict=True):
+        if text_id not in query_ids:  # one caption per positive id (per class on class-level data)
+            queries.append(text)
+            query_ids.append(text_id)
+        if len(queries) == num_queries:
+            break
+    was_training = model.training
+    model.eval()
+    try:
+        image_embeds = embed_images(model, processor, eval_inputs.images)
+        text_embeds = embed_texts(model, processor, queries)
+    finally:
+        model.train(was_training)
+    top = (text_embeds @ image_embeds.t()).topk(min(k, len(eval_inputs.images)), dim=1).indices
+    image_ids = torch.as_tensor([int(i) for i in eval_inputs.image_ids])
+    correct = image_ids[top] == torch.as_tensor([int(i) for i in query_ids]).view(-1, 1)
+    grid = plot_retrieval_grid(queries, eval_inputs.images, top.tolist(), correct.tolist(),
+                               output_dir / "retrieval_examples.png")
+    pictures.insert(0, (f"Text-to-image retrieval on the evaluation split: {len(queries)} captions and their top-{k} "
+                        "images (green frame: a correct match).", grid.name))
+    return pictures
+
+
+def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, log_history: list[dict],
+                         num_items: int = 4) -> list[tuple[str, str]]:
+    """Card pictures of an MIVC model: evaluation items with their images, pooling weights and generated answers,
+    and the training curves."""
+    import torch
+
+    from vlalign.hub import plot_multi_image_examples, plot_training_curves
+
+    pictures = []
+    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
+    if curves is not None:
+        pictures.append(("Training loss over optimizer steps.", curves.name))
+    if dataset is None or len(dataset) == 0:
+        return pictures
+    items = []
+    was_training = model.training
+    model.eval()
+    try:
+        for index in range(min(num_items, len(dataset))):
+            row = dataset[index]
+            images = collator.decoded_images(row)
+            if not images:
+                continue
+            inputs = processor(images=[images], text=[row[collator.prompt_column]]).to(model.device)
+            with torch.no_grad():
+                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+                _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+            answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+            per_image = None
+            if weights is not None:
+                per_image = (weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float())[0].tolist()
+            degraded = row.get("degraded")
+            items.append({"images": images, "weights": per_image,
+                          "degraded": degraded if degraded is not None and len(degraded) == len(images) else None,
+                          "generated": answer.strip(), "answer": row[collator.answer_column]})
+    finally:
+        model.train(was_training)
+    if items:
+        path = plot_multi_image_examples(items, output_dir / "multi_image_examples.png")
+        pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
+                            "and the generated answer against the reference.", path.name))
+    return pictures
+
+
 def card_hyperparameters(model, training_args) -> dict[str, Any]:
     """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
     model's own config class (e.g. CODIS's codebook and OT settings)."""
@@ -377,6 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir = Path(training_args.output_dir)
         code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
         model_type = model.config.model_type
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pictures = retrieval_pictures(model, processor, eval_inputs, output_dir, trainer.state.log_history)
         card = build_model_card(
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
@@ -390,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
             hyperparameters=card_hyperparameters(model, training_args),
             eval_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in code_keys},
             code_usage={k: results[k] for k in code_keys} or None,
+            pictures=pictures,
             license=run.license,
         )
         _save_run(output_dir, trainer, training_args, processor, results, card, run)
@@ -480,6 +566,9 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
 
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pictures = multi_image_pictures(model, processor, eval_dataset, collator, output_dir,
+                                        trainer.state.log_history)
         cfg = model.config
         vision, text = cfg.vision_config, cfg.text_config
         hyperparameters = {
@@ -508,6 +597,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
             hyperparameters=hyperparameters,
             eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
             pipeline_tag="image-text-to-text",
+            pictures=pictures,
             license=run.license,
         )
         _save_run(output_dir, trainer, training_args, processor, results, card, run)

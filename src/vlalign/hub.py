@@ -160,6 +160,7 @@ def build_model_card(
     eval_dataset_name: str | None = None,
     eval_split: str | None = None,
     code_usage: Mapping[str, Any] | None = None,
+    pictures: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """Render a model card from a Jinja template (e.g. ``model_cards/tcl.md``).
 
@@ -185,6 +186,8 @@ def build_model_card(
             ``<image|text>_code_perplexity`` (optionally ``image_code_purity``), as from
             ``trainer.codebook_metrics``; rendered as a "Codebook usage" table, with a warning when the codebook
             collapsed (perplexity below ``metrics.CODE_COLLAPSE_PERPLEXITY``).
+        pictures: ``(caption, file name)`` of PNG files saved next to README.md (e.g. by `plot_training_curves`,
+            `plot_retrieval_grid`, `plot_multi_image_examples`), shown with relative links.
 
     Returns:
         ``huggingface_hub.ModelCard``; ``card.data`` holds the metadata, ``card.text`` the body.
@@ -275,6 +278,10 @@ def build_model_card(
         "metrics": sorted(set(metric_ids)),
     }
     template_vars["code_usage"] = _code_usage_vars(code_usage) if code_usage else None
+    for _, name in pictures or ():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+\.png", str(name)):
+            raise ValueError(f"picture file names must be plain .png names next to the card, got {name!r}")
+    template_vars["pictures"] = [(_md(caption), str(name)) for caption, name in pictures or ()]
     template_str = Path(template_path).read_text(encoding="utf-8")
     if not template_str.lstrip().startswith("---"):
         raise ValueError(f"{template_path}: a model card template must start with the '---' YAML front matter")
@@ -336,3 +343,114 @@ def push_folder_to_hub(
     logger.info("Uploading %s to the Hub repo %s", folder, target)
     info = api.upload_folder(repo_id=target, folder_path=str(folder), commit_message=commit_message)
     return str(getattr(info, "commit_url", None) or info)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pictures for the model card (PNG files next to README.md, shown with relative links)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(log_history: list[dict], path: str | Path) -> Path | None:
+    """Loss components (``loss`` and every ``loss_<name>``) over optimizer steps from a Trainer's
+    ``state.log_history``; one panel for the total, one for the components. None when nothing was logged."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for key, value in entry.items():
+            if step is None or not (key == "loss" or key.startswith("loss_")):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(int(step))
+                values.append(float(value))
+    if not series:
+        return None
+    plt = _pyplot()
+    components = sorted(k for k in series if k != "loss")
+    fig, axes = plt.subplots(1, 2 if components else 1, figsize=(11 if components else 6, 3.6), squeeze=False)
+    if "loss" in series:
+        axes[0][0].plot(*series["loss"], color="black")
+    axes[0][0].set(title="total training loss", xlabel="step")
+    if components:
+        for key in components:
+            axes[0][1].plot(*series[key], label=key.removeprefix("loss_"))
+        axes[0][1].set(title="loss components", xlabel="step")
+        axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_retrieval_grid(queries: list[str], images: list, top_indices, correct, path: str | Path) -> Path:
+    """Text-to-image retrieval examples: one row per text query, its top-k images left to right, a green frame on
+    correct matches and a red one on wrong ones."""
+    plt = _pyplot()
+    rows, k = len(queries), len(top_indices[0])
+    fig, axes = plt.subplots(rows, k, figsize=(1.6 * k + 2.4, 1.7 * rows), squeeze=False)
+    for row, query in enumerate(queries):
+        for col in range(k):
+            ax = axes[row][col]
+            ax.imshow(images[int(top_indices[row][col])])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = "tab:green" if correct[row][col] else "tab:red"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(3)
+            if col == 0:
+                ax.set_ylabel(query, rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
+            if row == 0:
+                ax.set_title(f"top {col + 1}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
+    """MIVC examples: one row per item with its images, each titled with its pooling weight (and "degraded" when
+    known), and the generated vs reference answer on the left. Each item: ``images``, ``weights`` (or None),
+    ``degraded`` (or None), ``generated``, ``answer``."""
+    plt = _pyplot()
+    width = max(len(item["images"]) for item in items)
+    fig, axes = plt.subplots(len(items), width, figsize=(1.7 * width + 2.6, 1.9 * len(items)), squeeze=False)
+    for row, item in enumerate(items):
+        for col in range(width):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(item["images"]):
+                ax.axis("off")
+                continue
+            ax.imshow(item["images"][col])
+            title = []
+            if item.get("weights") is not None:
+                title.append(f"w={float(item['weights'][col]):.2f}")
+            if item.get("degraded") is not None and item["degraded"][col]:
+                title.append("degraded")
+            ax.set_title(" ".join(title), fontsize=8)
+            if col == 0:
+                ok = _answer_key(item["generated"]) == _answer_key(item["answer"])
+                ax.set_ylabel(f"generated: {item['generated']}\nreference: {item['answer']}\n"
+                              f"{'correct' if ok else 'wrong'}", rotation=0, ha="right", va="center", fontsize=8,
+                              labelpad=6, color="tab:green" if ok else "tab:red")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _answer_key(text: str) -> str:
+    return " ".join(str(text).lower().replace("?", " ").replace(".", " ").split())
