@@ -16,21 +16,28 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
     "CODE_COLLAPSE_PERPLEXITY",
+    "RETRIEVAL_METRIC_PATH",
     "chunked_similarity_topk",
     "code_purity",
     "code_usage",
+    "retrieval_metric_inputs",
     "retrieval_metrics",
     "zero_shot_accuracy",
     "zero_shot_classifier",
 ]
 
 RerankFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+# The `evaluate` metric script of `retrieval_metrics` shipped inside the package (a directory holding
+# `retrieval_recall.py`): `evaluate.load(RETRIEVAL_METRIC_PATH)`. An absolute path, so evaluate never looks on the Hub.
+RETRIEVAL_METRIC_PATH = str(Path(__file__).resolve().parent / "evaluate_metrics" / "retrieval_recall")
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -255,6 +262,41 @@ def retrieval_metrics(
         counts[f"{direction}_num_queries"] = n
     out.update(counts)
     return out
+
+
+def retrieval_metric_inputs(
+    image_embeds: Any,
+    text_embeds: Any,
+    image_ids: Sequence[Any] | Any,
+    text_ids: Sequence[Any] | Any,
+) -> dict[str, list]:
+    """The inputs of the ``retrieval_recall`` `evaluate` metric (:data:`RETRIEVAL_METRIC_PATH`) for separate image
+    and text embeddings and ids: one row per embedding, images first, as
+    ``{"embeddings": [[float, ...], ...], "ids": [...], "modality": ["image", ..., "text", ...]}``, so
+    ``metric.compute(**retrieval_metric_inputs(...))`` or ``metric.add_batch(**retrieval_metric_inputs(...))``.
+    Embeddings may be tensors, arrays or lists of rows; ids integers or strings (tensor/array ids become Python
+    values)."""
+
+    def rows(embeds: Any) -> list:
+        if isinstance(embeds, torch.Tensor):
+            return embeds.detach().float().cpu().tolist()
+        return embeds.tolist() if hasattr(embeds, "tolist") else [list(row) for row in embeds]
+
+    def values(ids: Any) -> list:
+        return ids.reshape(-1).tolist() if hasattr(ids, "tolist") and hasattr(ids, "reshape") else list(ids)
+
+    image_rows, text_rows = rows(image_embeds), rows(text_embeds)
+    image_values, text_values = values(image_ids), values(text_ids)
+    if len(image_values) != len(image_rows) or len(text_values) != len(text_rows):
+        raise ValueError(
+            f"got {len(image_values)} image_ids for {len(image_rows)} image embeddings and {len(text_values)} "
+            f"text_ids for {len(text_rows)} text embeddings"
+        )
+    return {
+        "embeddings": image_rows + text_rows,
+        "ids": image_values + text_values,
+        "modality": ["image"] * len(image_rows) + ["text"] * len(text_rows),
+    }
 
 
 def zero_shot_classifier(

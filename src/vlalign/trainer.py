@@ -5,6 +5,8 @@ What it adds to `transformers.Trainer`:
   optimizer steps (default: one epoch), and is passed to the model every step;
 - per-component loss logging (i2t, t2i, i2i, t2t, lmi_image, lmi_text, itm, mlm), temperature and alpha, and the
   number of training items skipped by the collator (unreadable images, empty captions);
+- training throughput: `throughput_samples_per_second`, the samples of all processes trained on since the previous
+  training log divided by the wall time since then (with `report_to=["tensorboard"]`: `train/...` scalars);
 - correct gradient-accumulation scaling for per-batch-mean losses (`loss_is_scaled_for_ga = False`: the
   Trainer divides by the accumulation steps, see HF5.md);
 - no weight decay on the temperature;
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import defaultdict
 
 import torch
@@ -168,6 +171,12 @@ class ContrastiveTrainer(Trainer):
     # our losses are per-batch means: let the Trainer divide them by the gradient-accumulation steps
     loss_is_scaled_for_ga = False
 
+    # throughput logging (see `log`): samples trained on since the previous training log, the time of that log (or of
+    # the first training step), and the clock (a class attribute so a test can control it)
+    _throughput_samples: int = 0
+    _throughput_since: float | None = None
+    _clock = staticmethod(time.perf_counter)
+
     def __init__(self, *args, alpha_ramp_steps: int | None = None, eval_inputs=None, class_names=None,
                  zero_shot_templates=None, vlalign_processor=None, itm_rerank_k: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -208,6 +217,7 @@ class ContrastiveTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With `config.gradient_cache_chunk_size` set, run the model's gradient-cached forward/backward (memory of
         one chunk, gradients of the whole batch); otherwise the standard Trainer step."""
+        self._count_samples(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
         chunk_size = getattr(unwrapped.config, "gradient_cache_chunk_size", None)
         if not chunk_size or not hasattr(unwrapped, "gradient_cached_backward"):
@@ -280,7 +290,38 @@ class ContrastiveTrainer(Trainer):
         loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 
+    def _count_samples(self, inputs) -> None:
+        """Throughput bookkeeping: add the rows of this micro-batch (none for the collator's empty batch)."""
+        if self._throughput_since is None:
+            self._throughput_since = self._clock()
+        if inputs.get("empty_batch", False):
+            return
+        tensors = [inputs.get("input_ids"), inputs.get("pixel_values"), *inputs.values()]
+        for value in tensors:
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                self._throughput_samples += int(value.shape[0])
+                return
+
+    def _log_throughput(self, logs: dict[str, float]) -> None:
+        """`throughput_samples_per_second`: samples (summed over processes) since the previous training log / the wall
+        time since then (since the first training step for the first log). Evaluation and checkpointing between two
+        logs count as time."""
+        now = self._clock()
+        samples = self._throughput_samples
+        if self.args.world_size > 1:
+            # `log` runs on every process right after the Trainer's own loss gather, so this collective is matched
+            total = torch.tensor(float(samples), device=self.args.device)
+            samples = int(self.accelerator.reduce(total, reduction="sum").item())
+        if self._throughput_since is not None and now > self._throughput_since:
+            logs["throughput_samples_per_second"] = round(samples / (now - self._throughput_since), 3)
+        self._throughput_samples = 0
+        self._throughput_since = now
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (evaluation logs have eval_* keys)
+            self._log_throughput(logs)
+        if "train_runtime" in logs:  # the end of `train()`: a later `train()` starts a new throughput interval
+            self._throughput_samples, self._throughput_since = 0, None
         if "loss" in logs and self._component_counts:
             for name, total in self._component_sums.items():
                 key = name if name == "temperature" else f"loss_{name}"

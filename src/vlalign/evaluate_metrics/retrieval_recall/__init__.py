@@ -1,0 +1,1 @@
+"""The ``retrieval_recall`` `evaluate` metric: ``evaluate.load(vlalign.metrics.RETRIEVAL_METRIC_PATH)``."""
