@@ -389,6 +389,19 @@ def card_hyperparameters(model, training_args) -> dict[str, Any]:
     }
 
 
+def _check_streaming(training_args) -> None:
+    """A stream has no length: the run is sized by max_steps. Under DDP each process reads its own shards (accelerate's
+    default for an IterableDataset, rank 0 reading and dispatching batches, cannot concatenate the collator's counts)."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise SystemExit("data.streaming: a stream has no length, so an epoch count cannot size the run: set "
+                         "training.max_steps (e.g. --max_steps 10000)")
+    if training_args.accelerator_config.dispatch_batches is None:
+        training_args.accelerator_config.dispatch_batches = False
+    elif training_args.accelerator_config.dispatch_batches and training_args.world_size > 1:
+        raise SystemExit("data.streaming with several processes: accelerator_config.dispatch_batches must be false "
+                         "(each process reads its own shards; dispatched batches cannot carry the collator's counts)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/tcl_digits.yaml"))
@@ -418,13 +431,22 @@ def main(argv: list[str] | None = None) -> dict:
         return main_mivc(config, run)
     data_args = DataArguments(**(config.get("data") or {}))
     training_args = _training_arguments(config, f"outputs/{model_section.get('model_type', 'tcl')}")
+    if data_args.streaming:
+        _check_streaming(training_args)
     set_seed(training_args.seed)
     _set_cpu_threads(run, training_args)
 
-    train_dataset, eval_dataset = load_image_text_datasets(data_args)
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    train_dataset, eval_dataset = load_image_text_datasets(data_args, seed=data_seed)
+    num_train_samples = None if data_args.streaming else len(train_dataset)  # a stream's length is unknown
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
     processor = build_processor(run, data_args, image_size)
-    model = build_model(run, model_section, processor.tokenizer, len(train_dataset))
+    model = build_model(run, model_section, processor.tokenizer, num_train_samples)
+    if data_args.streaming and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
+        model.config, "z_estimate", None
+    ) == "running":
+        raise SystemExit("z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
+                         "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data")
 
     collator = ImageTextCollator.from_data_args(processor, data_args, seed=training_args.seed)
     class_names = resolve_class_names(train_dataset, data_args)
@@ -471,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
             dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
             dataset_split=data_args.train_split,
             eval_split=data_args.eval_split,
-            num_train_samples=len(train_dataset),
+            num_train_samples=num_train_samples,
             hyperparameters=card_hyperparameters(model, training_args),
             eval_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in code_keys},
             code_usage={k: results[k] for k in code_keys} or None,

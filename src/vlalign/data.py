@@ -196,7 +196,13 @@ class DataArguments:
 
     `dataset_name` is anything `datasets.load_dataset` takes (Hub name, "imagefolder", "parquet", "json", a
     local path) or "digits" for the embedded demo. `data_files` may be a str, list or dict when set from
-    Python/YAML; on the command line pass a path or a JSON list/dict string.
+    Python/YAML; on the command line pass a path or a JSON list/dict string. Column names may name a field of a
+    struct column with a dot (`label_column: json.label` for WebDataset `.json` files).
+
+    `streaming: true` reads the training split as a `datasets.IterableDataset` (local parquet or WebDataset tar
+    shards, Hub datasets...), shuffled with a buffer of `shuffle_buffer_size` rows; training then needs
+    `max_steps`, and a streamed eval split is read up to `max_eval_samples` rows (required). See
+    `load_image_text_datasets`.
     """
 
     dataset_name: str = field(default="digits", metadata={"help": 'load_dataset name/path, or "digits".'})
@@ -218,6 +224,10 @@ class DataArguments:
     )
     positives_by: str = field(default="label", metadata={"help": '"label" or "image".'})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training split (a datasets IterableDataset; needs max_steps)."}
+    )
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "Streaming: rows in the shuffle buffer."})
 
     def __post_init__(self):
         if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
@@ -247,6 +257,11 @@ class DataArguments:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.positives_by not in ("label", "image"):
             raise ValueError(f'positives_by must be "label" or "image", got {self.positives_by!r}')
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"streaming must be true or false, got {self.streaming!r}")
+        value = self.shuffle_buffer_size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"shuffle_buffer_size must be a positive int, got {value!r}")
         if self.class_names is not None:
             names = list(self.class_names)
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -306,13 +321,23 @@ def _encode_string_labels(splits: dict[str, datasets.Dataset], column: str) -> d
     return {k: ds.cast_column(column, class_label) for k, ds in splits.items()}
 
 
-def load_image_text_datasets(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_image_text_datasets(
+    args: DataArguments, seed: int = 0
+) -> tuple[datasets.Dataset | datasets.IterableDataset, datasets.Dataset | None]:
     """Load (train, eval) splits described by `args`; eval is None when `eval_split` is None or missing.
 
     Checks the configured columns exist (ValueError listing the available ones), casts Image columns to
     `Image(decode=False)`, encodes string labels as a ClassLabel shared by both splits, adds `ROW_ID_COLUMN`
-    when `image_id_column` is None, and applies `max_train_samples`/`max_eval_samples`.
+    when `image_id_column` is None, and applies `max_train_samples`/`max_eval_samples`. A column name with a dot
+    (`json.label`) that is not a column itself names a field of a struct column (WebDataset `.json` files) and is
+    copied to a top-level column of that name.
+
+    With `args.streaming` the training split is a `datasets.IterableDataset` (`load_dataset(..., streaming=True)`;
+    the digits demo is converted with `to_iterable_dataset`), see `_load_streaming_datasets`; `seed` seeds its
+    shuffle buffer (map-style splits are shuffled by the Trainer's sampler instead).
     """
+    if args.streaming:
+        return _load_streaming_datasets(args, seed)
     if args.dataset_name == "digits":
         all_splits = build_digits_dataset(cache_dir=args.cache_dir)
     else:
@@ -324,15 +349,9 @@ def load_image_text_datasets(args: DataArguments) -> tuple[datasets.Dataset, dat
             cache_dir=args.cache_dir,
         )
         all_splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    if args.train_split not in all_splits:
-        raise ValueError(f"train_split={args.train_split!r} not found; available splits: {list(all_splits)}")
-    chosen = {"train": all_splits[args.train_split]}
-    if args.eval_split is not None:
-        if args.eval_split in all_splits:
-            chosen["eval"] = all_splits[args.eval_split]
-        else:
-            logger.warning("eval_split=%r not found (splits: %s); no eval set", args.eval_split, list(all_splits))
+    chosen = _choose_splits(all_splits, args)
     for split_name, dataset in chosen.items():
+        chosen[split_name] = dataset = _lift_nested_columns(dataset, args)
         _check_columns(dataset, args, args.train_split if split_name == "train" else args.eval_split)
     if args.label_column is not None:
         feature = chosen["train"].features[args.label_column]
@@ -341,6 +360,188 @@ def load_image_text_datasets(args: DataArguments) -> tuple[datasets.Dataset, dat
     train = _prepare_split(chosen["train"], args, args.max_train_samples)
     evaluation = _prepare_split(chosen["eval"], args, args.max_eval_samples) if "eval" in chosen else None
     return train, evaluation
+
+
+def _choose_splits(all_splits, args: DataArguments) -> dict:
+    """{"train": ..., "eval": ...} from a split mapping (eval left out, with a warning, when it does not exist)."""
+    if args.train_split not in all_splits:
+        raise ValueError(f"train_split={args.train_split!r} not found; available splits: {list(all_splits)}")
+    chosen = {"train": all_splits[args.train_split]}
+    if args.eval_split is not None:
+        if args.eval_split in all_splits:
+            chosen["eval"] = all_splits[args.eval_split]
+        else:
+            logger.warning("eval_split=%r not found (splits: %s); no eval set", args.eval_split, list(all_splits))
+    return chosen
+
+
+def _lift_nested_columns(dataset, args: DataArguments):
+    """Copy `struct.field` columns named in `args` (e.g. `label_column: json.label`) to top-level columns."""
+    features = dataset.features
+    lifted: dict[str, tuple[str, tuple[str, ...]]] = {}
+    new_features = {}
+    for name in (args.image_column, args.caption_column, args.label_column, args.image_id_column):
+        if not name or "." not in name or name in features or name in lifted:
+            continue
+        head, *path = name.split(".")
+        feature = features.get(head)
+        for key in path:
+            feature = feature.get(key) if isinstance(feature, dict) else None
+        if feature is not None:  # otherwise `_check_columns` reports the missing column
+            lifted[name] = (head, tuple(path))
+            new_features[name] = feature
+    if not lifted:
+        return dataset
+    heads = sorted({head for head, _ in lifted.values()})
+    # input_columns: only the struct columns are read, so no image is decoded here
+    return dataset.map(
+        _lift_fields, input_columns=heads, fn_kwargs={"heads": heads, "lifted": lifted},
+        features=datasets.Features({**features, **new_features}),
+    )
+
+
+def _lift_fields(*values, heads: list[str], lifted: dict) -> dict:
+    structs = dict(zip(heads, values))
+    out = {}
+    for name, (head, path) in lifted.items():
+        value = structs[head]
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def _load_streaming_datasets(
+    args: DataArguments, seed: int
+) -> tuple[datasets.IterableDataset, datasets.Dataset | None]:
+    """Streaming (train, eval): the training split as a shuffled `datasets.IterableDataset`, the eval split
+    materialised as a map-style `Dataset` (evaluation ranks all its rows at once).
+
+    Training stream, in order: Image columns cast to `Image(decode=False)` (the collator decodes and skips bad
+    files), dotted struct fields lifted, string labels mapped to the indices of `class_names` (a stream cannot be
+    scanned for its label names; labels not in `class_names` become None and the row falls back to image
+    positives), `ROW_ID_COLUMN` added, `take(max_train_samples)` (the first rows in file order), then
+    `shuffle(seed, shuffle_buffer_size)` (shard order + a buffer of rows; `set_epoch` reshuffles each epoch).
+
+    `ROW_ID_COLUMN` of a stream is not a row index (a stream has none that survives shard shuffling, DataLoader
+    workers and per-process sharding: a running `map(with_indices=True)` counter restarts in every shard/worker)
+    but a stable 56-bit key of the row's content (image bytes or path, and caption): the same in every epoch,
+    process and worker, and shared only by rows with the same image and caption. It serves as the image id of
+    "same image" positives (and as `sample_ids`); it is not a dense index, so per-sample statistics sized by a row
+    count (TCL's running-Z) are not available.
+
+    The eval split (not for "digits", whose test split is in memory) is read up to `max_eval_samples` rows; without
+    that limit a ValueError asks for one (or `eval_split: null`).
+    """
+    if args.dataset_name == "digits":
+        all_splits = build_digits_dataset(cache_dir=args.cache_dir)
+    else:
+        loaded = datasets.load_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            data_dir=args.data_dir,
+            data_files=args.data_files,
+            cache_dir=args.cache_dir,
+            streaming=True,
+        )
+        all_splits = dict(loaded) if isinstance(loaded, datasets.IterableDatasetDict) else {"train": loaded}
+    chosen = _choose_splits(all_splits, args)
+    if isinstance(chosen["train"], datasets.Dataset):  # the in-memory demo, streamed from 8 shards
+        chosen["train"] = chosen["train"].to_iterable_dataset(num_shards=8)
+    if (
+        "eval" in chosen
+        and isinstance(chosen["eval"], datasets.IterableDataset)
+        and args.max_eval_samples is None
+    ):
+        raise ValueError(
+            f"streaming: evaluation holds the whole eval split {args.eval_split!r} in memory, and a stream's length "
+            "is unknown; set max_eval_samples (the number of rows to read from it, e.g. 5000) or eval_split: null"
+        )
+    for split_name, dataset in chosen.items():
+        if isinstance(dataset, datasets.IterableDataset) and dataset.features is None:
+            dataset = dataset._resolve_features()  # e.g. json/csv streams: read the first rows for the schema
+        feature = dataset.features.get(args.image_column)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+        dataset = _lift_nested_columns(dataset, args)
+        _check_columns(dataset, args, args.train_split if split_name == "train" else args.eval_split)
+        chosen[split_name] = dataset
+    if args.label_column is not None:
+        chosen = {k: _stream_string_labels(ds, args) for k, ds in chosen.items()}
+
+    train = _add_row_keys(chosen["train"], args)
+    if args.max_train_samples is not None:
+        train = train.take(args.max_train_samples)
+    train = train.shuffle(seed=int(seed), buffer_size=args.shuffle_buffer_size)
+
+    evaluation = None
+    if "eval" in chosen:
+        evaluation = chosen["eval"]
+        max_eval = args.max_eval_samples
+        if isinstance(evaluation, datasets.IterableDataset):
+            rows = list(evaluation.take(max_eval))
+            evaluation = datasets.Dataset.from_list(rows, features=evaluation.features)
+            max_eval = None
+        evaluation = _prepare_split(evaluation, args, max_eval)
+    return train, evaluation
+
+
+def _stream_string_labels(dataset, args: DataArguments):
+    """String labels -> indices of `args.class_names` (ClassLabel); other label types unchanged."""
+    feature = dataset.features[args.label_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        return dataset
+    if args.class_names is None:
+        raise ValueError(
+            f"label_column={args.label_column!r} holds strings: with streaming, set class_names (the label names, "
+            "in class-index order), since a stream cannot be scanned for them; or set label_column: null"
+        )
+    features = datasets.Features({**dataset.features, args.label_column: datasets.ClassLabel(names=args.class_names)})
+    return dataset.map(
+        _label_index, input_columns=[args.label_column],
+        fn_kwargs={"column": args.label_column, "index": {name: i for i, name in enumerate(args.class_names)}},
+        features=features,
+    )
+
+
+def _label_index(label, column: str, index: dict[str, int]) -> dict:
+    return {column: index.get(str(label)) if label is not None else None}
+
+
+def _add_row_keys(dataset: datasets.IterableDataset, args: DataArguments) -> datasets.IterableDataset:
+    """Add `ROW_ID_COLUMN` (a content key, see `_load_streaming_datasets`) to a stream."""
+    if ROW_ID_COLUMN in dataset.column_names:
+        return dataset
+    features = datasets.Features({**dataset.features, ROW_ID_COLUMN: datasets.Value("int64")})
+    return dataset.map(_row_key, input_columns=[args.image_column, args.caption_column], features=features)
+
+
+def _row_key(image: Any, caption: Any) -> dict:
+    digest = hashlib.blake2b(digest_size=7)  # 56 bits: a non-negative int64, like `_to_id`'s hashes
+    digest.update(_image_identity(image))
+    digest.update(b"\0")
+    digest.update(json.dumps(caption, default=str).encode("utf-8"))
+    return {ROW_ID_COLUMN: int.from_bytes(digest.digest(), "big")}
+
+
+def _image_identity(value: Any) -> bytes:
+    """Bytes identifying an (undecoded) image cell: its encoded bytes, else its path."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            return bytes(data)
+        return f"path:{path}".encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, Image.Image):
+        return value.tobytes()
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    return f"{type(value).__name__}:{value}".encode()
 
 
 def resolve_class_names(dataset: datasets.Dataset | None, args: DataArguments) -> list[str] | None:

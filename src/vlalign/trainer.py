@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 
@@ -273,8 +274,15 @@ class ContrastiveTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
-        exempt = getattr(self.accelerator.unwrap_model(model), "_no_weight_decay_parameters", ("temp",))
-        return [n for n in names if not any(n == e or n.endswith("." + e) for e in exempt)]
+        unwrapped = self.accelerator.unwrap_model(model)
+        # a PEFT model wraps ours (get_base_model) and renames a `modules_to_save` copy "<name>.modules_to_save.<adapter>"
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        exempt = getattr(base, "_no_weight_decay_parameters", ("temp",))
+
+        def plain(name: str) -> str:
+            return re.sub(r"\.(modules_to_save\.[^.]+|original_module)(?=\.)", "", name)
+
+        return [n for n in names if not any(plain(n) == e or plain(n).endswith("." + e) for e in exempt)]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
