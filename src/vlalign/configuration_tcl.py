@@ -8,33 +8,15 @@ from .configuration_albef import ALBEFStackConfig, _is_int
 class TCLConfig(ALBEFStackConfig):
     r"""Configuration of [`TCLModel`]: an ALBEF-style image / text / fusion encoder stack trained with cross-modal
     alignment (CMA, with momentum distillation), intra-modal contrastive (IMC) and local mutual information (LMI)
-    losses, plus image-text matching (ITM) and masked language modelling (MLM). The stack's fields are those of
-    [`ALBEFStackConfig`] (repeated here for reference).
+    losses, plus image-text matching (ITM) and masked language modelling (MLM). The stack's fields (towers, fusion
+    layers, temperature, momentum, queues, ITM / MLM, gradient caching) are documented on [`ALBEFStackConfig`];
+    TCL's own:
 
     Args:
-        vision_config: config of any transformers vision encoder that returns [CLS] + patch tokens (ViT, DeiT, CLIP
-            vision, ...). Needs `image_size`, `patch_size`, `hidden_size`. Default: ViT-B/16 at 256 px.
-        text_config: config of a BERT-like text encoder (BERT, RoBERTa, ELECTRA, ...). Its `num_hidden_layers` is
-            the total: the first `num_hidden_layers - num_fusion_layers` layers form the text encoder, the last
-            `num_fusion_layers` the fusion encoder (which gains cross-attention to the image tokens).
-        num_fusion_layers: number of cross-attention fusion layers (0 disables the fusion encoder, ITM and MLM).
-        embed_dim: dimension of the shared contrastive space (`vision_proj` / `text_proj` outputs).
-        temperature: initial temperature of every contrastive term; clamped to
-            [`temperature_min`, `temperature_max`] on every training step.
-        learnable_temperature: whether the temperature is a trained parameter.
-        use_momentum: keep EMA (momentum) teachers and feature queues (TCL / ALBEF). With `False` the keys are
-            in-batch student features (CLIP-style) and no queue is kept.
-        momentum: EMA coefficient m in `teacher = m * teacher + (1 - m) * student`.
-        queue_size: length of the image / text feature queues; must be divisible by the global batch size.
-        alpha: weight of the momentum-distillation (soft) targets in CMA and MLM, ramped up by the trainer.
         cma_weight, imc_weight, lmi_weight: weights of the three alignment groups (i2t+t2i, i2i+t2t,
             lmi_image+lmi_text). The alignment loss is the weighted sum of the active terms divided by the number
             of active terms (a group is active when its weight is > 0), so the defaults give the paper's
             `L_ita = (6 terms) / 6` and `imc_weight = lmi_weight = 0` gives ALBEF's ITC `(i2t + t2i) / 2`.
-        itm_weight, mlm_weight: weights of the ITM and MLM losses (0 disables the term and its forward passes).
-        itm_hard_negatives: sample ITM negatives from the contrastive similarity (else uniformly).
-        mlm_probability: fraction of tokens masked for MLM.
-        mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
         lmi_image_grid: side of the grid that the patch features are average-pooled to for LMI (4 -> 16 locals);
             must divide the patch grid side (`image_size // patch_size`).
         contrastive_loss: "info_nce" or "decomposable" (Bayesian-augmented, Chen et al. NeurIPS 2022) for the
@@ -53,11 +35,6 @@ class TCLConfig(ALBEFStackConfig):
             (text -> augmented image -> image), t = 0.25.
         use_geometric_consistency, geometric_consistency_weight: geometric consistency regulariser (CyCLIP's
             cross and in-modal terms plus their augmented-view versions); weight 0.25 as CyCLIP.
-        gradient_cache_chunk_size: train with gradient caching, embedding the batch in chunks of this size
-            (None: off). See `TCLModel.gradient_cached_backward`.
-        train_batch_size: global training batch size when known (set by the trainer), used to check that
-            `queue_size` is divisible by it.
-        initializer_range: std of the normal init of the projections and heads.
     """
 
     model_type = "tcl"

@@ -321,6 +321,17 @@ def _encode_string_labels(splits: dict[str, datasets.Dataset], column: str) -> d
     return {k: ds.cast_column(column, class_label) for k, ds in splits.items()}
 
 
+def _load_splits(args: DataArguments, streaming: bool) -> dict:
+    """All splits of the configured source: the embedded digits demo (always in memory) or `load_dataset`."""
+    if args.dataset_name == "digits":
+        return build_digits_dataset(cache_dir=args.cache_dir)
+    loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
+                                   data_files=args.data_files, cache_dir=args.cache_dir, streaming=streaming)
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return dict(loaded)
+    return {"train": loaded}
+
+
 def load_image_text_datasets(
     args: DataArguments, seed: int = 0
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, datasets.Dataset | None]:
@@ -338,17 +349,7 @@ def load_image_text_datasets(
     """
     if args.streaming:
         return _load_streaming_datasets(args, seed)
-    if args.dataset_name == "digits":
-        all_splits = build_digits_dataset(cache_dir=args.cache_dir)
-    else:
-        loaded = datasets.load_dataset(
-            args.dataset_name,
-            args.dataset_config_name,
-            data_dir=args.data_dir,
-            data_files=args.data_files,
-            cache_dir=args.cache_dir,
-        )
-        all_splits = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    all_splits = _load_splits(args, streaming=False)
     chosen = _choose_splits(all_splits, args)
     for split_name, dataset in chosen.items():
         chosen[split_name] = dataset = _lift_nested_columns(dataset, args)
@@ -437,18 +438,7 @@ def _load_streaming_datasets(
     The eval split (not for "digits", whose test split is in memory) is read up to `max_eval_samples` rows; without
     that limit a ValueError asks for one (or `eval_split: null`).
     """
-    if args.dataset_name == "digits":
-        all_splits = build_digits_dataset(cache_dir=args.cache_dir)
-    else:
-        loaded = datasets.load_dataset(
-            args.dataset_name,
-            args.dataset_config_name,
-            data_dir=args.data_dir,
-            data_files=args.data_files,
-            cache_dir=args.cache_dir,
-            streaming=True,
-        )
-        all_splits = dict(loaded) if isinstance(loaded, datasets.IterableDatasetDict) else {"train": loaded}
+    all_splits = _load_splits(args, streaming=True)
     chosen = _choose_splits(all_splits, args)
     if isinstance(chosen["train"], datasets.Dataset):  # the in-memory demo, streamed from 8 shards
         chosen["train"] = chosen["train"].to_iterable_dataset(num_shards=8)
