@@ -1,0 +1,143 @@
+"""Training-step cost of vlalign against transformers' plain dual encoder, measured side by side.
+
+1. `overhead_ratio`: TCLModel in its contrastive-only configuration (no momentum, no queue, no ITM/MLM, no fusion
+   layers: the CLIP loss) against `transformers.VisionTextDualEncoderModel` with identical ViT and BERT configs, same
+   batch, same precision; forward + backward + AdamW step. Target <= 1.05.
+2. `tcl_flops_efficiency`: achieved FLOP/s of full TCL (momentum teachers, queues, CMA + IMC + LMI, ITM, MLM)
+   divided by that of the plain dual encoder; FLOPs counted with `torch.utils.flop_counter.FlopCounterMode` over one
+   step. Target >= 0.9 (the extra objectives may cost their FLOPs, nothing more).
+
+Step times are medians of `--steps` steps after warm-up, the configurations interleaved so that machine noise hits
+all of them alike. Defaults are small towers so that the script runs in a few minutes on a 2-core CPU; `--preset base`
+gives ViT-B/16 + BERT-base.
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--preset small|base] [--batch 32] [--bf16]
+
+The last output line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, ViTConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+from vlalign import TCLConfig, TCLModel
+
+PRESETS = {
+    "small": dict(image=64, patch=8, width=256, layers=4, heads=4, text_len=32, vocab=30522),
+    "base": dict(image=224, patch=16, width=768, layers=12, heads=12, text_len=32, vocab=30522),
+}
+
+
+def tower_configs(p: dict) -> tuple[ViTConfig, BertConfig]:
+    vision = ViTConfig(image_size=p["image"], patch_size=p["patch"], hidden_size=p["width"],
+                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=4 * p["width"],
+                       attn_implementation="sdpa")
+    text = BertConfig(hidden_size=p["width"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                      intermediate_size=4 * p["width"], vocab_size=p["vocab"], attn_implementation="sdpa")
+    return vision, text
+
+
+def build(kind: str, p: dict, fusion_layers: int = 2):
+    vision, text = tower_configs(p)
+    if kind == "dual_encoder":
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=256)
+        return VisionTextDualEncoderModel(config=config)
+    if kind == "tcl_contrastive":
+        config = TCLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), num_fusion_layers=0,
+                           use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
+                           embed_dim=256)
+        return TCLModel(config)
+    text = BertConfig(**{**text.to_dict(), "num_hidden_layers": p["layers"] + fusion_layers})
+    grid = p["image"] // p["patch"]
+    config = TCLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), num_fusion_layers=fusion_layers,
+                       embed_dim=256, queue_size=4096, lmi_image_grid=2 if grid % 2 == 0 else 1)
+    return TCLModel(config)
+
+
+def batch_for(kind: str, p: dict, size: int, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, p["vocab"], (size, p["text_len"]), generator=g)
+    ids[:, 0] = 101
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(size, 3, p["image"], p["image"], generator=g)}
+    if kind == "tcl_full":
+        batch["pixel_values_view2"] = torch.randn(size, 3, p["image"], p["image"], generator=g)
+    batch["return_loss"] = True
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def step_fn(model, batch, optimizer, bf16: bool, device: torch.device):
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    p = PRESETS[args.preset]
+    kinds = ("dual_encoder", "tcl_contrastive", "tcl_full")
+    runs = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = build(kind, p).to(device).train()
+        batch = batch_for(kind, p, args.batch, device)
+        optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        step = step_fn(model, batch, optimizer, args.bf16, device)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        runs[kind] = {"step": step, "flops": counter.get_total_flops(), "times": []}
+        for _ in range(args.warmup):
+            step()
+    for _ in range(args.steps):  # interleaved: noise hits every configuration alike
+        for kind in kinds:
+            sync(device)
+            start = time.perf_counter()
+            runs[kind]["step"]()
+            sync(device)
+            runs[kind]["times"].append(time.perf_counter() - start)
+    table = {}
+    for kind in kinds:
+        median = statistics.median(runs[kind]["times"])
+        table[kind] = {"step_seconds": median, "flops": runs[kind]["flops"], "flops_per_second": runs[kind]["flops"] / median}
+    overhead = table["tcl_contrastive"]["step_seconds"] / table["dual_encoder"]["step_seconds"]
+    efficiency = table["tcl_full"]["flops_per_second"] / table["dual_encoder"]["flops_per_second"]
+    print(f"preset {args.preset}, batch {args.batch}, device {device}, bf16 {args.bf16}, median of {args.steps} steps")
+    print("| configuration | step s | GFLOP / step | achieved GFLOP/s |")
+    print("|---|---|---|---|")
+    for kind in kinds:
+        row = table[kind]
+        print(f"| {kind} | {row['step_seconds']:.3f} | {row['flops'] / 1e9:.1f} | {row['flops_per_second'] / 1e9:.1f} |")
+    print(f"overhead_ratio (tcl_contrastive / dual_encoder step time, target <= 1.05): {overhead:.3f}")
+    print(f"tcl_flops_efficiency (full TCL / dual encoder achieved FLOP/s, target >= 0.9): {efficiency:.3f}")
+    print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4),
+                      "preset": args.preset, "batch": args.batch, "device": str(device), "bf16": args.bf16,
+                      "configurations": {k: {"step_seconds": round(v["step_seconds"], 4),
+                                             "gflops_per_step": round(v["flops"] / 1e9, 2)} for k, v in table.items()}}))
+
+
+if __name__ == "__main__":
+    main()
