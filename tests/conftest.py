@@ -30,6 +30,15 @@ class Block:
 sys.meta_path.insert(0, Block())
 """
 
+# The `model` section of a training-script config for a tiny TCL model (training/train.py tests).
+TINY_TRAIN_MODEL = {
+    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "intermediate_size": 64, "max_position_embeddings": 32},
+    "num_fusion_layers": 1, "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2,
+}
+
 
 def tiny_tcl_config(**overrides):
     from vlalign import TCLConfig

@@ -10,7 +10,9 @@ assertion errors. Inputs are built by functions of this module shared by parent 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -30,6 +32,24 @@ COLLECTIVE_TIMEOUT_S = 60
 
 # ----------------------------------------------------------------------------------------------------------------
 # process management
+
+
+def launch_and_wait(cmd: list[str], cwd, timeout: float) -> str:
+    """Run an `accelerate launch` command line to completion on CPU and return its combined output; on timeout the
+    launcher and every worker it started are killed (one process group) and the test fails with the log tail."""
+    import pytest
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"accelerate launch timed out:\n{log[-4000:]}")
+    assert process.returncode == 0, log[-4000:]
+    return log
 
 
 def free_port() -> int:

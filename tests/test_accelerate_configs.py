@@ -6,8 +6,6 @@ FSDP / DeepSpeed plugin objects, without GPUs), and `ddp.yaml` really trains wit
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -17,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distributed_workers import free_port  # noqa: E402
+from distributed_workers import free_port, launch_and_wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "training" / "accelerate"
@@ -158,16 +156,7 @@ def test_ddp_config_trains_with_two_cpu_processes(tmp_path):
            "--num_processes", "2", "--main_process_port", str(free_port()),
            str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
            "--use_cpu", "true", "--output_dir", str(out), *TINY_TCL]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers
-        log, _ = process.communicate()
-        pytest.fail(f"accelerate launch timed out:\n{log[-4000:]}")
-    assert process.returncode == 0, log[-4000:]
+    launch_and_wait(cmd, tmp_path, timeout=180)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["train_steps"] == 2 and results["num_eval_images"] == 20
     assert 0.0 <= results["zero_shot_accuracy"] <= 100.0

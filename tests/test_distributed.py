@@ -11,8 +11,6 @@ so rank r's embedding gradient is ``sum_s dL_s/dx_r = W * dL_full/dx_r``; DDP th
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -237,16 +235,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
            "--main_process_port", str(workers.free_port()),
            str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
            "--use_cpu", "true", "--output_dir", str(out), *TINY_OVERRIDES]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the two workers it started
-        log, _ = process.communicate()
-        pytest.fail(f"accelerate launch timed out:\n{log[-4000:]}")
-    assert process.returncode == 0, log[-4000:]
+    workers.launch_and_wait(cmd, tmp_path, timeout=240)
     results = json.loads((out / "eval_results.json").read_text())
     for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
                 "t2i_recall@5", "t2i_recall@10"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub.hf_api
 import pytest
 import yaml
+from conftest import TINY_TRAIN_MODEL
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,15 +21,11 @@ sys.path.insert(0, str(REPO / "training"))
 
 TOKEN = "hf_secret_token_never_written_anywhere"
 
-VISION = {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "intermediate_size": 64}
-ALBEF_TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64, "max_position_embeddings": 32}
+VISION = TINY_TRAIN_MODEL["vision_config"]
+ALBEF_STACK = {k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"}
 MODELS = {
-    "tcl": {"model_type": "tcl", "vision_config": VISION, "text_config": ALBEF_TEXT, "num_fusion_layers": 1,
-            "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2},
-    "codis": {"model_type": "codis", "vision_config": VISION, "text_config": ALBEF_TEXT, "num_fusion_layers": 1,
-              "embed_dim": 16, "queue_size": 64, "codebook_size": 8},
+    "tcl": {"model_type": "tcl", **TINY_TRAIN_MODEL},
+    "codis": {"model_type": "codis", **ALBEF_STACK, "codebook_size": 8},
     "mivc": {"model_type": "mivc", "vision_config": dict(VISION, patch_size=8),
              "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
                              "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64,

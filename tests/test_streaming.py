@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import TINY_TRAIN_MODEL
 from sklearn.datasets import load_digits
 
 from vlalign.data import (
@@ -32,13 +33,6 @@ from vlalign.data import (
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "training"))
 
-TINY_MODEL = {
-    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
-                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
-    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "intermediate_size": 64, "max_position_embeddings": 32},
-    "num_fusion_layers": 1, "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2,
-}
 NUM_SHARDS, ROWS_PER_SHARD, NUM_TEST = 3, 20, 12
 CORRUPT = (1, 2)  # (shard, row): the 23rd row in file order
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n not really a png"
@@ -234,7 +228,7 @@ def _train_config(root: Path, fmt: str) -> dict:
     data.update({"image_id_column": None, "max_eval_samples": NUM_TEST, "max_train_samples": 24,
                  "shuffle_buffer_size": 32, "class_names": DIGIT_NAMES,
                  "zero_shot_templates": ["a handwritten digit {name}"]})
-    return {"model": TINY_MODEL, "data": data,
+    return {"model": TINY_TRAIN_MODEL, "data": data,
             "training": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
                          "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0},
             "run": {"processor_name_or_path": str(root / "processor")}}
@@ -276,7 +270,7 @@ def test_streaming_refuses_running_z(shards, tmp_path):
     import train
 
     config = _train_config(shards, "parquet")
-    config["model"] = {**TINY_MODEL, "use_momentum": False, "contrastive_loss": "decomposable",
+    config["model"] = {**TINY_TRAIN_MODEL, "use_momentum": False, "contrastive_loss": "decomposable",
                        "z_estimate": "running", "num_train_samples": 60}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_TRAIN_MODEL
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
@@ -18,13 +19,6 @@ sys.path.insert(0, str(REPO / "training"))
 
 from train import apply_overrides, load_config, parse_overrides  # noqa: E402
 
-TINY_MODEL = {
-    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
-                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
-    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "intermediate_size": 64, "max_position_embeddings": 32},
-    "num_fusion_layers": 1, "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2,
-}
 
 
 def test_overrides_go_to_the_right_section():
@@ -81,7 +75,7 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
     data_dir = tmp_path / "data" / "train"
     bad = _write_imagefolder(data_dir)
     config = {
-        "model": TINY_MODEL,
+        "model": TINY_TRAIN_MODEL,
         "data": {"dataset_name": "imagefolder", "data_dir": str(tmp_path / "data"), "label_column": "label",
                  "image_id_column": None, "eval_split": "train",
                  "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
@@ -150,7 +144,7 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_never_written")
-    config = {"model": TINY_MODEL,
+    config = {"model": TINY_TRAIN_MODEL,
               "data": {"max_train_samples": 64, "max_eval_samples": 20},
               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
                            "save_strategy": "no", "report_to": "none", "use_cpu": True}}
@@ -174,7 +168,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     """`model_type: codis` trains CODIS from the same script; eval_results.json and the card carry code usage."""
     import train
 
-    model = {k: v for k, v in TINY_MODEL.items() if k != "lmi_image_grid"}
+    model = {k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"}
     config = {"model": {**model, "model_type": "codis", "codebook_size": 8},
               "data": {"max_train_samples": 64, "max_eval_samples": 30},
               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
@@ -205,7 +199,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
 def test_model_section_rejects_fields_of_another_model(tmp_path):
     import train
 
-    config = {"model": {**TINY_MODEL, "model_type": "codis"},  # lmi_image_grid is a TCL field
+    config = {"model": {**TINY_TRAIN_MODEL, "model_type": "codis"},  # lmi_image_grid is a TCL field
               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"\['lmi_image_grid'\] are not fields of CODISConfig"):
