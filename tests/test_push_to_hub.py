@@ -5,7 +5,6 @@ files) are intercepted, and the tests check what would have been uploaded: every
 model card that parses back with valid metadata, and no token anywhere.
 """
 
-import io
 import json
 import sys
 from pathlib import Path

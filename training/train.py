@@ -284,14 +284,15 @@ def _card_template(run: RunArguments, model_type: str) -> Path:
     return template
 
 
-def retrieval_pictures(model, processor, eval_inputs, output_dir: Path, log_history: list[dict],
+def retrieval_pictures(model, processor, eval_inputs, image_embeds, output_dir: Path, log_history: list[dict],
                        num_queries: int = 4, k: int = 5) -> list[tuple[str, str]]:
     """Card pictures of a contrastive model: text-to-image retrieval examples (a few test captions with their
-    top-k test images) and the training curves. Returns ``(caption, file name)`` pairs."""
+    top-k test images, ranked against `image_embeds` of all evaluation images) and the training curves. Returns
+    ``(caption, file name)`` pairs."""
     import torch
 
     from vlalign.hub import plot_retrieval_grid, plot_training_curves
-    from vlalign.trainer import embed_images, embed_texts
+    from vlalign.trainer import embed_texts, eval_mode
 
     pictures = []
     curves = plot_training_curves(log_history, output_dir / "training_curves.png")
@@ -306,13 +307,8 @@ def retrieval_pictures(model, processor, eval_inputs, output_dir: Path, log_hist
             query_ids.append(text_id)
         if len(queries) == num_queries:
             break
-    was_training = model.training
-    model.eval()
-    try:
-        image_embeds = embed_images(model, processor, eval_inputs.images)
+    with eval_mode(model):
         text_embeds = embed_texts(model, processor, queries)
-    finally:
-        model.train(was_training)
     top = (text_embeds @ image_embeds.t()).topk(min(k, len(eval_inputs.images)), dim=1).indices
     image_ids = torch.as_tensor([int(i) for i in eval_inputs.image_ids])
     correct = image_ids[top] == torch.as_tensor([int(i) for i in query_ids]).view(-1, 1)
@@ -327,9 +323,8 @@ def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, 
                          num_items: int = 4) -> list[tuple[str, str]]:
     """Card pictures of an MIVC model: evaluation items with their images, pooling weights and generated answers,
     and the training curves."""
-    import torch
-
     from vlalign.hub import plot_multi_image_examples, plot_training_curves
+    from vlalign.trainer import eval_mode, predict_multi_image
 
     pictures = []
     curves = plot_training_curves(log_history, output_dir / "training_curves.png")
@@ -337,29 +332,20 @@ def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, 
         pictures.append(("Training loss over optimizer steps.", curves.name))
     if dataset is None or len(dataset) == 0:
         return pictures
+    first_rows = (dataset[i] for i in range(min(num_items, len(dataset))))
+    decoded = [(row, collator.decoded_images(row)) for row in first_rows]
+    rows, image_lists = [row for row, images in decoded if images], [images for _, images in decoded if images]
     items = []
-    was_training = model.training
-    model.eval()
-    try:
-        for index in range(min(num_items, len(dataset))):
-            row = dataset[index]
-            images = collator.decoded_images(row)
-            if not images:
-                continue
-            inputs = processor(images=[images], text=[row[collator.prompt_column]]).to(model.device)
-            with torch.no_grad():
-                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-                _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
-            answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-            per_image = None
-            if weights is not None:
-                per_image = (weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float())[0].tolist()
+    if rows:
+        with eval_mode(model):
+            answers, weights = predict_multi_image(model, processor, image_lists,
+                                                   [row[collator.prompt_column] for row in rows])
+        for index, (row, images, answer) in enumerate(zip(rows, image_lists, answers, strict=True)):
             degraded = row.get("degraded")
+            per_image = None if weights is None else weights[index, : len(images)].tolist()
             items.append({"images": images, "weights": per_image,
                           "degraded": degraded if degraded is not None and len(degraded) == len(images) else None,
-                          "generated": answer.strip(), "answer": row[collator.answer_column]})
-    finally:
-        model.train(was_training)
+                          "generated": answer, "answer": row[collator.answer_column]})
     if items:
         path = plot_multi_image_examples(items, output_dir / "multi_image_examples.png")
         pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
@@ -419,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_class_names,
     )
     from vlalign.hub import build_model_card
-    from vlalign.trainer import ContrastiveTrainer, evaluate_model
+    from vlalign.trainer import ContrastiveTrainer, embed_images, eval_mode, evaluate_model
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**(config.get("run") or {}))
@@ -468,10 +454,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - start
 
     results: dict[str, Any] = {}
+    eval_image_embeds = None
     if eval_inputs is not None:
+        with eval_mode(model):  # computed once: for the metrics and for the card's retrieval picture
+            eval_image_embeds = embed_images(model, processor, eval_inputs.images, run.eval_batch_size)
         results.update(
             evaluate_model(model, processor, eval_inputs, class_names, data_args.zero_shot_templates,
-                           batch_size=run.eval_batch_size, itm_rerank_k=run.itm_rerank_k)
+                           batch_size=run.eval_batch_size, itm_rerank_k=run.itm_rerank_k,
+                           image_embeds=eval_image_embeds)
         )
     results["train_runtime_seconds"] = round(train_seconds, 1)
     results["train_steps"] = int(train_result.global_step)
@@ -483,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
         model_type = model.config.model_type
         output_dir.mkdir(parents=True, exist_ok=True)
-        pictures = retrieval_pictures(model, processor, eval_inputs, output_dir, trainer.state.log_history)
+        pictures = retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, output_dir,
+                                      trainer.state.log_history)
         card = build_model_card(
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,

@@ -30,6 +30,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .metrics import answers_match
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_model_card", "is_hub_id", "push_folder_to_hub", "save_model_card"]
@@ -441,7 +443,7 @@ def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
                 title.append("degraded")
             ax.set_title(" ".join(title), fontsize=8)
             if col == 0:
-                ok = _answer_key(item["generated"]) == _answer_key(item["answer"])
+                ok = answers_match(item["generated"], item["answer"])
                 ax.set_ylabel(f"generated: {item['generated']}\nreference: {item['answer']}\n"
                               f"{'correct' if ok else 'wrong'}", rotation=0, ha="right", va="center", fontsize=8,
                               labelpad=6, color="tab:green" if ok else "tab:red")
@@ -450,7 +452,3 @@ def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _answer_key(text: str) -> str:
-    return " ".join(str(text).lower().replace("?", " ").replace(".", " ").split())

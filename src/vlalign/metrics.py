@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "CODE_COLLAPSE_PERPLEXITY",
+    "answers_match",
     "RETRIEVAL_METRIC_PATH",
     "chunked_similarity_topk",
     "code_purity",
@@ -385,3 +386,12 @@ def code_purity(codes: Sequence[int] | torch.Tensor, labels: Sequence[int] | tor
     for code in codes.unique():
         majority += int(torch.bincount(labels[codes == code]).max())
     return 100.0 * majority / codes.numel()
+
+
+def answers_match(generated: str, reference: str) -> bool:
+    """Exact match of a generated answer and its reference, lower-cased, with "?" / "." and extra spaces ignored."""
+
+    def normalise(text: str) -> str:
+        return " ".join(str(text).lower().replace("?", " ").replace(".", " ").split())
+
+    return normalise(generated) == normalise(reference)

@@ -26,13 +26,31 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
-from .metrics import code_purity, code_usage, retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+from .metrics import (
+    answers_match,
+    code_purity,
+    code_usage,
+    retrieval_metrics,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
 
 logger = logging.getLogger("vlalign.trainer")
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with the model in eval mode (no dropout), restoring its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def embed_images(model, processor, images, batch_size: int = 128) -> tuple[torch.Tensor, list]:
+def embed_images(model, processor, images, batch_size: int = 128) -> torch.Tensor:
     """Normalised image embeddings (N, D), in batches, in eval mode (no augmentation)."""
     device = next(model.parameters()).device
     out = []
@@ -72,19 +90,20 @@ def evaluate_model(
     batch_size: int = 128,
     itm_rerank_k: int = 0,
     chunk_size: int = 1024,
+    image_embeds: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` /
     `text_ids`) and, when labels and class names are known, zero-shot classification accuracy from class
-    prompts. With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head."""
-    was_training = model.training
-    model.eval()
+    prompts. With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head.
+    `image_embeds` may hold `embed_images` of `eval_inputs.images`, computed once for other uses too."""
     # identical captions with the same positive id are one query/candidate, not several (class-level datasets
     # repeat each caption for every image of the class; duplicates would only tie with each other)
     unique = dict.fromkeys(zip(eval_inputs.texts, eval_inputs.text_ids))
     texts = [text for text, _ in unique]
     text_ids = [text_id for _, text_id in unique]
-    try:
-        image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
+    with eval_mode(model):
+        if image_embeds is None:
+            image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
         text_embeds = embed_texts(model, processor, texts, batch_size)
         rerank_fn = None
         if itm_rerank_k > 0:
@@ -105,8 +124,6 @@ def evaluate_model(
         metrics["num_eval_images"] = len(eval_inputs.images)
         metrics["num_eval_texts"] = len(texts)
         metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
-    finally:
-        model.train(was_training)
     return metrics
 
 
@@ -357,8 +374,18 @@ class ContrastiveTrainer(Trainer):
 # MIVC (generative) evaluation
 
 
-def _normalise_answer(text: str) -> str:
-    return " ".join(str(text).lower().replace("?", " ").replace(".", " ").split())
+@torch.no_grad()
+def predict_multi_image(model, processor, image_lists: list[list], prompts: list[str], max_new_tokens: int = 4):
+    """Greedy answers of an MIVC model for items of several images, and each image's pooling weight (the mean over
+    the visual tokens for per-token pooling; None for the concatenation baseline). Call under `eval_mode`."""
+    inputs = processor(images=image_lists, text=prompts).to(next(model.parameters()).device)
+    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    weights = None
+    if model.config.pooling_mode != "concatenate":
+        _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+        weights = weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float()
+    return [answer.strip() for answer in answers], weights
 
 
 @torch.no_grad()
@@ -371,30 +398,23 @@ def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max
     ``uniform_weight_reference`` (the mean of 1 / images per item over the same images: what equal weighting gives)
     and ``num_eval_items``.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     correct = total = 0
     sums = {"clean": 0.0, "degraded": 0.0}
     counts = {"clean": 0, "degraded": 0}
     uniform = 0.0
-    try:
+    with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             kept = [(row, collator.decoded_images(row)) for row in rows]
             kept = [(row, images) for row, images in kept if images]
             if not kept:
                 continue
-            inputs = processor(images=[images for _, images in kept],
-                               text=[row[collator.prompt_column] for row, _ in kept]).to(device)
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers, per_image = predict_multi_image(model, processor, [images for _, images in kept],
+                                                     [row[collator.prompt_column] for row, _ in kept], max_new_tokens)
             for (row, _), answer in zip(kept, answers, strict=True):
-                correct += _normalise_answer(answer) == _normalise_answer(row[collator.answer_column])
+                correct += answers_match(answer, row[collator.answer_column])
                 total += 1
-            if degraded_column and degraded_column in rows[0] and model.config.pooling_mode != "concatenate":
-                _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
-                per_image = weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float()
+            if degraded_column and degraded_column in rows[0] and per_image is not None:
                 for index, (row, images) in enumerate(kept):
                     flags = row[degraded_column]
                     if len(flags) != len(images):  # an image was dropped as unreadable: flags no longer align
@@ -404,8 +424,6 @@ def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max
                         sums[key] += float(per_image[index, slot])
                         counts[key] += 1
                         uniform += 1.0 / len(flags)
-    finally:
-        model.train(was_training)
     results = {"exact_match_accuracy": 100.0 * correct / total if total else float("nan"),
                "num_eval_items": total}
     if counts["clean"] + counts["degraded"]:
