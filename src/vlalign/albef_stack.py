@@ -331,7 +331,19 @@ class ALBEFOutput(ModelOutput):
                 if key.startswith("loss_") and value is not None}
 
 
-class ALBEFModel(PreTrainedModel):
+class KeepsTrainableFlagsOnLoad:
+    """Mixin for models that freeze parameters in `__init__` (EMA teachers, freeze flags): transformers' loader
+    replaces every parameter with a new, trainable one, so `from_pretrained` calls the model's `_set_trainable()`
+    again on the loaded model."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._set_trainable()  # a tuple with output_loading_info
+        return loaded
+
+
+class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     """Base of the ALBEF-style models: towers, projections, temperature, fusion encoder with ITM and MLM heads, EMA
     teachers and feature queues, the CLIP-like inference API, and a training step split into pieces that each model
     fills in with its own objectives (and that gradient caching re-uses):
@@ -407,12 +419,6 @@ class ALBEFModel(PreTrainedModel):
             for teacher in self._momentum_pairs()[1]:
                 teacher.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # transformers' loader replaces every parameter with a new, trainable one: restore what `__init__` froze
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._set_trainable()
-        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .albef_stack import _load_matching, build_vision_encoder
+from .albef_stack import KeepsTrainableFlagsOnLoad, _load_matching, build_vision_encoder
 from .configuration_mivc import MIVCConfig
 from .mivc_pooling import MIVCPooling
 
@@ -53,7 +53,7 @@ class MIVCProjector(nn.Module):
         return hidden
 
 
-class MIVCPreTrainedModel(PreTrainedModel):
+class MIVCPreTrainedModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     config_class = MIVCConfig
     config: MIVCConfig
     base_model_prefix = "mivc"
@@ -111,12 +111,8 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # transformers' loader replaces every parameter with a new, trainable one: re-apply the freeze flags
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_freeze_flags()
-        return loaded
+    def _set_trainable(self) -> None:
+        self.apply_freeze_flags()
 
     def train(self, mode: bool = True):
         # frozen parts keep eval-mode behaviour (no dropout), as in BLIP-2
