@@ -467,6 +467,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_steps"] = int(train_result.global_step)
     results["train_loss"] = float(train_result.training_loss)
     results["train_items_skipped"] = int(trainer.num_skipped_items)
+    # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
+    train_counts_here = training_args.dataloader_num_workers == 0
+    if train_counts_here:
+        results.update(collator.data_report("train_"))
+    if eval_inputs is not None:
+        results.update(eval_inputs.issues.report("eval_"))
+    logger.info("Data issues: training: %s; evaluation: %s",
+                collator.issues.summary() if train_counts_here else f"{trainer.num_skipped_items} rows skipped",
+                eval_inputs.issues.summary() if eval_inputs is not None else "none")
 
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
@@ -567,6 +576,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = time.time() - start
+    train_data_report = collator.take_data_report("train_")  # evaluation decodes with this collator: count apart
 
     results: dict[str, Any] = {}
     if eval_dataset is not None:
@@ -574,8 +584,12 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     results["train_runtime_seconds"] = round(train_seconds, 1)
     results["train_steps"] = int(train_result.global_step)
     results["train_loss"] = float(train_result.training_loss)
-    results["train_images_skipped"] = collator.num_skipped_images
+    results.update(train_data_report)
     results["train_items_skipped"] = collator.num_skipped_items
+    if eval_dataset is not None:
+        results.update(collator.data_report("eval_"))
+    logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
+                train_data_report["train_images_skipped"], collator.num_skipped_items, collator.num_skipped_images)
 
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)

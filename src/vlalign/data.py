@@ -14,25 +14,35 @@ import io
 import json
 import logging
 import os
+import re
 import string
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, to_rgb
 
 __all__ = [
+    "CAPTION_FIX_REASONS",
+    "CAPTION_SKIP_REASONS",
+    "DEFAULT_MAX_CAPTION_CHARS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "DIGIT_CAPTION_TEMPLATES",
     "DIGIT_NAMES",
     "DIGIT_ZERO_SHOT_TEMPLATES",
     "GENERIC_ZERO_SHOT_TEMPLATES",
+    "IMAGE_SKIP_REASONS",
     "ROW_ID_COLUMN",
     "DataArguments",
+    "DataIssueCounts",
     "EvalInputs",
+    "ImageDecodeError",
     "ImageTextCollator",
     "build_digits_dataset",
     "build_digits_processor",
@@ -42,6 +52,7 @@ __all__ = [
     "digit_captions",
     "load_image_text_datasets",
     "resolve_class_names",
+    "sanitise_caption",
 ]
 
 logger = logging.getLogger("vlalign.data")
@@ -72,6 +83,12 @@ GENERIC_ZERO_SHOT_TEMPLATES = ["a photo of a {name}."]
 ROW_ID_COLUMN = "__vlalign_row_id__"
 
 _DIGITS_SPLITS = ("train", "test")
+
+# PIL's own warning threshold (about 9459 x 9459 pixels, 256 MiB as RGB). PIL refuses at twice its
+# `Image.MAX_IMAGE_PIXELS` by itself; our limit is checked first and can only be stricter than that.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Far above any tokenizer's max_length in characters, yet cheap: a 1 MB caption is cut before tokenising.
+DEFAULT_MAX_CAPTION_CHARS = 4096
 
 
 def digit_captions(label: int) -> list[str]:
@@ -203,6 +220,10 @@ class DataArguments:
     shards, Hub datasets...), shuffled with a buffer of `shuffle_buffer_size` rows; training then needs
     `max_steps`, and a streamed eval split is read up to `max_eval_samples` rows (required). See
     `load_image_text_datasets`.
+
+    Hostile data: images with more than `max_image_pixels` pixels are refused from their header, before decoding;
+    captions longer than `max_caption_chars` characters are cut before tokenising (see `decode_image`,
+    `sanitise_caption`).
     """
 
     dataset_name: str = field(default="digits", metadata={"help": 'load_dataset name/path, or "digits".'})
@@ -228,6 +249,13 @@ class DataArguments:
         default=False, metadata={"help": "Stream the training split (a datasets IterableDataset; needs max_steps)."}
     )
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Streaming: rows in the shuffle buffer."})
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={"help": "Refuse images with more pixels, from their header before decoding (decompression bombs)."},
+    )
+    max_caption_chars: int = field(
+        default=DEFAULT_MAX_CAPTION_CHARS, metadata={"help": "Cut longer captions (cheaply) before tokenising."}
+    )
 
     def __post_init__(self):
         if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
@@ -262,6 +290,8 @@ class DataArguments:
         value = self.shuffle_buffer_size
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"shuffle_buffer_size must be a positive int, got {value!r}")
+        _check_positive_int("max_image_pixels", self.max_image_pixels)
+        _check_positive_int("max_caption_chars", self.max_caption_chars)
         if self.class_names is not None:
             names = list(self.class_names)
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -545,61 +575,311 @@ def resolve_class_names(dataset: datasets.Dataset | None, args: DataArguments) -
     return None
 
 
-def decode_image(value: Any) -> Image.Image:
-    """Decode anything an image column may hold into a fully loaded RGB PIL image.
+# --------------------------------------------------------------------------------------------------------------
+# Hostile data: image decoding, caption sanitising and the counts of what was refused or repaired
+
+IMAGE_SKIP_REASONS = (
+    "missing",          # no image in the cell (None, or a dict with neither bytes nor path)
+    "empty_file",       # zero bytes
+    "file_not_found",   # a path that does not exist
+    "unreadable_file",  # a path that cannot be opened or read (a directory, no permission, ...)
+    "too_large",        # more pixels than max_image_pixels: refused before decoding (decompression bombs)
+    "truncated",        # the pixel data ends early: refused rather than half-decoded
+    "corrupt",          # not an image PIL can identify, or broken data inside
+    "unsupported",      # a value that is no kind of image (a number, an array that is not an image, ...)
+)
+CAPTION_SKIP_REASONS = ("missing", "empty", "not_text")  # None / blank or whitespace-only / not str or bytes
+CAPTION_FIX_REASONS = ("invalid_utf8", "control_chars", "too_long")  # repaired and kept
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; `reason` (one of `IMAGE_SKIP_REASONS`) feeds the skip counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def image_skip_reason(error: BaseException) -> str:
+    """The `IMAGE_SKIP_REASONS` entry for an error raised while decoding an image."""
+    if isinstance(error, ImageDecodeError):
+        return error.reason
+    if isinstance(error, (Image.DecompressionBombError, MemoryError)):
+        return "too_large"
+    if isinstance(error, UnidentifiedImageError):  # its message names the file, which may say "truncated"
+        return "corrupt"
+    if "truncated" in str(error).lower():  # PIL: "image file is truncated", "Truncated File Read"
+        return "truncated"
+    return "corrupt"
+
+
+def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode anything an image column may hold into a fully loaded 8-bit RGB PIL image.
 
     Accepts a PIL image, a datasets-style dict (`{"bytes": ..., "path": ...}`), a file path, raw bytes, or a
-    numpy array / torch tensor. Pixels are loaded eagerly so truncated files fail here. Any decoding failure is
-    raised as `ValueError` or `OSError` (PIL also raises SyntaxError/EOFError/struct.error on some broken files;
-    those are re-raised as ValueError so callers need to catch only two types).
+    numpy array / torch tensor. Encoded images with more than `max_pixels` pixels (None: no limit of ours) are
+    refused from their header, before any pixel is decoded. Pixels are then loaded eagerly, so truncated files
+    fail here instead of yielding half an image. Colour modes are converted faithfully (see `_pil_to_rgb`).
+
+    Every failure is raised as `ImageDecodeError` (a ValueError) whose `reason` is one of `IMAGE_SKIP_REASONS`.
     """
     try:
-        if isinstance(value, Image.Image):
-            value.load()
-            return _owned_rgb(value)
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
-            return to_rgb(value)
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-            if data is not None:
-                return _decode_bytes(bytes(data))
-            if path:
-                return _decode_path(path)
-            raise ValueError("image dict has neither 'bytes' nor 'path'")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return _decode_bytes(bytes(value))
-        if isinstance(value, (str, os.PathLike)):
-            return _decode_path(value)
-    except (ValueError, OSError):
+        return _decode_value(value, max_pixels)
+    except ImageDecodeError:
         raise
-    except Exception as error:
-        raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from error
-    raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    except Exception as error:  # PIL raises OSError, SyntaxError, EOFError, struct.error, ... on broken files
+        raise _as_decode_error(error) from error
+
+
+def _as_decode_error(error: Exception) -> ImageDecodeError:
+    return ImageDecodeError(image_skip_reason(error), f"cannot decode image: {type(error).__name__}: {error}")
+
+
+def _decode_value(value: Any, max_pixels: int | None) -> Image.Image:
+    if value is None:
+        raise ImageDecodeError("missing", "no image (None)")
+    if isinstance(value, Image.Image):
+        _check_pixel_count(value.size, max_pixels)  # a lazily opened image is not decoded yet
+        value.load()
+        return _owned_rgb(value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        try:
+            return to_rgb(value)
+        except (ValueError, TypeError) as error:
+            raise ImageDecodeError("unsupported", f"array is not an image: {error}") from error
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is not None:
+            return _decode_bytes(bytes(data), max_pixels)
+        if path:
+            return _decode_path(path, max_pixels)
+        raise ImageDecodeError("missing", "image dict has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(value), max_pixels)
+    if isinstance(value, (str, os.PathLike)):
+        return _decode_path(value, max_pixels)
+    raise ImageDecodeError("unsupported", f"unsupported image value of type {type(value).__name__}")
+
+
+def _check_pixel_count(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageDecodeError("corrupt", f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"{width}x{height} = {width * height} pixels exceeds max_image_pixels={max_pixels}"
+        )
+
+
+def _open_checked(stream, max_pixels: int | None) -> Image.Image:
+    """`Image.open` reads only the header: refuse oversized images there, before `load` allocates pixels."""
+    with warnings.catch_warnings():
+        # Our limit decides (and is reported with its reason); PIL's warning at its own threshold would repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(stream)
+    try:
+        _check_pixel_count(image.size, max_pixels)
+    except ImageDecodeError:
+        image.close()
+        raise
+    return image
+
+
+def _decode_stream(stream, max_pixels: int | None) -> Image.Image:
+    try:
+        with _open_checked(stream, max_pixels) as image:
+            image.load()
+            return _owned_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # classified here, so that no decoding OSError passes for a file-system one
+        raise _as_decode_error(error) from error
+
+
+def _decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    if not data:
+        raise ImageDecodeError("empty_file", "empty image bytes")
+    return _decode_stream(io.BytesIO(data), max_pixels)
+
+
+def _decode_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    try:
+        with open(path, "rb") as handle:  # PIL reads only what it needs (a bomb's header, not a huge file)
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise ImageDecodeError("empty_file", f"empty image file: {path}")
+            return _decode_stream(handle, max_pixels)
+    except FileNotFoundError as error:
+        raise ImageDecodeError("file_not_found", f"image file not found: {path}") from error
+    except OSError as error:  # decoding errors are ImageDecodeErrors by now: this is the file system
+        raise ImageDecodeError("unreadable_file", f"cannot read image file {path}: {error}") from error
 
 
 def _owned_rgb(image: Image.Image) -> Image.Image:
-    rgb = to_rgb(image)
-    # `to_rgb` returns RGB inputs unchanged; copy so closing the source file cannot invalidate the result.
+    rgb = _pil_to_rgb(image)
+    # RGB inputs come back unchanged; copy so closing the source file cannot invalidate the result.
     return rgb.copy() if rgb is image else rgb
 
 
-def _decode_bytes(data: bytes) -> Image.Image:
-    if not data:
-        raise ValueError("empty image bytes")
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return _owned_rgb(image)
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. On top of `to_rgb` (alpha composited on white, palettes, CMYK, 1-bit):
+    16-bit grayscale is scaled by its bit depth, and a transparent colour key (`info["transparency"]` of an
+    L / RGB / 1-bit PNG) becomes white like any other transparent pixel instead of keeping its colour."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _wide_gray_to_rgb(image)
+    if image.mode in ("1", "L", "RGB") and image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+    return to_rgb(image)
 
 
-def _decode_path(path: str | os.PathLike) -> Image.Image:
-    # Read the bytes first so no file handle outlives this call, whatever happens while decoding.
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if not data:
-        raise ValueError(f"empty image file: {path}")
-    return _decode_bytes(data)
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> RGB. 16-bit data maps 0..65535 onto 0..255 whatever the image's own range (a dark
+    16-bit scan stays dark; a value-based guess would stretch it to full contrast); 32-bit "I" data within the
+    16-bit range is read as 16-bit (PNG, most TIFFs), anything wider is stretched from its min to its max."""
+    pixels = np.asarray(image).astype(np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if image.mode.startswith("I;16") or (low >= 0 and high <= 65535):
+        scaled = pixels / 257.0  # 65535 / 257 = 255 exactly
+    else:
+        scaled = (pixels - low) / max(high - low, 1.0) * 255.0
+    gray = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+# C0 / C1 control characters other than whitespace (\t \n \v \f \r), and lone surrogates (invalid in UTF-8:
+# tokenizers refuse them).
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def sanitise_caption(value: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> tuple[str | None, tuple[str, ...]]:
+    """One caption candidate -> (clean text, or None when unusable; what was wrong with it).
+
+    Unusable (text None, one reason from `CAPTION_SKIP_REASONS`): None, not text, empty or whitespace-only.
+    Repaired and kept (reasons from `CAPTION_FIX_REASONS`): bytes that are not valid UTF-8 are decoded with
+    U+FFFD replacements (as are lone surrogates in a str), text longer than `max_chars` is cut (cheaply, before
+    tokenising; the tokenizer then truncates to max_length), and control characters such as NUL are removed.
+    """
+    if value is None:
+        return None, ("missing",)
+    fixes = []
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value, repaired = _decode_caption_bytes(bytes(value))
+        if repaired:
+            fixes.append("invalid_utf8")
+    if not isinstance(value, str):
+        return None, ("not_text",)
+    if len(value) > max_chars:
+        value = value[:max_chars]
+        fixes.append("too_long")
+    if _SURROGATES.search(value):
+        value = _SURROGATES.sub("\ufffd", value)
+        if "invalid_utf8" not in fixes:
+            fixes.append("invalid_utf8")
+    if _CONTROL_CHARS.search(value):
+        value = _CONTROL_CHARS.sub("", value)
+        fixes.append("control_chars")
+    if not value.strip():
+        return None, ("empty",)
+    return value, tuple(fixes)
+
+
+def _decode_caption_bytes(data: bytes) -> tuple[str, bool]:
+    """UTF-8 bytes -> (text, whether invalid sequences had to be replaced)."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+@dataclass
+class DataIssueCounts:
+    """Running counts of hostile data: images refused (by `IMAGE_SKIP_REASONS`), caption candidates dropped
+    (by `CAPTION_SKIP_REASONS`) and caption candidates repaired and kept (by `CAPTION_FIX_REASONS`; one caption
+    may have several fixes, so `captions_sanitised` counts captions, not fixes). Counts are per row read: a row
+    read in two epochs counts twice."""
+
+    images_skipped_by_reason: Counter = field(default_factory=Counter)
+    captions_skipped_by_reason: Counter = field(default_factory=Counter)
+    captions_sanitised_by_reason: Counter = field(default_factory=Counter)
+    captions_sanitised: int = 0
+
+    @property
+    def images_skipped(self) -> int:
+        return sum(self.images_skipped_by_reason.values())
+
+    @property
+    def captions_skipped(self) -> int:
+        return sum(self.captions_skipped_by_reason.values())
+
+    def count_image_refusal(self, error: BaseException) -> str:
+        """Count an image that failed to decode; returns the reason."""
+        reason = image_skip_reason(error)
+        self.images_skipped_by_reason[reason] += 1
+        return reason
+
+    def count_caption(self, text: str | None, reasons: tuple[str, ...]) -> None:
+        if text is None:
+            self.captions_skipped_by_reason.update(reasons)
+        elif reasons:
+            self.captions_sanitised += 1
+            self.captions_sanitised_by_reason.update(reasons)
+
+    def report(self, prefix: str = "") -> dict[str, int]:
+        """Flat counts for eval_results.json: the three totals always, a `<total>_<reason>` key per reason seen."""
+        report = {}
+        for name, total, by_reason in (
+            ("images_skipped", self.images_skipped, self.images_skipped_by_reason),
+            ("captions_skipped", self.captions_skipped, self.captions_skipped_by_reason),
+            ("captions_sanitised", self.captions_sanitised, self.captions_sanitised_by_reason),
+        ):
+            report[f"{prefix}{name}"] = int(total)
+            report.update({f"{prefix}{name}_{reason}": int(n) for reason, n in sorted(by_reason.items()) if n})
+        return report
+
+    def summary(self) -> str:
+        """One line for logs, e.g. "2 images skipped (corrupt 1, truncated 1), 0 captions skipped, ..."."""
+        parts = []
+        for name, total, by_reason in (
+            ("images skipped", self.images_skipped, self.images_skipped_by_reason),
+            ("captions skipped", self.captions_skipped, self.captions_skipped_by_reason),
+            ("captions sanitised", self.captions_sanitised, self.captions_sanitised_by_reason),
+        ):
+            detail = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()) if n)
+            parts.append(f"{total} {name}" + (f" ({detail})" if detail else ""))
+        return ", ".join(parts)
+
+
+def _usable_captions(cell: Any, max_chars: int, issues: DataIssueCounts) -> list[str]:
+    """Sanitised captions of a row (a cell may hold a caption or a list of them); bad candidates are counted and
+    dropped."""
+    candidates = list(cell) if isinstance(cell, (list, tuple, np.ndarray)) else [cell]
+    usable = []
+    for candidate in candidates or [None]:  # an empty list is a missing caption
+        text, reasons = sanitise_caption(candidate, max_chars)
+        issues.count_caption(text, reasons)
+        if text is not None:
+            usable.append(text)
+    return usable
+
+
+def _time_to_warn(count: int, log_every: int) -> bool:
+    """Warn for the first occurrence and every `log_every`-th one: a bad shard must not flood the log."""
+    return count == 1 or count % log_every == 0
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    """A short repr for log messages (never the whole of a 1 MB caption)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _to_id(value: Any) -> int:
@@ -612,17 +892,6 @@ def _to_id(value: Any) -> int:
         return int(value.item())
     digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=7).digest()
     return int.from_bytes(digest, "big")
-
-
-def _caption_choices(value: Any) -> list[str]:
-    """Non-empty captions of a row (a caption cell may hold a string or a list of strings)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value.strip() else []
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [c for c in value if isinstance(c, str) and c.strip()]
-    return []
 
 
 class ImageTextCollator:
@@ -644,9 +913,16 @@ class ImageTextCollator:
     Rows should come from a dataset whose image column is `datasets.Image(decode=False)` (as returned by
     `load_image_text_datasets`); otherwise `datasets` decodes, and may fail, before the collator sees the row.
 
-    Running totals: `num_skipped` (undecodable images) and `num_skipped_captions` (empty/None captions); in
-    worker processes these live in the worker's copy. A warning (logger "vlalign.data") is logged for the
-    first bad image and then every `log_every`-th one, with the reason.
+    Hostile data: images are decoded by `decode_image` (refused above `max_image_pixels`, truncated files refused,
+    colour modes converted faithfully) and every caption candidate goes through `sanitise_caption` (cut to
+    `max_caption_chars`, invalid UTF-8 replaced, control characters removed; None / empty / whitespace-only
+    dropped); a row keeps the candidates that survive.
+
+    Running totals: `num_skipped` (rows dropped for an unusable image), `num_skipped_captions` (rows dropped for
+    having no usable caption) and `issues` (a `DataIssueCounts`: images refused by reason, caption candidates
+    dropped or repaired by reason; `data_report()` flattens it). In dataloader worker processes these live in the
+    worker's copy. A warning (logger "vlalign.data") is logged for the first bad image and then every
+    `log_every`-th one, with the reason; likewise for rows without a usable caption.
     """
 
     def __init__(
@@ -661,11 +937,17 @@ class ImageTextCollator:
         seed: int = 0,
         log_every: int = 100,
         refill: bool = True,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
     ):
         if positives_by not in ("label", "image"):
             raise ValueError(f'positives_by must be "label" or "image", got {positives_by!r}')
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every!r}")
+        _check_positive_int("max_image_pixels", max_image_pixels)
+        _check_positive_int("max_caption_chars", max_caption_chars)
+        self.max_image_pixels = max_image_pixels
+        self.max_caption_chars = max_caption_chars
         self.processor = processor
         self.image_column = image_column
         self.caption_column = caption_column
@@ -680,8 +962,8 @@ class ImageTextCollator:
         self.refill = bool(refill)
         self._reservoir: list[tuple] = []
         self.num_refilled = 0
-        self.num_skipped = 0
         self.num_skipped_captions = 0
+        self.issues = DataIssueCounts()
         self._fallback_counter = 0
         self._worker_seed: int | None = None
         self._reseed(None)
@@ -696,8 +978,19 @@ class ImageTextCollator:
             label_column=args.label_column,
             image_id_column=args.image_id_column or ROW_ID_COLUMN,
             positives_by=args.positives_by,
+            max_image_pixels=args.max_image_pixels,
+            max_caption_chars=args.max_caption_chars,
             **kwargs,
         )
+
+    @property
+    def num_skipped(self) -> int:
+        """Rows dropped for an unusable image (all reasons)."""
+        return self.issues.images_skipped
+
+    def data_report(self, prefix: str = "") -> dict[str, int]:
+        """The running counts as flat keys (see `DataIssueCounts.report`)."""
+        return self.issues.report(prefix)
 
     def _reseed(self, worker_seed: int | None) -> None:
         # Separate streams for caption choice and augmentation, so changing one does not shift the other.
@@ -727,26 +1020,35 @@ class ImageTextCollator:
         self._fallback_counter += 1
         return (1 << 56) + self._fallback_counter * num_workers + worker_id
 
-    def _log_bad_image(self, reason: str) -> None:
-        if self.num_skipped == 1 or self.num_skipped % self.log_every == 0:
-            logger.warning("Skipped an undecodable image (%d so far): %s", self.num_skipped, reason)
+    def _decode_or_count(self, value: Any) -> Image.Image | None:
+        """The decoded image, or None after counting and (rate-limited) warning about why it was refused."""
+        try:
+            return decode_image(value, self.max_image_pixels)
+        except (ValueError, OSError) as error:
+            reason = self.issues.count_image_refusal(error)
+            if _time_to_warn(self.num_skipped, self.log_every):
+                logger.warning("Skipped an undecodable image (%d so far) [%s]: %s", self.num_skipped, reason, error)
+            return None
+
+    def _captions_or_count(self, cell: Any) -> list[str]:
+        choices = _usable_captions(cell, self.max_caption_chars, self.issues)
+        if not choices:
+            self.num_skipped_captions += 1
+            if _time_to_warn(self.num_skipped_captions, self.log_every):
+                logger.warning("Skipped a row without a usable caption (%d so far): %s", self.num_skipped_captions,
+                               _preview(cell))
+        return choices
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         worker_id, num_workers = self._maybe_reseed_for_worker()
         images, captions, ids, rows_index = [], [], [], []
         skipped = 0
         for row in rows:
-            choices = _caption_choices(row.get(self.caption_column))
-            if not choices:
-                self.num_skipped_captions += 1
+            # captions first: they are cheap, and a row without one needs no image decoded
+            choices = self._captions_or_count(row.get(self.caption_column))
+            image = self._decode_or_count(row.get(self.image_column)) if choices else None
+            if image is None:
                 skipped += 1
-                continue
-            try:
-                image = decode_image(row.get(self.image_column))
-            except (ValueError, OSError) as error:
-                self.num_skipped += 1
-                skipped += 1
-                self._log_bad_image(f"{type(error).__name__}: {error}")
                 continue
             images.append(image)
             captions.append(choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
@@ -785,7 +1087,9 @@ class EvalInputs:
 
     `image_ids[i]` / `text_ids[j]`: positive ids (equal ids = a match; labels when positives are by label).
     `labels`: per-image class labels, or None without a label column. `num_skipped`: undecodable images dropped
-    (their captions are dropped too, since they have no image to retrieve).
+    (their captions are dropped too, since they have no image to retrieve). `issues`: those images by reason,
+    and the caption candidates dropped or repaired (an image whose captions are all unusable is kept: it is
+    still a retrieval candidate and a zero-shot example).
     """
 
     images: list[Image.Image]
@@ -794,6 +1098,7 @@ class EvalInputs:
     text_ids: list[int]
     labels: list[int] | None
     num_skipped: int
+    issues: DataIssueCounts = field(default_factory=DataIssueCounts)
 
 
 def build_eval_inputs(
@@ -816,16 +1121,17 @@ def build_eval_inputs(
         id_column = ROW_ID_COLUMN
     images, image_ids, texts, text_ids = [], [], [], []
     labels: list[int] | None = [] if use_labels else None
-    num_skipped = 0
+    issues = DataIssueCounts()
     for start in range(0, len(dataset), batch_size):
         chunk = dataset[start : start + batch_size]
         for offset in range(len(chunk[args.image_column])):
             index = start + offset
             try:
-                image = decode_image(chunk[args.image_column][offset])
+                image = decode_image(chunk[args.image_column][offset], args.max_image_pixels)
             except (ValueError, OSError) as error:
-                num_skipped += 1
-                logger.warning("Eval row %d: skipped undecodable image: %s: %s", index, type(error).__name__, error)
+                reason = issues.count_image_refusal(error)
+                if _time_to_warn(issues.images_skipped, 100):
+                    logger.warning("Eval row %d: skipped an undecodable image [%s]: %s", index, reason, error)
                 continue
             label = chunk[args.label_column][offset] if use_labels else None
             if args.positives_by == "label" and use_labels and label is not None:
@@ -838,10 +1144,12 @@ def build_eval_inputs(
             image_ids.append(positive)
             if labels is not None:
                 labels.append(int(label) if label is not None else -1)
-            for caption in _caption_choices(chunk[args.caption_column][offset]):
+            for caption in _usable_captions(chunk[args.caption_column][offset], args.max_caption_chars, issues):
                 texts.append(caption)
                 text_ids.append(positive)
-    return EvalInputs(images, image_ids, texts, text_ids, labels, num_skipped)
+    if issues.images_skipped or issues.captions_skipped or issues.captions_sanitised:
+        logger.warning("Eval split: %s", issues.summary())
+    return EvalInputs(images, image_ids, texts, text_ids, labels, issues.images_skipped, issues)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -904,31 +1212,66 @@ def load_multi_image_datasets(args: MIVCDataArguments, seed: int = 0):
                    if c not in split.column_names]
         if missing:
             raise ValueError(f"multi-image dataset lacks columns {missing} (has {split.column_names})")
-    return train, evaluation
+    return _undecoded_images(train, args.images_column), _undecoded_images(evaluation, args.images_column)
+
+
+def _undecoded_images(dataset, column: str):
+    """A list-of-Image column read without decoding: the collator decodes and skips a bad file, where `datasets`
+    would raise on it while reading the row."""
+    feature = None if dataset is None else dataset.features.get(column)
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image) and inner.decode:
+        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
 
 
 class MultiImageCollator:
     """Rows of multi-image items -> an `MIVCProcessor` training batch (prompt + answer, labels on the answer).
 
-    Undecodable images are dropped from their item (an item left without images is skipped); every skip is counted
-    in `num_skipped` and warned about, never a crash.
+    Undecodable images (see `decode_image`; more than `max_image_pixels` pixels: refused before decoding) are
+    dropped from their item, and an item left without images is skipped; every skip is counted
+    (`num_skipped_images`, by reason in `issues`; `num_skipped_items`) and warned about (the first and every
+    `log_every`-th), never a crash.
     """
 
     def __init__(self, processor, images_column: str = "images", prompt_column: str = "prompt",
-                 answer_column: str = "answer"):
+                 answer_column: str = "answer", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 log_every: int = 100):
+        _check_positive_int("max_image_pixels", max_image_pixels)
+        _check_positive_int("log_every", log_every)
         self.processor = processor
         self.images_column, self.prompt_column, self.answer_column = images_column, prompt_column, answer_column
-        self.num_skipped_images = 0
+        self.max_image_pixels = max_image_pixels
+        self.log_every = log_every
+        self.issues = DataIssueCounts()
         self.num_skipped_items = 0
+
+    @property
+    def num_skipped_images(self) -> int:
+        return self.issues.images_skipped
+
+    def data_report(self, prefix: str = "") -> dict[str, int]:
+        """The running counts as flat keys (see `DataIssueCounts.report`; captions are not inspected here)."""
+        report = self.issues.report(prefix)
+        return {k: v for k, v in report.items() if k.startswith(f"{prefix}images_skipped")}
+
+    def take_data_report(self, prefix: str = "") -> dict[str, int]:
+        """`data_report`, then start counting afresh: evaluation decodes with the training collator, and its
+        skips must not be added to the training ones."""
+        report = self.data_report(prefix)
+        self.issues = DataIssueCounts()
+        return report
 
     def decoded_images(self, row: dict) -> list[Image.Image]:
         images = []
         for value in row[self.images_column] or []:
             try:
-                images.append(decode_image(value))
+                images.append(decode_image(value, self.max_image_pixels))
             except (ValueError, OSError) as error:
-                self.num_skipped_images += 1
-                logger.warning("Skipped an undecodable image in a multi-image item: %s", error)
+                reason = self.issues.count_image_refusal(error)
+                if _time_to_warn(self.num_skipped_images, self.log_every):
+                    logger.warning("Skipped an undecodable image in a multi-image item (%d so far) [%s]: %s",
+                                   self.num_skipped_images, reason, error)
         return images
 
     def __call__(self, rows: list[dict]) -> dict:
