@@ -9,9 +9,11 @@
 
 Step times are medians of `--steps` steps after warm-up, the configurations interleaved so that machine noise hits
 all of them alike. Defaults are small towers so that the script runs in a few minutes on a 2-core CPU; `--preset base`
-gives ViT-B/16 + BERT-base.
+gives ViT-B/16 + BERT-base. `--compile` adds full TCL with its towers compiled (`TCLModel.compile_encoders()`,
+inductor; the Trainer does the same with `torch_compile=True`) and reports `compile_speedup` (eager / compiled step
+time); compilation happens during the (longer) warm-up and is not timed.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--preset small|base] [--batch 32] [--bf16]
+    python benchmarks/train_step.py [--device cpu|cuda] [--preset small|base] [--batch 32] [--bf16] [--compile]
 
 The last output line is one JSON object with the figures.
 """
@@ -45,6 +47,10 @@ def tower_configs(p: dict) -> tuple[ViTConfig, BertConfig]:
 
 
 def build(kind: str, p: dict, fusion_layers: int = 2):
+    if kind.endswith("_compiled"):
+        model = build(kind[: -len("_compiled")], p, fusion_layers)
+        model.compile_encoders()
+        return model
     vision, text = tower_configs(p)
     if kind == "dual_encoder":
         config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=256)
@@ -67,7 +73,7 @@ def batch_for(kind: str, p: dict, size: int, device: torch.device, seed: int = 0
     ids[:, 0] = 101
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "pixel_values": torch.randn(size, 3, p["image"], p["image"], generator=g)}
-    if kind == "tcl_full":
+    if kind.startswith("tcl_full"):
         batch["pixel_values_view2"] = torch.randn(size, 3, p["image"], p["image"], generator=g)
     batch["return_loss"] = True
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -96,10 +102,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time full TCL with compiled towers")
+    parser.add_argument("--compile_warmup", type=int, default=8, help="warm-up steps of the compiled model")
     args = parser.parse_args()
     device = torch.device(args.device)
     p = PRESETS[args.preset]
-    kinds = ("dual_encoder", "tcl_contrastive", "tcl_full")
+    kinds = ("dual_encoder", "tcl_contrastive", "tcl_full") + (("tcl_full_compiled",) if args.compile else ())
     runs = {}
     for kind in kinds:
         torch.manual_seed(0)
@@ -107,10 +115,15 @@ def main() -> None:
         batch = batch_for(kind, p, args.batch, device)
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         step = step_fn(model, batch, optimizer, args.bf16, device)
-        with FlopCounterMode(display=False) as counter:
-            step()
-        runs[kind] = {"step": step, "flops": counter.get_total_flops(), "times": []}
-        for _ in range(args.warmup):
+        if kind.endswith("_compiled"):  # the same arithmetic as its eager twin (counted there)
+            flops = runs[kind[: -len("_compiled")]]["flops"]
+        else:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        runs[kind] = {"step": step, "flops": flops, "times": []}
+        # a compiled model compiles its forward and backward graphs over the first steps (and after a shape change)
+        for _ in range(args.compile_warmup if kind.endswith("_compiled") else args.warmup):
             step()
     for _ in range(args.steps):  # interleaved: noise hits every configuration alike
         for kind in kinds:
@@ -133,7 +146,11 @@ def main() -> None:
         print(f"| {kind} | {row['step_seconds']:.3f} | {row['flops'] / 1e9:.1f} | {row['flops_per_second'] / 1e9:.1f} |")
     print(f"overhead_ratio (tcl_contrastive / dual_encoder step time, target <= 1.05): {overhead:.3f}")
     print(f"tcl_flops_efficiency (full TCL / dual encoder achieved FLOP/s, target >= 0.9): {efficiency:.3f}")
-    print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4),
+    extra = {}
+    if args.compile:
+        extra["compile_speedup"] = round(table["tcl_full"]["step_seconds"] / table["tcl_full_compiled"]["step_seconds"], 4)
+        print(f"compile_speedup (full TCL eager / compiled towers step time): {extra['compile_speedup']:.3f}")
+    print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4), **extra,
                       "preset": args.preset, "batch": args.batch, "device": str(device), "bf16": args.bf16,
                       "configurations": {k: {"step_seconds": round(v["step_seconds"], 4),
                                              "gflops_per_step": round(v["flops"] / 1e9, 2)} for k, v in table.items()}}))

@@ -56,6 +56,10 @@ class RunArguments:
     # CPU threads per process when training on CPU. `accelerate launch` exports OMP_NUM_THREADS=1 unless told
     # otherwise, which halves a 2-core machine; None uses all cores divided among the local processes.
     cpu_threads: int | None = None
+    # non-finite losses/gradients: skip the step and count it (default), or stop at the first one; a run with this
+    # many non-finite steps in a row always stops (vlalign.trainer.VLAlignTrainer)
+    stop_on_nonfinite: bool = False
+    max_consecutive_nonfinite_steps: int = 20
 
 
 SECTIONS = ("run", "data", "training", "model")
@@ -232,7 +236,28 @@ def _training_arguments(config: dict, default_output_dir: str):
     training_section.setdefault("output_dir", default_output_dir)
     training_section.setdefault("remove_unused_columns", False)  # the collators need the raw columns
     training_section.setdefault("report_to", "none")
-    return TrainingArguments(**training_section)
+    training_args = TrainingArguments(**training_section)
+    training_args.resume_from_checkpoint = _resolve_checkpoint(training_args.resume_from_checkpoint,
+                                                               training_args.output_dir)
+    return training_args
+
+
+def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint latest` (or true): the newest complete checkpoint-N folder in output_dir; a path is
+    checked to exist, so that a typo cannot silently start the run from scratch."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "latest", "last", "true", "True"):
+        found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if found is None:
+            raise SystemExit(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {output_dir}")
+        logger.info("Resuming from %s", found)
+        return found
+    if not os.path.isdir(str(value)):
+        raise SystemExit(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return str(value)
 
 
 def _set_cpu_threads(run: RunArguments, training_args) -> None:
@@ -448,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         class_names=class_names,
         zero_shot_templates=data_args.zero_shot_templates,
         itm_rerank_k=run.itm_rerank_k,
+        stop_on_nonfinite=run.stop_on_nonfinite,
+        max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps,
     )
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -467,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_steps"] = int(train_result.global_step)
     results["train_loss"] = float(train_result.training_loss)
     results["train_items_skipped"] = int(trainer.num_skipped_items)
+    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
     # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
     train_counts_here = training_args.dataloader_num_workers == 0
     if train_counts_here:
@@ -543,12 +571,12 @@ def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_to
 def main_mivc(config: dict, run: RunArguments) -> dict:
     """The generative path: multi-image items -> MIVCForConditionalGeneration trained with the LM loss, evaluated
     by exact match of greedy answers and by the pooling weights on clean vs degraded images."""
-    from transformers import AutoProcessor, Trainer, set_seed
+    from transformers import AutoProcessor, set_seed
 
     from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets
     from vlalign.hub import build_model_card
     from vlalign.multiview_digits import build_mivc_digits_processor
-    from vlalign.trainer import evaluate_mivc
+    from vlalign.trainer import VLAlignTrainer, evaluate_mivc
 
     model_section = dict(config.get("model") or {})
     data_args = MIVCDataArguments(**(config.get("data") or {}))
@@ -571,8 +599,9 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
 
     collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
                                   data_args.answer_column)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-                      processing_class=processor)
+    trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+                             processing_class=processor, stop_on_nonfinite=run.stop_on_nonfinite,
+                             max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps)
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = time.time() - start
@@ -586,6 +615,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     results["train_loss"] = float(train_result.training_loss)
     results.update(train_data_report)
     results["train_items_skipped"] = collator.num_skipped_items
+    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
     if eval_dataset is not None:
         results.update(collator.data_report("eval_"))
     logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",

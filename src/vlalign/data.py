@@ -838,6 +838,19 @@ class DataIssueCounts:
             report.update({f"{prefix}{name}_{reason}": int(n) for reason, n in sorted(by_reason.items()) if n})
         return report
 
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able counts (kept in training checkpoints so that a resumed run reports the whole run)."""
+        return {"images_skipped_by_reason": dict(self.images_skipped_by_reason),
+                "captions_skipped_by_reason": dict(self.captions_skipped_by_reason),
+                "captions_sanitised_by_reason": dict(self.captions_sanitised_by_reason),
+                "captions_sanitised": self.captions_sanitised}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images_skipped_by_reason = Counter(state.get("images_skipped_by_reason", {}))
+        self.captions_skipped_by_reason = Counter(state.get("captions_skipped_by_reason", {}))
+        self.captions_sanitised_by_reason = Counter(state.get("captions_sanitised_by_reason", {}))
+        self.captions_sanitised = int(state.get("captions_sanitised", 0))
+
     def summary(self) -> str:
         """One line for logs, e.g. "2 images skipped (corrupt 1, truncated 1), 0 captions skipped, ..."."""
         parts = []
@@ -993,12 +1006,32 @@ class ImageTextCollator:
         return self.issues.report(prefix)
 
     def _reseed(self, worker_seed: int | None) -> None:
-        # Separate streams for caption choice and augmentation, so changing one does not shift the other.
-        entropy = [self.seed] if worker_seed is None else [self.seed, worker_seed]
-        caption_seq, augment_seq = np.random.SeedSequence(entropy).spawn(2)
-        self.rng = np.random.default_rng(caption_seq)
-        self.augment_rng = np.random.default_rng(augment_seq)
         self._worker_seed = worker_seed
+        self.batches_collated = 0
+
+    def _batch_rngs(self) -> tuple[np.random.Generator, np.random.Generator]:
+        """The random streams of the next batch: caption choice and augmentation (separate, so changing one does
+        not shift the other), a function of (seed, worker seed, batch index) only. A resumed run sets
+        `batches_collated` to the batches already trained on (`load_state_dict`) and gets the same batches as an
+        uninterrupted run, although the skipped batches are never collated."""
+        entropy = [self.seed, self.batches_collated]
+        if self._worker_seed is not None:
+            entropy.append(self._worker_seed)
+        caption_seq, augment_seq = np.random.SeedSequence(entropy).spawn(2)
+        self.batches_collated += 1
+        return np.random.default_rng(caption_seq), np.random.default_rng(augment_seq)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON-able): the batch index and the running data-issue counts."""
+        return {"batches_collated": self.batches_collated, "num_refilled": self.num_refilled,
+                "num_skipped_captions": self.num_skipped_captions, "issues": self.issues.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_collated = int(state["batches_collated"])
+        self.num_refilled = int(state.get("num_refilled", 0))
+        self.num_skipped_captions = int(state.get("num_skipped_captions", 0))
+        if "issues" in state:
+            self.issues.load_state_dict(state["issues"])
 
     def _maybe_reseed_for_worker(self) -> tuple[int, int]:
         """Dataloader workers each get a copy of this object: without reseeding they would all produce the
@@ -1041,6 +1074,7 @@ class ImageTextCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         worker_id, num_workers = self._maybe_reseed_for_worker()
+        caption_rng, augment_rng = self._batch_rngs()
         images, captions, ids, rows_index = [], [], [], []
         skipped = 0
         for row in rows:
@@ -1051,14 +1085,14 @@ class ImageTextCollator:
                 skipped += 1
                 continue
             images.append(image)
-            captions.append(choices[int(self.rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
+            captions.append(choices[int(caption_rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
             ids.append(self._positive_id(row, worker_id, num_workers))
             rows_index.append(row.get(ROW_ID_COLUMN))
         if self.refill:
             good = list(zip(images, captions, ids, rows_index))
             missing = len(rows) - len(good)
             if missing and self._reservoir:
-                for index in self.rng.integers(len(self._reservoir), size=missing):
+                for index in caption_rng.integers(len(self._reservoir), size=missing):
                     image, caption, item_id, row_index = self._reservoir[int(index)]
                     images.append(image)
                     captions.append(caption)
@@ -1070,7 +1104,7 @@ class ImageTextCollator:
         if not images:
             return {"num_skipped": skipped, "empty_batch": True}
         encoded = self.processor(
-            images=images, text=captions, two_views=self.two_views, rng=self.augment_rng, return_tensors="pt"
+            images=images, text=captions, two_views=self.two_views, rng=augment_rng, return_tensors="pt"
         )
         batch: dict[str, Any] = dict(encoded)
         batch["positive_ids"] = torch.tensor(ids, dtype=torch.long)
@@ -1249,6 +1283,14 @@ class MultiImageCollator:
     @property
     def num_skipped_images(self) -> int:
         return self.issues.images_skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running counts, for training checkpoints (batches are deterministic: no random state)."""
+        return {"num_skipped_items": self.num_skipped_items, "issues": self.issues.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_skipped_items = int(state.get("num_skipped_items", 0))
+        self.issues.load_state_dict(state.get("issues", {}))
 
     def data_report(self, prefix: str = "") -> dict[str, int]:
         """The running counts as flat keys (see `DataIssueCounts.report`; captions are not inspected here)."""

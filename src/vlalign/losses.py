@@ -408,11 +408,14 @@ class FeatureQueue(torch.nn.Module):
         else:
             ids = all_gather_no_grad(ids)
         count = min(features.shape[0], self.size)
-        start = int(self.ptr.item())
-        index = (start + torch.arange(count, device=self.features.device)) % self.size
-        self.features[index] = features[-count:].to(self.features.dtype)
-        self.ids[index] = ids[-count:].to(self.ids.dtype)
-        self.ptr.fill_((start + count) % self.size)
+        # all on-device (no host sync per step). A batch with a non-finite feature (a bad step the trainer skips)
+        # leaves the queue and its pointer unchanged instead of poisoning the next `size` steps' negatives.
+        features = features[-count:].to(self.features.dtype)
+        finite = torch.isfinite(features).all()
+        index = (self.ptr + torch.arange(count, device=self.features.device)) % self.size
+        self.features[index] = torch.where(finite, features, self.features[index])
+        self.ids[index] = torch.where(finite, ids[-count:].to(self.ids.dtype), self.ids[index])
+        self.ptr.copy_((self.ptr + count * finite.long()) % self.size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -552,8 +555,10 @@ class RunningLogZ(torch.nn.Module):
             blended = torch.logaddexp(self.log_z[ids] + math.log(self.momentum),
                                       batch + math.log1p(-self.momentum))
         new = torch.where(self.seen[ids], blended, batch)
-        self.log_z[ids] = new
-        self.seen[ids] = True
+        # a non-finite estimate (a bad step the trainer skips) is not stored: it would stick to its samples forever
+        finite = torch.isfinite(new)
+        self.log_z[ids] = torch.where(finite, new, self.log_z[ids])
+        self.seen[ids] = self.seen[ids] | finite
         return new.to(device=batch_log_z.device, dtype=batch_log_z.dtype)
 
 

@@ -16,15 +16,19 @@ What it adds to `transformers.Trainer`:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import re
 import time
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .metrics import (
     answers_match,
@@ -175,7 +179,179 @@ def _itm_rerank_fn(model, processor, images, texts, batch_size):
     return rerank
 
 
-class ContrastiveTrainer(Trainer):
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped on non-finite losses or gradients (see `VLAlignTrainer`)."""
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Runs the trainer's check between the last backward of a step and the optimizer step."""
+
+    def __init__(self, trainer: "VLAlignTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_optimizer_step()
+
+
+def _load_checkpoint_weights(model: PreTrainedModel, checkpoint_dir: str) -> None:
+    """Load a checkpoint's model.safetensors into `model`, every key, or raise listing the mismatches.
+
+    transformers' Trainer resumes with `load_state_dict(..., strict=False)` on the file as saved; but
+    `save_pretrained` writes some towers under their original checkpoint names (transformers 5 converts e.g. ViT's
+    `encoder.layer.N.attention.attention.query` <-> `layers.N.attention.q_proj` on save/load), so those weights were
+    silently not restored (a warning, then training on from the step-0 initialisation). `from_pretrained` applies
+    the conversion; its tensors are then copied in strictly."""
+    loaded = type(model).from_pretrained(checkpoint_dir, config=model.config)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"checkpoint {checkpoint_dir} does not match the model: missing {result.missing_keys[:20]}, "
+                         f"unexpected {result.unexpected_keys[:20]}")
+
+
+class VLAlignTrainer(Trainer):
+    """`transformers.Trainer` plus what long runs on preemptible machines and messy data need (every vlalign model;
+    `ContrastiveTrainer` builds on it):
+
+    - Non-finite guard: an optimizer step whose loss (any micro-batch) or gradients are not finite is skipped (its
+      gradients are dropped, so the optimizer changes nothing), counted (`nonfinite_steps_skipped`, in the training
+      logs) and warned about, naming the loss components that were not finite (or the first parameters with
+      non-finite gradients). `stop_on_nonfinite=True` raises `NonFiniteTrainingError` at the first such step
+      instead; `max_consecutive_nonfinite_steps` in a row always raise (a run that keeps diverging is stopped, not
+      silently frozen). Under DDP every process takes the same decision (the flag is summed over processes).
+    - Exact resume: each checkpoint also holds `vlalign_trainer_state.json` (per process): the micro-batches
+      trained, the skip counters and the collator's state (its data-issue counts; its batch index is set to the
+      micro-batches trained, so that a resumed run collates the same batches as an uninterrupted one).
+      Weights incl. EMA teachers, queues and their pointers, temperature and running statistics are model
+      buffers/parameters (model.safetensors); optimizer, scheduler, RNG states, the step (hence the alpha ramp)
+      and the data order are restored by transformers.
+    """
+
+    RESUME_STATE_NAME = "vlalign_trainer_state.json"
+
+    def __init__(self, *args, stop_on_nonfinite: bool = False, max_consecutive_nonfinite_steps: int = 20, **kwargs):
+        if (isinstance(max_consecutive_nonfinite_steps, bool) or not isinstance(max_consecutive_nonfinite_steps, int)
+                or max_consecutive_nonfinite_steps < 1):
+            raise ValueError(f"max_consecutive_nonfinite_steps must be an int >= 1, got {max_consecutive_nonfinite_steps!r}")
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite = bool(stop_on_nonfinite)
+        self.max_consecutive_nonfinite_steps = max_consecutive_nonfinite_steps
+        self.nonfinite_steps_skipped = 0
+        self.micro_batches_trained = 0
+        self._consecutive_nonfinite = 0
+        self._step_nonfinite: list[str] = []  # what was not finite in the micro-batches of the current step
+        self.add_callback(_NonFiniteGuard(self))
+
+    # ---- non-finite guard -------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._after_micro_batch(loss)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _note_nonfinite(self, names) -> None:
+        self._step_nonfinite.extend(n for n in names if n not in self._step_nonfinite)
+
+    def _after_micro_batch(self, loss: torch.Tensor) -> None:
+        self.micro_batches_trained += 1
+        # one host sync, as transformers' own logging_nan_inf_filter does every step
+        if not bool(torch.isfinite(loss.detach()).all()) and not self._step_nonfinite:
+            self._note_nonfinite(["loss"])
+
+    def _nonfinite_gradients(self) -> list[str]:
+        return [name for name, p in self.model.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+    def _guard_optimizer_step(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flag = torch.tensor(1.0 if self._step_nonfinite else 0.0, device=self.args.device)
+        if grads:  # one fused pass over the gradients, one host sync
+            total = torch.stack([n.float().to(flag.device) for n in torch._foreach_norm(grads)]).sum()
+            flag = torch.where(torch.isfinite(total), flag, torch.ones_like(flag))
+        if self.args.world_size > 1:  # a NaN loss with finite gradients on one process must stop all of them
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        reasons, self._step_nonfinite = self._step_nonfinite, []
+        if float(flag) == 0.0:
+            self._consecutive_nonfinite = 0
+            return
+        if not reasons:
+            bad = self._nonfinite_gradients()
+            reasons = [f"gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"] if bad else [
+                "loss or gradients on another process"]
+        self.model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every parameter unchanged
+        self.nonfinite_steps_skipped += 1
+        self._consecutive_nonfinite += 1
+        what = f"step {self.state.global_step + 1}: non-finite {'; '.join(reasons)}"
+        if self.stop_on_nonfinite:
+            raise NonFiniteTrainingError(f"{what}; stopping because stop_on_nonfinite is set")
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{what}; {self._consecutive_nonfinite} optimizer steps in a row were non-finite "
+                f"(max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps}): the run is diverging or "
+                f"the data is broken. Lower the learning rate, check the inputs, or resume from an earlier checkpoint"
+            )
+        logger.warning("%s -> optimizer step skipped (%d skipped so far)", what, self.nonfinite_steps_skipped)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
+        super().log(logs, start_time)
+
+    # ---- exact resume -----------------------------------------------------------------------------------------
+    def _resume_state_path(self, checkpoint_dir: str) -> str:
+        name = self.RESUME_STATE_NAME
+        if self.args.world_size > 1:
+            name = name.replace(".json", f"-rank{self.args.process_index}.json")
+        return os.path.join(checkpoint_dir, name)
+
+    def _resume_state(self) -> dict:
+        state = {"micro_batches_trained": self.micro_batches_trained,
+                 "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+                 "consecutive_nonfinite": self._consecutive_nonfinite}
+        if hasattr(self.data_collator, "state_dict"):
+            state["collator"] = self.data_collator.state_dict()
+        return state
+
+    def _restore_resume_state(self, state: dict) -> None:
+        self.micro_batches_trained = int(state["micro_batches_trained"])
+        self.nonfinite_steps_skipped = int(state.get("nonfinite_steps_skipped", 0))
+        self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        collator = self.data_collator
+        if "collator" in state and hasattr(collator, "load_state_dict"):
+            collator.load_state_dict(state["collator"])
+        if hasattr(collator, "batches_collated"):
+            # the saved index may include a batch the data loader had already fetched ahead
+            collator.batches_collated = self.micro_batches_trained
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # written before transformers' files, so that a checkpoint complete to transformers holds it too
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        with open(self._resume_state_path(folder), "w", encoding="utf-8") as handle:
+            json.dump(self._resume_state(), handle, indent=2)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        if (isinstance(target, PreTrainedModel) and os.path.isfile(weights) and not self.is_fsdp_enabled
+                and not self.is_deepspeed_enabled):
+            _load_checkpoint_weights(target, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = self._resume_state_path(resume_from_checkpoint)
+        if not os.path.isfile(path):
+            logger.warning("%s has no %s (saved by another trainer?): the data-issue counts restart from 0 and "
+                           "caption choices / augmentations may differ from an uninterrupted run",
+                           resume_from_checkpoint, os.path.basename(path))
+            return
+        with open(path, encoding="utf-8") as handle:
+            self._restore_resume_state(json.load(handle))
+
+
+class ContrastiveTrainer(VLAlignTrainer):
     """`transformers.Trainer` for vlalign models (see module docstring).
 
     Extra arguments:
@@ -207,12 +383,27 @@ class ContrastiveTrainer(Trainer):
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
         self.num_skipped_items = 0
+        if self._compiles_encoders_only():
+            self.model.compile_encoders(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         config = self.model.config
         if hasattr(config, "train_batch_size"):
             # the queue must hold a whole number of global batches
             config.train_batch_size = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
             if hasattr(config, "validate_fields"):
                 config.validate_fields()
+
+    def _compiles_encoders_only(self) -> bool:
+        """`torch_compile=True` on a model with `compile_encoders` (TCL, CODIS): compile its towers in place instead
+        of the Trainer's whole-model `torch.compile` (see ALBEFModel.compile_encoders)."""
+        return bool(self.args.torch_compile) and hasattr(self.model, "compile_encoders")
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        if self._compiles_encoders_only() and "dynamo_plugin" in args:
+            from accelerate.utils import TorchDynamoPlugin
+
+            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     # ------------------------------------------------------------------------------------------------------
     def current_alpha(self) -> float:
@@ -245,6 +436,7 @@ class ContrastiveTrainer(Trainer):
         inputs.pop("return_loss", None)
         scale = 1.0 / self.current_gradient_accumulation_steps
         if self._pop_bookkeeping(inputs):
+            self._after_micro_batch(torch.zeros(()))
             return torch.zeros((), device=self.args.device)
         inputs.setdefault("alpha", self.current_alpha())
         is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -261,7 +453,9 @@ class ContrastiveTrainer(Trainer):
                     dist.all_reduce(parameter.grad)
                     parameter.grad.div_(world)
         self._record_components(outputs)
-        return outputs.loss.detach() * scale
+        loss = outputs.loss.detach() * scale
+        self._after_micro_batch(loss)
+        return loss
 
     def _pop_bookkeeping(self, inputs: dict) -> bool:
         """Take the collator's skip count out of `inputs` (into the run total) and say whether the batch is empty."""
@@ -285,9 +479,18 @@ class ContrastiveTrainer(Trainer):
             if math.isfinite(value):
                 self._component_sums[name] += value
                 self._component_counts[name] += 1
+            else:  # named in the non-finite guard's warning
+                self._note_nonfinite([f"loss_{name}"])
         if outputs.temperature is not None:
             self._component_sums["temperature"] += float(outputs.temperature)
             self._component_counts["temperature"] += 1
+
+    def _resume_state(self) -> dict:
+        return {**super()._resume_state(), "num_skipped_items": self.num_skipped_items}
+
+    def _restore_resume_state(self, state: dict) -> None:
+        super()._restore_resume_state(state)
+        self.num_skipped_items = int(state.get("num_skipped_items", 0))
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)

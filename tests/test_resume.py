@@ -1,0 +1,131 @@
+"""Exact resume after a crash: a training run killed with SIGKILL after a checkpoint and resumed with
+`--resume_from_checkpoint latest` ends with the same weights as an uninterrupted run (tolerance 1e-6), for TCL, CODIS
+and MIVC.
+
+The runs are real `training/train.py` processes. The killed one gets a callback that sends itself SIGKILL at the end
+of a step after the last checkpoint (no clean-up runs, as on a pre-empted machine). The set-up makes every piece of
+state matter: the resumed checkpoint is in the second epoch (data order, skipped batches), queues wrap around
+(pointers), the alpha ramp is still rising, EMA teachers move every step, BERT dropout and MLM masking draw from the
+RNG, captions are drawn at random per batch, and TCL uses gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_TRAIN_MODEL
+from test_train_script import TINY_MIVC
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_STEPS, SAVE_STEPS, KILL_AT_STEP = 9, 3, 7  # checkpoints at 3 and 6; killed after step 7; 5 steps per epoch
+
+KILLING_LAUNCHER = textwrap.dedent("""
+    import os, runpy, signal, sys
+    from transformers import TrainerCallback
+    import vlalign.trainer
+
+    class KillAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    original_init = vlalign.trainer.VLAlignTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(KillAfterStep())
+
+    vlalign.trainer.VLAlignTrainer.__init__ = init_with_kill
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
+""")
+
+TRAINING = {"max_steps": MAX_STEPS, "save_strategy": "steps", "save_steps": SAVE_STEPS, "logging_steps": 1,
+            "report_to": "none", "use_cpu": True, "seed": 5, "dataloader_drop_last": True, "learning_rate": 1e-3}
+
+CASES = {
+    "tcl": {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+            "data": {"max_train_samples": 40, "max_eval_samples": 20},
+            "training": {**TRAINING, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+            "run": {"alpha_ramp_steps": 20, "cpu_threads": 1}},
+    "codis": {"model": {**{k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"},
+                        "model_type": "codis", "codebook_size": 8, "queue_size": 16},
+              "data": {"max_train_samples": 40, "max_eval_samples": 20},
+              "training": {**TRAINING, "per_device_train_batch_size": 8},
+              "run": {"alpha_ramp_steps": 20, "cpu_threads": 1}},
+    "mivc": {"model": TINY_MIVC,
+             "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
+             "training": {**TRAINING, "per_device_train_batch_size": 8},
+             "run": {"cpu_threads": 1}},
+}
+
+
+def _run(script: list[str], config: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REPO_ROOT": str(REPO_ROOT), "KILL_AT_STEP": str(KILL_AT_STEP), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *script, "--config", str(config), "--output_dir", str(output_dir), *extra],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_type, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CASES[model_type]))
+    train_py = [str(REPO_ROOT / "training" / "train.py")]
+
+    uninterrupted = _run(train_py, config, tmp_path / "uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    launcher = tmp_path / "killing_launcher.py"
+    launcher.write_text(KILLING_LAUNCHER)
+    killed_dir = tmp_path / "killed"
+    killed = _run([str(launcher)], config, killed_dir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = sorted(p.name for p in killed_dir.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3", "checkpoint-6"]  # killed mid-run, after the second checkpoint
+    assert not (killed_dir / "model.safetensors").exists()
+    assert (killed_dir / "checkpoint-6" / "vlalign_trainer_state.json").exists()
+
+    resumed = _run(train_py, config, killed_dir, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-6" in resumed.stderr  # resumed from the newest checkpoint
+
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    actual = load_file(killed_dir / "model.safetensors")
+    assert sorted(actual) == sorted(expected)
+    before = load_file(killed_dir / "checkpoint-6" / "model.safetensors")
+    moved = max((expected[k].double() - before[k].double()).abs().max().item() for k in expected
+                if expected[k].is_floating_point())
+    assert moved > 1e-4  # the three steps after the checkpoint changed the weights far beyond the tolerance
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    if model_type != "mivc":  # the queues wrapped around: their pointers and contents are part of the state
+        assert int(expected["image_queue.ptr"]) == (MAX_STEPS * 8) % 16
+    results = {name: json.loads((d / "eval_results.json").read_text())
+               for name, d in (("uninterrupted", tmp_path / "uninterrupted"), ("resumed", killed_dir))}
+    assert results["resumed"]["train_steps"] == results["uninterrupted"]["train_steps"] == MAX_STEPS
+    for key in ("train_items_skipped", "train_nonfinite_steps_skipped"):
+        assert results["resumed"][key] == results["uninterrupted"][key] == 0
+
+
+def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
+    import train
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CASES["tcl"]))
+    with pytest.raises(SystemExit, match="no checkpoint-N folder"):
+        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", "latest"])
+    with pytest.raises(SystemExit, match="no such checkpoint folder"):
+        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", str(tmp_path / "typo")])
