@@ -181,6 +181,9 @@ def sample_hard_negatives(
     """
     with torch.no_grad():
         weights = F.softmax(similarity.float(), dim=1).masked_fill(positive_mask, 0.0)
+        # non-finite similarities (a broken input; the trainer skips that step) fall back to uniform sampling
+        # instead of crashing multinomial
+        weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
         no_mass = weights.sum(dim=1) <= 0
         if no_mass.any():
             # underflow or all-positive rows: uniform over non-positives, else over non-self columns
