@@ -507,4 +507,4 @@ def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_p
     assert {k: v for k, v in saved.items() if "_skipped" in k} == {
         "train_images_skipped": 4, "train_images_skipped_truncated": 1, "train_images_skipped_too_large": 1,
         "train_images_skipped_empty_file": 1, "train_images_skipped_file_not_found": 1, "train_items_skipped": 1,
-        "eval_images_skipped": 1, "eval_images_skipped_corrupt": 1}
+        "eval_images_skipped": 1, "eval_images_skipped_corrupt": 1, "train_nonfinite_steps_skipped": 0}

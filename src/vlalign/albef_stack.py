@@ -12,6 +12,7 @@ next to them for `trust_remote_code` loading.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from dataclasses import dataclass
 
@@ -326,21 +327,136 @@ class ALBEFOutput(ModelOutput):
     temperature: torch.FloatTensor | None = None
 
     def loss_components(self) -> dict[str, float]:
-        """The non-None loss components as floats, keyed by component name (for logging)."""
-        return {key[len("loss_"):]: float(value.detach()) for key, value in self.items()
-                if key.startswith("loss_") and value is not None}
+        """The non-None loss components as floats, keyed by component name (for logging). One device-to-host copy
+        for all of them (a `.item()` per component would stall a GPU step once per component)."""
+        items = [(key[len("loss_"):], value) for key, value in self.items() if key.startswith("loss_") and value is not None]
+        if not items:
+            return {}
+        values = torch.stack([value.detach().float().reshape(()) for _, value in items]).tolist()
+        return {name: value for (name, _), value in zip(items, values)}
+
+
+class CheckpointMismatchError(ValueError):
+    """Checkpoint weights that do not fit the model built from the config (keys missing, unexpected or of another
+    shape): raised instead of keeping random initial weights where pretrained ones were expected."""
+
+
+class UnsafeCheckpointError(OSError):
+    """A checkpoint without safetensors weights: its pickle weights are only read with `allow_pickle=True`."""
+
+
+# keys of each kind that an error message lists before it only counts the rest
+_KEYS_SHOWN = 10
+
+_WHY_SAFETENSORS = (
+    "vlalign only loads safetensors weights by default: pickle files (.bin / .pt) are unpickled on load, and "
+    "unpickling can run code hidden in the file (torch's weights_only unpickler narrows this, but it is a filter, "
+    "not a format guarantee). If you trust the source, pass allow_pickle=True; save_pretrained() of the loaded "
+    "model then writes model.safetensors for next time."
+)
+
+
+def _key_list(label: str, keys) -> str:
+    keys = sorted(str(key) for key in keys)
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    if len(keys) > _KEYS_SHOWN:
+        shown += f", ... and {len(keys) - _KEYS_SHOWN} more ({len(keys)} in all)"
+    return f"{label} [{shown}]"
+
+
+def describe_key_problems(missing=(), unexpected=(), mismatched=()) -> str:
+    """`missing [...]; unexpected [...]; shape mismatch [...]` for the kinds that occur, long lists truncated.
+    `mismatched` holds (key, checkpoint shape, model shape) triples, as in transformers' loading report."""
+    shapes = [f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})" for key, saved, expected in mismatched]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+    return "; ".join(_key_list(label, keys) for label, keys in kinds if keys)
+
+
+def _pickle_weight_files(location: str) -> list[str]:
+    """The pickle weight files transformers would read at a local `location` because it has no safetensors
+    weights (empty when it has some, or when `location` is not local, e.g. a Hub id)."""
+    from transformers.utils import WEIGHTS_NAME
+
+    if os.path.isfile(location):  # transformers loads a weights file given by its path, whatever its format
+        return [] if location.endswith(".safetensors") else [os.path.basename(location)]
+    if not os.path.isdir(location):
+        return []
+    names = os.listdir(location)
+    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+        return []
+    stem = WEIGHTS_NAME.split(".")[0]  # pytorch_model[-00001-of-00002][.variant].bin[.index.json]
+    return sorted(name for name in names if name.startswith(stem) and name.endswith((".bin", ".bin.index.json")))
+
+
+def resolve_use_safetensors(path, allow_pickle: bool, use_safetensors: bool | None = None,
+                            subfolder: str = "") -> bool | None:
+    """The `use_safetensors` to hand to transformers: True unless pickle weights are explicitly allowed (then the
+    caller's choice; None prefers safetensors where both exist). A local checkpoint with only pickle weights is
+    refused with the reason, rather than transformers' bare "no file named model.safetensors"."""
+    if allow_pickle:
+        return use_safetensors
+    if use_safetensors is False:
+        raise UnsafeCheckpointError("use_safetensors=False asks for pickle weights. " + _WHY_SAFETENSORS)
+    location = os.path.join(str(path), subfolder) if subfolder else str(path)
+    pickles = _pickle_weight_files(location) if path is not None else []
+    if pickles:
+        raise UnsafeCheckpointError(f"{str(path)!r} holds pickle weights only ({', '.join(pickles)}), no "
+                                    f"safetensors file. {_WHY_SAFETENSORS}")
+    return True
+
+
+def load_safely(load, path, *args, allow_pickle: bool = False, **kwargs):
+    """`load(path, *args, **kwargs)` (a `from_pretrained`) reading safetensors weights only, unless
+    `allow_pickle`."""
+    use_safetensors = resolve_use_safetensors(path, allow_pickle, kwargs.pop("use_safetensors", None),
+                                              kwargs.get("subfolder", ""))
+    try:
+        return load(path, *args, use_safetensors=use_safetensors, **kwargs)
+    except OSError as error:
+        # e.g. a Hub repo without safetensors: transformers' message says neither why nor what to do
+        if use_safetensors and "safetensors" in str(error) and not isinstance(error, UnsafeCheckpointError):
+            raise UnsafeCheckpointError(f"found no safetensors weights for {str(path)!r} ({error}). "
+                                        f"{_WHY_SAFETENSORS}") from error
+        raise
 
 
 class KeepsTrainableFlagsOnLoad:
-    """Mixin for models that freeze parameters in `__init__` (EMA teachers, freeze flags): transformers' loader
-    replaces every parameter with a new, trainable one, so `from_pretrained` calls the model's `_set_trainable()`
-    again on the loaded model."""
+    """`from_pretrained` of our models (the ALBEF models and MIVC), stricter than transformers':
+
+    * strict (`strict=True`, the default): weights missing from the checkpoint, unexpected ones and ones of another
+      shape raise `CheckpointMismatchError` listing the keys, instead of a warning and random initialisation. Keys
+      that transformers does not save (tied weights, non-persistent buffers, `_keys_to_ignore_on_load_missing`)
+      are not in its loading report, so a save / load round trip loads cleanly. `strict=False` keeps transformers'
+      behaviour (which still raises on shape mismatches unless `ignore_mismatched_sizes=True`).
+    * safe: only safetensors weights are read; a checkpoint with pickle weights only raises
+      `UnsafeCheckpointError` unless `allow_pickle=True`.
+    * trainable flags: transformers' loader replaces every parameter with a new, trainable one, so the model's
+      `_set_trainable()` (EMA teachers, freeze flags) runs again on the loaded model.
+    """
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._set_trainable()  # a tuple with output_loading_info
-        return loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True,
+                        allow_pickle: bool = False, **kwargs):
+        wants_info = kwargs.pop("output_loading_info", False)
+        shapes_may_differ = kwargs.get("ignore_mismatched_sizes", False)
+        if strict:
+            # report every shape mismatch with the other problems instead of transformers raising on its own
+            kwargs["ignore_mismatched_sizes"] = True
+        model, info = load_safely(super().from_pretrained, pretrained_model_name_or_path, *model_args,
+                                  allow_pickle=allow_pickle, output_loading_info=True, **kwargs)
+        if strict:
+            mismatched = () if shapes_may_differ else info["mismatched_keys"]
+            problems = describe_key_problems(info["missing_keys"], info["unexpected_keys"], mismatched)
+            if problems:
+                raise CheckpointMismatchError(
+                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the weights do not "
+                    f"match the model built from the config, so some would stay randomly initialised or be dropped: "
+                    f"{problems}. Check that the config (and any override passed here) fits these weights; to load "
+                    f"anyway as transformers does (warn, initialise the rest), pass strict=False (plus "
+                    f"ignore_mismatched_sizes=True for shape mismatches)."
+                )
+        model._set_trainable()
+        return (model, info) if wants_info else model
 
 
 class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
@@ -419,6 +535,17 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             for teacher in self._momentum_pairs()[1]:
                 teacher.requires_grad_(False)
 
+    ENCODER_NAMES = ("vision_model", "text_model", "fusion_model",
+                     "momentum_vision_model", "momentum_text_model", "momentum_fusion_model")
+
+    def compile_encoders(self, **compile_kwargs) -> list[str]:
+        """`torch.compile` the transformer towers (students and momentum teachers), in place: parameter names,
+        checkpoints and the EMA pairing are unchanged. The losses, queues and EMA stay eager: they are cheap and hold
+        data-dependent steps that would break a whole-model graph into many pieces. Returns the compiled names."""
+        names = [name for name in self.ENCODER_NAMES if getattr(self, name, None) is not None]
+        for name in names:
+            getattr(self, name).compile(**compile_kwargs)
+        return names
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None:
@@ -873,8 +1000,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
-                                    **config_overrides) -> "ALBEFModel":
+    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str, *,
+                                    allow_pickle: bool = False, **config_overrides) -> "ALBEFModel":
         """Build a model whose towers start from pretrained checkpoints.
 
         The vision encoder loads from ``vision_model_name_or_path``; the text checkpoint (a BERT-like encoder,
@@ -882,7 +1009,13 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         become the text encoder, the remaining layers the self-attention/feed-forward of the fusion layers (their
         cross-attention starts new), and its MLM head (if present) the MLM head. Teachers start as copies.
         ``config_overrides`` are fields of the model's config (e.g. ``num_fusion_layers=6, queue_size=4096``).
+
+        Only safetensors weights are read unless ``allow_pickle=True``. A checkpoint whose weights do not fit its
+        own config (keys missing, unexpected or of another shape) raises `CheckpointMismatchError` instead of
+        leaving random weights in a tower.
         """
+        for path in (vision_model_name_or_path, text_model_name_or_path):
+            resolve_use_safetensors(path, allow_pickle)  # refuse pickle-only folders before building the model
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         vision_config = getattr(vision_config, "vision_config", vision_config)  # e.g. a full CLIP checkpoint
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
@@ -891,13 +1024,11 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         model = cls(config)
 
         # load with our tower's own class: e.g. CLIPVisionModel takes the vision half of a full CLIP checkpoint
-        vision = type(model.vision_model).from_pretrained(vision_model_name_or_path, use_safetensors=True)
+        vision = load_pretrained_part(type(model.vision_model), vision_model_name_or_path, "vision tower",
+                                      allow_pickle)
         _load_matching(model.vision_model, vision.state_dict(), "vision tower")
 
-        try:
-            text = AutoModelForMaskedLM.from_pretrained(text_model_name_or_path, use_safetensors=True)
-        except (ValueError, OSError):
-            text = AutoModel.from_pretrained(text_model_name_or_path, use_safetensors=True)
+        text = _load_text_checkpoint(text_model_name_or_path, allow_pickle)
         base = getattr(text, text.base_model_prefix, text)
         text_state = base.state_dict()
         n_text = config.num_text_layers
@@ -937,8 +1068,49 @@ def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tup
     missing = [k for k in own if k not in state and not any(marker in k for marker in allow_missing)
                and not k.endswith(("position_ids", "token_type_ids"))]
     if shape_mismatch or unexpected or missing:
-        raise ValueError(
-            f"pretrained weights do not match the {what}: missing {missing[:20]}, unexpected {unexpected[:20]}, "
-            f"shape mismatch {[(k, tuple(own[k].shape), tuple(state[k].shape)) for k in shape_mismatch][:20]}"
-        )
+        mismatched = [(k, state[k].shape, own[k].shape) for k in shape_mismatch]
+        raise CheckpointMismatchError(f"pretrained weights do not match the {what}: "
+                                      f"{describe_key_problems(missing, unexpected, mismatched)}")
     module.load_state_dict(state, strict=False)
+
+
+def load_pretrained_part(loader, path: str, what: str, allow_pickle: bool = False):
+    """`loader.from_pretrained(path)` for one part of a bigger model (a tower, the LM, the Q-Former): safetensors
+    only unless `allow_pickle`, and `CheckpointMismatchError` when the checkpoint does not fit its own config."""
+    part, info = _load_with_report(loader, path, allow_pickle)
+    _check_part_loading(part, info, path, what)
+    return part
+
+
+def _load_with_report(loader, path: str, allow_pickle: bool):
+    # shape mismatches go into the report (and our error) rather than raising one by one inside transformers
+    return load_safely(loader.from_pretrained, path, allow_pickle=allow_pickle, output_loading_info=True,
+                       ignore_mismatched_sizes=True)
+
+
+def _check_part_loading(part: nn.Module, info: dict, path: str, what: str) -> None:
+    """Raise on the loading report's problems that matter for a part. Unexpected keys outside the part's own
+    top-level modules are the rest of a bigger checkpoint (the text half of CLIP) and are fine; poolers are never
+    used."""
+    own_modules = {key.split(".", 1)[0] for key in part.state_dict()}
+    unexpected = [k for k in info["unexpected_keys"] if k.split(".", 1)[0] in own_modules]
+    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+    problems = describe_key_problems(missing, unexpected, info["mismatched_keys"])
+    if problems:
+        raise CheckpointMismatchError(f"the {what} checkpoint {path!r} does not match its own config: {problems}")
+
+
+def _load_text_checkpoint(path: str, allow_pickle: bool) -> nn.Module:
+    """The text checkpoint with its masked-LM head when it has one, else the bare encoder (the MLM head then
+    starts new instead of taking a randomly initialised head from transformers)."""
+    try:
+        text, info = _load_with_report(AutoModelForMaskedLM, path, allow_pickle)
+    except UnsafeCheckpointError:
+        raise
+    except (ValueError, OSError):  # no masked-LM class for this model type
+        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
+    base_prefix = f"{text.base_model_prefix}."
+    if any(not key.startswith(base_prefix) for key in info["missing_keys"]):  # an encoder saved without its head
+        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
+    _check_part_loading(text, info, path, "text encoder")
+    return text

@@ -3,8 +3,15 @@ EMA teachers and queues, ITM and MLM. Each model's config subclasses `ALBEFStack
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+logger = logging.getLogger(__name__)
 
 # Fields a text config must have for us to build BERT-style fusion layers (self-attn + cross-attn + FFN) from it.
 BERT_LIKE_FIELDS = (
@@ -20,8 +27,60 @@ BERT_LIKE_FIELDS = (
 )
 
 
+# Keys that transformers sets on configs besides `PreTrainedConfig`'s fields: `auto_map` (saving custom code) and
+# `custom_pipelines` (saving a custom pipeline).
+_TRANSFORMERS_EXTRA_KEYS = frozenset({"auto_map", "custom_pipelines"})
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (bools excluded): YAML reads `1e-3` as a string, which must not pass as a number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@functools.cache
+def _standard_config_keys() -> frozenset:
+    """Keys any transformers config may carry: what a default `PreTrainedConfig` serialises (architectures,
+    model_type, dtype, transformers_version, id2label, ...) and the class's own attributes and properties
+    (num_labels, name_or_path, ...)."""
+    return frozenset(PreTrainedConfig().to_dict()) | frozenset(dir(PreTrainedConfig)) | _TRANSFORMERS_EXTRA_KEYS
+
+
+def warn_unknown_fields(config: PreTrainedConfig, extra_kwargs: dict) -> None:
+    """Warn about constructor keywords (or config.json keys) that are neither fields of `config` nor standard
+    transformers keys: a typo such as `queue_sise` would otherwise become an attribute nothing reads. Called after
+    `PreTrainedConfig.__post_init__`, which consumes some keys itself (`torch_dtype`, generation parameters, ...):
+    only the ones it stored as attributes are looked at."""
+    fields = {field.name for field in dataclasses.fields(config)}
+    unknown = sorted(key for key in extra_kwargs
+                     if key in vars(config) and key not in fields and key not in _standard_config_keys())
+    if unknown:
+        logger.warning("%s: unknown field(s) %s: neither fields of %s nor standard transformers keys, so nothing "
+                       "reads them (a typo?)", type(config).__name__, ", ".join(repr(key) for key in unknown),
+                       type(config).__name__)
+
+
+def check_field_types(config: PreTrainedConfig, bool_fields=(), number_fields=()) -> None:
+    """`config.fail` on the first flag that is not a bool or value that is not a finite number (checked before
+    the range checks, which would otherwise raise a TypeError that names no field)."""
+    for field in bool_fields:
+        if not isinstance(getattr(config, field), bool):
+            config.fail(field, f"must be True or False, got {getattr(config, field)!r}")
+    for field in number_fields:
+        if not _is_number(getattr(config, field)):
+            config.fail(field, f"must be a finite number, got {getattr(config, field)!r}")
+
+
+def check_positive_int_attributes(config: PreTrainedConfig, field: str, sub_config, attributes, what: str) -> None:
+    """`config.fail(field)` unless each of `attributes` of the sub-config `sub_config` is a positive integer."""
+    for attribute in attributes:
+        value = getattr(sub_config, attribute, None)
+        if not _is_int(value) or value <= 0:
+            config.fail(field, f"{what} must define `{attribute}` as a positive integer (got {value!r}, model_type "
+                               f"{getattr(sub_config, 'model_type', None)!r})")
 
 
 class ALBEFStackConfig(PreTrainedConfig):
@@ -64,6 +123,10 @@ class ALBEFStackConfig(PreTrainedConfig):
     }
     # non-negative loss weights of this model (subclasses extend)
     loss_weight_fields = ("cma_weight", "imc_weight", "itm_weight", "mlm_weight")
+    # flags and real-valued fields, type-checked before any range check (subclasses extend)
+    bool_fields = ("learnable_temperature", "use_momentum", "itm_hard_negatives")
+    number_fields = ("temperature", "temperature_min", "temperature_max", "momentum", "alpha", "mlm_probability",
+                     "initializer_range")
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
@@ -90,6 +153,7 @@ class ALBEFStackConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        warn_unknown_fields(self, kwargs)
         self.validate_fields()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -119,13 +183,9 @@ class ALBEFStackConfig(PreTrainedConfig):
         """Raise `ValueError` naming the first invalid field (subclasses call this, then check their own)."""
         fail = self.fail
         vision, text = self.vision_config, self.text_config
-        for field in ("image_size", "patch_size", "hidden_size"):
-            if not _is_int(getattr(vision, field, None)):
-                fail(
-                    "vision_config",
-                    f"the vision encoder must output patch tokens and define `{field}` (got model_type "
-                    f"{getattr(vision, 'model_type', None)!r})",
-                )
+        check_field_types(self, self.bool_fields, self.number_fields + self.loss_weight_fields)
+        check_positive_int_attributes(self, "vision_config", vision, ("image_size", "patch_size", "hidden_size"),
+                                      "the vision encoder must output patch tokens and")
         if vision.image_size % vision.patch_size != 0:
             fail("vision_config", f"image_size {vision.image_size} is not divisible by patch_size {vision.patch_size}")
         missing = [f for f in BERT_LIKE_FIELDS if getattr(text, f, None) is None]
@@ -135,6 +195,8 @@ class ALBEFStackConfig(PreTrainedConfig):
                 f"a BERT-like text encoder config is required (model_type {getattr(text, 'model_type', None)!r} "
                 f"lacks {missing})",
             )
+        check_positive_int_attributes(self, "text_config", text, ("hidden_size", "num_hidden_layers", "vocab_size"),
+                                      "the text encoder")
         if getattr(text, "is_decoder", False):
             fail("text_config", "the text encoder must be bidirectional (is_decoder=True is not supported)")
 
@@ -156,6 +218,8 @@ class ALBEFStackConfig(PreTrainedConfig):
             fail("embed_dim", f"must be a positive integer, got {self.embed_dim!r}")
         if not self.temperature_min > 0:
             fail("temperature_min", f"must be > 0, got {self.temperature_min}")
+        if not self.temperature_max >= self.temperature_min:
+            fail("temperature_max", f"{self.temperature_max} is below temperature_min {self.temperature_min}")
         if not self.temperature > 0:
             fail("temperature", f"must be > 0, got {self.temperature}")
         if not self.temperature_min <= self.temperature <= self.temperature_max:
@@ -175,8 +239,10 @@ class ALBEFStackConfig(PreTrainedConfig):
                  f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
         if self.train_batch_size is not None and (not _is_int(self.train_batch_size) or self.train_batch_size <= 0):
             fail("train_batch_size", f"must be a positive integer, got {self.train_batch_size!r}")
+        if not _is_int(self.queue_size) or self.queue_size < 0:
+            fail("queue_size", f"must be an integer >= 0, got {self.queue_size!r}")
         if self.uses_queue:
-            if not _is_int(self.queue_size) or self.queue_size <= 0:
+            if self.queue_size == 0:
                 fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
             if self.train_batch_size is not None and self.queue_size % self.train_batch_size != 0:
                 fail(
@@ -190,9 +256,13 @@ class ALBEFStackConfig(PreTrainedConfig):
             fail("cma_weight", "at least one loss weight must be > 0")
         if not 0.0 < self.mlm_probability < 1.0:
             fail("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
+        if self.mask_token_id is not None and not (_is_int(self.mask_token_id) and self.mask_token_id >= 0):
+            fail("mask_token_id", f"must be None or a token id (an integer >= 0), got {self.mask_token_id!r}")
         if self.mlm_weight > 0 and not (_is_int(self.mask_token_id) and 0 <= self.mask_token_id < text.vocab_size):
             fail("mask_token_id",
                  f"{self.mask_token_id!r} is not a token id of the text vocabulary ({text.vocab_size})")
+        if not self.initializer_range > 0:
+            fail("initializer_range", f"must be > 0 (the std of the normal init), got {self.initializer_range}")
 
 
 __all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS"]

@@ -36,6 +36,7 @@ class CODISConfig(ALBEFStackConfig):
 
     model_type = "codis"
     loss_weight_fields = ALBEFStackConfig.loss_weight_fields + ("code_weight", "ot_weight")
+    number_fields = ALBEFStackConfig.number_fields + ("code_temperature", "ipot_beta", "sinkhorn_epsilon")
 
     codebook_size: int = 4000
     codebook_dim: int | None = None

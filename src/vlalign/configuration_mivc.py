@@ -5,11 +5,9 @@ from __future__ import annotations
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_albef import _is_int, check_field_types, check_positive_int_attributes, warn_unknown_fields
+
 POOLING_MODES = ("mean", "max", "attention", "gated_attention", "concatenate")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class MIVCConfig(PreTrainedConfig):
@@ -42,6 +40,8 @@ class MIVCConfig(PreTrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "qformer_config": SubConfigSpec(config_class=Blip2QFormerConfig, optional=True),
     }
+    bool_fields = ("freeze_vision_model", "freeze_qformer", "freeze_language_model")
+    number_fields = ("initializer_range",)
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
@@ -63,6 +63,7 @@ class MIVCConfig(PreTrainedConfig):
         if self.qformer_config is not None:
             # the Q-Former cross-attends to the vision tokens
             self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        warn_unknown_fields(self, kwargs)
         self.validate_fields()
 
     def fail(self, field: str, message: str):
@@ -91,14 +92,17 @@ class MIVCConfig(PreTrainedConfig):
         """Raise `ValueError` naming the first invalid field."""
         fail = self.fail
         vision, text = self.vision_config, self.text_config
-        for field in ("hidden_size", "image_size", "patch_size"):
-            if not _is_int(getattr(vision, field, None)):
-                fail("vision_config", f"the vision encoder must define `{field}` (model_type "
-                                      f"{getattr(vision, 'model_type', None)!r})")
-        for field in ("hidden_size", "vocab_size"):
-            if not _is_int(getattr(text, field, None)):
-                fail("text_config", f"the language model must define `{field}` (model_type "
-                                    f"{getattr(text, 'model_type', None)!r})")
+        check_field_types(self, self.bool_fields, self.number_fields)
+        check_positive_int_attributes(self, "vision_config", vision, ("hidden_size", "image_size", "patch_size"),
+                                      "the vision encoder")
+        check_positive_int_attributes(self, "text_config", text, ("hidden_size", "vocab_size"), "the language model")
+        if self.qformer_config is not None:
+            qformer = self.qformer_config
+            check_positive_int_attributes(self, "qformer_config", qformer, ("hidden_size", "num_attention_heads"),
+                                          "the Q-Former")
+            if qformer.hidden_size % qformer.num_attention_heads != 0:
+                fail("qformer_config", f"hidden_size {qformer.hidden_size} is not divisible by num_attention_heads "
+                                       f"{qformer.num_attention_heads}")
         if self.pooling_mode not in POOLING_MODES:
             fail("pooling_mode", f"unknown mode {self.pooling_mode!r}: use one of {POOLING_MODES}")
         if self.pooling_granularity not in ("token", "image"):
@@ -117,6 +121,8 @@ class MIVCConfig(PreTrainedConfig):
             fail("image_token_id", f"{self.image_token_id!r} is not a token id of the LM vocabulary ({text.vocab_size})")
         if self.qformer_config is None and self.freeze_qformer:
             fail("freeze_qformer", "there is no Q-Former to freeze (qformer_config is None)")
+        if not self.initializer_range > 0:
+            fail("initializer_range", f"must be > 0 (the std of the normal init), got {self.initializer_range}")
 
 
 __all__ = ["MIVCConfig", "POOLING_MODES"]

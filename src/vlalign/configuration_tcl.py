@@ -40,6 +40,9 @@ class TCLConfig(ALBEFStackConfig):
     model_type = "tcl"
     loss_weight_fields = ALBEFStackConfig.loss_weight_fields + (
         "lmi_weight", "feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight")
+    bool_fields = ALBEFStackConfig.bool_fields + (
+        "sample_u", "use_feature_separation", "use_brownian_bridge", "use_geometric_consistency")
+    number_fields = ALBEFStackConfig.number_fields + ("running_z_momentum", "brownian_bridge_t")
 
     lmi_weight: float = 1.0
     lmi_image_grid: int = 4
@@ -79,9 +82,9 @@ class TCLConfig(ALBEFStackConfig):
         if decomposable and self.use_momentum:
             fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
                  "configuration: set use_momentum=False (momentum distillation has soft targets)")
-        if decomposable and self.z_estimate == "running" and (
-            not _is_int(self.num_train_samples) or self.num_train_samples <= 0
-        ):
+        if self.num_train_samples is not None and (not _is_int(self.num_train_samples) or self.num_train_samples <= 0):
+            fail("num_train_samples", f"must be None or a positive integer, got {self.num_train_samples!r}")
+        if decomposable and self.z_estimate == "running" and self.num_train_samples is None:
             fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
         if not 0.0 <= self.running_z_momentum < 1.0:
             fail("running_z_momentum", f"must be in [0, 1), got {self.running_z_momentum}")

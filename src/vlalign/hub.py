@@ -13,6 +13,10 @@ Design decisions
   usually ``datasets`` builders such as ``"imagefolder"`` or our built-in ``"digits"``); ``base_model`` takes
   any valid repo id (legacy ``bert-base-uncased`` style included) that is not a local path. Everything else
   appears in the card body only.
+* PyYAML writes NEL (U+0085) raw inside a single-quoted scalar, which reads back as a space, so the front matter
+  is written by a dumper that double-quotes (and so escapes) any string holding a Unicode line separator.
+* Values that a template puts at the start of a line are also escaped against opening a list, a thematic break
+  (``---``) or a setext heading.
 * Tokens are passed straight to ``HfApi`` and never logged, printed or written.
 """
 
@@ -27,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -45,20 +50,65 @@ GENERATION_TASK = ("image-text-to-text", "Image-Text-to-Text")
 # markup, HTML, table cells, headings, math or entities in the places the template puts values.
 _MD_SPECIAL = set("\\`*_[]<>|#~&$")
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x85\x0b\x0c]+")
+# Text that, at the start of a line, opens a bullet ("- x", "+ x"), is a thematic break or setext underline ("---",
+# "- - -", "==="), or opens an ordered list ("1. x", "2) x"). Numbers such as "-0.5" or "0.5" are left alone.
+_BULLET_OR_RULE = re.compile(r"^(?:[-+](?:[ \t]|$)|=+$|(?:-[ \t]*)+$)")
+_ORDERED_ITEM = re.compile(r"^(\d{1,9})([.)])(?=[ \t]|$)")
+# Characters PyYAML reads as line breaks besides \n and \r; it writes them raw unless the string is double-quoted.
+_YAML_LINE_SEPARATORS = ("\x85", "\u2028", "\u2029")
 
 
 def _md(value: Any) -> str:
-    """Escape a value for inline Markdown: one line, no markup, safe inside a table cell."""
+    """Escape a value for inline Markdown: one line, no markup, safe inside a table cell or at a line start."""
     text = _LINE_BREAKS.sub(" ", str(value))
     # Other control characters (NUL, ESC, ...) have no business in a card and can confuse renderers.
     text = "".join(" " if unicodedata.category(c) == "Cc" and c != "\t" else c for c in text)
-    return "".join("\\" + c if c in _MD_SPECIAL else c for c in text).strip()
+    text = "".join("\\" + c if c in _MD_SPECIAL else c for c in text).strip()
+    # CommonMark allows a backslash before any ASCII punctuation: "\- x", "1\. x" are plain text
+    if _BULLET_OR_RULE.match(text):
+        return "\\" + text
+    return _ORDERED_ITEM.sub(r"\1\\\2", text)
+
+
+class _LineSafeYamlDumper(yaml.Dumper):
+    """`yaml.Dumper` (what huggingface_hub uses) that double-quotes strings holding a Unicode line separator."""
+
+    def choose_scalar_style(self):
+        value = getattr(self.event, "value", None)
+        if isinstance(value, str) and any(c in value for c in _YAML_LINE_SEPARATORS):
+            return '"'
+        return super().choose_scalar_style()
+
+
+class _CardData(ModelCardData):
+    """`ModelCardData` whose front matter reads back exactly (see `_LineSafeYamlDumper`)."""
+
+    def to_yaml(self, line_break=None, original_order: list[str] | None = None) -> str:
+        if original_order:  # keep a loaded card's key order, as ModelCardData.to_yaml does
+            keys = dict.fromkeys([*original_order, *self.__dict__])
+            self.__dict__ = {key: self.__dict__[key] for key in keys if key in self.__dict__}
+        return yaml.dump(self.to_dict(), Dumper=_LineSafeYamlDumper, sort_keys=False, allow_unicode=True,
+                         line_break=line_break).strip()
+
+
+class _ModelCard(ModelCard):
+    card_data_class = _CardData
 
 
 def _py_literal(value: str) -> str:
-    """A Python string literal for code blocks. JSON string escapes are a subset of Python's; the result
-    has no newline and no backtick (written as \\x60), so it cannot close the surrounding fenced block."""
-    return json.dumps(str(value), ensure_ascii=True).replace("`", "\\x60")
+    """A double-quoted Python string literal for code blocks, printable ASCII only: JSON's escapes (quotes,
+    backslash, control characters) are valid Python, and every other character is written as a Python escape
+    (JSON's own `ensure_ascii` would write characters beyond U+FFFF as surrogate pairs, which Python reads as two
+    characters). No newline and no backtick (\\x60), so the literal cannot close the surrounding fenced block."""
+    text = json.dumps(str(value), ensure_ascii=False)
+    return "".join(c if " " <= c <= "~" and c != "`" else _py_escape(c) for c in text)
+
+
+def _py_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _valid_repo_id(name: Any) -> bool:
@@ -77,8 +127,9 @@ def is_hub_id(name: Any) -> bool:
 
 
 def _is_hub_model_id(name: Any) -> bool:
-    """A repo id that is not a local path (for `base_model`)."""
-    return isinstance(name, str) and not Path(name).exists() and _valid_repo_id(name)
+    """A repo id that is not a local path (for `base_model`). The id check comes first: it rejects the names that
+    `Path.exists` cannot even look up (too long, NUL bytes)."""
+    return _valid_repo_id(name) and not Path(name).exists()
 
 
 def _slug(name: str) -> str:
@@ -155,6 +206,7 @@ def build_model_card(
     hyperparameters: Mapping[str, Any],
     eval_results: Mapping[str, Any],
     license: str = "apache-2.0",
+    language: str | list[str] | None = None,
     tags: list[str] | None = None,
     pipeline_tag: str | None = "zero-shot-image-classification",
     extra: Mapping[str, Any] | None = None,
@@ -180,7 +232,8 @@ def build_model_card(
             values in percent. Recall and accuracy keys become ``EvalResult`` entries (``metric_type`` = the
             key, so they read back unchanged) and rows of the evaluation table; other numbers (counts,
             runtimes, losses) are only listed in the body; NaN values are shown as "n/a" and not exported.
-        license, tags, pipeline_tag: metadata. Tags always include ``vlalign``, ``vision-language``,
+        license, language, tags, pipeline_tag: metadata (``language``: ISO code(s) of the text the model reads,
+            left out when None). Tags always include ``vlalign``, ``vision-language``,
             ``contrastive-learning`` and ``model_type_name.lower()``.
         extra: further ``{name: value}`` facts for an "Additional information" section (body only).
         eval_split: dataset split of the evaluation results (metadata and table heading).
@@ -240,9 +293,10 @@ def build_model_card(
     base_models = [base_model] if isinstance(base_model, str) else list(base_model or [])
     hub_base = [m for m in base_models if _is_hub_model_id(m)]
     all_tags = [*DEFAULT_TAGS, model_type_name.lower(), *(tags or [])]
-    card_data = ModelCardData(
+    card_data = _CardData(
         library_name="transformers",
         license=license,
+        language=language,
         tags=all_tags,
         datasets=[dataset_name] if is_hub_id(dataset_name) else None,
         metrics=sorted(set(metric_ids)) or None,
@@ -271,6 +325,7 @@ def build_model_card(
         "other_results": other_rows,
         "extra": [(_md(k), _format_hparam(v)) for k, v in (extra or {}).items()],
         "license": _md(license),
+        "language": [_md(code) for code in ([language] if isinstance(language, str) else language or [])],
         "tags": [_md(t) for t in all_tags],
         "datasets": [_md(dataset_name)],
         "base_model": ", ".join(_md(m) for m in base_models) or None,
@@ -287,7 +342,7 @@ def build_model_card(
     template_str = Path(template_path).read_text(encoding="utf-8")
     if not template_str.lstrip().startswith("---"):
         raise ValueError(f"{template_path}: a model card template must start with the '---' YAML front matter")
-    return ModelCard.from_template(card_data, template_str=template_str, **template_vars)
+    return _ModelCard.from_template(card_data, template_str=template_str, **template_vars)
 
 
 def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:

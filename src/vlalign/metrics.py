@@ -53,6 +53,18 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _similarity_buffer(n_queries: int, candidates: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The one ``min(chunk_size, N_q) x N_c`` similarity buffer that every query chunk is written into. Reusing it
+    keeps the peak memory fixed and is faster on CPU than a fresh allocation per chunk, whose pages the kernel has
+    to map and zero again each time (about 0.1 s per 400 MB chunk on the development machine)."""
+    return torch.empty((min(chunk_size, n_queries), candidates.shape[0]), dtype=dtype, device=candidates.device)
+
+
+def _chunk_similarities(query_chunk: torch.Tensor, candidates: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``query_chunk @ candidates.T`` written into the leading rows of `buffer` (overwritten by the next chunk)."""
+    return torch.matmul(query_chunk.to(buffer.dtype), candidates.T, out=buffer[: query_chunk.shape[0]])
+
+
 @torch.no_grad()
 def chunked_similarity_topk(
     queries: torch.Tensor,
@@ -90,13 +102,11 @@ def chunked_similarity_topk(
     indices = torch.empty((n_q, k), dtype=torch.long, device=queries.device)
     if k == 0:  # no candidates at all
         return values, indices
+    buffer = _similarity_buffer(n_q, cand, chunk_size, dtype)  # the only O(chunk x N_c) memory
     for start in range(0, n_q, chunk_size):
         stop = min(start + chunk_size, n_q)
-        sims = queries[start:stop].to(dtype) @ cand.T  # the only O(chunk x N_c) buffer
-        v, i = sims.topk(k, dim=1, largest=True, sorted=True)
-        values[start:stop] = v
-        indices[start:stop] = i
-        del sims
+        sims = _chunk_similarities(queries[start:stop], cand, buffer)
+        torch.topk(sims, k, dim=1, largest=True, sorted=True, out=(values[start:stop], indices[start:stop]))
     return values, indices
 
 
@@ -170,15 +180,15 @@ def _direction_hits(
     r = min(rerank_k, n_c) if rerank_fn is not None else 0
     dtype = _compute_dtype(queries, candidates)
     cand = candidates.to(dtype)
+    buffer = _similarity_buffer(n_q, cand, chunk_size, dtype)
     for start in range(0, n_q, chunk_size):
         stop = min(start + chunk_size, n_q)
         chunk_valid = valid[start:stop]
         if not bool(chunk_valid.any()):
             continue
         # Same computation as chunked_similarity_topk, inlined so the re-ranking can work per chunk.
-        sims = queries[start:stop].to(dtype) @ cand.T
+        sims = _chunk_similarities(queries[start:stop], cand, buffer)
         top = sims.topk(depth, dim=1, largest=True, sorted=True).indices
-        del sims
         # Drop queries without a positive before re-ranking: the ITM re-ranker is the expensive part.
         q_idx = torch.arange(start, stop, device=device)[chunk_valid]
         top = top[chunk_valid]

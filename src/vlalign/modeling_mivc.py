@@ -16,7 +16,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .albef_stack import KeepsTrainableFlagsOnLoad, _load_matching, build_vision_encoder
+from .albef_stack import (
+    KeepsTrainableFlagsOnLoad,
+    _load_matching,
+    build_vision_encoder,
+    load_pretrained_part,
+    resolve_use_safetensors,
+)
 from .configuration_mivc import MIVCConfig
 from .mivc_pooling import MIVCPooling
 
@@ -241,14 +247,22 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         return inputs
 
     @classmethod
-    def from_pretrained_components(cls, vision_path: str, llm_path: str, qformer_path: str | None = None,
-                                   **config_overrides):
+    def from_pretrained_components(cls, vision_path: str, llm_path: str, qformer_path: str | None = None, *,
+                                   allow_pickle: bool = False, **config_overrides):
         """Build from pretrained parts: any vision encoder checkpoint (the vision half of a CLIP checkpoint works),
         any causal LM, optionally a Q-Former (a `Blip2QFormerModel` folder, or the `qformer` of a BLIP-2
         checkpoint). The pooling, projector and (without a Q-Former checkpoint) the queries start new.
         ``config_overrides`` are MIVCConfig fields (e.g. ``pooling_mode="gated_attention"``, ``image_token_id``).
+
+        Only safetensors weights are read unless ``allow_pickle=True``. A part whose checkpoint does not fit its own
+        config (keys missing, unexpected or of another shape) raises `CheckpointMismatchError` instead of leaving
+        random weights behind.
         """
         from transformers import AutoConfig
+
+        for path in (vision_path, llm_path, qformer_path):
+            if path is not None:
+                resolve_use_safetensors(path, allow_pickle)  # refuse pickle-only folders before building the model
 
         vision_config = AutoConfig.from_pretrained(vision_path)
         vision_config = getattr(vision_config, "vision_config", vision_config)
@@ -266,14 +280,7 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         if qformer_path is not None:
             parts.append((model.qformer, Blip2QFormerModel, qformer_path, "Q-Former"))
         for module, loader, path, what in parts:
-            pretrained, info = loader.from_pretrained(path, use_safetensors=True, output_loading_info=True)
-            # a checkpoint that does not match its own config would otherwise leave random weights behind
-            problems = {k: [key for key in info.get(k, ()) if not str(key).startswith("pooler.")]
-                        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-            if any(problems.values()):
-                raise ValueError(f"the {what} checkpoint {path!r} does not match its config: "
-                                 f"missing {problems['missing_keys'][:20]}, unexpected "
-                                 f"{problems['unexpected_keys'][:20]}, shape mismatch {problems['mismatched_keys'][:20]}")
+            pretrained = load_pretrained_part(loader, path, what, allow_pickle)
             _load_matching(module, pretrained.state_dict(), what)
         model.apply_freeze_flags()
         return model
