@@ -13,7 +13,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .albef_stack import ALBEFModel, ALBEFOutput
+from .albef_stack import ALBEFModel, ALBEFOutput, CheckpointMismatchError, UnsafeCheckpointError
 from .configuration_albef import ALBEFStackConfig
 from .configuration_codis import CODISConfig
 from .configuration_mivc import MIVCConfig
@@ -46,6 +46,7 @@ __all__ = [
     "ALBEFModel",
     "ALBEFOutput",
     "ALBEFStackConfig",
+    "CheckpointMismatchError",
     "CODISCodes",
     "CODISConfig",
     "CODISModel",
@@ -59,6 +60,7 @@ __all__ = [
     "TCLConfig",
     "TCLModel",
     "TCLOutput",
+    "UnsafeCheckpointError",
     "VLAlignProcessor",
     "__version__",
 ]
