@@ -89,6 +89,17 @@ def step_fn(model, batch, optimizer, bf16: bool, device: torch.device):
     return step
 
 
+def dense_bf16_peak_tflops(device: torch.device) -> float | None:
+    """Dense (no sparsity) bf16 tensor-core peak of known GPUs, from the vendors' data sheets; None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0)):  # first match
+        if key in name:
+            return tflops
+    return None
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,6 +115,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time full TCL with compiled towers")
     parser.add_argument("--compile_warmup", type=int, default=8, help="warm-up steps of the compiled model")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's dense peak TFLOP/s at the run's precision, for MFU (default: known GPUs "
+                             "in bf16: H100 / H200 SXM 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
     p = PRESETS[args.preset]
@@ -135,15 +149,20 @@ def main() -> None:
     table = {}
     for kind in kinds:
         median = statistics.median(runs[kind]["times"])
-        table[kind] = {"step_seconds": median, "flops": runs[kind]["flops"], "flops_per_second": runs[kind]["flops"] / median}
+        table[kind] = {"step_seconds": median, "flops": runs[kind]["flops"], "flops_per_second": runs[kind]["flops"] / median,
+                       "samples_per_second": args.batch / median}
+    peak = args.peak_tflops or (dense_bf16_peak_tflops(device) if args.bf16 else None)
     overhead = table["tcl_contrastive"]["step_seconds"] / table["dual_encoder"]["step_seconds"]
     efficiency = table["tcl_full"]["flops_per_second"] / table["dual_encoder"]["flops_per_second"]
     print(f"preset {args.preset}, batch {args.batch}, device {device}, bf16 {args.bf16}, median of {args.steps} steps")
-    print("| configuration | step s | GFLOP / step | achieved GFLOP/s |")
-    print("|---|---|---|---|")
+    print("| configuration | step s | samples/s | GFLOP / step | achieved GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
     for kind in kinds:
         row = table[kind]
-        print(f"| {kind} | {row['step_seconds']:.3f} | {row['flops'] / 1e9:.1f} | {row['flops_per_second'] / 1e9:.1f} |")
+        row["mfu"] = row["flops_per_second"] / (peak * 1e12) if peak else None
+        mfu = f"{100 * row['mfu']:.1f}%" if peak else "n/a (no --peak_tflops)"
+        print(f"| {kind} | {row['step_seconds']:.3f} | {row['samples_per_second']:.1f} | {row['flops'] / 1e9:.1f} | "
+              f"{row['flops_per_second'] / 1e9:.1f} | {mfu} |")
     print(f"overhead_ratio (tcl_contrastive / dual_encoder step time, target <= 1.05): {overhead:.3f}")
     print(f"tcl_flops_efficiency (full TCL / dual encoder achieved FLOP/s, target >= 0.9): {efficiency:.3f}")
     extra = {}
@@ -152,8 +171,13 @@ def main() -> None:
         print(f"compile_speedup (full TCL eager / compiled towers step time): {extra['compile_speedup']:.3f}")
     print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4), **extra,
                       "preset": args.preset, "batch": args.batch, "device": str(device), "bf16": args.bf16,
+                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "peak_tflops": peak,
                       "configurations": {k: {"step_seconds": round(v["step_seconds"], 4),
-                                             "gflops_per_step": round(v["flops"] / 1e9, 2)} for k, v in table.items()}}))
+                                             "samples_per_second": round(v["samples_per_second"], 2),
+                                             "gflops_per_step": round(v["flops"] / 1e9, 2),
+                                             "mfu": None if v["mfu"] is None else round(v["mfu"], 4)}
+                                         for k, v in table.items()}}))
 
 
 if __name__ == "__main__":
