@@ -300,6 +300,15 @@ def test_data_arguments_validate_the_limits(field, value):
     assert getattr(DataArguments(**{field: 7}), field) == 7
 
 
+@pytest.mark.parametrize("value", [0, -5, 2.5, True])
+def test_mivc_data_arguments_validate_the_pixel_limit(value):
+    from vlalign.data import MIVCDataArguments
+
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        MIVCDataArguments(max_image_pixels=value)
+    assert MIVCDataArguments(max_image_pixels=7).max_image_pixels == 7
+
+
 # ---------------------------------------------------------------- a hostile dataset
 
 

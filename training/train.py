@@ -598,7 +598,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     processor.concatenate_images = model.config.pooling_mode == "concatenate"
 
     collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
-                                  data_args.answer_column)
+                                  data_args.answer_column, max_image_pixels=data_args.max_image_pixels)
     trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                              processing_class=processor, stop_on_nonfinite=run.stop_on_nonfinite,
                              max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps)

@@ -1210,8 +1210,11 @@ class MIVCDataArguments:
     max_images: int = field(default=5, metadata={"help": "multiview_digits: most images per item."})
     degraded_fraction: float = field(default=0.5, metadata={"help": "multiview_digits: share of degraded images."})
     image_size: int = field(default=32, metadata={"help": "multiview_digits: image side in pixels."})
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
+        "help": "Images with more pixels are refused from their header, before decoding (decompression bombs)."})
 
     def __post_init__(self):
+        _check_positive_int("max_image_pixels", self.max_image_pixels)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
