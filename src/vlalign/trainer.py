@@ -247,10 +247,6 @@ class VLAlignTrainer(Trainer):
         self._after_micro_batch(loss)
         return loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
-
     def _note_nonfinite(self, names) -> None:
         self._step_nonfinite.extend(n for n in names if n not in self._step_nonfinite)
 
