@@ -414,19 +414,27 @@ def test_collator_skips_bad_rows_and_counts(processor, caplog):
     assert batch["num_skipped"] == 1 and collator.num_skipped == 4
 
 
-def test_collator_refills_dropped_rows_from_earlier_good_items(processor):
+def test_collator_refills_dropped_rows_with_copies_of_the_batch_s_good_items(processor):
     collator = ImageTextCollator(processor, label_column="label", image_id_column="image_id", seed=0)
-    first = collator(mixed_rows())  # nothing seen yet: the 5 bad rows cannot be replaced
-    assert first["pixel_values"].shape[0] == 3 and first["num_skipped"] == 5 and collator.num_refilled == 0
-    second = collator(mixed_rows())  # now the 5 dropped rows are replaced by good items already seen
-    assert second["pixel_values"].shape[0] == len(mixed_rows()) == 8
-    assert second["num_skipped"] == 5 and collator.num_refilled == 5
-    assert set(second["positive_ids"].tolist()) <= {i % 3 for i in (0, 2, 7)}
-    texts = processor.batch_decode(second["input_ids"], skip_special_tokens=True)
-    assert set(texts) <= {"one caption", "another caption", "good caption", "last good"}
-    # an all-bad batch after good ones keeps its size too
+    first = collator(mixed_rows())  # 3 good rows, 5 bad ones replaced by copies of the good ones
+    assert first["pixel_values"].shape[0] == len(mixed_rows()) == 8
+    assert first["num_skipped"] == 5 and collator.num_refilled == 5
+    good_ids = first["positive_ids"][:3].tolist()
+    assert good_ids == [i % 3 for i in (0, 2, 7)] and set(first["positive_ids"][3:].tolist()) <= set(good_ids)
+    # each copy is one of the good items (same caption and id; its pixels get their own augmentation)
+    for row in range(3, 8):
+        matches = [g for g in range(3) if torch.equal(first["input_ids"][row], first["input_ids"][g])]
+        assert matches and first["positive_ids"][row] in [first["positive_ids"][g] for g in matches]
+    # the refill depends on the batch index only, not on earlier batches: a fresh collator at the same index agrees
+    second = collator(mixed_rows())
+    fresh = ImageTextCollator(processor, label_column="label", image_id_column="image_id", seed=0)
+    fresh.batches_collated = 1
+    again = fresh(mixed_rows())
+    for key in ("pixel_values", "input_ids", "positive_ids"):
+        assert torch.equal(second[key], again[key]), key
+    # an all-bad batch has nothing to copy: the trainer skips it
     bad_rows = [r for i, r in enumerate(mixed_rows()) if i in (1, 3, 4, 5)]
-    assert collator(bad_rows)["pixel_values"].shape[0] == 4
+    assert collator(bad_rows) == {"num_skipped": 4, "empty_batch": True}
 
 
 def test_collator_all_bad_batch_is_flagged_empty(processor):

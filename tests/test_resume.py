@@ -6,7 +6,9 @@ The runs are real `training/train.py` processes. The killed one gets a callback 
 of a step after the last checkpoint (no clean-up runs, as on a pre-empted machine). The set-up makes every piece of
 state matter: the resumed checkpoint is in the second epoch (data order, skipped batches), queues wrap around
 (pointers), the alpha ramp is still rising, EMA teachers move every step, BERT dropout and MLM masking draw from the
-RNG, captions are drawn at random per batch, and TCL uses gradient accumulation.
+RNG, captions are drawn at random per batch, and TCL uses gradient accumulation. A fourth run trains TCL on data
+with every kind of hostile image and caption (rows skipped, refilled with copies, sanitised): same weights, and
+every data-issue count covers the whole run exactly once.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN_MODEL
+from test_hostile_data import DIGIT_NAMES, hostile_rows, write_split
 from test_train_script import TINY_MIVC
 
+from vlalign.data import build_digits_processor
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MAX_STEPS, SAVE_STEPS, KILL_AT_STEP = 9, 3, 7  # checkpoints at 3 and 6; killed after step 7; 5 steps per epoch
+# (max_steps, save_steps, kill after step): 40 rows at batch 8 are 5 steps per epoch, so checkpoint-6 is one step
+# into the second epoch; killed after step 7
+SCHEDULE = (9, 3, 7)
 
 KILLING_LAUNCHER = textwrap.dedent("""
     import os, runpy, signal, sys
@@ -51,7 +58,7 @@ KILLING_LAUNCHER = textwrap.dedent("""
     runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
 """)
 
-TRAINING = {"max_steps": MAX_STEPS, "save_strategy": "steps", "save_steps": SAVE_STEPS, "logging_steps": 1,
+TRAINING = {"max_steps": SCHEDULE[0], "save_strategy": "steps", "save_steps": SCHEDULE[1], "logging_steps": 1,
             "report_to": "none", "use_cpu": True, "seed": 5, "dataloader_drop_last": True, "learning_rate": 1e-3}
 
 CASES = {
@@ -71,16 +78,39 @@ CASES = {
 }
 
 
-def _run(script: list[str], config: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "REPO_ROOT": str(REPO_ROOT), "KILL_AT_STEP": str(KILL_AT_STEP), "OMP_NUM_THREADS": "1"}
+def hostile_case(tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
+    """TCL on 48 rows of which 18 hold every kind of hostile image or caption (skipped, refilled, sanitised), 6 steps
+    per epoch; checkpoint-8 is two steps into the second epoch, killed after step 9."""
+    (tmp_path / "files").mkdir()
+    rows, _ = hostile_rows(tmp_path / "files")
+    write_split(tmp_path / "train.parquet", rows, num_good=48 - len(rows), first_digit=0)
+    write_split(tmp_path / "test.parquet", [], num_good=10, first_digit=100)
+    build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
+    config = {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+              "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
+                       "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+                       "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
+              "training": {**TRAINING, "per_device_train_batch_size": 8, "max_steps": 10, "save_steps": 4},
+              "run": {"processor_name_or_path": str(tmp_path / "processor"), "alpha_ramp_steps": 20,
+                      "cpu_threads": 1}}
+    return config, (10, 4, 9)
+
+
+def _case(model_type: str, tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
+    return hostile_case(tmp_path) if model_type == "tcl_hostile_data" else (CASES[model_type], SCHEDULE)
+
+
+def _run(script: list[str], config: Path, output_dir: Path, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REPO_ROOT": str(REPO_ROOT), "KILL_AT_STEP": str(kill_at), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *script, "--config", str(config), "--output_dir", str(output_dir), *extra],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("model_type", sorted(CASES))
+@pytest.mark.parametrize("model_type", [*sorted(CASES), "tcl_hostile_data"])
 def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_type, tmp_path):
+    case, (max_steps, save_steps, kill_at) = _case(model_type, tmp_path)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(CASES[model_type]))
+    config.write_text(yaml.safe_dump(case))
     train_py = [str(REPO_ROOT / "training" / "train.py")]
 
     uninterrupted = _run(train_py, config, tmp_path / "uninterrupted")
@@ -89,33 +119,42 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(mo
     launcher = tmp_path / "killing_launcher.py"
     launcher.write_text(KILLING_LAUNCHER)
     killed_dir = tmp_path / "killed"
-    killed = _run([str(launcher)], config, killed_dir)
+    killed = _run([str(launcher)], config, killed_dir, kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = f"checkpoint-{2 * save_steps}"
     checkpoints = sorted(p.name for p in killed_dir.glob("checkpoint-*"))
-    assert checkpoints == ["checkpoint-3", "checkpoint-6"]  # killed mid-run, after the second checkpoint
+    assert checkpoints == [f"checkpoint-{save_steps}", last]  # killed mid-run, after the second checkpoint
     assert not (killed_dir / "model.safetensors").exists()
-    assert (killed_dir / "checkpoint-6" / "vlalign_trainer_state.json").exists()
+    assert (killed_dir / last / "vlalign_trainer_state.json").exists()
 
     resumed = _run(train_py, config, killed_dir, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint-6" in resumed.stderr  # resumed from the newest checkpoint
+    assert last in resumed.stderr  # resumed from the newest checkpoint
 
     expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
     actual = load_file(killed_dir / "model.safetensors")
     assert sorted(actual) == sorted(expected)
-    before = load_file(killed_dir / "checkpoint-6" / "model.safetensors")
+    before = load_file(killed_dir / last / "model.safetensors")
     moved = max((expected[k].double() - before[k].double()).abs().max().item() for k in expected
                 if expected[k].is_floating_point())
     assert moved > 1e-4  # the three steps after the checkpoint changed the weights far beyond the tolerance
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
     if model_type != "mivc":  # the queues wrapped around: their pointers and contents are part of the state
-        assert int(expected["image_queue.ptr"]) == (MAX_STEPS * 8) % 16
+        assert int(expected["image_queue.ptr"]) == (max_steps * 8) % 16
     results = {name: json.loads((d / "eval_results.json").read_text())
                for name, d in (("uninterrupted", tmp_path / "uninterrupted"), ("resumed", killed_dir))}
-    assert results["resumed"]["train_steps"] == results["uninterrupted"]["train_steps"] == MAX_STEPS
-    for key in ("train_items_skipped", "train_nonfinite_steps_skipped"):
-        assert results["resumed"][key] == results["uninterrupted"][key] == 0
+    assert results["resumed"]["train_steps"] == results["uninterrupted"]["train_steps"] == max_steps
+    # every data-issue count covers the whole run once, as in the uninterrupted run
+    counts = {name: {k: v for k, v in r.items() if k.startswith("train_") and ("skipped" in k or "sanitised" in k)}
+              for name, r in results.items()}
+    assert counts["resumed"] == counts["uninterrupted"]
+    assert counts["resumed"]["train_nonfinite_steps_skipped"] == 0
+    if model_type == "tcl_hostile_data":  # 10 steps x 8 rows over 48 rows of which 18 are hostile
+        assert counts["resumed"]["train_items_skipped"] > 10 and counts["resumed"]["train_images_skipped"] > 5
+        assert counts["resumed"]["train_captions_sanitised"] > 0
+    else:
+        assert counts["resumed"]["train_items_skipped"] == 0
 
 
 def test_resume_latest_without_a_checkpoint_says_so(tmp_path):

@@ -907,7 +907,45 @@ def _to_id(value: Any) -> int:
     return int.from_bytes(digest, "big")
 
 
-class ImageTextCollator:
+class ResumableCollator:
+    """What a training checkpoint keeps of a collator (`state_dict` / `load_state_dict`, JSON-able): its batch index
+    and its running data-issue counts. The data loader collates ahead of training, so the counts are also kept as
+    they stood before each of the last few batches: `state_dict(batches_trained=n)` gives the counts of exactly
+    the n batches trained on, and a run resumed from it counts every batch once. Subclasses call `_begin_batch()`
+    first in `__call__` and define `_counts_state` / `_load_counts_state`."""
+
+    _SNAPSHOTS_KEPT = 8
+    batches_collated: int = 0
+
+    def _counts_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_counts_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _begin_batch(self) -> int:
+        """The index of the batch being collated (then counted)."""
+        snapshots = self.__dict__.setdefault("_counts_before", {})
+        index = self.batches_collated
+        snapshots[index] = self._counts_state()
+        snapshots.pop(index - self._SNAPSHOTS_KEPT, None)
+        self.batches_collated = index + 1
+        return index
+
+    def state_dict(self, batches_trained: int | None = None) -> dict[str, Any]:
+        current = self._counts_state()
+        if batches_trained is None:
+            return {"batches_collated": self.batches_collated, "counts": current}
+        counts = self.__dict__.get("_counts_before", {}).get(batches_trained, current)
+        return {"batches_collated": int(batches_trained), "counts": counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_collated = int(state["batches_collated"])
+        self._load_counts_state(state["counts"])
+        self._counts_before = {}
+
+
+class ImageTextCollator(ResumableCollator):
     """Turns dataset rows into a contrastive training batch, skipping rows that cannot be used.
 
     Output (all tensors unless noted): `pixel_values`, `pixel_values_view2` (if `two_views`), `input_ids`,
@@ -915,7 +953,7 @@ class ImageTextCollator:
     each item, when the rows carry `ROW_ID_COLUMN` as `load_image_text_datasets` adds it), `return_loss=True` and
     `num_skipped` (int, rows dropped from *this* batch for a bad image or caption, so a trainer can accumulate
     it even when collation runs in dataloader workers). With ``refill=True`` (default) the dropped rows are
-    replaced by good items drawn from the last batch's worth of good items, so batches keep their size (equal
+    replaced by copies of good items of the same batch, drawn at random, so batches keep their size (equal
     batches on every process); `num_refilled` counts them. If no row of the batch is usable the result is
     `{"num_skipped": n, "empty_batch": True}` and the trainer must skip the step.
 
@@ -973,7 +1011,6 @@ class ImageTextCollator:
         # Rows dropped for a bad image/caption are replaced by recently seen good items, so every batch keeps its
         # size: processes then hold equal batches (their losses weigh the same) and queues stay aligned.
         self.refill = bool(refill)
-        self._reservoir: list[tuple] = []
         self.num_refilled = 0
         self.num_skipped_captions = 0
         self.issues = DataIssueCounts()
@@ -1014,24 +1051,20 @@ class ImageTextCollator:
         not shift the other), a function of (seed, worker seed, batch index) only. A resumed run sets
         `batches_collated` to the batches already trained on (`load_state_dict`) and gets the same batches as an
         uninterrupted run, although the skipped batches are never collated."""
-        entropy = [self.seed, self.batches_collated]
+        entropy = [self.seed, self._begin_batch()]
         if self._worker_seed is not None:
             entropy.append(self._worker_seed)
         caption_seq, augment_seq = np.random.SeedSequence(entropy).spawn(2)
-        self.batches_collated += 1
         return np.random.default_rng(caption_seq), np.random.default_rng(augment_seq)
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps (JSON-able): the batch index and the running data-issue counts."""
-        return {"batches_collated": self.batches_collated, "num_refilled": self.num_refilled,
-                "num_skipped_captions": self.num_skipped_captions, "issues": self.issues.state_dict()}
+    def _counts_state(self) -> dict[str, Any]:
+        return {"num_refilled": self.num_refilled, "num_skipped_captions": self.num_skipped_captions,
+                "issues": self.issues.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches_collated = int(state["batches_collated"])
-        self.num_refilled = int(state.get("num_refilled", 0))
-        self.num_skipped_captions = int(state.get("num_skipped_captions", 0))
-        if "issues" in state:
-            self.issues.load_state_dict(state["issues"])
+    def _load_counts_state(self, state: dict[str, Any]) -> None:
+        self.num_refilled = int(state["num_refilled"])
+        self.num_skipped_captions = int(state["num_skipped_captions"])
+        self.issues.load_state_dict(state["issues"])
 
     def _maybe_reseed_for_worker(self) -> tuple[int, int]:
         """Dataloader workers each get a copy of this object: without reseeding they would all produce the
@@ -1088,19 +1121,14 @@ class ImageTextCollator:
             captions.append(choices[int(caption_rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
             ids.append(self._positive_id(row, worker_id, num_workers))
             rows_index.append(row.get(ROW_ID_COLUMN))
-        if self.refill:
-            good = list(zip(images, captions, ids, rows_index))
-            missing = len(rows) - len(good)
-            if missing and self._reservoir:
-                for index in caption_rng.integers(len(self._reservoir), size=missing):
-                    image, caption, item_id, row_index = self._reservoir[int(index)]
-                    images.append(image)
-                    captions.append(caption)
-                    ids.append(item_id)
-                    rows_index.append(row_index)
-                self.num_refilled += missing
-            if good:
-                self._reservoir = (self._reservoir + good)[-len(rows):]
+        missing = len(rows) - len(images)
+        if self.refill and missing and images:
+            # copies of this batch's own good items: nothing depends on earlier batches, so a resumed run collates
+            # exactly what an uninterrupted one does (a copy shares its positive id: it is never a negative)
+            for index in caption_rng.integers(len(images), size=missing):
+                for column in (images, captions, ids, rows_index):
+                    column.append(column[int(index)])
+            self.num_refilled += missing
         if not images:
             return {"num_skipped": skipped, "empty_batch": True}
         encoded = self.processor(
@@ -1262,7 +1290,7 @@ def _undecoded_images(dataset, column: str):
     return dataset
 
 
-class MultiImageCollator:
+class MultiImageCollator(ResumableCollator):
     """Rows of multi-image items -> an `MIVCProcessor` training batch (prompt + answer, labels on the answer).
 
     Undecodable images (see `decode_image`; more than `max_image_pixels` pixels: refused before decoding) are
@@ -1287,13 +1315,12 @@ class MultiImageCollator:
     def num_skipped_images(self) -> int:
         return self.issues.images_skipped
 
-    def state_dict(self) -> dict[str, Any]:
-        """The running counts, for training checkpoints (batches are deterministic: no random state)."""
+    def _counts_state(self) -> dict[str, Any]:  # (its batches have no random part)
         return {"num_skipped_items": self.num_skipped_items, "issues": self.issues.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_skipped_items = int(state.get("num_skipped_items", 0))
-        self.issues.load_state_dict(state.get("issues", {}))
+    def _load_counts_state(self, state: dict[str, Any]) -> None:
+        self.num_skipped_items = int(state["num_skipped_items"])
+        self.issues.load_state_dict(state["issues"])
 
     def data_report(self, prefix: str = "") -> dict[str, int]:
         """The running counts as flat keys (see `DataIssueCounts.report`; captions are not inspected here)."""
@@ -1320,6 +1347,7 @@ class MultiImageCollator:
         return images
 
     def __call__(self, rows: list[dict]) -> dict:
+        self._begin_batch()
         images, prompts, answers = [], [], []
         for row in rows:
             item_images = self.decoded_images(row)

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .data import ResumableCollator
 from .metrics import (
     answers_match,
     code_purity,
@@ -219,8 +220,9 @@ class VLAlignTrainer(Trainer):
       instead; `max_consecutive_nonfinite_steps` in a row always raise (a run that keeps diverging is stopped, not
       silently frozen). Under DDP every process takes the same decision (the flag is summed over processes).
     - Exact resume: each checkpoint also holds `vlalign_trainer_state.json` (per process): the micro-batches
-      trained, the skip counters and the collator's state (its data-issue counts; its batch index is set to the
-      micro-batches trained, so that a resumed run collates the same batches as an uninterrupted one).
+      trained, the skip counters and the collator's state as of the last batch trained on (its data-issue counts,
+      and its batch index, from which caption choice and augmentation are drawn, so that a resumed run collates
+      the same batches as an uninterrupted one).
       Weights incl. EMA teachers, queues and their pointers, temperature and running statistics are model
       buffers/parameters (model.safetensors); optimizer, scheduler, RNG states, the step (hence the alpha ramp)
       and the data order are restored by transformers.
@@ -306,20 +308,16 @@ class VLAlignTrainer(Trainer):
         state = {"micro_batches_trained": self.micro_batches_trained,
                  "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
                  "consecutive_nonfinite": self._consecutive_nonfinite}
-        if hasattr(self.data_collator, "state_dict"):
-            state["collator"] = self.data_collator.state_dict()
+        if isinstance(self.data_collator, ResumableCollator):
+            state["collator"] = self.data_collator.state_dict(batches_trained=self.micro_batches_trained)
         return state
 
     def _restore_resume_state(self, state: dict) -> None:
         self.micro_batches_trained = int(state["micro_batches_trained"])
         self.nonfinite_steps_skipped = int(state.get("nonfinite_steps_skipped", 0))
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
-        collator = self.data_collator
-        if "collator" in state and hasattr(collator, "load_state_dict"):
-            collator.load_state_dict(state["collator"])
-        if hasattr(collator, "batches_collated"):
-            # the saved index may include a batch the data loader had already fetched ahead
-            collator.batches_collated = self.micro_batches_trained
+        if "collator" in state and isinstance(self.data_collator, ResumableCollator):
+            self.data_collator.load_state_dict(state["collator"])
 
     def _save_checkpoint(self, model, trial) -> None:
         # written before transformers' files, so that a checkpoint complete to transformers holds it too
@@ -458,13 +456,14 @@ class ContrastiveTrainer(VLAlignTrainer):
         self.num_skipped_items += int(inputs.pop("num_skipped", 0))
         if not inputs.pop("empty_batch", False):
             return False
-        # The collator refills dropped rows from earlier good items, so an empty batch only happens when every row
-        # seen so far was unreadable. Alone, the step is skipped; with several processes the others would wait
-        # forever in the loss's collectives, so stop with the reason instead.
+        # The collator refills dropped rows with copies of the batch's good items, so an empty batch only happens
+        # when every row of the batch was unusable. Alone, the step is skipped; with several processes the others
+        # would wait forever in the loss's collectives, so stop with the reason instead.
         if self.args.world_size > 1:
             raise RuntimeError(
-                "every image of this process's first batch(es) was unreadable (see the 'Skipped an undecodable "
-                "image' warnings): check image_column and the data files before distributed training"
+                "every row of one of this process's batches was unusable (see the 'Skipped an undecodable image' / "
+                "'Skipped a row without a usable caption' warnings): check image_column, caption_column and the "
+                "data files before distributed training"
             )
         return True
 
