@@ -100,6 +100,20 @@ def dense_bf16_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def print_top_operators(step, steps: int, rows: int = 12) -> None:
+    """Where a step's time goes, by operator (self time, share of the total)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    print(f"full TCL, top operators over {steps} steps (self CPU time share):")
+    for event in events[:rows]:
+        print(f"  {event.key:<50} {100 * event.self_cpu_time_total / total:5.1f}%  ({event.count} calls)")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,6 +129,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time full TCL with compiled towers")
     parser.add_argument("--compile_warmup", type=int, default=8, help="warm-up steps of the compiled model")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the top operators of 3 full-TCL steps (torch.profiler, self time)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's dense peak TFLOP/s at the run's precision, for MFU (default: known GPUs "
                              "in bf16: H100 / H200 SXM 989)")
@@ -169,6 +185,8 @@ def main() -> None:
     if args.compile:
         extra["compile_speedup"] = round(table["tcl_full"]["step_seconds"] / table["tcl_full_compiled"]["step_seconds"], 4)
         print(f"compile_speedup (full TCL eager / compiled towers step time): {extra['compile_speedup']:.3f}")
+    if args.profile:
+        print_top_operators(runs["tcl_full"]["step"], steps=3)
     print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4), **extra,
                       "preset": args.preset, "batch": args.batch, "device": str(device), "bf16": args.bf16,
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

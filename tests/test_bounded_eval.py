@@ -70,6 +70,7 @@ def test_100k_captions_against_20k_images_in_bounded_memory():
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    print("bounded evaluation:", json.dumps({k: v for k, v in result.items() if k != "metrics"}))  # pytest -s
 
     metrics = result["metrics"]
     assert metrics["i2t_num_queries"] == NUM_IMAGES
