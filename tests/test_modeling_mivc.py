@@ -477,6 +477,64 @@ def test_generate_returns_prompt_then_new_tokens_and_matches_greedy_forward():
         assert torch.equal(generated[row, length:length + len(new)], new)
 
 
+def test_output_carries_the_language_model_fields_under_the_installed_names():
+    """MIVCOutput has exactly the LM output fields of the installed transformers (the cache is ``cache`` from 5.24,
+    ``past_key_values`` before) plus image_weights, and holds the LM's values for them."""
+    import dataclasses
+
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm_fields = [f.name for f in dataclasses.fields(CausalLMOutputWithPast)]
+    assert [f.name for f in dataclasses.fields(MIVCOutput)] == lm_fields + ["image_weights"]
+    cache_field = "cache" if "cache" in lm_fields else "past_key_values"
+    model = _model(mode="attention").eval()
+    inputs = _processor(model)(images=[_images("white", "black")], text=[PROMPT])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, output_hidden_states=True)
+        lm = model.language_model(inputs_embeds=_spliced_embeddings(model, inputs), use_cache=True,
+                                  attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    assert isinstance(getattr(out, cache_field), Cache)
+    torch.testing.assert_close(out.logits, lm.logits)
+    assert len(out.hidden_states) == len(lm.hidden_states)
+    assert out.image_weights.shape[:2] == (1, 2)
+
+
+def _spliced_embeddings(model, inputs):
+    visual, _ = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    return embeds.masked_scatter((inputs["input_ids"] == model.config.image_token_id).unsqueeze(-1), visual)
+
+
+def test_a_field_that_a_later_transformers_adds_to_the_lm_output_does_not_break_the_model(monkeypatch):
+    """The LM returning an output class with fields we do not know (as a later release or an MoE LM may) still gives
+    a MIVCOutput with the known fields; nothing of the LM's output is splatted into our constructor."""
+    from dataclasses import dataclass
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class FutureLMOutput(CausalLMOutputWithPast):
+        a_field_from_the_future: torch.Tensor | None = None
+
+    model = _model(mode="mean").eval()
+    forward = model.language_model.forward
+
+    def future_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return FutureLMOutput(**{k: v for k, v in out.items()}, a_field_from_the_future=torch.ones(1))
+
+    monkeypatch.setattr(model.language_model, "forward", future_forward)
+    inputs = _processor(model)(images=[_images("white")], text=[PROMPT], answers=["one"])
+    with torch.no_grad():
+        out = model(**inputs)
+    assert isinstance(out, MIVCOutput) and torch.isfinite(out.loss)
+    assert not hasattr(out, "a_field_from_the_future")
+    generated = model.generate(**_processor(model)(images=[_images("white")], text=[PROMPT]), max_new_tokens=2,
+                               do_sample=False)
+    assert generated.shape[0] == 1
+
+
 COLOUR_ITEMS = [  # (images, answer): "three" only for an item that holds both colours
     (("white",), "one"), (("black",), "two"), (("white", "black"), "three"), (("black", "white"), "three"),
     (("white", "white"), "one"), (("black", "black", "black"), "two"),

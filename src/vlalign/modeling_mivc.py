@@ -9,12 +9,12 @@ it into the causal LM's embedding space, and the visual tokens replace the image
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .albef_stack import (
     KeepsTrainableFlagsOnLoad,
@@ -28,18 +28,24 @@ from .mivc_pooling import MIVCPooling
 
 
 @dataclass
-class MIVCOutput(ModelOutput):
-    """Output of [`MIVCForConditionalGeneration`]: the LM's ``loss`` / ``logits`` / ``past_key_values`` (and
-    hidden states / attentions when asked), plus ``image_weights``: how much each image contributed to the pooled
-    visual tokens, (batch, images, tokens) for per-token pooling or (batch, images) for per-image scoring (None for
-    the concatenation baseline)."""
+class MIVCOutput(CausalLMOutputWithPast):
+    """Output of [`MIVCForConditionalGeneration`]: the fields of transformers' `CausalLMOutputWithPast` (loss,
+    logits, the LM's cache, hidden states, attentions), plus ``image_weights``: how much each image contributed to
+    the pooled visual tokens, (batch, images, tokens) for per-token pooling or (batch, images) for per-image scoring
+    (None for the concatenation baseline).
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    Subclassing `CausalLMOutputWithPast` (a transformers internal we depend on) keeps the LM fields, and the
+    cache's name, those of the installed transformers: 5.24 renamed ``past_key_values`` to ``cache``, and
+    `generate` reads the cache back under the name its own release uses."""
+
     image_weights: torch.FloatTensor | None = None
+
+    @classmethod
+    def from_language_model_output(cls, lm_output, image_weights=None) -> "MIVCOutput":
+        # Copy our own declared fields by name, never the LM output's items: a field that a later transformers
+        # adds to the LM's output class (or an MoE LM's extra outputs) must not break this constructor.
+        values = {f.name: getattr(lm_output, f.name, None) for f in fields(CausalLMOutputWithPast)}
+        return cls(**values, image_weights=image_weights)
 
 
 class MIVCProjector(nn.Module):
@@ -193,7 +199,6 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         image_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -208,6 +213,8 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             image_mask: (batch, images), True for real images.
             labels: LM targets (-100 for prompt, image and padding positions); the loss is the LM's shifted
                 cross-entropy.
+            kwargs: passed to the language model as they are, the cache among them (``cache`` from transformers
+                5.24, ``past_key_values`` before): `generate` sends it under the name its release uses.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -232,12 +239,9 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
                                                          visual.to(inputs_embeds.dtype))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            **kwargs,
+            labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
-        return MIVCOutput(loss=outputs.loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
-                          hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                          image_weights=image_weights)
+        return MIVCOutput.from_language_model_output(outputs, image_weights=image_weights)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         # the images are read once, on the prefill forward; later steps only extend the LM's cache
