@@ -1,5 +1,6 @@
 """Shared tiny configurations: every test builds random tiny models, nothing is downloaded."""
 
+import logging
 import os
 
 import pytest
@@ -75,6 +76,35 @@ def tiny_batch(batch=4, length=8, seed=0, image_size=16):
         pixel_values=torch.randn(batch, 3, image_size, image_size, generator=g),
         pixel_values_view2=torch.randn(batch, 3, image_size, image_size, generator=g),
     )
+
+
+class _DeprecationNotices(logging.Handler):
+    """Collects the deprecation notices that transformers logs (instead of warning) while a test runs."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.messages.append(f"{record.name}: {message}")
+
+
+@pytest.fixture(autouse=True)
+def _no_transformers_deprecation_notices():
+    """A test during which transformers logs a deprecation notice fails, as the FutureWarning / DeprecationWarning
+    filters in pyproject.toml make its warnings fail (transformers logs some deprecations once per process, so the
+    first test that triggers one is the one that fails)."""
+    handler = _DeprecationNotices()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail("transformers logged a deprecation notice:\n" + "\n".join(handler.messages), pytrace=False)
 
 
 @pytest.fixture

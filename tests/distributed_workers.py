@@ -1,6 +1,6 @@
 """Worker functions for tests/test_distributed.py (importable, so `torch.multiprocessing` can spawn them).
 
-`scenario_worker(rank, world_size, port, out_dir, names)` joins a gloo process group on 127.0.0.1:``port``, runs
+`scenario_worker(rank, world_size, store_path, out_dir, names)` joins a gloo process group through a file store, runs
 the scenarios ``scenario_<name>(rank, world_size)`` and saves what each returns (what the parent test needs) to
 ``out_dir/<name>_rank<r>.pt``.
 The parent computes the single-process references and does the assertions, so failures read as ordinary pytest
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 
@@ -27,28 +28,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's tin
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
 EMBED_DIM = 6
-COLLECTIVE_TIMEOUT_S = 60
+# a collective waits this long for the other process (which may still be importing on a loaded machine)
+COLLECTIVE_TIMEOUT_S = 600
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # process management
 
 
-def launch_and_wait(cmd: list[str], cwd, timeout: float) -> str:
-    """Run an `accelerate launch` command line to completion on CPU and return its combined output; on timeout the
-    launcher and every worker it started are killed (one process group) and the test fails with the log tail."""
+def launch_and_wait(cmd_for_port, cwd, timeout: float, attempts: int = 3) -> str:
+    """Run an `accelerate launch` command line to completion on CPU and return its combined output.
+
+    ``cmd_for_port(port)`` builds the command for a rendezvous port. torchrun must be given a port number, and a
+    port found free can be taken by another process before torchrun binds it (a loaded machine runs many tests):
+    a launch that failed because its port was taken is retried on a new port. On timeout the launcher and every
+    worker it started are killed (one process group) and the test fails with the log tail."""
     import pytest
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"accelerate launch timed out:\n{log[-4000:]}")
-    assert process.returncode == 0, log[-4000:]
+    for attempt in range(attempts):
+        process = subprocess.Popen(cmd_for_port(free_port()), env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            log, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            log, _ = process.communicate()
+            pytest.fail(f"accelerate launch did not finish within {timeout:.0f} s; log tail:\n{log[-4000:]}")
+        port_taken = "address already in use" in log.lower() or "EADDRINUSE" in log
+        if process.returncode == 0 or not port_taken or attempt == attempts - 1:
+            break
+    assert process.returncode == 0, f"accelerate launch exited with {process.returncode}; log tail:\n{log[-4000:]}"
     return log
 
 
@@ -59,18 +69,54 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_distributed(worker, *args, world_size: int = WORLD_SIZE, timeout: float = 120.0) -> None:
-    """Spawn `world_size` processes running ``worker(rank, world_size, port, *args)`` and wait for them, at most
-    `timeout` seconds. A worker's exception is re-raised here (with its traceback); on timeout every process we
-    spawned is killed and TimeoutError raised, so a deadlocked collective can never hang the test session."""
-    port = free_port()
-    context = mp.start_processes(worker, args=(world_size, port) + args, nprocs=world_size, join=False,
-                                 start_method="spawn")
+def _logged_worker(rank: int, worker, log_dir: str, args: tuple) -> None:
+    """Spawn entry point: the worker's stdout/stderr go to ``log_dir/worker_rank<r>.log`` (with faulthandler, so a
+    native abort leaves its stack there too), for the parent to show when the worker dies."""
+    import faulthandler
+
+    log = open(os.path.join(log_dir, f"worker_rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    faulthandler.enable(log)
+    worker(rank, *args)
+
+
+def _log_tail(log_dir: str, rank: int, chars: int = 3000) -> str:
+    path = os.path.join(log_dir, f"worker_rank{rank}.log")
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:] or "(empty log)"
+    except OSError:
+        return "(no log written)"
+
+
+def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, timeout: float = 900.0) -> None:
+    """Spawn `world_size` processes running ``worker(rank, world_size, store_path, out_dir, *args)`` and wait for
+    them, at most `timeout` seconds.
+
+    The processes meet through a file store in a fresh folder (no TCP port to race other tests for). When a worker
+    raises or dies (a signal, an abort in gloo), the error names the rank, how it ended, and shows the tail of every
+    worker's log; on timeout every process we spawned is killed, so a deadlocked collective can never hang the test
+    session. The timeouts are generous: on a loaded 2-core machine one process can lag the other by minutes."""
+    log_dir = tempfile.mkdtemp(prefix="workers_", dir=out_dir)
+    store_path = os.path.join(log_dir, "store")
+    context = mp.start_processes(_logged_worker, args=(worker, log_dir, (world_size, store_path, out_dir) + args),
+                                 nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
-        while not context.join(timeout=0.5):
+        while True:
+            try:
+                if context.join(timeout=0.5):
+                    return
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # raised (or exited non-zero, or was killed by a signal)
+                logs = "\n".join(f"--- worker rank {r} log tail ---\n{_log_tail(log_dir, r)}"
+                                  for r in range(world_size))
+                raise RuntimeError(f"distributed worker rank {error.error_index} failed: {error}\n{logs}") from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout} s")
+                logs = "\n".join(f"--- worker rank {r} log tail ---\n{_log_tail(log_dir, r)}"
+                                  for r in range(world_size))
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout:.0f} s\n{logs}")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -78,16 +124,16 @@ def run_distributed(worker, *args, world_size: int = WORLD_SIZE, timeout: float 
                 process.join(5)
 
 
-def _init(rank: int, world_size: int, port: int) -> None:
+def _init(rank: int, world_size: int, store_path: str) -> None:
     torch.set_num_threads(1)  # two processes share two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
-def scenario_worker(rank: int, world_size: int, port: int, out_dir: str, names: tuple[str, ...]) -> None:
-    """Spawn entry point: join the process group once, run the named scenarios in order (each process pays the
-    torch/transformers imports once), save each payload to ``out_dir/<name>_rank<rank>.pt``."""
-    _init(rank, world_size, port)
+def scenario_worker(rank: int, world_size: int, store_path: str, out_dir: str, names: tuple[str, ...]) -> None:
+    """Join the process group once, run the named scenarios in order (each process pays the torch/transformers
+    imports once), save each payload to ``out_dir/<name>_rank<rank>.pt``."""
+    _init(rank, world_size, store_path)
     try:
         for name in names:
             payload = globals()[f"scenario_{name}"](rank, world_size)
@@ -95,6 +141,15 @@ def scenario_worker(rank: int, world_size: int, port: int, out_dir: str, names: 
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def aborting_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    """Rank 1 dies in native code (SIGABRT) after joining the group; rank 0 waits for it in a barrier forever."""
+    _init(rank, world_size, store_path)
+    if rank == 1:
+        print("rank 1 is about to abort", flush=True)
+        os.abort()
+    dist.barrier()
 
 
 def rows_of(rank: int, per_rank: int = GLOBAL_BATCH // WORLD_SIZE) -> slice:

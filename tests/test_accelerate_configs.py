@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distributed_workers import free_port, launch_and_wait  # noqa: E402
+from distributed_workers import launch_and_wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "training" / "accelerate"
@@ -152,11 +152,12 @@ TINY_TCL = [
                     reason="needs torch.distributed with gloo")
 def test_ddp_config_trains_with_two_cpu_processes(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-           "--num_processes", "2", "--main_process_port", str(free_port()),
-           str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
-           "--use_cpu", "true", "--output_dir", str(out), *TINY_TCL]
-    launch_and_wait(cmd, tmp_path, timeout=180)
+    def cmd(port):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+                "--num_processes", "2", "--main_process_port", str(port),
+                str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
+                "--use_cpu", "true", "--output_dir", str(out), *TINY_TCL]
+    launch_and_wait(cmd, tmp_path, timeout=900)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["train_steps"] == 2 and results["num_eval_images"] == 20
     assert 0.0 <= results["zero_shot_accuracy"] <= 100.0

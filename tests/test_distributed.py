@@ -1,6 +1,6 @@
 """Exactness across processes: contrastive losses, feature queues, DDP training and `accelerate launch`.
 
-Two module fixtures each spawn 2 CPU processes (gloo on 127.0.0.1, a port picked by binding port 0) that run
+Module fixtures each spawn 2 CPU processes (gloo, meeting through a file store: no port to race for) that run
 scenarios from `distributed_workers.py` and save their results; the tests compare them with a single process on
 the concatenated batch. Every spawn and subprocess has a timeout and is killed when it runs over.
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-def _run(names, out_dir, timeout=150.0):
+def _run(names, out_dir, timeout=900.0):
     """Run the named scenarios on 2 spawned processes; {name: [payload of rank 0, payload of rank 1]}."""
     assert not torch.distributed.is_initialized()  # references below must take the single-process path
     workers.run_distributed(workers.scenario_worker, str(out_dir), tuple(names), timeout=timeout)
@@ -230,12 +230,13 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     from the torchrun-based launcher (`--multi_gpu`), told to train on CPU with `--use_cpu true` (gloo): that is
     the command used here. `--main_process_port` becomes torchrun's MASTER_PORT (default 29500, often taken)."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(workers.free_port()),
-           str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
-           "--use_cpu", "true", "--output_dir", str(out), *TINY_OVERRIDES]
-    workers.launch_and_wait(cmd, tmp_path, timeout=240)
+    def cmd(port):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port),
+                str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
+                "--use_cpu", "true", "--output_dir", str(out), *TINY_OVERRIDES]
+    workers.launch_and_wait(cmd, tmp_path, timeout=900)
     results = json.loads((out / "eval_results.json").read_text())
     for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
                 "t2i_recall@5", "t2i_recall@10"):
@@ -247,6 +248,21 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert config["queue_size"] == 64
     assert json.loads((out / "training_args.json").read_text())["use_cpu"] is True
     assert "| world\\_size | 2 |" in (out / "README.md").read_text()
+
+
+def test_a_worker_that_dies_is_reported_with_its_rank_signal_and_log(tmp_path):
+    """A worker killed by a signal is not a bare "process 1 terminated with signal SIGABRT": the error names the
+    rank and how it ended and shows what each worker printed; the process still waiting is killed, not left."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as error:
+        workers.run_distributed(workers.aborting_worker, str(tmp_path), timeout=600)
+    message = str(error.value)
+    assert "distributed worker rank 1 failed" in message and "SIGABRT" in message
+    assert "rank 1 is about to abort" in message  # the dead worker's own output
+    assert "--- worker rank 0 log tail ---" in message
+    assert time.monotonic() - start < 300  # reported when it happens, not at the timeout
 
 
 def test_processes_with_different_batch_sizes(loss_results):
