@@ -1,8 +1,10 @@
 """Tests for vlalign.hub: model card rendering / round trip and Hub upload (network mocked)."""
 
 import ast
+import json
 import logging
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,14 @@ import pytest
 import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
-from vlalign.hub import build_model_card, is_hub_id, push_folder_to_hub, save_model_card
+from vlalign.hub import (
+    build_model_card,
+    is_hub_id,
+    publishable_files,
+    push_command,
+    push_folder_to_hub,
+    save_model_card,
+)
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "tcl.md"
 
@@ -227,6 +236,7 @@ TOKEN = "hf_" + "SeCrEt" * 6
 
 @pytest.fixture
 def fake_hub(monkeypatch):
+    """Intercepts repo creation and the commit; `calls["upload"]["files"]` maps path_in_repo -> uploaded bytes."""
     calls = {}
 
     def create_repo(self, repo_id, *, exist_ok=False, private=None, **kw):
@@ -234,11 +244,10 @@ def fake_hub(monkeypatch):
         full = repo_id if "/" in repo_id else f"someuser/{repo_id}"
         return RepoUrl(f"https://huggingface.co/{full}")
 
-    def upload_folder(self, *, repo_id, folder_path, commit_message=None, **kw):
-        calls["upload"] = dict(
-            repo_id=repo_id, folder_path=folder_path, commit_message=commit_message, token=self.token, **kw
-        )
-        logging.getLogger("huggingface_hub").info("uploading %s", folder_path)
+    def create_commit(self, repo_id, operations, *, commit_message=None, **kw):
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        calls["upload"] = dict(repo_id=repo_id, files=files, commit_message=commit_message, token=self.token, **kw)
+        logging.getLogger("huggingface_hub").info("uploading %s", sorted(files))
         return CommitInfo(
             commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd",
             commit_message=commit_message,
@@ -247,7 +256,7 @@ def fake_hub(monkeypatch):
         )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return calls
 
 
@@ -255,19 +264,110 @@ def _model_folder(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "tcl"}', encoding="utf-8")
+    (folder / "model.safetensors").write_bytes(b"weights")
     save_model_card(folder, _build())
     return folder
 
 
+def _write(folder: Path, files: dict) -> None:
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+# what a training run leaves next to the model, and what earlier runs left there
+RUN_LEFTOVERS = {
+    "checkpoint-2/model.safetensors": b"w", "checkpoint-2/config.json": "{}", "checkpoint-2/optimizer.pt": b"pk",
+    "checkpoint-2/scheduler.pt": b"pk", "checkpoint-2/rng_state.pth": b"pk", "checkpoint-2/training_args.bin": b"pk",
+    "checkpoint-2/trainer_state.json": "{}", "runs/Dec01_host/events.out.tfevents.1.host": b"ev",
+    "training_args.json": '{"output_dir": "/home/me/out"}', "training_args.bin": b"pk", "optimizer.pt": b"pk",
+    "pytorch_model.bin": b"pk", "old_picture.png": b"png", "old_module.py": "x = 1\n", "notes.txt": "n",
+    "all_results.json": "{}", "trainer_state.json": "{}", "adapter_model.bin": b"pk",
+}
+CODE = {
+    "configuration_x.py": "X = 1\n",
+    "modeling_x.py": "from .configuration_x import X\nfrom .helpers import h\n",
+    "helpers.py": "import torch\nfrom .deep import d\n",
+    "deep.py": "d = 1\n",
+    "processing_x.py": "P = 1\n",
+}
+AUTO_MAP = {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel",
+            "AutoModelForCausalLM": "someone/other-repo--modeling_other.Other"}
+CARD = ("---\nlicense: mit\n---\n# m\n\n![curves \\[left\\]](curves.png)\n\n![grid](retrieval.png)\n"
+        "![remote](https://example.com/remote.png) [a link](notes.txt) ![escape](../outside.png)\n")
+
+
+def _full_folder(tmp_path, sharded=False):
+    folder = tmp_path / "model"
+    _write(folder, {**RUN_LEFTOVERS, **CODE, "README.md": CARD, "curves.png": b"png", "retrieval.png": b"png",
+                    "config.json": json.dumps({"model_type": "x", "auto_map": AUTO_MAP}),
+                    "processor_config.json": json.dumps({"auto_map": {"AutoProcessor": "processing_x.P"}}),
+                    "preprocessor_config.json": "{}", "tokenizer.json": "{}", "tokenizer_config.json": "{}",
+                    "generation_config.json": "{}", "eval_results.json": "{}"})
+    _write(tmp_path, {"outside.png": b"png"})
+    if sharded:
+        shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        _write(folder, {shards[0]: b"a", shards[1]: b"b", "model-00001-of-00003.safetensors": b"stale",
+                        "model.safetensors.index.json": json.dumps({"weight_map": {"a": shards[0], "b": shards[1],
+                                                                                   "c": shards[1]}})})
+    else:
+        _write(folder, {"model.safetensors": b"w"})
+    return folder
+
+
+ALLOWED = {"config.json", "README.md", "curves.png", "retrieval.png", "eval_results.json", "generation_config.json",
+           "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+           "configuration_x.py", "modeling_x.py", "helpers.py", "deep.py", "processing_x.py"}
+
+
+def test_publishable_files_are_exactly_the_allow_list(tmp_path):
+    folder = _full_folder(tmp_path)
+    assert publishable_files(folder) == sorted(ALLOWED | {"model.safetensors"})
+
+
+def test_publishable_files_of_a_sharded_model_are_the_index_and_its_shards(tmp_path):
+    folder = _full_folder(tmp_path, sharded=True)
+    assert set(publishable_files(folder)) == ALLOWED | {
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+
+
+def test_publishable_files_of_a_peft_adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    _write(folder, {"adapter_config.json": "{}", "adapter_model.safetensors": b"w", "adapter_model.bin": b"pk",
+                    "README.md": "---\nlicense: mit\n---\n", "checkpoint-1/adapter_model.safetensors": b"w"})
+    assert publishable_files(folder) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("problem", ["no_weights", "stale_single_file", "missing_shard", "missing_code"])
+def test_an_inconsistent_folder_is_refused_before_any_network_call(tmp_path, fake_hub, problem):
+    folder = _full_folder(tmp_path, sharded=problem in ("stale_single_file", "missing_shard"))
+    if problem == "no_weights":
+        (folder / "model.safetensors").unlink()
+    elif problem == "stale_single_file":
+        _write(folder, {"model.safetensors": b"old"})
+    elif problem == "missing_shard":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+    else:
+        (folder / "helpers.py").unlink()
+    message = {"no_weights": "no model weights", "stale_single_file": "earlier save", "missing_shard": "not in the",
+               "missing_code": "helpers.py"}[problem]
+    with pytest.raises(ValueError, match=message):
+        push_folder_to_hub(folder, "a/b", token=TOKEN)
+    assert fake_hub == {}
+
+
 def test_push_folder_to_hub(tmp_path, fake_hub, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    folder = _model_folder(tmp_path)
+    folder = _full_folder(tmp_path)
     url = push_folder_to_hub(folder, "vlalign-test/tcl-coco", token=TOKEN, private=True, commit_message="v1")
     assert url == "https://huggingface.co/vlalign-test/tcl-coco/commit/0123abcd"
     assert fake_hub["create"]["repo_id"] == "vlalign-test/tcl-coco"
     assert fake_hub["create"]["exist_ok"] is True and fake_hub["create"]["private"] is True
     assert fake_hub["upload"]["repo_id"] == "vlalign-test/tcl-coco"
-    assert Path(fake_hub["upload"]["folder_path"]) == folder
+    assert set(fake_hub["upload"]["files"]) == ALLOWED | {"model.safetensors"}  # one commit, the allow-list only
+    for name, data in fake_hub["upload"]["files"].items():
+        assert data == (folder / name).read_bytes(), name
     assert fake_hub["upload"]["commit_message"] == "v1"
     assert fake_hub["create"]["token"] == fake_hub["upload"]["token"] == TOKEN  # reached HfApi, nowhere else
 
@@ -279,11 +379,22 @@ def test_push_folder_to_hub(tmp_path, fake_hub, caplog, capsys):
             assert TOKEN.encode() not in f.read_bytes(), f
 
 
+def test_push_command_pushes_the_same_allow_list(tmp_path, fake_hub):
+    folder = _full_folder(tmp_path / "it's a dir")
+    command = push_command(folder, "someone/x", private=False)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"] and len(argv) == 3 and "\n" not in command
+    exec(argv[2], {})  # what `python -c` would run
+    assert fake_hub["create"]["repo_id"] == "someone/x" and fake_hub["create"]["private"] is False
+    assert set(fake_hub["upload"]["files"]) == ALLOWED | {"model.safetensors"}
+
+
 def test_push_bare_name_uploads_to_resolved_repo(tmp_path, fake_hub):
     folder = _model_folder(tmp_path)
     url = push_folder_to_hub(folder, "tcl-coco", token=TOKEN)
     assert fake_hub["create"]["private"] is None
     assert fake_hub["upload"]["repo_id"] == "someuser/tcl-coco"
+    assert set(fake_hub["upload"]["files"]) == {"config.json", "model.safetensors", "README.md"}
     assert url.startswith("https://huggingface.co/someuser/tcl-coco/commit/")
 
 

@@ -11,7 +11,9 @@ field of any section can be overridden on the command line as `--key value` (or 
 
 Steps: read config -> apply overrides -> build data, processor and model -> ContrastiveTrainer.train() ->
 evaluate on the eval split -> save model (safetensors + config with auto_map + code files), processor,
-eval_results.json and a model card to `output_dir` -> optionally push them to the Hub.
+eval_results.json and a model card to `output_dir` -> optionally push them to the Hub (`--push_to_hub --hub_model_id
+user/name`; token from HF_TOKEN, the stored login or `--hub_token`, which is never written to any file): only the files
+of vlalign.hub.publishable_files, never the checkpoints, TensorBoard runs or training_args.json next to them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,9 @@ class RunArguments:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private_repo: bool | None = None
+    # only handed to the final upload (default: HF_TOKEN or the stored login); kept out of TrainingArguments, which
+    # the Trainer pickles into every checkpoint
+    hub_token: str | None = field(default=None, repr=False)
     license: str = "apache-2.0"
     # CPU threads per process when training on CPU. `accelerate launch` exports OMP_NUM_THREADS=1 unless told
     # otherwise, which halves a 2-core machine; None uses all cores divided among the local processes.
@@ -63,6 +68,9 @@ class RunArguments:
 
 
 SECTIONS = ("run", "data", "training", "model")
+# TrainingArguments fields that `run` owns: the Trainer pickles its arguments (token included) into every checkpoint
+# and, with its own push_to_hub, would upload the whole output folder (checkpoints, logs) as it goes
+HUB_SETTINGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token")
 DIGITS_DESCRIPTION = (
     "the embedded digits demo: scikit-learn's 1,797 real handwritten digit scans (8x8, upsampled), each with "
     "several template captions naming the digit; scans with index % 5 == 0 form the test split (360), the "
@@ -101,7 +109,7 @@ def _section_fields() -> dict[str, set[str]]:
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
         "data": {f.name for f in dataclasses.fields(DataArguments)} | {f.name for f in dataclasses.fields(MIVCDataArguments)},
-        "training": {f.name for f in dataclasses.fields(TrainingArguments)} - {"push_to_hub", "hub_model_id"},
+        "training": {f.name for f in dataclasses.fields(TrainingArguments)} - set(HUB_SETTINGS),
         "model": model_fields | {"model_type"},
     }
 
@@ -157,7 +165,13 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
     unknown = set(config) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    training, run = config.get("training") or {}, config.get("run") or {}
+    for key in HUB_SETTINGS:  # a YAML `training:` section may still name them
+        if key in training:
+            run.setdefault(key, training.pop(key))
+    config["run"] = run
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -284,8 +298,9 @@ def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
 
 def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, card, run: RunArguments) -> None:
     """Weights + config + code, processor, eval_results.json, training_args.json (no pickle), card; optional push."""
-    from vlalign.hub import push_folder_to_hub, save_model_card
+    from vlalign.hub import save_model_card
 
+    _drop_local_paths(trainer.model.config)
     trainer.save_model(str(output_dir))
     # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
     (output_dir / "training_args.bin").unlink(missing_ok=True)
@@ -295,11 +310,51 @@ def _save_run(output_dir: Path, trainer, training_args, processor, results: dict
     save_model_card(output_dir, card)
     logger.info("eval results: %s", json.dumps(results))
     if run.push_to_hub:
-        if not run.hub_model_id:
-            raise SystemExit("--push_to_hub needs --hub_model_id")
-        url = push_folder_to_hub(output_dir, run.hub_model_id, token=os.environ.get("HF_TOKEN"),
-                                 private=run.hub_private_repo)
-        logger.info("pushed to %s", url)
+        push_to_hub(output_dir, run)
+
+
+def push_to_hub(output_dir: Path, run: RunArguments) -> str:
+    """Upload the model in `output_dir` (vlalign.hub.publishable_files: no checkpoints, logs or training arguments).
+    A failed push ends the run with one line that says where the model is and how to push it later."""
+    from vlalign.hub import PUSH_ERRORS, push_command, push_folder_to_hub
+
+    token = run.hub_token or os.environ.get("HF_TOKEN")
+    try:
+        url = push_folder_to_hub(output_dir, run.hub_model_id, token=token, private=run.hub_private_repo)
+    except PUSH_ERRORS as error:
+        reason = " ".join(str(error).split())[:300] or "no details"
+        if token:
+            reason = reason.replace(token, "<token>")
+        command = push_command(output_dir.resolve(), run.hub_model_id, private=run.hub_private_repo)
+        raise SystemExit(f"Push to the Hub repo {run.hub_model_id} failed ({type(error).__name__}: {reason}). The "
+                         f"model is saved locally at {output_dir.resolve()}; push it later (with HF_TOKEN set or "
+                         f"after `hf auth login`) with: {command}") from None
+    logger.info("pushed to %s", url)
+    return url
+
+
+def _drop_local_paths(config) -> None:
+    """save_pretrained leaves the top-level `_name_or_path` out of config.json but keeps the sub-configs' ones: towers
+    loaded from local checkpoints would publish their folders on this machine. Hub ids stay."""
+    from transformers import PreTrainedConfig
+
+    for value in vars(config).values():
+        if isinstance(value, PreTrainedConfig):
+            name = getattr(value, "_name_or_path", "")
+            if name and _public_name(name) != name:
+                value._name_or_path = ""
+            _drop_local_paths(value)
+
+
+def _public_name(name: str | None) -> str | None:
+    """A model or dataset name for the published card: a Hub id stays; a local path becomes "<last component> (local
+    folder)", which names no path of the training machine and, not being a repo id, stays out of the metadata."""
+    if not name:
+        return name
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith((".", "~")) or (("/" in name or os.sep in name) and path.exists()):
+        return f"{path.resolve().name or 'root'} (local {'file' if path.is_file() else 'folder'})"
+    return name
 
 
 def _card_template(run: RunArguments, model_type: str) -> Path:
@@ -434,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**(config.get("run") or {}))
+    if run.push_to_hub and not run.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id")
     model_section = dict(config.get("model") or {})
     if model_section.get("model_type") == "mivc" or (
         run.model_name_or_path and "model_type" not in model_section
@@ -516,8 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
             model_type_name=model_type.upper(),
-            base_model=run.vision_model_name_or_path,
-            dataset_name=data_args.dataset_name,
+            base_model=_public_name(run.vision_model_name_or_path),
+            dataset_name=_public_name(data_args.dataset_name),
             dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
             dataset_split=data_args.train_split,
             eval_split=data_args.eval_split,
@@ -644,8 +701,9 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
             _card_template(run, "mivc"),
             model_id=run.hub_model_id or output_dir.name,
             model_type_name="MIVC",
-            base_model=[m for m in (run.vision_model_name_or_path, run.text_model_name_or_path) if m] or None,
-            dataset_name=data_args.dataset_name,
+            base_model=[_public_name(m) for m in (run.vision_model_name_or_path, run.text_model_name_or_path)
+                        if m] or None,
+            dataset_name=_public_name(data_args.dataset_name),
             dataset_description=(MULTIVIEW_DIGITS_DESCRIPTION if data_args.dataset_name == "multiview_digits"
                                  else None),
             dataset_split=data_args.train_split,

@@ -18,6 +18,8 @@ Design decisions
 * Values that a template puts at the start of a line are also escaped against opening a list, a thematic break
   (``---``) or a setext heading.
 * Tokens are passed straight to ``HfApi`` and never logged, printed or written.
+* A push uploads an allow-list (`publishable_files`), computed from the folder and committed file by file, never
+  the folder as a whole: a training run's output folder also holds checkpoints, logs and pickles.
 """
 
 from __future__ import annotations
@@ -26,20 +28,23 @@ import json
 import logging
 import math
 import re
+import shlex
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.errors
 import yaml
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .metrics import answers_match
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_model_card", "is_hub_id", "push_folder_to_hub", "save_model_card"]
+__all__ = ["PUSH_ERRORS", "build_model_card", "is_hub_id", "publishable_files", "push_command", "push_folder_to_hub",
+           "save_model_card"]
 
 DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
 RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
@@ -377,6 +382,122 @@ def save_model_card(output_dir: str | Path, card: ModelCard) -> Path:
     return path
 
 
+# What a published model folder may contain (`publishable_files`). Everything else a training run leaves next to the
+# model stays local: checkpoint-*/ (optimizer, scheduler and RNG pickles, training_args.bin), TensorBoard runs/ (host
+# name, absolute paths), training_args.json (absolute paths), files left by earlier runs, any *.bin / *.pt / *.pth.
+WEIGHT_FILE = "model.safetensors"
+WEIGHT_INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT
+PROCESSOR_FILES = (
+    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+OTHER_FILES = ("config.json", "generation_config.json", "README.md", "eval_results.json")
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
+# `![caption](file)` in the card; captions are escaped by `_md`, so a `]` inside one is `\]`
+_PICTURE_LINK = re.compile(r"!\[(?:\\.|[^\]\\])*\]\(<?([^()<>\s]+)>?\)")
+
+
+def _inside(folder: Path, name: str) -> bool:
+    path = (folder / name).resolve()
+    return path.is_file() and path.is_relative_to(folder.resolve())
+
+
+def _weight_files(folder: Path) -> list[str]:
+    has_index = (folder / WEIGHT_INDEX_FILE).is_file()
+    has_single = (folder / WEIGHT_FILE).is_file()
+    if has_index and has_single:
+        # save_pretrained removes stale shards but not a stale index or single file: one of them is left from an
+        # earlier save, and which one cannot be told from the folder
+        raise ValueError(f"{folder} has both {WEIGHT_FILE} and {WEIGHT_INDEX_FILE}; one is left from an earlier "
+                         "save: remove it, or save the model to an empty folder")
+    if has_single:
+        return [WEIGHT_FILE]
+    if not has_index:
+        return []
+    weight_map = json.loads((folder / WEIGHT_INDEX_FILE).read_text(encoding="utf-8")).get("weight_map") or {}
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not _inside(folder, name)]
+    if not shards or missing:
+        raise ValueError(f"{folder}/{WEIGHT_INDEX_FILE} names shards that are not in the folder: {missing or 'none'}")
+    return [WEIGHT_INDEX_FILE, *shards]
+
+
+def _code_files(folder: Path, config_files: list[str]) -> list[str]:
+    """The .py files named by the `auto_map` of the given JSON configs, with their relative imports (what
+    `save_pretrained` copies for `trust_remote_code`)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    modules: list[str] = []
+    for name in config_files:
+        config = json.loads((folder / name).read_text(encoding="utf-8"))
+        auto_map = (config.get("auto_map") if isinstance(config, dict) else None) or {}
+        for targets in auto_map.values():
+            for target in targets if isinstance(targets, list) else [targets]:
+                # "module.Class" (a file next to the config); "other/repo--module.Class" points at code in another
+                # repo; None marks a missing slow or fast tokenizer class
+                if isinstance(target, str) and "--" not in target and "." in target:
+                    modules.append(target.rsplit(".", 1)[0] + ".py")
+    found: list[str] = []
+    while modules:
+        module = modules.pop()
+        if module in found:
+            continue
+        if not _inside(folder, module):
+            raise ValueError(f"the auto_map of {folder} needs {module}, which is not in the folder")
+        found.append(module)
+        modules.extend(f"{imported}.py" for imported in get_relative_imports(folder / module))
+    return found
+
+
+def _card_pictures(folder: Path) -> list[str]:
+    if not (folder / "README.md").is_file():
+        return []
+    links = _PICTURE_LINK.findall((folder / "README.md").read_text(encoding="utf-8"))
+    return [link for link in dict.fromkeys(links)
+            if "://" not in link and not link.startswith("/") and link.lower().endswith(_PICTURE_SUFFIXES)
+            and _inside(folder, link)]
+
+
+def publishable_files(folder: str | Path) -> list[str]:
+    """The files of a saved model folder that go to the Hub, as sorted relative paths: ``config.json``, the
+    weights (``model.safetensors``, or ``model.safetensors.index.json`` and the shards it lists; PEFT's
+    ``adapter_config.json`` / ``adapter_model.safetensors``), processor and tokenizer files (``PROCESSOR_FILES``),
+    the code files that the configs' ``auto_map`` needs (with their relative imports), ``README.md`` and the
+    pictures it links to, ``eval_results.json`` and ``generation_config.json``, where present.
+
+    Nothing else: no checkpoints, TensorBoard runs, training arguments, pickles or files left by earlier runs.
+    Raises ``ValueError`` when the folder holds no model weights or is inconsistent (stale weights, missing
+    shards or code files).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    weights = _weight_files(folder) + [name for name in ADAPTER_FILES if (folder / name).is_file()]
+    if not any(name.endswith(".safetensors") for name in weights):
+        raise ValueError(f"{folder} holds no model weights ({WEIGHT_FILE}, {WEIGHT_INDEX_FILE} or "
+                         f"{ADAPTER_FILES[1]}): nothing to publish")
+    present = [name for name in (*OTHER_FILES, *PROCESSOR_FILES) if (folder / name).is_file()]
+    configs = [name for name in (*present, *weights) if name.endswith("config.json")]
+    return sorted({*weights, *present, *_code_files(folder, configs), *_card_pictures(folder)})
+
+
+# What a failed push raises: HfHubHTTPError and other OSErrors (no connection, offline mode, no stored login), the
+# HTTP client's own errors (httpx's ConnectError is no OSError), ValueError (bad repo id or card metadata, a folder
+# `publishable_files` refuses).
+PUSH_ERRORS = (OSError, ValueError, getattr(huggingface_hub.errors, "HTTPError", OSError))
+
+
+def push_command(folder: str | Path, repo_id: str, *, private: bool | None = None) -> str:
+    """A one-line shell command that pushes ``folder`` later with `push_folder_to_hub` (the same allow-list)."""
+    private_arg = "" if private is None else f", private={bool(private)}"
+    code = (f"from vlalign.hub import push_folder_to_hub; "
+            f"push_folder_to_hub({_py_literal(str(folder))}, {_py_literal(repo_id)}{private_arg})")
+    return f"python -c {shlex.quote(code)}"
+
+
 def push_folder_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -385,20 +506,22 @@ def push_folder_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload vlalign model",
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the commit URL.
+    """Create ``repo_id`` if needed and upload the model in ``folder`` in one commit; returns the commit URL.
 
-    ``token=None`` uses the locally stored login / ``HF_TOKEN``. ``private=None`` keeps the Hub default for
-    new repos and leaves an existing repo's visibility unchanged. The token is only handed to ``HfApi``.
+    Only the files of `publishable_files` are uploaded (model, processor, code, card and its pictures, evaluation
+    results), whatever else the folder holds. ``token=None`` uses the locally stored login / ``HF_TOKEN``.
+    ``private=None`` keeps the Hub default for new repos and leaves an existing repo's visibility unchanged. The
+    token is only handed to ``HfApi``. Hub and network failures propagate (``HfHubHTTPError``, ``OSError``, ...).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"not a folder: {folder}")
+    files = publishable_files(folder)  # before any network call: a folder that cannot be published fails here
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, exist_ok=True, private=private)
     # create_repo resolves a bare "name" to "user/name"; upload to what it actually created.
     target = getattr(repo_url, "repo_id", None) or repo_id
-    logger.info("Uploading %s to the Hub repo %s", folder, target)
-    info = api.upload_folder(repo_id=target, folder_path=str(folder), commit_message=commit_message)
+    logger.info("Uploading %d files of %s to the Hub repo %s: %s", len(files), folder, target, ", ".join(files))
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    info = api.create_commit(repo_id=target, operations=operations, commit_message=commit_message)
     return str(getattr(info, "commit_url", None) or info)
 
 
