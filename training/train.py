@@ -197,10 +197,9 @@ def build_processor(run: RunArguments, data_args, image_size: int):
 
 
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
-    from transformers import AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers import AutoConfig, AutoModel
 
-    from transformers import AutoConfig
+    import vlalign
 
     model_type = model_section.get("model_type")
     if model_type is None:
@@ -218,7 +217,8 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
         overrides.setdefault("num_train_samples", num_train_samples)  # sizes per-sample statistics (running Z)
     if run.model_name_or_path:
         return AutoModel.from_pretrained(run.model_name_or_path, **overrides)
-    model_class = MODEL_MAPPING[config_class]
+    model_class = {"tcl": vlalign.TCLModel, "codis": vlalign.CODISModel,
+                   "mivc": vlalign.MIVCForConditionalGeneration}[model_type]
     if run.vision_model_name_or_path or run.text_model_name_or_path:
         if not (run.vision_model_name_or_path and run.text_model_name_or_path):
             raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path")
@@ -259,7 +259,7 @@ def _training_arguments(config: dict, default_output_dir: str):
 def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
     """`--resume_from_checkpoint latest` (or true): the newest complete checkpoint-N folder in output_dir; a path is
     checked to exist, so that a typo cannot silently start the run from scratch."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint  # transformers internal (listed in vlalign/__init__.py)
 
     if value in (None, False, "", "false", "False"):
         return None

@@ -3,6 +3,22 @@
 Importing the package registers its configs, models and processors with transformers' Auto classes, and marks
 them for `register_for_auto_class` so that saved folders carry `auto_map` and the code files (loadable with
 `trust_remote_code=True` where vlalign is not installed).
+
+Where vlalign depends on transformers internals (not its documented API), kept short on purpose; each site says so
+in a comment, and tests/test_transformers_internals.py fails when an import of a transformers submodule is added
+that is not listed here:
+- albef_stack.py: the fusion layers are BERT's blocks (`models.bert.modeling_bert`: BertAttention, BertIntermediate,
+  BertOutput, BertPredictionHeadTransform), with `masking_utils.create_bidirectional_mask` and
+  `modeling_layers.GradientCheckpointingLayer`.
+- configuration_albef.py, configuration_mivc.py: `configuration_utils.SubConfigSpec` for the sub-config defaults.
+- modeling_mivc.py: MIVCOutput has the field set of `modeling_outputs.CausalLMOutputWithPast` (the cache's name
+  changes with the release), and generation relies on GenerationMixin passing `pixel_values` on the prefill step
+  only.
+- trainer.py (training only, not in saved folders): the Trainer's checkpoint hooks `_save_checkpoint` /
+  `_load_from_checkpoint` / `_get_output_dir` (exact resume), `_prepare_inputs`, `_build_accelerator_args`
+  (torch_compile of the towers only) and the `trainer_utils` checkpoint-folder names (also in training/train.py).
+- hub.py (training only): `dynamic_module_utils.get_relative_imports`, to upload exactly the code files a saved
+  folder's `auto_map` needs.
 """
 
 from transformers import (

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+# transformers internals (listed in vlalign/__init__.py): the fusion layers are BERT's own blocks, masked and
+# checkpointed the way transformers' encoders are
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bert.modeling_bert import (

@@ -9,7 +9,7 @@ import logging
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.configuration_utils import SubConfigSpec  # transformers internal (listed in vlalign/__init__.py)
 
 logger = logging.getLogger(__name__)
 

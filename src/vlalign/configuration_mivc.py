@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.configuration_utils import SubConfigSpec  # transformers internal (listed in vlalign/__init__.py)
 
 from .configuration_albef import _is_int, check_field_types, check_positive_int_attributes, warn_unknown_fields
 

@@ -428,6 +428,7 @@ def _weight_files(folder: Path) -> list[str]:
 def _code_files(folder: Path, config_files: list[str]) -> list[str]:
     """The .py files named by the `auto_map` of the given JSON configs, with their relative imports (what
     `save_pretrained` copies for `trust_remote_code`)."""
+    # transformers internal (listed in vlalign/__init__.py): the same relative-import scan that save_pretrained uses
     from transformers.dynamic_module_utils import get_relative_imports
 
     modules: list[str] = []

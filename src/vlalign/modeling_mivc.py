@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast  # its field set: see MIVCOutput
 
 from .albef_stack import (
     KeepsTrainableFlagsOnLoad,
@@ -244,7 +244,8 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         return MIVCOutput.from_language_model_output(outputs, image_weights=image_weights)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
-        # the images are read once, on the prefill forward; later steps only extend the LM's cache
+        # the images are read once, on the prefill forward; later steps only extend the LM's cache (transformers
+        # internal, listed in vlalign/__init__.py: GenerationMixin stops passing pixel_values after the prefill)
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         if inputs.get("pixel_values") is None:
             inputs.pop("image_mask", None)

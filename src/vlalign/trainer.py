@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # transformers internal (listed in vlalign/__init__.py)
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .data import ResumableCollator
@@ -319,6 +319,8 @@ class VLAlignTrainer(Trainer):
         if "collator" in state and isinstance(self.data_collator, ResumableCollator):
             self.data_collator.load_state_dict(state["collator"])
 
+    # transformers internals (listed in vlalign/__init__.py): Trainer's private checkpoint hooks, the one place where
+    # a checkpoint is written and read whole
     def _save_checkpoint(self, model, trial) -> None:
         # written before transformers' files, so that a checkpoint complete to transformers holds it too
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -391,7 +393,7 @@ class ContrastiveTrainer(VLAlignTrainer):
         of the Trainer's whole-model `torch.compile` (see ALBEFModel.compile_encoders)."""
         return bool(self.args.torch_compile) and hasattr(self.model, "compile_encoders")
 
-    def _build_accelerator_args(self, **kwargs):
+    def _build_accelerator_args(self, **kwargs):  # transformers internal (listed in vlalign/__init__.py)
         args = super()._build_accelerator_args(**kwargs)
         if self._compiles_encoders_only() and "dynamo_plugin" in args:
             from accelerate.utils import TorchDynamoPlugin
