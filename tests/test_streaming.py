@@ -27,6 +27,8 @@ from vlalign.data import (
     _digit_to_png,
     _row_key,
     build_digits_processor,
+    expand_braces,
+    expand_data_files,
     load_image_text_datasets,
 )
 
@@ -160,6 +162,35 @@ def test_webdataset_labels_from_cls_and_json_agree(shards):
     for row in cls_rows:  # keys are <shard><index>: the label is that digit's
         shard, index = int(row["__key__"][:2]), int(row["__key__"][2:])
         assert row["cls"] == digits.target[shard * ROWS_PER_SHARD + index]
+
+
+def test_brace_patterns_name_shards():
+    """WebDataset shard lists are written with shell braces; `datasets` resolves globs but not braces."""
+    assert expand_braces("train-{00000..00003}.tar") == [f"train-{i:05d}.tar" for i in range(4)]
+    assert expand_braces("{8..11}") == ["8", "9", "10", "11"] and expand_braces("{3..1}") == ["3", "2", "1"]
+    assert expand_braces("{train,extra}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "extra-0.tar", "extra-1.tar"]
+    assert expand_braces("shards/*.tar") == ["shards/*.tar"] and expand_braces("a{}b{name}") == ["a{}b{name}"]
+    assert expand_data_files({"train": "t-{0..1}.tar", "test": "x.tar"}) == {"train": ["t-0.tar", "t-1.tar"],
+                                                                            "test": "x.tar"}
+    assert expand_data_files(["a{1,2}", "b"]) == ["a1", "a2", "b"] and expand_data_files(None) is None
+    with pytest.raises(ValueError, match="expands to more than"):
+        expand_braces("{0..99999999}")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_stream_shards_named_by_a_brace_range(shards, fmt):
+    """Exactly the named shards are read: a range over 2 of the 3 shards streams their 40 rows."""
+    folder, extension, make = (("parquet", "parquet", _parquet_args) if fmt == "parquet"
+                               else ("wds", "tar", _webdataset_args))
+    args = make(shards)
+    args.data_files = {"train": str(shards / folder / f"train-{{00000..00001}}.{extension}"),
+                       "test": args.data_files["test"]}
+    train, evaluation = load_image_text_datasets(args, seed=0)
+    assert len(evaluation) == NUM_TEST
+    expected = {_row_key({"bytes": r["png"], "path": None}, r["caption"])[ROW_ID_COLUMN]
+                for shard in _rows()[0][:2] for r in shard}
+    ids = [row[ROW_ID_COLUMN] for row in train]
+    assert len(ids) == 2 * ROWS_PER_SHARD and set(ids) == expected
 
 
 def test_stream_string_labels_need_class_names(shards):

@@ -50,6 +50,8 @@ __all__ = [
     "build_eval_inputs",
     "decode_image",
     "digit_captions",
+    "expand_braces",
+    "expand_data_files",
     "load_image_text_datasets",
     "resolve_class_names",
     "sanitise_caption",
@@ -213,7 +215,8 @@ class DataArguments:
 
     `dataset_name` is anything `datasets.load_dataset` takes (Hub name, "imagefolder", "parquet", "json", a
     local path) or "digits" for the embedded demo. `data_files` may be a str, list or dict when set from
-    Python/YAML; on the command line pass a path or a JSON list/dict string. Column names may name a field of a
+    Python/YAML; on the command line pass a path or a JSON list/dict string. File patterns may use globs (`*`) and
+    brace ranges or lists (`train-{00000..00099}.tar`, see `expand_braces`). Column names may name a field of a
     struct column with a dot (`label_column: json.label` for WebDataset `.json` files).
 
     `streaming: true` reads the training split as a `datasets.IterableDataset` (local parquet or WebDataset tar
@@ -351,12 +354,68 @@ def _encode_string_labels(splits: dict[str, datasets.Dataset], column: str) -> d
     return {k: ds.cast_column(column, class_label) for k, ds in splits.items()}
 
 
+_BRACE_GROUP = re.compile(r"\{([^{}]*)\}")
+_BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+MAX_EXPANDED_DATA_FILES = 1_000_000
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion of one file pattern, the way WebDataset shard lists are written:
+    `train-{00000..00099}.tar` gives the 100 names (zero-padded to the bounds' width when a bound has a leading
+    zero, as bash does; descending ranges count down) and `{train,extra}-*.tar` the alternatives. Several groups
+    expand left to right. A group that is neither a range nor a comma list (`{}`, `{name}`) is kept literally; glob
+    characters are left for `datasets` to resolve. ValueError beyond `MAX_EXPANDED_DATA_FILES` names."""
+    expanded: list[str] = []
+    pending = [pattern]
+    while pending:
+        current = pending.pop()
+        for match in _BRACE_GROUP.finditer(current):
+            body = match.group(1)
+            bounds = _BRACE_RANGE.fullmatch(body)
+            if bounds:
+                first, last = bounds.groups()
+                padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (first, last))
+                width = max(len(first), len(last)) if padded else 0
+                step = 1 if int(last) >= int(first) else -1
+                if abs(int(last) - int(first)) >= MAX_EXPANDED_DATA_FILES:
+                    raise ValueError(f"data_files pattern {pattern!r} expands to more than "
+                                     f"{MAX_EXPANDED_DATA_FILES} names")
+                choices = [f"{i:0{width}d}" for i in range(int(first), int(last) + step, step)]
+            elif "," in body:
+                choices = body.split(",")
+            else:
+                continue
+            head, tail = current[:match.start()], current[match.end():]
+            pending.extend(head + choice + tail for choice in reversed(choices))
+            break
+        else:
+            expanded.append(current)
+        if len(expanded) + len(pending) > MAX_EXPANDED_DATA_FILES:
+            raise ValueError(f"data_files pattern {pattern!r} expands to more than {MAX_EXPANDED_DATA_FILES} "
+                             "names")
+    return list(dict.fromkeys(expanded))  # nested groups can repeat a name
+
+
+def expand_data_files(data_files: Any) -> Any:
+    """`data_files` (a str, list or dict of either) with brace patterns expanded (`expand_braces`); `datasets`
+    itself resolves globs (`*`) but not braces. A str without braces is returned unchanged."""
+    if data_files is None:
+        return None
+    if isinstance(data_files, dict):
+        return {split: expand_data_files(files) for split, files in data_files.items()}
+    if isinstance(data_files, str):
+        names = expand_braces(data_files)
+        return names[0] if names == [data_files] else names
+    return [name for files in data_files for name in expand_braces(files)]
+
+
 def _load_splits(args: DataArguments, streaming: bool) -> dict:
     """All splits of the configured source: the embedded digits demo (always in memory) or `load_dataset`."""
     if args.dataset_name == "digits":
         return build_digits_dataset(cache_dir=args.cache_dir)
     loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
-                                   data_files=args.data_files, cache_dir=args.cache_dir, streaming=streaming)
+                                   data_files=expand_data_files(args.data_files), cache_dir=args.cache_dir,
+                                   streaming=streaming)
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return dict(loaded)
     return {"train": loaded}
@@ -1261,7 +1320,7 @@ def load_multi_image_datasets(args: MIVCDataArguments, seed: int = 0):
             min_images=args.min_images, max_images=args.max_images, degraded_fraction=args.degraded_fraction,
             seed=seed)
     else:
-        splits = datasets.load_dataset(args.dataset_name, data_files=args.data_files)
+        splits = datasets.load_dataset(args.dataset_name, data_files=expand_data_files(args.data_files))
     train = splits[args.train_split]
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
