@@ -491,6 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
     run = RunArguments(**(config.get("run") or {}))
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
+    if run.hub_token:
+        # never written to a file by us, but a command line is visible to the machine's other users (`ps`), and
+        # `accelerate launch` repeats it when the run exits with an error
+        logger.warning("--hub_token: a token on the command line can be seen by other users of this machine and is "
+                       "repeated by `accelerate launch` if the run fails; prefer HF_TOKEN or `hf auth login`")
     model_section = dict(config.get("model") or {})
     if model_section.get("model_type") == "mivc" or (
         run.model_name_or_path and "model_type" not in model_section
