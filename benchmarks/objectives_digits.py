@@ -51,8 +51,9 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
         "--imc_weight", "0", "--lmi_weight", "0", "--itm_weight", "0", "--mlm_weight", "0",
         "--per_device_train_batch_size", "64"]),
     "tcl_b64": ("full TCL, batch 64", ["--per_device_train_batch_size", "64"]),
-    "codis_b64": ("full CODIS, batch 64, own-plan targets", ["--per_device_train_batch_size", "64"]),
-    "codis_b64_swapped": ("full CODIS, batch 64, swapped-plan targets", [
+    "codis_b64": ("full CODIS, batch 64, own-plan targets", [
+        "--per_device_train_batch_size", "64", "--code_targets", "own"]),
+    "codis_b64_swapped": ("full CODIS, batch 64, swapped-plan targets (default)", [
         "--per_device_train_batch_size", "64", "--code_targets", "swapped"]),
 }
 # the demo YAML each configuration starts from (default: the TCL demo's)

@@ -109,9 +109,10 @@ def test_config_accepts_codebook_only_objectives_and_reports_solver_settings():
     assert config.solver_kwargs() == {"beta": 0.25, "iterations": 9, "inner_iterations": 2}
     assert config.code_dim == config.embed_dim == 16
     assert tiny_codis_config(codebook_dim=8).code_dim == 8
+    assert tiny_codis_config().code_targets == "swapped"  # the paper's cross-view teaching is the default
     # round trip through the dict / json form
-    again = CODISConfig.from_dict(tiny_codis_config(codebook_dim=8, code_targets="swapped").to_dict())
-    assert (again.codebook_dim, again.code_targets, again.codebook_size) == (8, "swapped", 12)
+    again = CODISConfig.from_dict(tiny_codis_config(codebook_dim=8, code_targets="own").to_dict())
+    assert (again.codebook_dim, again.code_targets, again.codebook_size) == (8, "own", 12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def _reference_terms(model, batch, image_plan_from="image", text_plan_from="text
 @pytest.mark.parametrize("solver", ["ipot", "sinkhorn"])
 def test_codebook_terms_match_float64_reference(solver, use_momentum):
     model = _model(dropout=False, momentum=1.0, ot_solver=solver, use_momentum=use_momentum, itm_weight=0.0,
-                   mlm_weight=0.0)
+                   mlm_weight=0.0, code_targets="own")  # the reference's plans; swapped: the test below
     model.train()
     batch = _same_view_batch()
     out = model(**batch, return_loss=True)
@@ -287,7 +288,8 @@ def test_code_proj_and_codebook_get_the_code_prediction_gradient():
     with the gradient of the float64 reference loss (plans from code_proj(teacher features))."""
     code_weight = 1.5
     model = _model(dropout=False, momentum=1.0, codebook_dim=8, cma_weight=0.0, imc_weight=0.0, itm_weight=0.0,
-                   mlm_weight=0.0, ot_weight=0.0, code_weight=code_weight, num_fusion_layers=0)
+                   mlm_weight=0.0, ot_weight=0.0, code_weight=code_weight, num_fusion_layers=0,
+                   code_targets="own")  # the reference's plans
     model.train()
     assert model.code_proj.weight.shape == (8, 16) and model.code_proj.bias is None
     assert model.codebook.weight.shape == (12, 8)

@@ -73,10 +73,13 @@ def test_no_momentum_in_batch_loss_equals_reference():
 
 
 def test_cma_and_imc_against_reference_from_teacher_features():
-    """Recompute i2t / t2i / i2i / t2t from the model's own student and teacher features."""
-    model = _model(lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, momentum=1.0)  # m=1: teacher stays fixed
+    """Recompute i2t / t2i / i2i / t2t in float64 from the model's own student and teacher features, as TCL's
+    retrieval code defines them (models/model_retrieval.py): the cross-modal terms against distillation targets, the
+    intra-modal ones against the same id-aware targets over batch + queue (every key with the query's id is a
+    positive, in the batch and in the queue)."""
+    model = _model(lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, momentum=1.0).double()  # m=1: teacher fixed
     model.eval()  # deterministic (no dropout); the training path does not depend on train/eval otherwise
-    batch = tiny_batch()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch().items()}
     ids = torch.tensor([5, 6, 5, 7])
     queue_img, queue_txt = model.image_queue.features.clone(), model.text_queue.features.clone()
     queue_ids = model.image_queue.ids.clone()
@@ -101,10 +104,74 @@ def test_cma_and_imc_against_reference_from_teacher_features():
     tgt_t2i = alpha * torch.softmax(t_m @ img_keys.t() / tau, 1) + (1 - alpha) * hard
     ref_i2t = -(torch.log_softmax(v @ txt_keys.t() / tau, 1) * tgt_i2t).sum(1).mean()
     ref_t2i = -(torch.log_softmax(t @ img_keys.t() / tau, 1) * tgt_t2i).sum(1).mean()
-    ref_i2i = F.cross_entropy(v @ img_keys.t() / tau, torch.arange(4))
-    ref_t2t = F.cross_entropy(t @ txt_keys.t() / tau, torch.arange(4))
+    ref_i2i = -(torch.log_softmax(v @ img_keys.t() / tau, 1) * hard).sum(1).mean()
+    ref_t2t = -(torch.log_softmax(t @ txt_keys.t() / tau, 1) * hard).sum(1).mean()
+    # the batch's same-id pair and the queue's id-5 and id-7 entries really are targets of i2i
+    assert hard[0, 2] > 0 and hard[0, 4] > 0 and hard[3, 5] > 0
     for name, ref in (("i2t", ref_i2t), ("t2i", ref_t2i), ("i2i", ref_i2i), ("t2t", ref_t2t)):
-        assert getattr(out, f"loss_{name}").item() == pytest.approx(ref.item(), rel=1e-4), name
+        torch.testing.assert_close(getattr(out, f"loss_{name}"), ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_imc_without_momentum_counts_same_id_views_as_positives():
+    """With use_momentum=False the intra-modal terms compare two student views in the batch; with ids, the other
+    view of every same-id item is a positive (float64 reference)."""
+    model = _model(use_momentum=False, num_fusion_layers=0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0).double()
+    model.eval()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch().items()}
+    ids = torch.tensor([5, 6, 5, 7])
+    out = model(**batch, positive_ids=ids, return_loss=True)
+    with torch.no_grad():
+        v = model.get_image_features(batch["pixel_values"])
+        v2 = model.get_image_features(batch["pixel_values_view2"])
+        t = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+    tau = float(model.temperature.detach())
+    pos = (ids[:, None] == ids[None, :]).double()
+    targets = pos / pos.sum(1, keepdim=True)
+    ref_i2i = -(torch.log_softmax(v @ v2.t() / tau, 1) * targets).sum(1).mean()
+    ref_t2t = -(torch.log_softmax(t @ t.t() / tau, 1) * targets).sum(1).mean()  # eval: both text views equal
+    torch.testing.assert_close(out.loss_i2i, ref_i2i, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.loss_t2t, ref_t2t, rtol=1e-12, atol=1e-12)
+
+
+def test_itm_hard_negatives_are_drawn_from_student_against_teacher_similarities(monkeypatch):
+    """ALBEF / TCL draw a text's negative image from softmax(student text . teacher image / t) and an image's
+    negative text from softmax(student image . teacher text / t), same-id pairs excluded: the distributions the
+    model samples from equal that float64 reference."""
+    import vlalign.albef_stack as albef_stack
+
+    seen = []
+    real = albef_stack.sample_hard_negatives
+
+    def recording(similarity, positive_mask, generator=None):
+        seen.append((similarity.clone(), positive_mask.clone()))
+        return real(similarity, positive_mask, generator)
+
+    monkeypatch.setattr(albef_stack, "sample_hard_negatives", recording)
+    model = _model(lmi_weight=0.0, mlm_weight=0.0, momentum=0.5).double()
+    model.eval()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch().items()}
+    ids = torch.tensor([5, 6, 5, 7])
+    model(**batch, positive_ids=ids, return_loss=True)
+    with torch.no_grad():  # the teacher after this step's EMA update is the one the step used
+        v = model.get_image_features(batch["pixel_values"])
+        t = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        v_m = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
+        t_m = model._text_feature(model._text_tokens(batch["input_ids"], batch["attention_mask"], True), True)
+    tau = float(model.temperature.detach())
+    positive = (ids[:, None] == ids[None, :]) | torch.eye(4, dtype=torch.bool)
+    (sim_t2i, mask_t2i), (sim_i2t, mask_i2t) = seen
+
+    def distribution(sim, mask):
+        return torch.softmax(sim.double(), 1).masked_fill(mask, 0.0) / torch.softmax(sim.double(), 1).masked_fill(
+            mask, 0.0).sum(1, keepdim=True)
+
+    assert torch.equal(mask_t2i, positive) and torch.equal(mask_i2t, positive)
+    torch.testing.assert_close(distribution(sim_t2i, mask_t2i), distribution(t @ v_m.t() / tau, positive),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(distribution(sim_i2t, mask_i2t), distribution(v @ t_m.t() / tau, positive),
+                               rtol=1e-12, atol=1e-12)
+    # the comparison has teeth: student x student similarities give another distribution
+    assert (distribution(t @ v.t() / tau, positive) - distribution(t @ v_m.t() / tau, positive)).abs().max() > 1e-3
 
 
 def test_lmi_uses_teacher_locals_and_masks_text_padding():

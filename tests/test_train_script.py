@@ -175,7 +175,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
                            "save_strategy": "no", "report_to": "none", "use_cpu": True}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    results = train.main(["--config", str(tmp_path / "config.yaml"), "--code_targets", "swapped"])
+    results = train.main(["--config", str(tmp_path / "config.yaml"), "--code_targets", "own"])
     out = tmp_path / "out"
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["codebook_size"] == 8
@@ -185,7 +185,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     assert 0.0 < saved["image_code_purity"] <= 100.0
     assert results["codebook_size"] == 8
     config_json = json.loads((out / "config.json").read_text())
-    assert config_json["model_type"] == "codis" and config_json["code_targets"] == "swapped"
+    assert config_json["model_type"] == "codis" and config_json["code_targets"] == "own"  # the override, not the default
     assert config_json["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
     for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py"):
         assert (out / name).exists(), name
@@ -193,7 +193,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     assert "codis" in card.data.tags
     assert "## Codebook usage" in card.content
     assert f"| image | {saved['image_codes_used']} | {saved['image_code_perplexity']:.2f} |" in card.content
-    assert "| code\\_targets | swapped |" in card.content  # CODIS's own fields are in the hyperparameters
+    assert "| code\\_targets | own |" in card.content  # CODIS's own fields are in the hyperparameters
     assert "lmi" not in card.content.split("## Training hyperparameters")[1].split("## Evaluation")[0]
 
 

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from .losses import (
     FeatureQueue,
+    _loss_dtype,
     contrastive_cross_entropy,
     distillation_targets,
     info_nce,
@@ -759,8 +760,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         image_keys = self.image_queue.keys(teacher["image_feat_m"])
         text_keys = self.text_queue.keys(teacher["text_feat_m"])
         key_ids = self.image_queue.key_ids(positive_ids)
-        hard = positive_targets(positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device)
+        hard = positive_targets(positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device,
+                                dtype=_loss_dtype(image_keys))
         teacher["image_keys"], teacher["text_keys"] = image_keys, text_keys
+        # the positives of every query among batch + queue keys (both queues hold the same ids): the hard targets of
+        # the cross-modal terms and the targets of the intra-modal ones (TCL's models/model_retrieval.py)
+        teacher["positive_targets"] = hard
         teacher["i2t_targets"] = distillation_targets(
             similarity_logits(teacher["image_feat_m"], text_keys, temp), hard, alpha)
         teacher["t2i_targets"] = distillation_targets(
@@ -783,13 +788,16 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                                return_directions=True)
         return {"i2t": i2t, "t2i": t2i}
 
-    def _intra_modal_losses(self, student, teacher, temp) -> dict[str, torch.Tensor]:
-        """i2i and t2t: a student view against the teacher's other view + queue, or against its own second view."""
+    def _intra_modal_losses(self, student, teacher, positive_ids, temp) -> dict[str, torch.Tensor]:
+        """i2i and t2t: a student view against the teacher's other view + queue, or against its own second view.
+        Keys with the query's positive id are positives here too (the same targets as the cross-modal terms'), so
+        that an item is never pushed away from the items it is aligned with across modalities."""
         if self.config.use_momentum:
-            return {"i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp),
-                    "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp)}
-        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp),
-                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp)}
+            targets = teacher["positive_targets"]
+            return {"i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp, targets),
+                    "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp, targets)}
+        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp, positive_ids),
+                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp, positive_ids)}
 
     def _alignment_losses(self, student: dict, teacher: dict, batch: dict, positive_ids, sample_ids, temp):
         """Every loss that depends on the student only through the features of `_student_pass`."""
@@ -798,7 +806,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if cfg.cma_weight > 0:
             losses.update(self._cross_modal_losses(student, teacher, positive_ids, sample_ids, temp))
         if cfg.imc_weight > 0:
-            losses.update(self._intra_modal_losses(student, teacher, temp))
+            losses.update(self._intra_modal_losses(student, teacher, positive_ids, temp))
         losses.update(self._extra_alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp))
         return losses
 
@@ -808,15 +816,23 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _alignment_total(self, losses: dict) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def _fusion_losses(self, student: dict, batch: dict, positive_ids, temp, alpha, image_tokens_m):
+    def _fusion_losses(self, student: dict, batch: dict, positive_ids, temp, alpha, teacher: dict):
+        """ITM and MLM of the rows of `batch`; `teacher` holds the teacher's features of the same rows (empty
+        without momentum)."""
         cfg = self.config
         losses = {}
         if cfg.itm_weight > 0:
+            # hard negatives are drawn from the student features against the teacher features of the other
+            # modality, as ALBEF / TCL do (their sim_i2t / sim_t2i of the contrastive loss); without momentum
+            # there is no teacher, and the student features stand in for it
+            image_keys = teacher.get("image_feat_m", student["image_feat"])
+            text_keys = teacher.get("text_feat_m", student["text_feat"])
             losses["itm"] = self._itm_loss(student["image_tokens"], student["image_feat"], student["text_tokens"],
-                                           student["text_feat"], batch["attention_mask"], positive_ids, temp)
+                                           student["text_feat"], batch["attention_mask"], positive_ids, temp,
+                                           image_keys, text_keys)
         if cfg.mlm_weight > 0:
             losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], student["image_tokens"],
-                                           image_tokens_m, alpha)
+                                           teacher.get("image_tokens_m"), alpha)
         return losses
 
     def _fusion_total(self, losses: dict) -> torch.Tensor | None:
@@ -848,7 +864,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         teacher = self._teacher_pass(batch, positive_ids, temp, alpha)
         losses = self._alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp)
         total = self._alignment_total(losses)
-        fusion = self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher.get("image_tokens_m"))
+        fusion = self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher)
         losses.update(fusion)
         fusion_total = self._fusion_total(fusion)
         if fusion_total is not None:
@@ -941,9 +957,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                             if leaves[k].grad is not None)
             if keep_tokens:
                 ids = None if positive_ids is None else positive_ids[start:stop]
-                image_tokens_m = teacher.get("image_tokens_m")
-                fusion = self._fusion_losses(student, part, ids, temp, alpha,
-                                             None if image_tokens_m is None else image_tokens_m[start:stop])
+                rows = {k: teacher[k][start:stop] for k in ("image_tokens_m", "image_feat_m", "text_feat_m")
+                        if k in teacher}
+                fusion = self._fusion_losses(student, part, ids, temp, alpha, rows)
                 weight = (stop - start) / size
                 fusion_total = self._fusion_total(fusion)
                 surrogate = surrogate + fusion_total * weight * loss_scale
@@ -961,18 +977,23 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                          image_embeds=leaves["image_feat"].detach(),
                                  text_embeds=leaves["text_feat"].detach(), temperature=temp.detach())
 
-    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp):
+    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp,
+                  image_keys, text_keys):
+        """ITM over positives and one hard negative per image and per text: a text's negative image is drawn
+        from softmax(text_feat . image_keys / t), an image's negative text from softmax(image_feat . text_keys / t),
+        positives (same id) excluded."""
         batch = image_feat.shape[0]
         with torch.no_grad():
             positive = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
             if positive_ids is not None:
                 positive |= positive_ids.view(-1, 1) == positive_ids.view(1, -1)
             if self.config.itm_hard_negatives:
-                sim_t2i = similarity_logits(text_feat, image_feat, temp)
+                sim_t2i = similarity_logits(text_feat, image_keys, temp)
+                sim_i2t = similarity_logits(image_feat, text_keys, temp)
             else:
-                sim_t2i = torch.zeros(batch, batch, device=image_feat.device)
+                sim_t2i = sim_i2t = torch.zeros(batch, batch, device=image_feat.device)
             negative_image_for_text = sample_hard_negatives(sim_t2i, positive)
-            negative_text_for_image = sample_hard_negatives(sim_t2i.t(), positive.t())
+            negative_text_for_image = sample_hard_negatives(sim_i2t, positive)
         # one batched fusion pass over the 3B pairs: positives, (text, negative image), (negative text, image)
         text_all = torch.cat([text_tokens, text_tokens, text_tokens[negative_text_for_image]], dim=0)
         mask_all = torch.cat([attention_mask, attention_mask, attention_mask[negative_text_for_image]], dim=0)

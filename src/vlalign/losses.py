@@ -88,7 +88,8 @@ def similarity_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: to
 
 
 def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_queries: int, num_keys: int,
-                     device: torch.device | None = None, offset: int = 0) -> torch.Tensor:
+                     device: torch.device | None = None, offset: int = 0,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Target distribution spreading mass uniformly over the positives of each query.
 
     With ids, key j is a positive of query i iff ``query_ids[i] == key_ids[j]`` (several captions of one image, or
@@ -96,12 +97,12 @@ def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | Non
     process's rows start among keys gathered from all processes). That key is always a positive, whatever the ids
     say, so no row is ever empty.
     """
-    eye = torch.zeros(num_queries, num_keys, device=device)
+    eye = torch.zeros(num_queries, num_keys, device=device, dtype=dtype)
     rows = torch.arange(num_queries, device=device)
     eye[rows, rows + offset] = 1.0
     if query_ids is None or key_ids is None:
         return eye
-    positives = (query_ids.view(-1, 1) == key_ids.view(1, -1)).float()
+    positives = (query_ids.view(-1, 1) == key_ids.view(1, -1)).to(dtype)
     positives = torch.maximum(positives, eye)
     return positives / positives.sum(dim=1, keepdim=True)
 
@@ -361,18 +362,22 @@ def info_nce(
     all_texts, _ = gathered_keys(text_embeds)
     all_ids = None if image_ids is None else all_gather_no_grad(image_ids)
     targets = positive_targets(image_ids, all_ids, image_embeds.shape[0], all_texts.shape[0],
-                               device=image_embeds.device, offset=offset)
+                               device=image_embeds.device, offset=offset, dtype=_loss_dtype(image_embeds, text_embeds))
     loss_i2t = contrastive_cross_entropy(image_embeds, all_texts, temperature, targets)
     loss_t2i = contrastive_cross_entropy(text_embeds, all_images, temperature, targets)
     loss = (loss_i2t + loss_t2i) / 2
     return (loss, loss_i2t, loss_t2i) if return_directions else loss
 
 
-def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temperature: torch.Tensor | float):
+def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temperature: torch.Tensor | float,
+                         ids: torch.Tensor | None = None):
     """One-direction InfoNCE between two views of the same inputs (IMC / SimCLR-style): query i's positive is
-    view i, the other views of every process (gathered with gradient) are negatives."""
+    view i, the other views of every process (gathered with gradient) are negatives -- except, with ``ids``, the
+    views of items with the query's id, which are positives too (targets spread uniformly over them)."""
     keys, offset = gathered_keys(other_view)
-    targets = positive_targets(None, None, queries.shape[0], keys.shape[0], device=queries.device, offset=offset)
+    all_ids = None if ids is None else all_gather_no_grad(ids)
+    targets = positive_targets(ids, all_ids, queries.shape[0], keys.shape[0], device=queries.device, offset=offset,
+                               dtype=_loss_dtype(queries, keys))
     return contrastive_cross_entropy(queries, keys, temperature, targets)
 
 
