@@ -82,13 +82,17 @@ def _logged_worker(rank: int, worker, log_dir: str, args: tuple) -> None:
     worker(rank, *args)
 
 
-def _log_tail(log_dir: str, rank: int, chars: int = 3000) -> str:
-    path = os.path.join(log_dir, f"worker_rank{rank}.log")
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-chars:] or "(empty log)"
-    except OSError:
-        return "(no log written)"
+def _worker_logs(log_dir: str, world_size: int, chars: int = 3000) -> str:
+    """The tail of every worker's log, for an error message."""
+    tails = []
+    for rank in range(world_size):
+        try:
+            with open(os.path.join(log_dir, f"worker_rank{rank}.log"), errors="replace") as f:
+                tail = f.read()[-chars:] or "(empty log)"
+        except OSError:
+            tail = "(no log written)"
+        tails.append(f"--- worker rank {rank} log tail ---\n{tail}")
+    return "\n".join(tails)
 
 
 def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, timeout: float = 900.0) -> None:
@@ -109,14 +113,13 @@ def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, t
             try:
                 if context.join(timeout=0.5):
                     return
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:  # raised (or exited non-zero, or was killed by a signal)
-                logs = "\n".join(f"--- worker rank {r} log tail ---\n{_log_tail(log_dir, r)}"
-                                  for r in range(world_size))
-                raise RuntimeError(f"distributed worker rank {error.error_index} failed: {error}\n{logs}") from None
+            # a worker raised, exited non-zero or was killed by a signal
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+                raise RuntimeError(f"distributed worker rank {error.error_index} failed: {error}\n"
+                                   f"{_worker_logs(log_dir, world_size)}") from None
             if time.monotonic() > deadline:
-                logs = "\n".join(f"--- worker rank {r} log tail ---\n{_log_tail(log_dir, r)}"
-                                  for r in range(world_size))
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout:.0f} s\n{logs}")
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout:.0f} s\n"
+                                   f"{_worker_logs(log_dir, world_size)}")
     finally:
         for process in context.processes:
             if process.is_alive():

@@ -185,7 +185,8 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     assert 0.0 < saved["image_code_purity"] <= 100.0
     assert results["codebook_size"] == 8
     config_json = json.loads((out / "config.json").read_text())
-    assert config_json["model_type"] == "codis" and config_json["code_targets"] == "own"  # the override, not the default
+    # the command-line override, not the default (swapped)
+    assert config_json["model_type"] == "codis" and config_json["code_targets"] == "own"
     assert config_json["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
     for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py"):
         assert (out / name).exists(), name
