@@ -444,3 +444,18 @@ def test_exact_match_is_an_image_text_to_text_result():
     assert ["Image-Text-to-Text", "Exact-match accuracy", "97.50"] in _table_rows(card.text)
     assert ["mean\\_weight\\_clean\\_images", "0.5"] in _table_rows(card.text)
     assert "Multiple Instance Visual Component" in card.text
+
+def test_card_warns_when_alignment_never_started(tmp_path):
+    for template in ("tcl.md", "codis.md"):
+        path = Path(__file__).resolve().parents[1] / "model_cards" / template
+        kwargs = dict(model_id="someone/model", model_type_name=template[:-3].upper(), dataset_name="scenes",
+                      hyperparameters={}, eval_results={"i2t_recall@1": 0.2})
+        healthy = build_model_card(path, **kwargs)
+        assert "alignment never started" not in healthy.text
+        stuck = build_model_card(path, alignment_not_started={"step": 300, "loss_i2t": 6.96, "loss_t2i": 6.95,
+                                                              "num_keys": 1056}, **kwargs)
+        assert "alignment never started" in stuck.text
+        assert "After 300 steps" in stuck.text and "6.960 and 6.950" in stuck.text and "1,056 keys" in stuck.text
+        assert "6.962" in stuck.text  # ln(1056)
+        save_model_card(tmp_path, stuck)
+        assert ModelCard.load(tmp_path / "README.md").data.eval_results[0].metric_value == 0.2

@@ -122,3 +122,44 @@ def test_itm_rerank_evaluation_runs_on_candidates(digits_processor_16, digits_sm
     # re-ranking only reorders the top-5: recall@5 and recall@10 cannot change
     for key in ("i2t_recall@5", "i2t_recall@10", "t2i_recall@5", "t2i_recall@10"):
         assert reranked[key] == pytest.approx(plain[key])
+
+
+# ----------------------------------------------------------------------------- alignment that never started
+def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm_up(tmp_path, caplog):
+    import math
+
+    from vlalign.metrics import ALIGNMENT_STUCK_FRACTION, alignment_not_started
+
+    uniform = math.log(1056)
+    assert alignment_not_started(uniform, uniform + 0.2, 1056)
+    assert alignment_not_started(ALIGNMENT_STUCK_FRACTION * uniform, uniform, 1056)
+    assert not alignment_not_started(0.9 * uniform, uniform, 1056)  # one direction learning is a start
+    with pytest.raises(ValueError, match="num_keys"):
+        alignment_not_started(1.0, 1.0, 1)
+
+    model = TCLModel(tiny_tcl_config(queue_size=64, train_batch_size=4))  # momentum: keys = batch 4 + queue 64
+    trainer = _trainer(model, tmp_path, max_steps=100, warmup_steps=20)
+    assert trainer.contrastive_num_keys() == 68
+    trainer.state.max_steps = 100
+    assert trainer.alignment_check_step() == 20
+    stuck = {"loss_i2t": math.log(68), "loss_t2i": math.log(68) + 0.01}
+    trainer.state.global_step = 19  # still warming up: no verdict
+    trainer._check_alignment(dict(stuck))
+    assert trainer.alignment_not_started is None
+    trainer.state.global_step = 20
+    with caplog.at_level("WARNING", logger="vlalign.trainer"):
+        trainer._check_alignment(dict(stuck))
+        trainer._check_alignment(dict(stuck))
+    assert trainer.alignment_not_started is True
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1  # warned once
+    assert "ln(68 keys) = 4.220" in caplog.records[0].getMessage()
+    assert trainer.alignment_check == {"step": 20, "loss_i2t": stuck["loss_i2t"], "loss_t2i": stuck["loss_t2i"],
+                                       "num_keys": 68}
+    trainer._check_alignment({"loss_i2t": 2.0, "loss_t2i": 2.5})  # learning later clears the verdict
+    assert trainer.alignment_not_started is False
+
+    in_batch = _trainer(_deterministic_model(), tmp_path)  # in-batch InfoNCE: keys = the global batch
+    assert in_batch.contrastive_num_keys() == 4
+    decomposable = _trainer(_deterministic_model(contrastive_loss="decomposable"), tmp_path)
+    assert decomposable.contrastive_num_keys() is None  # no uniform value ln(keys): never judged
+

@@ -557,6 +557,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_loss"] = float(train_result.training_loss)
     results["train_items_skipped"] = int(trainer.num_skipped_items)
     results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
+    if trainer.alignment_not_started is not None:
+        results["alignment_started"] = not trainer.alignment_not_started
+    if trainer.alignment_not_started:
+        check = trainer.alignment_check
+        logger.warning("Cross-modal alignment never started: after %d steps loss_i2t %.3f and loss_t2i %.3f are at "
+                       "ln(%d keys); the model card says so.", check["step"], check["loss_i2t"], check["loss_t2i"],
+                       check["num_keys"])
     # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
     train_counts_here = training_args.dataloader_num_workers == 0
     if train_counts_here:
@@ -585,8 +592,10 @@ def main(argv: list[str] | None = None) -> dict:
             eval_split=data_args.eval_split,
             num_train_samples=num_train_samples,
             hyperparameters=card_hyperparameters(model, training_args),
-            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float)) and k not in code_keys},
+            eval_results={k: v for k, v in results.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys},
             code_usage={k: results[k] for k in code_keys} or None,
+            alignment_not_started=trainer.alignment_check if trainer.alignment_not_started else None,
             pictures=pictures,
             license=run.license,
         )

@@ -166,12 +166,13 @@ def _digits_vocabulary_words() -> list[str]:
     return sorted(words)
 
 
-def build_digits_tokenizer(model_max_length: int = 64):
+def build_digits_tokenizer(model_max_length: int = 64, extra_words: list[str] | tuple[str, ...] = ()):
     """An offline BERT WordPiece tokenizer whose vocabulary covers the digit captions and templates.
 
     Vocabulary (deterministic order): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, digits 0-9, ASCII
     punctuation, single letters a-z plus their `##` continuations (so unseen lowercase words split into letters
-    instead of becoming [UNK]), then all caption/template words sorted. Lowercasing is on.
+    instead of becoming [UNK]), then all caption/template words sorted, then `extra_words` not yet present (sorted,
+    lowercased). Lowercasing is on.
     """
     from transformers import BertTokenizer  # the tokenizers-backed ("fast") BERT tokenizer in transformers 5
 
@@ -180,7 +181,7 @@ def build_digits_tokenizer(model_max_length: int = 64):
     tokens += list(string.ascii_lowercase)
     tokens += ["##" + c for c in string.ascii_lowercase + string.digits]
     seen = set(tokens)
-    for word in _digits_vocabulary_words():
+    for word in _digits_vocabulary_words() + sorted({w.lower() for w in extra_words}):
         if word not in seen:
             tokens.append(word)
             seen.add(word)

@@ -219,6 +219,7 @@ def build_model_card(
     eval_dataset_name: str | None = None,
     eval_split: str | None = None,
     code_usage: Mapping[str, Any] | None = None,
+    alignment_not_started: Mapping[str, Any] | None = None,
     pictures: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """Render a model card from a Jinja template (e.g. ``model_cards/tcl.md``).
@@ -246,6 +247,9 @@ def build_model_card(
             ``<image|text>_code_perplexity`` (optionally ``image_code_purity``), as from
             ``trainer.codebook_metrics``; rendered as a "Codebook usage" table, with a warning when the codebook
             collapsed (perplexity below ``metrics.CODE_COLLAPSE_PERPLEXITY``).
+        alignment_not_started: when training ended with the cross-modal losses still at the uniform value, the
+            figures of that check (``step``, ``loss_i2t``, ``loss_t2i``, ``num_keys``, as the trainer's
+            ``alignment_check``), rendered as a warning at the top of the evaluation section.
         pictures: ``(caption, file name)`` of PNG files saved next to README.md (e.g. by `plot_training_curves`,
             `plot_retrieval_grid`, `plot_multi_image_examples`), shown with relative links.
 
@@ -340,6 +344,7 @@ def build_model_card(
         "metrics": sorted(set(metric_ids)),
     }
     template_vars["code_usage"] = _code_usage_vars(code_usage) if code_usage else None
+    template_vars["alignment_warning"] = _alignment_vars(alignment_not_started) if alignment_not_started else None
     for _, name in pictures or ():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+\.png", str(name)):
             raise ValueError(f"picture file names must be plain .png names next to the card, got {name!r}")
@@ -348,6 +353,13 @@ def build_model_card(
     if not template_str.lstrip().startswith("---"):
         raise ValueError(f"{template_path}: a model card template must start with the '---' YAML front matter")
     return _ModelCard.from_template(card_data, template_str=template_str, **template_vars)
+
+
+def _alignment_vars(check: Mapping[str, Any]) -> dict[str, str]:
+    num_keys = int(check["num_keys"])
+    return {"step": f"{int(check['step']):,}", "loss_i2t": f"{float(check['loss_i2t']):.3f}",
+            "loss_t2i": f"{float(check['loss_t2i']):.3f}", "num_keys": f"{num_keys:,}",
+            "uniform": f"{math.log(num_keys):.3f}"}
 
 
 def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:

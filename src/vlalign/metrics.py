@@ -15,6 +15,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ALIGNMENT_STUCK_FRACTION",
     "CODE_COLLAPSE_PERPLEXITY",
+    "alignment_not_started",
     "answers_match",
     "RETRIEVAL_METRIC_PATH",
     "chunked_similarity_topk",
@@ -358,6 +362,21 @@ def zero_shot_accuracy(
         return float("nan")
     _, pred = chunked_similarity_topk(image_embeds, class_embeds.to(image_embeds.device), 1, chunk_size)
     return 100.0 * float((pred[:, 0] == labels).float().mean())
+
+
+# Cross-modal losses at or above this fraction of ln(number of keys) (the loss of a uniform prediction, whatever the
+# targets) are reported as "alignment not started": the towers still cannot tell the paired caption from any other.
+ALIGNMENT_STUCK_FRACTION = 0.98
+
+
+def alignment_not_started(loss_i2t: float, loss_t2i: float, num_keys: int) -> bool:
+    """Whether both cross-modal cross-entropies are still at the uniform value ln(num_keys) (within
+    `ALIGNMENT_STUCK_FRACTION`). A soft-target cross-entropy against a uniform prediction is ln(num_keys) for any
+    targets (one positive, several, or distillation-smoothed), so the test holds for all the InfoNCE-style terms."""
+    if num_keys < 2:
+        raise ValueError(f"num_keys must be >= 2, got {num_keys}")
+    uniform = math.log(num_keys)
+    return min(float(loss_i2t), float(loss_t2i)) >= ALIGNMENT_STUCK_FRACTION * uniform
 
 
 # A codebook whose assignments have a perplexity below this is reported as collapsed (effectively one code).

@@ -32,6 +32,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .data import ResumableCollator
 from .metrics import (
+    alignment_not_started,
     answers_match,
     code_purity,
     code_usage,
@@ -379,6 +380,11 @@ class ContrastiveTrainer(VLAlignTrainer):
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
         self.num_skipped_items = 0
+        # None until checked (after the warm-up, see `_check_alignment`), then whether the latest check found the
+        # cross-modal losses still at ln(number of keys)
+        self.alignment_not_started: bool | None = None
+        self.alignment_check: dict | None = None  # the figures of the latest check
+        self._alignment_warned = False
         if self._compiles_encoders_only():
             self.model.compile_encoders(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         config = self.model.config
@@ -555,7 +561,43 @@ class ContrastiveTrainer(VLAlignTrainer):
             logs["skipped_items"] = self.num_skipped_items
             self._component_sums.clear()
             self._component_counts.clear()
+            self._check_alignment(logs)
         super().log(logs, start_time)
+
+    def contrastive_num_keys(self) -> int | None:
+        """Keys each cross-modal query is scored against: the local batch + the queue with momentum (ALBEF), the
+        global batch for in-batch InfoNCE (gathered across processes); None for the decomposable loss, whose
+        uniform value is not ln(keys)."""
+        config = self.model.config
+        if getattr(config, "contrastive_loss", "info_nce") != "info_nce":
+            return None
+        batch = self.args.per_device_train_batch_size
+        if getattr(config, "use_momentum", False):
+            return batch + int(config.queue_size)
+        return batch * max(self.args.world_size, 1)
+
+    def alignment_check_step(self) -> int:
+        """The first optimizer step at which stuck cross-modal losses count: the end of the learning-rate warm-up,
+        and at least a tenth of the run."""
+        max_steps = max(self.state.max_steps, 1)
+        return max(self.args.get_warmup_steps(max_steps), max_steps // 10, 1)
+
+    def _check_alignment(self, logs: dict) -> None:
+        num_keys = self.contrastive_num_keys()
+        if (num_keys is None or num_keys < 2 or "loss_i2t" not in logs or "loss_t2i" not in logs
+                or self.state.global_step < self.alignment_check_step()):
+            return
+        self.alignment_not_started = alignment_not_started(logs["loss_i2t"], logs["loss_t2i"], num_keys)
+        self.alignment_check = {"step": self.state.global_step, "loss_i2t": float(logs["loss_i2t"]),
+                                "loss_t2i": float(logs["loss_t2i"]), "num_keys": num_keys}
+        if self.alignment_not_started and not self._alignment_warned:
+            self._alignment_warned = True
+            logger.warning(
+                "Cross-modal alignment has not started after %d steps: loss_i2t %.3f and loss_t2i %.3f are still at "
+                "the uniform value ln(%d keys) = %.3f (the model cannot yet tell a paired caption from any other). "
+                "Try a higher learning rate, a longer warm-up of the extra terms (or weights 0 for IMC/LMI/ITM/MLM "
+                "at first), or check that captions describe their images.",
+                self.state.global_step, logs["loss_i2t"], logs["loss_t2i"], num_keys, math.log(num_keys))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if self.eval_inputs is None:
