@@ -28,6 +28,10 @@ TINY = {
         "--codebook_size", "8", "--ot_iterations", "5", "--max_train_samples", "64", "--max_eval_samples", "20",
         "--alpha_ramp_steps", "2",
     ],
+    "tcl_imagefolder.yaml": [  # image_size: the example folder's processor resizes to 32
+        *TINY_TOWERS, "--model.vision_config.image_size", "32", "--model.vision_config.patch_size", "8", "--model.text_config.num_hidden_layers", "2", "--embed_dim", "16", "--queue_size", "32",
+        "--lmi_image_grid", "2", "--alpha_ramp_steps", "2",
+    ],
     "mivc_digits.yaml": [
         *TINY_TOWERS, "--model.vision_config.patch_size", "8", "--model.text_config.num_hidden_layers", "1",
         "--pooling_attention_dim", "16", "--num_train_items", "40", "--num_test_items", "8", "--eval_batch_size", "8",
@@ -35,6 +39,7 @@ TINY = {
 }
 AUTO_CLASS = {"tcl_digits.yaml": "AutoModelForZeroShotImageClassification",
               "codis_digits.yaml": "AutoModelForZeroShotImageClassification",
+              "tcl_imagefolder.yaml": "AutoModelForZeroShotImageClassification",
               "mivc_digits.yaml": "AutoModelForImageTextToText"}
 
 
@@ -45,6 +50,10 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("name", list(TINY))
 def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
     out = tmp_path / "out"
+    if name == "tcl_imagefolder.yaml":  # the example folder its header tells how to write, at the relative data_dir
+        from vlalign.digit_scenes import write_digit_scenes_imagefolder
+
+        write_digit_scenes_imagefolder(tmp_path / "data" / "scenes", split_sizes={"train": 40, "test": 12})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            str(REPO / "training" / "train.py"), "--config", str(REPO / "training" / "configs" / name),
            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "8",

@@ -210,6 +210,22 @@ def test_model_section_rejects_fields_of_another_model(tmp_path):
         train.main(["--config", str(tmp_path / "config.yaml"), "--model_type", "nope"])
 
 
+
+def test_processor_of_another_image_size_is_refused_before_training(tmp_path):
+    import train
+
+    from vlalign.data import build_digits_processor
+
+    build_digits_processor(image_size=32).save_pretrained(str(tmp_path / "processor"))
+    config = {"model": TINY_TRAIN_MODEL,  # image_size 16
+              "data": {"max_train_samples": 16, "max_eval_samples": 8},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True, "report_to": "none"},
+              "run": {"processor_name_or_path": str(tmp_path / "processor")}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"resizes images to 32x32 but the vision tower takes 16x16"):
+        train.main(["--config", str(tmp_path / "config.yaml")])
+    assert not (tmp_path / "out").exists()
+
 TINY_MIVC = {
     "model_type": "mivc",
     "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32,

@@ -196,6 +196,17 @@ def build_processor(run: RunArguments, data_args, image_size: int):
     return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def _check_processor_image_size(processor, model) -> None:
+    """A saved processor that resizes to another size than the vision tower's would fail at the first forward."""
+    expected = getattr(model.config.vision_config, "image_size", None)
+    size = getattr(processor.image_processor, "size", None) or {}
+    got = (size.get("height"), size.get("width")) if hasattr(size, "get") else (None, None)
+    if isinstance(expected, int) and None not in got and got != (expected, expected):
+        raise SystemExit(f"the processor resizes images to {got[0]}x{got[1]} but the vision tower takes "
+                         f"{expected}x{expected} (model.vision_config.image_size): use a processor of that size, "
+                         f"or set image_size to {got[0]}")
+
+
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
     from transformers import AutoConfig, AutoModel
 
@@ -515,6 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
     processor = build_processor(run, data_args, image_size)
     model = build_model(run, model_section, processor.tokenizer, num_train_samples)
+    _check_processor_image_size(processor, model)
     if data_args.streaming and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
         model.config, "z_estimate", None
     ) == "running":
