@@ -44,8 +44,8 @@ README = REPO / "README.md"
 sys.path.insert(0, str(REPO / "training"))
 
 # What README.md holds: a block added or removed must be reflected here (so that no block goes unchecked silently).
-EXPECTED_BLOCKS = {"python": 9, "bash": 10, "yaml": 2}
-EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "train_checked": 12, "train_run": 2}
+EXPECTED_BLOCKS = {"python": 9, "bash": 11, "yaml": 2}
+EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "scenes": 1, "train_checked": 13, "train_run": 2}
 EXPECTED_WITHOUT_VLALIGN = 1  # Python blocks that import nothing from vlalign (the trust_remote_code example)
 
 # Steps and sizes that turn a README training command or config into a 2-step run here (appended overrides).
@@ -155,6 +155,8 @@ class Command:
             return "pytest"
         if head[:1] == ["export"]:
             return "export"
+        if head == ["python", "-m", "vlalign.digit_scenes"]:
+            return "scenes"
         if head[:2] == ["accelerate", "launch"]:
             return "train_run" if self.runs_here else "train_checked"
         return "unknown"
@@ -293,7 +295,7 @@ def check_train_config(config_path: Path, overrides: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"line{c.block.line}-{i}" for i, c in enumerate(COMMANDS)])
-def test_shell_command_is_valid(command):
+def test_shell_command_is_valid(command, tmp_path):
     _check_repo_paths(command)
     if command.kind == "pip":
         _check_pip(command)
@@ -301,6 +303,13 @@ def test_shell_command_is_valid(command):
         assert (REPO / command.argv[3]).is_dir()
     elif command.kind == "export":
         assert re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command.argv[1]), command.text
+    elif command.kind == "scenes":  # runs with its own arguments, at a small size
+        from vlalign.digit_scenes import main as write_scenes
+
+        out = tmp_path / command.argv[3]
+        write_scenes([str(out), *command.argv[4:], "--train_size", "6", "--validation_size", "2", "--test_size", "3"])
+        assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 6
+        assert (out / "processor" / "processor_config.json").is_file()
     elif command.kind.startswith("train"):
         _accelerate_args(command)
         args = command.train_args
