@@ -344,6 +344,42 @@ def test_decode_image_accepts_all_forms(tmp_path):
     assert palette.mode == "RGB"
 
 
+def oriented(fmt: str, orientation: int) -> tuple[bytes, np.ndarray]:
+    """(an image file whose EXIF Orientation tag is `orientation`, the pixels as stored): 6x4 pixels, all different,
+    so any turn or flip changes the array."""
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # ExifTags.Base.Orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format=fmt, exif=exif.tobytes())
+    return buffer.getvalue(), stored
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation, turn", [(6, -1), (8, 1)])  # shown turned clockwise / anticlockwise
+def test_decode_image_applies_the_exif_orientation_from_every_source(fmt, orientation, turn, tmp_path):
+    from PIL import ImageOps
+    from transformers.image_utils import load_image
+
+    data, stored = oriented(fmt, orientation)
+    path = tmp_path / f"photo.{fmt.lower()}"
+    path.write_bytes(data)
+    as_stored = Image.open(io.BytesIO(data)).convert("RGB")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert upright.shape == (6, 4, 3) and np.asarray(as_stored).shape == (4, 6, 3)
+    if fmt == "PNG":  # lossless: the turn itself, not only PIL's own idea of it
+        np.testing.assert_array_equal(upright, np.rot90(stored, k=turn))
+    # what training decodes is what `datasets` and inference (transformers' load_image) see
+    np.testing.assert_array_equal(np.asarray(datasets.Image().decode_example({"bytes": data, "path": None})
+                                             .convert("RGB")), upright)
+    np.testing.assert_array_equal(np.asarray(load_image(str(path))), upright)
+    for value in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(path)}, str(path), path,
+                  Image.open(io.BytesIO(data))):
+        image = decode_image(value)
+        assert image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), upright)
+
+
 def corrupt_values():
     good = png_bytes(50, size=(40, 40))
     noisy = io.BytesIO()

@@ -236,6 +236,26 @@ def test_16_bit_grayscale_scales_by_bit_depth_not_clipping():
     assert rgb(signed)[0, :, 0].tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("exif", [
+    b"Exif\x00\x00garbage garbage",                          # not TIFF data: PIL raises SyntaxError on reading it
+    b"Exif\x00\x00MM\x00\x2a\x00\x00",                       # cut inside the header: struct.error
+    b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00"
+    b"\x00\x00\x00\x00\x00\x00",                             # a well-formed tag with orientation 9 (no such one)
+])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_broken_exif_block_is_ignored_and_the_pixels_kept_as_stored(exif, fmt, tmp_path):
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    data = encode(Image.fromarray(stored), fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    path = tmp_path / f"broken_exif.{fmt.lower()}"
+    path.write_bytes(data)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert expected.shape == (4, 6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PIL's own "Corrupt EXIF data" for the cut header
+        for value in (data, str(path), Image.open(io.BytesIO(data))):
+            np.testing.assert_array_equal(rgb(value), expected)
+
+
 def test_1_bit_and_1x1_images_decode_and_pass_through_the_processor(digits_processor_16):
     assert rgb(one_bit_png())[0].tolist() == [[0, 0, 0], [255, 255, 255]]
     tiny = decode_image(one_by_one_png())

@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, to_rgb
 
@@ -679,7 +679,9 @@ def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) 
     Accepts a PIL image, a datasets-style dict (`{"bytes": ..., "path": ...}`), a file path, raw bytes, or a
     numpy array / torch tensor. Encoded images with more than `max_pixels` pixels (None: no limit of ours) are
     refused from their header, before any pixel is decoded. Pixels are then loaded eagerly, so truncated files
-    fail here instead of yielding half an image. Colour modes are converted faithfully (see `_pil_to_rgb`).
+    fail here instead of yielding half an image. The EXIF Orientation tag is applied, as `datasets` and transformers'
+    `load_image` apply it (a broken EXIF block is ignored, see `_exif_upright`). Colour modes are converted
+    faithfully (see `_pil_to_rgb`).
 
     Every failure is raised as `ImageDecodeError` (a ValueError) whose `reason` is one of `IMAGE_SKIP_REASONS`.
     """
@@ -777,9 +779,25 @@ def _decode_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_I
 
 
 def _owned_rgb(image: Image.Image) -> Image.Image:
-    rgb = _pil_to_rgb(image)
+    rgb = _pil_to_rgb(_exif_upright(image))
     # RGB inputs come back unchanged; copy so closing the source file cannot invalidate the result.
     return rgb.copy() if rgb is image else rgb
+
+
+# EXIF Orientation values that ask for a turn or flip (1 is upright; anything else is not a valid value)
+_EXIF_TURNS = range(2, 9)
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The image turned or flipped as its EXIF Orientation tag says (`ImageOps.exif_transpose`), as `datasets` and
+    transformers' `load_image` do: phone photos are often stored sideways with the tag, and training must see them
+    the way inference will. A broken EXIF block is ignored (the pixels are fine): the image is kept as stored."""
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) not in _EXIF_TURNS:
+            return image  # no copy, as `exif_transpose` would make
+        return ImageOps.exif_transpose(image)
+    except Exception:  # PIL raises SyntaxError, struct.error, ... on malformed EXIF data
+        return image
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
