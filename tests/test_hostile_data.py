@@ -5,8 +5,10 @@ import functools
 import io
 import json
 import logging
+import os
 import struct
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -164,6 +166,51 @@ def test_empty_missing_unreadable_and_non_image_values(tmp_path):
     assert refusal({"bytes": None, "path": None}) == "missing"
     assert refusal(12345) == "unsupported"
     assert refusal(np.zeros((2, 3, 7))) == "unsupported"
+
+
+def refusal_within(value, seconds: float = 10.0) -> ImageDecodeError:
+    """decode_image(value) must refuse within `seconds`: run in a thread, so that a hang fails the test instead of
+    hanging it."""
+    outcome = {}
+
+    def decode():
+        try:
+            outcome["image"] = decode_image(value)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            outcome["error"] = error
+
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"decode_image({value!r}) still running after {seconds} s"
+    assert "image" not in outcome, f"decode_image({value!r}) returned an image"
+    assert isinstance(outcome["error"], ImageDecodeError), outcome["error"]
+    return outcome["error"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifos_and_devices_are_refused_before_opening(tmp_path):
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)
+    try:
+        for value in (str(fifo), fifo, {"bytes": None, "path": str(fifo)}):
+            error = refusal_within(value)
+            assert error.reason == "unreadable_file"
+            assert "not a regular file (a FIFO)" in str(error) and str(fifo) in str(error)
+    finally:  # a decode blocked in open() (a regression) gets its writer, and ends
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting: nothing to release
+            pass
+    if os.path.exists("/dev/zero"):  # endless bytes, size 0: neither "empty_file" nor read
+        error = refusal_within("/dev/zero")
+        assert error.reason == "unreadable_file" and "not a regular file (a character device)" in str(error)
+    error = refusal_within(str(tmp_path))
+    assert error.reason == "unreadable_file" and "not a regular file (a directory)" in str(error)
+    link = tmp_path / "link.png"  # a symbolic link to a regular file is that file
+    link.symlink_to(tmp_path / "real.png")
+    (tmp_path / "real.png").write_bytes(one_by_one_png())
+    assert rgb(str(link))[0, 0].tolist() == [10, 200, 30]
 
 
 @pytest.mark.parametrize("width, height, limit", [

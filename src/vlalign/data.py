@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import stat
 import string
 import warnings
 from collections import Counter
@@ -642,7 +643,8 @@ IMAGE_SKIP_REASONS = (
     "missing",          # no image in the cell (None, or a dict with neither bytes nor path)
     "empty_file",       # zero bytes
     "file_not_found",   # a path that does not exist
-    "unreadable_file",  # a path that cannot be opened or read (a directory, no permission, ...)
+    "unreadable_file",  # a path that cannot be opened or read (no permission, ...) or is not a regular file (a
+                        # directory, FIFO or device: refused before opening, where a FIFO would block)
     "too_large",        # more pixels than max_image_pixels: refused before decoding (decompression bombs)
     "truncated",        # the pixel data ends early: refused rather than half-decoded
     "corrupt",          # not an image PIL can identify, or broken data inside
@@ -766,10 +768,29 @@ def _decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     return _decode_stream(io.BytesIO(data), max_pixels)
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular_file(mode: int, path: str | os.PathLike) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "special")
+        raise ImageDecodeError("unreadable_file", f"image path is not a regular file ({kind}): {path}")
+
+
+def _open_nonblocking(path: str | os.PathLike, flags: int) -> int:
+    # a path turned into a FIFO after the stat check must not block `open` until a writer comes
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def _decode_path(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     try:
-        with open(path, "rb") as handle:  # PIL reads only what it needs (a bomb's header, not a huge file)
-            if os.fstat(handle.fileno()).st_size == 0:
+        # Only regular files are opened: opening a FIFO blocks until a writer comes, a device may never end.
+        _check_regular_file(os.stat(path).st_mode, path)
+        with open(path, "rb", opener=_open_nonblocking) as handle:  # PIL reads only what it needs (a bomb's header)
+            info = os.fstat(handle.fileno())
+            _check_regular_file(info.st_mode, path)
+            if info.st_size == 0:
                 raise ImageDecodeError("empty_file", f"empty image file: {path}")
             return _decode_stream(handle, max_pixels)
     except FileNotFoundError as error:
