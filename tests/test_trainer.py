@@ -124,6 +124,31 @@ def test_itm_rerank_evaluation_runs_on_candidates(digits_processor_16, digits_sm
         assert reranked[key] == pytest.approx(plain[key])
 
 
+def test_zero_shot_warns_about_eval_labels_the_class_names_do_not_cover(digits_processor_16, digits_small, caplog):
+    from vlalign.data import DIGIT_NAMES, EvalInputs
+
+    data_args, _, evaluation = digits_small
+    inputs = build_eval_inputs(evaluation.select(range(10)), digits_processor_16, data_args)
+    labels = [0, 1, 2, 0, 1, 7, 7, 9, 7, 3]
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    with caplog.at_level("WARNING", logger="vlalign.trainer"):
+        covered = evaluate_model(model, digits_processor_16,
+                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+                                 DIGIT_NAMES, data_args.zero_shot_templates)
+    assert "zero_shot_accuracy" in covered
+    assert not [r for r in caplog.records if "class names do not cover" in r.getMessage()]
+    labels[-1] = -1  # a row without a label (build_eval_inputs' None)
+    with caplog.at_level("WARNING", logger="vlalign.trainer"):
+        metrics = evaluate_model(model, digits_processor_16,
+                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+                                 ["zero", "one", "two"], data_args.zero_shot_templates)
+    assert "zero_shot_accuracy" in metrics  # still computed, those rows scored as wrong
+    warned = [r.getMessage() for r in caplog.records if "class names do not cover" in r.getMessage()]
+    assert warned == ["Zero-shot evaluation: 5 of 10 eval rows have labels the 3 class names do not cover (label 7: 3 "
+                      "rows, label 9: 1 row, no label: 1 row); they are scored as wrong in zero_shot_accuracy"]
+
+
 # ----------------------------------------------------------------------------- alignment that never started
 def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm_up(tmp_path, caplog):
     import math

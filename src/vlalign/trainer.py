@@ -22,7 +22,7 @@ import math
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,19 @@ def class_prompts(class_names: list[str], templates: list[str]) -> list[list[str
     return [[t.format(name=name, digit=i, label=i) for t in templates] for i, name in enumerate(class_names)]
 
 
+def _warn_uncovered_labels(labels: list[int], num_classes: int) -> None:
+    """Rows whose label is no class index (a class the names leave out, or no label: -1) can never be predicted
+    right: say so, or zero-shot accuracy silently drops by their share."""
+    uncovered = Counter(label for label in labels if not 0 <= label < num_classes)
+    if not uncovered:
+        return
+    parts = [f"{'no label' if value == -1 else f'label {value}'}: {count} row{'s' if count != 1 else ''}"
+             for value, count in sorted(uncovered.items(), key=lambda item: (item[0] == -1, item[0]))]
+    logger.warning("Zero-shot evaluation: %d of %d eval rows have labels the %d class names do not cover (%s); they "
+                   "are scored as wrong in zero_shot_accuracy", sum(uncovered.values()), len(labels), num_classes,
+                   ", ".join(parts))
+
+
 @torch.no_grad()
 def evaluate_model(
     model,
@@ -100,7 +113,8 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` /
     `text_ids`) and, when labels and class names are known, zero-shot classification accuracy from class
-    prompts. With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head.
+    prompts (rows whose label the class names do not cover count as wrong, with a warning naming those labels).
+    With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head.
     `image_embeds` may hold `embed_images` of `eval_inputs.images`, computed once for other uses too."""
     # identical captions with the same positive id are one query/candidate, not several (class-level datasets
     # repeat each caption for every image of the class; duplicates would only tie with each other)
@@ -119,6 +133,7 @@ def evaluate_model(
             chunk_size=chunk_size, rerank_fn=rerank_fn, rerank_k=max(itm_rerank_k, 1),
         )
         if class_names and zero_shot_templates and eval_inputs.labels is not None:
+            _warn_uncovered_labels([int(label) for label in eval_inputs.labels], len(class_names))
             prompts = class_prompts(class_names, zero_shot_templates)
             per_class = [embed_texts(model, processor, p, batch_size) for p in prompts]
             classifier = zero_shot_classifier(per_class)
