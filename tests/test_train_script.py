@@ -38,6 +38,83 @@ def test_overrides_go_to_the_right_section():
         apply_overrides({}, parse_overrides(["--no_such_field", "1"]))
 
 
+@pytest.mark.parametrize("argv, field, shown", [
+    (["--max_steps", "ten"], "training.max_steps", "'ten'"),  # was: "'>' not supported" deep in transformers
+    (["--max_steps", "10.5"], "training.max_steps", "10.5"),
+    (["--learning_rate", "fast"], "training.learning_rate", "'fast'"),
+    (["--bf16", "maybe"], "training.bf16", "'maybe'"),
+    (["--push_to_hub", "7"], "run.push_to_hub", "7"),
+    (["--cpu_threads", "two"], "run.cpu_threads", "'two'"),
+    (["--max_train_samples", "all"], "data.max_train_samples", "'all'"),
+    (["--class_names", "cat"], "data.class_names", "'cat'"),  # would become ['c', 'a', 't']
+    (["--embed_dim", "[16]"], "model.embed_dim", "[16]"),
+    (["--temperature", "no"], "model.temperature", "'no'"),  # the text given, not YAML 1.1's False
+    (["--image_column", "[a, b]"], "data.image_column", "['a', 'b']"),
+    (["--hub_model_id", "7"], "run.hub_model_id", "7"),
+])
+def test_override_values_are_checked_against_the_field_types(argv, field, shown):
+    with pytest.raises(SystemExit) as caught:
+        load_config(None, parse_overrides(argv))
+    message = str(caught.value)
+    assert message.startswith(f"{field} = {shown}: expected "), message
+
+
+def test_string_fields_keep_yes_no_on_off_as_text_and_the_values_reach_the_arguments(tmp_path):
+    import train
+
+    from vlalign.data import DataArguments
+
+    config = load_config(None, parse_overrides([
+        "--save_strategy", "no", "--include_num_input_tokens_seen", "no", "--run_name", "Yes", "--caption_column",
+        "off", "--eval_split", "null", "--push_to_hub", "--hub_model_id", "me/x", "--streaming", "on",
+        "--max_steps", "10", "--learning_rate", "1e-4", "--eval_steps", "5", "--report_to", "[tensorboard]",
+        "--contrastive_loss", "decomposable", "--resume_from_checkpoint", "--output_dir", str(tmp_path)]))
+    training, data, run = config["training"], config["data"], config["run"]
+    assert (training["save_strategy"], training["include_num_input_tokens_seen"], training["run_name"]) == (
+        "no", "no", "Yes")
+    assert (data["caption_column"], data["eval_split"], data["streaming"]) == ("off", None, True)
+    assert (run["push_to_hub"], run["hub_model_id"]) == (True, "me/x")
+    assert (training["max_steps"], training["learning_rate"], training["eval_steps"]) == (10, 1e-4, 5)
+    assert training["report_to"] == ["tensorboard"] and training["resume_from_checkpoint"] is True
+    assert type(training["save_strategy"]) is str  # a plain str, whatever the YAML loader made of it
+    (tmp_path / "checkpoint-3").mkdir()
+    training_args = train._training_arguments(config, str(tmp_path))
+    assert training_args.save_strategy == "no" and training_args.max_steps == 10  # was: a bool, refused there
+    assert training_args.resume_from_checkpoint == str(tmp_path / "checkpoint-3")
+    assert DataArguments(**data).caption_column == "off"
+    # the same words in a config file; YAML 1.1's booleans stay booleans where a field is not a string
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  save_strategy: no\n  bf16: off\n  max_steps: 3\nrun:\n  push_to_hub: yes\n"
+                    "model:\n  vision_config: {qkv_bias: no}\n  learnable_temperature: on\n")
+    config = load_config(str(path), [])
+    assert config["training"] == {"save_strategy": "no", "bf16": False, "max_steps": 3}
+    assert config["run"]["push_to_hub"] is True and config["model"]["learnable_temperature"] is True
+    assert config["model"]["vision_config"] == {"qkv_bias": False}
+    path.write_text("training:\n  max_steps: ten\n")
+    with pytest.raises(SystemExit, match=r"^training.max_steps = 'ten': expected an integer"):
+        load_config(str(path), [])
+    path.write_text("data:\n  eval_split: 2017\n")  # a number where text is wanted: say how to write the text
+    with pytest.raises(SystemExit, match=r"^data.eval_split = 2017: expected a string or null, got an integer "
+                                         r"\(quote it"):
+        load_config(str(path), [])
+
+
+@pytest.mark.parametrize("text, found", [
+    ("- training\n- data\n", "a list"),
+    ("just some text\n", "a string"),
+    ("42\n", "an integer"),
+    ("training: 5\n", "section 'training' is an integer"),
+    ("data: [digits]\n", "section 'data' is a list"),
+])
+def test_a_config_file_that_is_not_a_mapping_of_sections_is_refused_naming_it(text, found, tmp_path):
+    path = tmp_path / "my config.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        load_config(str(path), [])
+    message = str(caught.value)
+    assert str(path) in message and found in message and "mapping" in message, message
+
+
 def test_default_demo_config_parses():
     config = load_config(str(REPO / "training/configs/tcl_digits.yaml"), [])
     assert config["data"]["dataset_name"] == "digits"

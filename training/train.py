@@ -7,7 +7,8 @@ or CODISConfig, with `vision_config` / `text_config` dicts; default tcl), `data`
 (vlalign.data.DataArguments), `training` (transformers.TrainingArguments) and `run` (RunArguments below). Any
 field of any section can be overridden on the command line as `--key value` (or `--section.key value`, and
 `--model.vision_config.hidden_size 64` for nested keys); values are parsed as YAML (`--max_steps 10`,
-`--report_to '[tensorboard]'`, `--label_column null`).
+`--report_to '[tensorboard]'`, `--label_column null`) and, like those of the file, checked against the field's type
+(`yes` / `no` / `on` / `off` stay text for a string field: `--save_strategy no`).
 
 Steps: read config -> apply overrides -> build data, processor and model -> ContrastiveTrainer.train() ->
 evaluate on the eval split -> save model (safetensors + config with auto_map + code files), processor,
@@ -26,6 +27,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,88 @@ def _numbers(value: Any) -> Any:
     return value
 
 
+class _YamlWord(str):
+    """A plain `yes` / `no` / `on` / `off`, which YAML 1.1 reads as a boolean: kept as its text until the field's type
+    is known (`_checked_section`), so that a string field gets the text (`save_strategy: no`) and a boolean one, or a
+    value not checked here (`vision_config` entries), the boolean YAML 1.1 meant."""
+
+
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+_WORD_TAG = "tag:vlalign:bool-word"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads the YAML 1.1 boolean words as `_YamlWord`s (`true` / `false` stay booleans)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "yYnNoO":  # ahead of the boolean resolver, which would claim these words
+    _ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, (_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$")))
+_ConfigLoader.add_constructor(_WORD_TAG, lambda loader, node: _YamlWord(loader.construct_scalar(node)))
+
+
+def _load_yaml(stream) -> Any:
+    return _numbers(yaml.load(stream, Loader=_ConfigLoader))  # noqa: S506 (a SafeLoader)
+
+
+def _plain(value: Any) -> Any:
+    """`_YamlWord`s left in a value (nested or unchecked) -> the booleans YAML 1.1 reads them as."""
+    if isinstance(value, _YamlWord):
+        return _BOOL_WORDS[value.lower()]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping", type(None): "null"}
+
+
+def _kind_name(value: Any) -> str:
+    """What a YAML value is, for messages ("an integer", "a list" ...)."""
+    return next((name for kind, name in _KIND_NAMES.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def _kinds(hint: Any) -> tuple[type, ...] | None:
+    """The YAML value types a field annotation admits; None for one not checked here (any other class)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_kinds(arg) for arg in typing.get_args(hint)]
+        return None if None in kinds else tuple(kind for group in kinds for kind in group)
+    if origin is typing.Literal:
+        return tuple({type(arg) for arg in typing.get_args(hint)})
+    if hint is type(None):
+        return (type(None),)
+    if origin in (list, dict) or hint in (list, dict):
+        return (origin or hint,)
+    if hint is float:
+        return (float, int)
+    if hint in (bool, int) or (isinstance(hint, type) and issubclass(hint, str)):  # str enums: IntervalStrategy
+        return (str,) if issubclass(hint, str) else (hint,)
+    return None
+
+
+def _field_kinds(cls) -> dict[str, tuple[type, ...] | None]:
+    """`_kinds` of every field of a dataclass; a default of None admits null whatever the annotation says."""
+    result = {}
+    for f in dataclasses.fields(cls):
+        hint = f.type
+        if isinstance(hint, str):  # `from __future__ import annotations`: evaluate where the field was declared
+            owner = next((c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {})), cls)
+            try:
+                hint = eval(hint, vars(sys.modules[owner.__module__]))  # noqa: S307 (the library's own annotations)
+            except Exception:  # names imported only for type checkers (torch.dtype ...): not checked
+                hint = None
+        kinds = _kinds(hint)
+        if kinds is not None and f.default is None:
+            kinds += (type(None),)
+        result[f.name] = kinds
+    return result
+
+
 def _model_configs() -> dict[str, type]:
     """vlalign's ALBEF-style config classes by model_type (from the Auto registry that `import vlalign` fills)."""
     from transformers import CONFIG_MAPPING
@@ -114,6 +199,46 @@ def _section_fields() -> dict[str, set[str]]:
     }
 
 
+def _section_kinds() -> dict[str, dict[str, tuple[type, ...] | None]]:
+    """Per section, the value types each field admits (`_field_kinds`), for `_checked_section`."""
+    from transformers import TrainingArguments
+
+    from vlalign.data import DataArguments, MIVCDataArguments
+
+    model: dict[str, tuple[type, ...] | None] = {"model_type": (str,)}
+    for config_class in _model_configs().values():  # a field of several model configs admits what any of them does
+        for name, kinds in _field_kinds(config_class).items():
+            model[name] = None if None in (kinds, model.get(name, ())) else (*model.get(name, ()), *kinds)
+    training = _field_kinds(TrainingArguments)
+    training["resume_from_checkpoint"] = (str, bool, type(None))  # `true` / the bare flag: the latest checkpoint
+    data = {**_field_kinds(MIVCDataArguments), **_field_kinds(DataArguments)}
+    data["data_files"] = (str, list, dict, type(None))  # typed `str | None` for HfArgumentParser only
+    return {"run": _field_kinds(RunArguments), "data": data, "training": training, "model": model}
+
+
+def _checked_section(section: str, values: dict, kinds: dict[str, tuple[type, ...] | None]) -> dict:
+    """The section's values checked against their fields' types (SystemExit naming the field and the value), with
+    the YAML 1.1 words (`no`, `on` ...) as text for string fields and as booleans elsewhere. Unknown fields are left
+    to the code that knows what is allowed there."""
+    checked = {}
+    for name, value in values.items():
+        admitted = kinds.get(name)
+        if admitted is None:
+            checked[name] = _plain(value)
+            continue
+        if isinstance(value, _YamlWord):
+            value = _BOOL_WORDS[value.lower()] if bool in admitted and str not in admitted else str(value)
+        if not isinstance(value, admitted) or (isinstance(value, bool) and bool not in admitted):
+            shown = [kind for kind in _KIND_NAMES if kind in admitted and not (kind is int and float in admitted)]
+            expected = " or ".join(_KIND_NAMES[kind] for kind in shown).replace("a boolean", "true or false")
+            hint = ""
+            if str in admitted and isinstance(value, (int, float)):
+                hint = f" (quote it to pass the text: --{name} \"'{value}'\", or {name}: '{value}' in the YAML file)"
+            raise SystemExit(f"{section}.{name} = {value!r}: expected {expected}, got {_kind_name(value)}{hint}")
+        checked[name] = _plain(value)
+    return checked
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     """`--key value` pairs (values parsed as YAML); `--flag` alone means true."""
     pairs, i = [], 0
@@ -129,7 +254,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             raw, i = argv[i + 1], i + 2
         else:
             raw, i = "true", i + 1
-        pairs.append((key, _numbers(yaml.safe_load(raw))))
+        pairs.append((key, _load_yaml(raw)))
     return pairs
 
 
@@ -158,10 +283,20 @@ def apply_overrides(config: dict, overrides: list[tuple[str, Any]]) -> dict:
 
 
 def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> dict:
+    """The config file's sections with the overrides applied, every known field's value checked against its type."""
     config: dict = {}
     if config_path:
         with open(config_path, encoding="utf-8") as handle:
-            config = _numbers(yaml.safe_load(handle) or {})
+            config = _load_yaml(handle)
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise SystemExit(f"config file {config_path}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                             f"found {_kind_name(config)}")
+        for section, values in config.items():
+            if values is not None and not isinstance(values, dict):
+                raise SystemExit(f"config file {config_path}: section {section!r} is {_kind_name(values)}, expected "
+                                 "a mapping of field: value")
     unknown = set(config) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
@@ -171,7 +306,8 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
         if key in training:
             run.setdefault(key, training.pop(key))
     config["run"] = run
-    return config
+    kinds = _section_kinds()
+    return {section: _checked_section(section, values or {}, kinds[section]) for section, values in config.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
