@@ -278,15 +278,17 @@ def main() -> None:
                 "t2i_recall@1": round(statistics.fmean(r["t2i_recall@1"] for r in results), 2),
                 "train_seconds": round(statistics.fmean(r["train_runtime_seconds"] for r in results), 1),
                 "alignment_warnings": sum(bool(r.get("alignment_warning")) for r in results),
+                "alignment_judged": sum("alignment_started" in r for r in results),  # never for the decomposable loss
             })
     print(f"\nObjectives at small scale ({len(seeds)} seed(s) per row; mean +- std over seeds; "
           f"{time.time() - started:.0f} s for this invocation)")
-    print("| dataset | row | steps | lr | metric | mean +- std | i2t R@1 | t2i R@1 | train s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | row | steps | lr | metric | mean +- std | i2t R@1 | t2i R@1 | train s | alignment not started |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
+        stuck = f"{s['alignment_warnings']} of {s['alignment_judged']}" if s["alignment_judged"] else "-"
         print(f"| {s['dataset']} | {s['description']} | {s['steps']} | {s['learning_rate']:g} | {s['metric']} | "
               f"{s['mean']:.1f} +- {s['std']:.1f} | {s['i2t_recall@1']:.1f} | {s['t2i_recall@1']:.1f} | "
-              f"{s['train_seconds']:.0f} |")
+              f"{s['train_seconds']:.0f} | {stuck} |")
     if tuning_scores:
         print("\nLearning-rate grid (scenes, seed 0, validation mean R@1): "
               + "; ".join(f"{n}: {v}" for n, v in tuning_scores.items()))
