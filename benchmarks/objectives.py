@@ -273,7 +273,8 @@ def main() -> None:
                 "dataset": dataset, "steps": steps, "batch_size": ROWS_BY_NAME[name].batch_size,
                 "learning_rate": group[0].learning_rate, "seeds": [j.seed for j in group],
                 "metric": "zero-shot accuracy" if dataset == "digits" else "mean R@1",
-                "mean": round(mean, 2), "std": round(std, 2), "values": [round(v, 2) for v in values],
+                "mean": round(mean, 2), "std": None if len(values) < 2 else round(std, 2),
+                "values": [round(v, 2) for v in values],
                 "i2t_recall@1": round(statistics.fmean(r["i2t_recall@1"] for r in results), 2),
                 "t2i_recall@1": round(statistics.fmean(r["t2i_recall@1"] for r in results), 2),
                 "train_seconds": round(statistics.fmean(r["train_runtime_seconds"] for r in results), 1),
@@ -286,8 +287,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         stuck = f"{s['alignment_warnings']} of {s['alignment_judged']}" if s["alignment_judged"] else "-"
+        spread = f"{s['mean']:.1f}" + ("" if s["std"] is None else f" +- {s['std']:.1f}")
         print(f"| {s['dataset']} | {s['description']} | {s['steps']} | {s['learning_rate']:g} | {s['metric']} | "
-              f"{s['mean']:.1f} +- {s['std']:.1f} | {s['i2t_recall@1']:.1f} | {s['t2i_recall@1']:.1f} | "
+              f"{spread} | {s['i2t_recall@1']:.1f} | {s['t2i_recall@1']:.1f} | "
               f"{s['train_seconds']:.0f} | {stuck} |")
     if tuning_scores:
         print("\nLearning-rate grid (scenes, seed 0, validation mean R@1): "
