@@ -351,3 +351,20 @@ def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
     processor = AutoProcessor.from_pretrained(out)
     assert processor.image_seq_length == model.config.image_seq_length == 4
     assert not processor.concatenate_images
+
+
+def test_type_checks_read_the_declared_annotations_even_after_hfargumentparser():
+    """HfArgumentParser rewrites `field.type` of Optional fields in place (`str | None` -> `str`); the config check must
+    still accept null for them afterwards (it failed once the suite had built a parser for DataArguments)."""
+    import dataclasses
+
+    import train
+    from transformers import HfArgumentParser
+
+    from vlalign.data import DataArguments
+
+    HfArgumentParser(DataArguments)
+    assert {f.name: f.type for f in dataclasses.fields(DataArguments)}["label_column"] is str  # what it rewrote
+    kinds = train._field_kinds(DataArguments)
+    assert type(None) in kinds["label_column"] and str in kinds["label_column"]
+    assert kinds["positives_by"] == (str,)

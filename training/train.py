@@ -161,9 +161,10 @@ def _field_kinds(cls) -> dict[str, tuple[type, ...] | None]:
     """`_kinds` of every field of a dataclass; a default of None admits null whatever the annotation says."""
     result = {}
     for f in dataclasses.fields(cls):
-        hint = f.type
+        # the annotation as declared: HfArgumentParser rewrites `field.type` in place (`str | None` becomes `str`)
+        owner = next((c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {})), cls)
+        hint = owner.__dict__.get("__annotations__", {}).get(f.name, f.type)
         if isinstance(hint, str):  # `from __future__ import annotations`: evaluate where the field was declared
-            owner = next((c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {})), cls)
             try:
                 hint = eval(hint, vars(sys.modules[owner.__module__]))  # noqa: S307 (the library's own annotations)
             except Exception:  # names imported only for type checkers (torch.dtype ...): not checked
