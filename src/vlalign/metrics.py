@@ -16,7 +16,6 @@ Conventions
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

@@ -395,10 +395,7 @@ class ContrastiveTrainer(VLAlignTrainer):
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
         self.num_skipped_items = 0
-        # None until checked (after the warm-up, see `_check_alignment`), then whether the latest check found the
-        # cross-modal losses still at ln(number of keys)
-        self.alignment_not_started: bool | None = None
-        self.alignment_check: dict | None = None  # the figures of the latest check
+        self.alignment_check: dict | None = None  # the figures of the latest check (`_check_alignment`)
         self._alignment_warned = False
         if self._compiles_encoders_only():
             self.model.compile_encoders(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
@@ -579,6 +576,14 @@ class ContrastiveTrainer(VLAlignTrainer):
             self._check_alignment(logs)
         super().log(logs, start_time)
 
+    @property
+    def alignment_not_started(self) -> bool | None:
+        """None until checked (after the warm-up), then whether the latest check found the cross-modal losses still
+        at ln(number of keys)."""
+        check = self.alignment_check
+        return None if check is None else alignment_not_started(check["loss_i2t"], check["loss_t2i"],
+                                                                check["num_keys"])
+
     def contrastive_num_keys(self) -> int | None:
         """Keys each cross-modal query is scored against: the local batch + the queue with momentum (ALBEF), the
         global batch for in-batch InfoNCE (gathered across processes); None for the decomposable loss, whose
@@ -602,7 +607,6 @@ class ContrastiveTrainer(VLAlignTrainer):
         if (num_keys is None or num_keys < 2 or "loss_i2t" not in logs or "loss_t2i" not in logs
                 or self.state.global_step < self.alignment_check_step()):
             return
-        self.alignment_not_started = alignment_not_started(logs["loss_i2t"], logs["loss_t2i"], num_keys)
         self.alignment_check = {"step": self.state.global_step, "loss_i2t": float(logs["loss_i2t"]),
                                 "loss_t2i": float(logs["loss_t2i"]), "num_keys": num_keys}
         if self.alignment_not_started and not self._alignment_warned:
