@@ -196,3 +196,50 @@ def test_running_log_z_keeps_nonfinite_estimates_out():
     out = state.update(torch.tensor([1, 2]), torch.tensor([math.inf, math.nan]))
     assert not torch.isfinite(out).any()  # this step's loss sees it (and the trainer skips the step)
     assert state.log_z.tolist()[:3] == [1.0, 2.0, 0.0] and state.seen.tolist() == [True, True, False, False]
+
+
+def _forward_state(model):
+    """Everything but the trained parameters: EMA teachers, queues (features, ids, pointers), running statistics."""
+    teachers = [p for name, p in model.named_parameters() if name.startswith("momentum_")]
+    return [t.detach().clone() for t in (*teachers, *model.buffers())]
+
+
+def test_a_skipped_step_moves_no_teacher_queue_or_statistic(tmp_path):
+    model = _model()
+    assert model.config.use_momentum
+
+    class ForwardState(TrainerCallback):
+        after_step = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.after_step[state.global_step] = _forward_state(model)
+
+    recorder = ForwardState()
+    trainer = _trainer(tmp_path, model, InjectingCollator(inf_pixels={2}), max_steps=4)
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert trainer.nonfinite_steps_skipped == 1
+    after = recorder.after_step
+    skipped = [i for i, (a, b) in enumerate(zip(after[2], after[3], strict=True)) if not torch.equal(a, b)]
+    assert skipped == []  # the EMA update at the forward's start and the teacher pass are undone
+    moved = sum(not torch.equal(a, b) for a, b in zip(after[3], after[4], strict=True))
+    assert moved > 10  # a good step does move the teachers and the queues
+
+
+@pytest.mark.parametrize("field, value", [("learning_rate", math.inf), ("weight_decay", math.nan),
+                                          ("adam_epsilon", -math.inf)])
+def test_nonfinite_training_arguments_are_refused_at_construction(tmp_path, field, value):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
+    with pytest.raises(ValueError, match=rf"TrainingArguments\.{field}=(inf|nan|-inf)"):
+        VLAlignTrainer(model=_model(), args=args, train_dataset=list(range(8)), data_collator=InjectingCollator())
+
+
+def test_an_optimizer_step_that_leaves_nonfinite_weights_stops_the_run(tmp_path):
+    model = _model()
+    trainer = _trainer(tmp_path, model, InjectingCollator(), max_steps=3)
+    trainer.args.learning_rate = 1e300  # finite, but the first update overflows float32
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 1
+    with pytest.raises(NonFiniteTrainingError, match=r"step 1: the optimizer step made \d+ parameter tensor"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))  # raised before the step's checkpoint

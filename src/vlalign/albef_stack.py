@@ -579,6 +579,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         names = self._momentum_names()
         return [getattr(self, n) for n in names], [getattr(self, f"momentum_{n}") for n in names]
 
+    def forward_updated_tensors(self) -> list[torch.Tensor]:
+        """What a training forward changes besides the gradients: the EMA teachers (updated at its start), the
+        queues and running statistics (buffers). A trainer that skips a step restores these (VLAlignTrainer)."""
+        tensors = list(self.buffers())
+        if self.config.use_momentum:
+            tensors += [p for teacher in self._momentum_pairs()[1] for p in teacher.parameters()]
+        return tensors
+
     def momentum_update(self) -> None:
         """EMA step of every teacher towards its student (towards its effective weights under PEFT / LoRA)."""
         ema_update(*self._momentum_pairs(), momentum=self.config.momentum, names=self._momentum_names())

@@ -21,13 +21,16 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # transformers internal (listed in vlalign/__init__.py)
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput  # transformers internal (vlalign/__init__.py)
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .data import ResumableCollator
@@ -40,6 +43,7 @@ from .metrics import (
     zero_shot_accuracy,
     zero_shot_classifier,
 )
+from .output_folder import explain_write_error, latest_complete_checkpoint, publish_folder, staging_folder
 
 logger = logging.getLogger("vlalign.trainer")
 
@@ -197,17 +201,43 @@ def _itm_rerank_fn(model, processor, images, texts, batch_size):
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Training stopped on non-finite losses or gradients (see `VLAlignTrainer`)."""
+    """Training stopped on non-finite losses, gradients or parameters (see `VLAlignTrainer`)."""
 
 
-class _NonFiniteGuard(TrainerCallback):
-    """Runs the trainer's check between the last backward of a step and the optimizer step."""
+class TrainingInterruptedError(RuntimeError):
+    """Training stopped early on SIGTERM; `checkpoint` is where it was saved."""
+
+    def __init__(self, message: str, signal_number: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signal_number, self.checkpoint = signal_number, checkpoint
+
+
+class ResumeArgumentsError(ValueError):
+    """A run resumed with training arguments or data other than those its checkpoint was trained with."""
+
+
+class _TrainerGuard(TrainerCallback):
+    """Runs the trainer's checks at their place in the step: before the optimizer step (non-finite losses or
+    gradients), after it (non-finite parameters) and at the end of a step (a stop requested by SIGTERM)."""
 
     def __init__(self, trainer: "VLAlignTrainer"):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._guard_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_parameters_finite()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._stop_requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def _json_value(value):
+    value = getattr(value, "value", value)  # enums (lr_scheduler_type, optim)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _load_checkpoint_weights(model: PreTrainedModel, checkpoint_dir: str) -> None:
@@ -232,38 +262,96 @@ class VLAlignTrainer(Trainer):
     - Non-finite guard: an optimizer step whose loss (any micro-batch) or gradients are not finite is skipped (its
       gradients are dropped, so the optimizer changes nothing), counted (`nonfinite_steps_skipped`, in the training
       logs) and warned about, naming the loss components that were not finite (or the first parameters with
-      non-finite gradients). `stop_on_nonfinite=True` raises `NonFiniteTrainingError` at the first such step
-      instead; `max_consecutive_nonfinite_steps` in a row always raise (a run that keeps diverging is stopped, not
-      silently frozen). Under DDP every process takes the same decision (the flag is summed over processes).
+      non-finite gradients). What the step's forwards changed besides gradients (EMA teachers, queues, running
+      statistics: the model's `forward_updated_tensors`) is put back as it was, so a skipped step changes nothing.
+      `stop_on_nonfinite=True` raises `NonFiniteTrainingError` at the first such step instead;
+      `max_consecutive_nonfinite_steps` in a row always raise (a run that keeps diverging is stopped, not silently
+      frozen). An optimizer step that leaves a parameter non-finite (an overflowing learning rate) always raises.
+      Non-finite training arguments (`learning_rate=inf`) are refused at construction. Under DDP every process takes
+      the same decision (the flags are summed over processes).
     - Exact resume: each checkpoint also holds `vlalign_trainer_state.json` (per process): the micro-batches
-      trained, the skip counters and the collator's state as of the last batch trained on (its data-issue counts,
-      and its batch index, from which caption choice and augmentation are drawn, so that a resumed run collates
-      the same batches as an uninterrupted one).
+      trained, the items trained, the summed loss, the skip counters, the collator's state as of the last batch
+      trained on (its data-issue counts, and its batch index, from which caption choice and augmentation are drawn,
+      so that a resumed run collates the same batches as an uninterrupted one) and the arguments that shape the
+      run (`resume_arguments`). Resuming with other arguments raises `ResumeArgumentsError` naming each change,
+      unless `resume_with_changed_arguments=True` (the changes are then kept in `resume_changes`). A checkpoint that
+      already reached the run's last step is a no-op (`train` loads it and returns).
       Weights incl. EMA teachers, queues and their pointers, temperature and running statistics are model
       buffers/parameters (model.safetensors); optimizer, scheduler, RNG states, the step (hence the alpha ramp)
       and the data order are restored by transformers.
+    - Checkpoints appear only complete: each is written into a hidden staging folder and renamed into place; a
+      full disk is reported as such (`output_folder.DiskFullError`).
+    - SIGTERM (a preempted machine) during `train` saves a checkpoint at the end of the current step and raises
+      `TrainingInterruptedError`, so that no caller mistakes the stopped run for a finished one.
     """
 
     RESUME_STATE_NAME = "vlalign_trainer_state.json"
+    # TrainingArguments fields a resumed run must share with its checkpoint (plus the caller's `resume_fingerprint`)
+    RESUME_ARGUMENTS = ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps", "learning_rate",
+                        "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "optim", "adam_beta1",
+                        "adam_beta2", "adam_epsilon", "seed", "data_seed")
+    # a run whose batches come out empty (no usable row) this many times in a row is stopped: its data are broken
+    MAX_CONSECUTIVE_EMPTY_BATCHES = 20
 
-    def __init__(self, *args, stop_on_nonfinite: bool = False, max_consecutive_nonfinite_steps: int = 20, **kwargs):
+    def __init__(self, *args, stop_on_nonfinite: bool = False, max_consecutive_nonfinite_steps: int = 20,
+                 resume_fingerprint: dict | None = None, resume_with_changed_arguments: bool = False, **kwargs):
         if (isinstance(max_consecutive_nonfinite_steps, bool) or not isinstance(max_consecutive_nonfinite_steps, int)
                 or max_consecutive_nonfinite_steps < 1):
             raise ValueError(f"max_consecutive_nonfinite_steps must be an int >= 1, got {max_consecutive_nonfinite_steps!r}")
         super().__init__(*args, **kwargs)
+        _check_finite_arguments(self.args, self.model)
         self.stop_on_nonfinite = bool(stop_on_nonfinite)
         self.max_consecutive_nonfinite_steps = max_consecutive_nonfinite_steps
+        self.resume_fingerprint = dict(resume_fingerprint or {})
+        self.resume_with_changed_arguments = bool(resume_with_changed_arguments)
+        self.resume_changes: dict[str, dict] = {}
         self.nonfinite_steps_skipped = 0
         self.micro_batches_trained = 0
+        self.items_trained = 0  # rows of the micro-batches trained on (empty batches count none)
+        self.loss_sum = 0.0  # finite micro-batch losses (each already divided by the accumulation steps)
+        self.received_signal: int | None = None
+        self._stop_requested = False
         self._consecutive_nonfinite = 0
+        self._consecutive_empty = 0
         self._step_nonfinite: list[str] = []  # what was not finite in the micro-batches of the current step
-        self.add_callback(_NonFiniteGuard(self))
+        self._step_snapshot: list[torch.Tensor] | None = None  # forward-updated tensors as the step found them
+        self.add_callback(_TrainerGuard(self))
 
-    # ---- non-finite guard -------------------------------------------------------------------------------------
+    @property
+    def run_train_loss(self) -> float:
+        """The mean training loss per optimizer step over the whole run, resumed parts included (transformers'
+        `train_loss` covers only the steps of the latest `train()` call)."""
+        return self.loss_sum / max(self.state.global_step, 1)
+
+    # ---- one micro-batch --------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._begin_micro_batch(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._after_micro_batch(loss)
         return loss
+
+    def _begin_micro_batch(self, inputs) -> None:
+        """Count the batch's rows; before the first micro-batch of a step, keep what the forwards will change."""
+        if inputs.get("empty_batch", False):
+            self._consecutive_empty += 1
+            if self._consecutive_empty >= self.MAX_CONSECUTIVE_EMPTY_BATCHES:
+                raise RuntimeError(
+                    f"{self._consecutive_empty} training batches in a row had no usable row (every image unreadable "
+                    "or every caption empty; see the 'Skipped' warnings): check image_column, caption_column and "
+                    "the data files")
+        else:
+            self._consecutive_empty = 0
+            for value in (inputs.get("input_ids"), inputs.get("pixel_values"), *inputs.values()):
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    self.items_trained += int(value.shape[0])
+                    break
+        if self._step_snapshot is None and not self.stop_on_nonfinite:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            tensors = base.forward_updated_tensors() if hasattr(base, "forward_updated_tensors") else list(
+                base.buffers())
+            self._step_snapshot = [t.detach().clone() for t in tensors]
+            self._snapshot_targets = tensors
 
     def _note_nonfinite(self, names) -> None:
         self._step_nonfinite.extend(n for n in names if n not in self._step_nonfinite)
@@ -271,23 +359,31 @@ class VLAlignTrainer(Trainer):
     def _after_micro_batch(self, loss: torch.Tensor) -> None:
         self.micro_batches_trained += 1
         # one host sync, as transformers' own logging_nan_inf_filter does every step
-        if not bool(torch.isfinite(loss.detach()).all()) and not self._step_nonfinite:
+        value = loss.detach()
+        if bool(torch.isfinite(value).all()):
+            self.loss_sum += float(value)
+        elif not self._step_nonfinite:
             self._note_nonfinite(["loss"])
 
+    # ---- non-finite guard -------------------------------------------------------------------------------------
     def _nonfinite_gradients(self) -> list[str]:
         return [name for name, p in self.model.named_parameters()
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
     def _guard_optimizer_step(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flag = torch.tensor(1.0 if self._step_nonfinite else 0.0, device=self.args.device)
+        flags = torch.tensor([1.0 if self._step_nonfinite else 0.0, 1.0 if self.received_signal else 0.0],
+                             device=self.args.device)
         if grads:  # one fused pass over the gradients, one host sync
-            total = torch.stack([n.float().to(flag.device) for n in torch._foreach_norm(grads)]).sum()
-            flag = torch.where(torch.isfinite(total), flag, torch.ones_like(flag))
-        if self.args.world_size > 1:  # a NaN loss with finite gradients on one process must stop all of them
-            flag = self.accelerator.reduce(flag, reduction="sum")
+            total = torch.stack([n.float().to(flags.device) for n in torch._foreach_norm(grads)]).sum()
+            flags[0] = torch.where(torch.isfinite(total), flags[0], torch.ones_like(flags[0]))
+        if self.args.world_size > 1:  # a NaN loss on one process, or a SIGTERM to one, concerns all of them
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        nonfinite, stop = (float(f) for f in flags.cpu())
+        self._stop_requested = self._stop_requested or stop > 0
         reasons, self._step_nonfinite = self._step_nonfinite, []
-        if float(flag) == 0.0:
+        snapshot, self._step_snapshot = self._step_snapshot, None
+        if nonfinite == 0.0:
             self._consecutive_nonfinite = 0
             return
         if not reasons:
@@ -295,6 +391,9 @@ class VLAlignTrainer(Trainer):
             reasons = [f"gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"] if bad else [
                 "loss or gradients on another process"]
         self.model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every parameter unchanged
+        if snapshot:  # nor do the forwards of the skipped step (EMA teachers, queues, statistics)
+            with torch.no_grad():
+                torch._foreach_copy_(self._snapshot_targets, snapshot)
         self.nonfinite_steps_skipped += 1
         self._consecutive_nonfinite += 1
         what = f"step {self.state.global_step + 1}: non-finite {'; '.join(reasons)}"
@@ -308,10 +407,105 @@ class VLAlignTrainer(Trainer):
             )
         logger.warning("%s -> optimizer step skipped (%d skipped so far)", what, self.nonfinite_steps_skipped)
 
+    def _check_parameters_finite(self) -> None:
+        """After the optimizer step: finite gradients can still give non-finite weights (an overflowing learning
+        rate); such a model is never trained on or saved."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return
+        total = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        raise NonFiniteTrainingError(
+            f"step {self.state.global_step + 1}: the optimizer step made {len(bad)} parameter tensor(s) non-finite "
+            f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) with learning rate "
+            f"{self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate}: stopping; "
+            "nothing of this step is saved. Lower the learning rate (or max_grad_norm) and resume from the last "
+            "checkpoint")
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped
         super().log(logs, start_time)
+
+    # ---- train: finished checkpoints, SIGTERM -----------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:  # as transformers' own True, but never a half-written checkpoint
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output_dir ({self.args.output_dir})")
+        if resume_from_checkpoint and self._checkpoint_step(resume_from_checkpoint) >= self._planned_max_steps():
+            return self._resume_finished(resume_from_checkpoint)
+        with self._stopping_on_sigterm():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.received_signal is not None:
+            raise self._interrupted()
+        return output
+
+    def _steps_per_epoch(self) -> int:
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:  # iterable datasets have no length
+            return 0
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    def _planned_max_steps(self) -> float:
+        """The run's last optimizer step, as transformers computes it (inf for a stream sized by epochs)."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = self._steps_per_epoch()
+        return math.ceil(self.args.num_train_epochs * per_epoch) if per_epoch else math.inf
+
+    @staticmethod
+    def _checkpoint_step(checkpoint: str) -> int:
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(path):
+            return -1
+        with open(path, encoding="utf-8") as handle:
+            return int(json.load(handle).get("global_step", -1))
+
+    def _resume_finished(self, checkpoint: str) -> TrainOutput:
+        """Resuming a checkpoint of the run's last step: load it and train nothing (transformers would run one
+        more forward, moving EMA teachers and queues)."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        self._load_from_checkpoint(checkpoint)
+        logger.warning("%s is at step %d, the last step of this run: nothing left to train (the model is the "
+                       "checkpoint's)", checkpoint, self.state.global_step)
+        metrics = {"train_runtime": 0.0, "train_loss": self.run_train_loss, "train_steps_this_call": 0}
+        return TrainOutput(self.state.global_step, self.run_train_loss, metrics)
+
+    @contextlib.contextmanager
+    def _stopping_on_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        manager = getattr(previous, "__self__", None)
+        if type(manager).__name__ == "CheckpointManager":  # transformers' enable_jit_checkpoint: ours replaces it
+            previous = manager._original_sigterm_handler or signal.SIG_DFL
+
+        def request_stop(signal_number, frame):
+            self.received_signal = signal_number
+            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
+                           signal.Signals(signal_number).name)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _interrupted(self) -> TrainingInterruptedError:
+        name = signal.Signals(self.received_signal).name
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.state.global_step > 0 and not os.path.isdir(folder):  # the signal came after the last step
+            self._save_checkpoint(self.model, trial=None)
+        checkpoint = folder if os.path.isdir(folder) else None
+        where = (f"checkpoint saved at {checkpoint}; resume with --resume_from_checkpoint latest" if checkpoint
+                 else "no step was trained, nothing saved")
+        return TrainingInterruptedError(f"training stopped by {name} after step {self.state.global_step}: {where}",
+                                        self.received_signal, checkpoint)
 
     # ---- exact resume -----------------------------------------------------------------------------------------
     def _resume_state_path(self, checkpoint_dir: str) -> str:
@@ -320,47 +514,150 @@ class VLAlignTrainer(Trainer):
             name = name.replace(".json", f"-rank{self.args.process_index}.json")
         return os.path.join(checkpoint_dir, name)
 
+    def resume_arguments(self) -> dict:
+        """What a resumed run must share with its checkpoint: the `RESUME_ARGUMENTS` of the training arguments and
+        the caller's `resume_fingerprint` (e.g. the training data's fingerprint, `positives_by`)."""
+        arguments = {name: _json_value(getattr(self.args, name, None)) for name in self.RESUME_ARGUMENTS}
+        return {**arguments, **{k: _json_value(v) for k, v in self.resume_fingerprint.items()}}
+
     def _resume_state(self) -> dict:
         state = {"micro_batches_trained": self.micro_batches_trained,
+                 "items_trained": self.items_trained,
+                 "loss_sum": self.loss_sum,
                  "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
-                 "consecutive_nonfinite": self._consecutive_nonfinite}
+                 "consecutive_nonfinite": self._consecutive_nonfinite,
+                 "arguments": self.resume_arguments(),
+                 "resume_changes": self.resume_changes}
         if isinstance(self.data_collator, ResumableCollator):
             state["collator"] = self.data_collator.state_dict(batches_trained=self.micro_batches_trained)
         return state
 
     def _restore_resume_state(self, state: dict) -> None:
         self.micro_batches_trained = int(state["micro_batches_trained"])
+        self.items_trained = int(state.get("items_trained", 0))
+        self.loss_sum = float(state.get("loss_sum", 0.0))
         self.nonfinite_steps_skipped = int(state.get("nonfinite_steps_skipped", 0))
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.resume_changes = dict(state.get("resume_changes") or {})
         if "collator" in state and isinstance(self.data_collator, ResumableCollator):
             self.data_collator.load_state_dict(state["collator"])
+
+    def _check_resume_arguments(self, saved: dict, checkpoint: str) -> None:
+        now = self.resume_arguments()
+        changed = {name: {"checkpoint": saved[name], "now": now[name]} for name in sorted(saved.keys() & now.keys())
+                   if saved[name] != now[name]}
+        if not changed:
+            return
+        listing = "; ".join(f"{name}: {c['checkpoint']!r} in the checkpoint, {c['now']!r} now"
+                            for name, c in changed.items())
+        if not self.resume_with_changed_arguments:
+            raise ResumeArgumentsError(
+                f"{checkpoint} was trained with other settings than this run: {listing}. Resume with the "
+                "checkpoint's settings, or pass resume_with_changed_arguments=True (--resume_with_changed_arguments "
+                "true) to continue with the new ones; the model card then lists each change")
+        step = self._checkpoint_step(checkpoint)
+        logger.warning("Resuming %s with changed settings (resume_with_changed_arguments): %s", checkpoint, listing)
+        for name, change in changed.items():
+            self.resume_changes[name] = {**change, "from_step": step + 1}
 
     # transformers internals (listed in vlalign/__init__.py): Trainer's private checkpoint hooks, the one place where
     # a checkpoint is written and read whole
     def _save_checkpoint(self, model, trial) -> None:
-        # written before transformers' files, so that a checkpoint complete to transformers holds it too
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        with open(self._resume_state_path(folder), "w", encoding="utf-8") as handle:
-            json.dump(self._resume_state(), handle, indent=2)
-        super()._save_checkpoint(model, trial)
+        """Write the checkpoint into a hidden staging folder, then rename it into place: `checkpoint-N` never
+        exists half-written (a kill or a full disk during the save leaves only the staging folder)."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging_parent = os.path.join(run_dir, f".incomplete-{name}")
+        staged = os.path.join(staging_parent, name)
+        try:
+            if self.args.should_save:
+                staging_folder(staging_parent)
+            self.accelerator.wait_for_everyone()
+            os.makedirs(staged, exist_ok=True)
+            with open(self._resume_state_path(staged), "w", encoding="utf-8") as handle:
+                json.dump(self._resume_state(), handle, indent=2)
+            self._get_output_dir = lambda trial: staging_parent  # transformers writes `<output dir>/checkpoint-N`
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._retarget_best_checkpoint(staged, run_dir)
+                publish_folder(staged, final)
+                os.rmdir(staging_parent)
+                self._rotate_checkpoints_in(run_dir)
+            self.accelerator.wait_for_everyone()
+        except (OSError, RuntimeError) as error:
+            if self.args.should_save:
+                import shutil
+
+                shutil.rmtree(staging_parent, ignore_errors=True)
+            raise explain_write_error(error, run_dir, name) from error
+
+    def _retarget_best_checkpoint(self, staged: str, run_dir: str) -> None:
+        """transformers looked for the best checkpoint beside the staged one; point it at the real folder."""
+        best = self.state.best_global_step
+        if not best:
+            return
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
+        if best == self.state.global_step or os.path.isdir(folder):
+            self.state.best_model_checkpoint = folder
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+
+    def _rotate_checkpoints_in(self, run_dir: str) -> None:
+        if not self.args.save_total_limit:
+            return
+        try:  # transformers >= 5.2x: a module function; earlier: the Trainer method
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            return
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.model if model is None else model
+        path = self._resume_state_path(resume_from_checkpoint)
+        state = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                state = json.load(handle)
+            if "arguments" in state:  # checked before anything is loaded
+                self._check_resume_arguments(state["arguments"], resume_from_checkpoint)
         weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
         if (isinstance(target, PreTrainedModel) and os.path.isfile(weights) and not self.is_fsdp_enabled
                 and not self.is_deepspeed_enabled):
             _load_checkpoint_weights(target, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = self._resume_state_path(resume_from_checkpoint)
-        if not os.path.isfile(path):
+        if state is None:
             logger.warning("%s has no %s (saved by another trainer?): the data-issue counts restart from 0 and "
                            "caption choices / augmentations may differ from an uninterrupted run",
                            resume_from_checkpoint, os.path.basename(path))
             return
-        with open(path, encoding="utf-8") as handle:
-            self._restore_resume_state(json.load(handle))
+        self._restore_resume_state(state)
+
+
+def _check_finite_arguments(args, model) -> None:
+    """Non-finite numbers in the training arguments or the model config would train a NaN model: refuse them."""
+    import dataclasses
+
+    bad = [f"TrainingArguments.{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(args)
+           if isinstance(getattr(args, f.name, None), float) and not math.isfinite(getattr(args, f.name))]
+    config = getattr(model, "config", None)
+    if config is not None:
+        def walk(values: dict, prefix: str) -> None:
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                elif isinstance(value, float) and not math.isfinite(value):
+                    bad.append(f"config.{prefix}{key}={value}")
+
+        walk(config.to_dict(), "")
+    if bad:
+        raise ValueError(f"non-finite values would train a non-finite model: {', '.join(bad)}")
 
 
 class ContrastiveTrainer(VLAlignTrainer):
@@ -430,13 +727,6 @@ class ContrastiveTrainer(VLAlignTrainer):
             return target
         return target * min(1.0, self.state.global_step / ramp)
 
-    def _steps_per_epoch(self) -> int:
-        try:
-            batches = len(self.get_train_dataloader())
-        except TypeError:  # iterable datasets have no length
-            return 0
-        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With `config.gradient_cache_chunk_size` set, run the model's gradient-cached forward/backward (memory of
         one chunk, gradients of the whole batch); otherwise the standard Trainer step."""
@@ -445,6 +735,7 @@ class ContrastiveTrainer(VLAlignTrainer):
         chunk_size = getattr(unwrapped.config, "gradient_cache_chunk_size", None)
         if not chunk_size or not hasattr(unwrapped, "gradient_cached_backward"):
             return super().training_step(model, inputs, num_items_in_batch)
+        self._begin_micro_batch(inputs)
         model.train()
         inputs = dict(self._prepare_inputs(inputs))
         inputs.pop("return_loss", None)
