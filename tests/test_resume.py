@@ -162,9 +162,120 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CASES["tcl"]))
-    with pytest.raises(SystemExit, match="no checkpoint-N folder"):
+    with pytest.raises(SystemExit, match="no complete checkpoint-N folder"):
         train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
                     "--resume_from_checkpoint", "latest"])
     with pytest.raises(SystemExit, match="no such checkpoint folder"):
         train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
                     "--resume_from_checkpoint", str(tmp_path / "typo")])
+
+
+# ---- in-process: finished runs, changed settings, staged checkpoints ---------------------------------------------
+def _in_process_trainer(output_dir, max_steps=4, rows=40, seed=3, **kwargs):
+    from conftest import tiny_tcl_config
+    from test_nonfinite import InjectingCollator
+    from transformers import TrainingArguments
+
+    from vlalign import TCLModel
+    from vlalign.trainer import ContrastiveTrainer
+
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config(queue_size=8))
+    training = {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "max_steps": max_steps,
+                "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "remove_unused_columns": False,
+                "use_cpu": True, "save_strategy": "steps", "save_steps": 2, "disable_tqdm": True, "seed": seed}
+    training.update(kwargs.pop("training", {}))
+    args = TrainingArguments(**training)
+    return ContrastiveTrainer(model=model, args=args, train_dataset=list(range(rows)),
+                              data_collator=InjectingCollator(), **kwargs)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    first = _in_process_trainer(tmp_path)  # 10 steps per epoch: step 4 is inside the first epoch
+    first_result = first.train()
+    finished = _state(first.model)
+    resumed = _in_process_trainer(tmp_path)
+    result = resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    after = _state(resumed.model)
+    changed = [k for k in finished if not torch.equal(finished[k], after[k])]
+    assert changed == []  # no phantom step: teachers, queues and pointers as the checkpoint left them
+    assert result.global_step == 4
+    assert result.training_loss == pytest.approx(first.run_train_loss, abs=1e-9)
+    assert first.run_train_loss == pytest.approx(first_result.training_loss, rel=1e-6)
+
+
+def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
+    from vlalign.trainer import ResumeArgumentsError
+
+    _in_process_trainer(tmp_path, resume_fingerprint={"positives_by": "label"}).train()
+    changed = _in_process_trainer(tmp_path, max_steps=6, seed=4, resume_fingerprint={"positives_by": "image"},
+                                  training={"learning_rate": 2e-3, "per_device_train_batch_size": 2})
+    with pytest.raises(ResumeArgumentsError) as caught:
+        changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    message = str(caught.value)
+    for expected in ("learning_rate: 0.001 in the checkpoint, 0.002 now", "seed: 3 in the checkpoint, 4 now",
+                     "per_device_train_batch_size: 4", "positives_by: 'label' in the checkpoint, 'image' now",
+                     "resume_with_changed_arguments"):
+        assert expected in message
+    assert "max_steps" not in message  # training longer is what resuming is for
+
+
+def test_resume_with_changed_settings_allowed_records_the_changes(tmp_path):
+    _in_process_trainer(tmp_path).train()
+    allowed = _in_process_trainer(tmp_path, max_steps=6, training={"per_device_train_batch_size": 2},
+                                  resume_with_changed_arguments=True)
+    allowed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert allowed.state.global_step == 6
+    assert allowed.resume_changes == {"per_device_train_batch_size": {"checkpoint": 4, "now": 2, "from_step": 5}}
+    # and every later checkpoint carries them, so a second resume still reports the whole history
+    state = json.loads((tmp_path / "checkpoint-6" / "vlalign_trainer_state.json").read_text())
+    assert state["resume_changes"] == allowed.resume_changes
+
+
+def test_a_checkpoint_appears_only_complete(tmp_path, monkeypatch):
+    """A save that dies half-way (here: the optimizer file cannot be written) leaves no checkpoint-N folder, only a
+    hidden staging folder that `latest` ignores and the next run removes."""
+    from vlalign.output_folder import DiskFullError, latest_complete_checkpoint
+
+    trainer = _in_process_trainer(tmp_path, max_steps=4)
+    original = trainer._save_optimizer_and_scheduler
+
+    def fail_at_step_4(output_dir):
+        if trainer.state.global_step == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; "
+                               "basic_ios::clear: iostream error")
+        original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", fail_at_step_4)
+    monkeypatch.setattr("vlalign.output_folder._free_bytes", lambda path: 0)
+    with pytest.raises(DiskFullError, match=r"the disk is full: checkpoint-4 could not be written to .* \(0 MiB free\)"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not list(tmp_path.glob(".incomplete-*"))  # cleaned up on the failure
+
+
+def test_latest_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, caplog):
+    import logging
+
+    import train
+
+    _in_process_trainer(tmp_path, max_steps=4).train()
+    # as a kill during a save by an older version (or another trainer) leaves it: the folder, no trainer state
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-6").mkdir()
+    truncated = tmp_path / "checkpoint-6" / "model.safetensors"
+    data = (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
+    with caplog.at_level(logging.WARNING, logger="vlalign.output_folder"):
+        assert train._resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-6 (model.safetensors is truncated or damaged)" in caplog.text
+    assert "checkpoint-4 (no trainer_state.json)" in caplog.text
+    with pytest.raises(SystemExit, match=r"checkpoint-4 is incomplete: no trainer_state.json"):
+        train._resolve_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))

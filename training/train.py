@@ -405,20 +405,25 @@ def _training_arguments(config: dict, default_output_dir: str):
 
 
 def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint latest` (or true): the newest complete checkpoint-N folder in output_dir; a path is
-    checked to exist, so that a typo cannot silently start the run from scratch."""
-    from transformers.trainer_utils import get_last_checkpoint  # transformers internal (listed in vlalign/__init__.py)
+    """`--resume_from_checkpoint latest` (or true): the newest complete checkpoint-N folder in output_dir (newer,
+    incomplete ones skipped with a warning); a path is checked to exist and to be complete, so that a typo cannot
+    silently start the run from scratch and a half-written folder fails here rather than deep in transformers."""
+    from vlalign.output_folder import checkpoint_problems, latest_complete_checkpoint
 
     if value in (None, False, "", "false", "False"):
         return None
     if value in (True, "latest", "last", "true", "True"):
-        found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        found = latest_complete_checkpoint(output_dir)
         if found is None:
-            raise SystemExit(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {output_dir}")
+            raise SystemExit(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
         logger.info("Resuming from %s", found)
         return found
     if not os.path.isdir(str(value)):
         raise SystemExit(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    problems = checkpoint_problems(str(value))
+    if problems:
+        raise SystemExit(f"--resume_from_checkpoint {value}: {Path(str(value)).name} is incomplete: "
+                         f"{'; '.join(problems)}")
     return str(value)
 
 

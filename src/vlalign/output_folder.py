@@ -87,10 +87,11 @@ class OutputFolderLock:
 
 
 # ---- staged writes ------------------------------------------------------------------------------------------------
-def staging_folder(target: str | os.PathLike) -> Path:
-    """A fresh, empty hidden folder beside `target` on the same file system (so that the final rename is atomic)."""
+def staging_folder(target: str | os.PathLike, per_process: bool = True) -> Path:
+    """A fresh, empty hidden folder beside `target` on the same file system (so that the final rename is atomic).
+    Its name carries the process id unless the processes of a distributed run must all find it (`per_process`)."""
     target = Path(target)
-    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}{f'-{os.getpid()}' if per_process else ''}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

@@ -43,7 +43,13 @@ from .metrics import (
     zero_shot_accuracy,
     zero_shot_classifier,
 )
-from .output_folder import explain_write_error, latest_complete_checkpoint, publish_folder, staging_folder
+from .output_folder import (
+    STAGING_PREFIX,
+    explain_write_error,
+    latest_complete_checkpoint,
+    publish_folder,
+    staging_folder,
+)
 
 logger = logging.getLogger("vlalign.trainer")
 
@@ -538,7 +544,8 @@ class VLAlignTrainer(Trainer):
         self.loss_sum = float(state.get("loss_sum", 0.0))
         self.nonfinite_steps_skipped = int(state.get("nonfinite_steps_skipped", 0))
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
-        self.resume_changes = dict(state.get("resume_changes") or {})
+        # the changes of earlier resumes, then this resume's (`_check_resume_arguments` ran first)
+        self.resume_changes = {**(state.get("resume_changes") or {}), **self.resume_changes}
         if "collator" in state and isinstance(self.data_collator, ResumableCollator):
             self.data_collator.load_state_dict(state["collator"])
 
@@ -568,11 +575,12 @@ class VLAlignTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = os.path.join(run_dir, name)
-        staging_parent = os.path.join(run_dir, f".incomplete-{name}")
+        # every process writes its own files (RNG, resume state) into the same staging folder
+        staging_parent = str(Path(run_dir) / f"{STAGING_PREFIX}{name}")
         staged = os.path.join(staging_parent, name)
         try:
             if self.args.should_save:
-                staging_folder(staging_parent)
+                staging_folder(Path(run_dir) / name, per_process=False)
             self.accelerator.wait_for_everyone()
             os.makedirs(staged, exist_ok=True)
             with open(self._resume_state_path(staged), "w", encoding="utf-8") as handle:
