@@ -279,3 +279,15 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, caplog):
     assert "checkpoint-4 (no trainer_state.json)" in caplog.text
     with pytest.raises(SystemExit, match=r"checkpoint-4 is incomplete: no trainer_state.json"):
         train._resolve_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
+
+
+def test_an_allowed_learning_rate_change_is_the_one_used(tmp_path):
+    """The restored optimizer and scheduler state would keep the checkpoint's rate while the card showed the new one."""
+    _in_process_trainer(tmp_path, training={"lr_scheduler_type": "constant"}).train()
+    allowed = _in_process_trainer(tmp_path, max_steps=6, resume_with_changed_arguments=True,
+                                  training={"lr_scheduler_type": "constant", "learning_rate": 5e-3})
+    allowed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    logged = [h["learning_rate"] for h in allowed.state.log_history if "loss" in h]
+    assert logged[-2:] == [pytest.approx(5e-3), pytest.approx(5e-3)]
+    assert [g["lr"] for g in allowed.optimizer.param_groups] == [pytest.approx(5e-3)] * 2
+    assert allowed.resume_changes["learning_rate"] == {"checkpoint": 1e-3, "now": 5e-3, "from_step": 5}

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import torch
 from conftest import TINY_TRAIN_MODEL
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "training"))
@@ -77,7 +79,9 @@ def test_string_fields_keep_yes_no_on_off_as_text_and_the_values_reach_the_argum
     assert (training["max_steps"], training["learning_rate"], training["eval_steps"]) == (10, 1e-4, 5)
     assert training["report_to"] == ["tensorboard"] and training["resume_from_checkpoint"] is True
     assert type(training["save_strategy"]) is str  # a plain str, whatever the YAML loader made of it
-    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3").mkdir()  # as complete as `latest` requires: a trainer state and readable weights
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "checkpoint-3" / "model.safetensors"))
     training_args = train._training_arguments(config, str(tmp_path))
     assert training_args.save_strategy == "no" and training_args.max_steps == 10  # was: a bool, refused there
     assert training_args.resume_from_checkpoint == str(tmp_path / "checkpoint-3")

@@ -68,6 +68,9 @@ class RunArguments:
     # many non-finite steps in a row always stops (vlalign.trainer.VLAlignTrainer)
     stop_on_nonfinite: bool = False
     max_consecutive_nonfinite_steps: int = 20
+    # resuming with other training settings or data than the checkpoint's is refused unless this is set (the card
+    # then lists each change)
+    resume_with_changed_arguments: bool = False
 
 
 SECTIONS = ("run", "data", "training", "model")
@@ -435,6 +438,110 @@ def _set_cpu_threads(run: RunArguments, training_args) -> None:
         torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
 
 
+_HELD_LOCKS: dict = {}  # output folder -> this process's lock on it, held until the process exits
+
+
+def _claim_output_dir(training_args) -> None:
+    """One run per output folder (each process holds its own lock; a crashed run's lock is gone with its process;
+    a second `main()` in the same process, one after the other, keeps the lock it has), then remove what an
+    interrupted run left half-written."""
+    from vlalign.output_folder import OutputFolderInUseError, OutputFolderLock, remove_stale_staging
+
+    folder = os.path.realpath(training_args.output_dir)
+    if folder not in _HELD_LOCKS:
+        try:
+            _HELD_LOCKS[folder] = OutputFolderLock(folder, rank=training_args.process_index).acquire()
+        except OutputFolderInUseError as error:
+            raise SystemExit(str(error)) from None
+    if training_args.process_index == 0:
+        remove_stale_staging(training_args.output_dir)
+
+
+def _stop_when_launcher_dies() -> None:
+    """`accelerate launch` runs a single process as its child and does not pass SIGTERM on: ask Linux to send it to
+    this process when the launcher dies, so that the run checkpoints and stops instead of running on orphaned.
+    (Several processes run under torchrun, which forwards the signal itself.)"""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as handle:
+            launcher = b"accelerate" in handle.read()
+    except OSError:
+        return
+    if not launcher or "LOCAL_RANK" in os.environ:
+        return
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _train(trainer, training_args):
+    """trainer.train(), failing the run (non-zero exit, no model, no card) on SIGTERM and when nothing was trained."""
+    from vlalign.trainer import TrainingInterruptedError
+
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except TrainingInterruptedError as stopped:
+        logger.error("%s; no final model or card written", stopped)
+        raise SystemExit(128 + stopped.signal_number) from None
+    if trainer.items_trained == 0:
+        raise SystemExit(f"nothing was trained: {result.global_step} optimizer steps on 0 usable training rows (see the "
+                         "'Skipped' warnings and the data columns); no model or card written")
+    return result
+
+
+def _check_training_size(trainer, training_args, train_dataset, streaming: bool) -> None:
+    """Fail before training when the run has no step: no rows, fewer rows than one batch with drop_last, 0 epochs."""
+    if streaming:
+        return
+    rows = len(train_dataset)
+    batches = len(trainer.get_train_dataloader()) if rows else 0
+    if batches == 0:
+        batch = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
+        why = ("it is empty" if rows == 0 else
+               f"it has {rows} rows, fewer than one batch of {batch} with dataloader_drop_last")
+        raise SystemExit(f"the training split gives no batch: {why}; no model or card written")
+    if training_args.max_steps <= 0 and trainer._planned_max_steps() == 0:
+        raise SystemExit(f"num_train_epochs={training_args.num_train_epochs} gives 0 optimizer steps; set "
+                         "num_train_epochs > 0 or max_steps")
+
+
+def _check_eval_inputs(eval_inputs, eval_dataset, data_args) -> None:
+    """An eval split that yields no image or no caption would end a whole training run in a crash: stop now."""
+    if eval_inputs.images and eval_inputs.texts:
+        return
+    raise SystemExit(f"eval split {data_args.eval_split!r}: {len(eval_dataset)} rows give {len(eval_inputs.images)} "
+                     f"usable images and {len(eval_inputs.texts)} usable captions ({eval_inputs.issues.summary()}); "
+                     f"check image_column={data_args.image_column!r} / caption_column={data_args.caption_column!r}, "
+                     "or set data.eval_split null to train without evaluation")
+
+
+def _check_multi_image_eval(eval_dataset, processor, data_args) -> None:
+    """The multi-image eval split must hold an item with a decodable image (checked with a collator of its own, so
+    that the training counts stay the training's)."""
+    from vlalign.data import MultiImageCollator
+
+    checker = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column, data_args.answer_column,
+                                 max_image_pixels=data_args.max_image_pixels)
+    if any(checker.decoded_images(row) for row in eval_dataset):
+        return
+    raise SystemExit(f"eval split {data_args.eval_split!r}: none of its {len(eval_dataset)} items has a decodable "
+                     f"image ({checker.issues.summary()}); check images_column={data_args.images_column!r}, or set "
+                     "data.eval_split null to train without evaluation")
+
+
+def _resume_changes_text(changes: dict) -> str | None:
+    return "; ".join(f"{name} {c['checkpoint']} -> {c['now']} from step {c['from_step']}"
+                     for name, c in sorted(changes.items())) or None
+
+
 def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
     return {
         **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
@@ -449,18 +556,30 @@ def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
     }
 
 
-def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, card, run: RunArguments) -> None:
-    """Weights + config + code, processor, eval_results.json, training_args.json (no pickle), card; optional push."""
+def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, build_card, write_pictures,
+              run: RunArguments) -> None:
+    """Weights + config + code, processor, eval_results.json, training_args.json (no pickle), pictures and card,
+    written into a staging folder and moved into `output_dir` only when all of it is written (a full disk or a kill
+    leaves the previous model whole); then the optional push."""
     from vlalign.hub import save_model_card
+    from vlalign.output_folder import explain_write_error, publish_files, staging_folder
 
-    _drop_local_paths(trainer.model.config)
-    trainer.save_model(str(output_dir))
-    # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
-    (output_dir / "training_args.bin").unlink(missing_ok=True)
-    (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
-    processor.save_pretrained(str(output_dir))
-    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    save_model_card(output_dir, card)
+    staging = staging_folder(output_dir / "final")
+    try:
+        _drop_local_paths(trainer.model.config)
+        trainer.save_model(str(staging))
+        # Trainer also pickles its arguments next to the weights; a Hub folder gets them as JSON instead
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
+        processor.save_pretrained(str(staging))
+        (staging / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        save_model_card(staging, build_card(write_pictures(staging)))
+        publish_files(staging, output_dir)
+    except (OSError, RuntimeError) as error:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise explain_write_error(error, output_dir, "the final model") from error
     logger.info("eval results: %s", json.dumps(results))
     if run.push_to_hub:
         push_to_hub(output_dir, run)
@@ -586,9 +705,10 @@ def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, 
     return pictures
 
 
-def card_hyperparameters(model, training_args) -> dict[str, Any]:
+def card_hyperparameters(model, training_args, resume_changes: dict | None = None) -> dict[str, Any]:
     """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
-    model's own config class (e.g. CODIS's codebook and OT settings)."""
+    model's own config class (e.g. CODIS's codebook and OT settings); a run resumed with changed settings lists
+    each change with the step it took effect."""
     from vlalign import ALBEFStackConfig
 
     config = model.config
@@ -604,6 +724,7 @@ def card_hyperparameters(model, training_args) -> dict[str, Any]:
         "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
                         f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
         **_optimisation_hyperparameters(training_args),
+        **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
         **{k: getattr(config, k) for k in (*shared, *own)},
     }
 
@@ -626,6 +747,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/tcl_digits.yaml"))
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config, parse_overrides(rest))
+    _stop_when_launcher_dies()
 
     from transformers import set_seed
 
@@ -636,6 +758,7 @@ def main(argv: list[str] | None = None) -> dict:
         build_eval_inputs,
         load_image_text_datasets,
         resolve_class_names,
+        training_data_fingerprint,
     )
     from vlalign.hub import build_model_card
     from vlalign.trainer import ContrastiveTrainer, embed_images, eval_mode, evaluate_model
@@ -678,6 +801,9 @@ def main(argv: list[str] | None = None) -> dict:
     collator = ImageTextCollator.from_data_args(processor, data_args, seed=training_args.seed)
     class_names = resolve_class_names(train_dataset, data_args)
     eval_inputs = build_eval_inputs(eval_dataset, processor, data_args) if eval_dataset is not None else None
+    if eval_inputs is not None:
+        _check_eval_inputs(eval_inputs, eval_dataset, data_args)
+    _claim_output_dir(training_args)  # before anything is written there
     trainer = ContrastiveTrainer(
         model=model,
         args=training_args,
@@ -691,9 +817,13 @@ def main(argv: list[str] | None = None) -> dict:
         itm_rerank_k=run.itm_rerank_k,
         stop_on_nonfinite=run.stop_on_nonfinite,
         max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps,
+        resume_fingerprint={"positives_by": data_args.positives_by,
+                            "train_data": training_data_fingerprint(train_dataset)},
+        resume_with_changed_arguments=run.resume_with_changed_arguments,
     )
+    _check_training_size(trainer, training_args, train_dataset, data_args.streaming)
     start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = _train(trainer, training_args)
     train_seconds = time.time() - start
 
     results: dict[str, Any] = {}
@@ -708,7 +838,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     results["train_runtime_seconds"] = round(train_seconds, 1)
     results["train_steps"] = int(train_result.global_step)
-    results["train_loss"] = float(train_result.training_loss)
+    results["train_loss"] = float(trainer.run_train_loss)
     results["train_items_skipped"] = int(trainer.num_skipped_items)
     results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
     if trainer.alignment_not_started is not None:
@@ -721,7 +851,10 @@ def main(argv: list[str] | None = None) -> dict:
     # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
     train_counts_here = training_args.dataloader_num_workers == 0
     if train_counts_here:
+        collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
         results.update(collator.data_report("train_"))
+    if trainer.resume_changes:
+        results["resumed_with_changed_arguments"] = trainer.resume_changes
     if eval_inputs is not None:
         results.update(eval_inputs.issues.report("eval_"))
     logger.info("Data issues: training: %s; evaluation: %s",
@@ -733,9 +866,7 @@ def main(argv: list[str] | None = None) -> dict:
         code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
         model_type = model.config.model_type
         output_dir.mkdir(parents=True, exist_ok=True)
-        pictures = retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, output_dir,
-                                      trainer.state.log_history)
-        card = build_model_card(
+        build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
             model_type_name=model_type.upper(),
@@ -745,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict:
             dataset_split=data_args.train_split,
             eval_split=data_args.eval_split,
             num_train_samples=num_train_samples,
-            hyperparameters=card_hyperparameters(model, training_args),
+            hyperparameters=card_hyperparameters(model, training_args, trainer.resume_changes),
             eval_results={k: v for k, v in results.items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys},
             code_usage={k: results[k] for k in code_keys} or None,
@@ -753,7 +884,9 @@ def main(argv: list[str] | None = None) -> dict:
             pictures=pictures,
             license=run.license,
         )
-        _save_run(output_dir, trainer, training_args, processor, results, card, run)
+        _save_run(output_dir, trainer, training_args, processor, results, build_card,
+                  lambda folder: retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, folder,
+                                                    trainer.state.log_history), run)
     return results
 
 
@@ -798,7 +931,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     by exact match of greedy answers and by the pooling weights on clean vs degraded images."""
     from transformers import AutoProcessor, set_seed
 
-    from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets
+    from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets, training_data_fingerprint
     from vlalign.hub import build_model_card
     from vlalign.multiview_digits import build_mivc_digits_processor
     from vlalign.trainer import VLAlignTrainer, evaluate_mivc
@@ -824,12 +957,19 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
 
     collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
                                   data_args.answer_column, max_image_pixels=data_args.max_image_pixels)
+    if eval_dataset is not None:
+        _check_multi_image_eval(eval_dataset, processor, data_args)
+    _claim_output_dir(training_args)  # before anything is written there
     trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                              processing_class=processor, stop_on_nonfinite=run.stop_on_nonfinite,
-                             max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps)
+                             max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps,
+                             resume_fingerprint={"train_data": training_data_fingerprint(train_dataset)},
+                             resume_with_changed_arguments=run.resume_with_changed_arguments)
+    _check_training_size(trainer, training_args, train_dataset, streaming=False)
     start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = _train(trainer, training_args)
     train_seconds = time.time() - start
+    collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
     train_data_report = collator.take_data_report("train_")  # evaluation decodes with this collator: count apart
 
     results: dict[str, Any] = {}
@@ -837,20 +977,20 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
         results.update(evaluate_mivc(model, processor, eval_dataset, collator, batch_size=run.eval_batch_size))
     results["train_runtime_seconds"] = round(train_seconds, 1)
     results["train_steps"] = int(train_result.global_step)
-    results["train_loss"] = float(train_result.training_loss)
+    results["train_loss"] = float(trainer.run_train_loss)
     results.update(train_data_report)
     results["train_items_skipped"] = collator.num_skipped_items
     results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
     if eval_dataset is not None:
         results.update(collator.data_report("eval_"))
+    if trainer.resume_changes:
+        results["resumed_with_changed_arguments"] = trainer.resume_changes
     logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
                 train_data_report["train_images_skipped"], collator.num_skipped_items, collator.num_skipped_images)
 
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        pictures = multi_image_pictures(model, processor, eval_dataset, collator, output_dir,
-                                        trainer.state.log_history)
         cfg = model.config
         vision, text = cfg.vision_config, cfg.text_config
         hyperparameters = {
@@ -860,12 +1000,13 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
                         f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
             "language_model": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}",
             **_optimisation_hyperparameters(training_args),
+            **({"changed_on_resume": _resume_changes_text(trainer.resume_changes)} if trainer.resume_changes else {}),
             **{k: getattr(cfg, k) for k in (
                 "pooling_mode", "pooling_granularity", "pooling_attention_dim", "projector_type",
                 "vision_feature_select_strategy", "freeze_vision_model", "freeze_qformer", "freeze_language_model")},
             "visual_tokens_per_image": cfg.image_seq_length,
         }
-        card = build_model_card(
+        build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
             _card_template(run, "mivc"),
             model_id=run.hub_model_id or output_dir.name,
             model_type_name="MIVC",
@@ -883,7 +1024,9 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
             pictures=pictures,
             license=run.license,
         )
-        _save_run(output_dir, trainer, training_args, processor, results, card, run)
+        _save_run(output_dir, trainer, training_args, processor, results, build_card,
+                  lambda folder: multi_image_pictures(model, processor, eval_dataset, collator, folder,
+                                                      trainer.state.log_history), run)
     return results
 
 

@@ -625,6 +625,23 @@ def _image_identity(value: Any) -> bytes:
     return f"{type(value).__name__}:{value}".encode()
 
 
+def training_data_fingerprint(dataset: Any, sample_rows: int = 64) -> str | None:
+    """A short hash of a map-style dataset's length, columns and a sample of evenly spaced rows (as stored: image
+    bytes or paths, not decoded), kept in training checkpoints so that resuming on other data is noticed. None for
+    a stream or a plain sequence."""
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    size = len(dataset)
+    indices = sorted({int(i) for i in np.linspace(0, size - 1, num=min(size, sample_rows))}) if size else []
+    table = dataset.with_format("arrow").select(indices)[:] if indices else None
+    digest = hashlib.sha256(f"{size}|{sorted(dataset.column_names)}".encode())
+    if table is not None:
+        for name in sorted(table.column_names):
+            digest.update(name.encode())
+            digest.update(repr(table.column(name).to_pylist()).encode())
+    return digest.hexdigest()[:16]
+
+
 def resolve_class_names(dataset: datasets.Dataset | None, args: DataArguments) -> list[str] | None:
     """Zero-shot class names: `args.class_names`, else the names of a ClassLabel label column, else None."""
     if args.class_names is not None:
@@ -1042,6 +1059,11 @@ class ResumableCollator:
         self.batches_collated = int(state["batches_collated"])
         self._load_counts_state(state["counts"])
         self._counts_before = {}
+
+    def rewind_to(self, batches_trained: int) -> None:
+        """Forget the batches collated after the first `batches_trained` ones: the data loader collates ahead, and
+        those batches were never trained on, so their skipped rows must not be counted as skipped in training."""
+        self.load_state_dict(self.state_dict(batches_trained=batches_trained))
 
 
 class ImageTextCollator(ResumableCollator):

@@ -567,6 +567,34 @@ class VLAlignTrainer(Trainer):
         for name, change in changed.items():
             self.resume_changes[name] = {**change, "from_step": step + 1}
 
+    def _load_optimizer_and_scheduler(self, checkpoint):  # transformers internal (listed in vlalign/__init__.py)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.resume_changes:
+            self._apply_changed_optimizer_settings()
+
+    def _apply_changed_optimizer_settings(self) -> None:
+        """The restored optimizer and scheduler carry the checkpoint's learning rate, weight decay and Adam settings
+        in their state; a resume allowed to change them continues with the new values."""
+        changes = {name: c for name, c in self.resume_changes.items()
+                   if c["from_step"] == self.state.global_step + 1}  # this resume's, not an earlier one's
+        if "learning_rate" in changes and changes["learning_rate"]["checkpoint"]:
+            ratio = float(changes["learning_rate"]["now"]) / float(changes["learning_rate"]["checkpoint"])
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+            scheduler = self.lr_scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+                scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            if "weight_decay" in changes and group.get("weight_decay", 0.0) > 0.0:  # no-decay groups stay at 0
+                group["weight_decay"] = self.args.weight_decay
+            if "betas" in group and ("adam_beta1" in changes or "adam_beta2" in changes):
+                group["betas"] = (self.args.adam_beta1, self.args.adam_beta2)
+            if "eps" in group and "adam_epsilon" in changes:
+                group["eps"] = self.args.adam_epsilon
+
     # transformers internals (listed in vlalign/__init__.py): Trainer's private checkpoint hooks, the one place where
     # a checkpoint is written and read whole
     def _save_checkpoint(self, model, trial) -> None:
