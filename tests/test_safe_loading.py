@@ -12,7 +12,7 @@ from test_checkpoints import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
 from transformers import AutoModel
 
 from vlalign import MIVCForConditionalGeneration, TCLModel
-from vlalign.albef_stack import UnsafeCheckpointError
+from vlalign.albef_stack import MissingCheckpointFileError, UnsafeCheckpointError
 
 MODELS = {"tcl": (TCLModel, tiny_tcl_config), "mivc": (MIVCForConditionalGeneration, tiny_mivc_config)}
 
@@ -90,10 +90,12 @@ def test_safetensors_is_preferred_when_both_formats_are_there(tmp_path, no_unpic
         assert torch.equal(loaded.vision_proj.weight, model.vision_proj.weight)
 
 
-def test_folder_without_any_weights_explains_the_safetensors_rule(tmp_path):
+def test_folder_without_any_weights_is_no_pickle_refusal(tmp_path):
+    """Nothing to unpickle there: the error names the missing file instead (tests/test_load_errors.py)."""
     _model("tcl").config.save_pretrained(tmp_path)
-    with pytest.raises(UnsafeCheckpointError, match=r"no safetensors weights .* allow_pickle=True"):
+    with pytest.raises(MissingCheckpointFileError, match=r"no weights file .* expected model\.safetensors") as error:
         TCLModel.from_pretrained(tmp_path)
+    assert not isinstance(error.value, UnsafeCheckpointError) and "pickle" not in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

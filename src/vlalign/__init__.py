@@ -29,7 +29,15 @@ from transformers import (
     AutoProcessor,
 )
 
-from .albef_stack import ALBEFModel, ALBEFOutput, CheckpointMismatchError, UnsafeCheckpointError
+from .albef_stack import (
+    ALBEFModel,
+    ALBEFOutput,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    MissingCheckpointFileError,
+    UnsafeCheckpointError,
+    check_tokenizer_fits_model,
+)
 from .configuration_albef import ALBEFStackConfig
 from .configuration_codis import CODISConfig
 from .configuration_mivc import MIVCConfig
@@ -38,7 +46,7 @@ from .mivc_pooling import MIVCPooling, MIVCPoolingOutput
 from .modeling_codis import CODISCodes, CODISModel, CODISOutput
 from .modeling_mivc import MIVCForConditionalGeneration, MIVCOutput
 from .modeling_tcl import TCLModel, TCLOutput
-from .processing_vlalign import MIVCProcessor, VLAlignProcessor
+from .processing_vlalign import MissingTokenizerFileError, MIVCProcessor, VLAlignProcessor
 
 __version__ = "0.1.0"
 
@@ -63,10 +71,13 @@ __all__ = [
     "ALBEFOutput",
     "ALBEFStackConfig",
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "CODISCodes",
     "CODISConfig",
     "CODISModel",
     "CODISOutput",
+    "MissingCheckpointFileError",
+    "MissingTokenizerFileError",
     "MIVCConfig",
     "MIVCForConditionalGeneration",
     "MIVCOutput",
@@ -79,4 +90,5 @@ __all__ = [
     "UnsafeCheckpointError",
     "VLAlignProcessor",
     "__version__",
+    "check_tokenizer_fits_model",
 ]

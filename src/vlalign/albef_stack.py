@@ -12,12 +12,15 @@ next to them for `trust_remote_code` loading.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import struct
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -46,6 +49,7 @@ from .losses import (
     sample_hard_negatives,
     similarity_logits,
 )
+from .processing_vlalign import MissingTokenizerFileError, check_tokenizer_files
 
 
 def build_vision_encoder(vision_config: PreTrainedConfig) -> nn.Module:
@@ -348,6 +352,20 @@ class UnsafeCheckpointError(OSError):
     """A checkpoint without safetensors weights: its pickle weights are only read with `allow_pickle=True`."""
 
 
+class MissingCheckpointFileError(FileNotFoundError):
+    """A local model folder without its weights file (or one of the shards its index names)."""
+
+
+class CorruptCheckpointError(OSError):
+    """A weights file that cannot be read as safetensors: truncated (an interrupted download, copy or save) or
+    otherwise damaged."""
+
+
+# errors that already name the file: passed on as they are where a part is loaded with our own from_pretrained
+_OUR_FILE_ERRORS = (UnsafeCheckpointError, MissingCheckpointFileError, CorruptCheckpointError,
+                    MissingTokenizerFileError)
+
+
 # keys of each kind that an error message lists before it only counts the rest
 _KEYS_SHOWN = 10
 
@@ -408,19 +426,145 @@ def resolve_use_safetensors(path, allow_pickle: bool, use_safetensors: bool | No
     return True
 
 
+def _with_variant(name: str, variant: str | None) -> str:
+    """The file name transformers reads for a weights variant: model.safetensors -> model.fp16.safetensors."""
+    if not variant:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def _local_folder(path, subfolder: str = "") -> str | None:
+    location = os.path.join(str(path), subfolder) if subfolder else str(path)
+    return location if os.path.isdir(location) else None
+
+
+def _index_shards(index_file: str) -> list[str]:
+    with open(index_file, encoding="utf-8") as handle:
+        return sorted(set((json.load(handle).get("weight_map") or {}).values()))
+
+
+def _missing_weights_message(folder: str, allow_pickle: bool, variant: str | None) -> str | None:
+    """Which weights file the local `folder` lacks, as an error message; None when the files transformers would
+    read are there (its error is then about something else)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    single, index = _with_variant(SAFE_WEIGHTS_NAME, variant), _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    if os.path.isfile(os.path.join(folder, single)):
+        return None
+    if os.path.isfile(os.path.join(folder, index)):
+        shards = _index_shards(os.path.join(folder, index))
+        missing = [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
+        if not missing:
+            return None
+        return (f"{os.path.join(folder, index)} names weight shards that are not in the folder: "
+                f"{', '.join(missing)} (of {len(shards)}). Was the save or download interrupted?")
+    expected = f"{single} (or {index} with its shards)"
+    if allow_pickle:
+        pickles = (_with_variant(WEIGHTS_NAME, variant), _with_variant(WEIGHTS_INDEX_NAME, variant))
+        if any(os.path.isfile(os.path.join(folder, name)) for name in pickles):
+            return None
+        expected += f", or {pickles[0]} (or {pickles[1]})"
+    return (f"no weights file in {folder!r}: expected {expected}. The folder's config.json only describes the model; "
+            f"were the weights deleted, or the save or download interrupted?")
+
+
+def _safetensors_damage(file: str) -> str | None:
+    """What is wrong with a safetensors file, judged from its size against its header; None if it opens."""
+    try:
+        with safe_open(file, framework="pt"):
+            return None
+    except SafetensorError as error:
+        opening_error = str(error)
+    size = os.path.getsize(file)
+    with open(file, "rb") as handle:
+        start = handle.read(8)
+        if len(start) < 8:  # the header length is an 8-byte little-endian integer
+            return f"it has {size} bytes, too few for the header length"
+        header_length = struct.unpack("<Q", start)[0]
+        if 8 + header_length > size:
+            return f"its header announces {header_length} bytes of metadata, the whole file has {size} bytes"
+        try:
+            header = json.loads(handle.read(header_length))
+            data_end = 8 + header_length + max(
+                (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"its header is unreadable: {opening_error}"
+    if data_end > size:
+        return f"its tensors end at byte {data_end}, the file has {size} bytes"
+    return opening_error
+
+
+def _local_weight_files(path, subfolder: str, variant: str | None) -> list[str]:
+    """The safetensors files transformers reads for a local checkpoint (none for a Hub id)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    if os.path.isfile(str(path)):
+        return [str(path)]
+    folder = _local_folder(path, subfolder)
+    if folder is None:
+        return []
+    single, index = _with_variant(SAFE_WEIGHTS_NAME, variant), _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    if os.path.isfile(os.path.join(folder, single)):
+        return [os.path.join(folder, single)]
+    if os.path.isfile(os.path.join(folder, index)):
+        return [os.path.join(folder, name) for name in _index_shards(os.path.join(folder, index))
+                if os.path.isfile(os.path.join(folder, name))]
+    return []
+
+
+def _unreadable_weights_message(path, subfolder: str, variant: str | None, error: Exception) -> str:
+    damaged = [(file, reason) for file in _local_weight_files(path, subfolder, variant)
+               if (reason := _safetensors_damage(file)) is not None]
+    if not damaged:  # a Hub checkpoint (its files are in the cache), or a damage that only safetensors sees
+        return (f"a safetensors weights file of {str(path)!r} is truncated or corrupt ({error}): was a download, "
+                f"copy or save interrupted?")
+    files = "; ".join(f"{file} ({reason})" for file, reason in damaged)
+    return (f"truncated or corrupt weights file: {files}. Was a download, copy or save interrupted? Save or "
+            f"download the checkpoint again.")
+
+
 def load_safely(load, path, *args, allow_pickle: bool = False, **kwargs):
     """`load(path, *args, **kwargs)` (a `from_pretrained`) reading safetensors weights only, unless
-    `allow_pickle`."""
-    use_safetensors = resolve_use_safetensors(path, allow_pickle, kwargs.pop("use_safetensors", None),
-                                              kwargs.get("subfolder", ""))
+    `allow_pickle`. A local checkpoint without its weights file raises `MissingCheckpointFileError`, one with a
+    truncated or corrupt weights file `CorruptCheckpointError`, each naming the file."""
+    subfolder, variant = kwargs.get("subfolder", ""), kwargs.get("variant")
+    use_safetensors = resolve_use_safetensors(path, allow_pickle, kwargs.pop("use_safetensors", None), subfolder)
     try:
         return load(path, *args, use_safetensors=use_safetensors, **kwargs)
+    except SafetensorError as error:  # its message names no file
+        raise CorruptCheckpointError(_unreadable_weights_message(path, subfolder, variant, error)) from error
     except OSError as error:
+        if isinstance(error, _OUR_FILE_ERRORS):
+            raise
+        folder = _local_folder(path, subfolder)
+        missing = _missing_weights_message(folder, allow_pickle, variant) if folder is not None else None
+        if missing:
+            raise MissingCheckpointFileError(missing) from error
         # e.g. a Hub repo without safetensors: transformers' message says neither why nor what to do
-        if use_safetensors and "safetensors" in str(error) and not isinstance(error, UnsafeCheckpointError):
+        if use_safetensors and "safetensors" in str(error):
             raise UnsafeCheckpointError(f"found no safetensors weights for {str(path)!r} ({error}). "
                                         f"{_WHY_SAFETENSORS}") from error
         raise
+
+
+def check_tokenizer_fits_model(tokenizer, config) -> None:
+    """Raise `ValueError` when `tokenizer` has more tokens than the model's text vocabulary: its highest ids would
+    have no embedding row and fail inside the embedding (an IndexError) at the first forward.
+
+    `config` is the model's config (ALBEF-style or MIVC: its text config is read; a plain text config works too),
+    or the model itself. A tokenizer smaller than the vocabulary is fine (vocabularies are often padded)."""
+    config = getattr(config, "config", config)  # a model
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size, size = int(text_config.vocab_size), len(tokenizer)
+    if size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {size} tokens but the model's text vocabulary (text_config.vocab_size) has "
+            f"{vocab_size}: token ids {vocab_size}..{size - 1} have no embedding and would fail with an IndexError "
+            f"in the first forward. Use the tokenizer the model was built with, or a model whose "
+            f"text_config.vocab_size is at least {size} (a model built from scratch: vocab_size=len(tokenizer); "
+            f"an MIVC model: model.resize_token_embeddings({size}), whose new rows start untrained)."
+        )
 
 
 class KeepsTrainableFlagsOnLoad:
@@ -433,6 +577,10 @@ class KeepsTrainableFlagsOnLoad:
       behaviour (which still raises on shape mismatches unless `ignore_mismatched_sizes=True`).
     * safe: only safetensors weights are read; a checkpoint with pickle weights only raises
       `UnsafeCheckpointError` unless `allow_pickle=True`.
+    * named files: a local folder without its weights file (or a shard) raises `MissingCheckpointFileError`, a
+      truncated or corrupt one `CorruptCheckpointError`, and tokenizer files saved beside the model without the
+      vocabulary `MissingTokenizerFileError` (pipelines load that tokenizer with AutoTokenizer, which would accept
+      it with its special tokens only).
     * trainable flags: transformers' loader replaces every parameter with a new, trainable one, so the model's
       `_set_trainable()` (EMA teachers, freeze flags) runs again on the loaded model.
     """
@@ -440,6 +588,9 @@ class KeepsTrainableFlagsOnLoad:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True,
                         allow_pickle: bool = False, **kwargs):
+        folder = _local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        if folder is not None:
+            check_tokenizer_files(folder)
         wants_info = kwargs.pop("output_loading_info", False)
         shapes_may_differ = kwargs.get("ignore_mismatched_sizes", False)
         if strict:
@@ -1136,7 +1287,7 @@ def _load_text_checkpoint(path: str, allow_pickle: bool) -> nn.Module:
     starts new instead of taking a randomly initialised head from transformers)."""
     try:
         text, info = _load_with_report(AutoModelForMaskedLM, path, allow_pickle)
-    except UnsafeCheckpointError:
+    except _OUR_FILE_ERRORS:  # a missing or damaged file, not a model type without a masked-LM class
         raise
     except (ValueError, OSError):  # no masked-LM class for this model type
         return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)

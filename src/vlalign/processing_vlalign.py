@@ -5,12 +5,14 @@ plain (resize + normalise) path of the image processor. The augmentation is impl
 that the package never depends on torchvision.
 
 This module only imports from third-party packages (no sibling imports) so that `register_for_auto_class` can
-copy it to a Hub repo on its own.
+copy it to a Hub repo on its own. albef_stack.py imports `check_tokenizer_files` from it (a model folder's loader
+checks the tokenizer saved beside it), so model folders carry this file too.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -18,10 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
-__all__ = ["DEFAULT_AUGMENTATION", "MIVCProcessor", "VLAlignProcessor", "augment_image", "resolve_augmentation", "to_rgb"]
+__all__ = [
+    "DEFAULT_AUGMENTATION", "MIVCProcessor", "MissingTokenizerFileError", "VLAlignProcessor", "augment_image",
+    "check_tokenizer_files", "resolve_augmentation", "to_rgb",
+]
 
 
 # Two-view augmentation defaults (TCL paper, Sec. 4.1; SimCLR-style pipeline). Ranges are lists, not tuples,
@@ -271,7 +277,67 @@ def _target_size(image_processor: Any) -> tuple[int, int]:
     raise ValueError(f"Unsupported image processor size {size!r}")
 
 
-class VLAlignProcessor(ProcessorMixin):
+class MissingTokenizerFileError(FileNotFoundError):
+    """A saved tokenizer without the vocabulary its class reads. transformers does not fail on it: it builds the
+    tokenizer from tokenizer_config.json alone, i.e. with the special tokens only, and every word becomes [UNK]."""
+
+
+# what a tokenizer class's `vocab_files_names` calls the tokenizers-library file (tokenizer.json)
+_FAST_TOKENIZER_KEY = "tokenizer_file"
+
+
+def check_tokenizer_files(folder) -> None:
+    """Raise `MissingTokenizerFileError` when the tokenizer saved in the local `folder` cannot be read in full.
+
+    The folder's tokenizer_config.json names the tokenizer class; that class reads tokenizer.json, or else its own
+    vocabulary files (`vocab_files_names`: vocab.txt for a BERT WordPiece, vocab.json + merges.txt for a BPE, a
+    sentencepiece model), so a folder with either is fine. Folders without tokenizer_config.json and classes that
+    transformers does not export (remote-code tokenizers) are left to transformers.
+    """
+    folder = str(folder)
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        class_name = json.load(handle).get("tokenizer_class")
+    if not isinstance(class_name, str):
+        return
+    try:
+        files = getattr(getattr(transformers, class_name, None), "vocab_files_names", None)
+    except ImportError:  # a class whose backend (e.g. sentencepiece) is not installed: transformers will say so
+        return
+    if not isinstance(files, dict):
+        return
+    fast = files.get(_FAST_TOKENIZER_KEY, "tokenizer.json")
+    slow = sorted({name for key, name in files.items() if key != _FAST_TOKENIZER_KEY})
+    present = {name for name in (fast, *slow) if os.path.isfile(os.path.join(folder, name))}
+    if fast in present or (slow and set(slow) <= present):
+        return
+    alternative = f" or else {' + '.join(slow)}" if slow else ""
+    missing = [name for name in (fast, *slow) if name not in present]
+    raise MissingTokenizerFileError(
+        f"the tokenizer saved in {folder!r} has no {fast}: its tokenizer_config.json names {class_name}, which "
+        f"reads {fast}{alternative}, and the folder lacks {', '.join(missing)}. Loaded anyway, the tokenizer would "
+        f"hold only its special tokens and turn every word into [UNK]. Restore the file (save the processor again, "
+        f"or download the folder again)."
+    )
+
+
+class ChecksTokenizerFilesOnLoad:
+    """`from_pretrained` of our processors: a local folder whose tokenizer lacks its vocabulary file raises
+    `MissingTokenizerFileError` (see `check_tokenizer_files`) instead of loading a tokenizer of special tokens."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        subfolder = kwargs.get("subfolder", "")
+        location = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
+            pretrained_model_name_or_path)
+        if os.path.isdir(location):
+            check_tokenizer_files(location)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
     r"""Wraps an image processor and a tokenizer, and adds the two-view training augmentation.
 
     Args:
@@ -398,7 +464,7 @@ class VLAlignProcessor(ProcessorMixin):
         return files
 
 
-class MIVCProcessor(ProcessorMixin):
+class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
     r"""Prompts with an image placeholder + a variable number of images per sample -> inputs of
     [`MIVCForConditionalGeneration`].
 
