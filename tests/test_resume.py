@@ -291,3 +291,44 @@ def test_an_allowed_learning_rate_change_is_the_one_used(tmp_path):
     assert logged[-2:] == [pytest.approx(5e-3), pytest.approx(5e-3)]
     assert [g["lr"] for g in allowed.optimizer.param_groups] == [pytest.approx(5e-3)] * 2
     assert allowed.resume_changes["learning_rate"] == {"checkpoint": 1e-3, "now": 5e-3, "from_step": 5}
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, runpy, signal, sys
+    import transformers
+
+    original = transformers.Trainer._save_optimizer_and_scheduler
+
+    def save_then_die(self, output_dir):  # the weights of this checkpoint are written, the rest never is
+        if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, output_dir)
+
+    transformers.Trainer._save_optimizer_and_scheduler = save_then_die
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
+""")
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_to_resume_from(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CASES["tcl"]))
+    launcher = tmp_path / "kill_during_save.py"
+    launcher.write_text(KILL_DURING_SAVE)
+    killed = _run([str(launcher)], config, tmp_path / "out", kill_at=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = _run([str(REPO_ROOT / "training" / "train.py")], config, tmp_path / "out",
+                   "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from " in resumed.stderr and "checkpoint-3" in resumed.stderr
+    assert "Removed 1 incomplete save(s) left by an interrupted run" in resumed.stderr
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["train_steps"] == SCHEDULE[0]
+
+
+def test_save_total_limit_rotates_the_published_checkpoints(tmp_path):
+    trainer = _in_process_trainer(tmp_path, max_steps=4, training={"save_steps": 1, "save_total_limit": 2})
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-4"]
+    assert not list(tmp_path.glob(".incomplete-*"))

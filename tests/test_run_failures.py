@@ -202,3 +202,47 @@ def test_sigterm_to_the_accelerate_launcher_stops_the_trainer_too(tmp_path):
             time.sleep(1)
     assert lock_free
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_training(tmp_path):
+    import train
+
+    from vlalign.data import build_digits_tokenizer
+
+    config = _digits_config(tmp_path)
+    processor = build_digits_processor(image_size=16)
+    processor.tokenizer = build_digits_tokenizer(extra_words=[f"word{i}" for i in range(300)])
+    processor.save_pretrained(tmp_path / "big_processor")
+    with pytest.raises(SystemExit, match=r"tokenizer.*\d+.*vocab"):
+        train.main(["--config", str(config), "--processor_name_or_path", str(tmp_path / "big_processor"),
+                    "--model.text_config.vocab_size", "200"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_on_other_training_data_is_refused_and_an_allowed_change_reaches_the_card(tmp_path):
+    import train
+
+    config = _digits_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    train.main(["--config", str(config)])
+    with pytest.raises(Exception, match=r"train_data: '[0-9a-f]{16}' in the checkpoint, '[0-9a-f]{16}' now"):
+        train.main(["--config", str(config), "--max_steps", "6", "--max_train_samples", "48",
+                    "--resume_from_checkpoint", "latest"])
+    results = train.main(["--config", str(config), "--max_steps", "6", "--learning_rate", "2e-3",
+                          "--resume_from_checkpoint", "latest", "--resume_with_changed_arguments", "true"])
+    assert results["resumed_with_changed_arguments"] == {
+        "learning_rate": {"checkpoint": 1e-3, "now": 2e-3, "from_step": 5}}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert r"| changed\_on\_resume | learning\_rate 0.001 -\> 0.002 from step 5 |" in card  # Markdown-escaped
+
+
+def test_a_multi_image_eval_split_without_a_decodable_image_is_refused():
+    import train
+
+    from vlalign.data import MIVCDataArguments
+    from vlalign.multiview_digits import build_mivc_digits_processor
+
+    rows = [{"images": [BROKEN_IMAGE, BROKEN_IMAGE], "prompt": "<image> which digit?", "answer": "one"}] * 3
+    with pytest.raises(SystemExit, match=r"eval split 'test': none of its 3 items has a decodable image "
+                                         r"\(6 images skipped \(corrupt 6\)"):
+        train._check_multi_image_eval(rows, build_mivc_digits_processor(image_seq_length=1, image_size=16),
+                                      MIVCDataArguments())

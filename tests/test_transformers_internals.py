@@ -24,11 +24,10 @@ EXPECTED_IMPORTS = {
     ("configuration_albef.py", "transformers.configuration_utils"),
     ("configuration_mivc.py", "transformers.configuration_utils"),
     ("trainer.py", "transformers.trainer_utils"),
-    ("train.py", "transformers.trainer_utils"),
     ("hub.py", "transformers.dynamic_module_utils"),
 }
 EXPECTED_PRIVATE_METHODS = {"_save_checkpoint", "_load_from_checkpoint", "_get_output_dir", "_prepare_inputs",
-                            "_build_accelerator_args"}
+                            "_build_accelerator_args", "_load_optimizer_and_scheduler", "_get_learning_rate"}
 
 
 def _internal_imports():

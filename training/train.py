@@ -331,9 +331,24 @@ def build_processor(run: RunArguments, data_args, image_size: int):
         return build_digits_processor(image_size=image_size)
     if not run.tokenizer_name_or_path and not run.text_model_name_or_path:
         raise SystemExit("set run.processor_name_or_path or run.tokenizer_name_or_path for this dataset")
-    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_name_or_path or run.text_model_name_or_path)
+    from vlalign.processing_vlalign import check_tokenizer_files
+
+    source = run.tokenizer_name_or_path or run.text_model_name_or_path
+    if os.path.isdir(source):  # a local folder missing its vocabulary would load as special tokens only
+        check_tokenizer_files(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _check_tokenizer_fits(tokenizer, model) -> None:
+    """A tokenizer with more tokens than the model's vocabulary fails at the first such token, deep in training."""
+    from vlalign import check_tokenizer_fits_model
+
+    try:
+        check_tokenizer_fits_model(tokenizer, model.config)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _check_processor_image_size(processor, model) -> None:
@@ -792,6 +807,7 @@ def main(argv: list[str] | None = None) -> dict:
     processor = build_processor(run, data_args, image_size)
     model = build_model(run, model_section, processor.tokenizer, num_train_samples)
     _check_processor_image_size(processor, model)
+    _check_tokenizer_fits(processor.tokenizer, model)
     if data_args.streaming and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
         model.config, "z_estimate", None
     ) == "running":
@@ -951,6 +967,7 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     else:
         raise SystemExit("set run.processor_name_or_path (an MIVCProcessor) for this dataset")
     model = build_mivc_model(run, model_section, processor.tokenizer, processor.image_token_id)
+    _check_tokenizer_fits(processor.tokenizer, model)
     # the placeholder expansion follows the model
     processor.image_seq_length = model.config.image_seq_length
     processor.concatenate_images = model.config.pooling_mode == "concatenate"

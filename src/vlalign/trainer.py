@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput  # transformers internal (vlalign/__init__.py)
+# transformers internals (listed in vlalign/__init__.py)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .data import ResumableCollator
@@ -643,15 +644,10 @@ class VLAlignTrainer(Trainer):
             self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
 
     def _rotate_checkpoints_in(self, run_dir: str) -> None:
-        if not self.args.save_total_limit:
-            return
-        try:  # transformers >= 5.2x: a module function; earlier: the Trainer method
-            from transformers.trainer_utils import rotate_checkpoints
-        except ImportError:
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
-            return
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        """save_total_limit among the real checkpoints (transformers rotated the staging folder's only one)."""
+        if self.args.save_total_limit:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.model if model is None else model
