@@ -243,3 +243,14 @@ def test_an_optimizer_step_that_leaves_nonfinite_weights_stops_the_run(tmp_path)
     with pytest.raises(NonFiniteTrainingError, match=r"step 1: the optimizer step made \d+ parameter tensor"):
         trainer.train()
     assert not list(tmp_path.glob("checkpoint-*"))  # raised before the step's checkpoint
+
+
+def test_a_run_of_empty_batches_stops_with_the_reason(tmp_path):
+    class Unusable:
+        def __call__(self, rows):  # what ImageTextCollator returns when no row of a batch is usable
+            return {"num_skipped": BATCH, "empty_batch": True}
+
+    trainer = _trainer(tmp_path, _model(), Unusable(), max_steps=25)
+    with pytest.raises(RuntimeError, match=r"20 training batches in a row had no usable row"):
+        trainer.train()
+    assert trainer.items_trained == 0 and trainer.state.global_step == 19

@@ -85,3 +85,23 @@ def test_torchs_iostream_error_means_a_full_disk_only_when_little_is_free(tmp_pa
     assert not isinstance(plain, DiskFullError) and "checkpoint-40 could not be written to" in str(plain)
     monkeypatch.setattr("vlalign.output_folder._free_bytes", lambda path: 2**20)
     assert "the disk is full" in str(explain_write_error(error, tmp_path, "checkpoint-40"))
+
+
+def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from vlalign.output_folder import OutputFolderLock; "
+        f"lock = OutputFolderLock({str(tmp_path / 'out')!r}).acquire(); print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputFolderInUseError, match=rf"pid {holder.pid} on "):
+        OutputFolderLock(tmp_path / "out").acquire()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    time.sleep(0.1)
+    OutputFolderLock(tmp_path / "out").acquire().release()  # no clean-up ran, and the folder is free

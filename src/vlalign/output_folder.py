@@ -45,7 +45,8 @@ class DiskFullError(OSError):
 class OutputFolderLock:
     """Exclusive lock on `folder` for this process (one lock file per process rank, so that every process of a
     distributed run holds its own and a second run's processes are all refused). `acquire` raises
-    `OutputFolderInUseError` naming the holder when a live process holds it."""
+    `OutputFolderInUseError` naming the holder when a live process holds it. Keep the object: the lock lasts as long
+    as its open file, which closes when the object is released or garbage-collected."""
 
     def __init__(self, folder: str | os.PathLike, rank: int = 0):
         self.folder = Path(folder)
