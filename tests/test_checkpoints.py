@@ -276,6 +276,25 @@ def test_unknown_field_in_config_json_warns(kind, tmp_path, caplog):
     assert any("'embed_dimm'" in m for m in _vlalign_warnings(caplog))
 
 
+@pytest.mark.parametrize("kind", ["tcl", "codis"])
+def test_training_settings_of_an_older_config_json_load_with_a_warning_and_are_dropped(kind, tmp_path, caplog):
+    """vlalign 0.1.0 saved gradient_cache_chunk_size and train_batch_size into config.json: whoever fine-tuned the
+    checkpoint got gradient caching on without asking. They load, warned about, and go nowhere."""
+    model_class, make = MODELS[kind]
+    model_class(make()).save_pretrained(tmp_path)
+    _set_config_field(tmp_path, gradient_cache_chunk_size=8, train_batch_size=64)
+    caplog.set_level(logging.WARNING)
+    loaded = model_class.from_pretrained(tmp_path)
+    warnings = " ".join(_vlalign_warnings(caplog))
+    assert "'gradient_cache_chunk_size' is not part of the model any more and is ignored: gradient caching is a " \
+           "training setting (ContrastiveTrainingArguments.gradient_cache_chunk_size" in warnings
+    assert "'train_batch_size' is not part of the model any more" in warnings
+    assert not hasattr(loaded.config, "gradient_cache_chunk_size") and not hasattr(loaded.config, "train_batch_size")
+    loaded.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "gradient_cache_chunk_size" not in saved and "train_batch_size" not in saved
+
+
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_standard_transformers_keys_do_not_warn(kind, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
@@ -309,8 +328,7 @@ def _albef_bad_values(extra):
         "learnable_temperature": [dict(learnable_temperature="yes"), dict(learnable_temperature=1)],
         "use_momentum": [dict(use_momentum="false")],
         "momentum": [dict(momentum=1.5), dict(momentum=None)],
-        "queue_size": [dict(queue_size=-1), dict(queue_size=0), dict(queue_size=30, train_batch_size=8),
-                       dict(queue_size=32.0)],
+        "queue_size": [dict(queue_size=-1), dict(queue_size=0), dict(queue_size=32.0)],
         "alpha": [dict(alpha=2.0), dict(alpha=float("nan"))],
         "cma_weight": [dict(cma_weight=-1.0), dict(cma_weight="1")],
         "imc_weight": [dict(imc_weight=-1.0)],
@@ -320,8 +338,6 @@ def _albef_bad_values(extra):
         "mlm_probability": [dict(mlm_probability=0.0), dict(mlm_probability=1.0)],
         "mask_token_id": [dict(mask_token_id=999), dict(mask_token_id=-1), dict(mask_token_id="4"),
                           dict(mask_token_id=-1, mlm_weight=0.0)],
-        "gradient_cache_chunk_size": [dict(gradient_cache_chunk_size=0), dict(gradient_cache_chunk_size=2.5)],
-        "train_batch_size": [dict(train_batch_size=0), dict(train_batch_size="8")],
         "initializer_range": [dict(initializer_range=0.0), dict(initializer_range=-0.02),
                               dict(initializer_range=float("inf"))],
     }

@@ -244,7 +244,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert results["train_steps"] == 4
     assert results["num_eval_images"] == 40
     config = json.loads((out / "config.json").read_text())
-    assert config["train_batch_size"] == 32  # the global batch: 2 processes x 16
+    assert "train_batch_size" not in config and "gradient_cache_chunk_size" not in config  # run settings stay out
     assert config["queue_size"] == 64
     assert json.loads((out / "training_args.json").read_text())["use_cpu"] is True
     assert "| world\\_size | 2 |" in (out / "README.md").read_text()

@@ -3,10 +3,9 @@
 import pytest
 import torch
 from conftest import tiny_batch, tiny_tcl_config
-from transformers import TrainingArguments
 
 from vlalign import TCLModel
-from vlalign.trainer import ContrastiveTrainer
+from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
 
 CONTRASTIVE_ONLY = dict(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
                         num_fusion_layers=0)
@@ -150,10 +149,10 @@ def test_trainer_with_gradient_cache_matches_uncached_training(tmp_path):
     for chunk in (None, 3):
         torch.manual_seed(0)
         model = TCLModel(config)
-        model.config.gradient_cache_chunk_size = chunk
-        args = TrainingArguments(output_dir=str(tmp_path / str(chunk)), per_device_train_batch_size=8, max_steps=2,
-                                 learning_rate=1e-2, optim="sgd", report_to="none", use_cpu=True, save_strategy="no",
-                                 remove_unused_columns=False, seed=0, logging_steps=1, dataloader_drop_last=True)
+        args = ContrastiveTrainingArguments(
+            output_dir=str(tmp_path / str(chunk)), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
+            optim="sgd", report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0,
+            logging_steps=1, dataloader_drop_last=True, gradient_cache_chunk_size=chunk)
         trainer = ContrastiveTrainer(model=model, args=args, train_dataset=Batches(), data_collator=collate)
         trainer.train()
         assert "loss_i2t" in trainer.state.log_history[0]

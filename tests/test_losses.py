@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vlalign.losses import (
+    FeatureQueue,
     contrastive_cross_entropy,
     distillation_targets,
     local_mutual_information,
@@ -204,3 +205,22 @@ def test_masked_lm_distillation_loss_matches_reference():
         onehot_teacher[b, p, labels[b, p]] = 1e4
     both = masked_lm_distillation_loss(logits, labels, onehot_teacher, 0.5)
     assert both.item() == pytest.approx(hard / 3, rel=1e-8)
+
+
+def test_the_queue_is_a_ring_buffer_for_any_batch_size():
+    """A queue whose size the batch does not divide (30 and 8) still holds exactly the newest 30 features, in order
+    of arrival from the pointer on: no divisibility rule is needed (ALBEF's reference asserts one because it writes
+    a contiguous slice; this queue writes modulo its size)."""
+    queue = FeatureQueue(30, 4)
+    arrived = []
+    for step in range(7):
+        features = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(step)), dim=1)
+        ids = torch.arange(8) + 8 * step
+        queue.enqueue(features, ids)
+        arrived += list(zip(features, ids.tolist()))
+    newest = arrived[-30:]
+    ptr = int(queue.ptr)
+    assert ptr == (7 * 8) % 30
+    order = [(ptr + k) % 30 for k in range(30)]  # oldest first
+    assert [int(queue.ids[i]) for i in order] == [i for _, i in newest]
+    assert torch.equal(queue.features[order], torch.stack([f for f, _ in newest]))

@@ -92,7 +92,7 @@ def test_auto_classes_resolve_codis():
         (dict(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, code_weight=0.0, ot_weight=0.0),
          "cma_weight"),
         # a shared field, checked by the ALBEF stack
-        (dict(queue_size=30, train_batch_size=8), "queue_size"),
+        (dict(queue_size=0), "queue_size"),
     ],
 )
 def test_config_validation_names_the_field(overrides, field):

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from vlalign import TCLModel
 from vlalign.losses import FeatureQueue, RunningLogZ
-from vlalign.trainer import ContrastiveTrainer, NonFiniteTrainingError, VLAlignTrainer
+from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments, NonFiniteTrainingError, VLAlignTrainer
 
 BATCH = 4
 
@@ -55,12 +55,12 @@ def _model():
     return TCLModel(tiny_tcl_config(queue_size=2 * BATCH))
 
 
-def _trainer(tmp_path, model, collator, trainer_class=ContrastiveTrainer, max_steps=6, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=max_steps,
-                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to="none",
-                             remove_unused_columns=False, use_cpu=True, save_strategy="no", disable_tqdm=True)
-    return trainer_class(model=model, args=args, train_dataset=list(range(BATCH * max_steps)),
-                         data_collator=collator, **kwargs)
+def _trainer(tmp_path, model, collator, trainer_class=ContrastiveTrainer, max_steps=6, **settings):
+    args = ContrastiveTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=max_steps, learning_rate=1e-2,
+        lr_scheduler_type="constant", logging_steps=1, report_to="none", remove_unused_columns=False, use_cpu=True,
+        save_strategy="no", disable_tqdm=True, **settings)
+    return trainer_class(model=model, args=args, train_dataset=list(range(BATCH * max_steps)), data_collator=collator)
 
 
 def _poison_gradient(model, backward_index):

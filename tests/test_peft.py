@@ -365,7 +365,7 @@ def test_codebook_copy_trained_through_modules_to_save_gets_no_weight_decay(tmp_
     from vlalign import CODISModel
     from vlalign.trainer import ContrastiveTrainer
 
-    model = get_peft_model(CODISModel(tiny_codis_config(train_batch_size=4)), LoraConfig(
+    model = get_peft_model(CODISModel(tiny_codis_config()), LoraConfig(
         r=2, target_modules=r"(vision_model|text_model)\..*\.(query|value)", modules_to_save=["itm_head", "codebook"]))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
                              remove_unused_columns=False, use_cpu=True)

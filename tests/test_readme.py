@@ -272,9 +272,9 @@ def check_train_config(config_path: Path, overrides: list[str]) -> dict:
     """What train.py does with a config before training: read it (known sections), apply the overrides, and build
     every section's arguments (unknown fields and invalid values are refused)."""
     import train
-    from transformers import TrainingArguments
 
     from vlalign.data import DataArguments, MIVCDataArguments
+    from vlalign.trainer import ContrastiveTrainingArguments, VLAlignTrainingArguments
 
     config = train.load_config(str(config_path), train.parse_overrides(overrides))
     fields = train._section_fields()
@@ -290,7 +290,8 @@ def check_train_config(config_path: Path, overrides: list[str]) -> dict:
     train.RunArguments(**(config.get("run") or {}))
     data_class = MIVCDataArguments if model_type == "mivc" else DataArguments
     data_class(**(config.get("data") or {}))
-    TrainingArguments(**{"output_dir": "outputs/readme-check", **(config.get("training") or {})})
+    arguments_class = VLAlignTrainingArguments if model_type == "mivc" else ContrastiveTrainingArguments
+    arguments_class(**{"output_dir": "outputs/readme-check", **(config.get("training") or {})})
     return config
 
 

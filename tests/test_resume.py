@@ -64,13 +64,14 @@ TRAINING = {"max_steps": SCHEDULE[0], "save_strategy": "steps", "save_steps": SC
 CASES = {
     "tcl": {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
             "data": {"max_train_samples": 40, "max_eval_samples": 20},
-            "training": {**TRAINING, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
-            "run": {"alpha_ramp_steps": 20, "cpu_threads": 1}},
+            "training": {**TRAINING, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                         "alpha_ramp_steps": 20},
+            "run": {"cpu_threads": 1}},
     "codis": {"model": {**{k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"},
                         "model_type": "codis", "codebook_size": 8, "queue_size": 16},
               "data": {"max_train_samples": 40, "max_eval_samples": 20},
-              "training": {**TRAINING, "per_device_train_batch_size": 8},
-              "run": {"alpha_ramp_steps": 20, "cpu_threads": 1}},
+              "training": {**TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
+              "run": {"cpu_threads": 1}},
     "mivc": {"model": TINY_MIVC,
              "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
              "training": {**TRAINING, "per_device_train_batch_size": 8},
@@ -90,9 +91,9 @@ def hostile_case(tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
               "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
                        "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
                        "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
-              "training": {**TRAINING, "per_device_train_batch_size": 8, "max_steps": 10, "save_steps": 4},
-              "run": {"processor_name_or_path": str(tmp_path / "processor"), "alpha_ramp_steps": 20,
-                      "cpu_threads": 1}}
+              "training": {**TRAINING, "per_device_train_batch_size": 8, "max_steps": 10, "save_steps": 4,
+                           "alpha_ramp_steps": 20},
+              "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1}}
     return config, (10, 4, 9)
 
 
@@ -174,10 +175,8 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
 def _in_process_trainer(output_dir, max_steps=4, rows=40, seed=3, **kwargs):
     from conftest import tiny_tcl_config
     from test_nonfinite import InjectingCollator
-    from transformers import TrainingArguments
-
     from vlalign import TCLModel
-    from vlalign.trainer import ContrastiveTrainer
+    from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
 
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config(queue_size=8))
@@ -185,7 +184,9 @@ def _in_process_trainer(output_dir, max_steps=4, rows=40, seed=3, **kwargs):
                 "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "remove_unused_columns": False,
                 "use_cpu": True, "save_strategy": "steps", "save_steps": 2, "disable_tqdm": True, "seed": seed}
     training.update(kwargs.pop("training", {}))
-    args = TrainingArguments(**training)
+    if "resume_with_changed_arguments" in kwargs:
+        training["resume_with_changed_arguments"] = kwargs.pop("resume_with_changed_arguments")
+    args = ContrastiveTrainingArguments(**training)
     return ContrastiveTrainer(model=model, args=args, train_dataset=list(range(rows)),
                               data_collator=InjectingCollator(), **kwargs)
 

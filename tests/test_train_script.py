@@ -372,3 +372,23 @@ def test_type_checks_read_the_declared_annotations_even_after_hfargumentparser()
     kinds = train._field_kinds(DataArguments)
     assert type(None) in kinds["label_column"] and str in kinds["label_column"]
     assert kinds["positives_by"] == (str,)
+
+
+def test_training_settings_in_their_old_sections_are_refused_naming_the_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("run:\n  alpha_ramp_steps: 100\nmodel:\n  gradient_cache_chunk_size: 32\n")
+    with pytest.raises(SystemExit, match=r"model.gradient_cache_chunk_size, run.alpha_ramp_steps: training settings "
+                                         r"now.*write them under training:"):
+        load_config(str(path), [])
+    # on the command line the field name alone finds its section
+    assert load_config(None, parse_overrides(["--alpha_ramp_steps", "5", "--gradient_cache_chunk_size", "8"]))[
+        "training"] == {"alpha_ramp_steps": 5, "gradient_cache_chunk_size": 8}
+
+
+def test_a_contrastive_setting_is_refused_for_mivc(tmp_path):
+    import train
+
+    from vlalign.trainer import VLAlignTrainingArguments
+
+    with pytest.raises(SystemExit, match=r"\['itm_rerank_k'\] are not settings of VLAlignTrainingArguments"):
+        train._training_arguments({"training": {"itm_rerank_k": 5}}, str(tmp_path), VLAlignTrainingArguments)

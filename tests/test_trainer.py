@@ -1,13 +1,14 @@
 """ContrastiveTrainer: GA scaling, alpha ramp, weight decay, component logging, evaluation."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_batch, tiny_tcl_config
-from transformers import TrainingArguments
 
 from vlalign import TCLModel
 from vlalign.data import DataArguments, ImageTextCollator, build_eval_inputs, load_image_text_datasets
-from vlalign.trainer import ContrastiveTrainer, evaluate_model
+from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments, evaluate_model
 
 
 def _deterministic_model(**overrides):
@@ -21,7 +22,7 @@ def _deterministic_model(**overrides):
 
 
 def _trainer(model, tmp_path, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
+    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
                              remove_unused_columns=False, use_cpu=True, **kwargs)
     return ContrastiveTrainer(model=model, args=args, train_dataset=[0] * 16)
 
@@ -46,11 +47,11 @@ def test_gradient_accumulation_divides_per_batch_mean_loss(tmp_path):
 def test_alpha_ramps_linearly(tmp_path):
     model = _deterministic_model(alpha=0.4)
     trainer = _trainer(model, tmp_path)
-    trainer.alpha_ramp_steps = 100
+    trainer.args.alpha_ramp_steps = 100
     for step, expected in ((0, 0.0), (25, 0.1), (50, 0.2), (100, 0.4), (300, 0.4)):
         trainer.state.global_step = step
         assert trainer.current_alpha() == pytest.approx(expected)
-    trainer.alpha_ramp_steps = 0
+    trainer.args.alpha_ramp_steps = 0
     assert trainer.current_alpha() == pytest.approx(0.4)
 
 
@@ -65,15 +66,24 @@ def test_codebook_gets_no_weight_decay(tmp_path):
 
     from vlalign import CODISModel
 
-    trainer = _trainer(CODISModel(tiny_codis_config(train_batch_size=4)), tmp_path)
+    trainer = _trainer(CODISModel(tiny_codis_config()), tmp_path)
     names = trainer.get_decay_parameter_names(trainer.model)
     assert "codebook.weight" not in names and "temp" not in names and "text_proj.weight" in names
 
 
-def test_trainer_sets_and_validates_global_batch_for_queue(tmp_path):
+def test_a_queue_the_batch_does_not_divide_trains_and_wraps(tmp_path):
+    """No divisibility rule between queue_size and the global batch (the queue is a ring buffer): a 30-entry queue
+    with batches of 4 is accepted, and after 9 steps it holds the newest 30 keys with the pointer at 36 % 30."""
     model = TCLModel(tiny_tcl_config(queue_size=30))
-    with pytest.raises(ValueError, match="queue_size"):
-        _trainer(model, tmp_path)
+    _trainer(model, tmp_path)  # accepted (it used to refuse the pair)
+    model.train()
+    initial = model.image_queue.features.clone()
+    for step in range(9):
+        model(**tiny_batch(seed=step), return_loss=True).loss.backward()
+    for queue in (model.image_queue, model.text_queue):
+        assert int(queue.ptr) == 36 % 30
+        assert torch.isfinite(queue.features).all()
+    assert not (model.image_queue.features == initial).all(dim=1).any()  # every slot was written
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +98,16 @@ def test_few_steps_on_digits_lower_the_loss_and_log_components(tmp_path, digits_
     model = TCLModel(tiny_tcl_config(queue_size=64, vision_config=dict(
         model_type="vit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, initializer_range=0.1)))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=40,
+    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=40,
                              learning_rate=1e-3, logging_steps=10, report_to="none", remove_unused_columns=False,
+                             alpha_ramp_steps=20,
                              use_cpu=True, dataloader_drop_last=True, save_strategy="no", seed=0)
     trainer = ContrastiveTrainer(
         model=model, args=args, train_dataset=train, processing_class=digits_processor_16,
         data_collator=ImageTextCollator.from_data_args(digits_processor_16, data_args),
         eval_inputs=build_eval_inputs(evaluation, digits_processor_16, data_args),
         class_names=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
-        zero_shot_templates=data_args.zero_shot_templates, alpha_ramp_steps=20,
+        zero_shot_templates=data_args.zero_shot_templates,
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -162,7 +173,7 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     with pytest.raises(ValueError, match="num_keys"):
         alignment_not_started(1.0, 1.0, 1)
 
-    model = TCLModel(tiny_tcl_config(queue_size=64, train_batch_size=4))  # momentum: keys = batch 4 + queue 64
+    model = TCLModel(tiny_tcl_config(queue_size=64))  # momentum: keys = batch 4 + queue 64
     trainer = _trainer(model, tmp_path, max_steps=100, warmup_steps=20)
     assert trainer.contrastive_num_keys() == 68
     trainer.state.max_steps = 100
@@ -188,3 +199,21 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     decomposable = _trainer(_deterministic_model(contrastive_loss="decomposable"), tmp_path)
     assert decomposable.contrastive_num_keys() is None  # no uniform value ln(keys): never judged
 
+
+
+@pytest.mark.parametrize("field, value", [("gradient_cache_chunk_size", 0), ("gradient_cache_chunk_size", 2.5),
+                                          ("alpha_ramp_steps", -1), ("itm_rerank_k", -1), ("itm_rerank_k", True),
+                                          ("max_consecutive_nonfinite_steps", 0)])
+def test_training_settings_are_validated_naming_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+def test_training_settings_stay_out_of_the_saved_model(tmp_path):
+    model = _deterministic_model()
+    trainer = _trainer(model, tmp_path, gradient_cache_chunk_size=2, alpha_ramp_steps=5)
+    assert trainer.gradient_cache_chunk_size == 2 and trainer.alpha_ramp_steps == 5
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not {"gradient_cache_chunk_size", "train_batch_size", "alpha_ramp_steps"} & set(saved)
+    assert json.loads(trainer.args.to_json_string())["gradient_cache_chunk_size"] == 2  # saved with the run instead

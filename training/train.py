@@ -50,8 +50,6 @@ class RunArguments:
     qformer_model_name_or_path: str | None = None  # MIVC: a pretrained Q-Former
     processor_name_or_path: str | None = None  # a saved VLAlignProcessor; default: built for the data
     tokenizer_name_or_path: str | None = None  # with a PIL ViT image processor when no processor is given
-    alpha_ramp_steps: int | None = None  # None: one epoch
-    itm_rerank_k: int = 0
     eval_batch_size: int = 128
     model_card_template: str | None = None  # default: model_cards/<model_type>.md
     push_to_hub: bool = False
@@ -64,16 +62,12 @@ class RunArguments:
     # CPU threads per process when training on CPU. `accelerate launch` exports OMP_NUM_THREADS=1 unless told
     # otherwise, which halves a 2-core machine; None uses all cores divided among the local processes.
     cpu_threads: int | None = None
-    # non-finite losses/gradients: skip the step and count it (default), or stop at the first one; a run with this
-    # many non-finite steps in a row always stops (vlalign.trainer.VLAlignTrainer)
-    stop_on_nonfinite: bool = False
-    max_consecutive_nonfinite_steps: int = 20
-    # resuming with other training settings or data than the checkpoint's is refused unless this is set (the card
-    # then lists each change)
-    resume_with_changed_arguments: bool = False
 
 
 SECTIONS = ("run", "data", "training", "model")
+# settings an older layout kept elsewhere: each is a training argument now (vlalign.trainer.ContrastiveTrainingArguments)
+MOVED_TO_TRAINING = {("run", "alpha_ramp_steps"), ("run", "itm_rerank_k"), ("run", "stop_on_nonfinite"),
+                     ("run", "max_consecutive_nonfinite_steps"), ("model", "gradient_cache_chunk_size")}
 # TrainingArguments fields that `run` owns: the Trainer pickles its arguments (token included) into every checkpoint
 # and, with its own push_to_hub, would upload the whole output folder (checkpoints, logs) as it goes
 HUB_SETTINGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token")
@@ -190,30 +184,28 @@ def _model_configs() -> dict[str, type]:
 
 
 def _section_fields() -> dict[str, set[str]]:
-    from transformers import TrainingArguments
-
     from vlalign.data import DataArguments, MIVCDataArguments
+    from vlalign.trainer import ContrastiveTrainingArguments
 
     model_fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _model_configs().values()))
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
         "data": {f.name for f in dataclasses.fields(DataArguments)} | {f.name for f in dataclasses.fields(MIVCDataArguments)},
-        "training": {f.name for f in dataclasses.fields(TrainingArguments)} - set(HUB_SETTINGS),
+        "training": {f.name for f in dataclasses.fields(ContrastiveTrainingArguments)} - set(HUB_SETTINGS),
         "model": model_fields | {"model_type"},
     }
 
 
 def _section_kinds() -> dict[str, dict[str, tuple[type, ...] | None]]:
     """Per section, the value types each field admits (`_field_kinds`), for `_checked_section`."""
-    from transformers import TrainingArguments
-
     from vlalign.data import DataArguments, MIVCDataArguments
+    from vlalign.trainer import ContrastiveTrainingArguments
 
     model: dict[str, tuple[type, ...] | None] = {"model_type": (str,)}
     for config_class in _model_configs().values():  # a field of several model configs admits what any of them does
         for name, kinds in _field_kinds(config_class).items():
             model[name] = None if None in (kinds, model.get(name, ())) else (*model.get(name, ()), *kinds)
-    training = _field_kinds(TrainingArguments)
+    training = _field_kinds(ContrastiveTrainingArguments)
     training["resume_from_checkpoint"] = (str, bool, type(None))  # `true` / the bare flag: the latest checkpoint
     data = {**_field_kinds(MIVCDataArguments), **_field_kinds(DataArguments)}
     data["data_files"] = (str, list, dict, type(None))  # typed `str | None` for HfArgumentParser only
@@ -305,6 +297,10 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
     config = apply_overrides(config, overrides)
+    moved = sorted(f"{section}.{key}" for section, key in MOVED_TO_TRAINING if key in (config.get(section) or {}))
+    if moved:
+        raise SystemExit(f"{', '.join(moved)}: training settings now, not part of the {moved[0].split('.')[0]} "
+                         f"section; write them under training: (e.g. training.{moved[0].split('.')[1]})")
     training, run = config.get("training") or {}, config.get("run") or {}
     for key in HUB_SETTINGS:  # a YAML `training:` section may still name them
         if key in training:
@@ -409,14 +405,23 @@ def _pretrained_model_type(path: str) -> str:
     return AutoConfig.from_pretrained(path).model_type
 
 
-def _training_arguments(config: dict, default_output_dir: str):
-    from transformers import TrainingArguments
+def _training_arguments(config: dict, default_output_dir: str, arguments_class=None):
+    """The `training` section as `ContrastiveTrainingArguments` (MIVC: `VLAlignTrainingArguments`)."""
+    from vlalign.trainer import ContrastiveTrainingArguments
 
+    arguments_class = arguments_class or ContrastiveTrainingArguments
     training_section = dict(config.get("training") or {})
+    foreign = sorted(set(training_section) - {f.name for f in dataclasses.fields(arguments_class)})
+    if foreign:
+        raise SystemExit(f"training section: {foreign} are not settings of {arguments_class.__name__} (this model's "
+                         "trainer); remove them")
     training_section.setdefault("output_dir", default_output_dir)
     training_section.setdefault("remove_unused_columns", False)  # the collators need the raw columns
     training_section.setdefault("report_to", "none")
-    training_args = TrainingArguments(**training_section)
+    try:
+        training_args = arguments_class(**training_section)
+    except ValueError as error:
+        raise SystemExit(f"training section: {error}") from None
     training_args.resume_from_checkpoint = _resolve_checkpoint(training_args.resume_from_checkpoint,
                                                                training_args.output_dir)
     return training_args
@@ -568,6 +573,8 @@ def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
         "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "warmup_steps": training_args.warmup_steps,
         "seed": training_args.seed,
+        **{name: getattr(training_args, name) for name in ("alpha_ramp_steps", "gradient_cache_chunk_size")
+           if getattr(training_args, name, None) is not None},
     }
 
 
@@ -826,16 +833,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
-        alpha_ramp_steps=run.alpha_ramp_steps,
         eval_inputs=eval_inputs,
         class_names=class_names,
         zero_shot_templates=data_args.zero_shot_templates,
-        itm_rerank_k=run.itm_rerank_k,
-        stop_on_nonfinite=run.stop_on_nonfinite,
-        max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps,
         resume_fingerprint={"positives_by": data_args.positives_by,
                             "train_data": training_data_fingerprint(train_dataset)},
-        resume_with_changed_arguments=run.resume_with_changed_arguments,
     )
     _check_training_size(trainer, training_args, train_dataset, data_args.streaming)
     start = time.time()
@@ -849,7 +851,7 @@ def main(argv: list[str] | None = None) -> dict:
             eval_image_embeds = embed_images(model, processor, eval_inputs.images, run.eval_batch_size)
         results.update(
             evaluate_model(model, processor, eval_inputs, class_names, data_args.zero_shot_templates,
-                           batch_size=run.eval_batch_size, itm_rerank_k=run.itm_rerank_k,
+                           batch_size=run.eval_batch_size, itm_rerank_k=training_args.itm_rerank_k,
                            image_embeds=eval_image_embeds)
         )
     results["train_runtime_seconds"] = round(train_seconds, 1)
@@ -950,11 +952,11 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets, training_data_fingerprint
     from vlalign.hub import build_model_card
     from vlalign.multiview_digits import build_mivc_digits_processor
-    from vlalign.trainer import VLAlignTrainer, evaluate_mivc
+    from vlalign.trainer import VLAlignTrainer, VLAlignTrainingArguments, evaluate_mivc
 
     model_section = dict(config.get("model") or {})
     data_args = MIVCDataArguments(**(config.get("data") or {}))
-    training_args = _training_arguments(config, "outputs/mivc")
+    training_args = _training_arguments(config, "outputs/mivc", VLAlignTrainingArguments)
     set_seed(training_args.seed)
     _set_cpu_threads(run, training_args)
     train_dataset, eval_dataset = load_multi_image_datasets(data_args, seed=training_args.seed)
@@ -978,10 +980,8 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
         _check_multi_image_eval(eval_dataset, processor, data_args)
     _claim_output_dir(training_args)  # before anything is written there
     trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-                             processing_class=processor, stop_on_nonfinite=run.stop_on_nonfinite,
-                             max_consecutive_nonfinite_steps=run.max_consecutive_nonfinite_steps,
-                             resume_fingerprint={"train_data": training_data_fingerprint(train_dataset)},
-                             resume_with_changed_arguments=run.resume_with_changed_arguments)
+                             processing_class=processor,
+                             resume_fingerprint={"train_data": training_data_fingerprint(train_dataset)})
     _check_training_size(trainer, training_args, train_dataset, streaming=False)
     start = time.time()
     train_result = _train(trainer, training_args)

@@ -1064,9 +1064,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         detached loss and components.
         """
         cfg = self.config
-        chunk_size = chunk_size or cfg.gradient_cache_chunk_size
-        if not chunk_size:
-            raise ValueError("gradient_cached_backward needs chunk_size or config.gradient_cache_chunk_size")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"gradient_cached_backward: chunk_size must be a positive integer, got {chunk_size!r}")
         alpha = cfg.alpha if alpha is None else float(alpha)
         backward_fn = backward_fn or (lambda tensor: tensor.backward())
         batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)

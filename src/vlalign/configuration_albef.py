@@ -49,6 +49,14 @@ def _standard_config_keys() -> frozenset:
     return frozenset(PreTrainedConfig().to_dict()) | frozenset(dir(PreTrainedConfig)) | _TRANSFORMERS_EXTRA_KEYS
 
 
+# fields that configs saved by vlalign 0.1.0 may carry, with where the setting lives now
+TRAINING_SETTINGS_FORMERLY_IN_CONFIG = {
+    "gradient_cache_chunk_size": "gradient caching is a training setting (ContrastiveTrainingArguments."
+                                 "gradient_cache_chunk_size, --gradient_cache_chunk_size in training/train.py)",
+    "train_batch_size": "the batch size is the training arguments' (per_device_train_batch_size)",
+}
+
+
 def warn_unknown_fields(config: PreTrainedConfig, extra_kwargs: dict) -> None:
     """Warn about constructor keywords (or config.json keys) that are neither fields of `config` nor standard
     transformers keys: a typo such as `queue_sise` would otherwise become an attribute nothing reads. Called after
@@ -57,6 +65,12 @@ def warn_unknown_fields(config: PreTrainedConfig, extra_kwargs: dict) -> None:
     fields = {field.name for field in dataclasses.fields(config)}
     unknown = sorted(key for key in extra_kwargs
                      if key in vars(config) and key not in fields and key not in _standard_config_keys())
+    moved = [key for key in unknown if key in TRAINING_SETTINGS_FORMERLY_IN_CONFIG]
+    for key in moved:  # saved by an older vlalign: a run-time setting must not follow the model to the Hub
+        delattr(config, key)
+        logger.warning("%s: %r is not part of the model any more and is ignored: %s", type(config).__name__, key,
+                       TRAINING_SETTINGS_FORMERLY_IN_CONFIG[key])
+    unknown = [key for key in unknown if key not in moved]
     if unknown:
         logger.warning("%s: unknown field(s) %s: neither fields of %s nor standard transformers keys, so nothing "
                        "reads them (a typo?)", type(config).__name__, ", ".join(repr(key) for key in unknown),
@@ -100,7 +114,8 @@ class ALBEFStackConfig(PreTrainedConfig):
         use_momentum: keep EMA (momentum) teachers and feature queues (ALBEF). With `False` the keys are
             in-batch student features (CLIP-style) and no queue is kept.
         momentum: EMA coefficient m in `teacher = m * teacher + (1 - m) * student`.
-        queue_size: length of the image / text feature queues; must be divisible by the global batch size.
+        queue_size: length of the image / text feature queues (a ring buffer: any size works with any batch; a
+            batch larger than the queue keeps its last `queue_size` features).
         alpha: weight of the momentum-distillation (soft) targets in the cross-modal terms and MLM, ramped up by
             the trainer.
         cma_weight, imc_weight: weights of the cross-modal (i2t + t2i) and intra-modal (i2i + t2t) contrastive
@@ -109,10 +124,6 @@ class ALBEFStackConfig(PreTrainedConfig):
         itm_hard_negatives: sample ITM negatives from the contrastive similarity (else uniformly).
         mlm_probability: fraction of tokens masked for MLM.
         mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
-        gradient_cache_chunk_size: train with gradient caching, embedding the batch in chunks of this size
-            (None: off). See `ALBEFModel.gradient_cached_backward`.
-        train_batch_size: global training batch size when known (set by the trainer), used to check that
-            `queue_size` is divisible by it.
         initializer_range: std of the normal init of the projections and heads.
     """
 
@@ -147,8 +158,6 @@ class ALBEFStackConfig(PreTrainedConfig):
     itm_hard_negatives: bool = True
     mlm_probability: float = 0.15
     mask_token_id: int = 103
-    gradient_cache_chunk_size: int | None = None
-    train_batch_size: int | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -232,23 +241,11 @@ class ALBEFStackConfig(PreTrainedConfig):
             fail("momentum", f"must be in [0, 1], got {self.momentum}")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", f"must be in [0, 1], got {self.alpha}")
-        if self.gradient_cache_chunk_size is not None and (
-            not _is_int(self.gradient_cache_chunk_size) or self.gradient_cache_chunk_size <= 0
-        ):
-            fail("gradient_cache_chunk_size",
-                 f"must be None or a positive integer, got {self.gradient_cache_chunk_size!r}")
-        if self.train_batch_size is not None and (not _is_int(self.train_batch_size) or self.train_batch_size <= 0):
-            fail("train_batch_size", f"must be a positive integer, got {self.train_batch_size!r}")
         if not _is_int(self.queue_size) or self.queue_size < 0:
             fail("queue_size", f"must be an integer >= 0, got {self.queue_size!r}")
         if self.uses_queue:
             if self.queue_size == 0:
                 fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
-            if self.train_batch_size is not None and self.queue_size % self.train_batch_size != 0:
-                fail(
-                    "queue_size",
-                    f"{self.queue_size} is not divisible by the global train batch size {self.train_batch_size}",
-                )
         for field in self.loss_weight_fields:
             if getattr(self, field) < 0:
                 fail(field, f"must be >= 0, got {getattr(self, field)}")

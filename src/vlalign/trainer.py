@@ -11,6 +11,9 @@ What it adds to `transformers.Trainer`:
   Trainer divides by the accumulation steps, see HF5.md);
 - no weight decay on the temperature;
 - `evaluate()` computes retrieval recall@k both ways and zero-shot accuracy (`evaluate_model`).
+
+The run-time settings live in `ContrastiveTrainingArguments` (`VLAlignTrainingArguments` for every model), never in
+the model config, so that they are saved with a run's checkpoints and not pushed with the model.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
 # transformers internals (listed in vlalign/__init__.py)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_NAME
@@ -207,6 +212,50 @@ def _itm_rerank_fn(model, processor, images, texts, batch_size):
     return rerank
 
 
+def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class VLAlignTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the run-time settings of `VLAlignTrainer` (every vlalign model): they belong to a
+    run, so they are saved with its checkpoints and training_args.json, never into the model's config.json."""
+
+    stop_on_nonfinite: bool = field(default=False, metadata={
+        "help": "Stop at the first optimizer step with a non-finite loss or gradient (default: skip it and count it)."})
+    max_consecutive_nonfinite_steps: int = field(default=20, metadata={
+        "help": "Stop when this many optimizer steps in a row were non-finite (the run is diverging)."})
+    resume_with_changed_arguments: bool = field(default=False, metadata={
+        "help": "Allow resuming a checkpoint with other training settings or data; the card lists each change."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps)
+
+
+@dataclass
+class ContrastiveTrainingArguments(VLAlignTrainingArguments):
+    """`VLAlignTrainingArguments` plus the run-time settings of `ContrastiveTrainer` (TCL, CODIS)."""
+
+    alpha_ramp_steps: int | None = field(default=None, metadata={
+        "help": "Optimizer steps over which the distillation weight ramps from 0 to config.alpha (None: one epoch; "
+                "0: no ramp)."})
+    itm_rerank_k: int = field(default=0, metadata={
+        "help": "Re-rank the top-k retrieval candidates with the ITM head during evaluation (0: off)."})
+    gradient_cache_chunk_size: int | None = field(default=None, metadata={
+        "help": "Gradient caching: embed each batch in chunks of this size (memory of one chunk, gradients of the "
+                "whole batch; None: off)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int("alpha_ramp_steps", self.alpha_ramp_steps, allow_none=True, minimum=0)
+        _positive_int("itm_rerank_k", self.itm_rerank_k, minimum=0)
+        _positive_int("gradient_cache_chunk_size", self.gradient_cache_chunk_size, allow_none=True)
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Training stopped on non-finite losses, gradients or parameters (see `VLAlignTrainer`)."""
 
@@ -300,17 +349,10 @@ class VLAlignTrainer(Trainer):
     # a run whose batches come out empty (no usable row) this many times in a row is stopped: its data are broken
     MAX_CONSECUTIVE_EMPTY_BATCHES = 20
 
-    def __init__(self, *args, stop_on_nonfinite: bool = False, max_consecutive_nonfinite_steps: int = 20,
-                 resume_fingerprint: dict | None = None, resume_with_changed_arguments: bool = False, **kwargs):
-        if (isinstance(max_consecutive_nonfinite_steps, bool) or not isinstance(max_consecutive_nonfinite_steps, int)
-                or max_consecutive_nonfinite_steps < 1):
-            raise ValueError(f"max_consecutive_nonfinite_steps must be an int >= 1, got {max_consecutive_nonfinite_steps!r}")
+    def __init__(self, *args, resume_fingerprint: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         _check_finite_arguments(self.args, self.model)
-        self.stop_on_nonfinite = bool(stop_on_nonfinite)
-        self.max_consecutive_nonfinite_steps = max_consecutive_nonfinite_steps
         self.resume_fingerprint = dict(resume_fingerprint or {})
-        self.resume_with_changed_arguments = bool(resume_with_changed_arguments)
         self.resume_changes: dict[str, dict] = {}
         self.nonfinite_steps_skipped = 0
         self.micro_batches_trained = 0
@@ -323,6 +365,25 @@ class VLAlignTrainer(Trainer):
         self._step_nonfinite: list[str] = []  # what was not finite in the micro-batches of the current step
         self._step_snapshot: list[torch.Tensor] | None = None  # forward-updated tensors as the step found them
         self.add_callback(_TrainerGuard(self))
+
+    def _setting(self, name: str):
+        """A run-time setting of `VLAlignTrainingArguments` / `ContrastiveTrainingArguments`, or its default when
+        the trainer was given plain `TrainingArguments`."""
+        if hasattr(self.args, name):
+            return getattr(self.args, name)
+        return ContrastiveTrainingArguments.__dataclass_fields__[name].default
+
+    @property
+    def stop_on_nonfinite(self) -> bool:
+        return bool(self._setting("stop_on_nonfinite"))
+
+    @property
+    def max_consecutive_nonfinite_steps(self) -> int:
+        return self._setting("max_consecutive_nonfinite_steps")
+
+    @property
+    def resume_with_changed_arguments(self) -> bool:
+        return bool(self._setting("resume_with_changed_arguments"))
 
     @property
     def run_train_loss(self) -> float:
@@ -695,12 +756,10 @@ def _check_finite_arguments(args, model) -> None:
 class ContrastiveTrainer(VLAlignTrainer):
     """`transformers.Trainer` for vlalign models (see module docstring).
 
-    Extra arguments:
-        alpha_ramp_steps: optimizer steps over which the distillation weight ramps from 0 to `config.alpha`
-            (None: one epoch; 0: no ramp).
+    Its run-time settings (the alpha ramp, ITM re-ranking, gradient caching, the non-finite guard) are fields of
+    `ContrastiveTrainingArguments`; with plain `TrainingArguments` they keep their defaults. Extra arguments:
         eval_inputs: `data.EvalInputs` for `evaluate()`; class_names / zero_shot_templates for zero-shot accuracy.
         vlalign_processor: the `VLAlignProcessor` used to embed evaluation images and texts.
-        itm_rerank_k: re-rank the top-k retrieval candidates with ITM during evaluation (0: off).
     """
 
     # our losses are per-batch means: let the Trainer divide them by the gradient-accumulation steps
@@ -712,15 +771,13 @@ class ContrastiveTrainer(VLAlignTrainer):
     _throughput_since: float | None = None
     _clock = staticmethod(time.perf_counter)
 
-    def __init__(self, *args, alpha_ramp_steps: int | None = None, eval_inputs=None, class_names=None,
-                 zero_shot_templates=None, vlalign_processor=None, itm_rerank_k: int = 0, **kwargs):
+    def __init__(self, *args, eval_inputs=None, class_names=None, zero_shot_templates=None, vlalign_processor=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.alpha_ramp_steps = alpha_ramp_steps
         self.eval_inputs = eval_inputs
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
         self.vlalign_processor = vlalign_processor or self.processing_class
-        self.itm_rerank_k = itm_rerank_k
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
         self.num_skipped_items = 0
@@ -728,12 +785,18 @@ class ContrastiveTrainer(VLAlignTrainer):
         self._alignment_warned = False
         if self._compiles_encoders_only():
             self.model.compile_encoders(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
-        config = self.model.config
-        if hasattr(config, "train_batch_size"):
-            # the queue must hold a whole number of global batches
-            config.train_batch_size = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
-            if hasattr(config, "validate_fields"):
-                config.validate_fields()
+
+    @property
+    def alpha_ramp_steps(self) -> int | None:
+        return self._setting("alpha_ramp_steps")
+
+    @property
+    def itm_rerank_k(self) -> int:
+        return self._setting("itm_rerank_k")
+
+    @property
+    def gradient_cache_chunk_size(self) -> int | None:
+        return self._setting("gradient_cache_chunk_size")
 
     def _compiles_encoders_only(self) -> bool:
         """`torch_compile=True` on a model with `compile_encoders` (TCL, CODIS): compile its towers in place instead
@@ -760,11 +823,11 @@ class ContrastiveTrainer(VLAlignTrainer):
         return target * min(1.0, self.state.global_step / ramp)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """With `config.gradient_cache_chunk_size` set, run the model's gradient-cached forward/backward (memory of
-        one chunk, gradients of the whole batch); otherwise the standard Trainer step."""
+        """With `gradient_cache_chunk_size` set (ContrastiveTrainingArguments), run the model's gradient-cached
+        forward/backward (memory of one chunk, gradients of the whole batch); otherwise the standard Trainer step."""
         self._count_samples(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        chunk_size = getattr(unwrapped.config, "gradient_cache_chunk_size", None)
+        chunk_size = self.gradient_cache_chunk_size
         if not chunk_size or not hasattr(unwrapped, "gradient_cached_backward"):
             return super().training_step(model, inputs, num_items_in_batch)
         self._begin_micro_batch(inputs)
