@@ -1129,8 +1129,8 @@ class ImageTextCollator(ResumableCollator):
         self.two_views = two_views
         self.seed = int(seed)
         self.log_every = int(log_every)
-        # Rows dropped for a bad image/caption are replaced by recently seen good items, so every batch keeps its
-        # size: processes then hold equal batches (their losses weigh the same) and queues stay aligned.
+        # Rows dropped for a bad image/caption are replaced by copies of good items of the same batch, so every batch
+        # keeps its size: processes then hold equal batches (their losses weigh the same) and queues stay aligned.
         self.refill = bool(refill)
         self.num_refilled = 0
         self.num_skipped_captions = 0

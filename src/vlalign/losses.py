@@ -1,9 +1,11 @@
 """Contrastive and alignment losses for vision-language models.
 
-Every function here is small and pure: it takes embeddings / logits and returns a scalar loss (or the targets a
-loss needs), works on any model's outputs, and computes in float32 (or float64 when given float64) whatever the
-input precision, so that bf16 autocast never reaches a softmax. Features are expected L2-normalised where a
-function says so. Names follow the paper terms:
+Each function here is small: it takes embeddings / logits and returns a scalar loss (or the targets a loss needs),
+works on any model's outputs, and computes in float32 (or float64 when given float64) whatever the input precision,
+so that bf16 autocast never reaches a softmax. Features are expected L2-normalised where a function says so. Two
+things are not pure functions, and say so where they are defined: ``FeatureQueue`` and ``RunningLogZ`` are stateful
+modules (buffers updated in place), and ``info_nce``, the decomposable loss and the queue gather from every process
+when ``torch.distributed`` is initialised. Names follow the paper terms:
 
 - ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
@@ -324,13 +326,6 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _all_gather(tensor, with_grad=True)[0]
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when not distributed."""
-    if _distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gathered_keys(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Keys from every process (with gradient) and the offset of this process's rows among them."""
     return _all_gather(local, with_grad=True)
@@ -434,8 +429,6 @@ class FeatureQueue(torch.nn.Module):
 # linear in Z_i: with u_i = 1/Z_i its gradient is exactly InfoNCE's, and Z_i itself may come from more samples (a
 # queue, or a running average across steps) than the batch whose gradient is taken.
 # ---------------------------------------------------------------------------------------------------------------------
-
-# appended below the existing imports on purpose (the top of this file belongs to another edit); the lead may hoist it
 
 _Z_ESTIMATES = ("batch", "queue", "running")
 
