@@ -291,6 +291,14 @@ class _TrainerGuard(TrainerCallback):
             control.should_training_stop = True
 
 
+def _batch_rows(inputs) -> int:
+    """Rows of a micro-batch: the leading size of its first batched tensor (input ids or pixels first)."""
+    for value in (inputs.get("input_ids"), inputs.get("pixel_values"), *inputs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
+
+
 def _json_value(value):
     value = getattr(value, "value", value)  # enums (lr_scheduler_type, optim)
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
@@ -409,10 +417,7 @@ class VLAlignTrainer(Trainer):
                     "the data files")
         else:
             self._consecutive_empty = 0
-            for value in (inputs.get("input_ids"), inputs.get("pixel_values"), *inputs.values()):
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    self.items_trained += int(value.shape[0])
-                    break
+            self.items_trained += _batch_rows(inputs)
         if self._step_snapshot is None and not self.stop_on_nonfinite:
             unwrapped = self.accelerator.unwrap_model(self.model)
             base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -923,13 +928,8 @@ class ContrastiveTrainer(VLAlignTrainer):
         """Throughput bookkeeping: add the rows of this micro-batch (none for the collator's empty batch)."""
         if self._throughput_since is None:
             self._throughput_since = self._clock()
-        if inputs.get("empty_batch", False):
-            return
-        tensors = [inputs.get("input_ids"), inputs.get("pixel_values"), *inputs.values()]
-        for value in tensors:
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                self._throughput_samples += int(value.shape[0])
-                return
+        if not inputs.get("empty_batch", False):
+            self._throughput_samples += _batch_rows(inputs)
 
     def _log_throughput(self, logs: dict[str, float]) -> None:
         """`throughput_samples_per_second`: samples (summed over processes) since the previous training log / the wall
