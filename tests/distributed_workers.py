@@ -321,7 +321,7 @@ def queue_step_inputs(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def scenario_feature_queue(rank, world_size):
-    from vlalign.losses import FeatureQueue
+    from vlalign.momentum import FeatureQueue
 
     torch.manual_seed(0)  # identical initial contents on every rank
     queue = FeatureQueue(QUEUE_SIZE, QUEUE_DIM)
@@ -403,7 +403,8 @@ UNEQUAL_ROWS = (slice(0, 5), slice(5, 8))  # rank 0 holds 5 pairs, rank 1 holds 
 def scenario_unequal_batches(rank, world_size):
     """Processes holding different numbers of rows: gathers must not fail, and weighting each process's mean loss
     by its share of the rows gives back the full-batch loss and gradients."""
-    from vlalign.losses import FeatureQueue, info_nce
+    from vlalign.losses import info_nce
+    from vlalign.momentum import FeatureQueue
 
     images, texts = embedding_pairs(seed=0)
     rows = UNEQUAL_ROWS[rank]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedConfig
 
 from vlalign import CODISConfig, CODISModel, MIVCConfig, MIVCForConditionalGeneration, TCLConfig, TCLModel
-from vlalign.albef_stack import CheckpointMismatchError, describe_key_problems
+from vlalign.loading import CheckpointMismatchError, describe_key_problems
 
 WEIGHTS = "model.safetensors"
 MIVC_VISION = dict(model_type="vit", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
@@ -228,7 +228,7 @@ def test_from_vision_text_pretrained_refuses_a_tower_with_missing_weights(tmp_pa
 def test_text_checkpoint_without_mlm_head_gives_no_random_head(tmp_path):
     """A bare BertModel checkpoint loads as the encoder: the MLM head is not copied from a randomly initialised
     BertForMaskedLM head."""
-    from vlalign.albef_stack import _load_text_checkpoint
+    from vlalign.loading import _load_text_checkpoint
 
     _vit_and_bert(tmp_path, "BertModel")
     text = _load_text_checkpoint(str(tmp_path / "bert"), allow_pickle=False)

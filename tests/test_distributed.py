@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import distributed_workers as workers  # noqa: E402
 from vlalign.losses import (  # noqa: E402
-    FeatureQueue,
     info_nce,
     intra_modal_info_nce,
 )
+from vlalign.momentum import FeatureQueue  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 W = workers.WORLD_SIZE

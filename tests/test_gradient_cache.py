@@ -106,7 +106,7 @@ def test_dropout_masks_are_replayed_per_chunk():
              for a, b in ((0, 4), (4, 6))]
     student = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     losses = reference._alignment_losses(student, {}, prepared, None, None, temp)
-    reference._alignment_total(losses).backward()
+    reference._loss_total(losses).backward()
     _assert_same_grads(reference, cached, atol=1e-6)
     # and it differs from a single unchunked pass (different masks), so the test has teeth
     torch.manual_seed(0)

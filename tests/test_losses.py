@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from vlalign.losses import (
-    FeatureQueue,
     contrastive_cross_entropy,
     distillation_targets,
     local_mutual_information,
@@ -17,6 +16,7 @@ from vlalign.losses import (
     positive_targets,
     sample_hard_negatives,
 )
+from vlalign.momentum import FeatureQueue
 
 
 def _unit(*shape, seed=0):

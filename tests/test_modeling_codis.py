@@ -338,7 +338,7 @@ def test_save_load_identical_outputs_codes_and_auto_map(tmp_path):
     assert config["auto_map"]["AutoConfig"] == "configuration_codis.CODISConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_codis.CODISModel"
-    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py",
+    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "modeling_albef.py",
                  "losses.py", "model.safetensors"):
         assert (tmp_path / name).exists(), name
     assert not list(tmp_path.glob("*.bin"))

@@ -14,8 +14,7 @@ from conftest import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from vlalign import TCLConfig, TCLModel
-from vlalign.albef_stack import ema_update
-from vlalign.losses import FeatureQueue
+from vlalign.momentum import FeatureQueue, ema_update
 from vlalign.losses import local_mutual_information
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,16 +136,16 @@ def test_itm_hard_negatives_are_drawn_from_student_against_teacher_similarities(
     """ALBEF / TCL draw a text's negative image from softmax(student text . teacher image / t) and an image's
     negative text from softmax(student image . teacher text / t), same-id pairs excluded: the distributions the
     model samples from equal that float64 reference."""
-    import vlalign.albef_stack as albef_stack
+    import vlalign.modeling_albef as modeling_albef
 
     seen = []
-    real = albef_stack.sample_hard_negatives
+    real = modeling_albef.sample_hard_negatives
 
     def recording(similarity, positive_mask, generator=None):
         seen.append((similarity.clone(), positive_mask.clone()))
         return real(similarity, positive_mask, generator)
 
-    monkeypatch.setattr(albef_stack, "sample_hard_negatives", recording)
+    monkeypatch.setattr(modeling_albef, "sample_hard_negatives", recording)
     model = _model(lmi_weight=0.0, mlm_weight=0.0, momentum=0.5).double()
     model.eval()
     batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch().items()}
@@ -335,7 +334,8 @@ def test_save_load_identical_outputs_and_auto_map(tmp_path):
     assert config["auto_map"]["AutoConfig"] == "configuration_tcl.TCLConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_tcl.TCLModel"
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_tcl.TCLModel"
-    for name in ("modeling_tcl.py", "configuration_tcl.py", "albef_stack.py", "losses.py", "model.safetensors"):
+    for name in ("modeling_tcl.py", "configuration_tcl.py", "modeling_albef.py", "loading.py", "momentum.py",
+                 "gradient_cache.py", "losses.py", "model.safetensors"):
         assert (tmp_path / name).exists(), name
     assert not list(tmp_path.glob("*.bin"))
     loaded = AutoModel.from_pretrained(tmp_path)

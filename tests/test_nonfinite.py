@@ -13,7 +13,8 @@ from conftest import tiny_batch, tiny_tcl_config
 from transformers import TrainerCallback, TrainingArguments
 
 from vlalign import TCLModel
-from vlalign.losses import FeatureQueue, RunningLogZ
+from vlalign.losses import RunningLogZ
+from vlalign.momentum import FeatureQueue
 from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments, NonFiniteTrainingError, VLAlignTrainer
 
 BATCH = 4

@@ -36,13 +36,12 @@ MODELS = {
                              "max_position_embeddings": 128},
              "pooling_attention_dim": 16, "freeze_vision_model": False, "freeze_language_model": False},
 }
+ALBEF_CODE = {"configuration_albef.py", "modeling_albef.py", "loading.py", "momentum.py", "gradient_cache.py",
+              "losses.py", "processing_vlalign.py"}
 CODE_FILES = {
-    "tcl": {"modeling_tcl.py", "configuration_tcl.py", "configuration_albef.py", "albef_stack.py", "losses.py",
-            "processing_vlalign.py"},
-    "codis": {"modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py", "losses.py",
-              "processing_vlalign.py"},
-    "mivc": {"modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "albef_stack.py", "losses.py",
-             "processing_vlalign.py"},
+    "tcl": {"modeling_tcl.py", "configuration_tcl.py"} | ALBEF_CODE,
+    "codis": {"modeling_codis.py", "configuration_codis.py"} | ALBEF_CODE,
+    "mivc": {"modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "loading.py", "processing_vlalign.py"},
 }
 PIPELINE_TAG = {"tcl": "zero-shot-image-classification", "codis": "zero-shot-image-classification",
                 "mivc": "image-text-to-text"}

@@ -12,7 +12,7 @@ from test_checkpoints import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
 from transformers import AutoModel
 
 from vlalign import MIVCForConditionalGeneration, TCLModel
-from vlalign.albef_stack import MissingCheckpointFileError, UnsafeCheckpointError
+from vlalign.loading import MissingCheckpointFileError, UnsafeCheckpointError
 
 MODELS = {"tcl": (TCLModel, tiny_tcl_config), "mivc": (MIVCForConditionalGeneration, tiny_mivc_config)}
 

@@ -187,7 +187,7 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
     assert "Skipped an undecodable image" in proc.stderr
     config_json = json.loads((out / "config.json").read_text())
     assert set(config_json["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"}
-    for name in ("model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "albef_stack.py", "losses.py",
+    for name in ("model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "modeling_albef.py", "losses.py",
                  "processor_config.json", "tokenizer.json", "README.md"):
         assert (out / name).exists(), name
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
@@ -233,7 +233,7 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
     train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl"])
     assert uploaded["repo_id"] == "someone/tiny-tcl"
     assert uploaded["token"] == "hf_secret_token_never_written"
-    for name in ("config.json", "model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "albef_stack.py",
+    for name in ("config.json", "model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "modeling_albef.py",
                  "losses.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
                  "eval_results.json"):
         assert name in uploaded["files"], name
@@ -269,7 +269,7 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     # the command-line override, not the default (swapped)
     assert config_json["model_type"] == "codis" and config_json["code_targets"] == "own"
     assert config_json["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
-    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "albef_stack.py"):
+    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "modeling_albef.py"):
         assert (out / name).exists(), name
     card = ModelCard.load(out / "README.md")
     assert "codis" in card.data.tags

@@ -18,9 +18,9 @@ SOURCES = sorted((REPO / "src" / "vlalign").rglob("*.py")) + [REPO / "training" 
 PUBLIC = {"transformers", "transformers.utils", "transformers.modeling_outputs"}
 
 EXPECTED_IMPORTS = {
-    ("albef_stack.py", "transformers.masking_utils"),
-    ("albef_stack.py", "transformers.modeling_layers"),
-    ("albef_stack.py", "transformers.models.bert.modeling_bert"),
+    ("modeling_albef.py", "transformers.masking_utils"),
+    ("modeling_albef.py", "transformers.modeling_layers"),
+    ("modeling_albef.py", "transformers.models.bert.modeling_bert"),
     ("configuration_albef.py", "transformers.configuration_utils"),
     ("configuration_mivc.py", "transformers.configuration_utils"),
     ("trainer.py", "transformers.trainer_utils"),

@@ -7,7 +7,7 @@ them for `register_for_auto_class` so that saved folders carry `auto_map` and th
 Where vlalign depends on transformers internals (not its documented API), kept short on purpose; each site says so
 in a comment, and tests/test_transformers_internals.py fails when an import of a transformers submodule is added
 that is not listed here:
-- albef_stack.py: the fusion layers are BERT's blocks (`models.bert.modeling_bert`: BertAttention, BertIntermediate,
+- modeling_albef.py: the fusion layers are BERT's blocks (`models.bert.modeling_bert`: BertAttention, BertIntermediate,
   BertOutput, BertPredictionHeadTransform), with `masking_utils.create_bidirectional_mask` and
   `modeling_layers.GradientCheckpointingLayer`.
 - configuration_albef.py, configuration_mivc.py: `configuration_utils.SubConfigSpec` for the sub-config defaults.
@@ -31,9 +31,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .albef_stack import (
-    ALBEFModel,
-    ALBEFOutput,
+from .loading import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     MissingCheckpointFileError,
@@ -45,6 +43,7 @@ from .configuration_codis import CODISConfig
 from .configuration_mivc import MIVCConfig
 from .configuration_tcl import TCLConfig
 from .mivc_pooling import MIVCPooling, MIVCPoolingOutput
+from .modeling_albef import ALBEFModel, ALBEFOutput
 from .modeling_codis import CODISCodes, CODISModel, CODISOutput
 from .modeling_mivc import MIVCForConditionalGeneration, MIVCOutput
 from .modeling_tcl import TCLModel, TCLOutput

@@ -376,51 +376,6 @@ def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temper
     return contrastive_cross_entropy(queries, keys, temperature, targets)
 
 
-class FeatureQueue(torch.nn.Module):
-    """A ring buffer of past (teacher) features and their ids: the memory bank of MoCo / ALBEF / TCL / CODIS.
-
-    `keys(batch_features)` gives ``[batch_features; queue]`` (the in-batch keys first, so key i is query i's
-    positive), `ids(batch_ids)` the matching ids, and `enqueue(features, ids)` gathers the features of all
-    processes (in rank order) and writes them over the oldest entries, wrapping around, so that every process
-    holds the same queue. Buffers are persistent: they are saved with the model (exact resume).
-    """
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        if size <= 0 or dim <= 0:
-            raise ValueError(f"FeatureQueue needs a positive size and dim, got size={size}, dim={dim}")
-        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
-
-    @property
-    def size(self) -> int:
-        return self.features.shape[0]
-
-    def keys(self, batch_features: torch.Tensor) -> torch.Tensor:
-        return torch.cat([batch_features, self.features.clone().detach().to(batch_features.dtype)], dim=0)
-
-    def key_ids(self, batch_ids: torch.Tensor | None) -> torch.Tensor | None:
-        return None if batch_ids is None else torch.cat([batch_ids, self.ids.clone()])
-
-    @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        features = all_gather_no_grad(features)
-        if ids is None:
-            ids = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        else:
-            ids = all_gather_no_grad(ids)
-        count = min(features.shape[0], self.size)
-        # all on-device (no host sync per step). A batch with a non-finite feature (a bad step the trainer skips)
-        # leaves the queue and its pointer unchanged instead of poisoning the next `size` steps' negatives.
-        features = features[-count:].to(self.features.dtype)
-        finite = torch.isfinite(features).all()
-        index = (self.ptr + torch.arange(count, device=self.features.device)) % self.size
-        self.features[index] = torch.where(finite, features, self.features[index])
-        self.ids[index] = torch.where(finite, ids[-count:].to(self.ids.dtype), self.ids[index])
-        self.ptr.copy_((self.ptr + count * finite.long()) % self.size)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Decomposable contrastive loss by Bayesian data augmentation (Chen et al., NeurIPS 2022)
 #

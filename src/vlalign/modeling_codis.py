@@ -1,6 +1,6 @@
 """CODIS: Multi-modal Alignment using Representation Codebook (Duan et al., CVPR 2022).
 
-The ALBEF-style stack of `albef_stack.ALBEFModel` (image / text / fusion encoders, EMA teachers, feature queues,
+The ALBEF-style stack of `modeling_albef.ALBEFModel` (image / text / fusion encoders, EMA teachers, feature queues,
 ITM with hard negatives, MLM with momentum distillation) trained with
 - the four-term queue contrastive loss L_ica: i2t, t2i, i2i, t2t against the EMA teachers' keys + queues;
 - a learnable codebook of K cluster centres shared by images and texts: per batch, optimal-transport plans assign
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .albef_stack import ALBEFModel, ALBEFOutput
+from .modeling_albef import ALBEFModel, ALBEFOutput, sum_of_terms
 from .configuration_codis import CODISConfig
 from .losses import code_assignment_targets, code_prediction_loss, code_similarities, optimal_transport_loss
 
@@ -131,14 +131,18 @@ class CODISModel(ALBEFModel):
                 self._to_code_space(student["text_feat"]), codebook, text_targets, cfg.code_temperature)
         return losses
 
-    def _alignment_total(self, losses: dict) -> torch.Tensor | None:
-        """L_ica (the four contrastive terms, summed) + code prediction + OT cost, each group weighted."""
+    def _loss_total(self, losses: dict) -> torch.Tensor | None:
+        """CODIS's total: L_ica (the four contrastive terms, summed) + code prediction + OT cost, each group weighted,
+        plus the weighted ITM and MLM losses."""
         cfg = self.config
         weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight, "t2t": cfg.imc_weight,
                    "code_image": cfg.code_weight, "code_text": cfg.code_weight, "ot_image": cfg.ot_weight,
                    "ot_text": cfg.ot_weight}
         terms = [weights[name] * value for name, value in losses.items() if name in weights]
-        return torch.stack(terms).sum() if terms else None
+        alignment = torch.stack(terms).sum() if terms else None
+        fusion = sum_of_terms([weight * losses[name] for name, weight in (("itm", cfg.itm_weight),
+                                                                           ("mlm", cfg.mlm_weight)) if name in losses])
+        return sum_of_terms([total for total in (alignment, fusion) if total is not None])
 
 
 __all__ = ["CODISModel", "CODISOutput", "CODISCodes"]

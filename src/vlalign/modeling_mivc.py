@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast  # its field set: see MIVCOutput
 
-from .albef_stack import (
+from .loading import (
     KeepsTrainableFlagsOnLoad,
     _load_matching,
     build_vision_encoder,

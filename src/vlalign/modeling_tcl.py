@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .albef_stack import ALBEFModel, ALBEFOutput, pool_patch_locals
+from .modeling_albef import ALBEFModel, ALBEFOutput, pool_patch_locals, sum_of_terms
 from .configuration_tcl import TCLConfig
 from .losses import (
     DecomposableContrastiveLoss,
@@ -131,18 +131,20 @@ class TCLModel(ALBEFModel):
                                                              student["image_feat2"], student["text_feat2"])["total"]
         return losses
 
-    def _alignment_total(self, losses: dict) -> torch.Tensor | None:
-        """Weighted mean of the active CMA/IMC/LMI terms (paper: /6) plus the weighted regularisers."""
+    def _loss_total(self, losses: dict) -> torch.Tensor | None:
+        """TCL's total: the weighted mean of the active CMA / IMC / LMI terms (the paper's sum / 6), plus the weighted
+        regularisers, plus the weighted ITM and MLM losses."""
         cfg = self.config
-        group_weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight,
-                         "t2t": cfg.imc_weight, "lmi_image": cfg.lmi_weight, "lmi_text": cfg.lmi_weight}
-        terms = [group_weights[n] * v for n, v in losses.items() if n in group_weights]
-        total = torch.stack(terms).sum() / len(terms) if terms else None
-        for name, weight in (("separation", cfg.feature_separation_weight), ("bridge", cfg.brownian_bridge_weight),
-                             ("geometric", cfg.geometric_consistency_weight)):
-            if name in losses:
-                total = weight * losses[name] if total is None else total + weight * losses[name]
-        return total
+        averaged_weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight,
+                            "t2t": cfg.imc_weight, "lmi_image": cfg.lmi_weight, "lmi_text": cfg.lmi_weight}
+        averaged = [averaged_weights[n] * v for n, v in losses.items() if n in averaged_weights]
+        alignment = [torch.stack(averaged).sum() / len(averaged)] if averaged else []
+        alignment += [weight * losses[name] for name, weight in (
+            ("separation", cfg.feature_separation_weight), ("bridge", cfg.brownian_bridge_weight),
+            ("geometric", cfg.geometric_consistency_weight)) if name in losses]
+        fusion = [weight * losses[name] for name, weight in (("itm", cfg.itm_weight), ("mlm", cfg.mlm_weight))
+                  if name in losses]
+        return sum_of_terms([total for total in (sum_of_terms(alignment), sum_of_terms(fusion)) if total is not None])
 
     def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
         if not self.config.use_momentum and hasattr(self, "image_queue"):

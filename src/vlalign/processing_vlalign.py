@@ -5,7 +5,7 @@ plain (resize + normalise) path of the image processor. The augmentation is impl
 that the package never depends on torchvision.
 
 This module only imports from third-party packages (no sibling imports) so that `register_for_auto_class` can
-copy it to a Hub repo on its own. albef_stack.py imports `check_tokenizer_files` from it (a model folder's loader
+copy it to a Hub repo on its own. loading.py imports `check_tokenizer_files` from it (a model folder's loader
 checks the tokenizer saved beside it), so model folders carry this file too.
 """
 

@@ -1,28 +1,22 @@
-"""The ALBEF-style image / text / fusion encoder stack shared by TCL and CODIS: building blocks and the base model.
+"""The ALBEF-style image / text / fusion encoder stack shared by TCL and CODIS: its layers and the base model.
 
 Everything is built from transformers' own blocks: the towers are `AutoModel.from_config` models and the fusion
 layers are BERT attention / feed-forward modules (`BertAttention`, `BertIntermediate`, `BertOutput`) arranged as
 bidirectional self-attention -> cross-attention to the image tokens -> feed-forward. (A decoder `BertLayer` would
 have cross-attention too, but its self-attention is causal, which is wrong for ITM and MLM.)
 
-This file is imported by the model files as `from .albef_stack import ...` so that `save_pretrained` copies it
-next to them for `trust_remote_code` loading.
+Its neighbours: loading.py builds the towers and loads weights, momentum.py holds the EMA teachers and the feature
+queue, gradient_cache.py runs a training step in chunks over this model's training hooks, losses.py the loss terms.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import os
-import struct
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 # transformers internals (listed in vlalign/__init__.py): the fusion layers are BERT's own blocks, masked and
 # checkpointed the way transformers' encoders are
@@ -36,8 +30,17 @@ from transformers.models.bert.modeling_bert import (
 )
 from transformers.utils import ModelOutput
 
+from .gradient_cache import gradient_cached_backward
+from .loading import (
+    KeepsTrainableFlagsOnLoad,
+    _load_matching,
+    _load_text_checkpoint,
+    build_text_encoder,
+    build_vision_encoder,
+    load_pretrained_part,
+    resolve_use_safetensors,
+)
 from .losses import (
-    FeatureQueue,
     _loss_dtype,
     contrastive_cross_entropy,
     distillation_targets,
@@ -49,26 +52,15 @@ from .losses import (
     sample_hard_negatives,
     similarity_logits,
 )
-from .processing_vlalign import MissingTokenizerFileError, check_tokenizer_files
+from .momentum import FeatureQueue, copy_parameters, ema_update
 
 
-def build_vision_encoder(vision_config: PreTrainedConfig) -> nn.Module:
-    """Any transformers vision encoder whose `last_hidden_state` is [prefix tokens] + patch tokens."""
-    try:
-        # ViT-like models carry a pooler we never use; leaving it out keeps DDP free of unused parameters
-        return AutoModel.from_config(vision_config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(vision_config)
-
-
-def build_text_encoder(text_config: PreTrainedConfig, num_layers: int) -> nn.Module:
-    """The first `num_layers` layers of a BERT-like encoder (the others become fusion layers)."""
-    config = copy.deepcopy(text_config)
-    config.num_hidden_layers = num_layers
-    try:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(config)
+def sum_of_terms(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    """`terms[0] + terms[1] + ...`, or None when there is none (a model's `_loss_total` of a subset of its terms)."""
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total
 
 
 class FusionLayer(GradientCheckpointingLayer):
@@ -153,132 +145,6 @@ class MLMHead(nn.Module):
         return self.decoder(self.transform(hidden_states))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# EMA teachers (the feature queues live in losses.FeatureQueue)
-
-
-def _peft_classes() -> tuple[type, type, type] | None:
-    """PEFT's tuner-layer, LoRA-layer and training-wrapper classes, or None if PEFT was never imported (then no
-    module of the model can hold PEFT layers)."""
-    if "peft" not in sys.modules:
-        return None
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    return BaseTunerLayer, LoraLayer, AuxiliaryTrainingWrapper
-
-
-def _effective_parameters(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], seen: set[int],
-                          classes: tuple[type, type, type]) -> None:
-    """What a plain copy of `module` needs to compute what `module` computes, keyed by that copy's parameter names:
-    LoRA layers contribute base weight + the deltas of their active adapters, a `modules_to_save` wrapper its active
-    trained copy (PEFT's own forward rules, e.g. a disabled adapter counts as absent)."""
-    tuner_layer, lora_layer, training_wrapper = classes
-    if isinstance(module, training_wrapper):
-        modules_to_save = getattr(module, "modules_to_save", None)
-        if modules_to_save is None:
-            raise NotImplementedError(f"EMA teachers do not support PEFT's {type(module).__name__} (at {prefix!r})")
-        active = module.active_adapters
-        use_copy = not module.disable_adapters and active and all(a in modules_to_save for a in active)
-        _effective_parameters(modules_to_save[active[0]] if use_copy else module.original_module, prefix, out, seen,
-                              classes)
-        return
-    if isinstance(module, tuner_layer):
-        if not isinstance(module, lora_layer):
-            raise NotImplementedError(f"EMA teachers support LoRA adapters only, not {type(module).__name__} "
-                                      f"(at {prefix!r}): use LoRA or config.use_momentum=False")
-        _effective_parameters(module.get_base_layer(), prefix, out, seen, classes)
-        if module.disable_adapters:  # PEFT's forward unmerges, i.e. runs the weights without any adapter
-            adapters, sign = list(module.merged_adapters), -1.0
-        elif module.merged:  # the merged adapters are in the base weight already; PEFT runs it as it is
-            adapters, sign = [], 1.0
-        else:
-            adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
-            sign = 1.0
-        for adapter in adapters:
-            if adapter in module.lora_variant or module.lora_bias.get(adapter, False):
-                raise NotImplementedError(f"EMA teachers support plain LoRA only (no DoRA or other variants, no "
-                                          f"lora_bias), found in adapter {adapter!r} at {prefix!r}")
-            out[prefix + "weight"] = out[prefix + "weight"] + sign * module.get_delta_weight(adapter)
-        return
-    for name, parameter in module.named_parameters(recurse=False):
-        if id(parameter) not in seen:  # shared parameters once, as `named_parameters` lists them
-            seen.add(id(parameter))
-            out[prefix + name] = parameter
-    for name, child in module.named_children():
-        _effective_parameters(child, f"{prefix}{name}.", out, seen, classes)
-
-
-def _ema_pairs(students: list[nn.Module], teachers: list[nn.Module], names: list[str] | None = None
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(teacher parameters, matching student tensors), paired by parameter name.
-
-    A student adapted with PEFT (LoRA layers, `modules_to_save` copies) is read through its effective weights, so
-    the teacher stays a plain module that tracks what the student computes. A teacher that PEFT adapted itself (its
-    names matched `target_modules` / `modules_to_save` by suffix) is refused: its adapter copies would count as
-    trainable, never get a gradient and be saved with the adapters.
-    """
-    classes = _peft_classes()
-    names = names or [f"#{i}" for i in range(len(students))]
-    teacher_params: list[torch.Tensor] = []
-    student_tensors: list[torch.Tensor] = []
-    for name, student, teacher in zip(names, students, teachers, strict=True):
-        if classes is None:
-            sources = dict(student.named_parameters())
-        else:
-            adapted = [n for n, m in teacher.named_modules() if isinstance(m, (classes[0], classes[2]))]
-            if adapted:
-                where = f"momentum_{name}" + (f".{adapted[0]}" if adapted[0] else "")
-                raise ValueError(
-                    f"PEFT adapted the EMA teacher module {where!r}. LoRA `target_modules` and `modules_to_save` "
-                    f"given as a list of names match by suffix, so 'query' or '{name}' also select the teachers "
-                    "`momentum_*`. Adapt the students only: `target_modules` as a regex, e.g. "
-                    "r'(vision_model|text_model|fusion_model)\\..*\\.(query|value|q_proj|v_proj)', or a list plus "
-                    "`exclude_modules=r'momentum_.*'`; `modules_to_save` only for modules without a teacher "
-                    "(itm_head, codebook; LoRA on vision_proj / text_proj instead); or config.use_momentum=False. "
-                    "The teachers then follow the students' effective (base + LoRA) weights."
-                )
-            sources = {}
-            _effective_parameters(student, "", sources, set(), classes)
-        targets = dict(teacher.named_parameters())
-        if sources.keys() != targets.keys():
-            raise RuntimeError(
-                f"student {name!r} and its teacher have different parameters: "
-                f"{sorted(sources.keys() ^ targets.keys())[:10]}"
-            )
-        for key, target in targets.items():
-            if sources[key].shape != target.shape:
-                raise RuntimeError(f"{name}.{key}: student shape {tuple(sources[key].shape)} != teacher shape "
-                                   f"{tuple(target.shape)}")
-            teacher_params.append(target)
-            student_tensors.append(sources[key])
-    return teacher_params, student_tensors
-
-
-@torch.no_grad()
-def copy_parameters(students: list[nn.Module], teachers: list[nn.Module], names: list[str] | None = None) -> None:
-    """Make each teacher an exact copy of its student (of its effective weights under PEFT) and freeze it."""
-    for p_t, p_s in zip(*_ema_pairs(students, teachers, names), strict=True):
-        p_t.copy_(p_s)
-        p_t.requires_grad_(False)
-
-
-@torch.no_grad()
-def ema_update(students: list[nn.Module], teachers: list[nn.Module], momentum: float,
-               names: list[str] | None = None) -> None:
-    """`teacher = momentum * teacher + (1 - momentum) * student`, for every parameter, paired by name.
-
-    Under PEFT the student's effective weights are used (base + LoRA delta, the trained `modules_to_save` copy):
-    the teachers stay plain modules that track the EMA of what the student computes."""
-    teacher_params, student_tensors = _ema_pairs(students, teachers, names)
-    if not teacher_params:
-        return
-    torch._foreach_mul_(teacher_params, momentum)
-    students_detached = [p.detach().to(t.dtype) for p, t in zip(student_tensors, teacher_params, strict=True)]
-    torch._foreach_add_(teacher_params, students_detached, alpha=1.0 - momentum)
-
-
 def pool_patch_locals(patch_features: torch.Tensor, grid_size: int, pooled_grid: int) -> torch.Tensor:
     """Average-pool (B, grid*grid, D) patch features on their spatial grid to (B, pooled_grid**2, D)."""
     batch, num_patches, dim = patch_features.shape
@@ -292,23 +158,6 @@ def pool_patch_locals(patch_features: torch.Tensor, grid_size: int, pooled_grid:
 
 # ------------------------------------------------------------------------------------------------------------
 # The base model
-
-
-class _RNGState:
-    """CPU (and current CUDA device) RNG state, so a chunk can be re-run with the same dropout masks."""
-
-    def __init__(self, cpu, cuda):
-        self.cpu, self.cuda = cpu, cuda
-
-    @classmethod
-    def capture(cls, device: torch.device) -> "_RNGState":
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda)
 
 
 @dataclass
@@ -343,276 +192,6 @@ class ALBEFOutput(ModelOutput):
         return {name: value for (name, _), value in zip(items, values)}
 
 
-class CheckpointMismatchError(ValueError):
-    """Checkpoint weights that do not fit the model built from the config (keys missing, unexpected or of another
-    shape): raised instead of keeping random initial weights where pretrained ones were expected."""
-
-
-class UnsafeCheckpointError(OSError):
-    """A checkpoint without safetensors weights: its pickle weights are only read with `allow_pickle=True`."""
-
-
-class MissingCheckpointFileError(FileNotFoundError):
-    """A local model folder without its weights file (or one of the shards its index names)."""
-
-
-class CorruptCheckpointError(OSError):
-    """A weights file that cannot be read as safetensors: truncated (an interrupted download, copy or save) or
-    otherwise damaged."""
-
-
-# errors that already name the file: passed on as they are where a part is loaded with our own from_pretrained
-_OUR_FILE_ERRORS = (UnsafeCheckpointError, MissingCheckpointFileError, CorruptCheckpointError,
-                    MissingTokenizerFileError)
-
-
-# keys of each kind that an error message lists before it only counts the rest
-_KEYS_SHOWN = 10
-
-_WHY_SAFETENSORS = (
-    "vlalign only loads safetensors weights by default: pickle files (.bin / .pt) are unpickled on load, and "
-    "unpickling can run code hidden in the file (torch's weights_only unpickler narrows this, but it is a filter, "
-    "not a format guarantee). If you trust the source, pass allow_pickle=True; save_pretrained() of the loaded "
-    "model then writes model.safetensors for next time."
-)
-
-
-def _key_list(label: str, keys) -> str:
-    keys = sorted(str(key) for key in keys)
-    shown = ", ".join(keys[:_KEYS_SHOWN])
-    if len(keys) > _KEYS_SHOWN:
-        shown += f", ... and {len(keys) - _KEYS_SHOWN} more ({len(keys)} in all)"
-    return f"{label} [{shown}]"
-
-
-def describe_key_problems(missing=(), unexpected=(), mismatched=()) -> str:
-    """`missing [...]; unexpected [...]; shape mismatch [...]` for the kinds that occur, long lists truncated.
-    `mismatched` holds (key, checkpoint shape, model shape) triples, as in transformers' loading report."""
-    shapes = [f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})" for key, saved, expected in mismatched]
-    kinds = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-    return "; ".join(_key_list(label, keys) for label, keys in kinds if keys)
-
-
-def _pickle_weight_files(location: str) -> list[str]:
-    """The pickle weight files transformers would read at a local `location` because it has no safetensors
-    weights (empty when it has some, or when `location` is not local, e.g. a Hub id)."""
-    from transformers.utils import WEIGHTS_NAME
-
-    if os.path.isfile(location):  # transformers loads a weights file given by its path, whatever its format
-        return [] if location.endswith(".safetensors") else [os.path.basename(location)]
-    if not os.path.isdir(location):
-        return []
-    names = os.listdir(location)
-    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
-        return []
-    stem = WEIGHTS_NAME.split(".")[0]  # pytorch_model[-00001-of-00002][.variant].bin[.index.json]
-    return sorted(name for name in names if name.startswith(stem) and name.endswith((".bin", ".bin.index.json")))
-
-
-def resolve_use_safetensors(path, allow_pickle: bool, use_safetensors: bool | None = None,
-                            subfolder: str = "") -> bool | None:
-    """The `use_safetensors` to hand to transformers: True unless pickle weights are explicitly allowed (then the
-    caller's choice; None prefers safetensors where both exist). A local checkpoint with only pickle weights is
-    refused with the reason, rather than transformers' bare "no file named model.safetensors"."""
-    if allow_pickle:
-        return use_safetensors
-    if use_safetensors is False:
-        raise UnsafeCheckpointError("use_safetensors=False asks for pickle weights. " + _WHY_SAFETENSORS)
-    location = os.path.join(str(path), subfolder) if subfolder else str(path)
-    pickles = _pickle_weight_files(location) if path is not None else []
-    if pickles:
-        raise UnsafeCheckpointError(f"{str(path)!r} holds pickle weights only ({', '.join(pickles)}), no "
-                                    f"safetensors file. {_WHY_SAFETENSORS}")
-    return True
-
-
-def _with_variant(name: str, variant: str | None) -> str:
-    """The file name transformers reads for a weights variant: model.safetensors -> model.fp16.safetensors."""
-    if not variant:
-        return name
-    stem, extension = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{extension}"
-
-
-def _local_folder(path, subfolder: str = "") -> str | None:
-    location = os.path.join(str(path), subfolder) if subfolder else str(path)
-    return location if os.path.isdir(location) else None
-
-
-def _index_shards(index_file: str) -> list[str]:
-    with open(index_file, encoding="utf-8") as handle:
-        return sorted(set((json.load(handle).get("weight_map") or {}).values()))
-
-
-def _missing_weights_message(folder: str, allow_pickle: bool, variant: str | None) -> str | None:
-    """Which weights file the local `folder` lacks, as an error message; None when the files transformers would
-    read are there (its error is then about something else)."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-
-    single, index = _with_variant(SAFE_WEIGHTS_NAME, variant), _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
-    if os.path.isfile(os.path.join(folder, single)):
-        return None
-    if os.path.isfile(os.path.join(folder, index)):
-        shards = _index_shards(os.path.join(folder, index))
-        missing = [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
-        if not missing:
-            return None
-        return (f"{os.path.join(folder, index)} names weight shards that are not in the folder: "
-                f"{', '.join(missing)} (of {len(shards)}). Was the save or download interrupted?")
-    expected = f"{single} (or {index} with its shards)"
-    if allow_pickle:
-        pickles = (_with_variant(WEIGHTS_NAME, variant), _with_variant(WEIGHTS_INDEX_NAME, variant))
-        if any(os.path.isfile(os.path.join(folder, name)) for name in pickles):
-            return None
-        expected += f", or {pickles[0]} (or {pickles[1]})"
-    return (f"no weights file in {folder!r}: expected {expected}. The folder's config.json only describes the model; "
-            f"were the weights deleted, or the save or download interrupted?")
-
-
-def _safetensors_damage(file: str) -> str | None:
-    """What is wrong with a safetensors file, judged from its size against its header; None if it opens."""
-    try:
-        with safe_open(file, framework="pt"):
-            return None
-    except SafetensorError as error:
-        opening_error = str(error)
-    size = os.path.getsize(file)
-    with open(file, "rb") as handle:
-        start = handle.read(8)
-        if len(start) < 8:  # the header length is an 8-byte little-endian integer
-            return f"it has {size} bytes, too few for the header length"
-        header_length = struct.unpack("<Q", start)[0]
-        if 8 + header_length > size:
-            return f"its header announces {header_length} bytes of metadata, the whole file has {size} bytes"
-        try:
-            header = json.loads(handle.read(header_length))
-            data_end = 8 + header_length + max(
-                (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            return f"its header is unreadable: {opening_error}"
-    if data_end > size:
-        return f"its tensors end at byte {data_end}, the file has {size} bytes"
-    return opening_error
-
-
-def _local_weight_files(path, subfolder: str, variant: str | None) -> list[str]:
-    """The safetensors files transformers reads for a local checkpoint (none for a Hub id)."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    if os.path.isfile(str(path)):
-        return [str(path)]
-    folder = _local_folder(path, subfolder)
-    if folder is None:
-        return []
-    single, index = _with_variant(SAFE_WEIGHTS_NAME, variant), _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
-    if os.path.isfile(os.path.join(folder, single)):
-        return [os.path.join(folder, single)]
-    if os.path.isfile(os.path.join(folder, index)):
-        return [os.path.join(folder, name) for name in _index_shards(os.path.join(folder, index))
-                if os.path.isfile(os.path.join(folder, name))]
-    return []
-
-
-def _unreadable_weights_message(path, subfolder: str, variant: str | None, error: Exception) -> str:
-    damaged = [(file, reason) for file in _local_weight_files(path, subfolder, variant)
-               if (reason := _safetensors_damage(file)) is not None]
-    if not damaged:  # a Hub checkpoint (its files are in the cache), or a damage that only safetensors sees
-        return (f"a safetensors weights file of {str(path)!r} is truncated or corrupt ({error}): was a download, "
-                f"copy or save interrupted?")
-    files = "; ".join(f"{file} ({reason})" for file, reason in damaged)
-    return (f"truncated or corrupt weights file: {files}. Was a download, copy or save interrupted? Save or "
-            f"download the checkpoint again.")
-
-
-def load_safely(load, path, *args, allow_pickle: bool = False, **kwargs):
-    """`load(path, *args, **kwargs)` (a `from_pretrained`) reading safetensors weights only, unless
-    `allow_pickle`. A local checkpoint without its weights file raises `MissingCheckpointFileError`, one with a
-    truncated or corrupt weights file `CorruptCheckpointError`, each naming the file."""
-    subfolder, variant = kwargs.get("subfolder", ""), kwargs.get("variant")
-    use_safetensors = resolve_use_safetensors(path, allow_pickle, kwargs.pop("use_safetensors", None), subfolder)
-    try:
-        return load(path, *args, use_safetensors=use_safetensors, **kwargs)
-    except SafetensorError as error:  # its message names no file
-        raise CorruptCheckpointError(_unreadable_weights_message(path, subfolder, variant, error)) from error
-    except OSError as error:
-        if isinstance(error, _OUR_FILE_ERRORS):
-            raise
-        folder = _local_folder(path, subfolder)
-        missing = _missing_weights_message(folder, allow_pickle, variant) if folder is not None else None
-        if missing:
-            raise MissingCheckpointFileError(missing) from error
-        # e.g. a Hub repo without safetensors: transformers' message says neither why nor what to do
-        if use_safetensors and "safetensors" in str(error):
-            raise UnsafeCheckpointError(f"found no safetensors weights for {str(path)!r} ({error}). "
-                                        f"{_WHY_SAFETENSORS}") from error
-        raise
-
-
-def check_tokenizer_fits_model(tokenizer, config) -> None:
-    """Raise `ValueError` when `tokenizer` has more tokens than the model's text vocabulary: its highest ids would
-    have no embedding row and fail inside the embedding (an IndexError) at the first forward.
-
-    `config` is the model's config (ALBEF-style or MIVC: its text config is read; a plain text config works too),
-    or the model itself. A tokenizer smaller than the vocabulary is fine (vocabularies are often padded)."""
-    config = getattr(config, "config", config)  # a model
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab_size, size = int(text_config.vocab_size), len(tokenizer)
-    if size > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {size} tokens but the model's text vocabulary (text_config.vocab_size) has "
-            f"{vocab_size}: token ids {vocab_size}..{size - 1} have no embedding and would fail with an IndexError "
-            f"in the first forward. Use the tokenizer the model was built with, or a model whose "
-            f"text_config.vocab_size is at least {size} (a model built from scratch: vocab_size=len(tokenizer); "
-            f"an MIVC model: model.resize_token_embeddings({size}), whose new rows start untrained)."
-        )
-
-
-class KeepsTrainableFlagsOnLoad:
-    """`from_pretrained` of our models (the ALBEF models and MIVC), stricter than transformers':
-
-    * strict (`strict=True`, the default): weights missing from the checkpoint, unexpected ones and ones of another
-      shape raise `CheckpointMismatchError` listing the keys, instead of a warning and random initialisation. Keys
-      that transformers does not save (tied weights, non-persistent buffers, `_keys_to_ignore_on_load_missing`)
-      are not in its loading report, so a save / load round trip loads cleanly. `strict=False` keeps transformers'
-      behaviour (which still raises on shape mismatches unless `ignore_mismatched_sizes=True`).
-    * safe: only safetensors weights are read; a checkpoint with pickle weights only raises
-      `UnsafeCheckpointError` unless `allow_pickle=True`.
-    * named files: a local folder without its weights file (or a shard) raises `MissingCheckpointFileError`, a
-      truncated or corrupt one `CorruptCheckpointError`, and tokenizer files saved beside the model without the
-      vocabulary `MissingTokenizerFileError` (pipelines load that tokenizer with AutoTokenizer, which would accept
-      it with its special tokens only).
-    * trainable flags: transformers' loader replaces every parameter with a new, trainable one, so the model's
-      `_set_trainable()` (EMA teachers, freeze flags) runs again on the loaded model.
-    """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True,
-                        allow_pickle: bool = False, **kwargs):
-        folder = _local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        if folder is not None:
-            check_tokenizer_files(folder)
-        wants_info = kwargs.pop("output_loading_info", False)
-        shapes_may_differ = kwargs.get("ignore_mismatched_sizes", False)
-        if strict:
-            # report every shape mismatch with the other problems instead of transformers raising on its own
-            kwargs["ignore_mismatched_sizes"] = True
-        model, info = load_safely(super().from_pretrained, pretrained_model_name_or_path, *model_args,
-                                  allow_pickle=allow_pickle, output_loading_info=True, **kwargs)
-        if strict:
-            mismatched = () if shapes_may_differ else info["mismatched_keys"]
-            problems = describe_key_problems(info["missing_keys"], info["unexpected_keys"], mismatched)
-            if problems:
-                raise CheckpointMismatchError(
-                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the weights do not "
-                    f"match the model built from the config, so some would stay randomly initialised or be dropped: "
-                    f"{problems}. Check that the config (and any override passed here) fits these weights; to load "
-                    f"anyway as transformers does (warn, initialise the rest), pass strict=False (plus "
-                    f"ignore_mismatched_sizes=True for shape mismatches)."
-                )
-        model._set_trainable()
-        return (model, info) if wants_info else model
-
-
 class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     """Base of the ALBEF-style models: towers, projections, temperature, fusion encoder with ITM and MLM heads, EMA
     teachers and feature queues, the CLIP-like inference API, and a training step split into pieces that each model
@@ -622,6 +201,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
       _teacher_pass     (whole batch, no grad)  -> EMA update, teacher keys + queues, distillation targets
       _alignment_losses (student, teacher)      -> contrastive terms + the model's own (`_extra_alignment_losses`)
       _fusion_losses    (per chunk, with grad)  -> ITM and MLM on the token states
+      _loss_total       (any subset of terms)   -> the model's total loss, stated in one place per model
 
     Subclasses set `config_class`, `base_model_prefix` and `output_class`, build their extra modules after
     `super().__init__(config)` and then call `self._finish_init()`.
@@ -862,7 +442,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------------
     # Training pieces. Subclasses extend `_needs`, `_extra_student_features`, `_extra_teacher_features`,
-    # `_extra_alignment_losses` and define `_alignment_total`.
+    # `_extra_alignment_losses` and define `_loss_total`.
 
     def _needs(self) -> dict[str, bool]:
         cfg = self.config
@@ -972,7 +552,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _extra_alignment_losses(self, student, teacher, batch, positive_ids, sample_ids, temp) -> dict:
         return {}
 
-    def _alignment_total(self, losses: dict) -> torch.Tensor | None:
+    def _loss_total(self, losses: dict) -> torch.Tensor | None:
+        """The model's training loss from its components `losses` (name -> value), or None when none is given.
+
+        Each model states its whole total here. Any subset of the components must give its own share of the total
+        (gradient caching adds the alignment part and each chunk's ITM / MLM part separately), so ITM and MLM enter
+        as weighted terms added to the rest."""
         raise NotImplementedError
 
     def _fusion_losses(self, student: dict, batch: dict, positive_ids, temp, alpha, teacher: dict):
@@ -993,11 +578,6 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], student["image_tokens"],
                                            teacher.get("image_tokens_m"), alpha)
         return losses
-
-    def _fusion_total(self, losses: dict) -> torch.Tensor | None:
-        parts = [w * losses[n] for n, w in (("itm", self.config.itm_weight), ("mlm", self.config.mlm_weight))
-                 if n in losses]
-        return sum(parts) if parts else None
 
     def _prepare_training(self, input_ids, attention_mask, pixel_values, pixel_values_view2):
         cfg = self.config
@@ -1022,118 +602,20 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         student = self._student_pass(batch, keep_tokens=self._needs()["fusion"])
         teacher = self._teacher_pass(batch, positive_ids, temp, alpha)
         losses = self._alignment_losses(student, teacher, batch, positive_ids, sample_ids, temp)
-        total = self._alignment_total(losses)
-        fusion = self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher)
-        losses.update(fusion)
-        fusion_total = self._fusion_total(fusion)
-        if fusion_total is not None:
-            total = fusion_total if total is None else total + fusion_total
+        losses.update(self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher))
+        total = self._loss_total(losses)
         self._update_queues(student, teacher, positive_ids)
         return self.output_class(loss=total, **{f"loss_{n}": v for n, v in losses.items()},
                                  image_embeds=student["image_feat"], text_embeds=student["text_feat"],
                                  temperature=temp.detach())
 
-    def gradient_cached_backward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        pixel_values: torch.FloatTensor,
-        pixel_values_view2: torch.FloatTensor | None = None,
-        positive_ids: torch.LongTensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        alpha: float | None = None,
-        chunk_size: int | None = None,
-        loss_scale: float = 1.0,
-        backward_fn=None,
-    ) -> ALBEFOutput:
-        """One training step's forward AND backward with gradient caching (GradCache, Gao et al. 2021).
-
-        1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk; the last chunk
-           keeps its graph for step 3);
-        2. the alignment losses (CMA / IMC / LMI / decomposable / regularisers) are computed on the cached
-           features and back-propagated to them (and to the temperature);
-        3. every chunk is embedded again with gradient under its recorded RNG state (same dropout), and the
-           cached feature gradients are back-propagated through it.
-        Peak activation memory is that of one chunk, and the parameter gradients equal those of the
-        full-batch loss. ITM and MLM need the token states of a pair's image and text together: they are
-        computed per chunk in step 3 (ITM hard negatives are mined within the chunk) and averaged over chunks,
-        i.e. their gradients are those of chunk-sized batches.
-
-        ``loss_scale`` multiplies the loss before backward (e.g. 1 / gradient accumulation steps);
-        ``backward_fn(tensor)`` replaces ``tensor.backward()`` (e.g. ``accelerator.backward``). Returns the
-        detached loss and components.
-        """
-        cfg = self.config
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"gradient_cached_backward: chunk_size must be a positive integer, got {chunk_size!r}")
-        alpha = cfg.alpha if alpha is None else float(alpha)
-        backward_fn = backward_fn or (lambda tensor: tensor.backward())
-        batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
-        size = input_ids.shape[0]
-        chunks = [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
-        keep_tokens = self._needs()["fusion"]
-
-        def piece(start, stop):
-            return {k: v[start:stop] for k, v in batch.items()}
-
-        # 1. cached student features, no graph kept -- except for the last chunk, whose graph is kept and reused
-        #    in step 3 instead of being recomputed (saves one chunk's forward per step)
-        rng_states, cached = [], []
-        for index, (start, stop) in enumerate(chunks):
-            rng_states.append(_RNGState.capture(input_ids.device))
-            if index < len(chunks) - 1:
-                with torch.no_grad():
-                    cached.append(self._student_pass(piece(start, stop), keep_tokens=False))
-            else:
-                last_student = self._student_pass(piece(start, stop), keep_tokens=keep_tokens)
-                cached.append({k: v for k, v in last_student.items() if k not in ("image_tokens", "text_tokens")})
-        leaves = {k: torch.cat([c[k].detach() for c in cached]).requires_grad_(True) for k in cached[0]}
-        teacher = self._teacher_pass(batch, positive_ids, temp, alpha, chunk_size=chunk_size)
-
-        # 2. alignment losses on the cached features -> their gradients (and the temperature's)
-        losses = self._alignment_losses(leaves, teacher, batch, positive_ids, sample_ids, temp)
-        total = self._alignment_total(losses)
-        if total is not None:
-            backward_fn(total * loss_scale)
-        detached = {k: v.detach() for k, v in losses.items()}
-        total_value = total.detach() if total is not None else torch.zeros((), device=input_ids.device)
-
-        # 3. re-embed each chunk with gradient and push the cached gradients through it
-        fusion_sums: dict[str, torch.Tensor] = {}
-        end_state = _RNGState.capture(input_ids.device)
-        # the last chunk first: its graph from step 1 is then freed before any other chunk builds one
-        order = [len(chunks) - 1, *range(len(chunks) - 1)]
-        for index in order:
-            (start, stop), state = chunks[index], rng_states[index]
-            part = piece(start, stop)
-            if index < len(chunks) - 1:
-                state.restore()
-                student = self._student_pass(part, keep_tokens=keep_tokens)
-            else:
-                student = last_student
-            surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves
-                            if leaves[k].grad is not None)
-            if keep_tokens:
-                ids = None if positive_ids is None else positive_ids[start:stop]
-                rows = {k: teacher[k][start:stop] for k in ("image_tokens_m", "image_feat_m", "text_feat_m")
-                        if k in teacher}
-                fusion = self._fusion_losses(student, part, ids, temp, alpha, rows)
-                weight = (stop - start) / size
-                fusion_total = self._fusion_total(fusion)
-                surrogate = surrogate + fusion_total * weight * loss_scale
-                for name, value in fusion.items():
-                    fusion_sums[name] = fusion_sums.get(name, 0.0) + value.detach() * weight
-            if torch.is_tensor(surrogate) and surrogate.requires_grad:
-                backward_fn(surrogate)
-        end_state.restore()
-        for name, value in fusion_sums.items():
-            detached[name] = value
-            weight = cfg.itm_weight if name == "itm" else cfg.mlm_weight
-            total_value = total_value + weight * value
-        self._update_queues(leaves, teacher, positive_ids)
-        return self.output_class(loss=total_value, **{f"loss_{n}": v for n, v in detached.items()},
-                         image_embeds=leaves["image_feat"].detach(),
-                                 text_embeds=leaves["text_feat"].detach(), temperature=temp.detach())
+    def gradient_cached_backward(self, input_ids, attention_mask, pixel_values, pixel_values_view2=None,
+                                 positive_ids=None, sample_ids=None, alpha=None, chunk_size: int | None = None,
+                                 loss_scale: float = 1.0, backward_fn=None) -> ALBEFOutput:
+        """One training step's forward and backward in chunks of `chunk_size` rows, with the full-batch gradients:
+        see `gradient_cache.gradient_cached_backward`."""
+        return gradient_cached_backward(self, input_ids, attention_mask, pixel_values, pixel_values_view2,
+                                        positive_ids, sample_ids, alpha, chunk_size, loss_scale, backward_fn)
 
     def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp,
                   image_keys, text_keys):
@@ -1239,59 +721,4 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         return model
 
 
-def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
-    """Load `state` into `module`, raising with the mismatched keys instead of silently keeping random weights."""
-    own = module.state_dict()
-    # poolers are deliberately not built (we use the [CLS] token states), so theirs are not a mismatch
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
-    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not any(marker in k for marker in allow_missing)
-               and not k.endswith(("position_ids", "token_type_ids"))]
-    if shape_mismatch or unexpected or missing:
-        mismatched = [(k, state[k].shape, own[k].shape) for k in shape_mismatch]
-        raise CheckpointMismatchError(f"pretrained weights do not match the {what}: "
-                                      f"{describe_key_problems(missing, unexpected, mismatched)}")
-    module.load_state_dict(state, strict=False)
-
-
-def load_pretrained_part(loader, path: str, what: str, allow_pickle: bool = False):
-    """`loader.from_pretrained(path)` for one part of a bigger model (a tower, the LM, the Q-Former): safetensors
-    only unless `allow_pickle`, and `CheckpointMismatchError` when the checkpoint does not fit its own config."""
-    part, info = _load_with_report(loader, path, allow_pickle)
-    _check_part_loading(part, info, path, what)
-    return part
-
-
-def _load_with_report(loader, path: str, allow_pickle: bool):
-    # shape mismatches go into the report (and our error) rather than raising one by one inside transformers
-    return load_safely(loader.from_pretrained, path, allow_pickle=allow_pickle, output_loading_info=True,
-                       ignore_mismatched_sizes=True)
-
-
-def _check_part_loading(part: nn.Module, info: dict, path: str, what: str) -> None:
-    """Raise on the loading report's problems that matter for a part. Unexpected keys outside the part's own
-    top-level modules are the rest of a bigger checkpoint (the text half of CLIP) and are fine; poolers are never
-    used."""
-    own_modules = {key.split(".", 1)[0] for key in part.state_dict()}
-    unexpected = [k for k in info["unexpected_keys"] if k.split(".", 1)[0] in own_modules]
-    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
-    problems = describe_key_problems(missing, unexpected, info["mismatched_keys"])
-    if problems:
-        raise CheckpointMismatchError(f"the {what} checkpoint {path!r} does not match its own config: {problems}")
-
-
-def _load_text_checkpoint(path: str, allow_pickle: bool) -> nn.Module:
-    """The text checkpoint with its masked-LM head when it has one, else the bare encoder (the MLM head then
-    starts new instead of taking a randomly initialised head from transformers)."""
-    try:
-        text, info = _load_with_report(AutoModelForMaskedLM, path, allow_pickle)
-    except _OUR_FILE_ERRORS:  # a missing or damaged file, not a model type without a masked-LM class
-        raise
-    except (ValueError, OSError):  # no masked-LM class for this model type
-        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
-    base_prefix = f"{text.base_model_prefix}."
-    if any(not key.startswith(base_prefix) for key in info["missing_keys"]):  # an encoder saved without its head
-        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
-    _check_part_loading(text, info, path, "text encoder")
-    return text
+__all__ = ["ALBEFModel", "ALBEFOutput", "FusionEncoder", "FusionLayer", "MLMHead"]
