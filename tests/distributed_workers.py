@@ -236,8 +236,8 @@ class _GatherRecorder:
         self.gathered: list[torch.Tensor] = []
 
     def __enter__(self):
-        def recording(tensor, with_grad):
-            out, offset = self.original(tensor, with_grad)
+        def recording(tensor, with_grad, gather=True):
+            out, offset = self.original(tensor, with_grad, gather)
             if not with_grad:
                 return out, offset
             if self.cut:
@@ -269,7 +269,7 @@ def scenario_info_nce(rank, world_size):
                     else 0.07)
             with _GatherRecorder(cut=cut) as recorder:
                 loss, i2t, t2i = info_nce(img, txt, temp, IMAGE_IDS[rows] if use_ids else None,
-                                          return_directions=True)
+                                          return_directions=True, gather=True)
             loss.backward()
             gathered_images, gathered_texts = recorder.gathered  # gathered_keys(image) first, then text
             if cut:
@@ -296,7 +296,7 @@ def scenario_intra_modal(rank, world_size):
         k = other_view[rows].clone().requires_grad_()
         temp = torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
         with _GatherRecorder() as recorder:
-            loss = intra_modal_info_nce(q, k, temp)
+            loss = intra_modal_info_nce(q, k, temp, gather=True)
         loss.backward()
         (gathered_keys,) = recorder.gathered
         results[name] = dict(loss=loss.detach(), query_grad=q.grad, key_grad=k.grad,
@@ -328,7 +328,7 @@ def scenario_feature_queue(rank, world_size):
     states = [dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone())]
     for step in range(len(QUEUE_STEPS)):
         features, ids = queue_step_inputs(step, rank)
-        queue.enqueue(features, ids)
+        queue.enqueue(features, ids, gather=True)
         states.append(dict(features=queue.features.clone(), ids=queue.ids.clone(), ptr=queue.ptr.clone()))
     return states
 
@@ -409,14 +409,17 @@ def scenario_unequal_batches(rank, world_size):
     images, texts = embedding_pairs(seed=0)
     rows = UNEQUAL_ROWS[rank]
     img, txt = images[rows].clone().requires_grad_(), texts[rows].clone().requires_grad_()
-    loss = info_nce(img, txt, 0.07)
+    loss = info_nce(img, txt, 0.07, gather=True)
     share = img.shape[0] / images.shape[0]
     (loss * share).backward()
     torch.manual_seed(0)
     queue = FeatureQueue(10, images.shape[1])
-    queue.enqueue(images[rows].float(), torch.arange(8)[rows])
+    queue.enqueue(images[rows].float(), torch.arange(8)[rows], gather=True)
+    local_queue = FeatureQueue(10, images.shape[1])
+    local_queue.enqueue(images[rows].float(), torch.arange(8)[rows])  # gather=False: this rank's rows only
     return dict(weighted_loss=(loss * share).detach(), image_grad=img.grad, text_grad=txt.grad,
-                queue_ids=queue.ids.clone(), queue_ptr=queue.ptr.clone())
+                queue_ids=queue.ids.clone(), queue_ptr=queue.ptr.clone(),
+                local_loss=info_nce(images[rows], texts[rows], 0.07), local_queue_ids=local_queue.ids.clone())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,6 +450,6 @@ def scenario_code_assignment(rank, world_size):
         for solver, kwargs in CODE_ASSIGNMENT_SOLVERS.items():
             for dtype in (torch.float64, torch.float32):
                 local = features[rows[rank]].to(dtype).requires_grad_()  # no gradient may flow, gathered or not
-                targets = code_assignment_targets(local, codebook.to(dtype), solver, **kwargs)
+                targets = code_assignment_targets(local, codebook.to(dtype), solver, gather=True, **kwargs)
                 results[(split, solver, str(dtype))] = dict(targets=targets, requires_grad=targets.requires_grad)
     return results

@@ -280,6 +280,11 @@ def test_processes_with_different_batch_sizes(loss_results):
     for r in ranks:  # 5 + 3 rows, rank order, identical on both ranks
         assert r["queue_ids"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1]
         assert r["queue_ptr"].item() == 8
+    # without gather=True nothing crosses processes, even under torch.distributed: the loss of the local rows
+    for rank, rows in enumerate(workers.UNEQUAL_ROWS):
+        _close(ranks[rank]["local_loss"], info_nce(images[rows], texts[rows], 0.07))
+        own = list(range(8))[rows]
+        assert ranks[rank]["local_queue_ids"].tolist() == own + [-1] * (10 - len(own))
 
 
 # ----------------------------------------------------------------------------------------------------------------

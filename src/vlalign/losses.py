@@ -3,9 +3,11 @@
 Each function here is small: it takes embeddings / logits and returns a scalar loss (or the targets a loss needs),
 works on any model's outputs, and computes in float32 (or float64 when given float64) whatever the input precision,
 so that bf16 autocast never reaches a softmax. Features are expected L2-normalised where a function says so. Two
-things are not pure functions, and say so where they are defined: ``FeatureQueue`` and ``RunningLogZ`` are stateful
-modules (buffers updated in place), and ``info_nce``, the decomposable loss and the queue gather from every process
-when ``torch.distributed`` is initialised. Names follow the paper terms:
+things are not pure functions, and say so where they are defined: ``RunningLogZ`` (held by the decomposable loss
+with ``z_estimate="running"``) is a stateful module whose buffers change in place (as is the feature queue, in
+momentum.py), and the losses that can take their negatives from every process (``info_nce``,
+``intra_modal_info_nce``, the decomposable loss, the OT assignment) do so only when told, by their ``gather``
+argument (the models pass `gather_across_processes()`). Names follow the paper terms:
 
 - ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
@@ -14,7 +16,6 @@ when ``torch.distributed`` is initialised. Names follow the paper terms:
 - ``sample_hard_negatives``: ALBEF/TCL's ITM negative mining;
 - ``masked_lm_distillation_loss``: MLM cross-entropy blended with soft targets from a teacher;
 - ``all_gather_with_grad`` / ``all_gather_no_grad``: feature gathering across processes;
-- ``FeatureQueue``: the memory bank (queue) of TCL / ALBEF / CODIS, filled with features of all processes.
 """
 
 from __future__ import annotations
@@ -265,6 +266,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def gather_across_processes() -> bool:
+    """Whether torch.distributed runs with more than one process: what a model passes as the `gather` argument
+    of the losses here (they never decide it themselves, as open_clip's `ClipLoss` takes its `world_size`)."""
+    return _distributed()
+
+
 def _gather_sizes(count: int, device: torch.device) -> list[int]:
     """Number of rows held by every process (processes may hold different batch sizes, e.g. after the collator
     dropped unreadable images)."""
@@ -300,9 +307,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.start : ctx.start + ctx.count], None
 
 
-def _all_gather(tensor: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
-    """(rows of all processes in rank order, offset of this process's rows among them)."""
-    if not _distributed():
+def _all_gather(tensor: torch.Tensor, with_grad: bool, gather: bool = True) -> tuple[torch.Tensor, int]:
+    """(rows of all processes in rank order, offset of this process's rows among them); this process's own rows
+    (offset 0) when `gather` is False or there is a single process."""
+    if not (gather and _distributed()):
         return (tensor if with_grad else tensor.detach()), 0
     sizes = _gather_sizes(tensor.shape[0], tensor.device)
     offset = sum(sizes[: dist.get_rank()])
@@ -326,9 +334,14 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _all_gather(tensor, with_grad=True)[0]
 
 
-def gathered_keys(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Keys from every process (with gradient) and the offset of this process's rows among them."""
-    return _all_gather(local, with_grad=True)
+def gathered_keys(local: torch.Tensor, gather: bool) -> tuple[torch.Tensor, int]:
+    """Keys from every process (with gradient) and the offset of this process's rows among them (the local keys
+    and 0 when `gather` is False)."""
+    return _all_gather(local, with_grad=True, gather=gather)
+
+
+def _gathered_ids(ids: torch.Tensor | None, gather: bool) -> torch.Tensor | None:
+    return None if ids is None else _all_gather(ids, with_grad=False, gather=gather)[0]
 
 
 def info_nce(
@@ -337,6 +350,7 @@ def info_nce(
     temperature: torch.Tensor | float,
     image_ids: torch.Tensor | None = None,
     return_directions: bool = False,
+    gather: bool = False,
 ):
     """Symmetric image-text InfoNCE (the CLIP loss): ``(L_i2t + L_t2i) / 2``.
 
@@ -346,16 +360,17 @@ def info_nce(
         image_ids: optional (B,) ids; pairs with equal ids are all positives of each other (soft targets spread
             uniformly over them), e.g. several captions of one image or class-level positives.
         return_directions: also return ``(L_i2t, L_t2i)``.
+        gather: take the negatives of every process (`gather_across_processes()` tells whether there are others).
 
-    When `torch.distributed` is initialised, both embeddings are gathered from all processes *with gradient*
+    With ``gather=True`` under torch.distributed, both embeddings are gathered from all processes *with gradient*
     and each process computes the loss of its own rows against all columns (open_clip's "local loss"). The
     mean of the per-process losses is the single-process loss on the concatenated batch, and since the gather's
     backward sums the gradients of every process, DDP's gradient averaging yields exactly the full-batch gradient.
     All processes must use the same batch size.
     """
-    all_images, offset = gathered_keys(image_embeds)
-    all_texts, _ = gathered_keys(text_embeds)
-    all_ids = None if image_ids is None else all_gather_no_grad(image_ids)
+    all_images, offset = gathered_keys(image_embeds, gather)
+    all_texts, _ = gathered_keys(text_embeds, gather)
+    all_ids = _gathered_ids(image_ids, gather)
     targets = positive_targets(image_ids, all_ids, image_embeds.shape[0], all_texts.shape[0],
                                device=image_embeds.device, offset=offset, dtype=_loss_dtype(image_embeds, text_embeds))
     loss_i2t = contrastive_cross_entropy(image_embeds, all_texts, temperature, targets)
@@ -365,12 +380,13 @@ def info_nce(
 
 
 def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temperature: torch.Tensor | float,
-                         ids: torch.Tensor | None = None):
+                         ids: torch.Tensor | None = None, gather: bool = False):
     """One-direction InfoNCE between two views of the same inputs (IMC / SimCLR-style): query i's positive is
-    view i, the other views of every process (gathered with gradient) are negatives -- except, with ``ids``, the
-    views of items with the query's id, which are positives too (targets spread uniformly over them)."""
-    keys, offset = gathered_keys(other_view)
-    all_ids = None if ids is None else all_gather_no_grad(ids)
+    view i, the other views (with ``gather=True``, those of every process, gathered with gradient) are negatives --
+    except, with ``ids``, the views of items with the query's id, which are positives too (targets spread
+    uniformly over them)."""
+    keys, offset = gathered_keys(other_view, gather)
+    all_ids = _gathered_ids(ids, gather)
     targets = positive_targets(ids, all_ids, queries.shape[0], keys.shape[0], device=queries.device, offset=offset,
                                dtype=_loss_dtype(queries, keys))
     return contrastive_cross_entropy(queries, keys, temperature, targets)
@@ -552,13 +568,13 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         else:
             self.running_i2t = self.running_t2i = None
 
-    def _log_z(self, queries, keys, temperature, offset, queue, running, sample_ids):
+    def _log_z(self, queries, keys, temperature, offset, queue, running, sample_ids, gather):
         if self.z_estimate == "queue":
             return estimate_log_z(queries, keys, temperature, queue=queue, offset=offset)
         log_z = estimate_log_z(queries, keys, temperature, offset=offset)
         if self.z_estimate == "running":
             # update with every process's rows so that all processes keep identical state, then keep ours
-            all_log_z = running.update(all_gather_no_grad(sample_ids), all_gather_no_grad(log_z))
+            all_log_z = running.update(_gathered_ids(sample_ids, gather), _all_gather(log_z, False, gather)[0])
             log_z = all_log_z[offset:offset + queries.shape[0]]
         return log_z
 
@@ -572,9 +588,11 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         text_queue: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         image_ids: torch.Tensor | None = None,
+        gather: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``image_ids`` (optional, (B,)): pairs with equal ids are all positives of each other, as in
-        `info_nce` (soft targets spread over them)."""
+        `info_nce` (soft targets spread over them). ``gather``: the keys (and with ``"running"`` the per-sample
+        state) span every process, as in `info_nce`."""
         batch = image_embeds.shape[0]
         if self.z_estimate == "running":
             if sample_ids is None or sample_ids.numel() != batch:
@@ -586,11 +604,11 @@ class DecomposableContrastiveLoss(torch.nn.Module):
             estimate_temperature = temperature.detach()
         else:
             estimate_temperature = temperature
-        all_images, offset = gathered_keys(image_embeds)
-        all_texts, _ = gathered_keys(text_embeds)
+        all_images, offset = gathered_keys(image_embeds, gather)
+        all_texts, _ = gathered_keys(text_embeds, gather)
         targets = None
         if image_ids is not None:
-            targets = positive_targets(image_ids, all_gather_no_grad(image_ids), batch, all_texts.shape[0],
+            targets = positive_targets(image_ids, _gathered_ids(image_ids, gather), batch, all_texts.shape[0],
                                        device=image_embeds.device, offset=offset)
         directions = (
             (image_embeds, all_texts, text_queue, self.running_i2t),
@@ -598,7 +616,7 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         )
         losses = []
         for queries, keys, queue, running in directions:
-            log_z = self._log_z(queries, keys, estimate_temperature, offset, queue, running, sample_ids)
+            log_z = self._log_z(queries, keys, estimate_temperature, offset, queue, running, sample_ids, gather)
             log_u = sample_log_u(log_z, self.sample_u, generator)
             losses.append(decomposable_info_nce(queries, keys, temperature, log_u, offset=offset, targets=targets))
         return losses[0], losses[1]
@@ -786,13 +804,15 @@ def code_assignment_targets(
     teacher_features: torch.Tensor,
     codebook: torch.Tensor,
     solver: str = "ipot",
+    *,
+    gather: bool = False,
     **solver_kwargs,
 ) -> torch.Tensor:
     """CODIS's cluster assignments of a batch: the OT plan T between the teacher features and the codebook for the
     cost ``1 - cosine`` under uniform marginals (1/N per sample, 1/K per code), scaled by N so that each sample's
     row is a distribution over the K codes. No gradient.
 
-    Under torch.distributed the plan is solved over the features of all processes (the equipartition constraint is
+    With ``gather=True`` under torch.distributed the plan is solved over the features of all processes (the equipartition constraint is
     then global, as for one large batch) and this process's rows are returned.
 
     Args:
@@ -807,7 +827,7 @@ def code_assignment_targets(
     if solver not in solvers:
         raise ValueError(f"unknown OT solver {solver!r}: use 'ipot' or 'sinkhorn'")
     dtype = _loss_dtype(teacher_features, codebook)
-    gathered, offset = _all_gather(teacher_features.detach().to(dtype), with_grad=False)
+    gathered, offset = _all_gather(teacher_features.detach().to(dtype), with_grad=False, gather=gather)
     cost = 1.0 - code_similarities(gathered, codebook.detach().to(dtype))
     plan = solvers[solver](cost, **solver_kwargs)[offset : offset + teacher_features.shape[0]]
     # each row of the plan holds 1/N up to the solver's convergence (IPOT ends on the column scaling): normalise

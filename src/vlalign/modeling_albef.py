@@ -44,6 +44,7 @@ from .losses import (
     _loss_dtype,
     contrastive_cross_entropy,
     distillation_targets,
+    gather_across_processes,
     info_nce,
     intra_modal_info_nce,
     mask_tokens_for_mlm,
@@ -524,7 +525,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                                                  teacher["t2i_targets"]),
             }
         _, i2t, t2i = info_nce(student["image_feat"], student["text_feat"], temp, positive_ids,
-                               return_directions=True)
+                               return_directions=True, gather=gather_across_processes())
         return {"i2t": i2t, "t2i": t2i}
 
     def _intra_modal_losses(self, student, teacher, positive_ids, temp) -> dict[str, torch.Tensor]:
@@ -535,8 +536,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             targets = teacher["positive_targets"]
             return {"i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp, targets),
                     "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp, targets)}
-        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp, positive_ids),
-                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp, positive_ids)}
+        gather = gather_across_processes()
+        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp, positive_ids, gather),
+                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp, positive_ids, gather)}
 
     def _alignment_losses(self, student: dict, teacher: dict, batch: dict, positive_ids, sample_ids, temp):
         """Every loss that depends on the student only through the features of `_student_pass`."""
@@ -593,8 +595,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
         if self.config.use_momentum:
             # every process enqueues the features of all processes, in rank order
-            self.image_queue.enqueue(teacher["image_feat_m"], positive_ids)
-            self.text_queue.enqueue(teacher["text_feat_m"], positive_ids)
+            gather = gather_across_processes()
+            self.image_queue.enqueue(teacher["image_feat_m"], positive_ids, gather)
+            self.text_queue.enqueue(teacher["text_feat_m"], positive_ids, gather)
 
     def _training_forward(self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids,
                           sample_ids, alpha):

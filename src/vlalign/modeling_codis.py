@@ -23,7 +23,13 @@ from transformers.utils import ModelOutput
 
 from .modeling_albef import ALBEFModel, ALBEFOutput, sum_of_terms
 from .configuration_codis import CODISConfig
-from .losses import code_assignment_targets, code_prediction_loss, code_similarities, optimal_transport_loss
+from .losses import (
+    code_assignment_targets,
+    code_prediction_loss,
+    code_similarities,
+    gather_across_processes,
+    optimal_transport_loss,
+)
 
 
 @dataclass
@@ -117,8 +123,11 @@ class CODISModel(ALBEFModel):
             image_teacher = self._to_code_space(teacher.get("image_feat_m", student["image_feat"])).detach()
             text_teacher = self._to_code_space(teacher.get("text_feat_m", student["text_feat"])).detach()
         codebook = self.codebook.weight
-        image_plan = code_assignment_targets(image_teacher, codebook, cfg.ot_solver, **cfg.solver_kwargs())
-        text_plan = code_assignment_targets(text_teacher, codebook, cfg.ot_solver, **cfg.solver_kwargs())
+        gather = gather_across_processes()
+        image_plan = code_assignment_targets(image_teacher, codebook, cfg.ot_solver, gather=gather,
+                                             **cfg.solver_kwargs())
+        text_plan = code_assignment_targets(text_teacher, codebook, cfg.ot_solver, gather=gather,
+                                            **cfg.solver_kwargs())
         if cfg.ot_weight > 0:
             losses["ot_image"] = optimal_transport_loss(image_teacher, codebook, image_plan)
             losses["ot_text"] = optimal_transport_loss(text_teacher, codebook, text_plan)

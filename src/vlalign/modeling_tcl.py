@@ -24,6 +24,7 @@ from .losses import (
     DecomposableContrastiveLoss,
     brownian_bridge_loss,
     feature_separation_loss,
+    gather_across_processes,
     geometric_consistency_loss,
     local_mutual_information,
 )
@@ -107,7 +108,7 @@ class TCLModel(ALBEFModel):
         if cfg.z_estimate == "queue":
             queues = {"image_queue": self.image_queue.features, "text_queue": self.text_queue.features}
         i2t, t2i = self.decomposable_loss(student["image_feat"], student["text_feat"], temp, sample_ids=sample_ids,
-                                          image_ids=positive_ids, **queues)
+                                          image_ids=positive_ids, gather=gather_across_processes(), **queues)
         return {"i2t": i2t, "t2i": t2i}
 
     def _extra_alignment_losses(self, student, teacher, batch, positive_ids, sample_ids, temp) -> dict:
@@ -149,8 +150,9 @@ class TCLModel(ALBEFModel):
     def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
         if not self.config.use_momentum and hasattr(self, "image_queue"):
             # decomposable loss with queue-estimated Z: past student features
-            self.image_queue.enqueue(student["image_feat"].detach(), positive_ids)
-            self.text_queue.enqueue(student["text_feat"].detach(), positive_ids)
+            gather = gather_across_processes()
+            self.image_queue.enqueue(student["image_feat"].detach(), positive_ids, gather)
+            self.text_queue.enqueue(student["text_feat"].detach(), positive_ids, gather)
         else:
             super()._update_queues(student, teacher, positive_ids)
 

@@ -143,9 +143,9 @@ class FeatureQueue(torch.nn.Module):
     """A ring buffer of past (teacher) features and their ids: the memory bank of MoCo / ALBEF / TCL / CODIS.
 
     `keys(batch_features)` gives ``[batch_features; queue]`` (the in-batch keys first, so key i is query i's
-    positive), `ids(batch_ids)` the matching ids, and `enqueue(features, ids)` gathers the features of all
-    processes (in rank order) and writes them over the oldest entries, wrapping around, so that every process
-    holds the same queue. Buffers are persistent: they are saved with the model (exact resume).
+    positive), `ids(batch_ids)` the matching ids, and `enqueue(features, ids, gather)` writes the features (with
+    `gather=True` those of all processes, in rank order) over the oldest entries, wrapping around, so that every
+    process holds the same queue. Buffers are persistent: they are saved with the model (exact resume).
     """
 
     def __init__(self, size: int, dim: int):
@@ -167,12 +167,14 @@ class FeatureQueue(torch.nn.Module):
         return None if batch_ids is None else torch.cat([batch_ids, self.ids.clone()])
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        features = all_gather_no_grad(features)
+    def enqueue(self, features: torch.Tensor, ids: torch.Tensor | None = None, gather: bool = False) -> None:
+        """Write `features` (and their `ids`) over the oldest entries; with `gather=True` those of every process,
+        in rank order, so that all processes keep the same queue."""
+        if gather:
+            features = all_gather_no_grad(features)
+            ids = None if ids is None else all_gather_no_grad(ids)
         if ids is None:
             ids = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        else:
-            ids = all_gather_no_grad(ids)
         count = min(features.shape[0], self.size)
         # all on-device (no host sync per step). A batch with a non-finite feature (a bad step the trainer skips)
         # leaves the queue and its pointer unchanged instead of poisoning the next `size` steps' negatives.
