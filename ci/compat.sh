@@ -4,7 +4,7 @@
 # The newest end is the ordinary suite (.ci/run) in an environment resolved today.
 #
 #   bash ci/compat.sh                      # venv in $COMPAT_VENV (default .ci-venv/min, git-ignored)
-#   COMPAT_VENV=/work/venv-min bash ci/compat.sh
+#   COMPAT_VENV=$HOME/venvs/vlalign-min bash ci/compat.sh   # any other place for the venv
 #   COMPAT_FRESH=1 bash ci/compat.sh       # delete and rebuild the venv first
 #
 # The venv is reused when it was built from the same pins, pyproject.toml dependencies and Python; otherwise it is

@@ -1,5 +1,6 @@
 """TCLModel: components, EMA, queues, fusion, save/load, remote code, pipeline."""
 
+import copy
 import json
 import os
 import subprocess
@@ -282,6 +283,27 @@ def test_itm_score_and_inference_logits():
     assert torch.allclose(out.logits_per_image, expected, atol=1e-5)
     assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_return_dict_false_gives_the_output_fields_as_a_tuple():
+    model = _model()
+    model.eval()
+    b = tiny_batch()
+    inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    with torch.no_grad():
+        out = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(out.to_tuple()) == 5
+    for got, expected in zip(as_tuple, out.to_tuple()):
+        torch.testing.assert_close(got, expected)
+    twin = copy.deepcopy(model)  # a training forward moves the teachers and queues: run each on its own copy
+    torch.manual_seed(0)
+    trained = model(**inputs, return_loss=True)
+    torch.manual_seed(0)
+    trained_tuple = twin(**inputs, return_loss=True, return_dict=False)
+    assert len(trained_tuple) == len(trained.to_tuple())
+    for got, expected in zip(trained_tuple, trained.to_tuple()):
+        torch.testing.assert_close(got, expected)
 
 
 def test_bf16_autocast_losses_are_float32_and_finite():

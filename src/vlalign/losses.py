@@ -210,18 +210,15 @@ def mask_tokens_for_mlm(
     mask_token_id: int,
     vocab_size: int,
     probability: float = 0.15,
-    special_token_ids: list[int] | tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: choose ``probability`` of the real tokens (never position 0, padding or special ids); of
-    those, 80% become [MASK], 10% a random token, 10% stay. Returns ``(masked_input_ids, labels)`` with labels
-    -100 at unchosen positions."""
+    """BERT masking: choose ``probability`` of the real tokens (never position 0 or padding); of those, 80% become
+    [MASK], 10% a random token, 10% stay. Returns ``(masked_input_ids, labels)`` with labels -100 at unchosen
+    positions. As in ALBEF / TCL's reference `mask`, only [CLS] and padding are excluded: [SEP] may be chosen."""
     device = input_ids.device
     probs = torch.full(input_ids.shape, probability, device=device)
     maskable = attention_mask.bool().clone()
     maskable[:, 0] = False  # [CLS]/BOS is the global feature, never masked
-    for token_id in special_token_ids:
-        maskable &= input_ids != token_id
     probs = probs * maskable
     chosen = torch.bernoulli(probs, generator=generator).bool()
     labels = input_ids.masked_fill(~chosen, -100)

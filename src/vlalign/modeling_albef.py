@@ -417,14 +417,18 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             alpha: momentum-distillation weight for this step (the trainer's ramp); defaults to `config.alpha`.
             return_loss: compute the training losses (requires images and texts). Otherwise CLIP-style logits.
             token_type_ids: accepted for tokenizer/pipeline compatibility and ignored (single segments only).
+            return_dict: False returns the output as a tuple of its non-None fields (transformers' convention).
         """
+        if return_dict is None:
+            return_dict = self.config.return_dict
         if return_loss:
             if input_ids is None or pixel_values is None:
                 raise ValueError("training (return_loss=True) needs both input_ids and pixel_values")
-            return self._training_forward(
+            output = self._training_forward(
                 input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, sample_ids,
                 self.config.alpha if alpha is None else float(alpha),
             )
+            return output if return_dict else output.to_tuple()
 
         image_embeds = self.get_image_features(pixel_values) if pixel_values is not None else None
         text_embeds = self.get_text_features(input_ids, attention_mask) if input_ids is not None else None
@@ -433,13 +437,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if image_embeds is not None and text_embeds is not None:
             logits_per_text = similarity_logits(text_embeds, image_embeds, temperature)
             logits_per_image = logits_per_text.t()
-        return self.output_class(
+        output = self.output_class(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             temperature=temperature.detach(),
         )
+        return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------------------------------------------
     # Training pieces. Subclasses extend `_needs`, `_extra_student_features`, `_extra_teacher_features`,

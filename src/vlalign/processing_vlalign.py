@@ -4,9 +4,9 @@ Training ALBEF/TCL-style models needs two independently augmented views of every
 plain (resize + normalise) path of the image processor. The augmentation is implemented with PIL/numpy only so
 that the package never depends on torchvision.
 
-This module only imports from third-party packages (no sibling imports) so that `register_for_auto_class` can
-copy it to a Hub repo on its own. loading.py imports `check_tokenizer_files` from it (a model folder's loader
-checks the tokenizer saved beside it), so model folders carry this file too.
+It imports no sibling module, so a saved processor folder needs this one code file. loading.py imports
+`check_tokenizer_files` from it (a model folder's loader checks the tokenizer saved beside it), so model folders
+carry this file too.
 """
 
 from __future__ import annotations
