@@ -636,7 +636,7 @@ def evaluate_model(
 @torch.no_grad()
 def codebook_metrics(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels=None) -> dict:
     """Code usage of a codebook model (CODIS) on the evaluation images and texts: codes used and perplexity per
-    modality (see `metrics.code_usage`), and with labels the purity of the image clusters."""
+    modality (see `code_usage`), and with labels the purity of the image clusters."""
     num_codes = model.config.codebook_size
     weight = model.codebook.weight
     image_codes = model.code_logits(image_embeds.to(weight)).argmax(dim=-1).cpu()

@@ -8,8 +8,8 @@ the informative ones) can recover the digit from the clean scan(s).
 Degradations are applied to the 8x8 scan (sklearn ink scale 0..16, 16 = ink) *before* rendering, so the noise
 and the occluder live at the digit's own resolution (noise at the rendered resolution would be partly averaged
 away by any classifier looking at many pixels per scan cell). The degraded scan is then rendered exactly like
-the single-image demo (`vlalign.data.digits._digit_to_png`: inverted to dark ink on light paper, bicubic resize to
-`image_size`) and converted to RGB.
+the single-image demo (`digits._digit_to_png`: inverted to dark ink on light paper, bicubic resize to `image_size`)
+and converted to RGB.
 
 - "noise": the scan is faded halfway towards mid-grey (ink 8) and Gaussian noise with a std drawn uniformly
   in [0.6, 0.8] of the intensity range (i.e. 9.6-12.8 ink units) is added, then clipped to 0..16.
