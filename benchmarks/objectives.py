@@ -6,7 +6,7 @@
 Datasets (all built offline from scikit-learn's real handwritten scans):
 - digits: the embedded demo (1,437 training scans, 360 test scans, captions name the class; positives by label).
   Metric: zero-shot accuracy on the test scans.
-- scenes: `vlalign.digit_scenes`, an instance-level set: every image holds two real scans, each with its own
+- scenes: `vlalign.data.digit_scenes`, an instance-level set: every image holds two real scans, each with its own
   quadrant, size and ink colour, and one caption that describes exactly that image (4,000 training scenes, 400
   validation, 500 test; the scans of the validation and test scenes are never seen in training). Positives by
   image. Metric: mean R@1 of image->text and text->image retrieval over the 500 test scenes (chance 0.2%).
@@ -189,7 +189,7 @@ def score(dataset: str, result: dict) -> float:
 
 
 def build_data(work_dir: Path) -> None:
-    from vlalign.digit_scenes import write_digit_scenes_imagefolder
+    from vlalign.data.digit_scenes import write_digit_scenes_imagefolder
 
     for name, noise in (("scenes", 0.0), ("scenes-noisy", 0.3)):
         folder = work_dir / "data" / name

@@ -1,4 +1,4 @@
-"""Retrieval evaluation speed: `vlalign.metrics.retrieval_metrics` against the bare work it cannot avoid.
+"""Retrieval evaluation speed: `vlalign.evaluation.retrieval_metrics` against the bare work it cannot avoid.
 
 COCO-5K sized by default: 25,000 captions x 5,000 images, 256-d L2-normalised embeddings, 5 captions per image.
 The reference is one bare similarity matmul per direction plus its top-k (k = 10), timed side by side in the same
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vlalign.metrics import retrieval_metrics
+from vlalign.evaluation import retrieval_metrics
 
 
 def _sync(device: torch.device) -> None:

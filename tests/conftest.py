@@ -117,3 +117,12 @@ def digits_processor_16():
     from vlalign.data import build_digits_processor
 
     return build_digits_processor(image_size=16)
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    """(DataArguments, train split, eval split) of the digits demo, 256 / 60 rows."""
+    from vlalign.data import DataArguments, load_image_text_datasets
+
+    args = DataArguments(max_train_samples=256, max_eval_samples=60)
+    return args, *load_image_text_datasets(args)

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(f"""
     import json, os, resource, time
     import torch
     from torch.nn.functional import normalize
-    from vlalign.metrics import retrieval_metrics
+    from vlalign.evaluation import retrieval_metrics
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,4 +1,5 @@
-"""Tests for the digits demo data, dataset loading, image decoding and the image-text collator."""
+"""Tests for the digits demo data, dataset loading, image decoding and the collators (vlalign.data); the eval split
+decoded for evaluation: tests/test_evaluation.py."""
 
 import io
 import json
@@ -24,12 +25,12 @@ from vlalign.data import (
     build_digits_dataset,
     build_digits_processor,
     build_digits_tokenizer,
-    build_eval_inputs,
     decode_image,
     digit_captions,
     load_image_text_datasets,
     resolve_class_names,
 )
+from vlalign.evaluation import build_eval_inputs
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +268,7 @@ def test_load_imagefolder_with_captions_and_collate(tmp_path, processor):
     assert batch["positive_ids"].tolist() == [0, 1, 2, 3, 4]
     assert batch["num_skipped"] == 0
 
-    inputs = build_eval_inputs(train, processor, args)
+    inputs = build_eval_inputs(train, args)
     assert len(inputs.images) == 5 and len(inputs.texts) == 10 and inputs.labels is None
     assert inputs.image_ids == [0, 1, 2, 3, 4]
     assert inputs.text_ids == [i for i in range(5) for _ in range(2)]
@@ -538,35 +539,12 @@ def test_collator_dataloader_workers_get_different_augmentations(processor):
     assert not torch.equal(batches[0]["pixel_values"], batches[1]["pixel_values"])
 
 
-def test_build_eval_inputs_on_digits_with_a_corrupt_row(processor, digits):
-    args = DataArguments()
-    evaluation = digits["test"].cast_column("image", datasets.Image(decode=False)).select(range(30))
-    broken = evaluation.to_dict()
-    broken["image"][3] = {"bytes": b"garbage", "path": None}
-    # a *decoding* Image feature: build_eval_inputs must still skip the corrupt row rather than crash
-    evaluation = datasets.Dataset.from_dict(broken, features=digits["test"].features)
-    assert evaluation.features["image"].decode
-    inputs = build_eval_inputs(evaluation, processor, args, batch_size=7)
-    keep = [i for i in range(30) if i != 3]
-    assert inputs.num_skipped == 1
-    assert len(inputs.images) == 29 and all(im.mode == "RGB" and im.size == (32, 32) for im in inputs.images)
-    labels = [evaluation["label"][i] for i in keep]
-    assert inputs.labels == labels and inputs.image_ids == labels  # positives_by="label"
-    assert len(inputs.texts) == 29 * len(DIGIT_CAPTION_TEMPLATES)
-    for text, text_id in zip(inputs.texts, inputs.text_ids):
-        assert DIGIT_NAMES[text_id] in text or str(text_id) in text
-    by_image = build_eval_inputs(evaluation, processor, DataArguments(positives_by="image"))
-    assert by_image.image_ids == [evaluation["image_id"][i] for i in keep]
-    assert by_image.text_ids[:8] == [evaluation["image_id"][0]] * 8
-
-
 def test_multi_image_collator_drops_unreadable_images_and_empty_items(caplog):
     import io as _io
 
     from PIL import Image as _Image
 
-    from vlalign.data import MultiImageCollator
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data import MultiImageCollator, build_mivc_digits_processor
 
     processor = build_mivc_digits_processor(image_seq_length=4, image_size=16)
     buffer = _io.BytesIO()

@@ -1,4 +1,4 @@
-"""vlalign.digit_scenes: captions that describe their image, new handwriting in evaluation, exact caption noise."""
+"""vlalign.data.digit_scenes: captions that describe their image, new handwriting in evaluation, exact caption noise."""
 
 import json
 
@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from vlalign.digit_scenes import (
+from vlalign.data.digit_scenes import (
     SCENE_COLOURS,
     SCENE_QUADRANTS,
     build_digit_scenes_dataset,
@@ -76,7 +76,7 @@ def test_splits_are_deterministic_ids_unique_and_captions_instance_level(scenes)
 
 
 def test_evaluation_scenes_use_scans_never_seen_in_training():
-    from vlalign import digit_scenes
+    from vlalign.data import digit_scenes
 
     # the split of every scan index is fixed; the scenes of a split draw only from that split's scans
     assert digit_scenes._SPLIT_OF_SCAN == {0: "test", 5: "validation"}

@@ -1,5 +1,5 @@
 """The `retrieval_recall` evaluate metric shipped in the package: loads offline by path and gives exactly the numbers
-of `vlalign.metrics.retrieval_metrics`, the function the trainer's evaluation uses."""
+of `vlalign.evaluation.retrieval_metrics`, the function the trainer's evaluation uses."""
 
 import math
 import socket
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_tcl_config
 
-import vlalign.trainer
+import vlalign.evaluation
 from vlalign import TCLModel
-from vlalign.metrics import RETRIEVAL_METRIC_PATH, retrieval_metric_inputs, retrieval_metrics
+from vlalign.evaluation import RETRIEVAL_METRIC_PATH, retrieval_metric_inputs, retrieval_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def test_path_points_into_the_package():
     path = Path(RETRIEVAL_METRIC_PATH)
     assert path.is_absolute()
     assert (path / "retrieval_recall.py").is_file() and (path / "README.md").is_file()
-    assert path.parent.parent == Path(vlalign.metrics.__file__).resolve().parent
+    assert path.parent.parent == Path(vlalign.evaluation.__file__).resolve().parent
 
 
 def test_loads_offline_as_an_evaluate_metric(metric):
@@ -176,29 +176,30 @@ def test_bad_inputs_raise(metric, tmp_path):
 def test_evaluate_model_reports_the_metric_numbers(monkeypatch, metric, digits_processor_16):
     """`evaluate_model` (what `ContrastiveTrainer.evaluate` runs) and the evaluate metric agree exactly on the
     embeddings the trainer computes (class-level digits data: several images and several texts per id)."""
-    from vlalign.data import DataArguments, build_eval_inputs, load_image_text_datasets
+    from vlalign.data import DataArguments, load_image_text_datasets
+    from vlalign.evaluation import build_eval_inputs
 
     data_args = DataArguments(max_train_samples=8, max_eval_samples=40)
     _, evaluation = load_image_text_datasets(data_args)
-    eval_inputs = build_eval_inputs(evaluation, digits_processor_16, data_args)
+    eval_inputs = build_eval_inputs(evaluation, data_args)
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config())
 
     seen = {}
-    real = vlalign.trainer.retrieval_metrics
+    real = vlalign.evaluation.retrieval_metrics
 
     def spy(image_embeds, text_embeds, image_ids, text_ids, **kwargs):
         seen.update(image_embeds=image_embeds, text_embeds=text_embeds, image_ids=image_ids, text_ids=text_ids)
         return real(image_embeds, text_embeds, image_ids, text_ids, **kwargs)
 
-    monkeypatch.setattr(vlalign.trainer, "retrieval_metrics", spy)
-    reported = vlalign.trainer.evaluate_model(model, digits_processor_16, eval_inputs)
+    monkeypatch.setattr(vlalign.evaluation, "retrieval_metrics", spy)
+    reported = vlalign.evaluation.evaluate_model(model, digits_processor_16, eval_inputs)
     assert seen["image_embeds"].shape[0] == len(eval_inputs.images) == reported["num_eval_images"]
     assert len(set(seen["image_ids"])) < len(seen["image_ids"])  # several images per id
 
     # the embeddings are the model's own (not something the spy made up)
-    assert torch.equal(seen["image_embeds"], vlalign.trainer.embed_images(model, digits_processor_16,
-                                                                          eval_inputs.images))
+    assert torch.equal(seen["image_embeds"], vlalign.evaluation.embed_images(model, digits_processor_16,
+                                                                             eval_inputs.images))
     results = metric.compute(**retrieval_metric_inputs(
         seen["image_embeds"], seen["text_embeds"], seen["image_ids"], seen["text_ids"]))
     for key, value in results.items():

@@ -33,10 +33,10 @@ from vlalign.data import (
     ImageTextCollator,
     MultiImageCollator,
     build_digits_processor,
-    build_eval_inputs,
     decode_image,
     sanitise_caption,
 )
+from vlalign.evaluation import build_eval_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "training"))  # training/train.py, run in-process by the end-to-end tests
@@ -446,8 +446,8 @@ def test_build_eval_inputs_counts_by_reason(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("binary")})
     binary_rows = [dict(row, caption=as_bytes(row["caption"])) for row in rows]
     dataset = datasets.Dataset.from_list(binary_rows, features=features)
-    inputs = build_eval_inputs(dataset, None, DataArguments(dataset_name="x", label_column=None,
-                                                            image_id_column=None, positives_by="image"))
+    inputs = build_eval_inputs(dataset, DataArguments(dataset_name="x", label_column=None, image_id_column=None,
+                                                      positives_by="image"))
     assert inputs.num_skipped == 6 and len(inputs.images) == len(rows) - 6
     assert all(image.mode == "RGB" for image in inputs.images)
     assert inputs.issues.report() == expected
@@ -457,7 +457,7 @@ def test_build_eval_inputs_counts_by_reason(tmp_path):
 
 
 def test_multi_image_collator_drops_hostile_images_from_items(tmp_path, caplog):
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     processor = build_mivc_digits_processor(image_seq_length=4, image_size=16)
     (tmp_path / "empty.png").write_bytes(b"")
@@ -550,7 +550,7 @@ def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_p
     import train
     from test_train_script import TINY_MIVC
 
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     (tmp_path / "empty.png").write_bytes(b"")
     good = [{"bytes": digit_png(i), "path": None} for i in range(10)]

@@ -28,7 +28,7 @@ from vlalign import (
     check_tokenizer_fits_model,
 )
 from vlalign.data import build_digits_processor, build_digits_tokenizer
-from vlalign.multiview_digits import build_mivc_digits_processor
+from vlalign.data.multiview_digits import build_mivc_digits_processor
 
 MODELS = {"tcl": (TCLModel, tiny_tcl_config), "codis": (CODISModel, tiny_codis_config),
           "mivc": (MIVCForConditionalGeneration, tiny_mivc_config)}

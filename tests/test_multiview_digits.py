@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from vlalign.data import DIGIT_NAMES, _digit_to_png
-from vlalign.multiview_digits import MIVC_DIGITS_PROMPT, build_multiview_digits_dataset
+from vlalign.data.digits import DIGIT_NAMES, _digit_to_png
+from vlalign.data.multiview_digits import MIVC_DIGITS_PROMPT, build_multiview_digits_dataset
 
 SIZE = 16
 

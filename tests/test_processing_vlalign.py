@@ -256,3 +256,19 @@ def test_mode_conversions_keep_values():
     assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [0, 255, 255]
     # float arrays in [0, 1] scale to 8-bit
     assert np.asarray(to_rgb(np.full((2, 2), 1.0)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_processor_inputs_are_converted_like_decoded_training_images():
+    """One RGB conversion (`to_rgb`) for processor inputs and for the images `vlalign.data.decode_image` decodes for
+    training: a dark 16-bit scan stays dark (scaled by its bit depth) and a transparent colour key becomes white
+    either way, so a model sees an image at inference as it saw it in training."""
+    from vlalign.data import decode_image
+
+    dark16 = Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint16))  # a guess from its values: 8-bit data
+    keyed = Image.new("L", (2, 1), 0)
+    keyed.putpixel((1, 0), 90)
+    keyed.info["transparency"] = 0
+    assert np.asarray(to_rgb(dark16))[0, :, 0].tolist() == [0, 0, 1]
+    assert np.asarray(to_rgb(keyed))[0].tolist() == [[255, 255, 255], [90, 90, 90]]
+    for image in (dark16, keyed, _mode_image("I;16"), _mode_image("P"), _mode_image("CMYK")):
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(decode_image(image))), image.mode

@@ -164,7 +164,7 @@ def test_push_from_python_uploads_weights_code_and_processor_files(model_type, t
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     from vlalign.data import build_digits_processor
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     section = {k: v for k, v in MODELS[model_type].items() if k != "model_type"}
     if model_type == "mivc":

@@ -155,7 +155,7 @@ class Command:
             return "pytest"
         if head[:1] == ["export"]:
             return "export"
-        if head == ["python", "-m", "vlalign.digit_scenes"]:
+        if head == ["python", "-m", "vlalign.data.digit_scenes"]:
             return "scenes"
         if head[:2] == ["accelerate", "launch"]:
             return "train_run" if self.runs_here else "train_checked"
@@ -305,7 +305,7 @@ def test_shell_command_is_valid(command, tmp_path):
     elif command.kind == "export":
         assert re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command.argv[1]), command.text
     elif command.kind == "scenes":  # runs with its own arguments, at a small size
-        from vlalign.digit_scenes import main as write_scenes
+        from vlalign.data.digit_scenes import main as write_scenes
 
         out = tmp_path / command.argv[3]
         write_scenes([str(out), *command.argv[4:], "--train_size", "6", "--validation_size", "2", "--test_size", "3"])
@@ -390,7 +390,7 @@ def _write_shards(folder: Path, digits) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlalign.data import DIGIT_NAMES, _digit_to_png
+    from vlalign.data.digits import DIGIT_NAMES, _digit_to_png
 
     def rows(start, count):
         return [(_digit_to_png(digits.data[i], 16), f"a handwritten digit {DIGIT_NAMES[digits.target[i]]}",
@@ -434,8 +434,8 @@ def workspace(tmp_path_factory):
     )
 
     from vlalign import CODISConfig, CODISModel, MIVCConfig, MIVCForConditionalGeneration, TCLConfig, TCLModel
-    from vlalign.data import _digit_to_png, build_digits_processor
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data.digits import _digit_to_png, build_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     root = tmp_path_factory.mktemp("readme")
     torch.manual_seed(0)

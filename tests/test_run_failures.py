@@ -239,7 +239,7 @@ def test_a_multi_image_eval_split_without_a_decodable_image_is_refused():
     import train
 
     from vlalign.data import MIVCDataArguments
-    from vlalign.multiview_digits import build_mivc_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     rows = [{"images": [BROKEN_IMAGE, BROKEN_IMAGE], "prompt": "<image> which digit?", "answer": "one"}] * 3
     with pytest.raises(SystemExit, match=r"eval split 'test': none of its 3 items has a decodable image "

@@ -24,13 +24,13 @@ from vlalign.data import (
     ROW_ID_COLUMN,
     DataArguments,
     ImageTextCollator,
-    _digit_to_png,
-    _row_key,
     build_digits_processor,
     expand_braces,
     expand_data_files,
     load_image_text_datasets,
 )
+from vlalign.data.digits import _digit_to_png
+from vlalign.data.sources import _row_key
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "training"))

@@ -51,7 +51,7 @@ def test_every_shipped_config_is_covered():
 def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
     out = tmp_path / "out"
     if name == "tcl_imagefolder.yaml":  # the example folder its header tells how to write, at the relative data_dir
-        from vlalign.digit_scenes import write_digit_scenes_imagefolder
+        from vlalign.data.digit_scenes import write_digit_scenes_imagefolder
 
         write_digit_scenes_imagefolder(tmp_path / "data" / "scenes", split_sizes={"train": 40, "test": 12})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",

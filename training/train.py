@@ -658,75 +658,6 @@ def _card_template(run: RunArguments, model_type: str) -> Path:
     return template
 
 
-def retrieval_pictures(model, processor, eval_inputs, image_embeds, output_dir: Path, log_history: list[dict],
-                       num_queries: int = 4, k: int = 5) -> list[tuple[str, str]]:
-    """Card pictures of a contrastive model: text-to-image retrieval examples (a few test captions with their
-    top-k test images, ranked against `image_embeds` of all evaluation images) and the training curves. Returns
-    ``(caption, file name)`` pairs."""
-    import torch
-
-    from vlalign.hub import plot_retrieval_grid, plot_training_curves
-    from vlalign.trainer import embed_texts, eval_mode
-
-    pictures = []
-    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
-    if curves is not None:
-        pictures.append(("Training loss and its components over optimizer steps.", curves.name))
-    if eval_inputs is None or not eval_inputs.images:
-        return pictures
-    queries, query_ids = [], []
-    for text, text_id in zip(eval_inputs.texts, eval_inputs.text_ids, strict=True):
-        if text_id not in query_ids:  # one caption per positive id (per class on class-level data)
-            queries.append(text)
-            query_ids.append(text_id)
-        if len(queries) == num_queries:
-            break
-    with eval_mode(model):
-        text_embeds = embed_texts(model, processor, queries)
-    top = (text_embeds @ image_embeds.t()).topk(min(k, len(eval_inputs.images)), dim=1).indices
-    image_ids = torch.as_tensor([int(i) for i in eval_inputs.image_ids])
-    correct = image_ids[top] == torch.as_tensor([int(i) for i in query_ids]).view(-1, 1)
-    grid = plot_retrieval_grid(queries, eval_inputs.images, top.tolist(), correct.tolist(),
-                               output_dir / "retrieval_examples.png")
-    pictures.insert(0, (f"Text-to-image retrieval on the evaluation split: {len(queries)} captions and their top-{k} "
-                        "images (green frame: a correct match).", grid.name))
-    return pictures
-
-
-def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, log_history: list[dict],
-                         num_items: int = 4) -> list[tuple[str, str]]:
-    """Card pictures of an MIVC model: evaluation items with their images, pooling weights and generated answers,
-    and the training curves."""
-    from vlalign.hub import plot_multi_image_examples, plot_training_curves
-    from vlalign.trainer import eval_mode, predict_multi_image
-
-    pictures = []
-    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
-    if curves is not None:
-        pictures.append(("Training loss over optimizer steps.", curves.name))
-    if dataset is None or len(dataset) == 0:
-        return pictures
-    first_rows = (dataset[i] for i in range(min(num_items, len(dataset))))
-    decoded = [(row, collator.decoded_images(row)) for row in first_rows]
-    rows, image_lists = [row for row, images in decoded if images], [images for _, images in decoded if images]
-    items = []
-    if rows:
-        with eval_mode(model):
-            answers, weights = predict_multi_image(model, processor, image_lists,
-                                                   [row[collator.prompt_column] for row in rows])
-        for index, (row, images, answer) in enumerate(zip(rows, image_lists, answers, strict=True)):
-            degraded = row.get("degraded")
-            per_image = None if weights is None else weights[index, : len(images)].tolist()
-            items.append({"images": images, "weights": per_image,
-                          "degraded": degraded if degraded is not None and len(degraded) == len(images) else None,
-                          "generated": answer, "answer": row[collator.answer_column]})
-    if items:
-        path = plot_multi_image_examples(items, output_dir / "multi_image_examples.png")
-        pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
-                            "and the generated answer against the reference.", path.name))
-    return pictures
-
-
 def card_hyperparameters(model, training_args, resume_changes: dict | None = None) -> dict[str, Any]:
     """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
     model's own config class (e.g. CODIS's codebook and OT settings); a run resumed with changed settings lists
@@ -773,17 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import set_seed
 
-    import vlalign  # noqa: F401  (registers the Auto classes)
-    from vlalign.data import (
-        DataArguments,
-        ImageTextCollator,
-        build_eval_inputs,
-        load_image_text_datasets,
-        resolve_class_names,
-        training_data_fingerprint,
-    )
-    from vlalign.hub import build_model_card
-    from vlalign.trainer import ContrastiveTrainer, embed_images, eval_mode, evaluate_model
+    from vlalign.data import DataArguments, get_data  # importing vlalign registers the Auto classes
+    from vlalign.evaluation import build_eval_inputs, embed_images, eval_mode, evaluate_model
+    from vlalign.hub import build_model_card, retrieval_pictures
+    from vlalign.trainer import ContrastiveTrainer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**(config.get("run") or {}))
@@ -808,10 +732,11 @@ def main(argv: list[str] | None = None) -> dict:
     _set_cpu_threads(run, training_args)
 
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    train_dataset, eval_dataset = load_image_text_datasets(data_args, seed=data_seed)
-    num_train_samples = None if data_args.streaming else len(train_dataset)  # a stream's length is unknown
     image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
     processor = build_processor(run, data_args, image_size)
+    data = get_data(data_args, processor, seed=data_seed, collator_seed=training_args.seed)
+    train_dataset, eval_dataset = data.train_dataset, data.eval_dataset
+    num_train_samples = data.num_train_samples  # None for a stream: its length is unknown
     model = build_model(run, model_section, processor.tokenizer, num_train_samples)
     _check_processor_image_size(processor, model)
     _check_tokenizer_fits(processor.tokenizer, model)
@@ -821,9 +746,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
                          "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data")
 
-    collator = ImageTextCollator.from_data_args(processor, data_args, seed=training_args.seed)
-    class_names = resolve_class_names(train_dataset, data_args)
-    eval_inputs = build_eval_inputs(eval_dataset, processor, data_args) if eval_dataset is not None else None
+    collator, class_names = data.collator, data.class_names
+    eval_inputs = build_eval_inputs(eval_dataset, data_args) if eval_dataset is not None else None
     if eval_inputs is not None:
         _check_eval_inputs(eval_inputs, eval_dataset, data_args)
     _claim_output_dir(training_args)  # before anything is written there
@@ -836,8 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_inputs=eval_inputs,
         class_names=class_names,
         zero_shot_templates=data_args.zero_shot_templates,
-        resume_fingerprint={"positives_by": data_args.positives_by,
-                            "train_data": training_data_fingerprint(train_dataset)},
+        resume_fingerprint={"positives_by": data_args.positives_by, "train_data": data.train_fingerprint},
     )
     _check_training_size(trainer, training_args, train_dataset, data_args.streaming)
     start = time.time()
@@ -949,17 +872,16 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
     by exact match of greedy answers and by the pooling weights on clean vs degraded images."""
     from transformers import AutoProcessor, set_seed
 
-    from vlalign.data import MIVCDataArguments, MultiImageCollator, load_multi_image_datasets, training_data_fingerprint
-    from vlalign.hub import build_model_card
-    from vlalign.multiview_digits import build_mivc_digits_processor
-    from vlalign.trainer import VLAlignTrainer, VLAlignTrainingArguments, evaluate_mivc
+    from vlalign.data import MIVCDataArguments, build_mivc_digits_processor, get_data
+    from vlalign.evaluation import evaluate_mivc
+    from vlalign.hub import build_model_card, multi_image_pictures
+    from vlalign.trainer import VLAlignTrainer, VLAlignTrainingArguments
 
     model_section = dict(config.get("model") or {})
     data_args = MIVCDataArguments(**(config.get("data") or {}))
     training_args = _training_arguments(config, "outputs/mivc", VLAlignTrainingArguments)
     set_seed(training_args.seed)
     _set_cpu_threads(run, training_args)
-    train_dataset, eval_dataset = load_multi_image_datasets(data_args, seed=training_args.seed)
 
     if run.processor_name_or_path or run.model_name_or_path:
         processor = AutoProcessor.from_pretrained(run.processor_name_or_path or run.model_name_or_path)
@@ -968,20 +890,20 @@ def main_mivc(config: dict, run: RunArguments) -> dict:
         processor = build_mivc_digits_processor(image_seq_length=1, image_size=image_size)
     else:
         raise SystemExit("set run.processor_name_or_path (an MIVCProcessor) for this dataset")
+    data = get_data(data_args, processor, seed=training_args.seed)
+    train_dataset, eval_dataset, collator = data.train_dataset, data.eval_dataset, data.collator
     model = build_mivc_model(run, model_section, processor.tokenizer, processor.image_token_id)
     _check_tokenizer_fits(processor.tokenizer, model)
     # the placeholder expansion follows the model
     processor.image_seq_length = model.config.image_seq_length
     processor.concatenate_images = model.config.pooling_mode == "concatenate"
 
-    collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
-                                  data_args.answer_column, max_image_pixels=data_args.max_image_pixels)
     if eval_dataset is not None:
         _check_multi_image_eval(eval_dataset, processor, data_args)
     _claim_output_dir(training_args)  # before anything is written there
     trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                              processing_class=processor,
-                             resume_fingerprint={"train_data": training_data_fingerprint(train_dataset)})
+                             resume_fingerprint={"train_data": data.train_fingerprint})
     _check_training_size(trainer, training_args, train_dataset, streaming=False)
     start = time.time()
     train_result = _train(trainer, training_args)

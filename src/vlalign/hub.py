@@ -39,7 +39,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .metrics import answers_match
+from .evaluation import CODE_COLLAPSE_PERPLEXITY, answers_match, multi_image_examples, retrieval_examples
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def build_model_card(
         dataset_description, num_train_samples, dataset_split: shown in the "Training data" section.
         hyperparameters: the hyperparameters actually used, rendered as a table (insertion order kept).
         eval_results: ``{metric: value}`` measured on ``eval_dataset_name`` (default: ``dataset_name``), or
-            ``{eval_dataset: {metric: value}}``. Keys as produced by :mod:`vlalign.metrics`
+            ``{eval_dataset: {metric: value}}``. Keys as produced by :mod:`vlalign.evaluation`
             (``i2t_recall@k``, ``t2i_recall@k``, ``zero_shot_accuracy``; an ``eval_`` prefix is accepted),
             values in percent. Recall and accuracy keys become ``EvalResult`` entries (``metric_type`` = the
             key, so they read back unchanged) and rows of the evaluation table; other numbers (counts,
@@ -245,8 +245,8 @@ def build_model_card(
         eval_split: dataset split of the evaluation results (metadata and table heading).
         code_usage: for codebook models, ``codebook_size`` and per modality ``<image|text>_codes_used`` /
             ``<image|text>_code_perplexity`` (optionally ``image_code_purity``), as from
-            ``trainer.codebook_metrics``; rendered as a "Codebook usage" table, with a warning when the codebook
-            collapsed (perplexity below ``metrics.CODE_COLLAPSE_PERPLEXITY``).
+            ``evaluation.codebook_metrics``; rendered as a "Codebook usage" table, with a warning when the codebook
+            collapsed (perplexity below ``evaluation.CODE_COLLAPSE_PERPLEXITY``).
         alignment_not_started: when training ended with the cross-modal losses still at the uniform value, the
             figures of that check (``step``, ``loss_i2t``, ``loss_t2i``, ``num_keys``, as the trainer's
             ``alignment_check``), rendered as a warning at the top of the evaluation section.
@@ -363,8 +363,6 @@ def _alignment_vars(check: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:
-    from .metrics import CODE_COLLAPSE_PERPLEXITY
-
     size = _as_number(code_usage.get("codebook_size"))
     rows, collapsed = [], []
     for modality in ("image", "text"):
@@ -643,3 +641,37 @@ def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def retrieval_pictures(model, processor, eval_inputs, image_embeds, output_dir: Path, log_history: list[dict],
+                       num_queries: int = 4, k: int = 5) -> list[tuple[str, str]]:
+    """Card pictures of a contrastive model: text-to-image retrieval examples (a few test captions with their
+    top-k test images, ranked against `image_embeds` of all evaluation images: `evaluation.retrieval_examples`) and
+    the training curves. Returns ``(caption, file name)`` pairs."""
+    pictures = []
+    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
+    if curves is not None:
+        pictures.append(("Training loss and its components over optimizer steps.", curves.name))
+    if eval_inputs is None or not eval_inputs.images:
+        return pictures
+    queries, top, correct = retrieval_examples(model, processor, eval_inputs, image_embeds, num_queries, k)
+    grid = plot_retrieval_grid(queries, eval_inputs.images, top, correct, output_dir / "retrieval_examples.png")
+    pictures.insert(0, (f"Text-to-image retrieval on the evaluation split: {len(queries)} captions and their top-{k} "
+                        "images (green frame: a correct match).", grid.name))
+    return pictures
+
+
+def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, log_history: list[dict],
+                         num_items: int = 4) -> list[tuple[str, str]]:
+    """Card pictures of an MIVC model: evaluation items with their images, pooling weights and generated answers
+    (`evaluation.multi_image_examples`), and the training curves."""
+    pictures = []
+    curves = plot_training_curves(log_history, output_dir / "training_curves.png")
+    if curves is not None:
+        pictures.append(("Training loss over optimizer steps.", curves.name))
+    items = multi_image_examples(model, processor, dataset, collator, num_items)
+    if items:
+        path = plot_multi_image_examples(items, output_dir / "multi_image_examples.png")
+        pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
+                            "and the generated answer against the reference.", path.name))
+    return pictures

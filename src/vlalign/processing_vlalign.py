@@ -109,14 +109,24 @@ def resolve_augmentation(augmentation: dict[str, Any] | None) -> dict[str, Any]:
 def to_rgb(image: Any) -> Image.Image:
     """Convert a PIL image of any mode (or an HxW[xC] numpy array) to an 8-bit RGB PIL image.
 
+    vlalign's one RGB conversion: processor inputs go through it, and so do the training and evaluation images that
+    `vlalign.data.decode_image` decodes, so a model sees an image the same way in training and at inference.
+
     Transparent pixels are composited on white (dropping alpha would turn them black, which for scans and
-    drawings inverts the meaning of the background). High bit-depth modes are rescaled, not clipped.
+    drawings inverts the meaning of the background), including a transparent colour key (`info["transparency"]` of
+    a palette, 1-bit, L or RGB PNG). High bit-depth modes are rescaled, not clipped: 16-bit grayscale maps 0..65535
+    onto 0..255 by its bit depth, whatever the image's own range (a dark 16-bit scan stays dark; a guess from its
+    values would stretch it to full contrast), see `_wide_gray_to_rgb`. An RGB image is returned as it is.
     """
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"Expected a PIL image or numpy array, got {type(image).__name__}")
     mode = image.mode
+    if mode in ("1", "L", "RGB") and image.info.get("transparency") is not None:
+        # a transparent colour key becomes white like any other transparent pixel instead of keeping its colour
+        image = image.convert("RGBA")
+        mode = image.mode
     if mode == "RGB":
         return image
     if mode == "P":
@@ -129,6 +139,8 @@ def to_rgb(image: Any) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        return _wide_gray_to_rgb(image)
     if mode.startswith("I") or mode == "F":
         return _array_to_pil(np.asarray(image))
     if mode == "1":
@@ -138,6 +150,20 @@ def to_rgb(image: Any) -> Image.Image:
     except (ValueError, OSError):
         # Modes without a direct RGB conversion (e.g. LAB): go through the raw bands as a last resort.
         return _array_to_pil(np.asarray(image)[..., :3])
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale PIL image -> RGB. 16-bit data maps 0..65535 onto 0..255 whatever the image's own range;
+    32-bit "I" data within the 16-bit range is read as 16-bit (PNG, most TIFFs), anything wider is stretched from its
+    min to its max. (A numpy array has no bit depth: `_array_to_pil` judges it by its values.)"""
+    pixels = np.asarray(image).astype(np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if image.mode.startswith("I;16") or (low >= 0 and high <= 65535):
+        scaled = pixels / 257.0  # 65535 / 257 = 255 exactly
+    else:
+        scaled = (pixels - low) / max(high - low, 1.0) * 255.0
+    gray = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:

@@ -10,7 +10,7 @@ What it adds to `transformers.Trainer`:
 - correct gradient-accumulation scaling for per-batch-mean losses (`loss_is_scaled_for_ga = False`: the
   Trainer divides by the accumulation steps, see HF5.md);
 - no weight decay on the temperature;
-- `evaluate()` computes retrieval recall@k both ways and zero-shot accuracy (`evaluate_model`).
+- `evaluate()` computes retrieval recall@k both ways and zero-shot accuracy (`vlalign.evaluation.evaluate_model`).
 
 The run-time settings live in `ContrastiveTrainingArguments` (`VLAlignTrainingArguments` for every model), never in
 the model config, so that they are saved with a run's checkpoints and not pushed with the model.
@@ -27,7 +27,7 @@ import re
 import signal
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -40,15 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .data import ResumableCollator
-from .metrics import (
-    alignment_not_started,
-    answers_match,
-    code_purity,
-    code_usage,
-    retrieval_metrics,
-    zero_shot_accuracy,
-    zero_shot_classifier,
-)
+from .evaluation import alignment_not_started, evaluate_model
 from .output_folder import (
     STAGING_PREFIX,
     explain_write_error,
@@ -58,158 +50,6 @@ from .output_folder import (
 )
 
 logger = logging.getLogger("vlalign.trainer")
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Run the block with the model in eval mode (no dropout), restoring its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def embed_images(model, processor, images, batch_size: int = 128) -> torch.Tensor:
-    """Normalised image embeddings (N, D), in batches, in eval mode (no augmentation)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-        out.append(model.get_image_features(pixel_values=pixels.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.no_grad()
-def embed_texts(model, processor, texts, batch_size: int = 256) -> torch.Tensor:
-    """Normalised text embeddings (N, D), in batches."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
-        out.append(
-            model.get_text_features(
-                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-            ).float().cpu()
-        )
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def class_prompts(class_names: list[str], templates: list[str]) -> list[list[str]]:
-    """Prompts per class: each template formatted with `name` (the class name) and `digit` (its index)."""
-    return [[t.format(name=name, digit=i, label=i) for t in templates] for i, name in enumerate(class_names)]
-
-
-def _warn_uncovered_labels(labels: list[int], num_classes: int) -> None:
-    """Rows whose label is no class index (a class the names leave out, or no label: -1) can never be predicted
-    right: say so, or zero-shot accuracy silently drops by their share."""
-    uncovered = Counter(label for label in labels if not 0 <= label < num_classes)
-    if not uncovered:
-        return
-    parts = [f"{'no label' if value == -1 else f'label {value}'}: {count} row{'s' if count != 1 else ''}"
-             for value, count in sorted(uncovered.items(), key=lambda item: (item[0] == -1, item[0]))]
-    logger.warning("Zero-shot evaluation: %d of %d eval rows have labels the %d class names do not cover (%s); they "
-                   "are scored as wrong in zero_shot_accuracy", sum(uncovered.values()), len(labels), num_classes,
-                   ", ".join(parts))
-
-
-@torch.no_grad()
-def evaluate_model(
-    model,
-    processor,
-    eval_inputs,
-    class_names: list[str] | None = None,
-    zero_shot_templates: list[str] | None = None,
-    batch_size: int = 128,
-    itm_rerank_k: int = 0,
-    chunk_size: int = 1024,
-    image_embeds: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` /
-    `text_ids`) and, when labels and class names are known, zero-shot classification accuracy from class
-    prompts (rows whose label the class names do not cover count as wrong, with a warning naming those labels).
-    With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head.
-    `image_embeds` may hold `embed_images` of `eval_inputs.images`, computed once for other uses too."""
-    # identical captions with the same positive id are one query/candidate, not several (class-level datasets
-    # repeat each caption for every image of the class; duplicates would only tie with each other)
-    unique = dict.fromkeys(zip(eval_inputs.texts, eval_inputs.text_ids))
-    texts = [text for text, _ in unique]
-    text_ids = [text_id for _, text_id in unique]
-    with eval_mode(model):
-        if image_embeds is None:
-            image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
-        text_embeds = embed_texts(model, processor, texts, batch_size)
-        rerank_fn = None
-        if itm_rerank_k > 0:
-            rerank_fn = _itm_rerank_fn(model, processor, eval_inputs.images, texts, batch_size)
-        metrics = retrieval_metrics(
-            image_embeds, text_embeds, eval_inputs.image_ids, text_ids,
-            chunk_size=chunk_size, rerank_fn=rerank_fn, rerank_k=max(itm_rerank_k, 1),
-        )
-        if class_names and zero_shot_templates and eval_inputs.labels is not None:
-            _warn_uncovered_labels([int(label) for label in eval_inputs.labels], len(class_names))
-            prompts = class_prompts(class_names, zero_shot_templates)
-            per_class = [embed_texts(model, processor, p, batch_size) for p in prompts]
-            classifier = zero_shot_classifier(per_class)
-            metrics["zero_shot_accuracy"] = zero_shot_accuracy(
-                image_embeds, torch.as_tensor(eval_inputs.labels), classifier
-            )
-        if hasattr(model, "code_logits"):
-            metrics.update(codebook_metrics(model, image_embeds, text_embeds, eval_inputs.labels))
-        metrics["num_eval_images"] = len(eval_inputs.images)
-        metrics["num_eval_texts"] = len(texts)
-        metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
-    return metrics
-
-
-@torch.no_grad()
-def codebook_metrics(model, image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels=None) -> dict:
-    """Code usage of a codebook model (CODIS) on the evaluation images and texts: codes used and perplexity per
-    modality (see `metrics.code_usage`), and with labels the purity of the image clusters."""
-    num_codes = model.config.codebook_size
-    weight = model.codebook.weight
-    image_codes = model.code_logits(image_embeds.to(weight)).argmax(dim=-1).cpu()
-    text_codes = model.code_logits(text_embeds.to(weight)).argmax(dim=-1).cpu()
-    results = {"codebook_size": num_codes}
-    for name, codes in (("image", image_codes), ("text", text_codes)):
-        results.update({f"{name}_{k}": v for k, v in code_usage(codes, num_codes).items()})
-    if labels is not None:
-        results["image_code_purity"] = code_purity(image_codes, labels)
-    return results
-
-
-def _itm_rerank_fn(model, processor, images, texts, batch_size):
-    device = next(model.parameters()).device
-    tokens = processor(text=list(texts), return_tensors="pt")
-    image_tokens = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-        image_tokens.append(model.get_image_tokens(pixels.to(device)))
-    image_tokens = torch.cat(image_tokens)
-
-    def rerank(query_indices, candidate_indices, direction):
-        q, k = candidate_indices.shape
-        if direction == "i2t":
-            image_index = query_indices.view(-1, 1).expand(q, k).reshape(-1)
-            text_index = candidate_indices.reshape(-1)
-        else:
-            text_index = query_indices.view(-1, 1).expand(q, k).reshape(-1)
-            image_index = candidate_indices.reshape(-1)
-        scores = []
-        for start in range(0, len(text_index), batch_size):
-            ti, ii = text_index[start : start + batch_size], image_index[start : start + batch_size]
-            scores.append(
-                model.itm_score(
-                    input_ids=tokens["input_ids"][ti].to(device),
-                    attention_mask=tokens["attention_mask"][ti].to(device),
-                    image_tokens=image_tokens[ii.to(device)],
-                ).float().cpu()
-            )
-        return torch.cat(scores).view(q, k)
-
-    return rerank
 
 
 def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> None:
@@ -763,7 +603,7 @@ class ContrastiveTrainer(VLAlignTrainer):
 
     Its run-time settings (the alpha ramp, ITM re-ranking, gradient caching, the non-finite guard) are fields of
     `ContrastiveTrainingArguments`; with plain `TrainingArguments` they keep their defaults. Extra arguments:
-        eval_inputs: `data.EvalInputs` for `evaluate()`; class_names / zero_shot_templates for zero-shot accuracy.
+        eval_inputs: `evaluation.EvalInputs` for `evaluate()`; class_names / zero_shot_templates for zero-shot accuracy.
         vlalign_processor: the `VLAlignProcessor` used to embed evaluation images and texts.
     """
 
@@ -1015,66 +855,3 @@ class ContrastiveTrainer(VLAlignTrainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-# ------------------------------------------------------------------------------------------------------------
-# MIVC (generative) evaluation
-
-
-@torch.no_grad()
-def predict_multi_image(model, processor, image_lists: list[list], prompts: list[str], max_new_tokens: int = 4):
-    """Greedy answers of an MIVC model for items of several images, and each image's pooling weight (the mean over
-    the visual tokens for per-token pooling; None for the concatenation baseline). Call under `eval_mode`."""
-    inputs = processor(images=image_lists, text=prompts).to(next(model.parameters()).device)
-    generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    weights = None
-    if model.config.pooling_mode != "concatenate":
-        _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
-        weights = weights.float().mean(dim=-1) if weights.dim() == 3 else weights.float()
-    return [answer.strip() for answer in answers], weights
-
-
-@torch.no_grad()
-def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max_new_tokens: int = 4,
-                  degraded_column: str | None = "degraded") -> dict[str, float]:
-    """Exact-match accuracy of greedy answers and, when the dataset marks degraded images, the mean weight that
-    MIVC's pooling gives to clean and to degraded images (per-token weights averaged over the tokens).
-
-    Returns ``exact_match_accuracy`` (percent), ``mean_weight_clean_images``, ``mean_weight_degraded_images``,
-    ``uniform_weight_reference`` (the mean of 1 / images per item over the same images: what equal weighting gives)
-    and ``num_eval_items``.
-    """
-    correct = total = 0
-    sums = {"clean": 0.0, "degraded": 0.0}
-    counts = {"clean": 0, "degraded": 0}
-    uniform = 0.0
-    with eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            kept = [(row, collator.decoded_images(row)) for row in rows]
-            kept = [(row, images) for row, images in kept if images]
-            if not kept:
-                continue
-            answers, per_image = predict_multi_image(model, processor, [images for _, images in kept],
-                                                     [row[collator.prompt_column] for row, _ in kept], max_new_tokens)
-            for (row, _), answer in zip(kept, answers, strict=True):
-                correct += answers_match(answer, row[collator.answer_column])
-                total += 1
-            if degraded_column and degraded_column in rows[0] and per_image is not None:
-                for index, (row, images) in enumerate(kept):
-                    flags = row[degraded_column]
-                    if len(flags) != len(images):  # an image was dropped as unreadable: flags no longer align
-                        continue
-                    for slot, degraded in enumerate(flags):
-                        key = "degraded" if degraded else "clean"
-                        sums[key] += float(per_image[index, slot])
-                        counts[key] += 1
-                        uniform += 1.0 / len(flags)
-    results = {"exact_match_accuracy": 100.0 * correct / total if total else float("nan"),
-               "num_eval_items": total}
-    if counts["clean"] + counts["degraded"]:
-        for key in ("clean", "degraded"):
-            results[f"mean_weight_{key}_images"] = sums[key] / counts[key] if counts[key] else float("nan")
-        results["uniform_weight_reference"] = uniform / (counts["clean"] + counts["degraded"])
-    return results

@@ -1,1 +1,1 @@
-"""The ``retrieval_recall`` `evaluate` metric: ``evaluate.load(vlalign.metrics.RETRIEVAL_METRIC_PATH)``."""
+"""The ``retrieval_recall`` `evaluate` metric: ``evaluate.load(vlalign.evaluation.RETRIEVAL_METRIC_PATH)``."""

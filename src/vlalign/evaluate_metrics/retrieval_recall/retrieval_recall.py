@@ -3,11 +3,11 @@
 Load it by path (works offline, nothing is downloaded):
 
     import evaluate
-    import vlalign.metrics
+    import vlalign.evaluation
 
-    metric = evaluate.load(vlalign.metrics.RETRIEVAL_METRIC_PATH)
+    metric = evaluate.load(vlalign.evaluation.RETRIEVAL_METRIC_PATH)
 
-The computation is ``vlalign.metrics.retrieval_metrics``, the function that ``vlalign.trainer.evaluate_model``
+The computation is ``vlalign.evaluation.retrieval_metrics``, the function that ``vlalign.evaluation.evaluate_model``
 (and so ``ContrastiveTrainer.evaluate``) uses: the numbers are the same, not a re-implementation.
 
 Input format: one row per embedding, images and texts in the same three columns, because an `evaluate` metric
@@ -22,7 +22,7 @@ than images):
 * ``modality``: ``"image"`` or ``"text"``.
 
 Rows can come in any order and in any number of ``add_batch`` calls (images and texts mixed or not); the order
-of the images among themselves and of the texts among themselves is kept. ``vlalign.metrics.retrieval_metric_inputs``
+of the images among themselves and of the texts among themselves is kept. ``vlalign.evaluation.retrieval_metric_inputs``
 builds the three columns from separate image and text embeddings and ids:
 
     metric.compute(**retrieval_metric_inputs(image_embeds, text_embeds, image_ids, text_ids))
@@ -44,7 +44,7 @@ import evaluate
 import numpy as np
 import torch
 
-from vlalign.metrics import retrieval_metrics
+from vlalign.evaluation import retrieval_metrics
 
 _DESCRIPTION = """\
 Cross-modal retrieval Recall@k in both directions (image-to-text and text-to-image) for embedding models such as
@@ -52,7 +52,7 @@ CLIP, ALBEF, TCL or CODIS, with any number of positives per query. Image i and t
 they carry the same id. Recall@k is the percentage of queries that have at least one positive among their k most
 similar candidates (dot product of the given, L2-normalised embeddings). Similarities are computed in query
 chunks, so COCO-5K sized sets (25,000 captions x 5,000 images) need O(chunk_size x N) memory. The computation is
-vlalign.metrics.retrieval_metrics, the same function that vlalign's ContrastiveTrainer evaluation uses.
+vlalign.evaluation.retrieval_metrics, the same function that vlalign's ContrastiveTrainer evaluation uses.
 """
 
 _CITATION = ""
@@ -72,8 +72,8 @@ Returns:
     i2t_num_queries (`int`): images with at least one positive text (the i2t denominator).
     t2i_num_queries (`int`): texts with at least one positive image (the t2i denominator).
 Examples:
-    >>> import evaluate, vlalign.metrics
-    >>> metric = evaluate.load(vlalign.metrics.RETRIEVAL_METRIC_PATH)
+    >>> import evaluate, vlalign.evaluation
+    >>> metric = evaluate.load(vlalign.evaluation.RETRIEVAL_METRIC_PATH)
     >>> results = metric.compute(
     ...     embeddings=[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]],
     ...     ids=[0, 1, 0, 1, 1],

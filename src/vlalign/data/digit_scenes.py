@@ -16,7 +16,7 @@ drawn for "test", `index % 10 == 5` for "validation", the rest for "train". `noi
 of the *training* captions for another training image's caption (a random permutation of the chosen rows with
 no fixed point), the noisy-pairs setting of web-scale image-text data; validation and test stay clean.
 
-`python -m vlalign.digit_scenes OUT [--noisy_fraction 0.3]` writes the splits as an image folder
+`python -m vlalign.data.digit_scenes OUT [--noisy_fraction 0.3]` writes the splits as an image folder
 (`OUT/<split>/*.png` + `metadata.jsonl` with `file_name`, `caption`, `image_id`) that `datasets.load_dataset(
 "imagefolder", data_dir=OUT)` reads, plus the matching processor (tokenizer + mild, caption-preserving augmentation)
 in `OUT/processor`.
@@ -34,8 +34,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .data import build_digits_tokenizer
-from .processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor
+from ..processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor
+from .digits import build_digits_tokenizer
 
 __all__ = [
     "SCENE_COLOURS",

@@ -1,4 +1,5 @@
-"""Tests for vlalign.metrics against brute-force float64 references."""
+"""vlalign.evaluation: the metrics against brute-force float64 references, the eval split decoded into EvalInputs,
+and evaluating a model (retrieval, zero-shot, ITM re-rank) against hand-computed recalls."""
 
 import json
 import math
@@ -7,13 +8,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_tcl_config
+from PIL import Image
 
-import vlalign.metrics
-from vlalign.metrics import (
+import vlalign.evaluation
+from vlalign import TCLModel
+from vlalign.data import DIGIT_CAPTION_TEMPLATES, DIGIT_NAMES, DataArguments, build_digits_dataset
+from vlalign.evaluation import (
+    EvalInputs,
+    build_eval_inputs,
     chunked_similarity_topk,
+    evaluate_model,
     retrieval_metrics,
     zero_shot_accuracy,
     zero_shot_classifier,
@@ -292,11 +301,9 @@ def test_zero_shot_classifier_clip_style():
 # ----------------------------------------------------------------------------- scale / memory
 _BIG_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, resource, sys, torch
-    # Load metrics.py by path: only torch is imported, whatever the package __init__ pulls in.
-    spec = importlib.util.spec_from_file_location("_vlalign_metrics", sys.argv[1])
-    metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(metrics)
+    import json, resource, sys, torch
+    # imported before the baseline below, so the peak-RSS delta measures the call only
+    import vlalign.evaluation as metrics
 
     # Integer-valued embeddings, |partial sums| <= 256 * 100 * 600 < 2**24: float32 similarities are
     # exact, so the reference below is exact too. Each caption = its image + integer noise.
@@ -334,7 +341,7 @@ _BIG_SCRIPT = textwrap.dedent(
 def test_coco_scale_bounded_memory_matches_reference():
     """25,000 captions x 5,000 images, d=256: the full float32 similarity matrix alone would be 500 MB.
     Runs in a fresh process so the peak-RSS delta measures this call only."""
-    path = str(Path(vlalign.metrics.__file__))
+    path = str(Path(vlalign.evaluation.__file__))
     proc = subprocess.run(
         [sys.executable, "-c", _BIG_SCRIPT, path], capture_output=True, text=True, timeout=120, check=False
     )
@@ -352,7 +359,7 @@ def test_coco_scale_bounded_memory_matches_reference():
 
 # ----------------------------------------------------------------------------- codebook usage
 def test_code_usage_counts_and_perplexity():
-    from vlalign.metrics import code_usage
+    from vlalign.evaluation import code_usage
 
     # uniform over 4 of 10 codes: perplexity 4
     assert code_usage([0, 3, 5, 9] * 5, 10) == {"codes_used": 4, "code_perplexity": pytest.approx(4.0)}
@@ -368,7 +375,7 @@ def test_code_usage_counts_and_perplexity():
 
 
 def test_code_purity_against_labels():
-    from vlalign.metrics import code_purity
+    from vlalign.evaluation import code_purity
 
     # code 0: labels 1,1,2 -> 2 correct; code 1: labels 3,3 -> 2 correct; code 2: label 0 -> 1 correct
     assert code_purity([0, 0, 0, 1, 1, 2], [1, 1, 2, 3, 3, 0]) == pytest.approx(100 * 5 / 6)
@@ -377,3 +384,169 @@ def test_code_purity_against_labels():
     assert code_purity([9, 9, 9, 2, 2, 5], [1, 1, 2, 3, 3, 0]) == pytest.approx(100 * 5 / 6)
     with pytest.raises(ValueError, match="labels"):
         code_purity([0, 1], [0])
+
+
+# ----------------------------------------------------------------------------- eval inputs
+@pytest.fixture(scope="module")
+def digits():
+    return build_digits_dataset()
+
+
+def test_build_eval_inputs_on_digits_with_a_corrupt_row(digits):
+    args = DataArguments()
+    evaluation = digits["test"].cast_column("image", datasets.Image(decode=False)).select(range(30))
+    broken = evaluation.to_dict()
+    broken["image"][3] = {"bytes": b"garbage", "path": None}
+    # a *decoding* Image feature: build_eval_inputs must still skip the corrupt row rather than crash
+    evaluation = datasets.Dataset.from_dict(broken, features=digits["test"].features)
+    assert evaluation.features["image"].decode
+    inputs = build_eval_inputs(evaluation, args, batch_size=7)
+    keep = [i for i in range(30) if i != 3]
+    assert inputs.num_skipped == 1
+    assert len(inputs.images) == 29 and all(im.mode == "RGB" and im.size == (32, 32) for im in inputs.images)
+    labels = [evaluation["label"][i] for i in keep]
+    assert inputs.labels == labels and inputs.image_ids == labels  # positives_by="label"
+    assert len(inputs.texts) == 29 * len(DIGIT_CAPTION_TEMPLATES)
+    for text, text_id in zip(inputs.texts, inputs.text_ids):
+        assert DIGIT_NAMES[text_id] in text or str(text_id) in text
+    by_image = build_eval_inputs(evaluation, DataArguments(positives_by="image"))
+    assert by_image.image_ids == [evaluation["image_id"][i] for i in keep]
+    assert by_image.text_ids[:8] == [evaluation["image_id"][0]] * 8
+
+# ----------------------------------------------------------------------------- evaluating a model
+def _three_pairs(processor, itm_scores=None):
+    """Three images and their three captions (positive ids 0, 1, 2; labels 0, 1, 2) with a model whose towers and ITM
+    head are fixed lookups, so every recall is known by hand. Image embeddings are the unit vectors e0, e1, e2 and
+    caption j's embedding is column j of the similarities S[image, caption]:
+
+                caption 0  caption 1  caption 2
+        image 0    0.5        0.8        0.1
+        image 1    0.8        0.5        0.2
+        image 2    0.1        0.1        0.9
+
+    By similarity image 0 ranks caption 1 first and image 1 caption 0 (both wrong), image 2 its own caption: recall@1
+    is 1 of 3 image-to-text, and likewise text-to-image (captions 0 and 1 each rank the other image first); every
+    match is within the top 2. The zero-shot prompts ("{name}" for the class names zero / one / two) embed as e1, e0,
+    e2, so images 0 and 1 are classified as each other's class and image 2 right: 1 of 3. `itm_scores[image,
+    caption]` is what the ITM head returns."""
+    images = [Image.new("RGB", (16, 16), (level, level, level)) for level in (30, 130, 230)]
+    captions = ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit two"]
+    prompts = ["zero", "one", "two"]
+    image_embeds = torch.eye(3)
+    similarities = torch.tensor([[0.5, 0.8, 0.1], [0.8, 0.5, 0.2], [0.1, 0.1, 0.9]])
+    text_embeds = torch.cat([similarities.T, torch.eye(3)[[1, 0, 2]]])  # the captions, then the prompts
+
+    def image_keys(pixel_values):
+        return [round(float(pixels[0, 0, 0]), 4) for pixels in pixel_values]
+
+    def text_keys(input_ids, attention_mask):
+        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+
+    image_row = {key: row for row, key in enumerate(image_keys(processor(images=images)["pixel_values"]))}
+    tokens = processor(text=captions + prompts, return_tensors="pt")
+    text_row = {key: row for row, key in enumerate(text_keys(tokens["input_ids"], tokens["attention_mask"]))}
+    assert len(image_row) == 3 and len(text_row) == 6
+
+    def image_rows(pixel_values):
+        return torch.tensor([image_row[key] for key in image_keys(pixel_values)])
+
+    def text_rows(input_ids, attention_mask):
+        return torch.tensor([text_row[key] for key in text_keys(input_ids, attention_mask)])
+
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())  # its own towers are never called
+    model.get_image_features = lambda pixel_values: image_embeds[image_rows(pixel_values)]
+    model.get_text_features = lambda input_ids, attention_mask: text_embeds[text_rows(input_ids, attention_mask)]
+    model.get_image_tokens = lambda pixel_values: image_rows(pixel_values).float().view(-1, 1, 1)
+    model.itm_score = lambda input_ids, attention_mask, image_tokens: itm_scores[
+        image_tokens[:, 0, 0].long(), text_rows(input_ids, attention_mask)]
+    eval_inputs = EvalInputs(images, [0, 1, 2], captions, [0, 1, 2], [0, 1, 2], 0)
+    return eval_inputs, model
+
+
+def test_evaluate_model_reports_hand_computed_recall_and_zero_shot_accuracy(digits_processor_16):
+    eval_inputs, model = _three_pairs(digits_processor_16)
+    metrics = evaluate_model(model, digits_processor_16, eval_inputs, ["zero", "one", "two"], ["{name}"])
+    for direction in ("i2t", "t2i"):
+        assert metrics[f"{direction}_recall@1"] == pytest.approx(100 / 3)
+        assert metrics[f"{direction}_recall@5"] == metrics[f"{direction}_recall@10"] == 100.0
+        assert metrics[f"{direction}_num_queries"] == 3
+    assert metrics["zero_shot_accuracy"] == pytest.approx(100 / 3)
+    assert (metrics["num_eval_images"], metrics["num_eval_texts"], metrics["num_eval_images_skipped"]) == (3, 3, 0)
+
+
+def test_contrastive_trainer_evaluate_reports_hand_computed_recall(digits_processor_16, tmp_path):
+    """`ContrastiveTrainer.evaluate` on the constructed case: the recalls worked out in `_three_pairs`, prefixed, and
+    with the trainer's `itm_rerank_k` the re-ranked ones."""
+    from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
+
+    eval_inputs, model = _three_pairs(digits_processor_16, itm_scores=torch.eye(3))
+    for rerank_k, recall_at_1 in ((0, 100 / 3), (2, 100.0)):
+        args = ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                            itm_rerank_k=rerank_k)
+        trainer = ContrastiveTrainer(model=model, args=args, train_dataset=[0] * 4, processing_class=digits_processor_16,
+                                     eval_inputs=eval_inputs, class_names=["zero", "one", "two"],
+                                     zero_shot_templates=["{name}"])
+        metrics = trainer.evaluate()
+        assert metrics["eval_i2t_recall@1"] == pytest.approx(recall_at_1), rerank_k
+        assert metrics["eval_t2i_recall@1"] == pytest.approx(recall_at_1), rerank_k
+        assert metrics["eval_i2t_recall@10"] == metrics["eval_t2i_recall@10"] == 100.0
+        assert metrics["eval_zero_shot_accuracy"] == pytest.approx(100 / 3)
+
+
+def test_itm_rerank_evaluation_runs_on_candidates(digits_processor_16, digits_small):
+    data_args, _, evaluation = digits_small
+    eval_inputs = build_eval_inputs(evaluation.select(range(12)), data_args)
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    plain = evaluate_model(model, digits_processor_16, eval_inputs)
+    reranked = evaluate_model(model, digits_processor_16, eval_inputs, itm_rerank_k=5)
+    # re-ranking only reorders the top-5: recall@5 and recall@10 cannot change
+    for key in ("i2t_recall@5", "i2t_recall@10", "t2i_recall@5", "t2i_recall@10"):
+        assert reranked[key] == pytest.approx(plain[key])
+
+    # the re-ranked order is the one scored: on the constructed case the ITM head puts every match first among the
+    # top 2 by similarity, so recall@1 goes from the similarity's 1 of 3 to 3 of 3 both ways (worked out in
+    # `_three_pairs`); a head of one candidate cannot reorder anything
+    eval_inputs, model = _three_pairs(digits_processor_16, itm_scores=torch.eye(3))
+    plain = evaluate_model(model, digits_processor_16, eval_inputs)
+    reranked = evaluate_model(model, digits_processor_16, eval_inputs, itm_rerank_k=2)
+    head_of_one = evaluate_model(model, digits_processor_16, eval_inputs, itm_rerank_k=1)
+    for direction in ("i2t", "t2i"):
+        assert plain[f"{direction}_recall@1"] == pytest.approx(100 / 3)
+        assert reranked[f"{direction}_recall@1"] == pytest.approx(100.0)
+        assert head_of_one[f"{direction}_recall@1"] == pytest.approx(100 / 3)
+        assert plain[f"{direction}_recall@5"] == reranked[f"{direction}_recall@5"] == 100.0
+    # an ITM head that prefers image 0 with caption 1 (and agrees elsewhere) costs exactly those two pairs' queries:
+    # image 0 (i2t) and caption 1 (t2i) now rank the wrong one first
+    misled = torch.eye(3)
+    misled[0, 1] = 2.0
+    eval_inputs, model = _three_pairs(digits_processor_16, itm_scores=misled)
+    reranked = evaluate_model(model, digits_processor_16, eval_inputs, itm_rerank_k=2)
+    assert reranked["i2t_recall@1"] == pytest.approx(200 / 3) and reranked["t2i_recall@1"] == pytest.approx(200 / 3)
+
+
+def test_zero_shot_warns_about_eval_labels_the_class_names_do_not_cover(digits_processor_16, digits_small, caplog):
+
+    data_args, _, evaluation = digits_small
+    inputs = build_eval_inputs(evaluation.select(range(10)), data_args)
+    labels = [0, 1, 2, 0, 1, 7, 7, 9, 7, 3]
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    with caplog.at_level("WARNING", logger="vlalign.evaluation"):
+        covered = evaluate_model(model, digits_processor_16,
+                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+                                 DIGIT_NAMES, data_args.zero_shot_templates)
+    assert "zero_shot_accuracy" in covered
+    assert not [r for r in caplog.records if "class names do not cover" in r.getMessage()]
+    labels[-1] = -1  # a row without a label (build_eval_inputs' None)
+    with caplog.at_level("WARNING", logger="vlalign.evaluation"):
+        metrics = evaluate_model(model, digits_processor_16,
+                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+                                 ["zero", "one", "two"], data_args.zero_shot_templates)
+    assert "zero_shot_accuracy" in metrics  # still computed, those rows scored as wrong
+    warned = [r.getMessage() for r in caplog.records if "class names do not cover" in r.getMessage()]
+    assert warned == ["Zero-shot evaluation: 5 of 10 eval rows have labels the 3 class names do not cover (label 7: 3 "
+                      "rows, label 9: 1 row, no label: 1 row); they are scored as wrong in zero_shot_accuracy"]
+
+

@@ -8,8 +8,8 @@ the informative ones) can recover the digit from the clean scan(s).
 Degradations are applied to the 8x8 scan (sklearn ink scale 0..16, 16 = ink) *before* rendering, so the noise
 and the occluder live at the digit's own resolution (noise at the rendered resolution would be partly averaged
 away by any classifier looking at many pixels per scan cell). The degraded scan is then rendered exactly like
-the single-image demo (`vlalign.data._digit_to_png`: inverted to dark ink on light paper, bicubic resize to
-`image_size`) and converted to RGB.
+the single-image demo (`digits._digit_to_png`: inverted to dark ink on light paper, bicubic resize to `image_size`)
+and converted to RGB.
 
 - "noise": the scan is faded halfway towards mid-grey (ink 8) and Gaussian noise with a std drawn uniformly
   in [0.6, 0.8] of the intensity range (i.e. 9.6-12.8 ink units) is added, then clipped to 0..16.
@@ -30,11 +30,13 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .data import DIGIT_NAMES, _digit_to_png
+from ..processing_vlalign import MIVCProcessor
+from .digits import DIGIT_NAMES, _digit_to_png, build_digits_tokenizer
 
 __all__ = [
     "DEGRADATION_KINDS",
     "MIVC_DIGITS_PROMPT",
+    "build_mivc_digits_processor",
     "build_multiview_digits_dataset",
     "multiview_digits_features",
 ]
@@ -229,9 +231,6 @@ def build_mivc_digits_processor(image_seq_length: int, image_size: int = 32, con
     """`MIVCProcessor` for the multi-view digits demo: the offline digits tokenizer plus an `<image>` placeholder,
     [CLS] as BOS and [SEP] as EOS, and a PIL ViT image processor (mean/std 0.5)."""
     from transformers import ViTImageProcessorPil
-
-    from .data import build_digits_tokenizer
-    from .processing_vlalign import MIVCProcessor
 
     tokenizer = build_digits_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]",
