@@ -74,12 +74,10 @@ def test_a_final_save_that_fails_half_way_keeps_the_previous_model_whole(tmp_pat
     train.main(["--config", str(config)])
     out = tmp_path / "out"
     before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
-    import vlalign.hub
-
     def full_disk(*args, **kwargs):  # the card is written after the weights, config and processor
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vlalign.hub, "save_model_card", full_disk)
+    monkeypatch.setattr(train, "save_model_card", full_disk)
     with pytest.raises(DiskFullError, match=r"the disk is full: the final model could not be written to .*out"):
         train.main(["--config", str(config), "--seed", "7", "--model.embed_dim", "24"])
     after = {name: (out / name).read_bytes() for name in before}

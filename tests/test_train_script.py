@@ -391,4 +391,5 @@ def test_a_contrastive_setting_is_refused_for_mivc(tmp_path):
     from vlalign.trainer import VLAlignTrainingArguments
 
     with pytest.raises(SystemExit, match=r"\['itm_rerank_k'\] are not settings of VLAlignTrainingArguments"):
-        train._training_arguments({"training": {"itm_rerank_k": 5}}, str(tmp_path), VLAlignTrainingArguments)
+        train.load_config(None, train.parse_overrides(["--model_type", "mivc", "--itm_rerank_k", "5"]))
+    assert train.task_of("mivc").training_arguments is VLAlignTrainingArguments

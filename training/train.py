@@ -2,38 +2,100 @@
 
     accelerate launch training/train.py --config training/configs/tcl_digits.yaml [--key value ...]
 
-The YAML file has four sections: `model` (`model_type: tcl | codis` and that model's config fields, e.g. TCLConfig
-or CODISConfig, with `vision_config` / `text_config` dicts; default tcl), `data`
-(vlalign.data.DataArguments), `training` (transformers.TrainingArguments) and `run` (RunArguments below). Any
+The YAML file has four sections: `model` (`model_type: tcl | codis | mivc` and that model's config fields, e.g.
+TCLConfig, with `vision_config` / `text_config` dicts; default tcl), `data` (vlalign.data.DataArguments, or
+MIVCDataArguments for mivc), `training` (vlalign.trainer.ContrastiveTrainingArguments, or VLAlignTrainingArguments
+for mivc: transformers' TrainingArguments plus vlalign's run-time settings) and `run` (RunArguments below). Any
 field of any section can be overridden on the command line as `--key value` (or `--section.key value`, and
 `--model.vision_config.hidden_size 64` for nested keys); values are parsed as YAML (`--max_steps 10`,
-`--report_to '[tensorboard]'`, `--label_column null`) and, like those of the file, checked against the field's type
-(`yes` / `no` / `on` / `off` stay text for a string field: `--save_strategy no`).
+`--report_to '[tensorboard]'`, `--label_column null`) and, like those of the file, checked once against the
+field's type and against the fields of the model's task (`yes` / `no` / `on` / `off` stay text for a string field:
+`--save_strategy no`).
 
-Steps: read config -> apply overrides -> build data, processor and model -> ContrastiveTrainer.train() ->
-evaluate on the eval split -> save model (safetensors + config with auto_map + code files), processor,
-eval_results.json and a model card to `output_dir` -> optionally push them to the Hub (`--push_to_hub --hub_model_id
-user/name`; token from HF_TOKEN, the stored login or `--hub_token`, which is never written to any file): only the files
-of vlalign.hub.publishable_files, never the checkpoints, TensorBoard runs or training_args.json next to them.
+`main` runs the same numbered steps for both tasks of the `TASKS` table (contrastive: TCL / CODIS; multi-image:
+MIVC): 1. parse  2. data  3. processor  4. model  5. trainer  6. train  7. evaluate  8. save + card  9. push.
+The model (safetensors + config with auto_map + code files), processor, eval_results.json and a model card are
+written to `output_dir`; the push (`--push_to_hub --hub_model_id user/name`; token from HF_TOKEN, the stored login
+or `--hub_token`, which is never written to any file) uploads only the files of vlalign.hub.publishable_files,
+never the checkpoints, TensorBoard runs or training_args.json next to them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
+import signal
 import sys
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedConfig,
+    ViTImageProcessorPil,
+    set_seed,
+)
+
+import vlalign  # registers the Auto classes
+from vlalign import MIVCConfig, MIVCForConditionalGeneration, VLAlignProcessor, check_tokenizer_fits_model
+from vlalign.data import (
+    DataArguments,
+    MIVCDataArguments,
+    MultiImageCollator,
+    build_digits_processor,
+    build_mivc_digits_processor,
+    get_data,
+)
+from vlalign.evaluation import build_eval_inputs, embed_images, eval_mode, evaluate_mivc, evaluate_model
+from vlalign.hub import (
+    DIGITS_DESCRIPTION,
+    MULTIVIEW_DIGITS_DESCRIPTION,
+    PUSH_ERRORS,
+    build_model_card,
+    card_hyperparameters,
+    mivc_card_hyperparameters,
+    multi_image_pictures,
+    public_name,
+    push_command,
+    push_folder_to_hub,
+    retrieval_pictures,
+    save_model_card,
+)
+from vlalign.output_folder import (
+    OutputFolderInUseError,
+    OutputFolderLock,
+    checkpoint_problems,
+    explain_write_error,
+    latest_complete_checkpoint,
+    publish_files,
+    remove_stale_staging,
+    staging_folder,
+)
+from vlalign.processing_vlalign import check_tokenizer_files
+from vlalign.trainer import (
+    ContrastiveTrainer,
+    ContrastiveTrainingArguments,
+    TrainingInterruptedError,
+    VLAlignTrainer,
+    VLAlignTrainingArguments,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +103,8 @@ logger = logging.getLogger("vlalign.train")
 
 
 @dataclass
+
+
 class RunArguments:
     """vlalign-specific run options (the `run` section)."""
 
@@ -66,16 +130,15 @@ class RunArguments:
 
 SECTIONS = ("run", "data", "training", "model")
 # settings an older layout kept elsewhere: each is a training argument now (vlalign.trainer.ContrastiveTrainingArguments)
+
 MOVED_TO_TRAINING = {("run", "alpha_ramp_steps"), ("run", "itm_rerank_k"), ("run", "stop_on_nonfinite"),
                      ("run", "max_consecutive_nonfinite_steps"), ("model", "gradient_cache_chunk_size")}
 # TrainingArguments fields that `run` owns: the Trainer pickles its arguments (token included) into every checkpoint
 # and, with its own push_to_hub, would upload the whole output folder (checkpoints, logs) as it goes
+
+
 HUB_SETTINGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token")
-DIGITS_DESCRIPTION = (
-    "the embedded digits demo: scikit-learn's 1,797 real handwritten digit scans (8x8, upsampled), each with "
-    "several template captions naming the digit; scans with index % 5 == 0 form the test split (360), the "
-    "rest the training split (1,437)"
-)
+
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -95,8 +158,8 @@ class _YamlWord(str):
     is known (`_checked_section`), so that a string field gets the text (`save_strategy: no`) and a boolean one, or a
     value not checked here (`vision_config` entries), the boolean YAML 1.1 meant."""
 
-
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
 _WORD_TAG = "tag:vlalign:bool-word"
 
 
@@ -124,7 +187,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
 
 _KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", type(None): "null"}
@@ -175,18 +237,11 @@ def _field_kinds(cls) -> dict[str, tuple[type, ...] | None]:
 
 def _model_configs() -> dict[str, type]:
     """vlalign's ALBEF-style config classes by model_type (from the Auto registry that `import vlalign` fills)."""
-    from transformers import CONFIG_MAPPING
-
-    import vlalign
-
     return {name: CONFIG_MAPPING[name] for name in ("tcl", "codis", "mivc")
             if issubclass(CONFIG_MAPPING[name], (vlalign.ALBEFStackConfig, vlalign.MIVCConfig))}
 
 
 def _section_fields() -> dict[str, set[str]]:
-    from vlalign.data import DataArguments, MIVCDataArguments
-    from vlalign.trainer import ContrastiveTrainingArguments
-
     model_fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _model_configs().values()))
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
@@ -196,30 +251,33 @@ def _section_fields() -> dict[str, set[str]]:
     }
 
 
-def _section_kinds() -> dict[str, dict[str, tuple[type, ...] | None]]:
-    """Per section, the value types each field admits (`_field_kinds`), for `_checked_section`."""
-    from vlalign.data import DataArguments, MIVCDataArguments
-    from vlalign.trainer import ContrastiveTrainingArguments
-
-    model: dict[str, tuple[type, ...] | None] = {"model_type": (str,)}
-    for config_class in _model_configs().values():  # a field of several model configs admits what any of them does
-        for name, kinds in _field_kinds(config_class).items():
-            model[name] = None if None in (kinds, model.get(name, ())) else (*model.get(name, ()), *kinds)
-    training = _field_kinds(ContrastiveTrainingArguments)
+def _section_schemas(task: Task, config_class: type) -> dict[str, tuple[type, dict[str, tuple[type, ...] | None]]]:
+    """Per section, the class whose fields it holds for this task and the value types each field admits
+    (`_field_kinds`)."""
+    model = {"model_type": (str,), **_field_kinds(config_class)}
+    training = _field_kinds(task.training_arguments)
+    for name in HUB_SETTINGS:  # the run section owns them
+        training.pop(name, None)
     training["resume_from_checkpoint"] = (str, bool, type(None))  # `true` / the bare flag: the latest checkpoint
-    data = {**_field_kinds(MIVCDataArguments), **_field_kinds(DataArguments)}
-    data["data_files"] = (str, list, dict, type(None))  # typed `str | None` for HfArgumentParser only
-    return {"run": _field_kinds(RunArguments), "data": data, "training": training, "model": model}
+    data = _field_kinds(task.data_arguments)
+    if "data_files" in data:
+        data["data_files"] = (str, list, dict, type(None))  # typed `str | None` for HfArgumentParser only
+    return {"run": (RunArguments, _field_kinds(RunArguments)), "data": (task.data_arguments, data),
+            "training": (task.training_arguments, training), "model": (config_class, model)}
 
 
-def _checked_section(section: str, values: dict, kinds: dict[str, tuple[type, ...] | None]) -> dict:
-    """The section's values checked against their fields' types (SystemExit naming the field and the value), with
-    the YAML 1.1 words (`no`, `on` ...) as text for string fields and as booleans elsewhere. Unknown fields are left
-    to the code that knows what is allowed there."""
+def _checked_section(section: str, values: dict, owner: type, kinds: dict[str, tuple[type, ...] | None]) -> dict:
+    """The section's values checked against the fields of `owner` (SystemExit naming the unknown fields, or the
+    field and the value of the wrong type), with the YAML 1.1 words (`no`, `on` ...) as text for string fields and
+    as booleans elsewhere."""
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        what = ("settings", " (this model's trainer); remove them") if section == "training" else ("fields", "")
+        raise SystemExit(f"{section} section: {unknown} are not {what[0]} of {owner.__name__}{what[1]}")
     checked = {}
     for name, value in values.items():
-        admitted = kinds.get(name)
-        if admitted is None:
+        admitted = kinds[name]
+        if admitted is None:  # a type not checked here (a sub-config, a dtype ...): its class checks it
             checked[name] = _plain(value)
             continue
         if isinstance(value, _YamlWord):
@@ -279,7 +337,8 @@ def apply_overrides(config: dict, overrides: list[tuple[str, Any]]) -> dict:
 
 
 def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> dict:
-    """The config file's sections with the overrides applied, every known field's value checked against its type."""
+    """The config file's sections with the overrides applied, every value checked against the fields of the model's
+    task (unknown fields and values of the wrong type refused, naming them)."""
     config: dict = {}
     if config_path:
         with open(config_path, encoding="utf-8") as handle:
@@ -305,20 +364,46 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
     for key in HUB_SETTINGS:  # a YAML `training:` section may still name them
         if key in training:
             run.setdefault(key, training.pop(key))
-    config["run"] = run
-    kinds = _section_kinds()
-    return {section: _checked_section(section, values or {}, kinds[section]) for section, values in config.items()}
+    config["run"] = _checked_section("run", run, RunArguments, _field_kinds(RunArguments))
+    model_type = _model_type(config)
+    schemas = _section_schemas(task_of(model_type), _model_configs()[model_type])
+    return {section: _checked_section(section, values or {}, *schemas[section]) for section, values in config.items()}
+
+
+def _model_type(config: dict) -> str:
+    """`model.model_type`, else that of the saved model `run.model_name_or_path` continues from, else tcl."""
+    model_type = (config.get("model") or {}).get("model_type")
+    if model_type is None:
+        path = (config.get("run") or {}).get("model_name_or_path")
+        model_type = AutoConfig.from_pretrained(path).model_type if path else "tcl"
+    configs = _model_configs()
+    if model_type not in configs:
+        raise SystemExit(f"unknown model.model_type {model_type!r}: use one of {sorted(configs)}")
+    return model_type
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The two tasks: what differs between them, step by step. `main` below runs the same steps for both.
+
+
+@dataclass(frozen=True)
+class Task:
+    """One kind of model train.py trains: its argument classes and trainer, and one function per step that differs."""
+
+    name: str
+    model_types: tuple[str, ...]
+    data_arguments: type
+    training_arguments: type
+    trainer_class: type
+    build_processor: Callable  # (run, data_args, model_section) -> processor
+    build_model: Callable  # (run, model_section, processor, data) -> model
+    evaluation_inputs: Callable  # (data, data_args, processor) -> Trainer keyword arguments; checks the eval split
+    # (model, processor, data, data_args, run, trainer, evaluation, trained) -> (results, write_pictures)
+    evaluate: Callable
+    card: Callable  # (model, training_args, trainer, run, data_args, data, results) -> build_model_card kwargs
 
 
 def build_processor(run: RunArguments, data_args, image_size: int):
-    from transformers import AutoProcessor, AutoTokenizer, ViTImageProcessorPil
-
-    from vlalign import VLAlignProcessor
-    from vlalign.data import build_digits_processor
-
     if run.processor_name_or_path:
         return AutoProcessor.from_pretrained(run.processor_name_or_path)
     if run.model_name_or_path and os.path.exists(os.path.join(run.model_name_or_path, "processor_config.json")):
@@ -327,8 +412,6 @@ def build_processor(run: RunArguments, data_args, image_size: int):
         return build_digits_processor(image_size=image_size)
     if not run.tokenizer_name_or_path and not run.text_model_name_or_path:
         raise SystemExit("set run.processor_name_or_path or run.tokenizer_name_or_path for this dataset")
-    from vlalign.processing_vlalign import check_tokenizer_files
-
     source = run.tokenizer_name_or_path or run.text_model_name_or_path
     if os.path.isdir(source):  # a local folder missing its vocabulary would load as special tokens only
         check_tokenizer_files(source)
@@ -339,8 +422,6 @@ def build_processor(run: RunArguments, data_args, image_size: int):
 
 def _check_tokenizer_fits(tokenizer, model) -> None:
     """A tokenizer with more tokens than the model's vocabulary fails at the first such token, deep in training."""
-    from vlalign import check_tokenizer_fits_model
-
     try:
         check_tokenizer_fits_model(tokenizer, model.config)
     except ValueError as error:
@@ -359,22 +440,12 @@ def _check_processor_image_size(processor, model) -> None:
 
 
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
-    from transformers import AutoConfig, AutoModel
-
-    import vlalign
-
-    model_type = model_section.get("model_type")
-    if model_type is None:
-        model_type = AutoConfig.from_pretrained(run.model_name_or_path).model_type if run.model_name_or_path else "tcl"
-    configs = _model_configs()
-    if model_type not in configs:
-        raise SystemExit(f"unknown model.model_type {model_type!r}: use one of {sorted(configs)}")
-    config_class = configs[model_type]
+    """A TCL or CODIS model from a saved model, from pretrained towers, or from the model section's configs (its
+    fields checked by `load_config`)."""
+    model_type = model_section.get("model_type", "tcl")
+    config_class = _model_configs()[model_type]
     overrides = {k: v for k, v in model_section.items() if k not in ("vision_config", "text_config", "model_type")}
     fields = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise SystemExit(f"model section: {unknown} are not fields of {config_class.__name__}")
     if num_train_samples is not None and "num_train_samples" in fields:
         overrides.setdefault("num_train_samples", num_train_samples)  # sizes per-sample statistics (running Z)
     if run.model_name_or_path:
@@ -399,22 +470,188 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
     return model_class(config)
 
 
-def _pretrained_model_type(path: str) -> str:
-    from transformers import AutoConfig
+def _contrastive_processor(run: RunArguments, data_args, model_section: dict):
+    return build_processor(run, data_args, int((model_section.get("vision_config") or {}).get("image_size", 256)))
 
-    return AutoConfig.from_pretrained(path).model_type
+
+def _contrastive_model(run: RunArguments, model_section: dict, processor, data):
+    model = build_model(run, model_section, processor.tokenizer, data.num_train_samples)
+    _check_processor_image_size(processor, model)
+    _check_tokenizer_fits(processor.tokenizer, model)
+    if data.num_train_samples is None and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
+        model.config, "z_estimate", None
+    ) == "running":
+        raise SystemExit("z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
+                         "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data")
+    return model
+
+
+def _contrastive_evaluation_inputs(data, data_args, processor) -> dict:
+    eval_inputs = build_eval_inputs(data.eval_dataset, data_args) if data.eval_dataset is not None else None
+    if eval_inputs is not None:
+        _check_eval_inputs(eval_inputs, data.eval_dataset, data_args)
+    return {"eval_inputs": eval_inputs, "class_names": data.class_names,
+            "zero_shot_templates": data_args.zero_shot_templates,
+            "resume_fingerprint": {"positives_by": data_args.positives_by, "train_data": data.train_fingerprint}}
+
+
+def _contrastive_evaluate(model, processor, data, data_args, run, trainer, evaluation: dict, trained: dict):
+    eval_inputs, collator = evaluation["eval_inputs"], data.collator
+    results: dict[str, Any] = {}
+    eval_image_embeds = None
+    if eval_inputs is not None:
+        with eval_mode(model):  # computed once: for the metrics and for the card's retrieval picture
+            eval_image_embeds = embed_images(model, processor, eval_inputs.images, run.eval_batch_size)
+        results.update(
+            evaluate_model(model, processor, eval_inputs, data.class_names, data_args.zero_shot_templates,
+                           batch_size=run.eval_batch_size, itm_rerank_k=trainer.args.itm_rerank_k,
+                           image_embeds=eval_image_embeds)
+        )
+    results.update(trained)
+    results["train_items_skipped"] = int(trainer.num_skipped_items)
+    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
+    if trainer.alignment_not_started is not None:
+        results["alignment_started"] = not trainer.alignment_not_started
+    if trainer.alignment_not_started:
+        check = trainer.alignment_check
+        logger.warning("Cross-modal alignment never started: after %d steps loss_i2t %.3f and loss_t2i %.3f are at "
+                       "ln(%d keys); the model card says so.", check["step"], check["loss_i2t"], check["loss_t2i"],
+                       check["num_keys"])
+    # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
+    train_counts_here = trainer.args.dataloader_num_workers == 0
+    if train_counts_here:
+        collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
+        results.update(collator.data_report("train_"))
+    if trainer.resume_changes:
+        results["resumed_with_changed_arguments"] = trainer.resume_changes
+    if eval_inputs is not None:
+        results.update(eval_inputs.issues.report("eval_"))
+    logger.info("Data issues: training: %s; evaluation: %s",
+                collator.issues.summary() if train_counts_here else f"{trainer.num_skipped_items} rows skipped",
+                eval_inputs.issues.summary() if eval_inputs is not None else "none")
+    return results, lambda folder: retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, folder,
+                                                      trainer.state.log_history)
+
+
+def _contrastive_card(model, training_args, trainer, run: RunArguments, data_args, data, results: dict) -> dict:
+    code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
+    return dict(
+        model_type_name=model.config.model_type.upper(),
+        base_model=public_name(run.vision_model_name_or_path),
+        dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
+        num_train_samples=data.num_train_samples,
+        hyperparameters=card_hyperparameters(model, training_args, trainer.resume_changes),
+        eval_results={k: v for k, v in results.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys},
+        code_usage={k: results[k] for k in code_keys} or None,
+        alignment_not_started=trainer.alignment_check if trainer.alignment_not_started else None,
+    )
+
+
+def _multi_image_processor(run: RunArguments, data_args, model_section: dict):
+    if run.processor_name_or_path or run.model_name_or_path:
+        return AutoProcessor.from_pretrained(run.processor_name_or_path or run.model_name_or_path)
+    if data_args.dataset_name == "multiview_digits":
+        image_size = int((model_section.get("vision_config") or {}).get("image_size", data_args.image_size))
+        return build_mivc_digits_processor(image_seq_length=1, image_size=image_size)
+    raise SystemExit("set run.processor_name_or_path (an MIVCProcessor) for this dataset")
+
+
+def _multi_image_model(run: RunArguments, model_section: dict, processor, data):
+    model = build_mivc_model(run, model_section, processor.tokenizer, processor.image_token_id)
+    _check_tokenizer_fits(processor.tokenizer, model)
+    # the placeholder expansion follows the model
+    processor.image_seq_length = model.config.image_seq_length
+    processor.concatenate_images = model.config.pooling_mode == "concatenate"
+    return model
+
+
+def _multi_image_evaluation_inputs(data, data_args, processor) -> dict:
+    if data.eval_dataset is not None:
+        _check_multi_image_eval(data.eval_dataset, processor, data_args)
+    return {"resume_fingerprint": {"train_data": data.train_fingerprint}}
+
+
+def _multi_image_evaluate(model, processor, data, data_args, run, trainer, evaluation: dict, trained: dict):
+    collator, eval_dataset = data.collator, data.eval_dataset
+    collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
+    train_data_report = collator.take_data_report("train_")  # evaluation decodes with this collator: count apart
+    results: dict[str, Any] = {}
+    if eval_dataset is not None:
+        results.update(evaluate_mivc(model, processor, eval_dataset, collator, batch_size=run.eval_batch_size))
+    results.update(trained)
+    results.update(train_data_report)
+    results["train_items_skipped"] = collator.num_skipped_items
+    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
+    if eval_dataset is not None:
+        results.update(collator.data_report("eval_"))
+    if trainer.resume_changes:
+        results["resumed_with_changed_arguments"] = trainer.resume_changes
+    logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
+                train_data_report["train_images_skipped"], collator.num_skipped_items, collator.num_skipped_images)
+    return results, lambda folder: multi_image_pictures(model, processor, eval_dataset, collator, folder,
+                                                        trainer.state.log_history)
+
+
+def _multi_image_card(model, training_args, trainer, run: RunArguments, data_args, data, results: dict) -> dict:
+    return dict(
+        model_type_name="MIVC",
+        base_model=[public_name(m) for m in (run.vision_model_name_or_path, run.text_model_name_or_path) if m]
+        or None,
+        dataset_description=(MULTIVIEW_DIGITS_DESCRIPTION if data_args.dataset_name == "multiview_digits" else None),
+        num_train_samples=data.num_train_samples,
+        hyperparameters=mivc_card_hyperparameters(model, training_args, trainer.resume_changes),
+        eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
+        pipeline_tag="image-text-to-text",
+    )
+
+
+def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_token_id: int):
+    """MIVCForConditionalGeneration from a saved model, from pretrained components, or from the YAML configs."""
+    overrides = {k: v for k, v in model_section.items()
+                 if k not in ("vision_config", "text_config", "qformer_config", "model_type")}
+    overrides.setdefault("image_token_id", image_token_id)
+    if run.model_name_or_path:
+        return MIVCForConditionalGeneration.from_pretrained(run.model_name_or_path, **overrides)
+    if run.vision_model_name_or_path or run.text_model_name_or_path:
+        if not (run.vision_model_name_or_path and run.text_model_name_or_path):
+            raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path (the LM)")
+        return MIVCForConditionalGeneration.from_pretrained_components(
+            run.vision_model_name_or_path, run.text_model_name_or_path, run.qformer_model_name_or_path, **overrides)
+    text_config = dict(model_section.get("text_config") or {})
+    # a model trained from scratch takes its vocabulary and special tokens from the tokenizer
+    text_config.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            text_config.setdefault(name, getattr(tokenizer, name))
+    config = MIVCConfig(vision_config=model_section.get("vision_config"), text_config=text_config,
+                        qformer_config=model_section.get("qformer_config"), **overrides)
+    return MIVCForConditionalGeneration(config)
+
+
+TASKS = (
+    Task("contrastive", ("tcl", "codis"), DataArguments, ContrastiveTrainingArguments, ContrastiveTrainer,
+         _contrastive_processor, _contrastive_model, _contrastive_evaluation_inputs, _contrastive_evaluate,
+         _contrastive_card),
+    Task("multi-image", ("mivc",), MIVCDataArguments, VLAlignTrainingArguments, VLAlignTrainer,
+         _multi_image_processor, _multi_image_model, _multi_image_evaluation_inputs, _multi_image_evaluate,
+         _multi_image_card),
+)
+
+
+def task_of(model_type: str) -> Task:
+    return next(task for task in TASKS if model_type in task.model_types)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps shared by both tasks
 
 
 def _training_arguments(config: dict, default_output_dir: str, arguments_class=None):
-    """The `training` section as `ContrastiveTrainingArguments` (MIVC: `VLAlignTrainingArguments`)."""
-    from vlalign.trainer import ContrastiveTrainingArguments
-
+    """The `training` section (its fields checked by `load_config`) as `ContrastiveTrainingArguments` (MIVC:
+    `VLAlignTrainingArguments`)."""
     arguments_class = arguments_class or ContrastiveTrainingArguments
     training_section = dict(config.get("training") or {})
-    foreign = sorted(set(training_section) - {f.name for f in dataclasses.fields(arguments_class)})
-    if foreign:
-        raise SystemExit(f"training section: {foreign} are not settings of {arguments_class.__name__} (this model's "
-                         "trainer); remove them")
     training_section.setdefault("output_dir", default_output_dir)
     training_section.setdefault("remove_unused_columns", False)  # the collators need the raw columns
     training_section.setdefault("report_to", "none")
@@ -431,8 +668,6 @@ def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
     """`--resume_from_checkpoint latest` (or true): the newest complete checkpoint-N folder in output_dir (newer,
     incomplete ones skipped with a warning); a path is checked to exist and to be complete, so that a typo cannot
     silently start the run from scratch and a half-written folder fails here rather than deep in transformers."""
-    from vlalign.output_folder import checkpoint_problems, latest_complete_checkpoint
-
     if value in (None, False, "", "false", "False"):
         return None
     if value in (True, "latest", "last", "true", "True"):
@@ -451,12 +686,9 @@ def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
 
 
 def _set_cpu_threads(run: RunArguments, training_args) -> None:
-    import torch
-
     if training_args.device.type == "cpu":
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
-
 
 _HELD_LOCKS: dict = {}  # output folder -> this process's lock on it, held until the process exits
 
@@ -465,8 +697,6 @@ def _claim_output_dir(training_args) -> None:
     """One run per output folder (each process holds its own lock; a crashed run's lock is gone with its process;
     a second `main()` in the same process, one after the other, keeps the lock it has), then remove what an
     interrupted run left half-written."""
-    from vlalign.output_folder import OutputFolderInUseError, OutputFolderLock, remove_stale_staging
-
     folder = os.path.realpath(training_args.output_dir)
     if folder not in _HELD_LOCKS:
         try:
@@ -481,8 +711,6 @@ def _stop_when_launcher_dies() -> None:
     """`accelerate launch` runs a single process as its child and does not pass SIGTERM on: ask Linux to send it to
     this process when the launcher dies, so that the run checkpoints and stops instead of running on orphaned.
     (Several processes run under torchrun, which forwards the signal itself.)"""
-    import ctypes
-
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as handle:
@@ -491,8 +719,6 @@ def _stop_when_launcher_dies() -> None:
         return
     if not launcher or "LOCAL_RANK" in os.environ:
         return
-    import signal
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
@@ -504,8 +730,6 @@ def _stop_when_launcher_dies() -> None:
 
 def _train(trainer, training_args):
     """trainer.train(), failing the run (non-zero exit, no model, no card) on SIGTERM and when nothing was trained."""
-    from vlalign.trainer import TrainingInterruptedError
-
     try:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except TrainingInterruptedError as stopped:
@@ -546,8 +770,6 @@ def _check_eval_inputs(eval_inputs, eval_dataset, data_args) -> None:
 def _check_multi_image_eval(eval_dataset, processor, data_args) -> None:
     """The multi-image eval split must hold an item with a decodable image (checked with a collator of its own, so
     that the training counts stay the training's)."""
-    from vlalign.data import MultiImageCollator
-
     checker = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column, data_args.answer_column,
                                  max_image_pixels=data_args.max_image_pixels)
     if any(checker.decoded_images(row) for row in eval_dataset):
@@ -557,35 +779,23 @@ def _check_multi_image_eval(eval_dataset, processor, data_args) -> None:
                      "data.eval_split null to train without evaluation")
 
 
-def _resume_changes_text(changes: dict) -> str | None:
-    return "; ".join(f"{name} {c['checkpoint']} -> {c['now']} from step {c['from_step']}"
-                     for name, c in sorted(changes.items())) or None
+def _check_streaming(training_args) -> None:
+    """A stream has no length: the run is sized by max_steps. Under DDP each process reads its own shards (accelerate's
+    default for an IterableDataset, rank 0 reading and dispatching batches, cannot concatenate the collator's counts)."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise SystemExit("data.streaming: a stream has no length, so an epoch count cannot size the run: set "
+                         "training.max_steps (e.g. --max_steps 10000)")
+    if training_args.accelerator_config.dispatch_batches is None:
+        training_args.accelerator_config.dispatch_batches = False
+    elif training_args.accelerator_config.dispatch_batches and training_args.world_size > 1:
+        raise SystemExit("data.streaming with several processes: accelerator_config.dispatch_batches must be false "
+                         "(each process reads its own shards; dispatched batches cannot carry the collator's counts)")
 
 
-def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
-    return {
-        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
-           else {"num_train_epochs": training_args.num_train_epochs}),
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "world_size": training_args.world_size,
-        "learning_rate": training_args.learning_rate,
-        "weight_decay": training_args.weight_decay,
-        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-        "warmup_steps": training_args.warmup_steps,
-        "seed": training_args.seed,
-        **{name: getattr(training_args, name) for name in ("alpha_ramp_steps", "gradient_cache_chunk_size")
-           if getattr(training_args, name, None) is not None},
-    }
-
-
-def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, build_card, write_pictures,
-              run: RunArguments) -> None:
-    """Weights + config + code, processor, eval_results.json, training_args.json (no pickle), pictures and card,
-    written into a staging folder and moved into `output_dir` only when all of it is written (a full disk or a kill
-    leaves the previous model whole); then the optional push."""
-    from vlalign.hub import save_model_card
-    from vlalign.output_folder import explain_write_error, publish_files, staging_folder
-
+def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, build_card, write_pictures) -> None:
+    """Weights + config + code, processor, training_args.json (no pickle), pictures and card, written into a staging
+    folder and moved into `output_dir` only when all of it is written (a full disk or a kill leaves the previous
+    model whole); then the metrics, as eval_results.json (`Trainer.save_metrics`)."""
     staging = staging_folder(output_dir / "final")
     try:
         _drop_local_paths(trainer.model.config)
@@ -594,24 +804,18 @@ def _save_run(output_dir: Path, trainer, training_args, processor, results: dict
         (staging / "training_args.bin").unlink(missing_ok=True)
         (staging / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
         processor.save_pretrained(str(staging))
-        (staging / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         save_model_card(staging, build_card(write_pictures(staging)))
         publish_files(staging, output_dir)
+        trainer.save_metrics("eval", results, combined=False)
     except (OSError, RuntimeError) as error:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise explain_write_error(error, output_dir, "the final model") from error
     logger.info("eval results: %s", json.dumps(results))
-    if run.push_to_hub:
-        push_to_hub(output_dir, run)
 
 
 def push_to_hub(output_dir: Path, run: RunArguments) -> str:
     """Upload the model in `output_dir` (vlalign.hub.publishable_files: no checkpoints, logs or training arguments).
     A failed push ends the run with one line that says where the model is and how to push it later."""
-    from vlalign.hub import PUSH_ERRORS, push_command, push_folder_to_hub
-
     token = run.hub_token or os.environ.get("HF_TOKEN")
     try:
         url = push_folder_to_hub(output_dir, run.hub_model_id, token=token, private=run.hub_private_repo)
@@ -630,25 +834,12 @@ def push_to_hub(output_dir: Path, run: RunArguments) -> str:
 def _drop_local_paths(config) -> None:
     """save_pretrained leaves the top-level `_name_or_path` out of config.json but keeps the sub-configs' ones: towers
     loaded from local checkpoints would publish their folders on this machine. Hub ids stay."""
-    from transformers import PreTrainedConfig
-
     for value in vars(config).values():
         if isinstance(value, PreTrainedConfig):
             name = getattr(value, "_name_or_path", "")
-            if name and _public_name(name) != name:
+            if name and public_name(name) != name:
                 value._name_or_path = ""
             _drop_local_paths(value)
-
-
-def _public_name(name: str | None) -> str | None:
-    """A model or dataset name for the published card: a Hub id stays; a local path becomes "<last component> (local
-    folder)", which names no path of the training machine and, not being a repo id, stays out of the metadata."""
-    if not name:
-        return name
-    path = Path(name).expanduser()
-    if path.is_absolute() or name.startswith((".", "~")) or (("/" in name or os.sep in name) and path.exists()):
-        return f"{path.resolve().name or 'root'} (local {'file' if path.is_file() else 'folder'})"
-    return name
 
 
 def _card_template(run: RunArguments, model_type: str) -> Path:
@@ -658,59 +849,15 @@ def _card_template(run: RunArguments, model_type: str) -> Path:
     return template
 
 
-def card_hyperparameters(model, training_args, resume_changes: dict | None = None) -> dict[str, Any]:
-    """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
-    model's own config class (e.g. CODIS's codebook and OT settings); a run resumed with changed settings lists
-    each change with the step it took effect."""
-    from vlalign import ALBEFStackConfig
-
-    config = model.config
-    vision, text = config.vision_config, config.text_config
-    shared = ("embed_dim", "num_fusion_layers", "temperature", "learnable_temperature", "use_momentum", "momentum",
-              "queue_size", "alpha", "cma_weight", "imc_weight", "itm_weight", "mlm_weight", "mlm_probability")
-    base_fields = {f.name for f in dataclasses.fields(ALBEFStackConfig)}
-    own = [f.name for f in dataclasses.fields(type(config)) if f.name not in base_fields
-           and f.name != "num_train_samples"]
-    return {
-        "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-                          f"{vision.image_size}px / patch {vision.patch_size}",
-        "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
-                        f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
-        **_optimisation_hyperparameters(training_args),
-        **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
-        **{k: getattr(config, k) for k in (*shared, *own)},
-    }
-
-
-def _check_streaming(training_args) -> None:
-    """A stream has no length: the run is sized by max_steps. Under DDP each process reads its own shards (accelerate's
-    default for an IterableDataset, rank 0 reading and dispatching batches, cannot concatenate the collator's counts)."""
-    if training_args.max_steps is None or training_args.max_steps <= 0:
-        raise SystemExit("data.streaming: a stream has no length, so an epoch count cannot size the run: set "
-                         "training.max_steps (e.g. --max_steps 10000)")
-    if training_args.accelerator_config.dispatch_batches is None:
-        training_args.accelerator_config.dispatch_batches = False
-    elif training_args.accelerator_config.dispatch_batches and training_args.world_size > 1:
-        raise SystemExit("data.streaming with several processes: accelerator_config.dispatch_batches must be false "
-                         "(each process reads its own shards; dispatched batches cannot carry the collator's counts)")
-
-
 def main(argv: list[str] | None = None) -> dict:
+    # 1. parse: the config file and the command line's overrides, checked against the fields of the model's task
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO_ROOT / "training/configs/tcl_digits.yaml"))
     args, rest = parser.parse_known_args(argv)
     config = load_config(args.config, parse_overrides(rest))
     _stop_when_launcher_dies()
-
-    from transformers import set_seed
-
-    from vlalign.data import DataArguments, get_data  # importing vlalign registers the Auto classes
-    from vlalign.evaluation import build_eval_inputs, embed_images, eval_mode, evaluate_model
-    from vlalign.hub import build_model_card, retrieval_pictures
-    from vlalign.trainer import ContrastiveTrainer
-
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    run = RunArguments(**(config.get("run") or {}))
+    run = RunArguments(**config["run"])
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
     if run.hub_token:
@@ -718,254 +865,52 @@ def main(argv: list[str] | None = None) -> dict:
         # `accelerate launch` repeats it when the run exits with an error
         logger.warning("--hub_token: a token on the command line can be seen by other users of this machine and is "
                        "repeated by `accelerate launch` if the run fails; prefer HF_TOKEN or `hf auth login`")
-    model_section = dict(config.get("model") or {})
-    if model_section.get("model_type") == "mivc" or (
-        run.model_name_or_path and "model_type" not in model_section
-        and _pretrained_model_type(run.model_name_or_path) == "mivc"
-    ):
-        return main_mivc(config, run)
-    data_args = DataArguments(**(config.get("data") or {}))
-    training_args = _training_arguments(config, f"outputs/{model_section.get('model_type', 'tcl')}")
-    if data_args.streaming:
+    model_type = _model_type(config)
+    task = task_of(model_type)
+    model_section = {**(config.get("model") or {}), "model_type": model_type}
+    data_args = task.data_arguments(**(config.get("data") or {}))
+    training_args = _training_arguments(config, f"outputs/{model_type}", task.training_arguments)
+    if getattr(data_args, "streaming", False):
         _check_streaming(training_args)
     set_seed(training_args.seed)
     _set_cpu_threads(run, training_args)
 
+    # 2. data and 3. processor (the collator needs the processor, so it comes first)
+    processor = task.build_processor(run, data_args, model_section)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
-    processor = build_processor(run, data_args, image_size)
     data = get_data(data_args, processor, seed=data_seed, collator_seed=training_args.seed)
-    train_dataset, eval_dataset = data.train_dataset, data.eval_dataset
-    num_train_samples = data.num_train_samples  # None for a stream: its length is unknown
-    model = build_model(run, model_section, processor.tokenizer, num_train_samples)
-    _check_processor_image_size(processor, model)
-    _check_tokenizer_fits(processor.tokenizer, model)
-    if data_args.streaming and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
-        model.config, "z_estimate", None
-    ) == "running":
-        raise SystemExit("z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
-                         "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data")
 
-    collator, class_names = data.collator, data.class_names
-    eval_inputs = build_eval_inputs(eval_dataset, data_args) if eval_dataset is not None else None
-    if eval_inputs is not None:
-        _check_eval_inputs(eval_inputs, eval_dataset, data_args)
+    # 4. model
+    model = task.build_model(run, model_section, processor, data)
+
+    # 5. trainer, once the evaluation split is known to be usable and the output folder is ours
+    evaluation = task.evaluation_inputs(data, data_args, processor)
     _claim_output_dir(training_args)  # before anything is written there
-    trainer = ContrastiveTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        data_collator=collator,
-        processing_class=processor,
-        eval_inputs=eval_inputs,
-        class_names=class_names,
-        zero_shot_templates=data_args.zero_shot_templates,
-        resume_fingerprint={"positives_by": data_args.positives_by, "train_data": data.train_fingerprint},
-    )
-    _check_training_size(trainer, training_args, train_dataset, data_args.streaming)
+    trainer = task.trainer_class(model=model, args=training_args, train_dataset=data.train_dataset,
+                                 data_collator=data.collator, processing_class=processor, **evaluation)
+    _check_training_size(trainer, training_args, data.train_dataset, data.num_train_samples is None)
+
+    # 6. train
     start = time.time()
     train_result = _train(trainer, training_args)
-    train_seconds = time.time() - start
+    trained = {"train_runtime_seconds": round(time.time() - start, 1), "train_steps": int(train_result.global_step),
+               "train_loss": float(trainer.run_train_loss)}
 
-    results: dict[str, Any] = {}
-    eval_image_embeds = None
-    if eval_inputs is not None:
-        with eval_mode(model):  # computed once: for the metrics and for the card's retrieval picture
-            eval_image_embeds = embed_images(model, processor, eval_inputs.images, run.eval_batch_size)
-        results.update(
-            evaluate_model(model, processor, eval_inputs, class_names, data_args.zero_shot_templates,
-                           batch_size=run.eval_batch_size, itm_rerank_k=training_args.itm_rerank_k,
-                           image_embeds=eval_image_embeds)
-        )
-    results["train_runtime_seconds"] = round(train_seconds, 1)
-    results["train_steps"] = int(train_result.global_step)
-    results["train_loss"] = float(trainer.run_train_loss)
-    results["train_items_skipped"] = int(trainer.num_skipped_items)
-    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
-    if trainer.alignment_not_started is not None:
-        results["alignment_started"] = not trainer.alignment_not_started
-    if trainer.alignment_not_started:
-        check = trainer.alignment_check
-        logger.warning("Cross-modal alignment never started: after %d steps loss_i2t %.3f and loss_t2i %.3f are at "
-                       "ln(%d keys); the model card says so.", check["step"], check["loss_i2t"], check["loss_t2i"],
-                       check["num_keys"])
-    # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
-    train_counts_here = training_args.dataloader_num_workers == 0
-    if train_counts_here:
-        collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
-        results.update(collator.data_report("train_"))
-    if trainer.resume_changes:
-        results["resumed_with_changed_arguments"] = trainer.resume_changes
-    if eval_inputs is not None:
-        results.update(eval_inputs.issues.report("eval_"))
-    logger.info("Data issues: training: %s; evaluation: %s",
-                collator.issues.summary() if train_counts_here else f"{trainer.num_skipped_items} rows skipped",
-                eval_inputs.issues.summary() if eval_inputs is not None else "none")
+    # 7. evaluate on the eval split, with the data issues of both splits
+    results, write_pictures = task.evaluate(model, processor, data, data_args, run, trainer, evaluation, trained)
 
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        code_keys = [k for k in results if k == "codebook_size" or "_code" in k]
-        model_type = model.config.model_type
-        output_dir.mkdir(parents=True, exist_ok=True)
-        build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
-            _card_template(run, model_type),
-            model_id=run.hub_model_id or output_dir.name,
-            model_type_name=model_type.upper(),
-            base_model=_public_name(run.vision_model_name_or_path),
-            dataset_name=_public_name(data_args.dataset_name),
-            dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
-            dataset_split=data_args.train_split,
-            eval_split=data_args.eval_split,
-            num_train_samples=num_train_samples,
-            hyperparameters=card_hyperparameters(model, training_args, trainer.resume_changes),
-            eval_results={k: v for k, v in results.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys},
-            code_usage={k: results[k] for k in code_keys} or None,
-            alignment_not_started=trainer.alignment_check if trainer.alignment_not_started else None,
-            pictures=pictures,
-            license=run.license,
-        )
-        _save_run(output_dir, trainer, training_args, processor, results, build_card,
-                  lambda folder: retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, folder,
-                                                    trainer.state.log_history), run)
-    return results
-
-
-MULTIVIEW_DIGITS_DESCRIPTION = (
-    "the embedded multi-view digits task: each item shows 2-5 different scans of one handwritten digit "
-    "(scikit-learn's real digits), about half of them degraded by heavy noise or occlusion (at least one clean); "
-    "the target names the digit. Items of the test split use only scans with index % 5 == 0, never seen in training"
-)
-
-
-def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_token_id: int):
-    """MIVCForConditionalGeneration from a saved model, from pretrained components, or from the YAML configs."""
-    from vlalign import MIVCConfig, MIVCForConditionalGeneration
-
-    overrides = {k: v for k, v in model_section.items()
-                 if k not in ("vision_config", "text_config", "qformer_config", "model_type")}
-    fields = {f.name for f in dataclasses.fields(MIVCConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise SystemExit(f"model section: {unknown} are not fields of MIVCConfig")
-    overrides.setdefault("image_token_id", image_token_id)
-    if run.model_name_or_path:
-        return MIVCForConditionalGeneration.from_pretrained(run.model_name_or_path, **overrides)
-    if run.vision_model_name_or_path or run.text_model_name_or_path:
-        if not (run.vision_model_name_or_path and run.text_model_name_or_path):
-            raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path (the LM)")
-        return MIVCForConditionalGeneration.from_pretrained_components(
-            run.vision_model_name_or_path, run.text_model_name_or_path, run.qformer_model_name_or_path, **overrides)
-    text_config = dict(model_section.get("text_config") or {})
-    # a model trained from scratch takes its vocabulary and special tokens from the tokenizer
-    text_config.setdefault("vocab_size", len(tokenizer))
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(tokenizer, name, None) is not None:
-            text_config.setdefault(name, getattr(tokenizer, name))
-    config = MIVCConfig(vision_config=model_section.get("vision_config"), text_config=text_config,
-                        qformer_config=model_section.get("qformer_config"), **overrides)
-    return MIVCForConditionalGeneration(config)
-
-
-def main_mivc(config: dict, run: RunArguments) -> dict:
-    """The generative path: multi-image items -> MIVCForConditionalGeneration trained with the LM loss, evaluated
-    by exact match of greedy answers and by the pooling weights on clean vs degraded images."""
-    from transformers import AutoProcessor, set_seed
-
-    from vlalign.data import MIVCDataArguments, build_mivc_digits_processor, get_data
-    from vlalign.evaluation import evaluate_mivc
-    from vlalign.hub import build_model_card, multi_image_pictures
-    from vlalign.trainer import VLAlignTrainer, VLAlignTrainingArguments
-
-    model_section = dict(config.get("model") or {})
-    data_args = MIVCDataArguments(**(config.get("data") or {}))
-    training_args = _training_arguments(config, "outputs/mivc", VLAlignTrainingArguments)
-    set_seed(training_args.seed)
-    _set_cpu_threads(run, training_args)
-
-    if run.processor_name_or_path or run.model_name_or_path:
-        processor = AutoProcessor.from_pretrained(run.processor_name_or_path or run.model_name_or_path)
-    elif data_args.dataset_name == "multiview_digits":
-        image_size = int((model_section.get("vision_config") or {}).get("image_size", data_args.image_size))
-        processor = build_mivc_digits_processor(image_seq_length=1, image_size=image_size)
-    else:
-        raise SystemExit("set run.processor_name_or_path (an MIVCProcessor) for this dataset")
-    data = get_data(data_args, processor, seed=training_args.seed)
-    train_dataset, eval_dataset, collator = data.train_dataset, data.eval_dataset, data.collator
-    model = build_mivc_model(run, model_section, processor.tokenizer, processor.image_token_id)
-    _check_tokenizer_fits(processor.tokenizer, model)
-    # the placeholder expansion follows the model
-    processor.image_seq_length = model.config.image_seq_length
-    processor.concatenate_images = model.config.pooling_mode == "concatenate"
-
-    if eval_dataset is not None:
-        _check_multi_image_eval(eval_dataset, processor, data_args)
-    _claim_output_dir(training_args)  # before anything is written there
-    trainer = VLAlignTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-                             processing_class=processor,
-                             resume_fingerprint={"train_data": data.train_fingerprint})
-    _check_training_size(trainer, training_args, train_dataset, streaming=False)
-    start = time.time()
-    train_result = _train(trainer, training_args)
-    train_seconds = time.time() - start
-    collator.rewind_to(trainer.micro_batches_trained)  # not the batch the data loader collated ahead
-    train_data_report = collator.take_data_report("train_")  # evaluation decodes with this collator: count apart
-
-    results: dict[str, Any] = {}
-    if eval_dataset is not None:
-        results.update(evaluate_mivc(model, processor, eval_dataset, collator, batch_size=run.eval_batch_size))
-    results["train_runtime_seconds"] = round(train_seconds, 1)
-    results["train_steps"] = int(train_result.global_step)
-    results["train_loss"] = float(trainer.run_train_loss)
-    results.update(train_data_report)
-    results["train_items_skipped"] = collator.num_skipped_items
-    results["train_nonfinite_steps_skipped"] = int(trainer.nonfinite_steps_skipped)
-    if eval_dataset is not None:
-        results.update(collator.data_report("eval_"))
-    if trainer.resume_changes:
-        results["resumed_with_changed_arguments"] = trainer.resume_changes
-    logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
-                train_data_report["train_images_skipped"], collator.num_skipped_items, collator.num_skipped_images)
-
+    # 8. save the model, processor, metrics, pictures and card; 9. push them
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        cfg = model.config
-        vision, text = cfg.vision_config, cfg.text_config
-        hyperparameters = {
-            "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-                              f"{vision.image_size}px / patch {vision.patch_size}",
-            "q_former": "none" if cfg.qformer_config is None else
-                        f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
-            "language_model": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}",
-            **_optimisation_hyperparameters(training_args),
-            **({"changed_on_resume": _resume_changes_text(trainer.resume_changes)} if trainer.resume_changes else {}),
-            **{k: getattr(cfg, k) for k in (
-                "pooling_mode", "pooling_granularity", "pooling_attention_dim", "projector_type",
-                "vision_feature_select_strategy", "freeze_vision_model", "freeze_qformer", "freeze_language_model")},
-            "visual_tokens_per_image": cfg.image_seq_length,
-        }
+        card = task.card(model, training_args, trainer, run, data_args, data, results)
         build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
-            _card_template(run, "mivc"),
-            model_id=run.hub_model_id or output_dir.name,
-            model_type_name="MIVC",
-            base_model=[_public_name(m) for m in (run.vision_model_name_or_path, run.text_model_name_or_path)
-                        if m] or None,
-            dataset_name=_public_name(data_args.dataset_name),
-            dataset_description=(MULTIVIEW_DIGITS_DESCRIPTION if data_args.dataset_name == "multiview_digits"
-                                 else None),
-            dataset_split=data_args.train_split,
-            eval_split=data_args.eval_split,
-            num_train_samples=len(train_dataset),
-            hyperparameters=hyperparameters,
-            eval_results={k: v for k, v in results.items() if isinstance(v, (int, float))},
-            pipeline_tag="image-text-to-text",
-            pictures=pictures,
-            license=run.license,
-        )
-        _save_run(output_dir, trainer, training_args, processor, results, build_card,
-                  lambda folder: multi_image_pictures(model, processor, eval_dataset, collator, folder,
-                                                      trainer.state.log_history), run)
+            _card_template(run, model_type), model_id=run.hub_model_id or output_dir.name,
+            dataset_name=public_name(data_args.dataset_name), dataset_split=data_args.train_split,
+            eval_split=data_args.eval_split, pictures=pictures, license=run.license, **card)
+        _save_run(output_dir, trainer, training_args, processor, results, build_card, write_pictures)
+        if run.push_to_hub:
+            push_to_hub(output_dir, run)
     return results
 
 

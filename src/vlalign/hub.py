@@ -24,9 +24,11 @@ Design decisions
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import unicodedata
@@ -675,3 +677,97 @@ def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, 
         pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
                             "and the generated answer against the reference.", path.name))
     return pictures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What train.py puts into a card: the demo datasets' descriptions, public names, the hyperparameters actually used
+
+
+DIGITS_DESCRIPTION = (
+    "the embedded digits demo: scikit-learn's 1,797 real handwritten digit scans (8x8, upsampled), each with "
+    "several template captions naming the digit; scans with index % 5 == 0 form the test split (360), the "
+    "rest the training split (1,437)"
+)
+
+
+MULTIVIEW_DIGITS_DESCRIPTION = (
+    "the embedded multi-view digits task: each item shows 2-5 different scans of one handwritten digit "
+    "(scikit-learn's real digits), about half of them degraded by heavy noise or occlusion (at least one clean); "
+    "the target names the digit. Items of the test split use only scans with index % 5 == 0, never seen in training"
+)
+
+
+def public_name(name: str | None) -> str | None:
+    """A model or dataset name for the published card: a Hub id stays; a local path becomes "<last component> (local
+    folder)", which names no path of the training machine and, not being a repo id, stays out of the metadata."""
+    if not name:
+        return name
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith((".", "~")) or (("/" in name or os.sep in name) and path.exists()):
+        return f"{path.resolve().name or 'root'} (local {'file' if path.is_file() else 'folder'})"
+    return name
+
+
+def _resume_changes_text(changes: dict) -> str | None:
+    return "; ".join(f"{name} {c['checkpoint']} -> {c['now']} from step {c['from_step']}"
+                     for name, c in sorted(changes.items())) or None
+
+
+def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
+    return {
+        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
+           else {"num_train_epochs": training_args.num_train_epochs}),
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "world_size": training_args.world_size,
+        "learning_rate": training_args.learning_rate,
+        "weight_decay": training_args.weight_decay,
+        "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+        "warmup_steps": training_args.warmup_steps,
+        "seed": training_args.seed,
+        **{name: getattr(training_args, name) for name in ("alpha_ramp_steps", "gradient_cache_chunk_size")
+           if getattr(training_args, name, None) is not None},
+    }
+
+
+def card_hyperparameters(model, training_args, resume_changes: dict | None = None) -> dict[str, Any]:
+    """The hyperparameters actually used: towers, optimisation, the stack's main fields and every field of the
+    model's own config class (e.g. CODIS's codebook and OT settings); a run resumed with changed settings lists
+    each change with the step it took effect."""
+    from .configuration_albef import ALBEFStackConfig
+
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    shared = ("embed_dim", "num_fusion_layers", "temperature", "learnable_temperature", "use_momentum", "momentum",
+              "queue_size", "alpha", "cma_weight", "imc_weight", "itm_weight", "mlm_weight", "mlm_probability")
+    base_fields = {f.name for f in dataclasses.fields(ALBEFStackConfig)}
+    own = [f.name for f in dataclasses.fields(type(config)) if f.name not in base_fields
+           and f.name != "num_train_samples"]
+    return {
+        "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                          f"{vision.image_size}px / patch {vision.patch_size}",
+        "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
+                        f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
+        **_optimisation_hyperparameters(training_args),
+        **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
+        **{k: getattr(config, k) for k in (*shared, *own)},
+    }
+
+
+def mivc_card_hyperparameters(model, training_args, resume_changes: dict | None = None) -> dict[str, Any]:
+    """The hyperparameters of an MIVC run: towers, optimisation, the pooling and projection settings; a run resumed
+    with changed settings lists each change with the step it took effect."""
+    cfg = model.config
+    vision, text = cfg.vision_config, cfg.text_config
+    return {
+        "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
+                          f"{vision.image_size}px / patch {vision.patch_size}",
+        "q_former": "none" if cfg.qformer_config is None else
+                    f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
+        "language_model": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}",
+        **_optimisation_hyperparameters(training_args),
+        **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
+        **{k: getattr(cfg, k) for k in (
+            "pooling_mode", "pooling_granularity", "pooling_attention_dim", "projector_type",
+            "vision_feature_select_strategy", "freeze_vision_model", "freeze_qformer", "freeze_language_model")},
+        "visual_tokens_per_image": cfg.image_seq_length,
+    }
