@@ -1,5 +1,6 @@
-"""CODISModel: Auto classes, config validation, the codebook terms of the training forward against float64
-references, codebook gradients, get_codes, save/load, remote code, pipeline, training, gradient caching, bf16."""
+"""CODISModel: Auto classes, the codebook terms of the training forward against float64 references, codebook
+gradients, get_codes, save/load, remote code, pipeline, training, gradient caching, bf16 (config validation: see
+test_configuration.py)."""
 
 import json
 import os
@@ -51,7 +52,7 @@ def _cosine(x, y):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Auto classes, 5. config validation
+# 4. Auto classes, 5. config validation (in test_configuration.py)
 
 
 def test_auto_classes_resolve_codis():
@@ -62,57 +63,6 @@ def test_auto_classes_resolve_codis():
     assert type(AutoModel.from_config(config)) is CODISModel
     assert type(AutoModelForZeroShotImageClassification.from_config(config)) is CODISModel
     assert PROCESSOR_MAPPING[CODISConfig] is VLAlignProcessor
-
-
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        (dict(codebook_size=1), "codebook_size"),
-        (dict(codebook_size=0), "codebook_size"),
-        (dict(codebook_size=12.0), "codebook_size"),
-        (dict(codebook_size=True), "codebook_size"),
-        (dict(codebook_dim=0), "codebook_dim"),
-        (dict(codebook_dim=-8), "codebook_dim"),
-        (dict(codebook_dim=8.5), "codebook_dim"),
-        (dict(code_temperature=0.0), "code_temperature"),
-        (dict(code_temperature=-0.1), "code_temperature"),
-        (dict(code_temperature=float("nan")), "code_temperature"),
-        (dict(ot_solver="emd"), "ot_solver"),
-        (dict(ot_iterations=0), "ot_iterations"),
-        (dict(ot_iterations=2.5), "ot_iterations"),
-        (dict(ipot_inner_iterations=0), "ipot_inner_iterations"),
-        (dict(ipot_beta=0.0), "ipot_beta"),
-        (dict(ipot_beta=-0.5), "ipot_beta"),
-        (dict(sinkhorn_epsilon=0.0), "sinkhorn_epsilon"),
-        (dict(sinkhorn_epsilon=-0.05), "sinkhorn_epsilon"),
-        (dict(code_targets="cross"), "code_targets"),
-        (dict(code_weight=-1.0), "code_weight"),
-        (dict(ot_weight=-0.5), "ot_weight"),
-        # every weight at 0, the codebook ones included: no objective left
-        (dict(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, code_weight=0.0, ot_weight=0.0),
-         "cma_weight"),
-        # a shared field, checked by the ALBEF stack
-        (dict(queue_size=0), "queue_size"),
-    ],
-)
-def test_config_validation_names_the_field(overrides, field):
-    with pytest.raises(ValueError, match=rf"CODISConfig\.{field}:"):
-        tiny_codis_config(**overrides)
-
-
-def test_config_accepts_codebook_only_objectives_and_reports_solver_settings():
-    config = tiny_codis_config(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0,
-                               code_weight=0.0, ot_weight=1.0, ot_solver="sinkhorn", sinkhorn_epsilon=0.1,
-                               ot_iterations=7)
-    assert config.solver_kwargs() == {"epsilon": 0.1, "iterations": 7}
-    config = tiny_codis_config(ipot_beta=0.25, ipot_inner_iterations=2, ot_iterations=9)
-    assert config.solver_kwargs() == {"beta": 0.25, "iterations": 9, "inner_iterations": 2}
-    assert config.code_dim == config.embed_dim == 16
-    assert tiny_codis_config(codebook_dim=8).code_dim == 8
-    assert tiny_codis_config().code_targets == "swapped"  # the paper's cross-view teaching is the default
-    # round trip through the dict / json form
-    again = CODISConfig.from_dict(tiny_codis_config(codebook_dim=8, code_targets="own").to_dict())
-    assert (again.codebook_dim, again.code_targets, again.codebook_size) == (8, "own", 12)
 
 
 # ----------------------------------------------------------------------------------------------------------------

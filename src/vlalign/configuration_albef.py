@@ -1,13 +1,22 @@
 """Configuration fields shared by the ALBEF-style models (TCL, CODIS): towers, fusion encoder, contrastive space,
-EMA teachers and queues, ITM and MLM. Each model's config subclasses `ALBEFStackConfig` and adds its objectives."""
+EMA teachers and queues, ITM and MLM. Each model's config subclasses `ALBEFStackConfig` and adds its objectives.
 
-from __future__ import annotations
+The configs are `huggingface_hub` strict dataclasses, like transformers' own: `@strict` checks a field's declared type
+(and its range, where the field has an `interval` validator) whenever the field is set, and runs the `validate_*`
+methods, which hold the rules that tie fields together, once construction is done. `strict_config` raises both kinds
+of failure as a `ValueError` whose message starts with "<Config>.<field>: "."""
 
+# No `from __future__ import annotations` here or in the model configs: `@strict` skips a field whose annotation is
+# a string, so every type check would silently go (tests/test_configuration.py checks).
 import dataclasses
 import functools
 import logging
 import math
+import types
+import typing
 
+from huggingface_hub.dataclasses import as_validated_field, strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec  # transformers internal (listed in vlalign/__init__.py)
 
@@ -26,19 +35,98 @@ BERT_LIKE_FIELDS = (
     "vocab_size",
 )
 
+# The type of real-valued fields. Ints pass (`alpha: 0` in a YAML file); bools do not (`@strict`'s int check refuses
+# them), nor strings: YAML reads `1e-3` as a string, which must not pass as a number.
+Real = int | float
+
 
 # Keys that transformers sets on configs besides `PreTrainedConfig`'s fields: `auto_map` (saving custom code) and
 # `custom_pipelines` (saving a custom pipeline).
 _TRANSFORMERS_EXTRA_KEYS = frozenset({"auto_map", "custom_pipelines"})
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class ConfigFieldError(ValueError):
+    """An invalid config value; the message is "<Config>.<field>: <what is wrong>"."""
 
 
-def _is_number(value) -> bool:
-    """A finite int or float (bools excluded): YAML reads `1e-3` as a string, which must not pass as a number."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def interval(low=None, high=None, *, low_open: bool = False, high_open: bool = False):
+    """A dataclass field with a `@strict` validator, used as `interval(0, 1)(default=0.5)`: the value must be a
+    finite number within the bounds (inclusive unless `low_open` / `high_open`). None passes: the field's type says
+    whether None is allowed. It runs after `@strict`'s type check, so it only sees values of the declared type."""
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if low_open else '>='} {low}"
+    else:
+        bounds = f"{'<' if high_open else '<='} {high}"
+
+    def check(value):
+        if value is None:
+            return
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ValueError(f"must be {bounds}, got {value!r}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"must be {bounds}, got {value!r}")
+
+    return as_validated_field(check)
+
+
+positive = interval(0, low_open=True)
+non_negative = interval(0)
+
+
+def _describe(annotation) -> str:
+    """A field type in words: `int | None` -> "int or None", `Literal["a", "b"]` -> "one of 'a', 'b'"."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def strict_config(cls):
+    """`huggingface_hub`'s `@strict` for a vlalign config, with its failures raised as `ConfigFieldError` (a
+    `ValueError` naming "<Config>.<field>"): a field of the wrong type or out of its range when it is set, and a
+    `validate_*` rule (which raises through `config.fail`) at construction. `@strict` raises its own exception
+    classes, which are not `ValueError`s, and names the field (or the validator) in its own words.
+
+    Every config class needs it, subclasses included: `@strict` gives validators to the fields of the class it
+    decorates, and transformers regenerates each subclass's `__init__`, which runs no `validate_*` undecorated.
+    `@strict` runs the `validate_*` methods in `dir()` order, i.e. alphabetically: `validate_architecture`, which
+    checks the sub-configs, comes before the others, which may read the sub-configs' sizes."""
+    cls = strict(cls)
+    strict_init, strict_setattr = cls.__init__, cls.__setattr__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassClassValidationError as err:
+            # one of our validate_* rules: its error names the field already. Others (a sub-config's own validation,
+            # transformers' rules on its base fields) stay as transformers raises them.
+            if isinstance(err.__cause__, ConfigFieldError):
+                raise err.__cause__ from None
+            raise
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as err:
+            cause = err.__cause__
+            if isinstance(cause, ValueError):  # a range validator's message
+                reason = str(cause)
+            else:  # @strict's TypeError: said from the declared type
+                reason = f"must be {_describe(type(self).__dataclass_fields__[name].type)}, got {value!r}"
+            raise ConfigFieldError(f"{type(self).__name__}.{name}: {reason}") from err
+
+    cls.__init__ = __init__
+    cls.__setattr__ = __setattr__
+    return cls
 
 
 @functools.cache
@@ -77,26 +165,18 @@ def warn_unknown_fields(config: PreTrainedConfig, extra_kwargs: dict) -> None:
                        type(config).__name__)
 
 
-def check_field_types(config: PreTrainedConfig, bool_fields=(), number_fields=()) -> None:
-    """`config.fail` on the first flag that is not a bool or value that is not a finite number (checked before
-    the range checks, which would otherwise raise a TypeError that names no field)."""
-    for field in bool_fields:
-        if not isinstance(getattr(config, field), bool):
-            config.fail(field, f"must be True or False, got {getattr(config, field)!r}")
-    for field in number_fields:
-        if not _is_number(getattr(config, field)):
-            config.fail(field, f"must be a finite number, got {getattr(config, field)!r}")
-
-
 def check_positive_int_attributes(config: PreTrainedConfig, field: str, sub_config, attributes, what: str) -> None:
-    """`config.fail(field)` unless each of `attributes` of the sub-config `sub_config` is a positive integer."""
+    """`config.fail(field)` unless each of `attributes` of the sub-config `sub_config` is a positive integer.
+    Checked by hand: a sub-config is any transformers config class (AutoConfig), whose types and ranges are its
+    own (`image_size` may be a pair, `hidden_size` 0, an attribute missing), out of reach of our `@strict` types."""
     for attribute in attributes:
         value = getattr(sub_config, attribute, None)
-        if not _is_int(value) or value <= 0:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             config.fail(field, f"{what} must define `{attribute}` as a positive integer (got {value!r}, model_type "
                                f"{getattr(sub_config, 'model_type', None)!r})")
 
 
+@strict_config
 class ALBEFStackConfig(PreTrainedConfig):
     r"""Fields of the image / text / fusion encoder stack shared by [`TCLConfig`] and [`CODISConfig`].
 
@@ -125,6 +205,9 @@ class ALBEFStackConfig(PreTrainedConfig):
         mlm_probability: fraction of tokens masked for MLM.
         mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
         initializer_range: std of the normal init of the projections and heads.
+
+    Real-valued fields take ints or floats, finite; flags take only `True` / `False`. An invalid value raises a
+    `ValueError` naming the field ([`ConfigFieldError`]).
     """
 
     sub_configs_defaults = {
@@ -134,36 +217,31 @@ class ALBEFStackConfig(PreTrainedConfig):
     }
     # non-negative loss weights of this model (subclasses extend)
     loss_weight_fields = ("cma_weight", "imc_weight", "itm_weight", "mlm_weight")
-    # flags and real-valued fields, type-checked before any range check (subclasses extend)
-    bool_fields = ("learnable_temperature", "use_momentum", "itm_hard_negatives")
-    number_fields = ("temperature", "temperature_min", "temperature_max", "momentum", "alpha", "mlm_probability",
-                     "initializer_range")
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
-    num_fusion_layers: int = 6
-    embed_dim: int = 256
-    temperature: float = 0.07
-    temperature_min: float = 0.001
-    temperature_max: float = 0.5
+    num_fusion_layers: int = non_negative(default=6)
+    embed_dim: int = positive(default=256)
+    temperature: Real = positive(default=0.07)
+    temperature_min: Real = positive(default=0.001)
+    temperature_max: Real = positive(default=0.5)
     learnable_temperature: bool = True
     use_momentum: bool = True
-    momentum: float = 0.995
-    queue_size: int = 65536
-    alpha: float = 0.4
-    cma_weight: float = 1.0
-    imc_weight: float = 1.0
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
+    momentum: Real = interval(0, 1)(default=0.995)
+    queue_size: int = non_negative(default=65536)
+    alpha: Real = interval(0, 1)(default=0.4)
+    cma_weight: Real = non_negative(default=1.0)
+    imc_weight: Real = non_negative(default=1.0)
+    itm_weight: Real = non_negative(default=1.0)
+    mlm_weight: Real = non_negative(default=1.0)
     itm_hard_negatives: bool = True
-    mlm_probability: float = 0.15
-    mask_token_id: int = 103
-    initializer_range: float = 0.02
+    mlm_probability: Real = interval(0, 1, low_open=True, high_open=True)(default=0.15)
+    mask_token_id: int | None = non_negative(default=103)
+    initializer_range: Real = positive(default=0.02)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         warn_unknown_fields(self, kwargs)
-        self.validate_fields()
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -186,13 +264,15 @@ class ALBEFStackConfig(PreTrainedConfig):
         return any(getattr(self, field) > 0 for field in self.loss_weight_fields)
 
     def fail(self, field: str, message: str):
-        raise ValueError(f"{type(self).__name__}.{field}: {message}")
+        raise ConfigFieldError(f"{type(self).__name__}.{field}: {message}")
 
-    def validate_fields(self) -> None:
-        """Raise `ValueError` naming the first invalid field (subclasses call this, then check their own)."""
+    # `validate_*`: the rules between fields, run by `@strict` after construction (see `strict_config`)
+    def validate_architecture(self):
+        """The towers: a vision encoder with a patch grid, a bidirectional BERT-like text encoder with layers left
+        for it besides the fusion layers, and fusion layers if ITM or MLM is on."""
+        super().validate_architecture()
         fail = self.fail
         vision, text = self.vision_config, self.text_config
-        check_field_types(self, self.bool_fields, self.number_fields + self.loss_weight_fields)
         check_positive_int_attributes(self, "vision_config", vision, ("image_size", "patch_size", "hidden_size"),
                                       "the vision encoder must output patch tokens and")
         if vision.image_size % vision.patch_size != 0:
@@ -208,9 +288,6 @@ class ALBEFStackConfig(PreTrainedConfig):
                                       "the text encoder")
         if getattr(text, "is_decoder", False):
             fail("text_config", "the text encoder must be bidirectional (is_decoder=True is not supported)")
-
-        if not _is_int(self.num_fusion_layers) or self.num_fusion_layers < 0:
-            fail("num_fusion_layers", f"must be an integer >= 0, got {self.num_fusion_layers!r}")
         if self.num_fusion_layers >= text.num_hidden_layers:
             fail(
                 "num_fusion_layers",
@@ -223,43 +300,34 @@ class ALBEFStackConfig(PreTrainedConfig):
                 "ITM and MLM need cross-attention fusion layers: set num_fusion_layers > 0 or itm_weight = "
                 "mlm_weight = 0",
             )
-        if not _is_int(self.embed_dim) or self.embed_dim <= 0:
-            fail("embed_dim", f"must be a positive integer, got {self.embed_dim!r}")
-        if not self.temperature_min > 0:
-            fail("temperature_min", f"must be > 0, got {self.temperature_min}")
+
+    def validate_temperature(self):
+        """temperature_min <= temperature <= temperature_max (each is > 0 by its field)."""
         if not self.temperature_max >= self.temperature_min:
-            fail("temperature_max", f"{self.temperature_max} is below temperature_min {self.temperature_min}")
-        if not self.temperature > 0:
-            fail("temperature", f"must be > 0, got {self.temperature}")
+            self.fail("temperature_max", f"{self.temperature_max} is below temperature_min {self.temperature_min}")
         if not self.temperature_min <= self.temperature <= self.temperature_max:
-            fail(
+            self.fail(
                 "temperature",
                 f"{self.temperature} is outside [temperature_min, temperature_max] = "
                 f"[{self.temperature_min}, {self.temperature_max}]",
             )
-        if not 0.0 <= self.momentum <= 1.0:
-            fail("momentum", f"must be in [0, 1], got {self.momentum}")
-        if not 0.0 <= self.alpha <= 1.0:
-            fail("alpha", f"must be in [0, 1], got {self.alpha}")
-        if not _is_int(self.queue_size) or self.queue_size < 0:
-            fail("queue_size", f"must be an integer >= 0, got {self.queue_size!r}")
-        if self.uses_queue:
-            if self.queue_size == 0:
-                fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
-        for field in self.loss_weight_fields:
-            if getattr(self, field) < 0:
-                fail(field, f"must be >= 0, got {getattr(self, field)}")
+
+    def validate_queue(self):
+        """A model that keeps queues needs room in them."""
+        if self.uses_queue and self.queue_size == 0:
+            self.fail("queue_size", f"must be a positive integer when a queue is used, got {self.queue_size!r}")
+
+    def validate_loss_weights(self):
+        """At least one objective (each weight is >= 0 by its field)."""
         if not self.has_objective():
-            fail("cma_weight", "at least one loss weight must be > 0")
-        if not 0.0 < self.mlm_probability < 1.0:
-            fail("mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
-        if self.mask_token_id is not None and not (_is_int(self.mask_token_id) and self.mask_token_id >= 0):
-            fail("mask_token_id", f"must be None or a token id (an integer >= 0), got {self.mask_token_id!r}")
-        if self.mlm_weight > 0 and not (_is_int(self.mask_token_id) and 0 <= self.mask_token_id < text.vocab_size):
-            fail("mask_token_id",
-                 f"{self.mask_token_id!r} is not a token id of the text vocabulary ({text.vocab_size})")
-        if not self.initializer_range > 0:
-            fail("initializer_range", f"must be > 0 (the std of the normal init), got {self.initializer_range}")
+            self.fail("cma_weight", "at least one loss weight must be > 0")
+
+    def validate_mlm(self):
+        """MLM masks with a token of the text vocabulary."""
+        vocab_size = self.text_config.vocab_size
+        if self.mlm_weight > 0 and not (self.mask_token_id is not None and self.mask_token_id < vocab_size):
+            self.fail("mask_token_id",
+                      f"{self.mask_token_id!r} is not a token id of the text vocabulary ({vocab_size})")
 
 
-__all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS"]
+__all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS", "ConfigFieldError"]

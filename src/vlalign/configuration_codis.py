@@ -1,10 +1,11 @@
 """Configuration of CODIS (Multi-modal Alignment using Representation Codebook, Duan et al., CVPR 2022)."""
 
-from __future__ import annotations
+from typing import Literal
 
-from .configuration_albef import ALBEFStackConfig, _is_int
+from .configuration_albef import ALBEFStackConfig, Real, interval, non_negative, positive, strict_config
 
 
+@strict_config
 class CODISConfig(ALBEFStackConfig):
     r"""Configuration of [`CODISModel`]: the ALBEF-style stack of [`ALBEFStackConfig`] (towers, fusion encoder, EMA
     teachers, queues, ITM, MLM; see there for those fields) plus a learnable codebook of cluster centres shared by
@@ -38,19 +39,18 @@ class CODISConfig(ALBEFStackConfig):
 
     model_type = "codis"
     loss_weight_fields = ALBEFStackConfig.loss_weight_fields + ("code_weight", "ot_weight")
-    number_fields = ALBEFStackConfig.number_fields + ("code_temperature", "ipot_beta", "sinkhorn_epsilon")
 
-    codebook_size: int = 4000
-    codebook_dim: int | None = None
-    code_temperature: float = 0.1
-    ot_solver: str = "ipot"
-    ot_iterations: int = 50
-    ipot_beta: float = 0.5
-    ipot_inner_iterations: int = 1
-    sinkhorn_epsilon: float = 0.05
-    code_targets: str = "swapped"
-    code_weight: float = 1.0
-    ot_weight: float = 1.0
+    codebook_size: int = interval(2)(default=4000)
+    codebook_dim: int | None = positive(default=None)
+    code_temperature: Real = positive(default=0.1)
+    ot_solver: Literal["ipot", "sinkhorn"] = "ipot"
+    ot_iterations: int = positive(default=50)
+    ipot_beta: Real = positive(default=0.5)
+    ipot_inner_iterations: int = positive(default=1)
+    sinkhorn_epsilon: Real = positive(default=0.05)
+    code_targets: Literal["own", "swapped"] = "swapped"
+    code_weight: Real = non_negative(default=1.0)
+    ot_weight: Real = non_negative(default=1.0)
 
     @property
     def code_dim(self) -> int:
@@ -63,28 +63,6 @@ class CODISConfig(ALBEFStackConfig):
             return {"beta": self.ipot_beta, "iterations": self.ot_iterations,
                     "inner_iterations": self.ipot_inner_iterations}
         return {"epsilon": self.sinkhorn_epsilon, "iterations": self.ot_iterations}
-
-    def validate_fields(self) -> None:
-        """Raise `ValueError` naming the first invalid field."""
-        super().validate_fields()
-        fail = self.fail
-        if not _is_int(self.codebook_size) or self.codebook_size < 2:
-            fail("codebook_size", f"must be an integer >= 2, got {self.codebook_size!r}")
-        if self.codebook_dim is not None and (not _is_int(self.codebook_dim) or self.codebook_dim <= 0):
-            fail("codebook_dim", f"must be None or a positive integer, got {self.codebook_dim!r}")
-        if not self.code_temperature > 0:
-            fail("code_temperature", f"must be > 0, got {self.code_temperature}")
-        if self.ot_solver not in ("ipot", "sinkhorn"):
-            fail("ot_solver", f"unknown solver {self.ot_solver!r}: use 'ipot' or 'sinkhorn'")
-        for field in ("ot_iterations", "ipot_inner_iterations"):
-            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
-                fail(field, f"must be a positive integer, got {getattr(self, field)!r}")
-        if not self.ipot_beta > 0:
-            fail("ipot_beta", f"must be > 0, got {self.ipot_beta}")
-        if not self.sinkhorn_epsilon > 0:
-            fail("sinkhorn_epsilon", f"must be > 0, got {self.sinkhorn_epsilon}")
-        if self.code_targets not in ("own", "swapped"):
-            fail("code_targets", f"unknown choice {self.code_targets!r}: use 'own' or 'swapped'")
 
 
 __all__ = ["CODISConfig"]

@@ -1,15 +1,26 @@
 """Configuration of MIVC (Multiple Instance Visual Component, Wu et al., WACV 2024)."""
 
-from __future__ import annotations
+import typing
+from typing import Literal
 
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec  # transformers internal (listed in vlalign/__init__.py)
 
-from .configuration_albef import _is_int, check_field_types, check_positive_int_attributes, warn_unknown_fields
+from .configuration_albef import (
+    ConfigFieldError,
+    Real,
+    check_positive_int_attributes,
+    non_negative,
+    positive,
+    strict_config,
+    warn_unknown_fields,
+)
 
-POOLING_MODES = ("mean", "max", "attention", "gated_attention", "concatenate")
+PoolingMode = Literal["mean", "max", "attention", "gated_attention", "concatenate"]
+POOLING_MODES = typing.get_args(PoolingMode)
 
 
+@strict_config
 class MIVCConfig(PreTrainedConfig):
     r"""Configuration of [`MIVCForConditionalGeneration`]: vision encoder per image -> optional Q-Former ->
     MIVC pooling over the images of an item -> projector -> visual tokens spliced into a causal LM.
@@ -32,6 +43,8 @@ class MIVCConfig(PreTrainedConfig):
             convention: vision encoder and LM frozen, the rest trained). Frozen parts also stay in eval mode.
         image_token_id: id of the image placeholder token in the LM vocabulary (set from the processor's tokenizer).
         initializer_range: std of the normal init of the projector, pooling and query tokens.
+
+    An invalid value raises a `ValueError` naming the field ([`ConfigFieldError`]).
     """
 
     model_type = "mivc"
@@ -40,23 +53,21 @@ class MIVCConfig(PreTrainedConfig):
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "qformer_config": SubConfigSpec(config_class=Blip2QFormerConfig, optional=True),
     }
-    bool_fields = ("freeze_vision_model", "freeze_qformer", "freeze_language_model")
-    number_fields = ("initializer_range",)
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
     qformer_config: PreTrainedConfig | dict | None = None
-    num_query_tokens: int = 32
-    vision_feature_select_strategy: str = "default"
-    pooling_mode: str = "attention"
-    pooling_attention_dim: int = 128
-    pooling_granularity: str = "token"
-    projector_type: str = "mlp2x_gelu"
+    num_query_tokens: int = positive(default=32)
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    pooling_mode: PoolingMode = "attention"
+    pooling_attention_dim: int = positive(default=128)
+    pooling_granularity: Literal["token", "image"] = "token"
+    projector_type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
     freeze_vision_model: bool = True
     freeze_qformer: bool = False
     freeze_language_model: bool = True
-    image_token_id: int | None = None
-    initializer_range: float = 0.02
+    image_token_id: int | None = non_negative(default=None)
+    initializer_range: Real = positive(default=0.02)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -64,10 +75,9 @@ class MIVCConfig(PreTrainedConfig):
             # the Q-Former cross-attends to the vision tokens
             self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         warn_unknown_fields(self, kwargs)
-        self.validate_fields()
 
     def fail(self, field: str, message: str):
-        raise ValueError(f"{type(self).__name__}.{field}: {message}")
+        raise ConfigFieldError(f"{type(self).__name__}.{field}: {message}")
 
     @property
     def vision_feature_dim(self) -> int:
@@ -88,41 +98,35 @@ class MIVCConfig(PreTrainedConfig):
         # generation settings (eos / pad / vocabulary) come from the language model
         return self.text_config
 
-    def validate_fields(self) -> None:
-        """Raise `ValueError` naming the first invalid field."""
-        fail = self.fail
-        vision, text = self.vision_config, self.text_config
-        check_field_types(self, self.bool_fields, self.number_fields)
-        check_positive_int_attributes(self, "vision_config", vision, ("hidden_size", "image_size", "patch_size"),
-                                      "the vision encoder")
-        check_positive_int_attributes(self, "text_config", text, ("hidden_size", "vocab_size"), "the language model")
+    # `validate_*`: the rules between fields, run by `@strict` after construction (see `strict_config`)
+    def validate_architecture(self):
+        """The vision encoder, the language model and the optional Q-Former have positive sizes."""
+        super().validate_architecture()
+        check_positive_int_attributes(self, "vision_config", self.vision_config,
+                                      ("hidden_size", "image_size", "patch_size"), "the vision encoder")
+        check_positive_int_attributes(self, "text_config", self.text_config, ("hidden_size", "vocab_size"),
+                                      "the language model")
         if self.qformer_config is not None:
             qformer = self.qformer_config
             check_positive_int_attributes(self, "qformer_config", qformer, ("hidden_size", "num_attention_heads"),
                                           "the Q-Former")
             if qformer.hidden_size % qformer.num_attention_heads != 0:
-                fail("qformer_config", f"hidden_size {qformer.hidden_size} is not divisible by num_attention_heads "
-                                       f"{qformer.num_attention_heads}")
-        if self.pooling_mode not in POOLING_MODES:
-            fail("pooling_mode", f"unknown mode {self.pooling_mode!r}: use one of {POOLING_MODES}")
-        if self.pooling_granularity not in ("token", "image"):
-            fail("pooling_granularity", f"unknown granularity {self.pooling_granularity!r}: use 'token' or 'image'")
-        if self.projector_type not in ("linear", "mlp2x_gelu"):
-            fail("projector_type", f"unknown projector {self.projector_type!r}: use 'linear' or 'mlp2x_gelu'")
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            fail("vision_feature_select_strategy",
-                 f"unknown strategy {self.vision_feature_select_strategy!r}: use 'default' or 'full'")
-        for field in ("num_query_tokens", "pooling_attention_dim"):
-            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
-                fail(field, f"must be a positive integer, got {getattr(self, field)!r}")
-        if self.image_token_id is not None and not (
-            _is_int(self.image_token_id) and 0 <= self.image_token_id < text.vocab_size
-        ):
-            fail("image_token_id", f"{self.image_token_id!r} is not a token id of the LM vocabulary ({text.vocab_size})")
+                self.fail("qformer_config", f"hidden_size {qformer.hidden_size} is not divisible by "
+                                            f"num_attention_heads {qformer.num_attention_heads}")
+
+    def validate_token_ids(self):
+        """transformers' check of the LM's special tokens (it warns), then: the image placeholder is in the LM's
+        vocabulary."""
+        super().validate_token_ids()
+        vocab_size = self.text_config.vocab_size
+        if self.image_token_id is not None and not self.image_token_id < vocab_size:
+            self.fail("image_token_id",
+                      f"{self.image_token_id!r} is not a token id of the LM vocabulary ({vocab_size})")
+
+    def validate_freezing(self):
+        """Only a part that exists can be frozen."""
         if self.qformer_config is None and self.freeze_qformer:
-            fail("freeze_qformer", "there is no Q-Former to freeze (qformer_config is None)")
-        if not self.initializer_range > 0:
-            fail("initializer_range", f"must be > 0 (the std of the normal init), got {self.initializer_range}")
+            self.fail("freeze_qformer", "there is no Q-Former to freeze (qformer_config is None)")
 
 
 __all__ = ["MIVCConfig", "POOLING_MODES"]

@@ -1,15 +1,16 @@
 """Configuration of TCL (Triple Contrastive Learning, Yang et al., CVPR 2022)."""
 
-from __future__ import annotations
+from typing import Literal
 
-from .configuration_albef import ALBEFStackConfig, _is_int
+from .configuration_albef import ALBEFStackConfig, Real, interval, non_negative, positive, strict_config
 
 
+@strict_config
 class TCLConfig(ALBEFStackConfig):
     r"""Configuration of [`TCLModel`]: an ALBEF-style image / text / fusion encoder stack trained with cross-modal
     alignment (CMA, with momentum distillation), intra-modal contrastive (IMC) and local mutual information (LMI)
     losses, plus image-text matching (ITM) and masked language modelling (MLM). The stack's fields (towers, fusion
-    layers, temperature, momentum, queues, ITM / MLM, gradient caching) are documented on [`ALBEFStackConfig`];
+    layers, temperature, momentum, queues, ITM / MLM) are documented on [`ALBEFStackConfig`];
     TCL's own:
 
     Args:
@@ -40,24 +41,21 @@ class TCLConfig(ALBEFStackConfig):
     model_type = "tcl"
     loss_weight_fields = ALBEFStackConfig.loss_weight_fields + (
         "lmi_weight", "feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight")
-    bool_fields = ALBEFStackConfig.bool_fields + (
-        "sample_u", "use_feature_separation", "use_brownian_bridge", "use_geometric_consistency")
-    number_fields = ALBEFStackConfig.number_fields + ("running_z_momentum", "brownian_bridge_t")
 
-    lmi_weight: float = 1.0
-    lmi_image_grid: int = 4
-    contrastive_loss: str = "info_nce"
-    z_estimate: str = "batch"
+    lmi_weight: Real = non_negative(default=1.0)
+    lmi_image_grid: int = positive(default=4)
+    contrastive_loss: Literal["info_nce", "decomposable"] = "info_nce"
+    z_estimate: Literal["batch", "queue", "running"] = "batch"
     sample_u: bool = False
-    running_z_momentum: float = 0.1
-    num_train_samples: int | None = None
+    running_z_momentum: Real = interval(0, 1, high_open=True)(default=0.1)
+    num_train_samples: int | None = positive(default=None)
     use_feature_separation: bool = False
-    feature_separation_weight: float = 1.0
+    feature_separation_weight: Real = non_negative(default=1.0)
     use_brownian_bridge: bool = False
-    brownian_bridge_weight: float = 1.0
-    brownian_bridge_t: float = 0.25
+    brownian_bridge_weight: Real = non_negative(default=1.0)
+    brownian_bridge_t: Real = interval(0, 1, low_open=True, high_open=True)(default=0.25)
     use_geometric_consistency: bool = False
-    geometric_consistency_weight: float = 0.25
+    geometric_consistency_weight: Real = non_negative(default=0.25)
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -69,35 +67,26 @@ class TCLConfig(ALBEFStackConfig):
         return any(getattr(self, f) > 0 for f in core) or (
             self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency)
 
-    def validate_fields(self) -> None:
-        """Raise `ValueError` naming the first invalid field."""
-        # checked first: the shared checks read `uses_queue`, which depends on these
-        fail = self.fail
-        if self.contrastive_loss not in ("info_nce", "decomposable"):
-            fail("contrastive_loss", f"unknown loss {self.contrastive_loss!r}: use 'info_nce' or 'decomposable'")
-        if self.z_estimate not in ("batch", "queue", "running"):
-            fail("z_estimate", f"unknown estimate {self.z_estimate!r}: use 'batch', 'queue' or 'running'")
-        super().validate_fields()
+    def validate_architecture(self):
+        """The stack's towers, then the LMI pooling grid, which must divide the patch grid."""
+        super().validate_architecture()
+        grid = self.patch_grid_size
+        if grid % self.lmi_image_grid != 0:
+            vision = self.vision_config
+            self.fail(
+                "lmi_image_grid",
+                f"{self.lmi_image_grid} does not divide the patch grid side {grid} (image_size {vision.image_size} "
+                f"/ patch_size {vision.patch_size})",
+            )
+
+    def validate_contrastive_loss(self):
+        """The decomposable loss is for the contrastive-only configuration; its running Z needs the sample count."""
         decomposable = self.contrastive_loss == "decomposable"
         if decomposable and self.use_momentum:
-            fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
-                 "configuration: set use_momentum=False (momentum distillation has soft targets)")
-        if self.num_train_samples is not None and (not _is_int(self.num_train_samples) or self.num_train_samples <= 0):
-            fail("num_train_samples", f"must be None or a positive integer, got {self.num_train_samples!r}")
+            self.fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
+                      "configuration: set use_momentum=False (momentum distillation has soft targets)")
         if decomposable and self.z_estimate == "running" and self.num_train_samples is None:
-            fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
-        if not 0.0 <= self.running_z_momentum < 1.0:
-            fail("running_z_momentum", f"must be in [0, 1), got {self.running_z_momentum}")
-        if not 0.0 < self.brownian_bridge_t < 1.0:
-            fail("brownian_bridge_t", f"must be in (0, 1), got {self.brownian_bridge_t}")
-        grid = self.patch_grid_size
-        if not _is_int(self.lmi_image_grid) or self.lmi_image_grid <= 0 or grid % self.lmi_image_grid != 0:
-            vision = self.vision_config
-            fail(
-                "lmi_image_grid",
-                f"unknown pooling grid {self.lmi_image_grid!r}: must be a positive divisor of the patch grid side "
-                f"{grid} (image_size {vision.image_size} / patch_size {vision.patch_size})",
-            )
+            self.fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
 
 
 __all__ = ["TCLConfig"]
