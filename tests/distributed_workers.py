@@ -181,7 +181,7 @@ LOSS_CASES = (("plain", False, False), ("image_ids", True, False), ("learnable_t
 
 def tcl_config(**overrides):
     """conftest's tiny TCL config with every dropout probability at 0 (deterministic passes)."""
-    from conftest import TINY_TEXT, TINY_VISION, tiny_tcl_config
+    from fixtures import TINY_TEXT, TINY_VISION, tiny_tcl_config
 
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return tiny_tcl_config(vision_config=dict(TINY_VISION, **no_dropout), text_config=dict(TINY_TEXT, **no_dropout),
@@ -200,7 +200,7 @@ MOMENTUM_CONFIG = dict(itm_weight=0.0, mlm_weight=0.0, queue_size=16)
 
 
 def model_batch(case: str) -> dict:
-    from conftest import tiny_batch
+    from fixtures import tiny_batch
 
     batch = tiny_batch(batch=GLOBAL_BATCH, seed=3)
     if case == "cma_imc_ids":
@@ -370,7 +370,7 @@ MOMENTUM_POSITIVE_IDS = (torch.tensor([0, 1, 2, 3]), torch.tensor([10, 11, 12, 0
 
 
 def scenario_momentum(rank, world_size):
-    from conftest import tiny_batch
+    from fixtures import tiny_batch
     from torch.nn.parallel import DistributedDataParallel
 
     model = build_model(seed=0, **MOMENTUM_CONFIG)

@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_codis_config, tiny_tcl_config
+from fixtures import tiny_batch, tiny_codis_config, tiny_tcl_config
 from test_modeling_mivc import _config as mivc_config
 from test_modeling_mivc import _mask, _pixels, _prompt_ids
 from vlalign import CODISModel, MIVCForConditionalGeneration, TCLModel

@@ -17,7 +17,16 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, tiny_codis_config, tiny_tcl_config
+from fixtures import (
+    MIVC_LLAMA,
+    MIVC_QFORMER,
+    MIVC_VISION,
+    TINY_TEXT,
+    TINY_VISION,
+    tiny_codis_config,
+    tiny_mivc_config,
+    tiny_tcl_config,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedConfig
 
@@ -25,21 +34,6 @@ from vlalign import CODISConfig, CODISModel, MIVCConfig, MIVCForConditionalGener
 from vlalign.loading import CheckpointMismatchError, describe_key_problems
 
 WEIGHTS = "model.safetensors"
-MIVC_VISION = dict(model_type="vit", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                   num_attention_heads=4, intermediate_size=64)
-MIVC_LLAMA = dict(model_type="llama", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
-                  tie_word_embeddings=True)  # the LM's output layer shares the input embeddings
-MIVC_QFORMER = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
-
-
-def tiny_mivc_config(**overrides):
-    kwargs = dict(vision_config=dict(MIVC_VISION), text_config=dict(MIVC_LLAMA), qformer_config=dict(MIVC_QFORMER),
-                  num_query_tokens=4, image_token_id=5, pooling_attention_dim=8)
-    kwargs.update(overrides)
-    return MIVCConfig(**kwargs)
-
-
 MODELS = {
     "tcl": (TCLModel, tiny_tcl_config),
     "codis": (CODISModel, tiny_codis_config),

@@ -6,7 +6,7 @@ benchmarks/train_step.py --compile; here the `aot_eager` backend keeps the test 
 from __future__ import annotations
 
 import torch
-from conftest import tiny_batch, tiny_tcl_config
+from fixtures import tiny_batch, tiny_tcl_config
 from transformers import TrainingArguments
 
 from vlalign import TCLModel

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 import pytest
-from conftest import tiny_codis_config, tiny_tcl_config
+from fixtures import tiny_codis_config, tiny_tcl_config
 from transformers import PreTrainedConfig
 
 from vlalign import CODISConfig, MIVCConfig, TCLConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 import evaluate
 import pytest
 import torch
-from conftest import tiny_tcl_config
+from fixtures import tiny_tcl_config
 
 import vlalign.evaluation
 from vlalign import TCLModel

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tcl_config
+from fixtures import tiny_tcl_config
 from PIL import Image
 
 import vlalign.evaluation

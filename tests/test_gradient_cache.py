@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_tcl_config
+from fixtures import tiny_batch, tiny_tcl_config
 
 from vlalign import TCLModel
 from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from PIL import Image, ImageFile
 
 from vlalign.data import (

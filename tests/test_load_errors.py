@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, tiny_codis_config, tiny_tcl_config
+from fixtures import TINY_TEXT, TINY_VISION, tiny_codis_config, tiny_tcl_config
 from safetensors import SafetensorError
-from test_checkpoints import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
+from fixtures import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
 from transformers import AutoProcessor, AutoTokenizer
 
 from vlalign import (

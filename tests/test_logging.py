@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_tcl_config
+from fixtures import tiny_batch, tiny_tcl_config
 from transformers import TrainingArguments
 
 from vlalign import TCLModel

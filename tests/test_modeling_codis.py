@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
+from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
 from test_codebook_losses import targets_reference
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 

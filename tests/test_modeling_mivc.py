@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import BLOCK_VLALIGN
+from fixtures import BLOCK_VLALIGN
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ViTImageProcessorPil

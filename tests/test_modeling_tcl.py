@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl_config
+from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_tcl_config
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from vlalign import TCLConfig, TCLModel

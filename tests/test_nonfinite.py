@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_tcl_config
+from fixtures import tiny_batch, tiny_tcl_config
 from transformers import TrainerCallback, TrainingArguments
 
 from vlalign import TCLModel

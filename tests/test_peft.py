@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_batch, tiny_codis_config, tiny_tcl_config
+from fixtures import tiny_batch, tiny_codis_config, tiny_tcl_config
 from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")

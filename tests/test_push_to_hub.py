@@ -17,7 +17,7 @@ from pathlib import Path
 import huggingface_hub.hf_api
 import pytest
 import yaml
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ def _tiny_towers(root: Path) -> tuple[str, str]:
     """Local vision and text checkpoints for `from_vision_text_pretrained`: absolute paths a card must not show."""
     import torch
     import transformers
-    from conftest import TINY_TEXT, TINY_VISION
+    from fixtures import TINY_TEXT, TINY_VISION
 
     torch.manual_seed(0)
     vit = transformers.ViTModel(transformers.ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"}))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BLOCK_VLALIGN
+from fixtures import BLOCK_VLALIGN
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

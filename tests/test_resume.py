@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from test_hostile_data import DIGIT_NAMES, hostile_rows, write_split
 from test_train_script import TINY_MIVC
 
@@ -173,7 +173,7 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
 
 # ---- in-process: finished runs, changed settings, staged checkpoints ---------------------------------------------
 def _in_process_trainer(output_dir, max_steps=4, rows=40, seed=3, **kwargs):
-    from conftest import tiny_tcl_config
+    from fixtures import tiny_tcl_config
     from test_nonfinite import InjectingCollator
     from vlalign import TCLModel
     from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from test_hostile_data import DIGIT_NAMES, write_split
 
 from vlalign.data import build_digits_processor

@@ -6,9 +6,9 @@ refusal tests make `torch.load` fail loudly, to prove the file is never unpickle
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, tiny_tcl_config
+from fixtures import TINY_TEXT, TINY_VISION, tiny_tcl_config
 from safetensors.torch import load_file
-from test_checkpoints import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
+from fixtures import MIVC_LLAMA, MIVC_VISION, tiny_mivc_config
 from transformers import AutoModel
 
 from vlalign import MIVCForConditionalGeneration, TCLModel

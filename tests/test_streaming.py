@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from sklearn.datasets import load_digits
 
 from vlalign.data import (

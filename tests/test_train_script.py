@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 import torch
-from conftest import TINY_TRAIN_MODEL
+from fixtures import TINY_TRAIN_MODEL
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open

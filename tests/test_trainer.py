@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_tcl_config
+from fixtures import tiny_batch, tiny_tcl_config
 
 from vlalign import TCLModel
 from vlalign.data import ImageTextCollator
@@ -64,7 +64,7 @@ def test_temperature_gets_no_weight_decay(tmp_path):
 
 
 def test_codebook_gets_no_weight_decay(tmp_path):
-    from conftest import tiny_codis_config
+    from fixtures import tiny_codis_config
 
     from vlalign import CODISModel
 
