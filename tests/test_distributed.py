@@ -299,7 +299,7 @@ def code_assignment_results(tmp_path_factory):
 def test_code_assignment_targets_across_two_processes_are_rows_of_the_global_plan(code_assignment_results):
     """Each rank gets exactly its rows of the single-process plan over the whole batch (the equipartition over
     the codes is global), for halves and for unequal shares, IPOT and Sinkhorn."""
-    from test_codebook_losses import targets_reference
+    from references import targets_reference
 
     from vlalign.losses import code_assignment_targets
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
-from test_codebook_losses import targets_reference
+from references import targets_reference
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from vlalign import CODISConfig, CODISModel, VLAlignProcessor
