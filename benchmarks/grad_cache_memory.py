@@ -34,12 +34,32 @@ def measure(batch: int, chunk: int | None, device: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     width = 256
     config = TCLConfig(
-        vision_config=dict(model_type="vit", image_size=32, patch_size=4, hidden_size=width, num_hidden_layers=4,
-                           num_attention_heads=4, intermediate_size=4 * width),
-        text_config=dict(model_type="bert", vocab_size=1000, hidden_size=width, num_hidden_layers=4,
-                         num_attention_heads=4, intermediate_size=4 * width, max_position_embeddings=32),
-        num_fusion_layers=0, use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-        embed_dim=128, lmi_image_grid=4,
+        vision_config=dict(
+            model_type="vit",
+            image_size=32,
+            patch_size=4,
+            hidden_size=width,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=4 * width,
+        ),
+        text_config=dict(
+            model_type="bert",
+            vocab_size=1000,
+            hidden_size=width,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=4 * width,
+            max_position_embeddings=32,
+        ),
+        num_fusion_layers=0,
+        use_momentum=False,
+        imc_weight=0.0,
+        lmi_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        embed_dim=128,
+        lmi_image_grid=4,
     )
     model = TCLModel(config).to(device).train()
     g = torch.Generator().manual_seed(1)
@@ -98,9 +118,19 @@ def main() -> None:
     for batch in (small, large):
         for chunk in (0, args.chunk_size):
             out = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-                 "--worker", f"{batch},{chunk}"],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    args.device,
+                    "--threads",
+                    str(args.threads),
+                    "--worker",
+                    f"{batch},{chunk}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results[(batch, bool(chunk))] = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -114,19 +144,27 @@ def main() -> None:
         "device": args.device,
         "chunk_size": args.chunk_size,
         "peak_mib": {f"{b}_{'cached' if c else 'uncached'}": round(r["peak_mib"], 1) for (b, c), r in results.items()},
-        "step_seconds": {f"{b}_{'cached' if c else 'uncached'}": round(r["step_seconds"], 4)
-                         for (b, c), r in results.items()},
+        "step_seconds": {
+            f"{b}_{'cached' if c else 'uncached'}": round(r["step_seconds"], 4) for (b, c), r in results.items()
+        },
         "cached_peak_ratio_large_over_small": round(
-            results[(large, True)]["peak_mib"] / results[(small, True)]["peak_mib"], 3),
+            results[(large, True)]["peak_mib"] / results[(small, True)]["peak_mib"], 3
+        ),
         "uncached_peak_ratio_large_over_small": round(
-            results[(large, False)]["peak_mib"] / results[(small, False)]["peak_mib"], 3),
+            results[(large, False)]["peak_mib"] / results[(small, False)]["peak_mib"], 3
+        ),
         "cached_large_time_over_scaled_uncached_small": round(
-            results[(large, True)]["step_seconds"] / (scale * results[(small, False)]["step_seconds"]), 3),
+            results[(large, True)]["step_seconds"] / (scale * results[(small, False)]["step_seconds"]), 3
+        ),
     }
-    print(f"cached peak({large})/peak({small}) = {figures['cached_peak_ratio_large_over_small']} (target <= 1.5); "
-          f"uncached: {figures['uncached_peak_ratio_large_over_small']}")
-    print(f"cached step({large}) / ({scale:g} x uncached step({small})) = "
-          f"{figures['cached_large_time_over_scaled_uncached_small']} (target <= 1.3)")
+    print(
+        f"cached peak({large})/peak({small}) = {figures['cached_peak_ratio_large_over_small']} (target <= 1.5); "
+        f"uncached: {figures['uncached_peak_ratio_large_over_small']}"
+    )
+    print(
+        f"cached step({large}) / ({scale:g} x uncached step({small})) = "
+        f"{figures['cached_large_time_over_scaled_uncached_small']} (target <= 1.3)"
+    )
     print(json.dumps(figures))
 
 

@@ -29,11 +29,22 @@ def run(mode: str, max_steps: int, seed: int) -> dict:
 
     with tempfile.TemporaryDirectory() as output_dir:
         start = time.time()
-        results = train.main([
-            "--config", str(REPO / "training/configs/mivc_digits.yaml"), "--output_dir", output_dir,
-            "--max_steps", str(max_steps), "--seed", str(seed), "--logging_steps", str(max(1, max_steps // 5)),
-            "--pooling_mode", mode,
-        ])
+        results = train.main(
+            [
+                "--config",
+                str(REPO / "training/configs/mivc_digits.yaml"),
+                "--output_dir",
+                output_dir,
+                "--max_steps",
+                str(max_steps),
+                "--seed",
+                str(seed),
+                "--logging_steps",
+                str(max(1, max_steps // 5)),
+                "--pooling_mode",
+                mode,
+            ]
+        )
         results["wall_seconds"] = round(time.time() - start, 1)
     return results
 
@@ -58,18 +69,35 @@ def main() -> None:
         rows[mode] = run(mode, args.max_steps, args.seed)
 
     print(f"\nMulti-view digits, {args.max_steps} steps, seed {args.seed}, 400 test items (held-out scans)")
-    print("| pooling | exact match % | mean weight, clean images | mean weight, degraded images | equal-weight "
-          "reference | train s |")
+    print(
+        "| pooling | exact match % | mean weight, clean images | mean weight, degraded images | equal-weight "
+        "reference | train s |"
+    )
     print("|" + "---|" * 6)
     for mode in modes:
         r = rows[mode]
-        print(f"| {mode} | {r['exact_match_accuracy']:.1f} | {_fmt(r.get('mean_weight_clean_images'))} | "
-              f"{_fmt(r.get('mean_weight_degraded_images'))} | {_fmt(r.get('uniform_weight_reference'))} | "
-              f"{r['train_runtime_seconds']:.0f} |")
-    keys = ("exact_match_accuracy", "mean_weight_clean_images", "mean_weight_degraded_images",
-            "uniform_weight_reference", "train_runtime_seconds", "wall_seconds")
-    print(json.dumps({"max_steps": args.max_steps, "seed": args.seed,
-                      "results": {m: {k: rows[m][k] for k in keys if k in rows[m]} for m in modes}}))
+        print(
+            f"| {mode} | {r['exact_match_accuracy']:.1f} | {_fmt(r.get('mean_weight_clean_images'))} | "
+            f"{_fmt(r.get('mean_weight_degraded_images'))} | {_fmt(r.get('uniform_weight_reference'))} | "
+            f"{r['train_runtime_seconds']:.0f} |"
+        )
+    keys = (
+        "exact_match_accuracy",
+        "mean_weight_clean_images",
+        "mean_weight_degraded_images",
+        "uniform_weight_reference",
+        "train_runtime_seconds",
+        "wall_seconds",
+    )
+    print(
+        json.dumps(
+            {
+                "max_steps": args.max_steps,
+                "seed": args.seed,
+                "results": {m: {k: rows[m][k] for k in keys if k in rows[m]} for m in modes},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

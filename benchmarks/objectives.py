@@ -46,10 +46,22 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "training" / "configs"
 
 SMALL_TOWERS = [
-    "--model.vision_config.hidden_size", "64", "--model.vision_config.intermediate_size", "128",
-    "--model.vision_config.num_attention_heads", "2", "--model.vision_config.num_hidden_layers", "2",
-    "--model.text_config.hidden_size", "64", "--model.text_config.intermediate_size", "128",
-    "--model.text_config.num_attention_heads", "2", "--model.embed_dim", "64",
+    "--model.vision_config.hidden_size",
+    "64",
+    "--model.vision_config.intermediate_size",
+    "128",
+    "--model.vision_config.num_attention_heads",
+    "2",
+    "--model.vision_config.num_hidden_layers",
+    "2",
+    "--model.text_config.hidden_size",
+    "64",
+    "--model.text_config.intermediate_size",
+    "128",
+    "--model.text_config.num_attention_heads",
+    "2",
+    "--model.embed_dim",
+    "64",
 ]
 NO_EXTRA_TERMS = ["--imc_weight", "0", "--lmi_weight", "0", "--itm_weight", "0", "--mlm_weight", "0"]
 IN_BATCH_ONLY = ["--use_momentum", "false", *NO_EXTRA_TERMS, "--num_fusion_layers", "0"]
@@ -80,22 +92,50 @@ ROWS = [
     Row("itc_imc_lmi", "+ IMC + LMI", SCENES, ("--itm_weight", "0", "--mlm_weight", "0"), lr_from="tcl"),
     Row("tcl", "+ IMC + LMI + ITM + MLM (full TCL)", SCENES, (), tuned=True, main=True),
     # CODIS against its four-term baseline (CMA + IMC + ITM + MLM, no codebook terms)
-    Row("codis_base", "CODIS four-term baseline (no codebook terms)", SCENES,
-        ("--code_weight", "0", "--ot_weight", "0"), config="codis_digits.yaml", tuned=True, main=True),
-    Row("codis", "full CODIS (codebook + OT, swapped targets)", SCENES, (), config="codis_digits.yaml", tuned=True,
-        main=True),
+    Row(
+        "codis_base",
+        "CODIS four-term baseline (no codebook terms)",
+        SCENES,
+        ("--code_weight", "0", "--ot_weight", "0"),
+        config="codis_digits.yaml",
+        tuned=True,
+        main=True,
+    ),
+    Row(
+        "codis",
+        "full CODIS (codebook + OT, swapped targets)",
+        SCENES,
+        (),
+        config="codis_digits.yaml",
+        tuned=True,
+        main=True,
+    ),
     # the decomposable loss at a small batch against InfoNCE at the small and at a large batch
     Row("infonce_b32", "InfoNCE, batch 32", ("digits",), tuple(IN_BATCH_ONLY), main=True),
     Row("infonce_b256", "InfoNCE, batch 256", ("digits",), tuple(IN_BATCH_ONLY), batch_size=256),
-    Row("decomposable_b32_running", "decomposable, batch 32, running-average Z", ("digits",),
-        (*IN_BATCH_ONLY, "--contrastive_loss", "decomposable", "--z_estimate", "running"), main=True),
-    Row("decomposable_b32_queue", "decomposable, batch 32, queue Z (1024)", ("digits",),
-        (*IN_BATCH_ONLY, "--contrastive_loss", "decomposable", "--z_estimate", "queue")),
+    Row(
+        "decomposable_b32_running",
+        "decomposable, batch 32, running-average Z",
+        ("digits",),
+        (*IN_BATCH_ONLY, "--contrastive_loss", "decomposable", "--z_estimate", "running"),
+        main=True,
+    ),
+    Row(
+        "decomposable_b32_queue",
+        "decomposable, batch 32, queue Z (1024)",
+        ("digits",),
+        (*IN_BATCH_ONLY, "--contrastive_loss", "decomposable", "--z_estimate", "queue"),
+    ),
     # the latent-modality-structure regularisers on top of InfoNCE, each at three weights
     Row("infonce_b64", "InfoNCE, batch 64", ("digits",), tuple(IN_BATCH_ONLY), batch_size=64),
     *[
-        Row(f"infonce_b64_{short}_{weight:g}", f"InfoNCE b64 + {label}, weight {weight:g}", ("digits",),
-            (*IN_BATCH_ONLY, f"--use_{flag}", "true", f"--{flag}_weight", str(weight)), batch_size=64)
+        Row(
+            f"infonce_b64_{short}_{weight:g}",
+            f"InfoNCE b64 + {label}, weight {weight:g}",
+            ("digits",),
+            (*IN_BATCH_ONLY, f"--use_{flag}", "true", f"--{flag}_weight", str(weight)),
+            batch_size=64,
+        )
         for short, label, flag, weights in (
             ("sep", "feature separation", "feature_separation", (0.1, 0.3, 1.0)),
             ("bridge", "Brownian bridge", "brownian_bridge", (0.1, 0.3, 1.0)),
@@ -132,18 +172,48 @@ class Table:
         if dataset == "digits":
             return []  # the demo's own data section (eval on its test split)
         folder = self.work_dir / "data" / dataset
-        return ["--dataset_name", "imagefolder", "--data_dir", str(folder), "--label_column", "null",
-                "--positives_by", "image", "--processor_name_or_path", str(folder / "processor"),
-                "--eval_split", split]
+        return [
+            "--dataset_name",
+            "imagefolder",
+            "--data_dir",
+            str(folder),
+            "--label_column",
+            "null",
+            "--positives_by",
+            "image",
+            "--processor_name_or_path",
+            str(folder / "processor"),
+            "--eval_split",
+            split,
+        ]
 
     def command(self, job: Job, output_dir: Path) -> list[str]:
         return [
-            sys.executable, str(REPO / "training" / "train.py"), "--config", str(CONFIGS / job.row.config),
-            *self.data_args(job.dataset, job.split), *SMALL_TOWERS, *job.row.args,
-            "--output_dir", str(output_dir), "--max_steps", str(job.steps), "--seed", str(job.seed),
-            "--learning_rate", str(job.learning_rate), "--per_device_train_batch_size", str(job.row.batch_size),
-            "--alpha_ramp_steps", str(max(1, job.steps // 8)), "--logging_steps", str(max(1, job.steps // 8)),
-            "--cpu_threads", "1", "--disable_tqdm", "true",
+            sys.executable,
+            str(REPO / "training" / "train.py"),
+            "--config",
+            str(CONFIGS / job.row.config),
+            *self.data_args(job.dataset, job.split),
+            *SMALL_TOWERS,
+            *job.row.args,
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            str(job.steps),
+            "--seed",
+            str(job.seed),
+            "--learning_rate",
+            str(job.learning_rate),
+            "--per_device_train_batch_size",
+            str(job.row.batch_size),
+            "--alpha_ramp_steps",
+            str(max(1, job.steps // 8)),
+            "--logging_steps",
+            str(max(1, job.steps // 8)),
+            "--cpu_threads",
+            "1",
+            "--disable_tqdm",
+            "true",
         ]
 
     def run_one(self, job: Job) -> dict:
@@ -154,8 +224,12 @@ class Table:
         scratch = folder.with_name(folder.name + ".running")
         shutil.rmtree(scratch, ignore_errors=True)
         start = time.time()
-        process = subprocess.run(self.command(job, scratch), capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+        process = subprocess.run(
+            self.command(job, scratch),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         if process.returncode != 0:
             raise RuntimeError(f"run {job.key} failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
         result = json.loads((scratch / "eval_results.json").read_text())
@@ -177,8 +251,10 @@ class Table:
             for future in concurrent.futures.as_completed(futures):
                 job = futures[future]
                 self.results[job.key] = result = future.result()
-                print(f"   {job.key}: {score(job.dataset, result):.1f} ({result['train_runtime_seconds']:.0f} s)",
-                      flush=True)
+                print(
+                    f"   {job.key}: {score(job.dataset, result):.1f} ({result['train_runtime_seconds']:.0f} s)",
+                    flush=True,
+                )
 
 
 def score(dataset: str, result: dict) -> float:
@@ -224,16 +300,25 @@ def main() -> None:
 
     # 1. learning-rate grid for the main pairs (validation split), together with the untuned digits rows
     learning_rate = {r.name: DEFAULT_LEARNING_RATE for r in ROWS}
-    tuning = [] if args.quick else [
-        Job(r, "scenes", lr, 0, "validation", STEPS["scenes"]) for r in rows if r.tuned for lr in LEARNING_RATES]
-    digits = [Job(r, "digits", DEFAULT_LEARNING_RATE, s, "test", STEPS["digits"])
-              for r in rows if "digits" in r.datasets for s in seeds]
+    tuning = (
+        []
+        if args.quick
+        else [Job(r, "scenes", lr, 0, "validation", STEPS["scenes"]) for r in rows if r.tuned for lr in LEARNING_RATES]
+    )
+    digits = [
+        Job(r, "digits", DEFAULT_LEARNING_RATE, s, "test", STEPS["digits"])
+        for r in rows
+        if "digits" in r.datasets
+        for s in seeds
+    ]
     table.run_all(tuning + digits)
     tuning_scores: dict[str, dict[str, float]] = {}
     for r in rows:
         if r.tuned and not args.quick:
-            scores = {lr: score("scenes", table.results[Job(r, "scenes", lr, 0, "validation", STEPS["scenes"]).key])
-                      for lr in LEARNING_RATES}
+            scores = {
+                lr: score("scenes", table.results[Job(r, "scenes", lr, 0, "validation", STEPS["scenes"]).key])
+                for lr in LEARNING_RATES
+            }
             tuning_scores[r.name] = {f"{lr:g}": round(v, 2) for lr, v in scores.items()}
             learning_rate[r.name] = max(scores, key=scores.get)
     for r in rows:
@@ -242,17 +327,28 @@ def main() -> None:
 
     # 2. every scenes row at its learning rate, each seed, test split
     scene_sets = ("scenes",) if args.quick else SCENES
-    scenes = [Job(r, d, learning_rate[r.name], s, "test", STEPS[d])
-              for r in rows for d in r.datasets if d in scene_sets for s in seeds]
+    scenes = [
+        Job(r, d, learning_rate[r.name], s, "test", STEPS[d])
+        for r in rows
+        for d in r.datasets
+        if d in scene_sets
+        for s in seeds
+    ]
     table.run_all(scenes)
 
     # 3. the baseline at the method's wall-clock budget
     baseline, method = (ROWS_BY_NAME[n] for n in EQUAL_TIME_PAIR)
     equal_time = []
     if not args.quick and baseline in rows and method in rows:
+
         def seconds(row, dataset):
-            return statistics.median(table.results[Job(row, dataset, learning_rate[row.name], s, "test",
-                                                       STEPS[dataset]).key]["train_runtime_seconds"] for s in seeds)
+            return statistics.median(
+                table.results[Job(row, dataset, learning_rate[row.name], s, "test", STEPS[dataset]).key][
+                    "train_runtime_seconds"
+                ]
+                for s in seeds
+            )
+
         for d in SCENES:
             steps = round(STEPS[d] * seconds(method, d) / seconds(baseline, d))
             equal_time += [Job(baseline, d, learning_rate[baseline.name], s, "test", steps) for s in seeds]
@@ -268,34 +364,59 @@ def main() -> None:
             results = [table.results[j.key] for j in group]
             values = [score(dataset, r) for r in results]
             mean, std = mean_std(values)
-            summary.append({
-                "row": name, "description": ROWS_BY_NAME[name].description + (f", {label}" if label else ""),
-                "dataset": dataset, "steps": steps, "batch_size": ROWS_BY_NAME[name].batch_size,
-                "learning_rate": group[0].learning_rate, "seeds": [j.seed for j in group],
-                "metric": "zero-shot accuracy" if dataset == "digits" else "mean R@1",
-                "mean": round(mean, 2), "std": None if len(values) < 2 else round(std, 2),
-                "values": [round(v, 2) for v in values],
-                "i2t_recall@1": round(statistics.fmean(r["i2t_recall@1"] for r in results), 2),
-                "t2i_recall@1": round(statistics.fmean(r["t2i_recall@1"] for r in results), 2),
-                "train_seconds": round(statistics.fmean(r["train_runtime_seconds"] for r in results), 1),
-                "alignment_warnings": sum(bool(r.get("alignment_warning")) for r in results),
-                "alignment_judged": sum("alignment_started" in r for r in results),  # never for the decomposable loss
-            })
-    print(f"\nObjectives at small scale ({len(seeds)} seed(s) per row; mean +- std over seeds; "
-          f"{time.time() - started:.0f} s for this invocation)")
+            summary.append(
+                {
+                    "row": name,
+                    "description": ROWS_BY_NAME[name].description + (f", {label}" if label else ""),
+                    "dataset": dataset,
+                    "steps": steps,
+                    "batch_size": ROWS_BY_NAME[name].batch_size,
+                    "learning_rate": group[0].learning_rate,
+                    "seeds": [j.seed for j in group],
+                    "metric": "zero-shot accuracy" if dataset == "digits" else "mean R@1",
+                    "mean": round(mean, 2),
+                    "std": None if len(values) < 2 else round(std, 2),
+                    "values": [round(v, 2) for v in values],
+                    "i2t_recall@1": round(statistics.fmean(r["i2t_recall@1"] for r in results), 2),
+                    "t2i_recall@1": round(statistics.fmean(r["t2i_recall@1"] for r in results), 2),
+                    "train_seconds": round(statistics.fmean(r["train_runtime_seconds"] for r in results), 1),
+                    "alignment_warnings": sum(bool(r.get("alignment_warning")) for r in results),
+                    "alignment_judged": sum(
+                        "alignment_started" in r for r in results
+                    ),  # never for the decomposable loss
+                }
+            )
+    print(
+        f"\nObjectives at small scale ({len(seeds)} seed(s) per row; mean +- std over seeds; "
+        f"{time.time() - started:.0f} s for this invocation)"
+    )
     print("| dataset | row | steps | lr | metric | mean +- std | i2t R@1 | t2i R@1 | train s | alignment not started |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         stuck = f"{s['alignment_warnings']} of {s['alignment_judged']}" if s["alignment_judged"] else "-"
         spread = f"{s['mean']:.1f}" + ("" if s["std"] is None else f" +- {s['std']:.1f}")
-        print(f"| {s['dataset']} | {s['description']} | {s['steps']} | {s['learning_rate']:g} | {s['metric']} | "
-              f"{spread} | {s['i2t_recall@1']:.1f} | {s['t2i_recall@1']:.1f} | "
-              f"{s['train_seconds']:.0f} | {stuck} |")
+        print(
+            f"| {s['dataset']} | {s['description']} | {s['steps']} | {s['learning_rate']:g} | {s['metric']} | "
+            f"{spread} | {s['i2t_recall@1']:.1f} | {s['t2i_recall@1']:.1f} | "
+            f"{s['train_seconds']:.0f} | {stuck} |"
+        )
     if tuning_scores:
-        print("\nLearning-rate grid (scenes, seed 0, validation mean R@1): "
-              + "; ".join(f"{n}: {v}" for n, v in tuning_scores.items()))
-    print(json.dumps({"quick": args.quick, "seeds": list(seeds), "steps": STEPS, "tuning": tuning_scores,
-                      "learning_rates": {r.name: learning_rate[r.name] for r in rows}, "rows": summary}))
+        print(
+            "\nLearning-rate grid (scenes, seed 0, validation mean R@1): "
+            + "; ".join(f"{n}: {v}" for n, v in tuning_scores.items())
+        )
+    print(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "seeds": list(seeds),
+                "steps": STEPS,
+                "tuning": tuning_scores,
+                "learning_rates": {r.name: learning_rate[r.name] for r in rows},
+                "rows": summary,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def main() -> None:
     image_ids = torch.arange(args.images)
     text_ids = image_ids.repeat_interleave(args.captions_per_image)
     # captions near their image, so recall is neither 0 nor 100
-    texts = torch.nn.functional.normalize(images[text_ids] + 0.35 * torch.randn(len(text_ids), args.dim, generator=g),
-                                          dim=1)
+    texts = torch.nn.functional.normalize(
+        images[text_ids] + 0.35 * torch.randn(len(text_ids), args.dim, generator=g), dim=1
+    )
     images, texts = images.to(device), texts.to(device)
 
     def reference():
@@ -65,26 +66,37 @@ def main() -> None:
     results = {}
 
     def evaluate():
-        results.update(retrieval_metrics(images, texts, image_ids.to(device), text_ids.to(device),
-                                         chunk_size=args.chunk_size))
+        results.update(
+            retrieval_metrics(images, texts, image_ids.to(device), text_ids.to(device), chunk_size=args.chunk_size)
+        )
 
     reference()  # warm-up
     evaluate()
     reference_s = best_time(reference, device, args.repeats)
     evaluate_s = best_time(evaluate, device, args.repeats)
     ratio = evaluate_s / reference_s
-    print(f"{len(texts):,} captions x {args.images:,} images, dim {args.dim}, device {device}, "
-          f"chunk {args.chunk_size}")
-    print("| timed | seconds (best of %d) |" % args.repeats)
+    print(f"{len(texts):,} captions x {args.images:,} images, dim {args.dim}, device {device}, chunk {args.chunk_size}")
+    print(f"| timed | seconds (best of {args.repeats}) |")
     print("|---|---|")
     print(f"| bare matmul + top-10, both directions | {reference_s:.3f} |")
     print(f"| retrieval_metrics (R@1/5/10 both ways) | {evaluate_s:.3f} |")
     print(f"| eval_ratio (target <= 1.5) | {ratio:.2f} |")
-    print(json.dumps({"eval_ratio": round(ratio, 3), "reference_seconds": round(reference_s, 4),
-                      "evaluate_seconds": round(evaluate_s, 4), "num_captions": len(texts),
-                      "num_images": args.images, "dim": args.dim, "chunk_size": args.chunk_size,
-                      "device": str(device), "i2t_recall@1": results["i2t_recall@1"],
-                      "t2i_recall@1": results["t2i_recall@1"]}))
+    print(
+        json.dumps(
+            {
+                "eval_ratio": round(ratio, 3),
+                "reference_seconds": round(reference_s, 4),
+                "evaluate_seconds": round(evaluate_s, 4),
+                "num_captions": len(texts),
+                "num_images": args.images,
+                "dim": args.dim,
+                "chunk_size": args.chunk_size,
+                "device": str(device),
+                "i2t_recall@1": results["i2t_recall@1"],
+                "t2i_recall@1": results["t2i_recall@1"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

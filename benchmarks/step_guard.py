@@ -66,15 +66,24 @@ def main() -> None:
     check_s = median_seconds(parameter_check, args.steps, device)
     snapshot_mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     model_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
-    result = {"device": str(device), "preset": args.preset, "batch": args.batch, "step_ms": round(1e3 * step_s, 2),
-              "snapshot_ms": round(1e3 * snapshot_s, 3), "parameter_check_ms": round(1e3 * check_s, 3),
-              "snapshot_share_of_step": round(snapshot_s / step_s, 4),
-              "parameter_check_share_of_step": round(check_s / step_s, 4),
-              "snapshot_mb": round(snapshot_mb, 1), "model_mb": round(model_mb, 1)}
-    print(f"full TCL step {result['step_ms']} ms; snapshot {result['snapshot_ms']} ms "
-          f"({100 * result['snapshot_share_of_step']:.2f}% of a step, {result['snapshot_mb']} MiB beside "
-          f"{result['model_mb']} MiB of model); parameter check {result['parameter_check_ms']} ms "
-          f"({100 * result['parameter_check_share_of_step']:.2f}%)")
+    result = {
+        "device": str(device),
+        "preset": args.preset,
+        "batch": args.batch,
+        "step_ms": round(1e3 * step_s, 2),
+        "snapshot_ms": round(1e3 * snapshot_s, 3),
+        "parameter_check_ms": round(1e3 * check_s, 3),
+        "snapshot_share_of_step": round(snapshot_s / step_s, 4),
+        "parameter_check_share_of_step": round(check_s / step_s, 4),
+        "snapshot_mb": round(snapshot_mb, 1),
+        "model_mb": round(model_mb, 1),
+    }
+    print(
+        f"full TCL step {result['step_ms']} ms; snapshot {result['snapshot_ms']} ms "
+        f"({100 * result['snapshot_share_of_step']:.2f}% of a step, {result['snapshot_mb']} MiB beside "
+        f"{result['model_mb']} MiB of model); parameter check {result['parameter_check_ms']} ms "
+        f"({100 * result['parameter_check_share_of_step']:.2f}%)"
+    )
     print(json.dumps(result))
 
 

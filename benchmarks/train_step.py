@@ -27,7 +27,7 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, ViTConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+from transformers import BertConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTConfig
 
 from vlalign import TCLConfig, TCLModel
 
@@ -38,11 +38,23 @@ PRESETS = {
 
 
 def tower_configs(p: dict) -> tuple[ViTConfig, BertConfig]:
-    vision = ViTConfig(image_size=p["image"], patch_size=p["patch"], hidden_size=p["width"],
-                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"], intermediate_size=4 * p["width"],
-                       attn_implementation="sdpa")
-    text = BertConfig(hidden_size=p["width"], num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                      intermediate_size=4 * p["width"], vocab_size=p["vocab"], attn_implementation="sdpa")
+    vision = ViTConfig(
+        image_size=p["image"],
+        patch_size=p["patch"],
+        hidden_size=p["width"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        intermediate_size=4 * p["width"],
+        attn_implementation="sdpa",
+    )
+    text = BertConfig(
+        hidden_size=p["width"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        intermediate_size=4 * p["width"],
+        vocab_size=p["vocab"],
+        attn_implementation="sdpa",
+    )
     return vision, text
 
 
@@ -56,14 +68,28 @@ def build(kind: str, p: dict, fusion_layers: int = 2):
         config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=256)
         return VisionTextDualEncoderModel(config=config)
     if kind == "tcl_contrastive":
-        config = TCLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), num_fusion_layers=0,
-                           use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                           embed_dim=256)
+        config = TCLConfig(
+            vision_config=vision.to_dict(),
+            text_config=text.to_dict(),
+            num_fusion_layers=0,
+            use_momentum=False,
+            imc_weight=0.0,
+            lmi_weight=0.0,
+            itm_weight=0.0,
+            mlm_weight=0.0,
+            embed_dim=256,
+        )
         return TCLModel(config)
     text = BertConfig(**{**text.to_dict(), "num_hidden_layers": p["layers"] + fusion_layers})
     grid = p["image"] // p["patch"]
-    config = TCLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), num_fusion_layers=fusion_layers,
-                       embed_dim=256, queue_size=4096, lmi_image_grid=2 if grid % 2 == 0 else 1)
+    config = TCLConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        num_fusion_layers=fusion_layers,
+        embed_dim=256,
+        queue_size=4096,
+        lmi_image_grid=2 if grid % 2 == 0 else 1,
+    )
     return TCLModel(config)
 
 
@@ -71,8 +97,11 @@ def batch_for(kind: str, p: dict, size: int, device: torch.device, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, p["vocab"], (size, p["text_len"]), generator=g)
     ids[:, 0] = 101
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "pixel_values": torch.randn(size, 3, p["image"], p["image"], generator=g)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(size, 3, p["image"], p["image"], generator=g),
+    }
     if kind.startswith("tcl_full"):
         batch["pixel_values_view2"] = torch.randn(size, 3, p["image"], p["image"], generator=g)
     batch["return_loss"] = True
@@ -86,6 +115,7 @@ def step_fn(model, batch, optimizer, bf16: bool, device: torch.device):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -129,11 +159,18 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time full TCL with compiled towers")
     parser.add_argument("--compile_warmup", type=int, default=8, help="warm-up steps of the compiled model")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print the top operators of 3 full-TCL steps (torch.profiler, self time)")
-    parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="the device's dense peak TFLOP/s at the run's precision, for MFU (default: known GPUs "
-                             "in bf16: H100 / H200 SXM 989)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the top operators of 3 full-TCL steps (torch.profiler, self time)",
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak TFLOP/s at the run's precision, for MFU (default: known GPUs "
+        "in bf16: H100 / H200 SXM 989)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     p = PRESETS[args.preset]
@@ -165,8 +202,12 @@ def main() -> None:
     table = {}
     for kind in kinds:
         median = statistics.median(runs[kind]["times"])
-        table[kind] = {"step_seconds": median, "flops": runs[kind]["flops"], "flops_per_second": runs[kind]["flops"] / median,
-                       "samples_per_second": args.batch / median}
+        table[kind] = {
+            "step_seconds": median,
+            "flops": runs[kind]["flops"],
+            "flops_per_second": runs[kind]["flops"] / median,
+            "samples_per_second": args.batch / median,
+        }
     peak = args.peak_tflops or (dense_bf16_peak_tflops(device) if args.bf16 else None)
     overhead = table["tcl_contrastive"]["step_seconds"] / table["dual_encoder"]["step_seconds"]
     efficiency = table["tcl_full"]["flops_per_second"] / table["dual_encoder"]["flops_per_second"]
@@ -177,25 +218,44 @@ def main() -> None:
         row = table[kind]
         row["mfu"] = row["flops_per_second"] / (peak * 1e12) if peak else None
         mfu = f"{100 * row['mfu']:.1f}%" if peak else "n/a (no --peak_tflops)"
-        print(f"| {kind} | {row['step_seconds']:.3f} | {row['samples_per_second']:.1f} | {row['flops'] / 1e9:.1f} | "
-              f"{row['flops_per_second'] / 1e9:.1f} | {mfu} |")
+        print(
+            f"| {kind} | {row['step_seconds']:.3f} | {row['samples_per_second']:.1f} | {row['flops'] / 1e9:.1f} | "
+            f"{row['flops_per_second'] / 1e9:.1f} | {mfu} |"
+        )
     print(f"overhead_ratio (tcl_contrastive / dual_encoder step time, target <= 1.05): {overhead:.3f}")
     print(f"tcl_flops_efficiency (full TCL / dual encoder achieved FLOP/s, target >= 0.9): {efficiency:.3f}")
     extra = {}
     if args.compile:
-        extra["compile_speedup"] = round(table["tcl_full"]["step_seconds"] / table["tcl_full_compiled"]["step_seconds"], 4)
+        extra["compile_speedup"] = round(
+            table["tcl_full"]["step_seconds"] / table["tcl_full_compiled"]["step_seconds"], 4
+        )
         print(f"compile_speedup (full TCL eager / compiled towers step time): {extra['compile_speedup']:.3f}")
     if args.profile:
         print_top_operators(runs["tcl_full"]["step"], steps=3)
-    print(json.dumps({"overhead_ratio": round(overhead, 4), "tcl_flops_efficiency": round(efficiency, 4), **extra,
-                      "preset": args.preset, "batch": args.batch, "device": str(device), "bf16": args.bf16,
-                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      "peak_tflops": peak,
-                      "configurations": {k: {"step_seconds": round(v["step_seconds"], 4),
-                                             "samples_per_second": round(v["samples_per_second"], 2),
-                                             "gflops_per_step": round(v["flops"] / 1e9, 2),
-                                             "mfu": None if v["mfu"] is None else round(v["mfu"], 4)}
-                                         for k, v in table.items()}}))
+    print(
+        json.dumps(
+            {
+                "overhead_ratio": round(overhead, 4),
+                "tcl_flops_efficiency": round(efficiency, 4),
+                **extra,
+                "preset": args.preset,
+                "batch": args.batch,
+                "device": str(device),
+                "bf16": args.bf16,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "peak_tflops": peak,
+                "configurations": {
+                    k: {
+                        "step_seconds": round(v["step_seconds"], 4),
+                        "samples_per_second": round(v["samples_per_second"], 2),
+                        "gflops_per_step": round(v["flops"] / 1e9, 2),
+                        "mfu": None if v["mfu"] is None else round(v["mfu"], 4),
+                    }
+                    for k, v in table.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -103,8 +103,6 @@ logger = logging.getLogger("vlalign.train")
 
 
 @dataclass
-
-
 class RunArguments:
     """vlalign-specific run options (the `run` section)."""
 
@@ -129,10 +127,16 @@ class RunArguments:
 
 
 SECTIONS = ("run", "data", "training", "model")
-# settings an older layout kept elsewhere: each is a training argument now (vlalign.trainer.ContrastiveTrainingArguments)
+# settings an older layout kept elsewhere: each is a training argument now
+# (vlalign.trainer.ContrastiveTrainingArguments)
 
-MOVED_TO_TRAINING = {("run", "alpha_ramp_steps"), ("run", "itm_rerank_k"), ("run", "stop_on_nonfinite"),
-                     ("run", "max_consecutive_nonfinite_steps"), ("model", "gradient_cache_chunk_size")}
+MOVED_TO_TRAINING = {
+    ("run", "alpha_ramp_steps"),
+    ("run", "itm_rerank_k"),
+    ("run", "stop_on_nonfinite"),
+    ("run", "max_consecutive_nonfinite_steps"),
+    ("model", "gradient_cache_chunk_size"),
+}
 # TrainingArguments fields that `run` owns: the Trainer pickles its arguments (token included) into every checkpoint
 # and, with its own push_to_hub, would upload the whole output folder (checkpoints, logs) as it goes
 
@@ -158,6 +162,7 @@ class _YamlWord(str):
     is known (`_checked_section`), so that a string field gets the text (`save_strategy: no`) and a boolean one, or a
     value not checked here (`vision_config` entries), the boolean YAML 1.1 meant."""
 
+
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
 _WORD_TAG = "tag:vlalign:bool-word"
@@ -170,7 +175,8 @@ class _ConfigLoader(yaml.SafeLoader):
 _ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in "yYnNoO":  # ahead of the boolean resolver, which would claim these words
     _ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
-        0, (_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$")))
+        0, (_WORD_TAG, re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$"))
+    )
 _ConfigLoader.add_constructor(_WORD_TAG, lambda loader, node: _YamlWord(loader.construct_scalar(node)))
 
 
@@ -188,8 +194,16 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
-_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-               dict: "a mapping", type(None): "null"}
+
+_KIND_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    type(None): "null",
+}
 
 
 def _kind_name(value: Any) -> str:
@@ -237,15 +251,19 @@ def _field_kinds(cls) -> dict[str, tuple[type, ...] | None]:
 
 def _model_configs() -> dict[str, type]:
     """vlalign's ALBEF-style config classes by model_type (from the Auto registry that `import vlalign` fills)."""
-    return {name: CONFIG_MAPPING[name] for name in ("tcl", "codis", "mivc")
-            if issubclass(CONFIG_MAPPING[name], (vlalign.ALBEFStackConfig, vlalign.MIVCConfig))}
+    return {
+        name: CONFIG_MAPPING[name]
+        for name in ("tcl", "codis", "mivc")
+        if issubclass(CONFIG_MAPPING[name], (vlalign.ALBEFStackConfig, vlalign.MIVCConfig))
+    }
 
 
 def _section_fields() -> dict[str, set[str]]:
     model_fields = set().union(*({f.name for f in dataclasses.fields(c)} for c in _model_configs().values()))
     return {
         "run": {f.name for f in dataclasses.fields(RunArguments)},
-        "data": {f.name for f in dataclasses.fields(DataArguments)} | {f.name for f in dataclasses.fields(MIVCDataArguments)},
+        "data": {f.name for f in dataclasses.fields(DataArguments)}
+        | {f.name for f in dataclasses.fields(MIVCDataArguments)},
         "training": {f.name for f in dataclasses.fields(ContrastiveTrainingArguments)} - set(HUB_SETTINGS),
         "model": model_fields | {"model_type"},
     }
@@ -262,8 +280,12 @@ def _section_schemas(task: Task, config_class: type) -> dict[str, tuple[type, di
     data = _field_kinds(task.data_arguments)
     if "data_files" in data:
         data["data_files"] = (str, list, dict, type(None))  # typed `str | None` for HfArgumentParser only
-    return {"run": (RunArguments, _field_kinds(RunArguments)), "data": (task.data_arguments, data),
-            "training": (task.training_arguments, training), "model": (config_class, model)}
+    return {
+        "run": (RunArguments, _field_kinds(RunArguments)),
+        "data": (task.data_arguments, data),
+        "training": (task.training_arguments, training),
+        "model": (config_class, model),
+    }
 
 
 def _checked_section(section: str, values: dict, owner: type, kinds: dict[str, tuple[type, ...] | None]) -> dict:
@@ -346,20 +368,26 @@ def load_config(config_path: str | None, overrides: list[tuple[str, Any]]) -> di
         if config is None:
             config = {}
         if not isinstance(config, dict):
-            raise SystemExit(f"config file {config_path}: expected a mapping of sections ({', '.join(SECTIONS)}), "
-                             f"found {_kind_name(config)}")
+            raise SystemExit(
+                f"config file {config_path}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                f"found {_kind_name(config)}"
+            )
         for section, values in config.items():
             if values is not None and not isinstance(values, dict):
-                raise SystemExit(f"config file {config_path}: section {section!r} is {_kind_name(values)}, expected "
-                                 "a mapping of field: value")
+                raise SystemExit(
+                    f"config file {config_path}: section {section!r} is {_kind_name(values)}, expected "
+                    "a mapping of field: value"
+                )
     unknown = set(config) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)} in {config_path}; expected {SECTIONS}")
     config = apply_overrides(config, overrides)
     moved = sorted(f"{section}.{key}" for section, key in MOVED_TO_TRAINING if key in (config.get(section) or {}))
     if moved:
-        raise SystemExit(f"{', '.join(moved)}: training settings now, not part of the {moved[0].split('.')[0]} "
-                         f"section; write them under training: (e.g. training.{moved[0].split('.')[1]})")
+        raise SystemExit(
+            f"{', '.join(moved)}: training settings now, not part of the {moved[0].split('.')[0]} "
+            f"section; write them under training: (e.g. training.{moved[0].split('.')[1]})"
+        )
     training, run = config.get("training") or {}, config.get("run") or {}
     for key in HUB_SETTINGS:  # a YAML `training:` section may still name them
         if key in training:
@@ -434,9 +462,11 @@ def _check_processor_image_size(processor, model) -> None:
     size = getattr(processor.image_processor, "size", None) or {}
     got = (size.get("height"), size.get("width")) if hasattr(size, "get") else (None, None)
     if isinstance(expected, int) and None not in got and got != (expected, expected):
-        raise SystemExit(f"the processor resizes images to {got[0]}x{got[1]} but the vision tower takes "
-                         f"{expected}x{expected} (model.vision_config.image_size): use a processor of that size, "
-                         f"or set image_size to {got[0]}")
+        raise SystemExit(
+            f"the processor resizes images to {got[0]}x{got[1]} but the vision tower takes "
+            f"{expected}x{expected} (model.vision_config.image_size): use a processor of that size, "
+            f"or set image_size to {got[0]}"
+        )
 
 
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
@@ -450,8 +480,9 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
         overrides.setdefault("num_train_samples", num_train_samples)  # sizes per-sample statistics (running Z)
     if run.model_name_or_path:
         return AutoModel.from_pretrained(run.model_name_or_path, **overrides)
-    model_class = {"tcl": vlalign.TCLModel, "codis": vlalign.CODISModel,
-                   "mivc": vlalign.MIVCForConditionalGeneration}[model_type]
+    model_class = {"tcl": vlalign.TCLModel, "codis": vlalign.CODISModel, "mivc": vlalign.MIVCForConditionalGeneration}[
+        model_type
+    ]
     if run.vision_model_name_or_path or run.text_model_name_or_path:
         if not (run.vision_model_name_or_path and run.text_model_name_or_path):
             raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path")
@@ -478,11 +509,15 @@ def _contrastive_model(run: RunArguments, model_section: dict, processor, data):
     model = build_model(run, model_section, processor.tokenizer, data.num_train_samples)
     _check_processor_image_size(processor, model)
     _check_tokenizer_fits(processor.tokenizer, model)
-    if data.num_train_samples is None and getattr(model.config, "contrastive_loss", None) == "decomposable" and getattr(
-        model.config, "z_estimate", None
-    ) == "running":
-        raise SystemExit("z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
-                         "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data")
+    if (
+        data.num_train_samples is None
+        and getattr(model.config, "contrastive_loss", None) == "decomposable"
+        and getattr(model.config, "z_estimate", None) == "running"
+    ):
+        raise SystemExit(
+            "z_estimate='running' keeps a statistic per training row, indexed by row number: a stream has "
+            "no row numbers (data.streaming); use z_estimate 'batch' or 'queue', or map-style data"
+        )
     return model
 
 
@@ -490,9 +525,12 @@ def _contrastive_evaluation_inputs(data, data_args, processor) -> dict:
     eval_inputs = build_eval_inputs(data.eval_dataset, data_args) if data.eval_dataset is not None else None
     if eval_inputs is not None:
         _check_eval_inputs(eval_inputs, data.eval_dataset, data_args)
-    return {"eval_inputs": eval_inputs, "class_names": data.class_names,
-            "zero_shot_templates": data_args.zero_shot_templates,
-            "resume_fingerprint": {"positives_by": data_args.positives_by, "train_data": data.train_fingerprint}}
+    return {
+        "eval_inputs": eval_inputs,
+        "class_names": data.class_names,
+        "zero_shot_templates": data_args.zero_shot_templates,
+        "resume_fingerprint": {"positives_by": data_args.positives_by, "train_data": data.train_fingerprint},
+    }
 
 
 def _contrastive_evaluate(model, processor, data, data_args, run, trainer, evaluation: dict, trained: dict):
@@ -503,9 +541,16 @@ def _contrastive_evaluate(model, processor, data, data_args, run, trainer, evalu
         with eval_mode(model):  # computed once: for the metrics and for the card's retrieval picture
             eval_image_embeds = embed_images(model, processor, eval_inputs.images, run.eval_batch_size)
         results.update(
-            evaluate_model(model, processor, eval_inputs, data.class_names, data_args.zero_shot_templates,
-                           batch_size=run.eval_batch_size, itm_rerank_k=trainer.args.itm_rerank_k,
-                           image_embeds=eval_image_embeds)
+            evaluate_model(
+                model,
+                processor,
+                eval_inputs,
+                data.class_names,
+                data_args.zero_shot_templates,
+                batch_size=run.eval_batch_size,
+                itm_rerank_k=trainer.args.itm_rerank_k,
+                image_embeds=eval_image_embeds,
+            )
         )
     results.update(trained)
     results["train_items_skipped"] = int(trainer.num_skipped_items)
@@ -514,9 +559,14 @@ def _contrastive_evaluate(model, processor, data, data_args, run, trainer, evalu
         results["alignment_started"] = not trainer.alignment_not_started
     if trainer.alignment_not_started:
         check = trainer.alignment_check
-        logger.warning("Cross-modal alignment never started: after %d steps loss_i2t %.3f and loss_t2i %.3f are at "
-                       "ln(%d keys); the model card says so.", check["step"], check["loss_i2t"], check["loss_t2i"],
-                       check["num_keys"])
+        logger.warning(
+            "Cross-modal alignment never started: after %d steps loss_i2t %.3f and loss_t2i %.3f are at "
+            "ln(%d keys); the model card says so.",
+            check["step"],
+            check["loss_i2t"],
+            check["loss_t2i"],
+            check["num_keys"],
+        )
     # hostile data, by reason; with dataloader workers the collator's own totals stay in the workers' copies
     train_counts_here = trainer.args.dataloader_num_workers == 0
     if train_counts_here:
@@ -526,11 +576,14 @@ def _contrastive_evaluate(model, processor, data, data_args, run, trainer, evalu
         results["resumed_with_changed_arguments"] = trainer.resume_changes
     if eval_inputs is not None:
         results.update(eval_inputs.issues.report("eval_"))
-    logger.info("Data issues: training: %s; evaluation: %s",
-                collator.issues.summary() if train_counts_here else f"{trainer.num_skipped_items} rows skipped",
-                eval_inputs.issues.summary() if eval_inputs is not None else "none")
-    return results, lambda folder: retrieval_pictures(model, processor, eval_inputs, eval_image_embeds, folder,
-                                                      trainer.state.log_history)
+    logger.info(
+        "Data issues: training: %s; evaluation: %s",
+        collator.issues.summary() if train_counts_here else f"{trainer.num_skipped_items} rows skipped",
+        eval_inputs.issues.summary() if eval_inputs is not None else "none",
+    )
+    return results, lambda folder: retrieval_pictures(
+        model, processor, eval_inputs, eval_image_embeds, folder, trainer.state.log_history
+    )
 
 
 def _contrastive_card(model, training_args, trainer, run: RunArguments, data_args, data, results: dict) -> dict:
@@ -541,8 +594,11 @@ def _contrastive_card(model, training_args, trainer, run: RunArguments, data_arg
         dataset_description=DIGITS_DESCRIPTION if data_args.dataset_name == "digits" else None,
         num_train_samples=data.num_train_samples,
         hyperparameters=card_hyperparameters(model, training_args, trainer.resume_changes),
-        eval_results={k: v for k, v in results.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys},
+        eval_results={
+            k: v
+            for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in code_keys
+        },
         code_usage={k: results[k] for k in code_keys} or None,
         alignment_not_started=trainer.alignment_check if trainer.alignment_not_started else None,
     )
@@ -587,17 +643,21 @@ def _multi_image_evaluate(model, processor, data, data_args, run, trainer, evalu
         results.update(collator.data_report("eval_"))
     if trainer.resume_changes:
         results["resumed_with_changed_arguments"] = trainer.resume_changes
-    logger.info("Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
-                train_data_report["train_images_skipped"], collator.num_skipped_items, collator.num_skipped_images)
-    return results, lambda folder: multi_image_pictures(model, processor, eval_dataset, collator, folder,
-                                                        trainer.state.log_history)
+    logger.info(
+        "Data issues: training: %d images skipped, %d items skipped; evaluation: %d images skipped",
+        train_data_report["train_images_skipped"],
+        collator.num_skipped_items,
+        collator.num_skipped_images,
+    )
+    return results, lambda folder: multi_image_pictures(
+        model, processor, eval_dataset, collator, folder, trainer.state.log_history
+    )
 
 
 def _multi_image_card(model, training_args, trainer, run: RunArguments, data_args, data, results: dict) -> dict:
     return dict(
         model_type_name="MIVC",
-        base_model=[public_name(m) for m in (run.vision_model_name_or_path, run.text_model_name_or_path) if m]
-        or None,
+        base_model=[public_name(m) for m in (run.vision_model_name_or_path, run.text_model_name_or_path) if m] or None,
         dataset_description=(MULTIVIEW_DIGITS_DESCRIPTION if data_args.dataset_name == "multiview_digits" else None),
         num_train_samples=data.num_train_samples,
         hyperparameters=mivc_card_hyperparameters(model, training_args, trainer.resume_changes),
@@ -608,8 +668,11 @@ def _multi_image_card(model, training_args, trainer, run: RunArguments, data_arg
 
 def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_token_id: int):
     """MIVCForConditionalGeneration from a saved model, from pretrained components, or from the YAML configs."""
-    overrides = {k: v for k, v in model_section.items()
-                 if k not in ("vision_config", "text_config", "qformer_config", "model_type")}
+    overrides = {
+        k: v
+        for k, v in model_section.items()
+        if k not in ("vision_config", "text_config", "qformer_config", "model_type")
+    }
     overrides.setdefault("image_token_id", image_token_id)
     if run.model_name_or_path:
         return MIVCForConditionalGeneration.from_pretrained(run.model_name_or_path, **overrides)
@@ -617,25 +680,48 @@ def build_mivc_model(run: RunArguments, model_section: dict, tokenizer, image_to
         if not (run.vision_model_name_or_path and run.text_model_name_or_path):
             raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path (the LM)")
         return MIVCForConditionalGeneration.from_pretrained_components(
-            run.vision_model_name_or_path, run.text_model_name_or_path, run.qformer_model_name_or_path, **overrides)
+            run.vision_model_name_or_path, run.text_model_name_or_path, run.qformer_model_name_or_path, **overrides
+        )
     text_config = dict(model_section.get("text_config") or {})
     # a model trained from scratch takes its vocabulary and special tokens from the tokenizer
     text_config.setdefault("vocab_size", len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tokenizer, name, None) is not None:
             text_config.setdefault(name, getattr(tokenizer, name))
-    config = MIVCConfig(vision_config=model_section.get("vision_config"), text_config=text_config,
-                        qformer_config=model_section.get("qformer_config"), **overrides)
+    config = MIVCConfig(
+        vision_config=model_section.get("vision_config"),
+        text_config=text_config,
+        qformer_config=model_section.get("qformer_config"),
+        **overrides,
+    )
     return MIVCForConditionalGeneration(config)
 
 
 TASKS = (
-    Task("contrastive", ("tcl", "codis"), DataArguments, ContrastiveTrainingArguments, ContrastiveTrainer,
-         _contrastive_processor, _contrastive_model, _contrastive_evaluation_inputs, _contrastive_evaluate,
-         _contrastive_card),
-    Task("multi-image", ("mivc",), MIVCDataArguments, VLAlignTrainingArguments, VLAlignTrainer,
-         _multi_image_processor, _multi_image_model, _multi_image_evaluation_inputs, _multi_image_evaluate,
-         _multi_image_card),
+    Task(
+        "contrastive",
+        ("tcl", "codis"),
+        DataArguments,
+        ContrastiveTrainingArguments,
+        ContrastiveTrainer,
+        _contrastive_processor,
+        _contrastive_model,
+        _contrastive_evaluation_inputs,
+        _contrastive_evaluate,
+        _contrastive_card,
+    ),
+    Task(
+        "multi-image",
+        ("mivc",),
+        MIVCDataArguments,
+        VLAlignTrainingArguments,
+        VLAlignTrainer,
+        _multi_image_processor,
+        _multi_image_model,
+        _multi_image_evaluation_inputs,
+        _multi_image_evaluate,
+        _multi_image_card,
+    ),
 )
 
 
@@ -659,8 +745,9 @@ def _training_arguments(config: dict, default_output_dir: str, arguments_class=N
         training_args = arguments_class(**training_section)
     except ValueError as error:
         raise SystemExit(f"training section: {error}") from None
-    training_args.resume_from_checkpoint = _resolve_checkpoint(training_args.resume_from_checkpoint,
-                                                               training_args.output_dir)
+    training_args.resume_from_checkpoint = _resolve_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     return training_args
 
 
@@ -680,8 +767,9 @@ def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
         raise SystemExit(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     problems = checkpoint_problems(str(value))
     if problems:
-        raise SystemExit(f"--resume_from_checkpoint {value}: {Path(str(value)).name} is incomplete: "
-                         f"{'; '.join(problems)}")
+        raise SystemExit(
+            f"--resume_from_checkpoint {value}: {Path(str(value)).name} is incomplete: {'; '.join(problems)}"
+        )
     return str(value)
 
 
@@ -689,6 +777,7 @@ def _set_cpu_threads(run: RunArguments, training_args) -> None:
     if training_args.device.type == "cpu":
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+
 
 _HELD_LOCKS: dict = {}  # output folder -> this process's lock on it, held until the process exits
 
@@ -736,8 +825,10 @@ def _train(trainer, training_args):
         logger.error("%s; no final model or card written", stopped)
         raise SystemExit(128 + stopped.signal_number) from None
     if trainer.items_trained == 0:
-        raise SystemExit(f"nothing was trained: {result.global_step} optimizer steps on 0 usable training rows (see the "
-                         "'Skipped' warnings and the data columns); no model or card written")
+        raise SystemExit(
+            f"nothing was trained: {result.global_step} optimizer steps on 0 usable training rows (see the "
+            "'Skipped' warnings and the data columns); no model or card written"
+        )
     return result
 
 
@@ -749,47 +840,66 @@ def _check_training_size(trainer, training_args, train_dataset, streaming: bool)
     batches = len(trainer.get_train_dataloader()) if rows else 0
     if batches == 0:
         batch = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
-        why = ("it is empty" if rows == 0 else
-               f"it has {rows} rows, fewer than one batch of {batch} with dataloader_drop_last")
+        why = (
+            "it is empty"
+            if rows == 0
+            else f"it has {rows} rows, fewer than one batch of {batch} with dataloader_drop_last"
+        )
         raise SystemExit(f"the training split gives no batch: {why}; no model or card written")
     if training_args.max_steps <= 0 and trainer._planned_max_steps() == 0:
-        raise SystemExit(f"num_train_epochs={training_args.num_train_epochs} gives 0 optimizer steps; set "
-                         "num_train_epochs > 0 or max_steps")
+        raise SystemExit(
+            f"num_train_epochs={training_args.num_train_epochs} gives 0 optimizer steps; set "
+            "num_train_epochs > 0 or max_steps"
+        )
 
 
 def _check_eval_inputs(eval_inputs, eval_dataset, data_args) -> None:
     """An eval split that yields no image or no caption would end a whole training run in a crash: stop now."""
     if eval_inputs.images and eval_inputs.texts:
         return
-    raise SystemExit(f"eval split {data_args.eval_split!r}: {len(eval_dataset)} rows give {len(eval_inputs.images)} "
-                     f"usable images and {len(eval_inputs.texts)} usable captions ({eval_inputs.issues.summary()}); "
-                     f"check image_column={data_args.image_column!r} / caption_column={data_args.caption_column!r}, "
-                     "or set data.eval_split null to train without evaluation")
+    raise SystemExit(
+        f"eval split {data_args.eval_split!r}: {len(eval_dataset)} rows give {len(eval_inputs.images)} "
+        f"usable images and {len(eval_inputs.texts)} usable captions ({eval_inputs.issues.summary()}); "
+        f"check image_column={data_args.image_column!r} / caption_column={data_args.caption_column!r}, "
+        "or set data.eval_split null to train without evaluation"
+    )
 
 
 def _check_multi_image_eval(eval_dataset, processor, data_args) -> None:
     """The multi-image eval split must hold an item with a decodable image (checked with a collator of its own, so
     that the training counts stay the training's)."""
-    checker = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column, data_args.answer_column,
-                                 max_image_pixels=data_args.max_image_pixels)
+    checker = MultiImageCollator(
+        processor,
+        data_args.images_column,
+        data_args.prompt_column,
+        data_args.answer_column,
+        max_image_pixels=data_args.max_image_pixels,
+    )
     if any(checker.decoded_images(row) for row in eval_dataset):
         return
-    raise SystemExit(f"eval split {data_args.eval_split!r}: none of its {len(eval_dataset)} items has a decodable "
-                     f"image ({checker.issues.summary()}); check images_column={data_args.images_column!r}, or set "
-                     "data.eval_split null to train without evaluation")
+    raise SystemExit(
+        f"eval split {data_args.eval_split!r}: none of its {len(eval_dataset)} items has a decodable "
+        f"image ({checker.issues.summary()}); check images_column={data_args.images_column!r}, or set "
+        "data.eval_split null to train without evaluation"
+    )
 
 
 def _check_streaming(training_args) -> None:
-    """A stream has no length: the run is sized by max_steps. Under DDP each process reads its own shards (accelerate's
-    default for an IterableDataset, rank 0 reading and dispatching batches, cannot concatenate the collator's counts)."""
+    """A stream has no length: the run is sized by max_steps. Under DDP each process reads its own shards
+    (accelerate's default for an IterableDataset, rank 0 reading and dispatching batches, cannot concatenate the
+    collator's counts)."""
     if training_args.max_steps is None or training_args.max_steps <= 0:
-        raise SystemExit("data.streaming: a stream has no length, so an epoch count cannot size the run: set "
-                         "training.max_steps (e.g. --max_steps 10000)")
+        raise SystemExit(
+            "data.streaming: a stream has no length, so an epoch count cannot size the run: set "
+            "training.max_steps (e.g. --max_steps 10000)"
+        )
     if training_args.accelerator_config.dispatch_batches is None:
         training_args.accelerator_config.dispatch_batches = False
     elif training_args.accelerator_config.dispatch_batches and training_args.world_size > 1:
-        raise SystemExit("data.streaming with several processes: accelerator_config.dispatch_batches must be false "
-                         "(each process reads its own shards; dispatched batches cannot carry the collator's counts)")
+        raise SystemExit(
+            "data.streaming with several processes: accelerator_config.dispatch_batches must be false "
+            "(each process reads its own shards; dispatched batches cannot carry the collator's counts)"
+        )
 
 
 def _save_run(output_dir: Path, trainer, training_args, processor, results: dict, build_card, write_pictures) -> None:
@@ -824,9 +934,11 @@ def push_to_hub(output_dir: Path, run: RunArguments) -> str:
         if token:
             reason = reason.replace(token, "<token>")
         command = push_command(output_dir.resolve(), run.hub_model_id, private=run.hub_private_repo)
-        raise SystemExit(f"Push to the Hub repo {run.hub_model_id} failed ({type(error).__name__}: {reason}). The "
-                         f"model is saved locally at {output_dir.resolve()}; push it later (with HF_TOKEN set or "
-                         f"after `hf auth login`) with: {command}") from None
+        raise SystemExit(
+            f"Push to the Hub repo {run.hub_model_id} failed ({type(error).__name__}: {reason}). The "
+            f"model is saved locally at {output_dir.resolve()}; push it later (with HF_TOKEN set or "
+            f"after `hf auth login`) with: {command}"
+        ) from None
     logger.info("pushed to %s", url)
     return url
 
@@ -863,8 +975,10 @@ def main(argv: list[str] | None = None) -> dict:
     if run.hub_token:
         # never written to a file by us, but a command line is visible to the machine's other users (`ps`), and
         # `accelerate launch` repeats it when the run exits with an error
-        logger.warning("--hub_token: a token on the command line can be seen by other users of this machine and is "
-                       "repeated by `accelerate launch` if the run fails; prefer HF_TOKEN or `hf auth login`")
+        logger.warning(
+            "--hub_token: a token on the command line can be seen by other users of this machine and is "
+            "repeated by `accelerate launch` if the run fails; prefer HF_TOKEN or `hf auth login`"
+        )
     model_type = _model_type(config)
     task = task_of(model_type)
     model_section = {**(config.get("model") or {}), "model_type": model_type}
@@ -886,15 +1000,24 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. trainer, once the evaluation split is known to be usable and the output folder is ours
     evaluation = task.evaluation_inputs(data, data_args, processor)
     _claim_output_dir(training_args)  # before anything is written there
-    trainer = task.trainer_class(model=model, args=training_args, train_dataset=data.train_dataset,
-                                 data_collator=data.collator, processing_class=processor, **evaluation)
+    trainer = task.trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=data.train_dataset,
+        data_collator=data.collator,
+        processing_class=processor,
+        **evaluation,
+    )
     _check_training_size(trainer, training_args, data.train_dataset, data.num_train_samples is None)
 
     # 6. train
     start = time.time()
     train_result = _train(trainer, training_args)
-    trained = {"train_runtime_seconds": round(time.time() - start, 1), "train_steps": int(train_result.global_step),
-               "train_loss": float(trainer.run_train_loss)}
+    trained = {
+        "train_runtime_seconds": round(time.time() - start, 1),
+        "train_steps": int(train_result.global_step),
+        "train_loss": float(trainer.run_train_loss),
+    }
 
     # 7. evaluate on the eval split, with the data issues of both splits
     results, write_pictures = task.evaluate(model, processor, data, data_args, run, trainer, evaluation, trained)
@@ -905,9 +1028,15 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         card = task.card(model, training_args, trainer, run, data_args, data, results)
         build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
-            _card_template(run, model_type), model_id=run.hub_model_id or output_dir.name,
-            dataset_name=public_name(data_args.dataset_name), dataset_split=data_args.train_split,
-            eval_split=data_args.eval_split, pictures=pictures, license=run.license, **card)
+            _card_template(run, model_type),
+            model_id=run.hub_model_id or output_dir.name,
+            dataset_name=public_name(data_args.dataset_name),
+            dataset_split=data_args.train_split,
+            eval_split=data_args.eval_split,
+            pictures=pictures,
+            license=run.license,
+            **card,
+        )
         _save_run(output_dir, trainer, training_args, processor, results, build_card, write_pictures)
         if run.push_to_hub:
             push_to_hub(output_dir, run)

@@ -31,6 +31,10 @@ from transformers import (
     AutoProcessor,
 )
 
+from .configuration_albef import ALBEFStackConfig
+from .configuration_codis import CODISConfig
+from .configuration_mivc import MIVCConfig
+from .configuration_tcl import TCLConfig
 from .loading import (
     CheckpointMismatchError,
     CorruptCheckpointError,
@@ -38,10 +42,6 @@ from .loading import (
     UnsafeCheckpointError,
     check_tokenizer_fits_model,
 )
-from .configuration_albef import ALBEFStackConfig
-from .configuration_codis import CODISConfig
-from .configuration_mivc import MIVCConfig
-from .configuration_tcl import TCLConfig
 from .mivc_pooling import MIVCPooling, MIVCPoolingOutput
 from .modeling_albef import ALBEFModel, ALBEFOutput
 from .modeling_codis import CODISCodes, CODISModel, CODISOutput

@@ -140,7 +140,7 @@ def _standard_config_keys() -> frozenset:
 # fields that configs saved by vlalign 0.1.0 may carry, with where the setting lives now
 TRAINING_SETTINGS_FORMERLY_IN_CONFIG = {
     "gradient_cache_chunk_size": "gradient caching is a training setting (ContrastiveTrainingArguments."
-                                 "gradient_cache_chunk_size, --gradient_cache_chunk_size in training/train.py)",
+    "gradient_cache_chunk_size, --gradient_cache_chunk_size in training/train.py)",
     "train_batch_size": "the batch size is the training arguments' (per_device_train_batch_size)",
 }
 
@@ -151,18 +151,27 @@ def warn_unknown_fields(config: PreTrainedConfig, extra_kwargs: dict) -> None:
     `PreTrainedConfig.__post_init__`, which consumes some keys itself (`torch_dtype`, generation parameters, ...):
     only the ones it stored as attributes are looked at."""
     fields = {field.name for field in dataclasses.fields(config)}
-    unknown = sorted(key for key in extra_kwargs
-                     if key in vars(config) and key not in fields and key not in _standard_config_keys())
+    unknown = sorted(
+        key for key in extra_kwargs if key in vars(config) and key not in fields and key not in _standard_config_keys()
+    )
     moved = [key for key in unknown if key in TRAINING_SETTINGS_FORMERLY_IN_CONFIG]
     for key in moved:  # saved by an older vlalign: a run-time setting must not follow the model to the Hub
         delattr(config, key)
-        logger.warning("%s: %r is not part of the model any more and is ignored: %s", type(config).__name__, key,
-                       TRAINING_SETTINGS_FORMERLY_IN_CONFIG[key])
+        logger.warning(
+            "%s: %r is not part of the model any more and is ignored: %s",
+            type(config).__name__,
+            key,
+            TRAINING_SETTINGS_FORMERLY_IN_CONFIG[key],
+        )
     unknown = [key for key in unknown if key not in moved]
     if unknown:
-        logger.warning("%s: unknown field(s) %s: neither fields of %s nor standard transformers keys, so nothing "
-                       "reads them (a typo?)", type(config).__name__, ", ".join(repr(key) for key in unknown),
-                       type(config).__name__)
+        logger.warning(
+            "%s: unknown field(s) %s: neither fields of %s nor standard transformers keys, so nothing "
+            "reads them (a typo?)",
+            type(config).__name__,
+            ", ".join(repr(key) for key in unknown),
+            type(config).__name__,
+        )
 
 
 def check_positive_int_attributes(config: PreTrainedConfig, field: str, sub_config, attributes, what: str) -> None:
@@ -172,8 +181,11 @@ def check_positive_int_attributes(config: PreTrainedConfig, field: str, sub_conf
     for attribute in attributes:
         value = getattr(sub_config, attribute, None)
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            config.fail(field, f"{what} must define `{attribute}` as a positive integer (got {value!r}, model_type "
-                               f"{getattr(sub_config, 'model_type', None)!r})")
+            config.fail(
+                field,
+                f"{what} must define `{attribute}` as a positive integer (got {value!r}, model_type "
+                f"{getattr(sub_config, 'model_type', None)!r})",
+            )
 
 
 @strict_config
@@ -273,8 +285,13 @@ class ALBEFStackConfig(PreTrainedConfig):
         super().validate_architecture()
         fail = self.fail
         vision, text = self.vision_config, self.text_config
-        check_positive_int_attributes(self, "vision_config", vision, ("image_size", "patch_size", "hidden_size"),
-                                      "the vision encoder must output patch tokens and")
+        check_positive_int_attributes(
+            self,
+            "vision_config",
+            vision,
+            ("image_size", "patch_size", "hidden_size"),
+            "the vision encoder must output patch tokens and",
+        )
         if vision.image_size % vision.patch_size != 0:
             fail("vision_config", f"image_size {vision.image_size} is not divisible by patch_size {vision.patch_size}")
         missing = [f for f in BERT_LIKE_FIELDS if getattr(text, f, None) is None]
@@ -284,8 +301,9 @@ class ALBEFStackConfig(PreTrainedConfig):
                 f"a BERT-like text encoder config is required (model_type {getattr(text, 'model_type', None)!r} "
                 f"lacks {missing})",
             )
-        check_positive_int_attributes(self, "text_config", text, ("hidden_size", "num_hidden_layers", "vocab_size"),
-                                      "the text encoder")
+        check_positive_int_attributes(
+            self, "text_config", text, ("hidden_size", "num_hidden_layers", "vocab_size"), "the text encoder"
+        )
         if getattr(text, "is_decoder", False):
             fail("text_config", "the text encoder must be bidirectional (is_decoder=True is not supported)")
         if self.num_fusion_layers >= text.num_hidden_layers:
@@ -326,8 +344,9 @@ class ALBEFStackConfig(PreTrainedConfig):
         """MLM masks with a token of the text vocabulary."""
         vocab_size = self.text_config.vocab_size
         if self.mlm_weight > 0 and not (self.mask_token_id is not None and self.mask_token_id < vocab_size):
-            self.fail("mask_token_id",
-                      f"{self.mask_token_id!r} is not a token id of the text vocabulary ({vocab_size})")
+            self.fail(
+                "mask_token_id", f"{self.mask_token_id!r} is not a token id of the text vocabulary ({vocab_size})"
+            )
 
 
 __all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS", "ConfigFieldError"]

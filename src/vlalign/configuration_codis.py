@@ -60,8 +60,11 @@ class CODISConfig(ALBEFStackConfig):
     def solver_kwargs(self) -> dict:
         """Keyword arguments of the chosen OT solver (`losses.ipot` / `losses.sinkhorn`)."""
         if self.ot_solver == "ipot":
-            return {"beta": self.ipot_beta, "iterations": self.ot_iterations,
-                    "inner_iterations": self.ipot_inner_iterations}
+            return {
+                "beta": self.ipot_beta,
+                "iterations": self.ot_iterations,
+                "inner_iterations": self.ipot_inner_iterations,
+            }
         return {"epsilon": self.sinkhorn_epsilon, "iterations": self.ot_iterations}
 
 

@@ -102,17 +102,23 @@ class MIVCConfig(PreTrainedConfig):
     def validate_architecture(self):
         """The vision encoder, the language model and the optional Q-Former have positive sizes."""
         super().validate_architecture()
-        check_positive_int_attributes(self, "vision_config", self.vision_config,
-                                      ("hidden_size", "image_size", "patch_size"), "the vision encoder")
-        check_positive_int_attributes(self, "text_config", self.text_config, ("hidden_size", "vocab_size"),
-                                      "the language model")
+        check_positive_int_attributes(
+            self, "vision_config", self.vision_config, ("hidden_size", "image_size", "patch_size"), "the vision encoder"
+        )
+        check_positive_int_attributes(
+            self, "text_config", self.text_config, ("hidden_size", "vocab_size"), "the language model"
+        )
         if self.qformer_config is not None:
             qformer = self.qformer_config
-            check_positive_int_attributes(self, "qformer_config", qformer, ("hidden_size", "num_attention_heads"),
-                                          "the Q-Former")
+            check_positive_int_attributes(
+                self, "qformer_config", qformer, ("hidden_size", "num_attention_heads"), "the Q-Former"
+            )
             if qformer.hidden_size % qformer.num_attention_heads != 0:
-                self.fail("qformer_config", f"hidden_size {qformer.hidden_size} is not divisible by "
-                                            f"num_attention_heads {qformer.num_attention_heads}")
+                self.fail(
+                    "qformer_config",
+                    f"hidden_size {qformer.hidden_size} is not divisible by "
+                    f"num_attention_heads {qformer.num_attention_heads}",
+                )
 
     def validate_token_ids(self):
         """transformers' check of the LM's special tokens (it warns), then: the image placeholder is in the LM's
@@ -120,8 +126,9 @@ class MIVCConfig(PreTrainedConfig):
         super().validate_token_ids()
         vocab_size = self.text_config.vocab_size
         if self.image_token_id is not None and not self.image_token_id < vocab_size:
-            self.fail("image_token_id",
-                      f"{self.image_token_id!r} is not a token id of the LM vocabulary ({vocab_size})")
+            self.fail(
+                "image_token_id", f"{self.image_token_id!r} is not a token id of the LM vocabulary ({vocab_size})"
+            )
 
     def validate_freezing(self):
         """Only a part that exists can be frozen."""

@@ -40,7 +40,11 @@ class TCLConfig(ALBEFStackConfig):
 
     model_type = "tcl"
     loss_weight_fields = ALBEFStackConfig.loss_weight_fields + (
-        "lmi_weight", "feature_separation_weight", "brownian_bridge_weight", "geometric_consistency_weight")
+        "lmi_weight",
+        "feature_separation_weight",
+        "brownian_bridge_weight",
+        "geometric_consistency_weight",
+    )
 
     lmi_weight: Real = non_negative(default=1.0)
     lmi_image_grid: int = positive(default=4)
@@ -65,7 +69,8 @@ class TCLConfig(ALBEFStackConfig):
     def has_objective(self) -> bool:
         core = ("cma_weight", "imc_weight", "lmi_weight", "itm_weight", "mlm_weight")
         return any(getattr(self, f) > 0 for f in core) or (
-            self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency)
+            self.use_feature_separation or self.use_brownian_bridge or self.use_geometric_consistency
+        )
 
     def validate_architecture(self):
         """The stack's towers, then the LMI pooling grid, which must divide the patch grid."""
@@ -83,8 +88,11 @@ class TCLConfig(ALBEFStackConfig):
         """The decomposable loss is for the contrastive-only configuration; its running Z needs the sample count."""
         decomposable = self.contrastive_loss == "decomposable"
         if decomposable and self.use_momentum:
-            self.fail("contrastive_loss", "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
-                      "configuration: set use_momentum=False (momentum distillation has soft targets)")
+            self.fail(
+                "contrastive_loss",
+                "the decomposable loss replaces the in-batch InfoNCE of the contrastive-only "
+                "configuration: set use_momentum=False (momentum distillation has soft targets)",
+            )
         if decomposable and self.z_estimate == "running" and self.num_train_samples is None:
             self.fail("num_train_samples", "z_estimate='running' needs the number of training samples (> 0)")
 

@@ -455,6 +455,7 @@ def answers_match(generated: str, reference: str) -> bool:
 
     return normalise(generated) == normalise(reference)
 
+
 # --------------------------------------------------------------------------------------------------------------
 # Evaluation inputs: an eval split, decoded
 
@@ -525,6 +526,7 @@ def build_eval_inputs(dataset: datasets.Dataset, args: DataArguments, batch_size
         logger.warning("Eval split: %s", issues.summary())
     return EvalInputs(images, image_ids, texts, text_ids, labels, issues.images_skipped, issues)
 
+
 # --------------------------------------------------------------------------------------------------------------
 # Running a contrastive model
 
@@ -561,7 +563,9 @@ def embed_texts(model, processor, texts, batch_size: int = 256) -> torch.Tensor:
         out.append(
             model.get_text_features(
                 input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-            ).float().cpu()
+            )
+            .float()
+            .cpu()
         )
     return torch.cat(out) if out else torch.empty(0)
 
@@ -577,11 +581,18 @@ def _warn_uncovered_labels(labels: list[int], num_classes: int) -> None:
     uncovered = Counter(label for label in labels if not 0 <= label < num_classes)
     if not uncovered:
         return
-    parts = [f"{'no label' if value == -1 else f'label {value}'}: {count} row{'s' if count != 1 else ''}"
-             for value, count in sorted(uncovered.items(), key=lambda item: (item[0] == -1, item[0]))]
-    logger.warning("Zero-shot evaluation: %d of %d eval rows have labels the %d class names do not cover (%s); they "
-                   "are scored as wrong in zero_shot_accuracy", sum(uncovered.values()), len(labels), num_classes,
-                   ", ".join(parts))
+    parts = [
+        f"{'no label' if value == -1 else f'label {value}'}: {count} row{'s' if count != 1 else ''}"
+        for value, count in sorted(uncovered.items(), key=lambda item: (item[0] == -1, item[0]))
+    ]
+    logger.warning(
+        "Zero-shot evaluation: %d of %d eval rows have labels the %d class names do not cover (%s); they "
+        "are scored as wrong in zero_shot_accuracy",
+        sum(uncovered.values()),
+        len(labels),
+        num_classes,
+        ", ".join(parts),
+    )
 
 
 @torch.no_grad()
@@ -614,8 +625,13 @@ def evaluate_model(
         if itm_rerank_k > 0:
             rerank_fn = _itm_rerank_fn(model, processor, eval_inputs.images, texts, batch_size)
         metrics = retrieval_metrics(
-            image_embeds, text_embeds, eval_inputs.image_ids, text_ids,
-            chunk_size=chunk_size, rerank_fn=rerank_fn, rerank_k=max(itm_rerank_k, 1),
+            image_embeds,
+            text_embeds,
+            eval_inputs.image_ids,
+            text_ids,
+            chunk_size=chunk_size,
+            rerank_fn=rerank_fn,
+            rerank_k=max(itm_rerank_k, 1),
         )
         if class_names and zero_shot_templates and eval_inputs.labels is not None:
             _warn_uncovered_labels([int(label) for label in eval_inputs.labels], len(class_names))
@@ -674,7 +690,9 @@ def _itm_rerank_fn(model, processor, images, texts, batch_size):
                     input_ids=tokens["input_ids"][ti].to(device),
                     attention_mask=tokens["attention_mask"][ti].to(device),
                     image_tokens=image_tokens[ii.to(device)],
-                ).float().cpu()
+                )
+                .float()
+                .cpu()
             )
         return torch.cat(scores).view(q, k)
 
@@ -682,8 +700,9 @@ def _itm_rerank_fn(model, processor, images, texts, batch_size):
 
 
 @torch.no_grad()
-def retrieval_examples(model, processor, eval_inputs: EvalInputs, image_embeds: torch.Tensor, num_queries: int = 4,
-                       k: int = 5) -> tuple[list[str], list[list[int]], list[list[bool]]]:
+def retrieval_examples(
+    model, processor, eval_inputs: EvalInputs, image_embeds: torch.Tensor, num_queries: int = 4, k: int = 5
+) -> tuple[list[str], list[list[int]], list[list[bool]]]:
     """Text-to-image retrieval examples (the model card's picture): the first `num_queries` captions of distinct
     positive ids (one per class on class-level data), the indices of their top-`k` images ranked against
     `image_embeds` (`embed_images` of all `eval_inputs.images`), and whether each of those images is a match.
@@ -704,6 +723,7 @@ def retrieval_examples(model, processor, eval_inputs: EvalInputs, image_embeds: 
     correct = image_ids[top] == torch.as_tensor([int(i) for i in query_ids]).view(-1, 1)
     return queries, top.tolist(), correct.tolist()
 
+
 # --------------------------------------------------------------------------------------------------------------
 # MIVC (generative) evaluation
 
@@ -714,7 +734,7 @@ def predict_multi_image(model, processor, image_lists: list[list], prompts: list
     the visual tokens for per-token pooling; None for the concatenation baseline). Call under `eval_mode`."""
     inputs = processor(images=image_lists, text=prompts).to(next(model.parameters()).device)
     generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     weights = None
     if model.config.pooling_mode != "concatenate":
         _, weights = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
@@ -723,8 +743,15 @@ def predict_multi_image(model, processor, image_lists: list[list], prompts: list
 
 
 @torch.no_grad()
-def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max_new_tokens: int = 4,
-                  degraded_column: str | None = "degraded") -> dict[str, float]:
+def evaluate_mivc(
+    model,
+    processor,
+    dataset,
+    collator,
+    batch_size: int = 32,
+    max_new_tokens: int = 4,
+    degraded_column: str | None = "degraded",
+) -> dict[str, float]:
     """Exact-match accuracy of greedy answers and, when the dataset marks degraded images, the mean weight that
     MIVC's pooling gives to clean and to degraded images (per-token weights averaged over the tokens).
 
@@ -743,8 +770,13 @@ def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max
             kept = [(row, images) for row, images in kept if images]
             if not kept:
                 continue
-            answers, per_image = predict_multi_image(model, processor, [images for _, images in kept],
-                                                     [row[collator.prompt_column] for row, _ in kept], max_new_tokens)
+            answers, per_image = predict_multi_image(
+                model,
+                processor,
+                [images for _, images in kept],
+                [row[collator.prompt_column] for row, _ in kept],
+                max_new_tokens,
+            )
             for (row, _), answer in zip(kept, answers, strict=True):
                 correct += answers_match(answer, row[collator.answer_column])
                 total += 1
@@ -758,8 +790,7 @@ def evaluate_mivc(model, processor, dataset, collator, batch_size: int = 32, max
                         sums[key] += float(per_image[index, slot])
                         counts[key] += 1
                         uniform += 1.0 / len(flags)
-    results = {"exact_match_accuracy": 100.0 * correct / total if total else float("nan"),
-               "num_eval_items": total}
+    results = {"exact_match_accuracy": 100.0 * correct / total if total else float("nan"), "num_eval_items": total}
     if counts["clean"] + counts["degraded"]:
         for key in ("clean", "degraded"):
             results[f"mean_weight_{key}_images"] = sums[key] / counts[key] if counts[key] else float("nan")
@@ -781,12 +812,19 @@ def multi_image_examples(model, processor, dataset, collator, num_items: int = 4
     items = []
     if rows:
         with eval_mode(model):
-            answers, weights = predict_multi_image(model, processor, image_lists,
-                                                   [row[collator.prompt_column] for row in rows])
+            answers, weights = predict_multi_image(
+                model, processor, image_lists, [row[collator.prompt_column] for row in rows]
+            )
         for index, (row, images, answer) in enumerate(zip(rows, image_lists, answers, strict=True)):
             degraded = row.get("degraded")
             per_image = None if weights is None else weights[index, : len(images)].tolist()
-            items.append({"images": images, "weights": per_image,
-                          "degraded": degraded if degraded is not None and len(degraded) == len(images) else None,
-                          "generated": answer, "answer": row[collator.answer_column]})
+            items.append(
+                {
+                    "images": images,
+                    "weights": per_image,
+                    "degraded": degraded if degraded is not None and len(degraded) == len(images) else None,
+                    "generated": answer,
+                    "answer": row[collator.answer_column],
+                }
+            )
     return items

@@ -30,7 +30,7 @@ class RNGState:
         self.cpu, self.cuda = cpu, cuda
 
     @classmethod
-    def capture(cls, device: torch.device) -> "RNGState":
+    def capture(cls, device: torch.device) -> RNGState:
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         return cls(torch.get_rng_state(), cuda)
 
@@ -117,12 +117,12 @@ def gradient_cached_backward(
             student = model._student_pass(part, keep_tokens=keep_tokens)
         else:
             student = last_student
-        surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves
-                        if leaves[k].grad is not None)
+        surrogate = sum((student[k] * leaves[k].grad[start:stop]).sum() for k in leaves if leaves[k].grad is not None)
         if keep_tokens:
             ids = None if positive_ids is None else positive_ids[start:stop]
-            rows = {k: teacher[k][start:stop] for k in ("image_tokens_m", "image_feat_m", "text_feat_m")
-                    if k in teacher}
+            rows = {
+                k: teacher[k][start:stop] for k in ("image_tokens_m", "image_feat_m", "text_feat_m") if k in teacher
+            }
             fusion = model._fusion_losses(student, part, ids, temp, alpha, rows)
             weight = (stop - start) / size
             fusion_total = model._loss_total(fusion)
@@ -136,6 +136,10 @@ def gradient_cached_backward(
     if fusion_sums:
         total_value = total_value + model._loss_total(fusion_sums)
     model._update_queues(leaves, teacher, positive_ids)
-    return model.output_class(loss=total_value, **{f"loss_{n}": v for n, v in detached.items()},
-                              image_embeds=leaves["image_feat"].detach(), text_embeds=leaves["text_feat"].detach(),
-                              temperature=temp.detach())
+    return model.output_class(
+        loss=total_value,
+        **{f"loss_{n}": v for n, v in detached.items()},
+        image_embeds=leaves["image_feat"].detach(),
+        text_embeds=leaves["text_feat"].detach(),
+        temperature=temp.detach(),
+    )

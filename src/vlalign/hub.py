@@ -45,8 +45,15 @@ from .evaluation import CODE_COLLAPSE_PERPLEXITY, answers_match, multi_image_exa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PUSH_ERRORS", "build_model_card", "is_hub_id", "publishable_files", "push_command", "push_folder_to_hub",
-           "save_model_card"]
+__all__ = [
+    "PUSH_ERRORS",
+    "build_model_card",
+    "is_hub_id",
+    "publishable_files",
+    "push_command",
+    "push_folder_to_hub",
+    "save_model_card",
+]
 
 DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
 RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
@@ -94,8 +101,9 @@ class _CardData(ModelCardData):
         if original_order:  # keep a loaded card's key order, as ModelCardData.to_yaml does
             keys = dict.fromkeys([*original_order, *self.__dict__])
             self.__dict__ = {key: self.__dict__[key] for key in keys if key in self.__dict__}
-        return yaml.dump(self.to_dict(), Dumper=_LineSafeYamlDumper, sort_keys=False, allow_unicode=True,
-                         line_break=line_break).strip()
+        return yaml.dump(
+            self.to_dict(), Dumper=_LineSafeYamlDumper, sort_keys=False, allow_unicode=True, line_break=line_break
+        ).strip()
 
 
 class _ModelCard(ModelCard):
@@ -284,7 +292,9 @@ def build_model_card(
             rows.append({"task": _md(task_name), "metric": _md(pretty), "value": f"{value:.2f}" if finite else "n/a"})
             if not finite:
                 continue  # the Hub's model-index has no representation for NaN/inf
-            metric_ids.append({ZERO_SHOT_TASK[0]: "accuracy", GENERATION_TASK[0]: "exact_match"}.get(task_type, "recall"))
+            metric_ids.append(
+                {ZERO_SHOT_TASK[0]: "accuracy", GENERATION_TASK[0]: "exact_match"}.get(task_type, "recall")
+            )
             metadata_results.append(
                 EvalResult(
                     task_type=task_type,
@@ -359,9 +369,13 @@ def build_model_card(
 
 def _alignment_vars(check: Mapping[str, Any]) -> dict[str, str]:
     num_keys = int(check["num_keys"])
-    return {"step": f"{int(check['step']):,}", "loss_i2t": f"{float(check['loss_i2t']):.3f}",
-            "loss_t2i": f"{float(check['loss_t2i']):.3f}", "num_keys": f"{num_keys:,}",
-            "uniform": f"{math.log(num_keys):.3f}"}
+    return {
+        "step": f"{int(check['step']):,}",
+        "loss_i2t": f"{float(check['loss_i2t']):.3f}",
+        "loss_t2i": f"{float(check['loss_t2i']):.3f}",
+        "num_keys": f"{num_keys:,}",
+        "uniform": f"{math.log(num_keys):.3f}",
+    }
 
 
 def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:
@@ -372,9 +386,13 @@ def _code_usage_vars(code_usage: Mapping[str, Any]) -> dict[str, Any]:
         perplexity = _as_number(code_usage.get(f"{modality}_code_perplexity"))
         if used is None and perplexity is None:
             continue
-        rows.append({"modality": modality, "used": "n/a" if used is None else f"{int(used):,}",
-                     "perplexity": "n/a" if perplexity is None or not math.isfinite(perplexity)
-                     else f"{perplexity:.2f}"})
+        rows.append(
+            {
+                "modality": modality,
+                "used": "n/a" if used is None else f"{int(used):,}",
+                "perplexity": "n/a" if perplexity is None or not math.isfinite(perplexity) else f"{perplexity:.2f}",
+            }
+        )
         if perplexity is not None and math.isfinite(perplexity) and perplexity < CODE_COLLAPSE_PERPLEXITY:
             collapsed.append(modality)
     purity = _as_number(code_usage.get("image_code_purity"))
@@ -401,10 +419,21 @@ WEIGHT_FILE = "model.safetensors"
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT
 PROCESSOR_FILES = (
-    "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "chat_template.jinja", "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 OTHER_FILES = ("config.json", "generation_config.json", "README.md", "eval_results.json")
 _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
@@ -423,8 +452,10 @@ def _weight_files(folder: Path) -> list[str]:
     if has_index and has_single:
         # save_pretrained removes stale shards but not a stale index or single file: one of them is left from an
         # earlier save, and which one cannot be told from the folder
-        raise ValueError(f"{folder} has both {WEIGHT_FILE} and {WEIGHT_INDEX_FILE}; one is left from an earlier "
-                         "save: remove it, or save the model to an empty folder")
+        raise ValueError(
+            f"{folder} has both {WEIGHT_FILE} and {WEIGHT_INDEX_FILE}; one is left from an earlier "
+            "save: remove it, or save the model to an empty folder"
+        )
     if has_single:
         return [WEIGHT_FILE]
     if not has_index:
@@ -469,9 +500,14 @@ def _card_pictures(folder: Path) -> list[str]:
     if not (folder / "README.md").is_file():
         return []
     links = _PICTURE_LINK.findall((folder / "README.md").read_text(encoding="utf-8"))
-    return [link for link in dict.fromkeys(links)
-            if "://" not in link and not link.startswith("/") and link.lower().endswith(_PICTURE_SUFFIXES)
-            and _inside(folder, link)]
+    return [
+        link
+        for link in dict.fromkeys(links)
+        if "://" not in link
+        and not link.startswith("/")
+        and link.lower().endswith(_PICTURE_SUFFIXES)
+        and _inside(folder, link)
+    ]
 
 
 def publishable_files(folder: str | Path) -> list[str]:
@@ -490,8 +526,10 @@ def publishable_files(folder: str | Path) -> list[str]:
         raise NotADirectoryError(f"not a folder: {folder}")
     weights = _weight_files(folder) + [name for name in ADAPTER_FILES if (folder / name).is_file()]
     if not any(name.endswith(".safetensors") for name in weights):
-        raise ValueError(f"{folder} holds no model weights ({WEIGHT_FILE}, {WEIGHT_INDEX_FILE} or "
-                         f"{ADAPTER_FILES[1]}): nothing to publish")
+        raise ValueError(
+            f"{folder} holds no model weights ({WEIGHT_FILE}, {WEIGHT_INDEX_FILE} or "
+            f"{ADAPTER_FILES[1]}): nothing to publish"
+        )
     present = [name for name in (*OTHER_FILES, *PROCESSOR_FILES) if (folder / name).is_file()]
     configs = [name for name in (*present, *weights) if name.endswith("config.json")]
     return sorted({*weights, *present, *_code_files(folder, configs), *_card_pictures(folder)})
@@ -506,8 +544,10 @@ PUSH_ERRORS = (OSError, ValueError, getattr(huggingface_hub.errors, "HTTPError",
 def push_command(folder: str | Path, repo_id: str, *, private: bool | None = None) -> str:
     """A one-line shell command that pushes ``folder`` later with `push_folder_to_hub` (the same allow-list)."""
     private_arg = "" if private is None else f", private={bool(private)}"
-    code = (f"from vlalign.hub import push_folder_to_hub; "
-            f"push_folder_to_hub({_py_literal(str(folder))}, {_py_literal(repo_id)}{private_arg})")
+    code = (
+        f"from vlalign.hub import push_folder_to_hub; "
+        f"push_folder_to_hub({_py_literal(str(folder))}, {_py_literal(repo_id)}{private_arg})"
+    )
     return f"python -c {shlex.quote(code)}"
 
 
@@ -635,9 +675,15 @@ def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
             ax.set_title(" ".join(title), fontsize=8)
             if col == 0:
                 ok = answers_match(item["generated"], item["answer"])
-                ax.set_ylabel(f"generated: {item['generated']}\nreference: {item['answer']}\n"
-                              f"{'correct' if ok else 'wrong'}", rotation=0, ha="right", va="center", fontsize=8,
-                              labelpad=6, color="tab:green" if ok else "tab:red")
+                ax.set_ylabel(
+                    f"generated: {item['generated']}\nreference: {item['answer']}\n{'correct' if ok else 'wrong'}",
+                    rotation=0,
+                    ha="right",
+                    va="center",
+                    fontsize=8,
+                    labelpad=6,
+                    color="tab:green" if ok else "tab:red",
+                )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -645,8 +691,16 @@ def plot_multi_image_examples(items: list[dict], path: str | Path) -> Path:
     return path
 
 
-def retrieval_pictures(model, processor, eval_inputs, image_embeds, output_dir: Path, log_history: list[dict],
-                       num_queries: int = 4, k: int = 5) -> list[tuple[str, str]]:
+def retrieval_pictures(
+    model,
+    processor,
+    eval_inputs,
+    image_embeds,
+    output_dir: Path,
+    log_history: list[dict],
+    num_queries: int = 4,
+    k: int = 5,
+) -> list[tuple[str, str]]:
     """Card pictures of a contrastive model: text-to-image retrieval examples (a few test captions with their
     top-k test images, ranked against `image_embeds` of all evaluation images: `evaluation.retrieval_examples`) and
     the training curves. Returns ``(caption, file name)`` pairs."""
@@ -658,13 +712,20 @@ def retrieval_pictures(model, processor, eval_inputs, image_embeds, output_dir: 
         return pictures
     queries, top, correct = retrieval_examples(model, processor, eval_inputs, image_embeds, num_queries, k)
     grid = plot_retrieval_grid(queries, eval_inputs.images, top, correct, output_dir / "retrieval_examples.png")
-    pictures.insert(0, (f"Text-to-image retrieval on the evaluation split: {len(queries)} captions and their top-{k} "
-                        "images (green frame: a correct match).", grid.name))
+    pictures.insert(
+        0,
+        (
+            f"Text-to-image retrieval on the evaluation split: {len(queries)} captions and their top-{k} "
+            "images (green frame: a correct match).",
+            grid.name,
+        ),
+    )
     return pictures
 
 
-def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, log_history: list[dict],
-                         num_items: int = 4) -> list[tuple[str, str]]:
+def multi_image_pictures(
+    model, processor, dataset, collator, output_dir: Path, log_history: list[dict], num_items: int = 4
+) -> list[tuple[str, str]]:
     """Card pictures of an MIVC model: evaluation items with their images, pooling weights and generated answers
     (`evaluation.multi_image_examples`), and the training curves."""
     pictures = []
@@ -674,8 +735,14 @@ def multi_image_pictures(model, processor, dataset, collator, output_dir: Path, 
     items = multi_image_examples(model, processor, dataset, collator, num_items)
     if items:
         path = plot_multi_image_examples(items, output_dir / "multi_image_examples.png")
-        pictures.insert(0, ("Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
-                            "and the generated answer against the reference.", path.name))
+        pictures.insert(
+            0,
+            (
+                "Evaluation items: every image with its pooling weight w (mean over the visual tokens), "
+                "and the generated answer against the reference.",
+                path.name,
+            ),
+        )
     return pictures
 
 
@@ -709,14 +776,21 @@ def public_name(name: str | None) -> str | None:
 
 
 def _resume_changes_text(changes: dict) -> str | None:
-    return "; ".join(f"{name} {c['checkpoint']} -> {c['now']} from step {c['from_step']}"
-                     for name, c in sorted(changes.items())) or None
+    return (
+        "; ".join(
+            f"{name} {c['checkpoint']} -> {c['now']} from step {c['from_step']}" for name, c in sorted(changes.items())
+        )
+        or None
+    )
 
 
 def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
     return {
-        **({"max_steps": training_args.max_steps} if training_args.max_steps > 0
-           else {"num_train_epochs": training_args.num_train_epochs}),
+        **(
+            {"max_steps": training_args.max_steps}
+            if training_args.max_steps > 0
+            else {"num_train_epochs": training_args.num_train_epochs}
+        ),
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "world_size": training_args.world_size,
         "learning_rate": training_args.learning_rate,
@@ -724,8 +798,11 @@ def _optimisation_hyperparameters(training_args) -> dict[str, Any]:
         "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "warmup_steps": training_args.warmup_steps,
         "seed": training_args.seed,
-        **{name: getattr(training_args, name) for name in ("alpha_ramp_steps", "gradient_cache_chunk_size")
-           if getattr(training_args, name, None) is not None},
+        **{
+            name: getattr(training_args, name)
+            for name in ("alpha_ramp_steps", "gradient_cache_chunk_size")
+            if getattr(training_args, name, None) is not None
+        },
     }
 
 
@@ -737,16 +814,30 @@ def card_hyperparameters(model, training_args, resume_changes: dict | None = Non
 
     config = model.config
     vision, text = config.vision_config, config.text_config
-    shared = ("embed_dim", "num_fusion_layers", "temperature", "learnable_temperature", "use_momentum", "momentum",
-              "queue_size", "alpha", "cma_weight", "imc_weight", "itm_weight", "mlm_weight", "mlm_probability")
+    shared = (
+        "embed_dim",
+        "num_fusion_layers",
+        "temperature",
+        "learnable_temperature",
+        "use_momentum",
+        "momentum",
+        "queue_size",
+        "alpha",
+        "cma_weight",
+        "imc_weight",
+        "itm_weight",
+        "mlm_weight",
+        "mlm_probability",
+    )
     base_fields = {f.name for f in dataclasses.fields(ALBEFStackConfig)}
-    own = [f.name for f in dataclasses.fields(type(config)) if f.name not in base_fields
-           and f.name != "num_train_samples"]
+    own = [
+        f.name for f in dataclasses.fields(type(config)) if f.name not in base_fields and f.name != "num_train_samples"
+    ]
     return {
         "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-                          f"{vision.image_size}px / patch {vision.patch_size}",
+        f"{vision.image_size}px / patch {vision.patch_size}",
         "text_encoder": f"{text.model_type}, {config.num_text_layers} text + "
-                        f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
+        f"{config.num_fusion_layers} fusion layers, width {text.hidden_size}",
         **_optimisation_hyperparameters(training_args),
         **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
         **{k: getattr(config, k) for k in (*shared, *own)},
@@ -760,14 +851,25 @@ def mivc_card_hyperparameters(model, training_args, resume_changes: dict | None 
     vision, text = cfg.vision_config, cfg.text_config
     return {
         "vision_encoder": f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-                          f"{vision.image_size}px / patch {vision.patch_size}",
-        "q_former": "none" if cfg.qformer_config is None else
-                    f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
+        f"{vision.image_size}px / patch {vision.patch_size}",
+        "q_former": "none"
+        if cfg.qformer_config is None
+        else f"{cfg.qformer_config.num_hidden_layers} layers, {cfg.num_query_tokens} queries",
         "language_model": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}",
         **_optimisation_hyperparameters(training_args),
         **({"changed_on_resume": _resume_changes_text(resume_changes)} if resume_changes else {}),
-        **{k: getattr(cfg, k) for k in (
-            "pooling_mode", "pooling_granularity", "pooling_attention_dim", "projector_type",
-            "vision_feature_select_strategy", "freeze_vision_model", "freeze_qformer", "freeze_language_model")},
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "pooling_mode",
+                "pooling_granularity",
+                "pooling_attention_dim",
+                "projector_type",
+                "vision_feature_select_strategy",
+                "freeze_vision_model",
+                "freeze_qformer",
+                "freeze_language_model",
+            )
+        },
         "visual_tokens_per_image": cfg.image_seq_length,
     }

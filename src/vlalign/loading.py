@@ -65,8 +65,12 @@ class CorruptCheckpointError(OSError):
 
 
 # errors that already name the file: passed on as they are where a part is loaded with our own from_pretrained
-_OUR_FILE_ERRORS = (UnsafeCheckpointError, MissingCheckpointFileError, CorruptCheckpointError,
-                    MissingTokenizerFileError)
+_OUR_FILE_ERRORS = (
+    UnsafeCheckpointError,
+    MissingCheckpointFileError,
+    CorruptCheckpointError,
+    MissingTokenizerFileError,
+)
 
 
 # keys of each kind that an error message lists before it only counts the rest
@@ -112,8 +116,9 @@ def _pickle_weight_files(location: str) -> list[str]:
     return sorted(name for name in names if name.startswith(stem) and name.endswith((".bin", ".bin.index.json")))
 
 
-def resolve_use_safetensors(path, allow_pickle: bool, use_safetensors: bool | None = None,
-                            subfolder: str = "") -> bool | None:
+def resolve_use_safetensors(
+    path, allow_pickle: bool, use_safetensors: bool | None = None, subfolder: str = ""
+) -> bool | None:
     """The `use_safetensors` to hand to transformers: True unless pickle weights are explicitly allowed (then the
     caller's choice; None prefers safetensors where both exist). A local checkpoint with only pickle weights is
     refused with the reason, rather than transformers' bare "no file named model.safetensors"."""
@@ -124,8 +129,9 @@ def resolve_use_safetensors(path, allow_pickle: bool, use_safetensors: bool | No
     location = os.path.join(str(path), subfolder) if subfolder else str(path)
     pickles = _pickle_weight_files(location) if path is not None else []
     if pickles:
-        raise UnsafeCheckpointError(f"{str(path)!r} holds pickle weights only ({', '.join(pickles)}), no "
-                                    f"safetensors file. {_WHY_SAFETENSORS}")
+        raise UnsafeCheckpointError(
+            f"{str(path)!r} holds pickle weights only ({', '.join(pickles)}), no safetensors file. {_WHY_SAFETENSORS}"
+        )
     return True
 
 
@@ -160,16 +166,20 @@ def _missing_weights_message(folder: str, allow_pickle: bool, variant: str | Non
         missing = [name for name in shards if not os.path.isfile(os.path.join(folder, name))]
         if not missing:
             return None
-        return (f"{os.path.join(folder, index)} names weight shards that are not in the folder: "
-                f"{', '.join(missing)} (of {len(shards)}). Was the save or download interrupted?")
+        return (
+            f"{os.path.join(folder, index)} names weight shards that are not in the folder: "
+            f"{', '.join(missing)} (of {len(shards)}). Was the save or download interrupted?"
+        )
     expected = f"{single} (or {index} with its shards)"
     if allow_pickle:
         pickles = (_with_variant(WEIGHTS_NAME, variant), _with_variant(WEIGHTS_INDEX_NAME, variant))
         if any(os.path.isfile(os.path.join(folder, name)) for name in pickles):
             return None
         expected += f", or {pickles[0]} (or {pickles[1]})"
-    return (f"no weights file in {folder!r}: expected {expected}. The folder's config.json only describes the model; "
-            f"were the weights deleted, or the save or download interrupted?")
+    return (
+        f"no weights file in {folder!r}: expected {expected}. The folder's config.json only describes the model; "
+        f"were the weights deleted, or the save or download interrupted?"
+    )
 
 
 def _safetensors_damage(file: str) -> str | None:
@@ -189,8 +199,11 @@ def _safetensors_damage(file: str) -> str | None:
             return f"its header announces {header_length} bytes of metadata, the whole file has {size} bytes"
         try:
             header = json.loads(handle.read(header_length))
-            data_end = 8 + header_length + max(
-                (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+            data_end = (
+                8
+                + header_length
+                + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+            )
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return f"its header is unreadable: {opening_error}"
     if data_end > size:
@@ -211,20 +224,30 @@ def _local_weight_files(path, subfolder: str, variant: str | None) -> list[str]:
     if os.path.isfile(os.path.join(folder, single)):
         return [os.path.join(folder, single)]
     if os.path.isfile(os.path.join(folder, index)):
-        return [os.path.join(folder, name) for name in _index_shards(os.path.join(folder, index))
-                if os.path.isfile(os.path.join(folder, name))]
+        return [
+            os.path.join(folder, name)
+            for name in _index_shards(os.path.join(folder, index))
+            if os.path.isfile(os.path.join(folder, name))
+        ]
     return []
 
 
 def _unreadable_weights_message(path, subfolder: str, variant: str | None, error: Exception) -> str:
-    damaged = [(file, reason) for file in _local_weight_files(path, subfolder, variant)
-               if (reason := _safetensors_damage(file)) is not None]
+    damaged = [
+        (file, reason)
+        for file in _local_weight_files(path, subfolder, variant)
+        if (reason := _safetensors_damage(file)) is not None
+    ]
     if not damaged:  # a Hub checkpoint (its files are in the cache), or a damage that only safetensors sees
-        return (f"a safetensors weights file of {str(path)!r} is truncated or corrupt ({error}): was a download, "
-                f"copy or save interrupted?")
+        return (
+            f"a safetensors weights file of {str(path)!r} is truncated or corrupt ({error}): was a download, "
+            f"copy or save interrupted?"
+        )
     files = "; ".join(f"{file} ({reason})" for file, reason in damaged)
-    return (f"truncated or corrupt weights file: {files}. Was a download, copy or save interrupted? Save or "
-            f"download the checkpoint again.")
+    return (
+        f"truncated or corrupt weights file: {files}. Was a download, copy or save interrupted? Save or "
+        f"download the checkpoint again."
+    )
 
 
 def load_safely(load, path, *args, allow_pickle: bool = False, **kwargs):
@@ -246,8 +269,9 @@ def load_safely(load, path, *args, allow_pickle: bool = False, **kwargs):
             raise MissingCheckpointFileError(missing) from error
         # e.g. a Hub repo without safetensors: transformers' message says neither why nor what to do
         if use_safetensors and "safetensors" in str(error):
-            raise UnsafeCheckpointError(f"found no safetensors weights for {str(path)!r} ({error}). "
-                                        f"{_WHY_SAFETENSORS}") from error
+            raise UnsafeCheckpointError(
+                f"found no safetensors weights for {str(path)!r} ({error}). {_WHY_SAFETENSORS}"
+            ) from error
         raise
 
 
@@ -289,8 +313,9 @@ class KeepsTrainableFlagsOnLoad:
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True,
-                        allow_pickle: bool = False, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *model_args, strict: bool = True, allow_pickle: bool = False, **kwargs
+    ):
         folder = _local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         if folder is not None:
             check_tokenizer_files(folder)
@@ -299,8 +324,14 @@ class KeepsTrainableFlagsOnLoad:
         if strict:
             # report every shape mismatch with the other problems instead of transformers raising on its own
             kwargs["ignore_mismatched_sizes"] = True
-        model, info = load_safely(super().from_pretrained, pretrained_model_name_or_path, *model_args,
-                                  allow_pickle=allow_pickle, output_loading_info=True, **kwargs)
+        model, info = load_safely(
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            *model_args,
+            allow_pickle=allow_pickle,
+            output_loading_info=True,
+            **kwargs,
+        )
         if strict:
             mismatched = () if shapes_may_differ else info["mismatched_keys"]
             problems = describe_key_problems(info["missing_keys"], info["unexpected_keys"], mismatched)
@@ -323,12 +354,18 @@ def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tup
     state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not any(marker in k for marker in allow_missing)
-               and not k.endswith(("position_ids", "token_type_ids"))]
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not any(marker in k for marker in allow_missing)
+        and not k.endswith(("position_ids", "token_type_ids"))
+    ]
     if shape_mismatch or unexpected or missing:
         mismatched = [(k, state[k].shape, own[k].shape) for k in shape_mismatch]
-        raise CheckpointMismatchError(f"pretrained weights do not match the {what}: "
-                                      f"{describe_key_problems(missing, unexpected, mismatched)}")
+        raise CheckpointMismatchError(
+            f"pretrained weights do not match the {what}: {describe_key_problems(missing, unexpected, mismatched)}"
+        )
     module.load_state_dict(state, strict=False)
 
 
@@ -342,8 +379,9 @@ def load_pretrained_part(loader, path: str, what: str, allow_pickle: bool = Fals
 
 def _load_with_report(loader, path: str, allow_pickle: bool):
     # shape mismatches go into the report (and our error) rather than raising one by one inside transformers
-    return load_safely(loader.from_pretrained, path, allow_pickle=allow_pickle, output_loading_info=True,
-                       ignore_mismatched_sizes=True)
+    return load_safely(
+        loader.from_pretrained, path, allow_pickle=allow_pickle, output_loading_info=True, ignore_mismatched_sizes=True
+    )
 
 
 def _check_part_loading(part: nn.Module, info: dict, path: str, what: str) -> None:

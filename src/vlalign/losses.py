@@ -90,9 +90,15 @@ def similarity_logits(queries: torch.Tensor, keys: torch.Tensor, temperature: to
     return (queries.to(dtype) @ keys.to(dtype).t()) / _as_temperature(temperature, dtype, queries.device)
 
 
-def positive_targets(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, num_queries: int, num_keys: int,
-                     device: torch.device | None = None, offset: int = 0,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def positive_targets(
+    query_ids: torch.Tensor | None,
+    key_ids: torch.Tensor | None,
+    num_queries: int,
+    num_keys: int,
+    device: torch.device | None = None,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Target distribution spreading mass uniformly over the positives of each query.
 
     With ids, key j is a positive of query i iff ``query_ids[i] == key_ids[j]`` (several captions of one image, or
@@ -226,9 +232,7 @@ def mask_tokens_for_mlm(
     to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool() & chosen
     masked[to_mask] = mask_token_id
     to_random = (
-        torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool()
-        & chosen
-        & ~to_mask
+        torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool() & chosen & ~to_mask
     )
     random_tokens = torch.randint(vocab_size, input_ids.shape, device=device, generator=generator)
     masked[to_random] = random_tokens[to_random]
@@ -368,24 +372,43 @@ def info_nce(
     all_images, offset = gathered_keys(image_embeds, gather)
     all_texts, _ = gathered_keys(text_embeds, gather)
     all_ids = _gathered_ids(image_ids, gather)
-    targets = positive_targets(image_ids, all_ids, image_embeds.shape[0], all_texts.shape[0],
-                               device=image_embeds.device, offset=offset, dtype=_loss_dtype(image_embeds, text_embeds))
+    targets = positive_targets(
+        image_ids,
+        all_ids,
+        image_embeds.shape[0],
+        all_texts.shape[0],
+        device=image_embeds.device,
+        offset=offset,
+        dtype=_loss_dtype(image_embeds, text_embeds),
+    )
     loss_i2t = contrastive_cross_entropy(image_embeds, all_texts, temperature, targets)
     loss_t2i = contrastive_cross_entropy(text_embeds, all_images, temperature, targets)
     loss = (loss_i2t + loss_t2i) / 2
     return (loss, loss_i2t, loss_t2i) if return_directions else loss
 
 
-def intra_modal_info_nce(queries: torch.Tensor, other_view: torch.Tensor, temperature: torch.Tensor | float,
-                         ids: torch.Tensor | None = None, gather: bool = False):
+def intra_modal_info_nce(
+    queries: torch.Tensor,
+    other_view: torch.Tensor,
+    temperature: torch.Tensor | float,
+    ids: torch.Tensor | None = None,
+    gather: bool = False,
+):
     """One-direction InfoNCE between two views of the same inputs (IMC / SimCLR-style): query i's positive is
     view i, the other views (with ``gather=True``, those of every process, gathered with gradient) are negatives --
     except, with ``ids``, the views of items with the query's id, which are positives too (targets spread
     uniformly over them)."""
     keys, offset = gathered_keys(other_view, gather)
     all_ids = _gathered_ids(ids, gather)
-    targets = positive_targets(ids, all_ids, queries.shape[0], keys.shape[0], device=queries.device, offset=offset,
-                               dtype=_loss_dtype(queries, keys))
+    targets = positive_targets(
+        ids,
+        all_ids,
+        queries.shape[0],
+        keys.shape[0],
+        device=queries.device,
+        offset=offset,
+        dtype=_loss_dtype(queries, keys),
+    )
     return contrastive_cross_entropy(queries, keys, temperature, targets)
 
 
@@ -515,14 +538,14 @@ class RunningLogZ(torch.nn.Module):
         if ids.shape[0] != batch_log_z.numel():
             raise ValueError(f"sample_ids has {ids.shape[0]} entries but batch_log_z has {batch_log_z.numel()}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
-            raise ValueError(f"sample_ids must lie in [0, {self.num_samples}), got range "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"sample_ids must lie in [0, {self.num_samples}), got range [{int(ids.min())}, {int(ids.max())}]"
+            )
         batch = batch_log_z.detach().flatten().to(device=self.log_z.device, dtype=self.log_z.dtype)
         if self.momentum == 0.0:
             blended = batch
         else:
-            blended = torch.logaddexp(self.log_z[ids] + math.log(self.momentum),
-                                      batch + math.log1p(-self.momentum))
+            blended = torch.logaddexp(self.log_z[ids] + math.log(self.momentum), batch + math.log1p(-self.momentum))
         new = torch.where(self.seen[ids], blended, batch)
         # a non-finite estimate (a bad step the trainer skips) is not stored: it would stick to its samples forever
         finite = torch.isfinite(new)
@@ -543,8 +566,13 @@ class DecomposableContrastiveLoss(torch.nn.Module):
     ``forward`` returns ``(loss_i2t, loss_t2i)``.
     """
 
-    def __init__(self, z_estimate: str = "batch", sample_u: bool = False, num_samples: int | None = None,
-                 running_momentum: float = 0.1):
+    def __init__(
+        self,
+        z_estimate: str = "batch",
+        sample_u: bool = False,
+        num_samples: int | None = None,
+        running_momentum: float = 0.1,
+    ):
         super().__init__()
         if z_estimate not in _Z_ESTIMATES:
             raise ValueError(f"z_estimate must be one of {_Z_ESTIMATES}, got {z_estimate!r}")
@@ -554,8 +582,9 @@ class DecomposableContrastiveLoss(torch.nn.Module):
             raise ValueError(f"running_momentum must be in [0, 1), got {running_momentum!r}")
         if z_estimate == "running" and num_samples is None:
             raise ValueError("num_samples is required with z_estimate='running' (size of the per-sample state)")
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                        or num_samples <= 0):
+        if num_samples is not None and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
+        ):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         self.z_estimate = z_estimate
         self.sample_u = sample_u
@@ -572,7 +601,7 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         if self.z_estimate == "running":
             # update with every process's rows so that all processes keep identical state, then keep ours
             all_log_z = running.update(_gathered_ids(sample_ids, gather), _all_gather(log_z, False, gather)[0])
-            log_z = all_log_z[offset:offset + queries.shape[0]]
+            log_z = all_log_z[offset : offset + queries.shape[0]]
         return log_z
 
     def forward(
@@ -605,8 +634,14 @@ class DecomposableContrastiveLoss(torch.nn.Module):
         all_texts, _ = gathered_keys(text_embeds, gather)
         targets = None
         if image_ids is not None:
-            targets = positive_targets(image_ids, _gathered_ids(image_ids, gather), batch, all_texts.shape[0],
-                                       device=image_embeds.device, offset=offset)
+            targets = positive_targets(
+                image_ids,
+                _gathered_ids(image_ids, gather),
+                batch,
+                all_texts.shape[0],
+                device=image_embeds.device,
+                offset=offset,
+            )
         directions = (
             (image_embeds, all_texts, text_queue, self.running_i2t),
             (text_embeds, all_images, image_queue, self.running_t2i),
@@ -626,8 +661,9 @@ class DecomposableContrastiveLoss(torch.nn.Module):
 
 
 @full_precision
-def orthogonality_loss(z_v: torch.Tensor, z_t: torch.Tensor, independent_v: torch.Tensor,
-                       independent_t: torch.Tensor) -> torch.Tensor:
+def orthogonality_loss(
+    z_v: torch.Tensor, z_t: torch.Tensor, independent_v: torch.Tensor, independent_t: torch.Tensor
+) -> torch.Tensor:
     """``1/N sum_j (<z_Vj, z^i_Vj>^2 + <z_Tj, z^i_Tj>^2)``: independent features orthogonal to the shared ones."""
     dtype = _loss_dtype(z_v, z_t, independent_v, independent_t)
     cos_v = (z_v.to(dtype) * independent_v.to(dtype)).sum(dim=1)
@@ -646,10 +682,12 @@ def uniformity_loss(independent_v: torch.Tensor, independent_t: torch.Tensor) ->
     """``log 1/N sum_j sum_k [G(z^i_Vj, z^i_Vk) + G(z^i_Tj, z^i_Tk)]`` with ``G(u, v) = exp(-2 ||u - v||^2)``,
     as a logsumexp over the 2 N^2 Gaussian-kernel exponents (this process's batch only)."""
     dtype = _loss_dtype(independent_v, independent_t)
-    exponents = torch.cat([
-        -2.0 * _pairwise_squared_distances(independent_v.to(dtype)).flatten(),
-        -2.0 * _pairwise_squared_distances(independent_t.to(dtype)).flatten(),
-    ])
+    exponents = torch.cat(
+        [
+            -2.0 * _pairwise_squared_distances(independent_v.to(dtype)).flatten(),
+            -2.0 * _pairwise_squared_distances(independent_t.to(dtype)).flatten(),
+        ]
+    )
     return torch.logsumexp(exponents, dim=0) - math.log(independent_v.shape[0])
 
 
@@ -669,8 +707,11 @@ def feature_separation_loss(
     """
     terms = {
         "orthogonality": orthogonality_loss(z_v, z_t, independent_v, independent_t),
-        "independent_contrastive": (intra_modal_info_nce(independent_v, independent_v_aug, temperature)
-                                    + intra_modal_info_nce(independent_t, independent_t_aug, temperature)) / 2,
+        "independent_contrastive": (
+            intra_modal_info_nce(independent_v, independent_v_aug, temperature)
+            + intra_modal_info_nce(independent_t, independent_t_aug, temperature)
+        )
+        / 2,
         "uniformity": uniformity_loss(independent_v, independent_t),
     }
     terms["total"] = terms["orthogonality"] + terms["independent_contrastive"] + terms["uniformity"]
@@ -689,8 +730,9 @@ def brownian_bridge_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Te
 
 
 @full_precision
-def geometric_consistency_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor,
-                               z_t_aug: torch.Tensor) -> dict[str, torch.Tensor]:
+def geometric_consistency_loss(
+    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, z_t_aug: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Geometric consistency (a generalised CyCLIP).
 
     ``"cross"``: ``1/N sum_jk [(<z_Vj,z_Tk> - <z_Vk,z_Tj>)^2 + (<z_Vj,z_Vk> - <z_Tj,z_Tk>)^2]`` (symmetric cross-modal
@@ -721,8 +763,11 @@ def geometric_consistency_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: to
 def _uniform_marginals(cost: torch.Tensor, row_marginal, column_marginal):
     rows, cols = cost.shape
     a = torch.full((rows,), 1.0 / rows, dtype=cost.dtype, device=cost.device) if row_marginal is None else row_marginal
-    b = (torch.full((cols,), 1.0 / cols, dtype=cost.dtype, device=cost.device)
-         if column_marginal is None else column_marginal)
+    b = (
+        torch.full((cols,), 1.0 / cols, dtype=cost.dtype, device=cost.device)
+        if column_marginal is None
+        else column_marginal
+    )
     return a.to(cost.dtype), b.to(cost.dtype)
 
 
@@ -774,13 +819,14 @@ def ipot(
     ``exp(-C / beta) * T_prev``. Unlike Sinkhorn it converges to the exact (unregularised) OT plan as iterations
     grow, for a fixed beta. No gradient; computed in the log domain."""
     if beta <= 0 or iterations <= 0 or inner_iterations <= 0:
-        raise ValueError(f"ipot needs beta > 0 and positive iteration counts, got {beta}, {iterations}, "
-                         f"{inner_iterations}")
+        raise ValueError(
+            f"ipot needs beta > 0 and positive iteration counts, got {beta}, {iterations}, {inner_iterations}"
+        )
     dtype = _loss_dtype(cost)
     cost = cost.to(dtype)
     a, b = _uniform_marginals(cost, row_marginal, column_marginal)
     log_a, log_b = a.log(), b.log()
-    log_plan = (log_a[:, None] + log_b[None, :])  # independent coupling as the starting point
+    log_plan = log_a[:, None] + log_b[None, :]  # independent coupling as the starting point
     log_v = torch.zeros_like(log_b)
     for _ in range(iterations):
         log_q = -cost / beta + log_plan
@@ -809,8 +855,8 @@ def code_assignment_targets(
     cost ``1 - cosine`` under uniform marginals (1/N per sample, 1/K per code), scaled by N so that each sample's
     row is a distribution over the K codes. No gradient.
 
-    With ``gather=True`` under torch.distributed the plan is solved over the features of all processes (the equipartition constraint is
-    then global, as for one large batch) and this process's rows are returned.
+    With ``gather=True`` under torch.distributed the plan is solved over the features of all processes (the
+    equipartition constraint is then global, as for one large batch) and this process's rows are returned.
 
     Args:
         teacher_features: (N, D) features (normalised here).

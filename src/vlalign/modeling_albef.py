@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+
 # transformers internals (listed in vlalign/__init__.py): the fusion layers are BERT's own blocks, masked and
 # checkpointed the way transformers' encoders are
 from transformers.masking_utils import create_bidirectional_mask
@@ -186,7 +187,9 @@ class ALBEFOutput(ModelOutput):
     def loss_components(self) -> dict[str, float]:
         """The non-None loss components as floats, keyed by component name (for logging). One device-to-host copy
         for all of them (a `.item()` per component would stall a GPU step once per component)."""
-        items = [(key[len("loss_"):], value) for key, value in self.items() if key.startswith("loss_") and value is not None]
+        items = [
+            (key[len("loss_") :], value) for key, value in self.items() if key.startswith("loss_") and value is not None
+        ]
         if not items:
             return {}
         values = torch.stack([value.detach().float().reshape(()) for _, value in items]).tolist()
@@ -270,8 +273,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             for teacher in self._momentum_pairs()[1]:
                 teacher.requires_grad_(False)
 
-    ENCODER_NAMES = ("vision_model", "text_model", "fusion_model",
-                     "momentum_vision_model", "momentum_text_model", "momentum_fusion_model")
+    ENCODER_NAMES = (
+        "vision_model",
+        "text_model",
+        "fusion_model",
+        "momentum_vision_model",
+        "momentum_text_model",
+        "momentum_fusion_model",
+    )
 
     def compile_encoders(self, **compile_kwargs) -> list[str]:
         """`torch.compile` the transformer towers (students and momentum teachers), in place: parameter names,
@@ -425,7 +434,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             if input_ids is None or pixel_values is None:
                 raise ValueError("training (return_loss=True) needs both input_ids and pixel_values")
             output = self._training_forward(
-                input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, sample_ids,
+                input_ids,
+                attention_mask,
+                pixel_values,
+                pixel_values_view2,
+                positive_ids,
+                sample_ids,
                 self.config.alpha if alpha is None else float(alpha),
             )
             return output if return_dict else output.to_tuple()
@@ -460,8 +474,10 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _student_pass(self, batch: dict, keep_tokens: bool) -> dict[str, torch.Tensor]:
         """Student features of one (chunk of a) batch. Everything returned carries gradient."""
         out: dict[str, torch.Tensor] = {}
-        tokens = {"image": self._image_tokens(batch["pixel_values"]),
-                  "text": self._text_tokens(batch["input_ids"], batch["attention_mask"])}
+        tokens = {
+            "image": self._image_tokens(batch["pixel_values"]),
+            "text": self._text_tokens(batch["input_ids"], batch["attention_mask"]),
+        }
         out["image_feat"] = self._image_feature(tokens["image"])
         out["text_feat"] = self._text_feature(tokens["text"])
         if self._needs()["view2"]:
@@ -492,10 +508,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         parts: dict[str, list] = {}
         for start in range(0, size, chunk_size):
             piece = {k: v[start : start + chunk_size] for k, v in batch.items()}
-            tokens = {"image": self._image_tokens(piece["pixel_values_view2"], momentum=True),
-                      "text": self._text_tokens(piece["input_ids"], piece["attention_mask"], momentum=True)}
-            features = {"image_feat_m": self._image_feature(tokens["image"], momentum=True),
-                        "text_feat_m": self._text_feature(tokens["text"], momentum=True)}
+            tokens = {
+                "image": self._image_tokens(piece["pixel_values_view2"], momentum=True),
+                "text": self._text_tokens(piece["input_ids"], piece["attention_mask"], momentum=True),
+            }
+            features = {
+                "image_feat_m": self._image_feature(tokens["image"], momentum=True),
+                "text_feat_m": self._text_feature(tokens["text"], momentum=True),
+            }
             self._extra_teacher_features(features, tokens)
             if cfg.mlm_weight > 0 and alpha > 0:
                 features["image_tokens_m"] = tokens["image"]
@@ -505,16 +525,19 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         image_keys = self.image_queue.keys(teacher["image_feat_m"])
         text_keys = self.text_queue.keys(teacher["text_feat_m"])
         key_ids = self.image_queue.key_ids(positive_ids)
-        hard = positive_targets(positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device,
-                                dtype=_loss_dtype(image_keys))
+        hard = positive_targets(
+            positive_ids, key_ids, size, image_keys.shape[0], device=image_keys.device, dtype=_loss_dtype(image_keys)
+        )
         teacher["image_keys"], teacher["text_keys"] = image_keys, text_keys
         # the positives of every query among batch + queue keys (both queues hold the same ids): the hard targets of
         # the cross-modal terms and the targets of the intra-modal ones (TCL's models/model_retrieval.py)
         teacher["positive_targets"] = hard
         teacher["i2t_targets"] = distillation_targets(
-            similarity_logits(teacher["image_feat_m"], text_keys, temp), hard, alpha)
+            similarity_logits(teacher["image_feat_m"], text_keys, temp), hard, alpha
+        )
         teacher["t2i_targets"] = distillation_targets(
-            similarity_logits(teacher["text_feat_m"], image_keys, temp), hard, alpha)
+            similarity_logits(teacher["text_feat_m"], image_keys, temp), hard, alpha
+        )
         return teacher
 
     def _extra_teacher_features(self, features: dict, tokens: dict) -> None:
@@ -524,13 +547,21 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         """i2t and t2i: against the teacher keys + queue with distillation targets, or in-batch InfoNCE."""
         if self.config.use_momentum:
             return {
-                "i2t": contrastive_cross_entropy(student["image_feat"], teacher["text_keys"], temp,
-                                                 teacher["i2t_targets"]),
-                "t2i": contrastive_cross_entropy(student["text_feat"], teacher["image_keys"], temp,
-                                                 teacher["t2i_targets"]),
+                "i2t": contrastive_cross_entropy(
+                    student["image_feat"], teacher["text_keys"], temp, teacher["i2t_targets"]
+                ),
+                "t2i": contrastive_cross_entropy(
+                    student["text_feat"], teacher["image_keys"], temp, teacher["t2i_targets"]
+                ),
             }
-        _, i2t, t2i = info_nce(student["image_feat"], student["text_feat"], temp, positive_ids,
-                               return_directions=True, gather=gather_across_processes())
+        _, i2t, t2i = info_nce(
+            student["image_feat"],
+            student["text_feat"],
+            temp,
+            positive_ids,
+            return_directions=True,
+            gather=gather_across_processes(),
+        )
         return {"i2t": i2t, "t2i": t2i}
 
     def _intra_modal_losses(self, student, teacher, positive_ids, temp) -> dict[str, torch.Tensor]:
@@ -539,11 +570,15 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         that an item is never pushed away from the items it is aligned with across modalities."""
         if self.config.use_momentum:
             targets = teacher["positive_targets"]
-            return {"i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp, targets),
-                    "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp, targets)}
+            return {
+                "i2i": contrastive_cross_entropy(student["image_feat"], teacher["image_keys"], temp, targets),
+                "t2t": contrastive_cross_entropy(student["text_feat"], teacher["text_keys"], temp, targets),
+            }
         gather = gather_across_processes()
-        return {"i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp, positive_ids, gather),
-                "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp, positive_ids, gather)}
+        return {
+            "i2i": intra_modal_info_nce(student["image_feat"], student["image_feat2"], temp, positive_ids, gather),
+            "t2t": intra_modal_info_nce(student["text_feat"], student["text_feat2"], temp, positive_ids, gather),
+        }
 
     def _alignment_losses(self, student: dict, teacher: dict, batch: dict, positive_ids, sample_ids, temp):
         """Every loss that depends on the student only through the features of `_student_pass`."""
@@ -578,12 +613,25 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             # there is no teacher, and the student features stand in for it
             image_keys = teacher.get("image_feat_m", student["image_feat"])
             text_keys = teacher.get("text_feat_m", student["text_feat"])
-            losses["itm"] = self._itm_loss(student["image_tokens"], student["image_feat"], student["text_tokens"],
-                                           student["text_feat"], batch["attention_mask"], positive_ids, temp,
-                                           image_keys, text_keys)
+            losses["itm"] = self._itm_loss(
+                student["image_tokens"],
+                student["image_feat"],
+                student["text_tokens"],
+                student["text_feat"],
+                batch["attention_mask"],
+                positive_ids,
+                temp,
+                image_keys,
+                text_keys,
+            )
         if cfg.mlm_weight > 0:
-            losses["mlm"] = self._mlm_loss(batch["input_ids"], batch["attention_mask"], student["image_tokens"],
-                                           teacher.get("image_tokens_m"), alpha)
+            losses["mlm"] = self._mlm_loss(
+                batch["input_ids"],
+                batch["attention_mask"],
+                student["image_tokens"],
+                teacher.get("image_tokens_m"),
+                alpha,
+            )
         return losses
 
     def _prepare_training(self, input_ids, attention_mask, pixel_values, pixel_values_view2):
@@ -593,8 +641,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                 self.temp.clamp_(cfg.temperature_min, cfg.temperature_max)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                 "pixel_values_view2": pixel_values if pixel_values_view2 is None else pixel_values_view2}
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "pixel_values_view2": pixel_values if pixel_values_view2 is None else pixel_values_view2,
+        }
         return batch, self.temperature
 
     def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:
@@ -604,8 +656,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             self.image_queue.enqueue(teacher["image_feat_m"], positive_ids, gather)
             self.text_queue.enqueue(teacher["text_feat_m"], positive_ids, gather)
 
-    def _training_forward(self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids,
-                          sample_ids, alpha):
+    def _training_forward(
+        self, input_ids, attention_mask, pixel_values, pixel_values_view2, positive_ids, sample_ids, alpha
+    ):
         batch, temp = self._prepare_training(input_ids, attention_mask, pixel_values, pixel_values_view2)
         student = self._student_pass(batch, keep_tokens=self._needs()["fusion"])
         teacher = self._teacher_pass(batch, positive_ids, temp, alpha)
@@ -613,20 +666,55 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         losses.update(self._fusion_losses(student, batch, positive_ids, temp, alpha, teacher))
         total = self._loss_total(losses)
         self._update_queues(student, teacher, positive_ids)
-        return self.output_class(loss=total, **{f"loss_{n}": v for n, v in losses.items()},
-                                 image_embeds=student["image_feat"], text_embeds=student["text_feat"],
-                                 temperature=temp.detach())
+        return self.output_class(
+            loss=total,
+            **{f"loss_{n}": v for n, v in losses.items()},
+            image_embeds=student["image_feat"],
+            text_embeds=student["text_feat"],
+            temperature=temp.detach(),
+        )
 
-    def gradient_cached_backward(self, input_ids, attention_mask, pixel_values, pixel_values_view2=None,
-                                 positive_ids=None, sample_ids=None, alpha=None, chunk_size: int | None = None,
-                                 loss_scale: float = 1.0, backward_fn=None) -> ALBEFOutput:
+    def gradient_cached_backward(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        pixel_values_view2=None,
+        positive_ids=None,
+        sample_ids=None,
+        alpha=None,
+        chunk_size: int | None = None,
+        loss_scale: float = 1.0,
+        backward_fn=None,
+    ) -> ALBEFOutput:
         """One training step's forward and backward in chunks of `chunk_size` rows, with the full-batch gradients:
         see `gradient_cache.gradient_cached_backward`."""
-        return gradient_cached_backward(self, input_ids, attention_mask, pixel_values, pixel_values_view2,
-                                        positive_ids, sample_ids, alpha, chunk_size, loss_scale, backward_fn)
+        return gradient_cached_backward(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            pixel_values_view2,
+            positive_ids,
+            sample_ids,
+            alpha,
+            chunk_size,
+            loss_scale,
+            backward_fn,
+        )
 
-    def _itm_loss(self, image_tokens, image_feat, text_tokens, text_feat, attention_mask, positive_ids, temp,
-                  image_keys, text_keys):
+    def _itm_loss(
+        self,
+        image_tokens,
+        image_feat,
+        text_tokens,
+        text_feat,
+        attention_mask,
+        positive_ids,
+        temp,
+        image_keys,
+        text_keys,
+    ):
         """ITM over positives and one hard negative per image and per text: a text's negative image is drawn
         from softmax(text_feat . image_keys / t), an image's negative text from softmax(image_feat . text_keys / t),
         positives (same id) excluded."""
@@ -671,8 +759,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str, *,
-                                    allow_pickle: bool = False, **config_overrides) -> "ALBEFModel":
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        *,
+        allow_pickle: bool = False,
+        **config_overrides,
+    ) -> ALBEFModel:
         """Build a model whose towers start from pretrained checkpoints.
 
         The vision encoder loads from ``vision_model_name_or_path``; the text checkpoint (a BERT-like encoder,
@@ -690,13 +784,13 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         vision_config = getattr(vision_config, "vision_config", vision_config)  # e.g. a full CLIP checkpoint
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
-        config = cls.config_class(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
-                           **config_overrides)
+        config = cls.config_class(
+            vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **config_overrides
+        )
         model = cls(config)
 
         # load with our tower's own class: e.g. CLIPVisionModel takes the vision half of a full CLIP checkpoint
-        vision = load_pretrained_part(type(model.vision_model), vision_model_name_or_path, "vision tower",
-                                      allow_pickle)
+        vision = load_pretrained_part(type(model.vision_model), vision_model_name_or_path, "vision tower", allow_pickle)
         _load_matching(model.vision_model, vision.state_dict(), "vision tower")
 
         text = _load_text_checkpoint(text_model_name_or_path, allow_pickle)
@@ -716,8 +810,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                 encoder_state[key] = value
         _load_matching(model.text_model, encoder_state, "text encoder")
         if config.num_fusion_layers > 0:
-            _load_matching(model.fusion_model, fusion_state, "fusion encoder", allow_missing=("crossattention",
-                                                                                                "image_proj"))
+            _load_matching(
+                model.fusion_model, fusion_state, "fusion encoder", allow_missing=("crossattention", "image_proj")
+            )
             head_state = {}
             for key, value in text.state_dict().items():
                 for marker in ("predictions.transform.", "predictions.decoder."):

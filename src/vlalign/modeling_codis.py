@@ -21,7 +21,6 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .modeling_albef import ALBEFModel, ALBEFOutput, sum_of_terms
 from .configuration_codis import CODISConfig
 from .losses import (
     code_assignment_targets,
@@ -30,6 +29,7 @@ from .losses import (
     gather_across_processes,
     optimal_transport_loss,
 )
+from .modeling_albef import ALBEFModel, ALBEFOutput, sum_of_terms
 
 
 @dataclass
@@ -124,33 +124,48 @@ class CODISModel(ALBEFModel):
             text_teacher = self._to_code_space(teacher.get("text_feat_m", student["text_feat"])).detach()
         codebook = self.codebook.weight
         gather = gather_across_processes()
-        image_plan = code_assignment_targets(image_teacher, codebook, cfg.ot_solver, gather=gather,
-                                             **cfg.solver_kwargs())
-        text_plan = code_assignment_targets(text_teacher, codebook, cfg.ot_solver, gather=gather,
-                                            **cfg.solver_kwargs())
+        image_plan = code_assignment_targets(
+            image_teacher, codebook, cfg.ot_solver, gather=gather, **cfg.solver_kwargs()
+        )
+        text_plan = code_assignment_targets(text_teacher, codebook, cfg.ot_solver, gather=gather, **cfg.solver_kwargs())
         if cfg.ot_weight > 0:
             losses["ot_image"] = optimal_transport_loss(image_teacher, codebook, image_plan)
             losses["ot_text"] = optimal_transport_loss(text_teacher, codebook, text_plan)
         if cfg.code_weight > 0:
             image_targets, text_targets = (
-                (text_plan, image_plan) if cfg.code_targets == "swapped" else (image_plan, text_plan))
+                (text_plan, image_plan) if cfg.code_targets == "swapped" else (image_plan, text_plan)
+            )
             losses["code_image"] = code_prediction_loss(
-                self._to_code_space(student["image_feat"]), codebook, image_targets, cfg.code_temperature)
+                self._to_code_space(student["image_feat"]), codebook, image_targets, cfg.code_temperature
+            )
             losses["code_text"] = code_prediction_loss(
-                self._to_code_space(student["text_feat"]), codebook, text_targets, cfg.code_temperature)
+                self._to_code_space(student["text_feat"]), codebook, text_targets, cfg.code_temperature
+            )
         return losses
 
     def _loss_total(self, losses: dict) -> torch.Tensor | None:
         """CODIS's total: L_ica (the four contrastive terms, summed) + code prediction + OT cost, each group weighted,
         plus the weighted ITM and MLM losses."""
         cfg = self.config
-        weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight, "t2t": cfg.imc_weight,
-                   "code_image": cfg.code_weight, "code_text": cfg.code_weight, "ot_image": cfg.ot_weight,
-                   "ot_text": cfg.ot_weight}
+        weights = {
+            "i2t": cfg.cma_weight,
+            "t2i": cfg.cma_weight,
+            "i2i": cfg.imc_weight,
+            "t2t": cfg.imc_weight,
+            "code_image": cfg.code_weight,
+            "code_text": cfg.code_weight,
+            "ot_image": cfg.ot_weight,
+            "ot_text": cfg.ot_weight,
+        }
         terms = [weights[name] * value for name, value in losses.items() if name in weights]
         alignment = torch.stack(terms).sum() if terms else None
-        fusion = sum_of_terms([weight * losses[name] for name, weight in (("itm", cfg.itm_weight),
-                                                                           ("mlm", cfg.mlm_weight)) if name in losses])
+        fusion = sum_of_terms(
+            [
+                weight * losses[name]
+                for name, weight in (("itm", cfg.itm_weight), ("mlm", cfg.mlm_weight))
+                if name in losses
+            ]
+        )
         return sum_of_terms([total for total in (alignment, fusion) if total is not None])
 
 

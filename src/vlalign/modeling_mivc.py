@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast  # its field set: see MIVCOutput
 
+from .configuration_mivc import MIVCConfig
 from .loading import (
     KeepsTrainableFlagsOnLoad,
     _load_matching,
@@ -23,7 +24,6 @@ from .loading import (
     load_pretrained_part,
     resolve_use_safetensors,
 )
-from .configuration_mivc import MIVCConfig
 from .mivc_pooling import MIVCPooling
 
 
@@ -41,7 +41,7 @@ class MIVCOutput(CausalLMOutputWithPast):
     image_weights: torch.FloatTensor | None = None
 
     @classmethod
-    def from_language_model_output(cls, lm_output, image_weights=None) -> "MIVCOutput":
+    def from_language_model_output(cls, lm_output, image_weights=None) -> MIVCOutput:
         # Copy our own declared fields by name, never the LM output's items: a field that a later transformers
         # adds to the LM's output class (or an MoE LM's extra outputs) must not break this constructor.
         values = {f.name: getattr(lm_output, f.name, None) for f in fields(CausalLMOutputWithPast)}
@@ -94,11 +94,13 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
             self.qformer = Blip2QFormerModel(config.qformer_config)
         if config.pooling_mode != "concatenate":
-            self.pooling = MIVCPooling(config.vision_feature_dim, mode=config.pooling_mode,
-                                       attention_dim=config.pooling_attention_dim,
-                                       granularity=config.pooling_granularity)
-        self.projector = MIVCProjector(config.vision_feature_dim, config.text_config.hidden_size,
-                                       config.projector_type)
+            self.pooling = MIVCPooling(
+                config.vision_feature_dim,
+                mode=config.pooling_mode,
+                attention_dim=config.pooling_attention_dim,
+                granularity=config.pooling_granularity,
+            )
+        self.projector = MIVCProjector(config.vision_feature_dim, config.text_config.hidden_size, config.projector_type)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self.apply_freeze_flags()
@@ -172,15 +174,17 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             images one after another) and None.
         """
         if pixel_values.dim() != 5:
-            raise ValueError(f"pixel_values must be (batch, images, channels, height, width), got "
-                             f"{tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (batch, images, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
         batch, num_images = pixel_values.shape[:2]
         if image_mask is None:
             image_mask = torch.ones(batch, num_images, dtype=torch.bool, device=pixel_values.device)
         image_mask = image_mask.to(device=pixel_values.device, dtype=torch.bool)
         if image_mask.shape != (batch, num_images):
-            raise ValueError(f"image_mask must be (batch, images) = {(batch, num_images)}, got "
-                             f"{tuple(image_mask.shape)}")
+            raise ValueError(
+                f"image_mask must be (batch, images) = {(batch, num_images)}, got {tuple(image_mask.shape)}"
+            )
         if not image_mask.any(dim=1).all():
             raise ValueError("every item needs at least one real image (a row of image_mask is all False)")
         # only the real images go through the encoders
@@ -235,11 +239,15 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
                     f"{'image' if self.config.pooling_mode == 'concatenate' else 'item'}): build the inputs with "
                     f"MIVCProcessor for pooling_mode={self.config.pooling_mode!r}"
                 )
-            inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1),
-                                                         visual.to(inputs_embeds.dtype))
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders.unsqueeze(-1), visual.to(inputs_embeds.dtype))
         outputs = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
         return MIVCOutput.from_language_model_output(outputs, image_weights=image_weights)
 
@@ -252,8 +260,15 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
         return inputs
 
     @classmethod
-    def from_pretrained_components(cls, vision_path: str, llm_path: str, qformer_path: str | None = None, *,
-                                   allow_pickle: bool = False, **config_overrides):
+    def from_pretrained_components(
+        cls,
+        vision_path: str,
+        llm_path: str,
+        qformer_path: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        **config_overrides,
+    ):
         """Build from pretrained parts: any vision encoder checkpoint (the vision half of a CLIP checkpoint works),
         any causal LM, optionally a Q-Former (a `Blip2QFormerModel` folder, or the `qformer` of a BLIP-2
         checkpoint). The pooling, projector and (without a Q-Former checkpoint) the queries start new.
@@ -277,11 +292,17 @@ class MIVCForConditionalGeneration(MIVCPreTrainedModel, GenerationMixin):
             qformer_config = AutoConfig.from_pretrained(qformer_path)
             qformer_config = getattr(qformer_config, "qformer_config", qformer_config)
             qformer_config = qformer_config.to_dict()
-        config = MIVCConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
-                            qformer_config=qformer_config, **config_overrides)
+        config = MIVCConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_config.to_dict(),
+            qformer_config=qformer_config,
+            **config_overrides,
+        )
         model = cls(config)
-        parts = [(model.vision_model, type(model.vision_model), vision_path, "vision encoder"),
-                 (model.language_model, AutoModelForCausalLM, llm_path, "language model")]
+        parts = [
+            (model.vision_model, type(model.vision_model), vision_path, "vision encoder"),
+            (model.language_model, AutoModelForCausalLM, llm_path, "language model"),
+        ]
         if qformer_path is not None:
             parts.append((model.qformer, Blip2QFormerModel, qformer_path, "Q-Former"))
         for module, loader, path, what in parts:

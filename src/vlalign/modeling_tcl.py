@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_albef import ALBEFModel, ALBEFOutput, pool_patch_locals, sum_of_terms
 from .configuration_tcl import TCLConfig
 from .losses import (
     DecomposableContrastiveLoss,
@@ -28,6 +27,7 @@ from .losses import (
     geometric_consistency_loss,
     local_mutual_information,
 )
+from .modeling_albef import ALBEFModel, ALBEFOutput, pool_patch_locals, sum_of_terms
 
 
 @dataclass
@@ -52,7 +52,9 @@ class TCLModel(ALBEFModel):
         super().__init__(config)
         if config.contrastive_loss == "decomposable":
             self.decomposable_loss = DecomposableContrastiveLoss(
-                z_estimate=config.z_estimate, sample_u=config.sample_u, num_samples=config.num_train_samples,
+                z_estimate=config.z_estimate,
+                sample_u=config.sample_u,
+                num_samples=config.num_train_samples,
                 running_momentum=config.running_z_momentum,
             )
         if config.use_feature_separation:
@@ -88,9 +90,11 @@ class TCLModel(ALBEFModel):
         if needs["independent"]:
             for suffix in ("", "2"):
                 out[f"independent_image{suffix}"] = F.normalize(
-                    self.vision_independent_proj(tokens[f"image{suffix}"][:, 0]), dim=-1)
+                    self.vision_independent_proj(tokens[f"image{suffix}"][:, 0]), dim=-1
+                )
                 out[f"independent_text{suffix}"] = F.normalize(
-                    self.text_independent_proj(tokens[f"text{suffix}"][:, 0]), dim=-1)
+                    self.text_independent_proj(tokens[f"text{suffix}"][:, 0]), dim=-1
+                )
         if needs["student_locals"]:
             out["image_locals"] = self._image_locals(tokens["image"], momentum=False)
             out["text_locals"] = self._text_locals(tokens["text"], momentum=False)
@@ -107,8 +111,15 @@ class TCLModel(ALBEFModel):
         queues = {}
         if cfg.z_estimate == "queue":
             queues = {"image_queue": self.image_queue.features, "text_queue": self.text_queue.features}
-        i2t, t2i = self.decomposable_loss(student["image_feat"], student["text_feat"], temp, sample_ids=sample_ids,
-                                          image_ids=positive_ids, gather=gather_across_processes(), **queues)
+        i2t, t2i = self.decomposable_loss(
+            student["image_feat"],
+            student["text_feat"],
+            temp,
+            sample_ids=sample_ids,
+            image_ids=positive_ids,
+            gather=gather_across_processes(),
+            **queues,
+        )
         return {"i2t": i2t, "t2i": t2i}
 
     def _extra_alignment_losses(self, student, teacher, batch, positive_ids, sample_ids, temp) -> dict:
@@ -117,34 +128,57 @@ class TCLModel(ALBEFModel):
         if cfg.lmi_weight > 0:
             local_source = teacher if cfg.use_momentum else student
             losses["lmi_image"] = local_mutual_information(student["image_feat"], local_source["image_locals"], temp)
-            losses["lmi_text"] = local_mutual_information(student["text_feat"], local_source["text_locals"], temp,
-                                                          batch["attention_mask"][:, 1:])
+            losses["lmi_text"] = local_mutual_information(
+                student["text_feat"], local_source["text_locals"], temp, batch["attention_mask"][:, 1:]
+            )
         if cfg.use_feature_separation:
             losses["separation"] = feature_separation_loss(
-                student["image_feat"], student["text_feat"], student["independent_image"],
-                student["independent_text"], student["independent_image2"], student["independent_text2"], temp,
+                student["image_feat"],
+                student["text_feat"],
+                student["independent_image"],
+                student["independent_text"],
+                student["independent_image2"],
+                student["independent_text2"],
+                temp,
             )["total"]
         if cfg.use_brownian_bridge:
-            losses["bridge"] = brownian_bridge_loss(student["image_feat"], student["text_feat"],
-                                                    student["image_feat2"], cfg.brownian_bridge_t)
+            losses["bridge"] = brownian_bridge_loss(
+                student["image_feat"], student["text_feat"], student["image_feat2"], cfg.brownian_bridge_t
+            )
         if cfg.use_geometric_consistency:
-            losses["geometric"] = geometric_consistency_loss(student["image_feat"], student["text_feat"],
-                                                             student["image_feat2"], student["text_feat2"])["total"]
+            losses["geometric"] = geometric_consistency_loss(
+                student["image_feat"], student["text_feat"], student["image_feat2"], student["text_feat2"]
+            )["total"]
         return losses
 
     def _loss_total(self, losses: dict) -> torch.Tensor | None:
         """TCL's total: the weighted mean of the active CMA / IMC / LMI terms (the paper's sum / 6), plus the weighted
         regularisers, plus the weighted ITM and MLM losses."""
         cfg = self.config
-        averaged_weights = {"i2t": cfg.cma_weight, "t2i": cfg.cma_weight, "i2i": cfg.imc_weight,
-                            "t2t": cfg.imc_weight, "lmi_image": cfg.lmi_weight, "lmi_text": cfg.lmi_weight}
+        averaged_weights = {
+            "i2t": cfg.cma_weight,
+            "t2i": cfg.cma_weight,
+            "i2i": cfg.imc_weight,
+            "t2t": cfg.imc_weight,
+            "lmi_image": cfg.lmi_weight,
+            "lmi_text": cfg.lmi_weight,
+        }
         averaged = [averaged_weights[n] * v for n, v in losses.items() if n in averaged_weights]
         alignment = [torch.stack(averaged).sum() / len(averaged)] if averaged else []
-        alignment += [weight * losses[name] for name, weight in (
-            ("separation", cfg.feature_separation_weight), ("bridge", cfg.brownian_bridge_weight),
-            ("geometric", cfg.geometric_consistency_weight)) if name in losses]
-        fusion = [weight * losses[name] for name, weight in (("itm", cfg.itm_weight), ("mlm", cfg.mlm_weight))
-                  if name in losses]
+        alignment += [
+            weight * losses[name]
+            for name, weight in (
+                ("separation", cfg.feature_separation_weight),
+                ("bridge", cfg.brownian_bridge_weight),
+                ("geometric", cfg.geometric_consistency_weight),
+            )
+            if name in losses
+        ]
+        fusion = [
+            weight * losses[name]
+            for name, weight in (("itm", cfg.itm_weight), ("mlm", cfg.mlm_weight))
+            if name in losses
+        ]
         return sum_of_terms([total for total in (sum_of_terms(alignment), sum_of_terms(fusion)) if total is not None])
 
     def _update_queues(self, student: dict, teacher: dict, positive_ids) -> None:

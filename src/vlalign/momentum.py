@@ -29,8 +29,9 @@ def _peft_classes() -> tuple[type, type, type] | None:
     return BaseTunerLayer, LoraLayer, AuxiliaryTrainingWrapper
 
 
-def _effective_parameters(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], seen: set[int],
-                          classes: tuple[type, type, type]) -> None:
+def _effective_parameters(
+    module: nn.Module, prefix: str, out: dict[str, torch.Tensor], seen: set[int], classes: tuple[type, type, type]
+) -> None:
     """What a plain copy of `module` needs to compute what `module` computes, keyed by that copy's parameter names:
     LoRA layers contribute base weight + the deltas of their active adapters, a `modules_to_save` wrapper its active
     trained copy (PEFT's own forward rules, e.g. a disabled adapter counts as absent)."""
@@ -41,13 +42,16 @@ def _effective_parameters(module: nn.Module, prefix: str, out: dict[str, torch.T
             raise NotImplementedError(f"EMA teachers do not support PEFT's {type(module).__name__} (at {prefix!r})")
         active = module.active_adapters
         use_copy = not module.disable_adapters and active and all(a in modules_to_save for a in active)
-        _effective_parameters(modules_to_save[active[0]] if use_copy else module.original_module, prefix, out, seen,
-                              classes)
+        _effective_parameters(
+            modules_to_save[active[0]] if use_copy else module.original_module, prefix, out, seen, classes
+        )
         return
     if isinstance(module, tuner_layer):
         if not isinstance(module, lora_layer):
-            raise NotImplementedError(f"EMA teachers support LoRA adapters only, not {type(module).__name__} "
-                                      f"(at {prefix!r}): use LoRA or config.use_momentum=False")
+            raise NotImplementedError(
+                f"EMA teachers support LoRA adapters only, not {type(module).__name__} "
+                f"(at {prefix!r}): use LoRA or config.use_momentum=False"
+            )
         _effective_parameters(module.get_base_layer(), prefix, out, seen, classes)
         if module.disable_adapters:  # PEFT's forward unmerges, i.e. runs the weights without any adapter
             adapters, sign = list(module.merged_adapters), -1.0
@@ -58,8 +62,10 @@ def _effective_parameters(module: nn.Module, prefix: str, out: dict[str, torch.T
             sign = 1.0
         for adapter in adapters:
             if adapter in module.lora_variant or module.lora_bias.get(adapter, False):
-                raise NotImplementedError(f"EMA teachers support plain LoRA only (no DoRA or other variants, no "
-                                          f"lora_bias), found in adapter {adapter!r} at {prefix!r}")
+                raise NotImplementedError(
+                    f"EMA teachers support plain LoRA only (no DoRA or other variants, no "
+                    f"lora_bias), found in adapter {adapter!r} at {prefix!r}"
+                )
             out[prefix + "weight"] = out[prefix + "weight"] + sign * module.get_delta_weight(adapter)
         return
     for name, parameter in module.named_parameters(recurse=False):
@@ -70,8 +76,9 @@ def _effective_parameters(module: nn.Module, prefix: str, out: dict[str, torch.T
         _effective_parameters(child, f"{prefix}{name}.", out, seen, classes)
 
 
-def _ema_pairs(students: list[nn.Module], teachers: list[nn.Module], names: list[str] | None = None
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _ema_pairs(
+    students: list[nn.Module], teachers: list[nn.Module], names: list[str] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(teacher parameters, matching student tensors), paired by parameter name.
 
     A student adapted with PEFT (LoRA layers, `modules_to_save` copies) is read through its effective weights, so
@@ -109,8 +116,9 @@ def _ema_pairs(students: list[nn.Module], teachers: list[nn.Module], names: list
             )
         for key, target in targets.items():
             if sources[key].shape != target.shape:
-                raise RuntimeError(f"{name}.{key}: student shape {tuple(sources[key].shape)} != teacher shape "
-                                   f"{tuple(target.shape)}")
+                raise RuntimeError(
+                    f"{name}.{key}: student shape {tuple(sources[key].shape)} != teacher shape {tuple(target.shape)}"
+                )
             teacher_params.append(target)
             student_tensors.append(sources[key])
     return teacher_params, student_tensors
@@ -125,8 +133,9 @@ def copy_parameters(students: list[nn.Module], teachers: list[nn.Module], names:
 
 
 @torch.no_grad()
-def ema_update(students: list[nn.Module], teachers: list[nn.Module], momentum: float,
-               names: list[str] | None = None) -> None:
+def ema_update(
+    students: list[nn.Module], teachers: list[nn.Module], momentum: float, names: list[str] | None = None
+) -> None:
     """`teacher = momentum * teacher + (1 - momentum) * student`, for every parameter, paired by name.
 
     Under PEFT the student's effective weights are used (base + LoRA delta, the trained `modules_to_save` copy):

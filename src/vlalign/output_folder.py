@@ -53,7 +53,7 @@ class OutputFolderLock:
         self.path = self.folder / (".vlalign-run.lock" if rank == 0 else f".vlalign-run-rank{rank}.lock")
         self._handle = None
 
-    def acquire(self) -> "OutputFolderLock":
+    def acquire(self) -> OutputFolderLock:
         import fcntl  # POSIX; the training entry point runs on Linux / macOS
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ class OutputFolderLock:
             self._handle.close()  # closing the descriptor drops the flock
             self._handle = None
 
-    def __enter__(self) -> "OutputFolderLock":
+    def __enter__(self) -> OutputFolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -155,8 +155,12 @@ def remove_stale_staging(folder: str | os.PathLike) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
     if removed:
-        logger.warning("Removed %d incomplete save(s) left by an interrupted run in %s: %s", len(removed), folder,
-                       ", ".join(sorted(removed)))
+        logger.warning(
+            "Removed %d incomplete save(s) left by an interrupted run in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(sorted(removed)),
+        )
     return removed
 
 
@@ -201,8 +205,10 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    found = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
-                    if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))), reverse=True)
+    found = sorted(
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))),
+        reverse=True,
+    )
     for _, path in found:
         problems = checkpoint_problems(path)
         if not problems:
@@ -231,10 +237,14 @@ def explain_write_error(error: BaseException, path: str | os.PathLike, what: str
     # torch's writer reports any failed write as an iostream error: it means a full disk only when little is free
     disk_code = code in (errno.ENOSPC, errno.EDQUOT)
     full = disk_code or any(t in text for t in _DISK_FULL_TEXT)
-    if full and (disk_code or "space" in text or "storage" in text or "quota" in text
-                 or free is None or free < 256 * 2**20):
+    if full and (
+        disk_code or "space" in text or "storage" in text or "quota" in text or free is None or free < 256 * 2**20
+    ):
         where = f"{free / 2**20:.0f} MiB free" if free is not None else "free space unknown"
-        return DiskFullError(errno.ENOSPC, f"the disk is full: {what} could not be written to {path} ({where}). "
-                                           "Nothing that was saved before was replaced. Free some space (or lower "
-                                           "save_total_limit) and resume")
+        return DiskFullError(
+            errno.ENOSPC,
+            f"the disk is full: {what} could not be written to {path} ({where}). "
+            "Nothing that was saved before was replaced. Free some space (or lower "
+            "save_total_limit) and resume",
+        )
     return OSError(code or errno.EIO, f"{what} could not be written to {path}: {error}")

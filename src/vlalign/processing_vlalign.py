@@ -25,8 +25,14 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
 __all__ = [
-    "DEFAULT_AUGMENTATION", "MIVCProcessor", "MissingTokenizerFileError", "VLAlignProcessor", "augment_image",
-    "check_tokenizer_files", "resolve_augmentation", "to_rgb",
+    "DEFAULT_AUGMENTATION",
+    "MIVCProcessor",
+    "MissingTokenizerFileError",
+    "VLAlignProcessor",
+    "augment_image",
+    "check_tokenizer_files",
+    "resolve_augmentation",
+    "to_rgb",
 ]
 
 
@@ -356,8 +362,11 @@ class ChecksTokenizerFilesOnLoad:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         subfolder = kwargs.get("subfolder", "")
-        location = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
-            pretrained_model_name_or_path)
+        location = (
+            os.path.join(str(pretrained_model_name_or_path), subfolder)
+            if subfolder
+            else str(pretrained_model_name_or_path)
+        )
         if os.path.isdir(location):
             check_tokenizer_files(location)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -507,8 +516,15 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         concatenate_images: expand the placeholder per image (pooling_mode "concatenate").
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=16, image_token="<image>",
-                 concatenate_images=False, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_seq_length=16,
+        image_token="<image>",
+        concatenate_images=False,
+        **kwargs,
+    ):
         if image_processor is None or tokenizer is None:
             raise ValueError("MIVCProcessor needs both an `image_processor` and a `tokenizer`")
         if int(image_seq_length) <= 0:
@@ -535,8 +551,7 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             # one prompt: all the images are its own; several prompts: one image each
             per_sample = [images] if batch == 1 else [[x] for x in images]
         else:
-            raise ValueError("images must be an image, a list of images (one prompt), or one list of images per "
-                             "prompt")
+            raise ValueError("images must be an image, a list of images (one prompt), or one list of images per prompt")
         if len(per_sample) != batch:
             raise ValueError(f"got {len(per_sample)} image lists for {batch} prompts")
         for index, sample in enumerate(per_sample):
@@ -549,16 +564,19 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         if count == 0:
             prompt = f"{self.image_token} {prompt}"
         elif count > 1:
-            raise ValueError(f"a prompt must hold one {self.image_token!r} placeholder for all its images, got "
-                             f"{count}: {prompt!r}")
+            raise ValueError(
+                f"a prompt must hold one {self.image_token!r} placeholder for all its images, got {count}: {prompt!r}"
+            )
         repeats = self.image_seq_length * (num_images if self.concatenate_images else 1)
-        ids = self.tokenizer(prompt.replace(self.image_token, self.image_token * repeats),
-                             add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(prompt.replace(self.image_token, self.image_token * repeats), add_special_tokens=False)[
+            "input_ids"
+        ]
         bos = self.tokenizer.bos_token_id
         return ([bos] if bos is not None else []) + list(ids)
 
-    def __call__(self, images=None, text=None, answers=None, return_tensors="pt", padding_side=None,
-                 **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, text=None, answers=None, return_tensors="pt", padding_side=None, **kwargs
+    ) -> BatchFeature:
         """Prepare prompts and their images (and, for training, answers).
 
         Args:
@@ -619,8 +637,12 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             pixel_values[row, : len(sample)] = pixels[start : start + len(sample)]
             image_mask[row, : len(sample)] = True
             start += len(sample)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                "image_mask": image_mask}
+        data = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_mask": image_mask,
+        }
         if labels is not None:
             data["labels"] = label_tensor
         return BatchFeature(data=data, tensor_type=return_tensors)

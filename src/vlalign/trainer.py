@@ -28,13 +28,13 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dataclasses import dataclass, field
-
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments
+
 # transformers internals (listed in vlalign/__init__.py)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_NAME
@@ -64,12 +64,22 @@ class VLAlignTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the run-time settings of `VLAlignTrainer` (every vlalign model): they belong to a
     run, so they are saved with its checkpoints and training_args.json, never into the model's config.json."""
 
-    stop_on_nonfinite: bool = field(default=False, metadata={
-        "help": "Stop at the first optimizer step with a non-finite loss or gradient (default: skip it and count it)."})
-    max_consecutive_nonfinite_steps: int = field(default=20, metadata={
-        "help": "Stop when this many optimizer steps in a row were non-finite (the run is diverging)."})
-    resume_with_changed_arguments: bool = field(default=False, metadata={
-        "help": "Allow resuming a checkpoint with other training settings or data; the card lists each change."})
+    stop_on_nonfinite: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop at the first optimizer step with a non-finite loss or gradient (default: skip and count it)."
+        },
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=20,
+        metadata={"help": "Stop when this many optimizer steps in a row were non-finite (the run is diverging)."},
+    )
+    resume_with_changed_arguments: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow resuming a checkpoint with other training settings or data; the card lists each change."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,14 +90,24 @@ class VLAlignTrainingArguments(TrainingArguments):
 class ContrastiveTrainingArguments(VLAlignTrainingArguments):
     """`VLAlignTrainingArguments` plus the run-time settings of `ContrastiveTrainer` (TCL, CODIS)."""
 
-    alpha_ramp_steps: int | None = field(default=None, metadata={
-        "help": "Optimizer steps over which the distillation weight ramps from 0 to config.alpha (None: one epoch; "
-                "0: no ramp)."})
-    itm_rerank_k: int = field(default=0, metadata={
-        "help": "Re-rank the top-k retrieval candidates with the ITM head during evaluation (0: off)."})
-    gradient_cache_chunk_size: int | None = field(default=None, metadata={
-        "help": "Gradient caching: embed each batch in chunks of this size (memory of one chunk, gradients of the "
-                "whole batch; None: off)."})
+    alpha_ramp_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps over which the distillation weight ramps from 0 to config.alpha (None: one epoch; "
+            "0: no ramp)."
+        },
+    )
+    itm_rerank_k: int = field(
+        default=0,
+        metadata={"help": "Re-rank the top-k retrieval candidates with the ITM head during evaluation (0: off)."},
+    )
+    gradient_cache_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient caching: embed each batch in chunks of this size (memory of one chunk, gradients of the "
+            "whole batch; None: off)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,7 +136,7 @@ class _TrainerGuard(TrainerCallback):
     """Runs the trainer's checks at their place in the step: before the optimizer step (non-finite losses or
     gradients), after it (non-finite parameters) and at the end of a step (a stop requested by SIGTERM)."""
 
-    def __init__(self, trainer: "VLAlignTrainer"):
+    def __init__(self, trainer: VLAlignTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -155,8 +175,10 @@ def _load_checkpoint_weights(model: PreTrainedModel, checkpoint_dir: str) -> Non
     loaded = type(model).from_pretrained(checkpoint_dir, config=model.config)
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"checkpoint {checkpoint_dir} does not match the model: missing {result.missing_keys[:20]}, "
-                         f"unexpected {result.unexpected_keys[:20]}")
+        raise ValueError(
+            f"checkpoint {checkpoint_dir} does not match the model: missing {result.missing_keys[:20]}, "
+            f"unexpected {result.unexpected_keys[:20]}"
+        )
 
 
 class VLAlignTrainer(Trainer):
@@ -191,9 +213,22 @@ class VLAlignTrainer(Trainer):
 
     RESUME_STATE_NAME = "vlalign_trainer_state.json"
     # TrainingArguments fields a resumed run must share with its checkpoint (plus the caller's `resume_fingerprint`)
-    RESUME_ARGUMENTS = ("per_device_train_batch_size", "world_size", "gradient_accumulation_steps", "learning_rate",
-                        "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "optim", "adam_beta1",
-                        "adam_beta2", "adam_epsilon", "seed", "data_seed")
+    RESUME_ARGUMENTS = (
+        "per_device_train_batch_size",
+        "world_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "weight_decay",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "max_grad_norm",
+        "optim",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "seed",
+        "data_seed",
+    )
     # a run whose batches come out empty (no usable row) this many times in a row is stopped: its data are broken
     MAX_CONSECUTIVE_EMPTY_BATCHES = 20
 
@@ -254,15 +289,17 @@ class VLAlignTrainer(Trainer):
                 raise RuntimeError(
                     f"{self._consecutive_empty} training batches in a row had no usable row (every image unreadable "
                     "or every caption empty; see the 'Skipped' warnings): check image_column, caption_column and "
-                    "the data files")
+                    "the data files"
+                )
         else:
             self._consecutive_empty = 0
             self.items_trained += _batch_rows(inputs)
         if self._step_snapshot is None and not self.stop_on_nonfinite:
             unwrapped = self.accelerator.unwrap_model(self.model)
             base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            tensors = base.forward_updated_tensors() if hasattr(base, "forward_updated_tensors") else list(
-                base.buffers())
+            tensors = (
+                base.forward_updated_tensors() if hasattr(base, "forward_updated_tensors") else list(base.buffers())
+            )
             self._step_snapshot = [t.detach().clone() for t in tensors]
             self._snapshot_targets = tensors
 
@@ -280,13 +317,17 @@ class VLAlignTrainer(Trainer):
 
     # ---- non-finite guard -------------------------------------------------------------------------------------
     def _nonfinite_gradients(self) -> list[str]:
-        return [name for name, p in self.model.named_parameters()
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return [
+            name
+            for name, p in self.model.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
 
     def _guard_optimizer_step(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flags = torch.tensor([1.0 if self._step_nonfinite else 0.0, 1.0 if self.received_signal else 0.0],
-                             device=self.args.device)
+        flags = torch.tensor(
+            [1.0 if self._step_nonfinite else 0.0, 1.0 if self.received_signal else 0.0], device=self.args.device
+        )
         if grads:  # one fused pass over the gradients, one host sync
             total = torch.stack([n.float().to(flags.device) for n in torch._foreach_norm(grads)]).sum()
             flags[0] = torch.where(torch.isfinite(total), flags[0], torch.ones_like(flags[0]))
@@ -301,8 +342,11 @@ class VLAlignTrainer(Trainer):
             return
         if not reasons:
             bad = self._nonfinite_gradients()
-            reasons = [f"gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"] if bad else [
-                "loss or gradients on another process"]
+            reasons = (
+                [f"gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"]
+                if bad
+                else ["loss or gradients on another process"]
+            )
         self.model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every parameter unchanged
         if snapshot:  # nor do the forwards of the skipped step (EMA teachers, queues, statistics)
             with torch.no_grad():
@@ -329,13 +373,16 @@ class VLAlignTrainer(Trainer):
         total = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])]).sum()
         if bool(torch.isfinite(total)):
             return
-        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        bad = [
+            name for name, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())
+        ]
         raise NonFiniteTrainingError(
             f"step {self.state.global_step + 1}: the optimizer step made {len(bad)} parameter tensor(s) non-finite "
             f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}) with learning rate "
             f"{self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate}: stopping; "
             "nothing of this step is saved. Lower the learning rate (or max_grad_norm) and resume from the last "
-            "checkpoint")
+            "checkpoint"
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -383,8 +430,11 @@ class VLAlignTrainer(Trainer):
         more forward, moving EMA teachers and queues)."""
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
         self._load_from_checkpoint(checkpoint)
-        logger.warning("%s is at step %d, the last step of this run: nothing left to train (the model is the "
-                       "checkpoint's)", checkpoint, self.state.global_step)
+        logger.warning(
+            "%s is at step %d, the last step of this run: nothing left to train (the model is the checkpoint's)",
+            checkpoint,
+            self.state.global_step,
+        )
         metrics = {"train_runtime": 0.0, "train_loss": self.run_train_loss, "train_steps_this_call": 0}
         return TrainOutput(self.state.global_step, self.run_train_loss, metrics)
 
@@ -400,8 +450,10 @@ class VLAlignTrainer(Trainer):
 
         def request_stop(signal_number, frame):
             self.received_signal = signal_number
-            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
-                           signal.Signals(signal_number).name)
+            logger.warning(
+                "%s received: saving a checkpoint at the end of this step, then stopping",
+                signal.Signals(signal_number).name,
+            )
 
         signal.signal(signal.SIGTERM, request_stop)
         try:
@@ -415,10 +467,14 @@ class VLAlignTrainer(Trainer):
         if self.state.global_step > 0 and not os.path.isdir(folder):  # the signal came after the last step
             self._save_checkpoint(self.model, trial=None)
         checkpoint = folder if os.path.isdir(folder) else None
-        where = (f"checkpoint saved at {checkpoint}; resume with --resume_from_checkpoint latest" if checkpoint
-                 else "no step was trained, nothing saved")
-        return TrainingInterruptedError(f"training stopped by {name} after step {self.state.global_step}: {where}",
-                                        self.received_signal, checkpoint)
+        where = (
+            f"checkpoint saved at {checkpoint}; resume with --resume_from_checkpoint latest"
+            if checkpoint
+            else "no step was trained, nothing saved"
+        )
+        return TrainingInterruptedError(
+            f"training stopped by {name} after step {self.state.global_step}: {where}", self.received_signal, checkpoint
+        )
 
     # ---- exact resume -----------------------------------------------------------------------------------------
     def _resume_state_path(self, checkpoint_dir: str) -> str:
@@ -434,13 +490,15 @@ class VLAlignTrainer(Trainer):
         return {**arguments, **{k: _json_value(v) for k, v in self.resume_fingerprint.items()}}
 
     def _resume_state(self) -> dict:
-        state = {"micro_batches_trained": self.micro_batches_trained,
-                 "items_trained": self.items_trained,
-                 "loss_sum": self.loss_sum,
-                 "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
-                 "consecutive_nonfinite": self._consecutive_nonfinite,
-                 "arguments": self.resume_arguments(),
-                 "resume_changes": self.resume_changes}
+        state = {
+            "micro_batches_trained": self.micro_batches_trained,
+            "items_trained": self.items_trained,
+            "loss_sum": self.loss_sum,
+            "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+            "consecutive_nonfinite": self._consecutive_nonfinite,
+            "arguments": self.resume_arguments(),
+            "resume_changes": self.resume_changes,
+        }
         if isinstance(self.data_collator, ResumableCollator):
             state["collator"] = self.data_collator.state_dict(batches_trained=self.micro_batches_trained)
         return state
@@ -458,17 +516,22 @@ class VLAlignTrainer(Trainer):
 
     def _check_resume_arguments(self, saved: dict, checkpoint: str) -> None:
         now = self.resume_arguments()
-        changed = {name: {"checkpoint": saved[name], "now": now[name]} for name in sorted(saved.keys() & now.keys())
-                   if saved[name] != now[name]}
+        changed = {
+            name: {"checkpoint": saved[name], "now": now[name]}
+            for name in sorted(saved.keys() & now.keys())
+            if saved[name] != now[name]
+        }
         if not changed:
             return
-        listing = "; ".join(f"{name}: {c['checkpoint']!r} in the checkpoint, {c['now']!r} now"
-                            for name, c in changed.items())
+        listing = "; ".join(
+            f"{name}: {c['checkpoint']!r} in the checkpoint, {c['now']!r} now" for name, c in changed.items()
+        )
         if not self.resume_with_changed_arguments:
             raise ResumeArgumentsError(
                 f"{checkpoint} was trained with other settings than this run: {listing}. Resume with the "
                 "checkpoint's settings, or pass resume_with_changed_arguments=True (--resume_with_changed_arguments "
-                "true) to continue with the new ones; the model card then lists each change")
+                "true) to continue with the new ones; the model card then lists each change"
+            )
         step = self._checkpoint_step(checkpoint)
         logger.warning("Resuming %s with changed settings (resume_with_changed_arguments): %s", checkpoint, listing)
         for name, change in changed.items():
@@ -482,8 +545,9 @@ class VLAlignTrainer(Trainer):
     def _apply_changed_optimizer_settings(self) -> None:
         """The restored optimizer and scheduler carry the checkpoint's learning rate, weight decay and Adam settings
         in their state; a resume allowed to change them continues with the new values."""
-        changes = {name: c for name, c in self.resume_changes.items()
-                   if c["from_step"] == self.state.global_step + 1}  # this resume's, not an earlier one's
+        changes = {
+            name: c for name, c in self.resume_changes.items() if c["from_step"] == self.state.global_step + 1
+        }  # this resume's, not an earlier one's
         if "learning_rate" in changes and changes["learning_rate"]["checkpoint"]:
             ratio = float(changes["learning_rate"]["now"]) / float(changes["learning_rate"]["checkpoint"])
             for group in self.optimizer.param_groups:
@@ -552,8 +616,12 @@ class VLAlignTrainer(Trainer):
     def _rotate_checkpoints_in(self, run_dir: str) -> None:
         """save_total_limit among the real checkpoints (transformers rotated the staging folder's only one)."""
         if self.args.save_total_limit:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.model if model is None else model
@@ -565,15 +633,22 @@ class VLAlignTrainer(Trainer):
             if "arguments" in state:  # checked before anything is loaded
                 self._check_resume_arguments(state["arguments"], resume_from_checkpoint)
         weights = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
-        if (isinstance(target, PreTrainedModel) and os.path.isfile(weights) and not self.is_fsdp_enabled
-                and not self.is_deepspeed_enabled):
+        if (
+            isinstance(target, PreTrainedModel)
+            and os.path.isfile(weights)
+            and not self.is_fsdp_enabled
+            and not self.is_deepspeed_enabled
+        ):
             _load_checkpoint_weights(target, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         if state is None:
-            logger.warning("%s has no %s (saved by another trainer?): the data-issue counts restart from 0 and "
-                           "caption choices / augmentations may differ from an uninterrupted run",
-                           resume_from_checkpoint, os.path.basename(path))
+            logger.warning(
+                "%s has no %s (saved by another trainer?): the data-issue counts restart from 0 and "
+                "caption choices / augmentations may differ from an uninterrupted run",
+                resume_from_checkpoint,
+                os.path.basename(path),
+            )
             return
         self._restore_resume_state(state)
 
@@ -582,10 +657,14 @@ def _check_finite_arguments(args, model) -> None:
     """Non-finite numbers in the training arguments or the model config would train a NaN model: refuse them."""
     import dataclasses
 
-    bad = [f"TrainingArguments.{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(args)
-           if isinstance(getattr(args, f.name, None), float) and not math.isfinite(getattr(args, f.name))]
+    bad = [
+        f"TrainingArguments.{f.name}={getattr(args, f.name)}"
+        for f in dataclasses.fields(args)
+        if isinstance(getattr(args, f.name, None), float) and not math.isfinite(getattr(args, f.name))
+    ]
     config = getattr(model, "config", None)
     if config is not None:
+
         def walk(values: dict, prefix: str) -> None:
             for key, value in values.items():
                 if isinstance(value, dict):
@@ -616,8 +695,9 @@ class ContrastiveTrainer(VLAlignTrainer):
     _throughput_since: float | None = None
     _clock = staticmethod(time.perf_counter)
 
-    def __init__(self, *args, eval_inputs=None, class_names=None, zero_shot_templates=None, vlalign_processor=None,
-                 **kwargs):
+    def __init__(
+        self, *args, eval_inputs=None, class_names=None, zero_shot_templates=None, vlalign_processor=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.eval_inputs = eval_inputs
         self.class_names = class_names
@@ -689,8 +769,9 @@ class ContrastiveTrainer(VLAlignTrainer):
         # the gradients are averaged once at the end (exact, also under gradient accumulation).
         sync_context = model.no_sync() if is_ddp else contextlib.nullcontext()
         with sync_context, self.accelerator.autocast():
-            outputs = unwrapped.gradient_cached_backward(**inputs, chunk_size=chunk_size, loss_scale=scale,
-                                                         backward_fn=self.accelerator.backward)
+            outputs = unwrapped.gradient_cached_backward(
+                **inputs, chunk_size=chunk_size, loss_scale=scale, backward_fn=self.accelerator.backward
+            )
         if is_ddp:
             world = dist.get_world_size()
             for parameter in unwrapped.parameters():
@@ -741,7 +822,8 @@ class ContrastiveTrainer(VLAlignTrainer):
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
         unwrapped = self.accelerator.unwrap_model(model)
-        # a PEFT model wraps ours (get_base_model) and renames a `modules_to_save` copy "<name>.modules_to_save.<adapter>"
+        # a PEFT model wraps ours (get_base_model) and renames a `modules_to_save` copy
+        # "<name>.modules_to_save.<adapter>"
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         exempt = getattr(base, "_no_weight_decay_parameters", ("temp",))
 
@@ -807,8 +889,7 @@ class ContrastiveTrainer(VLAlignTrainer):
         """None until checked (after the warm-up), then whether the latest check found the cross-modal losses still
         at ln(number of keys)."""
         check = self.alignment_check
-        return None if check is None else alignment_not_started(check["loss_i2t"], check["loss_t2i"],
-                                                                check["num_keys"])
+        return None if check is None else alignment_not_started(check["loss_i2t"], check["loss_t2i"], check["num_keys"])
 
     def contrastive_num_keys(self) -> int | None:
         """Keys each cross-modal query is scored against: the local batch + the queue with momentum (ALBEF), the
@@ -830,11 +911,20 @@ class ContrastiveTrainer(VLAlignTrainer):
 
     def _check_alignment(self, logs: dict) -> None:
         num_keys = self.contrastive_num_keys()
-        if (num_keys is None or num_keys < 2 or "loss_i2t" not in logs or "loss_t2i" not in logs
-                or self.state.global_step < self.alignment_check_step()):
+        if (
+            num_keys is None
+            or num_keys < 2
+            or "loss_i2t" not in logs
+            or "loss_t2i" not in logs
+            or self.state.global_step < self.alignment_check_step()
+        ):
             return
-        self.alignment_check = {"step": self.state.global_step, "loss_i2t": float(logs["loss_i2t"]),
-                                "loss_t2i": float(logs["loss_t2i"]), "num_keys": num_keys}
+        self.alignment_check = {
+            "step": self.state.global_step,
+            "loss_i2t": float(logs["loss_i2t"]),
+            "loss_t2i": float(logs["loss_t2i"]),
+            "num_keys": num_keys,
+        }
         if self.alignment_not_started and not self._alignment_warned:
             self._alignment_warned = True
             logger.warning(
@@ -842,14 +932,24 @@ class ContrastiveTrainer(VLAlignTrainer):
                 "the uniform value ln(%d keys) = %.3f (the model cannot yet tell a paired caption from any other). "
                 "Try a higher learning rate, a longer warm-up of the extra terms (or weights 0 for IMC/LMI/ITM/MLM "
                 "at first), or check that captions describe their images.",
-                self.state.global_step, logs["loss_i2t"], logs["loss_t2i"], num_keys, math.log(num_keys))
+                self.state.global_step,
+                logs["loss_i2t"],
+                logs["loss_t2i"],
+                num_keys,
+                math.log(num_keys),
+            )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if self.eval_inputs is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         metrics = evaluate_model(
-            self.model, self.vlalign_processor, self.eval_inputs, self.class_names, self.zero_shot_templates,
-            batch_size=self.args.per_device_eval_batch_size, itm_rerank_k=self.itm_rerank_k,
+            self.model,
+            self.vlalign_processor,
+            self.eval_inputs,
+            self.class_names,
+            self.zero_shot_templates,
+            batch_size=self.args.per_device_eval_batch_size,
+            itm_rerank_k=self.itm_rerank_k,
         )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)

@@ -100,6 +100,7 @@ __all__ = [
     "write_digit_scenes_imagefolder",
 ]
 
+
 @dataclass
 class TrainingData:
     """What `get_data` returns for a training run.
@@ -119,8 +120,9 @@ class TrainingData:
     num_train_samples: int | None
 
 
-def get_data(data_args: DataArguments | MIVCDataArguments, processor, seed: int = 0,
-             collator_seed: int | None = None) -> TrainingData:
+def get_data(
+    data_args: DataArguments | MIVCDataArguments, processor, seed: int = 0, collator_seed: int | None = None
+) -> TrainingData:
     """The training data that `data_args` describe, ready for a Trainer.
 
     `DataArguments` (image-text pairs): `load_image_text_datasets(data_args, seed)` and an
@@ -131,16 +133,23 @@ def get_data(data_args: DataArguments | MIVCDataArguments, processor, seed: int 
     """
     if isinstance(data_args, MIVCDataArguments):
         train, evaluation = load_multi_image_datasets(data_args, seed=seed)
-        collator = MultiImageCollator(processor, data_args.images_column, data_args.prompt_column,
-                                      data_args.answer_column, max_image_pixels=data_args.max_image_pixels)
+        collator = MultiImageCollator(
+            processor,
+            data_args.images_column,
+            data_args.prompt_column,
+            data_args.answer_column,
+            max_image_pixels=data_args.max_image_pixels,
+        )
         class_names = None
     elif isinstance(data_args, DataArguments):
         train, evaluation = load_image_text_datasets(data_args, seed=seed)
-        collator = ImageTextCollator.from_data_args(processor, data_args,
-                                                    seed=seed if collator_seed is None else collator_seed)
+        collator = ImageTextCollator.from_data_args(
+            processor, data_args, seed=seed if collator_seed is None else collator_seed
+        )
         class_names = resolve_class_names(train, data_args)
     else:
         raise TypeError(f"data_args must be DataArguments or MIVCDataArguments, got {type(data_args).__name__}")
     streaming = getattr(data_args, "streaming", False)
-    return TrainingData(train, evaluation, collator, class_names, training_data_fingerprint(train),
-                        None if streaming else len(train))
+    return TrainingData(
+        train, evaluation, collator, class_names, training_data_fingerprint(train), None if streaming else len(train)
+    )

@@ -201,8 +201,11 @@ class ImageTextCollator(ResumableCollator):
         return np.random.default_rng(caption_seq), np.random.default_rng(augment_seq)
 
     def _counts_state(self) -> dict[str, Any]:
-        return {"num_refilled": self.num_refilled, "num_skipped_captions": self.num_skipped_captions,
-                "issues": self.issues.state_dict()}
+        return {
+            "num_refilled": self.num_refilled,
+            "num_skipped_captions": self.num_skipped_captions,
+            "issues": self.issues.state_dict(),
+        }
 
     def _load_counts_state(self, state: dict[str, Any]) -> None:
         self.num_refilled = int(state["num_refilled"])
@@ -244,8 +247,9 @@ class ImageTextCollator(ResumableCollator):
         if not choices:
             self.num_skipped_captions += 1
             if _time_to_warn(self.num_skipped_captions, self.log_every):
-                logger.warning("Skipped a row without a usable caption (%d so far): %s", self.num_skipped_captions,
-                               _preview(cell))
+                logger.warning(
+                    "Skipped a row without a usable caption (%d so far): %s", self.num_skipped_captions, _preview(cell)
+                )
         return choices
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
@@ -286,7 +290,6 @@ class ImageTextCollator(ResumableCollator):
         return batch
 
 
-
 class MultiImageCollator(ResumableCollator):
     """Rows of multi-image items -> an `MIVCProcessor` training batch (prompt + answer, labels on the answer).
 
@@ -297,9 +300,15 @@ class MultiImageCollator(ResumableCollator):
     raises RuntimeError: there is nothing to train on (usually a wrong images column, or missing files).
     """
 
-    def __init__(self, processor, images_column: str = "images", prompt_column: str = "prompt",
-                 answer_column: str = "answer", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 log_every: int = 100):
+    def __init__(
+        self,
+        processor,
+        images_column: str = "images",
+        prompt_column: str = "prompt",
+        answer_column: str = "answer",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        log_every: int = 100,
+    ):
         _check_positive_int("max_image_pixels", max_image_pixels)
         _check_positive_int("log_every", log_every)
         self.processor = processor
@@ -340,8 +349,12 @@ class MultiImageCollator(ResumableCollator):
             except (ValueError, OSError) as error:
                 reason = self.issues.count_image_refusal(error)
                 if _time_to_warn(self.num_skipped_images, self.log_every):
-                    logger.warning("Skipped an undecodable image in a multi-image item (%d so far) [%s]: %s",
-                                   self.num_skipped_images, reason, error)
+                    logger.warning(
+                        "Skipped an undecodable image in a multi-image item (%d so far) [%s]: %s",
+                        self.num_skipped_images,
+                        reason,
+                        error,
+                    )
         return images
 
     def __call__(self, rows: list[dict]) -> dict:

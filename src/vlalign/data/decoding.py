@@ -39,15 +39,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 DEFAULT_MAX_CAPTION_CHARS = 4096
 
 IMAGE_SKIP_REASONS = (
-    "missing",          # no image in the cell (None, or a dict with neither bytes nor path)
-    "empty_file",       # zero bytes
-    "file_not_found",   # a path that does not exist
+    "missing",  # no image in the cell (None, or a dict with neither bytes nor path)
+    "empty_file",  # zero bytes
+    "file_not_found",  # a path that does not exist
     "unreadable_file",  # a path that cannot be opened or read (no permission, ...) or is not a regular file (a
-                        # directory, FIFO or device: refused before opening, where a FIFO would block)
-    "too_large",        # more pixels than max_image_pixels: refused before decoding (decompression bombs)
-    "truncated",        # the pixel data ends early: refused rather than half-decoded
-    "corrupt",          # not an image PIL can identify, or broken data inside
-    "unsupported",      # a value that is no kind of image (a number, an array that is not an image, ...)
+    # directory, FIFO or device: refused before opening, where a FIFO would block)
+    "too_large",  # more pixels than max_image_pixels: refused before decoding (decompression bombs)
+    "truncated",  # the pixel data ends early: refused rather than half-decoded
+    "corrupt",  # not an image PIL can identify, or broken data inside
+    "unsupported",  # a value that is no kind of image (a number, an array that is not an image, ...)
 )
 CAPTION_SKIP_REASONS = ("missing", "empty", "not_text")  # None / blank or whitespace-only / not str or bytes
 CAPTION_FIX_REASONS = ("invalid_utf8", "control_chars", "too_long")  # repaired and kept
@@ -167,8 +167,13 @@ def _decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     return _decode_stream(io.BytesIO(data), max_pixels)
 
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _check_regular_file(mode: int, path: str | os.PathLike) -> None:
@@ -315,10 +320,12 @@ class DataIssueCounts:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able counts (kept in training checkpoints so that a resumed run reports the whole run)."""
-        return {"images_skipped_by_reason": dict(self.images_skipped_by_reason),
-                "captions_skipped_by_reason": dict(self.captions_skipped_by_reason),
-                "captions_sanitised_by_reason": dict(self.captions_sanitised_by_reason),
-                "captions_sanitised": self.captions_sanitised}
+        return {
+            "images_skipped_by_reason": dict(self.images_skipped_by_reason),
+            "captions_skipped_by_reason": dict(self.captions_skipped_by_reason),
+            "captions_sanitised_by_reason": dict(self.captions_sanitised_by_reason),
+            "captions_sanitised": self.captions_sanitised,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.images_skipped_by_reason = Counter(state.get("images_skipped_by_reason", {}))
@@ -368,4 +375,3 @@ def _preview(value: Any, limit: int = 60) -> str:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-

@@ -57,8 +57,10 @@ DEFAULT_SPLIT_SIZES = {"train": 4000, "validation": 400, "test": 500}
 
 def scene_caption(objects: list[tuple[int, str, str, int]]) -> str:
     """Caption of a scene from its objects (quadrant index, size name, colour name, digit), top left first."""
-    parts = [f"a {size} {colour} {digit} at the {SCENE_QUADRANTS[quadrant]}"
-             for quadrant, size, colour, digit in sorted(objects)]
+    parts = [
+        f"a {size} {colour} {digit} at the {SCENE_QUADRANTS[quadrant]}"
+        for quadrant, size, colour, digit in sorted(objects)
+    ]
     return " and ".join(parts)
 
 
@@ -73,9 +75,9 @@ def _render_scene(objects, scans: np.ndarray, rng: np.random.Generator, canvas: 
         # a small random offset inside the quadrant: where a digit sits is never identical twice
         top = (quadrant // 2) * half + int(rng.integers(0, half - edge + 1))
         left = (quadrant % 2) * half + int(rng.integers(0, half - edge + 1))
-        region = image[top:top + edge, left:left + edge]
+        region = image[top : top + edge, left : left + edge]
         colour_rgb = np.asarray(SCENE_COLOURS[colour], dtype=np.float64)
-        image[top:top + edge, left:left + edge] = region * (1 - alpha[..., None]) + colour_rgb * alpha[..., None]
+        image[top : top + edge, left : left + edge] = region * (1 - alpha[..., None]) + colour_rgb * alpha[..., None]
     return Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8))
 
 
@@ -130,10 +132,14 @@ def build_digit_scenes_dataset(
     by_digit = {
         split: {d: [i for i in rows if digits.target[i] == d] for d in range(10)} for split, rows in scan_rows.items()
     }
-    features = datasets.Features({
-        "image": datasets.Image(), "caption": datasets.Value("string"), "image_id": datasets.Value("int64"),
-        "clean_caption": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "image_id": datasets.Value("int64"),
+            "clean_caption": datasets.Value("string"),
+        }
+    )
     colours, size_names = list(SCENE_COLOURS), list(SCENE_SIZES)
     result = {}
     for split_index, (split, count) in enumerate(sizes.items()):
@@ -153,8 +159,12 @@ def build_digit_scenes_dataset(
         if split == "train" and noisy_fraction > 0:
             noisy = _swap_captions(captions, float(noisy_fraction), np.random.default_rng([seed, 99]))
         result[split] = datasets.Dataset.from_dict(
-            {"image": images, "caption": noisy, "image_id": [offset + i for i in range(count)],
-             "clean_caption": captions},
+            {
+                "image": images,
+                "caption": noisy,
+                "image_id": [offset + i for i in range(count)],
+                "clean_caption": captions,
+            },
             features=features,
         )
     return datasets.DatasetDict(result)
@@ -166,12 +176,20 @@ def build_digit_scenes_processor(image_size: int = 32) -> VLAlignProcessor:
     from transformers import ViTImageProcessorPil
 
     words = [w for name in list(SCENE_COLOURS) + list(SCENE_SIZES) + list(SCENE_QUADRANTS) for w in name.split()]
-    augmentation = dict(DEFAULT_AUGMENTATION, hflip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0,
-                        crop_scale=[0.8, 1.0], crop_ratio=[0.9, 1.1])
+    augmentation = dict(
+        DEFAULT_AUGMENTATION,
+        hflip_p=0.0,
+        color_jitter_p=0.0,
+        grayscale_p=0.0,
+        crop_scale=[0.8, 1.0],
+        crop_ratio=[0.9, 1.1],
+    )
     return VLAlignProcessor(
         image_processor=ViTImageProcessorPil(
             size={"height": int(image_size), "width": int(image_size)},
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_resize=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            do_resize=True,
         ),
         tokenizer=build_digits_tokenizer(extra_words=words + ["at", "and", "the", "a"]),
         augmentation=augmentation,
@@ -190,8 +208,9 @@ def write_digit_scenes_imagefolder(output_dir: str | os.PathLike, **dataset_kwar
             for row in dataset.cast_column("image", datasets.Image(decode=False)):
                 name = f"{row['image_id']:07d}.png"
                 (folder / name).write_bytes(row["image"]["bytes"])
-                metadata.write(json.dumps({"file_name": name, "caption": row["caption"],
-                                           "image_id": row["image_id"]}) + "\n")
+                metadata.write(
+                    json.dumps({"file_name": name, "caption": row["caption"], "image_id": row["image_id"]}) + "\n"
+                )
     build_digit_scenes_processor().save_pretrained(str(output / "processor"))
     return output
 
@@ -205,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{split}_size", type=int, default=count)
     args = parser.parse_args(argv)
     sizes = {split: getattr(args, f"{split}_size") for split in DEFAULT_SPLIT_SIZES}
-    path = write_digit_scenes_imagefolder(args.output_dir, split_sizes=sizes, noisy_fraction=args.noisy_fraction,
-                                          seed=args.seed)
+    path = write_digit_scenes_imagefolder(
+        args.output_dir, split_sizes=sizes, noisy_fraction=args.noisy_fraction, seed=args.seed
+    )
     print(f"wrote {sum(sizes.values())} scenes ({sizes}) and the processor to {path}")
 
 

@@ -217,8 +217,15 @@ def build_multiview_digits_dataset(
         {
             split: datasets.Dataset.from_dict(
                 _build_split(
-                    scans, pools[split], counts[split], image_size, min_images, max_images,
-                    degraded_fraction, rngs[split], clean_cache,
+                    scans,
+                    pools[split],
+                    counts[split],
+                    image_size,
+                    min_images,
+                    max_images,
+                    degraded_fraction,
+                    rngs[split],
+                    clean_cache,
                 ),
                 features=features,
             )
@@ -233,9 +240,16 @@ def build_mivc_digits_processor(image_seq_length: int, image_size: int = 32, con
     from transformers import ViTImageProcessorPil
 
     tokenizer = build_digits_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]",
-                                  "eos_token": "[SEP]"})
-    image_processor = ViTImageProcessorPil(size={"height": int(image_size), "width": int(image_size)},
-                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return MIVCProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length,
-                         image_token="<image>", concatenate_images=concatenate_images)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]", "eos_token": "[SEP]"})
+    image_processor = ViTImageProcessorPil(
+        size={"height": int(image_size), "width": int(image_size)},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return MIVCProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=image_seq_length,
+        image_token="<image>",
+        concatenate_images=concatenate_images,
+    )

@@ -212,21 +212,21 @@ def expand_braces(pattern: str) -> list[str]:
                 width = max(len(first), len(last)) if padded else 0
                 step = 1 if int(last) >= int(first) else -1
                 if abs(int(last) - int(first)) >= MAX_EXPANDED_DATA_FILES:
-                    raise ValueError(f"data_files pattern {pattern!r} expands to more than "
-                                     f"{MAX_EXPANDED_DATA_FILES} names")
+                    raise ValueError(
+                        f"data_files pattern {pattern!r} expands to more than {MAX_EXPANDED_DATA_FILES} names"
+                    )
                 choices = [f"{i:0{width}d}" for i in range(int(first), int(last) + step, step)]
             elif "," in body:
                 choices = body.split(",")
             else:
                 continue
-            head, tail = current[:match.start()], current[match.end():]
+            head, tail = current[: match.start()], current[match.end() :]
             pending.extend(head + choice + tail for choice in reversed(choices))
             break
         else:
             expanded.append(current)
         if len(expanded) + len(pending) > MAX_EXPANDED_DATA_FILES:
-            raise ValueError(f"data_files pattern {pattern!r} expands to more than {MAX_EXPANDED_DATA_FILES} "
-                             "names")
+            raise ValueError(f"data_files pattern {pattern!r} expands to more than {MAX_EXPANDED_DATA_FILES} names")
     return list(dict.fromkeys(expanded))  # nested groups can repeat a name
 
 
@@ -247,9 +247,14 @@ def _load_splits(args: DataArguments, streaming: bool) -> dict:
     """All splits of the configured source: the embedded digits demo (always in memory) or `load_dataset`."""
     if args.dataset_name == "digits":
         return build_digits_dataset(cache_dir=args.cache_dir)
-    loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
-                                   data_files=expand_data_files(args.data_files), cache_dir=args.cache_dir,
-                                   streaming=streaming)
+    loaded = datasets.load_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        data_dir=args.data_dir,
+        data_files=expand_data_files(args.data_files),
+        cache_dir=args.cache_dir,
+        streaming=streaming,
+    )
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return dict(loaded)
     return {"train": loaded}
@@ -319,7 +324,9 @@ def _lift_nested_columns(dataset, args: DataArguments):
     heads = sorted({head for head, _ in lifted.values()})
     # input_columns: only the struct columns are read, so no image is decoded here
     return dataset.map(
-        _lift_fields, input_columns=heads, fn_kwargs={"heads": heads, "lifted": lifted},
+        _lift_fields,
+        input_columns=heads,
+        fn_kwargs={"heads": heads, "lifted": lifted},
         features=datasets.Features({**features, **new_features}),
     )
 
@@ -365,11 +372,7 @@ def _load_streaming_datasets(
     chosen = _choose_splits(all_splits, args)
     if isinstance(chosen["train"], datasets.Dataset):  # the in-memory demo, streamed from 8 shards
         chosen["train"] = chosen["train"].to_iterable_dataset(num_shards=8)
-    if (
-        "eval" in chosen
-        and isinstance(chosen["eval"], datasets.IterableDataset)
-        and args.max_eval_samples is None
-    ):
+    if "eval" in chosen and isinstance(chosen["eval"], datasets.IterableDataset) and args.max_eval_samples is None:
         raise ValueError(
             f"streaming: evaluation holds the whole eval split {args.eval_split!r} in memory, and a stream's length "
             "is unknown; set max_eval_samples (the number of rows to read from it, e.g. 5000) or eval_split: null"
@@ -415,7 +418,8 @@ def _stream_string_labels(dataset, args: DataArguments):
         )
     features = datasets.Features({**dataset.features, args.label_column: datasets.ClassLabel(names=args.class_names)})
     return dataset.map(
-        _label_index, input_columns=[args.label_column],
+        _label_index,
+        input_columns=[args.label_column],
         fn_kwargs={"column": args.label_column, "index": {name: i for i, name in enumerate(args.class_names)}},
         features=features,
     )
@@ -485,7 +489,6 @@ def resolve_class_names(dataset: datasets.Dataset | None, args: DataArguments) -
     return None
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Multi-image items (MIVC)
 
@@ -495,7 +498,9 @@ class MIVCDataArguments:
     """Multi-image data for MIVC: "multiview_digits" (the embedded demo) or any `datasets.load_dataset` source with
     a column of image lists, a prompt column (with an image placeholder) and an answer column."""
 
-    dataset_name: str = field(default="multiview_digits", metadata={"help": 'load_dataset name, or "multiview_digits".'})
+    dataset_name: str = field(
+        default="multiview_digits", metadata={"help": 'load_dataset name, or "multiview_digits".'}
+    )
     data_files: str | None = field(default=None, metadata={"help": "data_files passed to load_dataset."})
     images_column: str = field(default="images", metadata={"help": "Column holding each item's list of images."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
@@ -510,8 +515,12 @@ class MIVCDataArguments:
     max_images: int = field(default=5, metadata={"help": "multiview_digits: most images per item."})
     degraded_fraction: float = field(default=0.5, metadata={"help": "multiview_digits: share of degraded images."})
     image_size: int = field(default=32, metadata={"help": "multiview_digits: image side in pixels."})
-    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
-        "help": "Images with more pixels are refused from their header, before decoding (decompression bombs)."})
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Images with more pixels are refused from their header, before decoding (decompression bombs)."
+        },
+    )
 
     def __post_init__(self):
         _check_positive_int("max_image_pixels", self.max_image_pixels)
@@ -527,9 +536,14 @@ def load_multi_image_datasets(args: MIVCDataArguments, seed: int = 0):
     """(train, eval or None) splits of multi-image items."""
     if args.dataset_name == "multiview_digits":
         splits = build_multiview_digits_dataset(
-            image_size=args.image_size, num_train_items=args.num_train_items, num_test_items=args.num_test_items,
-            min_images=args.min_images, max_images=args.max_images, degraded_fraction=args.degraded_fraction,
-            seed=seed)
+            image_size=args.image_size,
+            num_train_items=args.num_train_items,
+            num_test_items=args.num_test_items,
+            min_images=args.min_images,
+            max_images=args.max_images,
+            degraded_fraction=args.degraded_fraction,
+            seed=seed,
+        )
     else:
         splits = datasets.load_dataset(args.dataset_name, data_files=expand_data_files(args.data_files))
     train = splits[args.train_split]
@@ -543,8 +557,9 @@ def load_multi_image_datasets(args: MIVCDataArguments, seed: int = 0):
     for split in (train, evaluation):
         if split is None:
             continue
-        missing = [c for c in (args.images_column, args.prompt_column, args.answer_column)
-                   if c not in split.column_names]
+        missing = [
+            c for c in (args.images_column, args.prompt_column, args.answer_column) if c not in split.column_names
+        ]
         if missing:
             raise ValueError(f"multi-image dataset lacks columns {missing} (has {split.column_names})")
     return _undecoded_images(train, args.images_column), _undecoded_images(evaluation, args.images_column)
@@ -558,4 +573,3 @@ def _undecoded_images(dataset, column: str):
     if isinstance(inner, datasets.Image) and inner.decode:
         return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
     return dataset
-
