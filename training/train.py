@@ -868,13 +868,7 @@ def _check_eval_inputs(eval_inputs, eval_dataset, data_args) -> None:
 def _check_multi_image_eval(eval_dataset, processor, data_args) -> None:
     """The multi-image eval split must hold an item with a decodable image (checked with a collator of its own, so
     that the training counts stay the training's)."""
-    checker = MultiImageCollator(
-        processor,
-        data_args.images_column,
-        data_args.prompt_column,
-        data_args.answer_column,
-        max_image_pixels=data_args.max_image_pixels,
-    )
+    checker = MultiImageCollator.from_data_args(processor, data_args)
     if any(checker.decoded_images(row) for row in eval_dataset):
         return
     raise SystemExit(

@@ -133,13 +133,7 @@ def get_data(
     """
     if isinstance(data_args, MIVCDataArguments):
         train, evaluation = load_multi_image_datasets(data_args, seed=seed)
-        collator = MultiImageCollator(
-            processor,
-            data_args.images_column,
-            data_args.prompt_column,
-            data_args.answer_column,
-            max_image_pixels=data_args.max_image_pixels,
-        )
+        collator = MultiImageCollator.from_data_args(processor, data_args)
         class_names = None
     elif isinstance(data_args, DataArguments):
         train, evaluation = load_image_text_datasets(data_args, seed=seed)

@@ -26,7 +26,7 @@ from .decoding import (
     _usable_captions,
     decode_image,
 )
-from .sources import ROW_ID_COLUMN, DataArguments
+from .sources import ROW_ID_COLUMN, DataArguments, MIVCDataArguments
 
 __all__ = ["ImageTextCollator", "MultiImageCollator", "ResumableCollator"]
 
@@ -317,6 +317,18 @@ class MultiImageCollator(ResumableCollator):
         self.log_every = log_every
         self.issues = DataIssueCounts()
         self.num_skipped_items = 0
+
+    @classmethod
+    def from_data_args(cls, processor, args: MIVCDataArguments, **kwargs) -> MultiImageCollator:
+        """Collator wired to the columns of `args`."""
+        return cls(
+            processor,
+            args.images_column,
+            args.prompt_column,
+            args.answer_column,
+            max_image_pixels=args.max_image_pixels,
+            **kwargs,
+        )
 
     @property
     def num_skipped_images(self) -> int:
