@@ -507,12 +507,13 @@ def sample_log_u(log_z: torch.Tensor, sample: bool, generator: torch.Generator |
 
 
 class RunningLogZ(torch.nn.Module):
-    """Per-sample moving average of Z_i across steps (SogCLR-like), stored as log Z for range.
+    """Per-sample moving average of Z_i across steps (SogCLR-like), stored as log Z for range. A stateful module:
+    every `update` changes its buffers in place.
 
     ``update(ids, batch_log_z)``: a sample seen for the first time takes its batch value; afterwards
     ``Z <- momentum * Z_old + (1 - momentum) * Z_batch``, computed in log space. Buffers are persistent (exact
-    resume). The buffers are not synchronised here: `DecomposableContrastiveLoss` gathers ids and estimates of
-    all processes before updating, so every process holds the same state.
+    resume). The buffers are not synchronised here: `DecomposableContrastiveLoss(..., gather=True)` gathers ids and
+    estimates of all processes before updating, so every process holds the same state.
     """
 
     def __init__(self, num_samples: int, momentum: float = 0.1):

@@ -149,7 +149,8 @@ def ema_update(
 
 
 class FeatureQueue(torch.nn.Module):
-    """A ring buffer of past (teacher) features and their ids: the memory bank of MoCo / ALBEF / TCL / CODIS.
+    """A ring buffer of past (teacher) features and their ids: the memory bank of MoCo / ALBEF / TCL / CODIS. A
+    stateful module: every `enqueue` changes its buffers in place.
 
     `keys(batch_features)` gives ``[batch_features; queue]`` (the in-batch keys first, so key i is query i's
     positive), `ids(batch_ids)` the matching ids, and `enqueue(features, ids, gather)` writes the features (with
