@@ -1,25 +1,51 @@
-"""CODISModel: Auto classes, the codebook terms of the training forward against float64 references, codebook
-gradients, get_codes, save/load, remote code, pipeline, training, gradient caching, bf16 (config validation: see
-test_configuration.py)."""
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
+"""CODISModel: what CODIS adds to the ALBEF base -- the codebook terms of the training forward against float64
+references, codebook and code_proj gradients, get_codes, training (config validation: see test_configuration.py).
+The tests every ALBEF-style model shares (save/load with the codes, remote code, Auto classes, pipeline, gradient
+caching, PEFT with the codebook trained, bf16, EMA / queues in the training forward, ...) run here through
+`ALBEFModelTesterMixin` (albef_model_tester.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
+from albef_model_tester import ALBEFModelTesterMixin
+from fixtures import TINY_TEXT, TINY_VISION, tiny_batch, tiny_codis_config
 from references import targets_reference
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
-from vlalign import CODISConfig, CODISModel, VLAlignProcessor
+from vlalign import CODISConfig, CODISModel
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 CODE_TERMS = ("code_image", "code_text", "ot_image", "ot_text")
 ALL_TERMS = ("i2t", "t2i", "i2i", "t2t", "itm", "mlm", *CODE_TERMS)
+# the wider text init of `_config(dropout=False)` below (the no-dropout part is the mixin's `config_without_dropout`)
+WIDE_TEXT_INIT = dict(text_config=dict(TINY_TEXT, initializer_range=0.2))
+
+
+class TestCODISModel(ALBEFModelTesterMixin):
+    model_class = CODISModel
+    config_class = CODISConfig
+    model_type = "codis"
+    loss_terms = ALL_TERMS
+    own_terms_off = dict(code_weight=0.0, ot_weight=0.0)
+    tiny_own_fields = dict(codebook_size=12)
+    own_parameter_names = ("codebook.weight", "code_proj.weight")  # code_proj: with codebook_dim != embed_dim
+    save_load_overrides = dict(codebook_dim=8)
+    bf16_overrides = dict(codebook_dim=8)
+    # the wider text init makes the prompts' features (and so the zero-shot scores) clearly differ
+    pipeline_overrides = WIDE_TEXT_INIT
+    extra_outputs_method = "get_codes"
+    peft_modules_to_save = ("itm_head", "codebook")
+    gradient_cache_cases = {
+        # EMA teachers + queues, IPOT, own targets
+        "momentum_ipot": dict(config=dict(WIDE_TEXT_INIT, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0),
+                              batch=6, seed=2, chunk_size=2, terms=CODE_TERMS),
+        "no_momentum_sinkhorn_swapped_proj": dict(
+            config=dict(WIDE_TEXT_INIT, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0, use_momentum=False,
+                        ot_solver="sinkhorn", code_targets="swapped", codebook_dim=8),
+            batch=6, seed=2, chunk_size=2, terms=CODE_TERMS),
+    }
+
+    def tiny_config(self, **overrides):
+        return tiny_codis_config(**overrides)
 
 
 def _config(dropout=True, **overrides):
@@ -49,20 +75,6 @@ def _ce(logits, targets):
 
 def _cosine(x, y):
     return F.normalize(x, dim=1) @ F.normalize(y, dim=1).t()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Auto classes, 5. config validation (in test_configuration.py)
-
-
-def test_auto_classes_resolve_codis():
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-
-    config = tiny_codis_config()
-    assert type(AutoConfig.for_model("codis")) is CODISConfig
-    assert type(AutoModel.from_config(config)) is CODISModel
-    assert type(AutoModelForZeroShotImageClassification.from_config(config)) is CODISModel
-    assert PROCESSOR_MAPPING[CODISConfig] is VLAlignProcessor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,129 +280,7 @@ def test_code_proj_and_codebook_get_the_code_prediction_gradient():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. save / load, 10. remote code, 11. pipeline
-
-
-def _inference(model, b):
-    with torch.no_grad():
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
-        codes = model.get_codes(b["pixel_values"], b["input_ids"], b["attention_mask"])
-    return out, codes
-
-
-def test_save_load_identical_outputs_codes_and_auto_map(tmp_path):
-    model = _model(codebook_dim=8)
-    model.train()
-    model(**tiny_batch(), positive_ids=torch.arange(4), return_loss=True)  # move queues / EMA off init
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "codis"
-    assert config["auto_map"]["AutoConfig"] == "configuration_codis.CODISConfig"
-    assert config["auto_map"]["AutoModel"] == "modeling_codis.CODISModel"
-    assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_codis.CODISModel"
-    for name in ("modeling_codis.py", "configuration_codis.py", "configuration_albef.py", "modeling_albef.py",
-                 "losses.py", "model.safetensors"):
-        assert (tmp_path / name).exists(), name
-    assert not list(tmp_path.glob("*.bin"))
-    loaded = AutoModel.from_pretrained(tmp_path)
-    assert type(loaded) is CODISModel and loaded.config.codebook_dim == 8
-    assert list(model.state_dict()) == list(loaded.state_dict())
-    assert "codebook.weight" in loaded.state_dict() and "code_proj.weight" in loaded.state_dict()
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    model.eval()
-    loaded.eval()
-    b = tiny_batch(seed=3)
-    (o1, c1), (o2, c2) = _inference(model, b), _inference(loaded, b)
-    assert torch.equal(o1.logits_per_image, o2.logits_per_image)
-    for key in ("image_code_probs", "image_codes", "text_code_probs", "text_codes"):
-        assert torch.equal(c1[key], c2[key]), key
-
-
-def _save_tiny_with_processor(path, processor):
-    # the wider text init makes the prompts' features (and so the zero-shot scores) clearly differ
-    model = _model(text_config=dict(TINY_TEXT, initializer_range=0.2))
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return model
-
-
-def test_remote_code_loads_without_vlalign(tmp_path, digits_processor_16):
-    folder = tmp_path / "tiny-codis"
-    model = _save_tiny_with_processor(folder, digits_processor_16)
-    model.eval()
-    b = tiny_batch(seed=5)
-    out, codes = _inference(model, b)
-    from PIL import Image
-
-    labels = ["a handwritten digit one", "a handwritten digit two"]
-    inputs = digits_processor_16(images=[Image.new("RGB", (20, 20), "white")], text=labels, return_tensors="pt")
-    with torch.no_grad():
-        zero_shot = model(**inputs).logits_per_image.softmax(-1)[0]
-    torch.save(b, tmp_path / "batch.pt")
-    torch.save(dict(logits=out.logits_per_image, image_codes=codes.image_codes, text_codes=codes.text_codes,
-                    image_code_probs=codes.image_code_probs, zero_shot=dict(zip(labels, zero_shot.tolist()))),
-               tmp_path / "expected.pt")
-    script = BLOCK_VLALIGN + textwrap.dedent(
-        f"""
-        import torch
-        from transformers import AutoModel, pipeline
-        from PIL import Image
-        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
-        assert type(model).__name__ == 'CODISModel', type(model)
-        model.eval()
-        b = torch.load({str(tmp_path / 'batch.pt')!r})
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
-        with torch.no_grad():
-            out = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], pixel_values=b['pixel_values'])
-            codes = model.get_codes(b['pixel_values'], b['input_ids'], b['attention_mask'])
-        assert torch.allclose(out.logits_per_image, expected['logits'], atol=1e-6)
-        assert torch.equal(codes.image_codes, expected['image_codes']), (codes.image_codes, expected['image_codes'])
-        assert torch.equal(codes.text_codes, expected['text_codes'])
-        assert torch.allclose(codes.image_code_probs, expected['image_code_probs'], atol=1e-6)
-        pipe = pipeline('zero-shot-image-classification', model={str(folder)!r}, trust_remote_code=True)
-        assert type(pipe.model).__module__.startswith('transformers_modules'), type(pipe.model).__module__
-        result = pipe(Image.new('RGB', (20, 20), 'white'), candidate_labels=list(expected['zero_shot']),
-                      hypothesis_template='{{}}')
-        assert abs(sum(r['score'] for r in result) - 1) < 1e-5, result
-        for r in result:  # the model's own softmax over the prompts, as computed with vlalign in the parent
-            assert abs(r['score'] - expected['zero_shot'][r['label']]) < 1e-4, (result, expected['zero_shot'])
-        print('REMOTE CODE CHECKS PASSED')
-        import vlalign
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert "REMOTE CODE CHECKS PASSED" in proc.stdout, proc.stderr[-3000:]
-    # the script ends by importing vlalign, which must fail: that proves it really ran without the package
-    assert "vlalign is blocked in this test" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_zero_shot_pipeline_on_saved_tiny_model(tmp_path, digits_processor_16):
-    from PIL import Image
-    from transformers import pipeline
-
-    _save_tiny_with_processor(tmp_path, digits_processor_16)
-    pipe = pipeline("zero-shot-image-classification", model=str(tmp_path))
-    assert type(pipe.model) is CODISModel
-    labels = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three"]
-    image = Image.new("RGB", (20, 20), "white")
-    result = pipe(image, candidate_labels=labels, hypothesis_template="{}")
-    assert sorted(r["label"] for r in result) == sorted(labels)
-    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
-    inputs = digits_processor_16(images=[image], text=labels, return_tensors="pt")
-    with torch.no_grad():
-        probs = pipe.model(**inputs).logits_per_image.softmax(-1)[0]
-    by_label = {r["label"]: r["score"] for r in result}
-    for label, p in zip(labels, probs):
-        assert by_label[label] == pytest.approx(p.item(), abs=1e-4)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 12. training, 13. gradient caching, 14. bf16
+# 9. training
 
 
 def test_few_adam_steps_lower_the_loss():
@@ -412,58 +302,6 @@ def test_few_adam_steps_lower_the_loss():
     code_first = first["code_image"] + first["code_text"]
     code_last = last["code_image"] + last["code_text"]
     assert code_last < code_first, (first, last)
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("overrides", [
-    dict(),  # EMA teachers + queues, IPOT, own targets
-    dict(use_momentum=False, ot_solver="sinkhorn", code_targets="swapped", codebook_dim=8),
-], ids=["momentum_ipot", "no_momentum_sinkhorn_swapped_proj"])
-def test_gradient_cache_gives_full_batch_gradients(overrides):
-    config = _config(dropout=False, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0, **overrides)
-    batch = tiny_batch(batch=6, seed=2)
-    torch.manual_seed(0)
-    plain = CODISModel(config)
-    torch.manual_seed(0)
-    cached = CODISModel(config)
-    plain.train()
-    cached.train()
-    out_plain = plain(**batch, return_loss=True)
-    out_plain.loss.backward()
-    out_cached = cached.gradient_cached_backward(**batch, chunk_size=2)
-    assert set(out_cached.loss_components()) == set(out_plain.loss_components()) >= set(CODE_TERMS)
-    for name in out_plain.loss_components():
-        assert getattr(out_cached, f"loss_{name}").item() == pytest.approx(
-            getattr(out_plain, f"loss_{name}").item(), rel=1e-5, abs=1e-6), name
-    assert out_cached.loss.item() == pytest.approx(out_plain.loss.item(), rel=1e-5)
-    grads_plain, grads_cached = _grads(plain), _grads(cached)
-    assert grads_plain.keys() == grads_cached.keys()
-    assert "codebook.weight" in grads_plain and "vision_proj.weight" in grads_plain
-    if "code_proj" in dict(plain.named_children()):
-        assert "code_proj.weight" in grads_plain
-    for name in grads_plain:
-        torch.testing.assert_close(grads_cached[name], grads_plain[name], rtol=1e-4, atol=1e-5, msg=name)
-    if config.use_momentum:
-        assert torch.allclose(plain.image_queue.features, cached.image_queue.features, atol=1e-6)
-        assert torch.equal(plain.image_queue.ptr, cached.image_queue.ptr)
-        assert torch.equal(plain.momentum_vision_proj.weight, cached.momentum_vision_proj.weight)
-
-
-def test_bf16_autocast_losses_are_float32_and_finite():
-    model = _model(codebook_dim=8)
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(**tiny_batch(), return_loss=True)
-    assert set(out.loss_components()) == set(ALL_TERMS)
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    for name in ALL_TERMS:
-        value = getattr(out, f"loss_{name}")
-        assert value.dtype == torch.float32 and torch.isfinite(value), name
-    out.loss.backward()
-    assert torch.isfinite(model.codebook.weight.grad).all() and model.codebook.weight.grad.abs().max() > 0
 
 
 def test_ot_term_does_not_train_code_proj():

@@ -1,0 +1,67 @@
+"""ALBEFModel, the base of TCL and CODIS: what needs no choice of model -- the fusion encoder's bidirectional
+self-attention and `compile_encoders` (`torch.compile` of the towers as a training option). A TCLModel is the
+vehicle (ALBEFModel itself is abstract). The tests that every ALBEF-style model must pass are in
+albef_model_tester.py, run by test_modeling_tcl.py and test_modeling_codis.py.
+
+`compile_encoders()` compiles the towers in place (the trainer does this for `torch_compile=True` instead of
+compiling the whole model, whose losses and queues hold data-dependent steps), and training with it gives the weights
+of eager training. The inductor speed-up is measured in benchmarks/train_step.py --compile; here the `aot_eager`
+backend keeps the test fast while tracing the same graphs."""
+
+import torch
+from fixtures import tiny_batch, tiny_tcl_config
+from transformers import TrainingArguments
+
+from vlalign import TCLModel
+from vlalign.trainer import ContrastiveTrainer
+
+
+def test_fusion_self_attention_is_bidirectional():
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    model.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        image_tokens = model.get_image_tokens(batch["pixel_values"])
+        text = model._text_tokens(batch["input_ids"], torch.ones_like(batch["input_ids"]))
+        fused = model.fusion_model(text, torch.ones_like(batch["input_ids"]), image_tokens)
+        changed = text.clone()
+        changed[:, -1] += 1.0  # change only the last token
+        fused_changed = model.fusion_model(changed, torch.ones_like(batch["input_ids"]), image_tokens)
+    assert (fused[:, 0] - fused_changed[:, 0]).abs().max() > 1e-4
+
+
+class FixedBatches:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, rows):
+        self.calls += 1
+        return dict(tiny_batch(seed=self.calls), return_loss=True)
+
+
+def _train(tmp_path, compile_backend=None):
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    extra = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                             report_to="none", remove_unused_columns=False, use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, seed=0, **extra)
+    trainer = ContrastiveTrainer(model=model, args=args, train_dataset=list(range(8)), data_collator=FixedBatches())
+    trainer.train()
+    return trainer
+
+
+def test_torch_compile_trains_the_towers_compiled_to_the_eager_weights(tmp_path):
+    eager = _train(tmp_path / "eager")
+    compiled = _train(tmp_path / "compiled", compile_backend="aot_eager")
+    model = compiled.model
+    # the towers (students and teachers) are compiled in place; the model itself is not wrapped
+    for name in TCLModel.ENCODER_NAMES:
+        assert getattr(model, name)._compiled_call_impl is not None, name
+    assert compiled.accelerator.unwrap_model(compiled.model_wrapped) is model
+    assert type(model) is TCLModel and not any("_orig_mod" in k for k in model.state_dict())
+    expected = eager.model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert compiled.state.global_step == 2
