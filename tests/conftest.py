@@ -1,12 +1,12 @@
 """pytest set-up for the suite: offline Hub, thread count, the deprecation-notice guard and shared pytest fixtures.
-The tiny configurations themselves are in fixtures.py."""
+The tiny configurations and data builders themselves are in fixtures.py."""
 
 import logging
 import os
 
 import pytest
 import torch
-from fixtures import tiny_tcl_config
+from fixtures import tiny_tcl_config, write_digit_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,3 +60,20 @@ def digits_small():
 
     args = DataArguments(max_train_samples=256, max_eval_samples=60)
     return args, *load_image_text_datasets(args)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Parquet and WebDataset-style tar shards of real digit scans, one undecodable image per format
+    (fixtures.write_digit_shards)."""
+    return write_digit_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture
+def short_arrow_shutdown_pause(monkeypatch):
+    """datasets pauses 5 s after each pass that interleaves parquet shards (shuffle reads up to 10 at a time) so
+    pyarrow's reader threads can wind down; a fraction of that keeps many short passes fast. (The setting is
+    new in datasets 5.0; with older releases there is nothing to shorten.)"""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.2, raising=False)

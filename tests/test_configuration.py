@@ -1,51 +1,38 @@
-"""The configs on their own (no model built): every rule raises a `ValueError` naming the field, types are
-`@strict`'s (bools are not ints, strings are not numbers, NaN / inf refused), assignment after construction is
-checked too, and a config survives `save_pretrained` / `from_pretrained` and `to_dict` / `from_dict` unchanged.
-
-The table of a bad value for every field, and the unknown-field warnings, are in test_checkpoints.py."""
+"""The configs (configuration_albef / _tcl / _codis / _mivc): every rule raises a `ValueError` naming the field, with
+a bad value for every field of every config; types are `@strict`'s (bools are not ints, strings are not numbers,
+NaN / inf refused), assignment after construction is checked too; a config survives `save_pretrained` /
+`from_pretrained` and `to_dict` / `from_dict` unchanged; a field that neither our configs nor transformers know is
+warned about (in kwargs or config.json), and the training settings an older config.json holds load with a
+warning and are dropped."""
 
 import dataclasses
+import json
+import logging
 import math
 
 import pytest
-from fixtures import tiny_codis_config, tiny_tcl_config
+from fixtures import (
+    MIVC_LLAMA,
+    MIVC_QFORMER,
+    MIVC_VISION,
+    TINY_TEXT,
+    TINY_VISION,
+    tiny_codis_config,
+    tiny_mivc_config,
+    tiny_mivc_digits_config,
+    tiny_tcl_config,
+)
 from transformers import PreTrainedConfig
 
-from vlalign import CODISConfig, MIVCConfig, TCLConfig
+from vlalign import CODISConfig, CODISModel, MIVCConfig, MIVCForConditionalGeneration, TCLConfig, TCLModel
 
-# test_modeling_mivc's tiny MIVC parts; the Llama has the size of its digits tokenizer (145 tokens, <image> = 144)
-VISION = dict(
-    model_type="vit", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-    num_attention_heads=4, intermediate_size=64,
-)
-QFORMER = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
-NUM_QUERIES = 4
-LLAMA = dict(
-    model_type="llama", vocab_size=145, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256, bos_token_id=2, eos_token_id=3,
-    pad_token_id=0,
-)
-IMAGE_TOKEN_ID = 144
-
-
-def _config(mode="attention", qformer=False, granularity="token", **overrides):
-    """test_modeling_mivc's `_config`, without loading the tokenizer."""
-    kwargs = dict(
-        vision_config=dict(VISION), text_config=dict(LLAMA), qformer_config=dict(QFORMER) if qformer else None,
-        num_query_tokens=NUM_QUERIES, image_token_id=IMAGE_TOKEN_ID, pooling_mode=mode,
-        pooling_granularity=granularity, pooling_attention_dim=16, freeze_vision_model=False,
-        freeze_language_model=False,
-    )
-    kwargs.update(overrides)
-    return MIVCConfig(**kwargs)
-
-
-MAKERS = {"tcl": tiny_tcl_config, "codis": tiny_codis_config, "mivc": lambda **kw: _config(qformer=True, **kw)}
+MAKERS = {"tcl": tiny_tcl_config, "codis": tiny_codis_config,
+          "mivc": lambda **kw: tiny_mivc_digits_config(qformer=True, **kw)}
 BASE_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# moved from test_modeling_tcl.py, test_modeling_codis.py and test_modeling_mivc.py
+# each model's rules
 
 
 @pytest.mark.parametrize(
@@ -133,7 +120,7 @@ def test_config_accepts_codebook_only_objectives_and_reports_solver_settings():
 
 def test_freeze_qformer_without_qformer_raises():
     with pytest.raises(ValueError, match=r"MIVCConfig\.freeze_qformer"):
-        _config(qformer=False, freeze_qformer=True)
+        tiny_mivc_digits_config(qformer=False, freeze_qformer=True)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +142,7 @@ def test_freeze_qformer_without_qformer_raises():
 )
 def test_mivc_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"MIVCConfig\.{field}"):
-        _config(**overrides)
+        tiny_mivc_digits_config(**overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,3 +191,194 @@ def test_save_load_and_dict_round_trips_are_equal(kind, tmp_path):
     loaded = type(config).from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert type(config).from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unknown fields, and a bad value for every field
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+MODELS = {
+    "tcl": (TCLModel, tiny_tcl_config),
+    "codis": (CODISModel, tiny_codis_config),
+    "mivc": (MIVCForConditionalGeneration, tiny_mivc_config),
+}
+
+
+def _vlalign_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name.startswith("vlalign") and r.levelno >= logging.WARNING]
+
+
+def _set_config_field(folder, **fields):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unknown config fields
+
+
+CONFIGS = {"tcl": tiny_tcl_config, "codis": tiny_codis_config, "mivc": tiny_mivc_config}
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_unknown_config_field_warns_with_its_name(kind, caplog):
+    caplog.set_level(logging.WARNING)
+    config = CONFIGS[kind](queue_sise=128)
+    messages = _vlalign_warnings(caplog)
+    assert len(messages) == 1 and "'queue_sise'" in messages[0] and type(config).__name__ in messages[0]
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_unknown_field_in_config_json_warns(kind, tmp_path, caplog):
+    config = CONFIGS[kind]()
+    config.save_pretrained(tmp_path)
+    _set_config_field(tmp_path, embed_dimm=64)
+    caplog.set_level(logging.WARNING)
+    type(config).from_pretrained(tmp_path)
+    assert any("'embed_dimm'" in m for m in _vlalign_warnings(caplog))
+
+
+@pytest.mark.parametrize("kind", ["tcl", "codis"])
+def test_training_settings_of_an_older_config_json_load_with_a_warning_and_are_dropped(kind, tmp_path, caplog):
+    """vlalign 0.1.0 saved gradient_cache_chunk_size and train_batch_size into config.json: whoever fine-tuned the
+    checkpoint got gradient caching on without asking. They load, warned about, and go nowhere."""
+    model_class, make = MODELS[kind]
+    model_class(make()).save_pretrained(tmp_path)
+    _set_config_field(tmp_path, gradient_cache_chunk_size=8, train_batch_size=64)
+    caplog.set_level(logging.WARNING)
+    loaded = model_class.from_pretrained(tmp_path)
+    warnings = " ".join(_vlalign_warnings(caplog))
+    assert "'gradient_cache_chunk_size' is not part of the model any more and is ignored: gradient caching is a " \
+           "training setting (ContrastiveTrainingArguments.gradient_cache_chunk_size" in warnings
+    assert "'train_batch_size' is not part of the model any more" in warnings
+    assert not hasattr(loaded.config, "gradient_cache_chunk_size") and not hasattr(loaded.config, "train_batch_size")
+    loaded.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "gradient_cache_chunk_size" not in saved and "train_batch_size" not in saved
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_standard_transformers_keys_do_not_warn(kind, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    make = CONFIGS[kind]
+    config = make(architectures=["X"], auto_map={"AutoConfig": "x.Y"}, transformers_version="5.0.0", dtype="float32",
+                  torch_dtype="float32", model_type=kind, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1},
+                  num_labels=2, name_or_path="somewhere", output_attentions=False, return_dict=True,
+                  max_length=20, num_beams=1)  # generation parameters of old configs are dropped by transformers
+    type(config)(**config.to_dict())
+    config.save_pretrained(tmp_path)
+    type(config).from_pretrained(tmp_path)
+    assert _vlalign_warnings(caplog) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every field validated
+
+
+def _albef_bad_values(extra):
+    """Bad values for every ALBEFStackConfig field, plus a model's own (`extra`): field -> list of overrides."""
+    table = {
+        "vision_config": [dict(vision_config=dict(TINY_VISION, image_size=18)),
+                          dict(vision_config=dict(TINY_VISION, patch_size=0))],
+        "text_config": [dict(text_config=dict(model_type="gpt2", n_layer=2)),
+                        dict(text_config=dict(TINY_TEXT, is_decoder=True))],
+        "num_fusion_layers": [dict(num_fusion_layers=-1), dict(num_fusion_layers=3), dict(num_fusion_layers=1.5)],
+        "embed_dim": [dict(embed_dim=0), dict(embed_dim=16.0)],
+        "temperature": [dict(temperature=0.0), dict(temperature="0.07"), dict(temperature=0.6)],
+        "temperature_min": [dict(temperature_min=0.0), dict(temperature_min="1e-3")],
+        "temperature_max": [dict(temperature_max=0.0005), dict(temperature_max=None)],
+        "learnable_temperature": [dict(learnable_temperature="yes"), dict(learnable_temperature=1)],
+        "use_momentum": [dict(use_momentum="false")],
+        "momentum": [dict(momentum=1.5), dict(momentum=None)],
+        "queue_size": [dict(queue_size=-1), dict(queue_size=0), dict(queue_size=32.0)],
+        "alpha": [dict(alpha=2.0), dict(alpha=float("nan"))],
+        "cma_weight": [dict(cma_weight=-1.0), dict(cma_weight="1")],
+        "imc_weight": [dict(imc_weight=-1.0)],
+        "itm_weight": [dict(itm_weight=-1.0), dict(itm_weight=float("inf"))],
+        "mlm_weight": [dict(mlm_weight=-1.0)],
+        "itm_hard_negatives": [dict(itm_hard_negatives=None)],
+        "mlm_probability": [dict(mlm_probability=0.0), dict(mlm_probability=1.0)],
+        "mask_token_id": [dict(mask_token_id=999), dict(mask_token_id=-1), dict(mask_token_id="4"),
+                          dict(mask_token_id=-1, mlm_weight=0.0)],
+        "initializer_range": [dict(initializer_range=0.0), dict(initializer_range=-0.02),
+                              dict(initializer_range=float("inf"))],
+    }
+    table.update(extra)
+    return table
+
+
+BAD_VALUES = {
+    TCLConfig: (tiny_tcl_config, _albef_bad_values({
+        "lmi_weight": [dict(lmi_weight=-1.0)],
+        "lmi_image_grid": [dict(lmi_image_grid=3), dict(lmi_image_grid=0)],
+        "contrastive_loss": [dict(contrastive_loss="hinge"), dict(contrastive_loss="decomposable")],
+        "z_estimate": [dict(use_momentum=False, z_estimate="median")],
+        "sample_u": [dict(sample_u="no")],
+        "running_z_momentum": [dict(running_z_momentum=1.0), dict(running_z_momentum="0.1")],
+        "num_train_samples": [dict(num_train_samples=0), dict(num_train_samples=2.5),
+                              dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="running")],
+        "use_feature_separation": [dict(use_feature_separation=1)],
+        "feature_separation_weight": [dict(feature_separation_weight=-1.0)],
+        "use_brownian_bridge": [dict(use_brownian_bridge="true")],
+        "brownian_bridge_weight": [dict(brownian_bridge_weight=-1.0)],
+        "brownian_bridge_t": [dict(brownian_bridge_t=1.5), dict(brownian_bridge_t=0.0)],
+        "use_geometric_consistency": [dict(use_geometric_consistency=None)],
+        "geometric_consistency_weight": [dict(geometric_consistency_weight=-1.0)],
+    })),
+    CODISConfig: (tiny_codis_config, _albef_bad_values({
+        "codebook_size": [dict(codebook_size=1)],
+        "codebook_dim": [dict(codebook_dim=0)],
+        "code_temperature": [dict(code_temperature=0.0), dict(code_temperature="0.1")],
+        "ot_solver": [dict(ot_solver="emd")],
+        "ot_iterations": [dict(ot_iterations=0)],
+        "ipot_beta": [dict(ipot_beta=0.0)],
+        "ipot_inner_iterations": [dict(ipot_inner_iterations=0)],
+        "sinkhorn_epsilon": [dict(sinkhorn_epsilon=0.0), dict(sinkhorn_epsilon="0.05")],
+        "code_targets": [dict(code_targets="cross")],
+        "code_weight": [dict(code_weight=-1.0)],
+        "ot_weight": [dict(ot_weight=-1.0)],
+    })),
+    MIVCConfig: (tiny_mivc_config, {
+        "vision_config": [dict(vision_config=dict(MIVC_VISION, patch_size=0))],
+        "text_config": [dict(text_config=dict(MIVC_LLAMA, vocab_size=0))],
+        "qformer_config": [dict(qformer_config=dict(MIVC_QFORMER, hidden_size=0)),
+                           dict(qformer_config=dict(MIVC_QFORMER, hidden_size=25))],
+        "num_query_tokens": [dict(num_query_tokens=0)],
+        "vision_feature_select_strategy": [dict(vision_feature_select_strategy="cls")],
+        "pooling_mode": [dict(pooling_mode="sum")],
+        "pooling_attention_dim": [dict(pooling_attention_dim=0)],
+        "pooling_granularity": [dict(pooling_granularity="patch")],
+        "projector_type": [dict(projector_type="mlp3x_gelu")],
+        "freeze_vision_model": [dict(freeze_vision_model="yes")],
+        "freeze_qformer": [dict(freeze_qformer=1), dict(qformer_config=None, freeze_qformer=True)],
+        "freeze_language_model": [dict(freeze_language_model=None)],
+        "image_token_id": [dict(image_token_id=10_000), dict(image_token_id="5")],
+        "initializer_range": [dict(initializer_range=0.0), dict(initializer_range="0.02")],
+    }),
+}
+
+
+@pytest.mark.parametrize("config_class", list(BAD_VALUES), ids=lambda c: c.__name__)
+def test_every_config_field_has_a_validation_case(config_class):
+    own_fields = {field.name for field in dataclasses.fields(config_class)} - BASE_FIELDS
+    assert own_fields == set(BAD_VALUES[config_class][1])
+
+
+@pytest.mark.parametrize(
+    "config_class, field, overrides",
+    [(cls, field, overrides) for cls, (_, table) in BAD_VALUES.items() for field, cases in table.items()
+     for overrides in cases],
+    ids=lambda value: value.__name__ if isinstance(value, type) else None,
+)
+def test_invalid_value_raises_naming_the_field(config_class, field, overrides):
+    make = BAD_VALUES[config_class][0]
+    with pytest.raises(ValueError, match=rf"^{config_class.__name__}\.{field}: "):
+        make(**overrides)
+
+
+@pytest.mark.parametrize("make", [tiny_tcl_config, tiny_codis_config, tiny_mivc_config])
+def test_defaults_and_tiny_configs_are_valid(make):
+    make()
+    type(make())()  # the class defaults (the papers' towers)

@@ -1,18 +1,27 @@
-"""Tests for vlalign.hub: model card rendering / round trip and Hub upload (network mocked)."""
+"""vlalign.hub: model card rendering and round trip, cards built from hostile strings, and Hub upload (network
+mocked) from Python, from `vlalign.hub.push_folder_to_hub` / its command, and from training/train.py."""
 
 import ast
+import io
 import json
 import logging
 import re
 import shlex
+import sys
+import zipfile
+from collections import Counter
 from pathlib import Path
 
+import huggingface_hub.hf_api
 import numpy as np
 import pytest
 import yaml
+from fixtures import TINY_TRAIN_MODEL
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
 from vlalign.hub import (
+    DEFAULT_TAGS,
+    _valid_repo_id,
     build_model_card,
     is_hub_id,
     publishable_files,
@@ -459,3 +468,604 @@ def test_card_warns_when_alignment_never_started(tmp_path):
         assert "6.962" in stuck.text  # ln(1056)
         save_model_card(tmp_path, stuck)
         assert ModelCard.load(tmp_path / "README.md").data.eval_results[0].metric_value == 0.2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cards built from hostile strings
+# ---------------------------------------------------------------------------------------------------------------------
+# Every user-controlled string of `build_model_card` (model id, method name, base model, dataset name / description /
+# splits, hyperparameters, metric names and values, tags, language, license, pipeline tag, extra facts, picture
+# captions) is set to the same adversarial value: YAML breakers, Markdown / HTML injection, Jinja, control and
+# Unicode line-separator characters, very long strings. Then:
+#
+# * the YAML front matter parses (yaml.safe_load and huggingface_hub's ModelCard.load) to exactly the intended values;
+# * there is exactly one front-matter block, and the body has the same structure (headings, lists, rules, tables,
+#   fences) and the same unescaped Markdown characters as a card built from a harmless value;
+# * the usage snippets stay valid Python that loads exactly the given model id.
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
+HARMLESS = "harmless"
+
+ADVERSARIAL = {
+    "front-matter-break": 'evil"\n---\nfoo: bar\n---\n# injected',
+    "dashes": "---",
+    "yaml-document-end": "...",
+    "colon-space": "key: value",
+    "comment": "# comment",
+    "trailing-comment": "value # comment",
+    "yaml-tag": "!python/object/apply:os.system ['ls']",
+    "anchor": "&anchor value",
+    "alias": "*alias",
+    "flow-map": "{a: 1}",
+    "flow-sequence": "[a, b]",
+    "literal-block": "| literal",
+    "folded-block": "> folded",
+    "quotes": "it's \"quoted\" 'twice'",
+    "newlines": "line1\nline2\n\nline3",
+    "carriage-returns": "cr\ronly\r\nand crlf",
+    "tabs": "\ttab\tseparated\t",
+    "nul": "nul\x00byte",
+    "unicode-line-separators": "ls\u2028ps\u2029nel\x85vt\x0bff\x0c",
+    "next-line": "next\x85line\x85",  # alone, PyYAML writes NEL raw in single quotes: it read back as a space
+    "line-separator": "line\u2028separator",
+    "bom-and-escape": "\ufeffbom \x1b[31mred",
+    "yaml-bool": "yes",
+    "yaml-null": "null",
+    "yaml-tilde": "~",
+    "yaml-date": "2024-01-01",
+    "yaml-float": "1e3",
+    "yaml-hex": "0x1F",
+    "long-word": "y" * 10_000,
+    "long-sentence": "word " * 2_000,
+    "script": "<script>alert(1)</script>",
+    "html-attribute": '<img src=x onerror="alert(1)">',
+    "markdown-link": "[click](javascript:alert(1))",
+    "markdown-image": "![x](javascript:alert(1))",
+    "autolink": "<javascript:alert(1)>",
+    "entity": "&lt;script&gt;",
+    "jinja-expression": "{{ card_data }} {{ 7*7 }}",
+    "jinja-statement": "{% for x in range(3) %}x{% endfor %}",
+    "jinja-comment": "{# hidden #}",
+    "bullet": "- item",
+    "ordered-item": "1. first",
+    "setext": "===",
+    "table-row": "| a | b |",
+    "code-fence": "```python\nimport os\n```",
+    "heading": "## heading",
+    "backslashes": "\\ \\\\ \\n",
+    "unicode": "é中文🙂 →",
+}
+# Markdown characters that start markup; in the body they may only come from the template, or appear escaped.
+MARKUP = set("<>[]`*_|#~&$")
+FRONT_MATTER = re.compile(r"^---\n(.*?)\n---\n", flags=re.DOTALL)
+UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
+
+
+def _build_hostile(value, template="tcl.md"):
+    """A card with `value` in every user-controlled string."""
+    return build_model_card(
+        TEMPLATES / template,
+        model_id=value,
+        model_type_name=value,
+        base_model=[value],
+        dataset_name=value,
+        dataset_description=value,
+        dataset_split=value,
+        eval_split=value,
+        hyperparameters={value: value, "learning_rate": 1e-4},
+        eval_results={f"recall {value}": 50.0, "i2t_recall@1": 90.0, f"note {value}": value},
+        license=value,
+        language=value,
+        tags=[value],
+        pipeline_tag=value,
+        extra={value: value},
+        pictures=[(value, "curve.png")],
+    )
+
+
+def _saved(tmp_path, value, template="tcl.md"):
+    save_model_card(tmp_path, _build_hostile(value, template))
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    match = FRONT_MATTER.match(text)
+    assert match, "README.md must open with one YAML front matter block"
+    return text, yaml.safe_load(match.group(1)), text[match.end():]
+
+
+def _outside_code(body):
+    return re.sub(r"```.*?```", "", body, flags=re.DOTALL)
+
+
+def _bare_markup(text):
+    """Unescaped markup characters (a backslash escapes the character after it)."""
+    counts, i = Counter(), 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] in MARKUP:
+            counts[text[i]] += 1
+        i += 1
+    return counts
+
+
+def _line_kind(line):
+    """The Markdown block structure a line contributes (content ignored)."""
+    stripped = line.strip()
+    if not stripped:
+        return "blank"
+    if re.match(r"^#{1,6}(\s|$)", stripped):
+        return "heading" + stripped.split()[0]
+    if stripped.startswith(("```", "~~~")):
+        return "fence"
+    if re.fullmatch(r"(-[ \t]*){3,}|(=+)|(\*[ \t]*){3,}|(_[ \t]*){3,}", stripped):
+        return "rule"
+    if re.match(r"^([-+*]|\d{1,9}[.)])(\s|$)", stripped):
+        return "list"
+    if stripped.startswith("|"):
+        return f"table{len(UNESCAPED_PIPE.split(stripped))}"
+    if stripped.startswith((">", "<")):
+        return "quote-or-html"
+    return "text"
+
+
+def _skeleton(body):
+    return [_line_kind(line) for line in body.split("\n")]
+
+
+@pytest.fixture(scope="module")
+def harmless_bodies(tmp_path_factory):
+    bodies = {}
+    for template in ("tcl.md", "codis.md", "mivc.md"):
+        _, _, body = _saved(tmp_path_factory.mktemp(template), HARMLESS, template)
+        bodies[template] = body
+    return bodies
+
+
+@pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_front_matter_reads_back_exactly(tmp_path, value):
+    _, meta, _ = _saved(tmp_path, value)
+    # nothing injected, nothing lost: only the keys we write; the base model only when it is a repo id
+    # (legacy bare ids such as "yes" are), the dataset only for a namespace/name id (none of these)
+    keys = {"library_name", "license", "language", "tags", "metrics", "pipeline_tag", "model-index"}
+    assert set(meta) == keys | ({"base_model"} if _valid_repo_id(value) else set())
+    assert meta.get("base_model", value) == value
+    assert meta["library_name"] == "transformers" and meta["metrics"] == ["recall"]
+    for data in (meta, ModelCard.load(tmp_path / "README.md").data.to_dict()):
+        assert data["license"] == value and data["language"] == value and data["pipeline_tag"] == value
+        assert data["tags"] == list(dict.fromkeys([*DEFAULT_TAGS, value.lower(), value]))  # duplicates dropped
+        (entry,) = data["model-index"]
+        assert entry["name"] == value
+        (result,) = entry["results"]
+        assert result["dataset"] == {"name": value, "type": result["dataset"]["type"], "split": value}
+        assert {m["type"]: m["value"] for m in result["metrics"]} == {f"recall {value}": 50.0, "i2t_recall@1": 90.0}
+        assert {m["type"]: m["name"] for m in result["metrics"]}[f"recall {value}"] == f"recall {value}"
+    assert all(type(v) is str for v in (meta["license"], meta["language"], meta["pipeline_tag"]))  # no coercion
+
+
+@pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_exactly_one_front_matter_block_and_unchanged_body_structure(tmp_path, value, harmless_bodies):
+    text, _, body = _saved(tmp_path, value)
+    assert text.startswith("---\n")
+    assert not any(_line_kind(line) == "rule" for line in body.split("\n")), "a second '---' / rule line"
+    assert _skeleton(body) == _skeleton(harmless_bodies["tcl.md"])
+    assert _bare_markup(_outside_code(body)) == _bare_markup(_outside_code(harmless_bodies["tcl.md"]))
+
+
+@pytest.mark.parametrize("template", ["codis.md", "mivc.md"])
+@pytest.mark.parametrize("value", [ADVERSARIAL[k] for k in ("front-matter-break", "dashes", "script", "bullet",
+                                                             "jinja-expression", "unicode-line-separators")])
+def test_other_templates_keep_their_structure(tmp_path, value, template, harmless_bodies):
+    _, _, body = _saved(tmp_path, value, template)
+    assert _skeleton(body) == _skeleton(harmless_bodies[template])
+    assert _bare_markup(_outside_code(body)) == _bare_markup(_outside_code(harmless_bodies[template]))
+
+
+def test_template_syntax_in_values_is_shown_not_run(tmp_path):
+    _, _, body = _saved(tmp_path, ADVERSARIAL["jinja-expression"])
+    assert "{{ card\\_data }} {{ 7\\*7 }}" in body
+    assert "library_name" not in body and "49" not in body
+    _, _, body = _saved(tmp_path, ADVERSARIAL["jinja-statement"])
+    assert "{% for x in range(3) %}x{% endfor %}" in body
+
+
+@pytest.mark.parametrize("key", ["script", "markdown-link", "autolink", "html-attribute"])
+def test_html_and_links_are_escaped_text(tmp_path, key):
+    _, _, body = _saved(tmp_path, ADVERSARIAL[key])
+    prose = _outside_code(body)
+    assert not re.search(r"(?<!\\)<(script|img|javascript)", prose)
+    assert not re.search(r"(?<!\\)\]\(javascript", prose)
+
+
+@pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
+def test_usage_snippets_load_exactly_the_model_id(tmp_path, value):
+    _, _, body = _saved(tmp_path, value)
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
+    assert len(blocks) == 3
+    loaded_ids = []
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
+                loaded_ids.append(ast.literal_eval(node.args[0]))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pipeline":
+                loaded_ids.append(ast.literal_eval(next(k.value for k in node.keywords if k.arg == "model")))
+    assert loaded_ids and all(loaded == value for loaded in loaded_ids)
+
+
+def test_language_list_and_absent_language():
+    card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={},
+                            eval_results={}, language=["en", "fr"])
+    assert card.data.language == ["en", "fr"]
+    card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={},
+                            eval_results={})
+    assert "language" not in card.data.to_dict()
+
+
+def test_long_local_path_or_nul_as_base_model_is_not_looked_up_as_a_file():
+    for name in ("/data/" + "x" * 5000, "bad\x00name"):
+        card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits",
+                                hyperparameters={}, eval_results={}, base_model=name)
+        assert card.data.base_model is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pushing to the Hub
+# ---------------------------------------------------------------------------------------------------------------------
+# push_to_hub end to end for TCL, CODIS and MIVC, from training/train.py and from Python.
+#
+# The Hub is unreachable from CI: `HfApi.create_repo` and `HfApi.create_commit` (the single call that would send the
+# files) are intercepted, and the tests check what would have been uploaded: every file needed to load the model, a
+# model card that parses back with valid metadata, exactly the allow-list of vlalign.hub.publishable_files (no
+# checkpoints, logs, training arguments or stale files), no token and no absolute path anywhere; and that a failed push
+# says so in one line with a command that pushes the saved model later.
+
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "training"))
+
+PUSH_TOKEN = "hf_secret_token_never_written_anywhere"
+
+VISION = TINY_TRAIN_MODEL["vision_config"]
+ALBEF_STACK = {k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"}
+MODELS = {
+    "tcl": {"model_type": "tcl", **TINY_TRAIN_MODEL},
+    "codis": {"model_type": "codis", **ALBEF_STACK, "codebook_size": 8},
+    "mivc": {"model_type": "mivc", "vision_config": dict(VISION, patch_size=8),
+             "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64,
+                             "max_position_embeddings": 128},
+             "pooling_attention_dim": 16, "freeze_vision_model": False, "freeze_language_model": False},
+}
+ALBEF_CODE = {"configuration_albef.py", "modeling_albef.py", "loading.py", "momentum.py", "gradient_cache.py",
+              "losses.py", "processing_vlalign.py"}
+CODE_FILES = {
+    "tcl": {"modeling_tcl.py", "configuration_tcl.py"} | ALBEF_CODE,
+    "codis": {"modeling_codis.py", "configuration_codis.py"} | ALBEF_CODE,
+    "mivc": {"modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "loading.py", "processing_vlalign.py"},
+}
+PIPELINE_TAG = {"tcl": "zero-shot-image-classification", "codis": "zero-shot-image-classification",
+                "mivc": "image-text-to-text"}
+TASK_CLASS = {"tcl": "AutoModelForZeroShotImageClassification", "codis": "AutoModelForZeroShotImageClassification",
+              "mivc": "AutoModelForImageTextToText"}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Intercepts repo creation and the commit; `hub["files"]` maps path_in_repo -> uploaded bytes."""
+    calls = {"files": {}, "commits": 0, "tokens": set()}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["tokens"].add(kwargs.get("token") or self.token)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
+        calls["tokens"].add(kwargs.get("token") or self.token)
+        calls["commits"] += 1
+        calls["repo_id"] = repo_id
+        for operation in operations:
+            source = operation.path_or_fileobj
+            if isinstance(source, (str, Path)):
+                data = Path(source).read_bytes()
+            elif isinstance(source, bytes):
+                data = source
+            else:
+                data = source.read() if hasattr(source, "read") else bytes(source)
+            calls["files"][operation.path_in_repo] = data
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message=commit_message,
+                          commit_description="", oid="1" * 40)
+
+    def validate_yaml(self, content, *args, **kwargs):
+        # create_commit / upload_folder ask the Hub to validate README.md's metadata: parse it locally instead
+        calls["validated_yaml"] = yaml.safe_load(content.split("---")[1])
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    # model.push_to_hub goes through upload_folder, which with hf_xet installed streams through a multi-commit
+    # pipeline; the plain path ends in one create_commit, the call intercepted here
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    return calls
+
+
+def _no_token_anywhere(files: dict, *logs: str) -> None:
+    for name, data in files.items():
+        assert PUSH_TOKEN.encode() not in data, name
+    for text in logs:
+        assert PUSH_TOKEN not in text
+
+
+def _load_card(files: dict, tmp_path: Path) -> ModelCard:
+    (tmp_path / "card.md").write_bytes(files["README.md"])
+    return ModelCard.load(tmp_path / "card.md")
+
+
+@pytest.mark.parametrize("model_type", ["tcl", "codis", "mivc"])
+def test_train_script_push_uploads_everything_needed_to_load(model_type, tmp_path, hub, monkeypatch, caplog, capsys):
+    import train
+    from transformers import AutoConfig
+
+    data = ({"num_train_items": 24, "num_test_items": 8, "image_size": 16} if model_type == "mivc"
+            else {"max_train_samples": 48, "max_eval_samples": 20})
+    config = {"model": MODELS[model_type], "data": data,
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 8,
+                           "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("HF_TOKEN", PUSH_TOKEN)
+    train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id",
+                f"someone/tiny-{model_type}"])
+    files = hub["files"]
+    assert hub["commits"] == 1 and hub["repo_id"] == f"someone/tiny-{model_type}"
+    # the metadata that the Hub validates (the real create_commit sends README.md's front matter first)
+    assert yaml.safe_load(files["README.md"].decode().split("---")[1])["library_name"] == "transformers"
+    assert hub["tokens"] == {PUSH_TOKEN}  # the token reached HfApi, and only HfApi
+    needed = {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "README.md", "eval_results.json", "training_curves.png"} | CODE_FILES[model_type]
+    assert needed <= set(files), needed - set(files)
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
+    config_json = json.loads(files["config.json"])
+    assert config_json["model_type"] == model_type
+    auto_map = config_json["auto_map"]
+    assert TASK_CLASS[model_type] in auto_map and "AutoConfig" in auto_map
+    for target in auto_map.values():  # every class the auto_map names is in an uploaded file
+        module = target.split(".")[0]
+        assert f"{module}.py" in files, target
+    processor_json = json.loads(files["processor_config.json"])
+    assert processor_json["auto_map"]["AutoProcessor"].startswith("processing_vlalign.")
+
+    card = _load_card(files, tmp_path)
+    assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+    assert {"vlalign", model_type} <= set(card.data.tags)
+    assert card.data.pipeline_tag == PIPELINE_TAG[model_type]
+    assert card.data.model_name == f"someone/tiny-{model_type}" and card.data.eval_results
+    eval_results = json.loads(files["eval_results.json"])
+    for result in card.data.eval_results:
+        assert result.metric_value == pytest.approx(eval_results[result.metric_type])
+    for picture in ("training_curves.png",) + (("retrieval_examples.png",) if model_type != "mivc"
+                                               else ("multi_image_examples.png",)):
+        assert files[picture][:8] == b"\x89PNG\r\n\x1a\n", picture
+        assert f"]({picture})" in card.content
+    _no_token_anywhere(files, caplog.text, capsys.readouterr().out)
+
+    # what was uploaded is a complete, loadable repository
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, payload in files.items():
+        (mirror / name).write_bytes(payload)
+    assert AutoConfig.from_pretrained(mirror).model_type == model_type
+    import transformers
+
+    model = getattr(transformers, TASK_CLASS[model_type]).from_pretrained(mirror)
+    assert type(model).__name__ == auto_map[TASK_CLASS[model_type]].split(".")[1]
+
+
+@pytest.mark.parametrize("model_type", ["tcl", "codis", "mivc"])
+def test_push_from_python_uploads_weights_code_and_processor_files(model_type, tmp_path, hub, caplog):
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    import vlalign
+    from vlalign.data import build_digits_processor
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
+
+    section = {k: v for k, v in MODELS[model_type].items() if k != "model_type"}
+    if model_type == "mivc":
+        processor = build_mivc_digits_processor(image_seq_length=4, image_size=16)
+        section["text_config"] = dict(section["text_config"], vocab_size=len(processor.tokenizer))
+        config = AutoConfig.for_model("mivc", image_token_id=processor.image_token_id, **section)
+        model = AutoModelForImageTextToText.from_config(config)
+    else:
+        processor = build_digits_processor(image_size=16)
+        config = AutoConfig.for_model(model_type, **section)
+        model = AutoModel.from_config(config)
+    assert isinstance(config, (vlalign.ALBEFStackConfig, vlalign.MIVCConfig))
+    model.push_to_hub(f"someone/py-{model_type}", token=PUSH_TOKEN)
+    model_files = dict(hub["files"])
+    assert {"config.json", "model.safetensors"} | (CODE_FILES[model_type] - {"processing_vlalign.py"}) <= set(
+        model_files)
+    hub["files"].clear()
+    processor.push_to_hub(f"someone/py-{model_type}", token=PUSH_TOKEN)
+    processor_files = dict(hub["files"])
+    assert {"processor_config.json", "tokenizer.json", "processing_vlalign.py"} <= set(processor_files)
+    assert hub["tokens"] == {PUSH_TOKEN}
+    _no_token_anywhere({**model_files, **processor_files}, caplog.text)
+
+
+# ----------------------------------------------------------------------------- what a push publishes, and nothing else
+RUN_TOKEN = "hf_SECRETtesttoken_given_on_the_command_line"
+# left in the output folder by an earlier run: none of it may be published
+STALE = {"checkpoint-0/optimizer.pt": b"old pickle", "checkpoint-0/training_args.bin": b"old pickle",
+         "runs/Jan01_oldhost/events.out.tfevents.1.oldhost": b"old events", "old_picture.png": b"\x89PNG old",
+         "old_module.py": b"x = 1\n", "pytorch_model.bin": b"old pickle", "notes.txt": b"old notes"}
+
+
+def _payloads(files: dict):
+    """(name, bytes) of every uploaded file and of every member of an uploaded zip archive (torch pickles are zips)."""
+    for name, data in files.items():
+        yield name, data
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                for member in archive.namelist():
+                    yield f"{name}:{member}", archive.read(member)
+
+
+def _tiny_towers(root: Path) -> tuple[str, str]:
+    """Local vision and text checkpoints for `from_vision_text_pretrained`: absolute paths a card must not show."""
+    import torch
+    import transformers
+    from fixtures import TINY_TEXT, TINY_VISION
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"}))
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(**{k: v for k, v in TINY_TEXT.items()
+                                                                   if k != "model_type"}))
+    vit.save_pretrained(root / "vit")
+    bert.save_pretrained(root / "bert")
+    return str(root / "vit"), str(root / "bert")
+
+
+def test_push_publishes_the_allow_list_only_and_no_token_is_written(tmp_path, hub, monkeypatch, caplog, capsys):
+    """A run with checkpoints, TensorBoard logs, stale files in its output folder, local tower checkpoints and a
+    --hub_token on the command line: the commit holds exactly the allow-list, with no token and no absolute path of
+    this machine in any byte; the token is in no file of the output folder either."""
+    import train
+
+    from vlalign.hub import publishable_files
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the token comes from the command line only
+    out = tmp_path / "out"
+    for name, data in STALE.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    vision_path, text_path = _tiny_towers(tmp_path / "towers")
+    model = {"model_type": "tcl", "vision_config": {"image_size": 16},  # sizes the processor's images
+             **{k: TINY_TRAIN_MODEL[k] for k in ("num_fusion_layers", "embed_dim", "queue_size", "lmi_image_grid")}}
+    config = {"model": model, "data": {"max_train_samples": 32, "max_eval_samples": 12},
+              "run": {"vision_model_name_or_path": vision_path, "text_model_name_or_path": text_path},
+              "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 16,
+                           "logging_steps": 1, "save_steps": 1, "report_to": "tensorboard", "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl",
+                "--hub_token", RUN_TOKEN])
+
+    # the run did leave checkpoints, logs and training arguments next to the model
+    assert {"checkpoint-1", "checkpoint-2", "runs", "training_args.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "checkpoint-2" / "training_args.bin").is_file()
+    assert len(list((out / "runs").rglob("events.out.tfevents.*"))) == 2  # the stale one and this run's
+
+    files = hub["files"]
+    assert hub["commits"] == 1 and hub["tokens"] == {RUN_TOKEN}
+    expected = {"config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
+                "tokenizer.json", "tokenizer_config.json", "README.md", "eval_results.json", "training_curves.png",
+                "retrieval_examples.png"} | CODE_FILES["tcl"]
+    assert set(files) == expected
+    assert sorted(files) == publishable_files(out)
+    for name, data in files.items():
+        assert data == (out / name).read_bytes(), name
+    for name, data in _payloads(files):
+        assert RUN_TOKEN.encode() not in data, name
+        for path in (out.resolve(), tmp_path.resolve(), Path(vision_path), Path(text_path)):
+            assert str(path).encode() not in data, (name, path)
+    card = _load_card(files, tmp_path)
+    assert card.data.base_model is None and "vit (local folder)" in card.text  # named, not a path, not metadata
+
+    for path in out.rglob("*"):  # nothing written by the run holds the token: checkpoints' training_args.bin neither
+        if path.is_file():
+            for name, data in _payloads({str(path): path.read_bytes()}):
+                assert RUN_TOKEN.encode() not in data, name
+    assert RUN_TOKEN not in caplog.text and RUN_TOKEN not in "".join(capsys.readouterr())
+
+
+def _connect_error(message):
+    try:
+        import httpx2 as httpx
+    except ImportError:  # huggingface_hub 1.x
+        import httpx
+    return httpx.ConnectError(message)
+
+
+def _http_error(status):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    response = httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    return HfHubHTTPError(f"{status} Server Error: Service Unavailable for url: {response.url}\n(Request ID: x)",
+                          response=response)
+
+
+def test_failed_push_says_so_in_one_line_keeps_the_folder_and_gives_a_working_command(tmp_path, hub, monkeypatch):
+    import requests
+    import train
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from vlalign.hub import publishable_files
+
+    monkeypatch.setenv("HF_TOKEN", PUSH_TOKEN)
+    out = tmp_path / "out"
+    config = {"model": MODELS["tcl"], "data": {"max_train_samples": 16, "max_eval_samples": 8},
+              "training": {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 16,
+                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def unreachable(self, *args, **kwargs):
+        raise _connect_error("[Errno -3] Temporary failure in name resolution")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "create_commit", unreachable)
+        with pytest.raises(SystemExit) as failed:
+            train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id",
+                        "someone/tiny-tcl"])
+    saved = publishable_files(out)
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(saved)
+
+    def check(exit_info, error_name):
+        message = exit_info.value.code
+        assert isinstance(message, str) and "\n" not in message  # non-zero exit status, one line, no traceback
+        assert exit_info.value.__cause__ is None and exit_info.value.__suppress_context__
+        assert message.startswith("Push to the Hub repo someone/tiny-tcl failed") and error_name in message
+        assert f"saved locally at {out.resolve()};" in message and PUSH_TOKEN not in message
+        return message.split(" with: ", 1)[1]
+
+    command = check(failed, "ConnectError")
+    assert publishable_files(out) == saved and not hub["files"]
+
+    run = train.RunArguments(push_to_hub=True, hub_model_id="someone/tiny-tcl")
+    for error in (requests.exceptions.ConnectionError("Max retries exceeded"), _http_error(503),
+                  OfflineModeIsEnabled("HF_HUB_OFFLINE=1")):
+        def fail(self, *args, _error=error, **kwargs):
+            raise _error
+
+        with monkeypatch.context() as patch:
+            patch.setattr(HfApi, "create_repo", fail)
+            with pytest.raises(SystemExit) as failed:
+                train.push_to_hub(out, run)
+        assert check(failed, type(error).__name__) == command
+
+    # the suggested command pushes the saved model, the allow-list only (what `python -c` would run)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"] and len(argv) == 3
+    exec(argv[2], {})
+    assert sorted(hub["files"]) == saved
+
+
+def test_hub_settings_never_reach_the_training_arguments(tmp_path):
+    """From the command line or a YAML `training:` section, the token and push settings go to `run`: the
+    TrainingArguments that the Trainer pickles into each checkpoint hold no token and never push by themselves."""
+    import pickle
+
+    import train
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"training": {"output_dir": str(tmp_path / "out"), "hub_token": RUN_TOKEN, "push_to_hub": True,
+                      "hub_model_id": "someone/x", "hub_private_repo": True}}))
+    for argv in ([], ["--hub_token", RUN_TOKEN]):
+        config = train.load_config(str(tmp_path / "config.yaml"), train.parse_overrides(argv))
+        assert not set(train.HUB_SETTINGS) & set(config["training"])
+        run = train.RunArguments(**config["run"])
+        assert (run.hub_token, run.push_to_hub, run.hub_model_id, run.hub_private_repo) == (
+            RUN_TOKEN, True, "someone/x", True)
+        assert RUN_TOKEN not in repr(run)
+        training_args = train._training_arguments(config, str(tmp_path / "out"))
+        assert training_args.hub_token is None and not training_args.push_to_hub
+        assert RUN_TOKEN.encode() not in pickle.dumps(training_args)

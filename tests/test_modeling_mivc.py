@@ -1,6 +1,6 @@
 """MIVCForConditionalGeneration end to end: permutation / padding invariance of the pooled visual tokens, the
 attention formulas inside the model, freeze flags, generate, placeholder checks, save / load, remote code and the
-image-text-to-text pipeline, MIVCProcessor and bf16.
+image-text-to-text pipeline, MIVCProcessor, bf16, and the attention implementations (SDPA by default, as eager).
 
 Every model is a tiny random ViT (32x32 images, 8x8 patches -> 16 tokens per image), optionally a tiny BLIP-2 Q-Former
 (4 queries), and a tiny Llama over the offline digits tokenizer; nothing is downloaded.
@@ -16,8 +16,14 @@ import sys
 import textwrap
 
 import pytest
-from fixtures import BLOCK_VLALIGN
 import torch
+from fixtures import (
+    BLOCK_VLALIGN,
+    MIVC_DIGITS_NUM_QUERIES,
+    MIVC_DIGITS_QFORMER,
+    MIVC_DIGITS_VISION,
+    count_attention_calls,
+)
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ViTImageProcessorPil
 
@@ -27,14 +33,11 @@ from vlalign.data import build_digits_tokenizer
 POOLING_MODES = ("mean", "max", "attention", "gated_attention")
 ALL_MODES = POOLING_MODES + ("concatenate",)
 PROMPT = "<image> which digit?"
-IMAGE_SIZE = 32
-VISION = dict(
-    model_type="vit", image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=1,
-    num_attention_heads=4, intermediate_size=64,
-)
+VISION = MIVC_DIGITS_VISION  # 32x32 images, 8x8 patches
+IMAGE_SIZE = VISION["image_size"]
 # a Q-Former width different from the vision width: the config must set its encoder_hidden_size
-QFORMER = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
-NUM_QUERIES = 4
+QFORMER = MIVC_DIGITS_QFORMER
+NUM_QUERIES = MIVC_DIGITS_NUM_QUERIES
 
 
 @pytest.fixture(autouse=True)
@@ -926,3 +929,73 @@ def test_from_pretrained_components_rejects_a_checkpoint_that_does_not_match(tmp
     with pytest.raises(ValueError, match=r"language model checkpoint .* unexpected \[.*layers\.1"):
         MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
                                                                 image_token_id=7)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 11. attention implementations: every attention call (ViT, Q-Former, the causal LM) goes through transformers' SDPA
+# path by default. With `attn_implementation="eager"` the eager kernels run N times; built by default, the same
+# forward runs `torch.nn.functional.scaled_dot_product_attention` exactly N times, the eager kernels never, and the
+# losses agree (TCL / CODIS: test_attention.py).
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts of eager-kernel and SDPA calls during the test."""
+    return count_attention_calls(monkeypatch)
+
+
+def _attention_case(qformer):
+    def run(attn_implementation):
+        torch.manual_seed(0)
+        model = MIVCForConditionalGeneration._from_config(_config(qformer=qformer),
+                                                          attn_implementation=attn_implementation).eval()
+        counts, n_images = (2, 3), 3
+        ids = torch.tensor([_prompt_ids(model, c) for c in counts])
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images),
+                         labels=ids).loss
+    return run
+
+
+ATTENTION_CASES = {
+    "mivc": _attention_case(qformer=False),
+    "mivc_qformer": _attention_case(qformer=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_every_attention_call_uses_sdpa_by_default(case, attention_calls):
+    eager_loss = ATTENTION_CASES[case]("eager")
+    eager_calls = attention_calls["eager"]
+    # at least the vision tower and one other (Q-Former / LM) attention layer ran
+    assert eager_calls >= 2 and attention_calls["sdpa"] == 0
+    attention_calls.update(eager=0, sdpa=0)
+    sdpa_loss = ATTENTION_CASES[case](None)  # the default a user gets
+    assert attention_calls["eager"] == 0
+    assert attention_calls["sdpa"] == eager_calls
+    torch.testing.assert_close(sdpa_loss, eager_loss, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_mivc_compiles_whole_with_the_eager_loss_and_gradients():
+    """MIVC has no ALBEF-style losses: `torch_compile=True` compiles the whole model (transformers' default); the
+    graph breaks at the data-dependent placeholder check and image selection, and the results stay exact."""
+    counts, n_images = (2, 3), 3
+    results = []
+    for compiled in (False, True):
+        model = _model(qformer=True).train()
+        ids = torch.tensor([_prompt_ids(model, c) for c in counts])
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        torch.manual_seed(1)
+        loss = run(input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images),
+                   labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,4 +1,7 @@
-"""EMA teachers and the feature queue (vlalign.momentum)."""
+"""vlalign.momentum: the EMA teachers (ema_update follows the student exactly) and FeatureQueue, the ring buffer of
+past features and their ids (any batch size, in order of arrival; a non-finite batch is kept out)."""
+
+import math
 
 import torch
 from fixtures import tiny_tcl_config
@@ -33,3 +36,37 @@ def test_enqueue_wraps_around_exactly():
     assert queue.ids.tolist() == [-1, 2, 3, -1, -1]
     keys = queue.keys(torch.zeros(2, 2))
     assert keys.shape == (7, 2) and torch.equal(keys[2:], queue.features)
+
+
+def test_the_queue_is_a_ring_buffer_for_any_batch_size():
+    """A queue whose size the batch does not divide (30 and 8) still holds exactly the newest 30 features, in order
+    of arrival from the pointer on: no divisibility rule is needed (ALBEF's reference asserts one because it writes
+    a contiguous slice; this queue writes modulo its size)."""
+    queue = FeatureQueue(30, 4)
+    arrived = []
+    for step in range(7):
+        features = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(step)), dim=1)
+        ids = torch.arange(8) + 8 * step
+        queue.enqueue(features, ids)
+        arrived += list(zip(features, ids.tolist()))
+    newest = arrived[-30:]
+    ptr = int(queue.ptr)
+    assert ptr == (7 * 8) % 30
+    order = [(ptr + k) % 30 for k in range(30)]  # oldest first
+    assert [int(queue.ids[i]) for i in order] == [i for _, i in newest]
+    assert torch.equal(queue.features[order], torch.stack([f for f, _ in newest]))
+
+
+def test_queue_ignores_a_nonfinite_batch():
+    torch.manual_seed(0)
+    queue = FeatureQueue(size=6, dim=3)
+    queue.enqueue(torch.ones(2, 3), torch.tensor([1, 2]))
+    before = {k: v.clone() for k, v in queue.state_dict().items()}
+    bad = torch.ones(2, 3)
+    bad[1, 2] = math.nan
+    queue.enqueue(bad, torch.tensor([3, 4]))
+    for key, value in queue.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    queue.enqueue(2 * torch.ones(2, 3), torch.tensor([5, 6]))
+    assert int(queue.ptr) == 4 and queue.ids[2:4].tolist() == [5, 6]
+    assert torch.equal(queue.features[2:4], 2 * torch.ones(2, 3))

@@ -1,26 +1,60 @@
-"""training/train.py: config + overrides, and an end-to-end `accelerate launch` run on a dataset with bad images."""
+"""training/train.py: config + overrides, end-to-end runs (TCL, CODIS, MIVC; through `accelerate launch`, on a
+dataset with bad images, on hostile data, on streamed shards), push from the script, what it does when a run goes
+wrong, and exact resume after a crash.
+
+* When a run goes wrong: a second run on a folder in use, a final save that fails half-way, an eval split or a
+  training split with nothing usable, a SIGTERM (directly, or to the `accelerate launch` parent), a tokenizer
+  larger than the model's vocabulary, resuming on other training data, and data-issue counts that must cover only
+  the batches trained on.
+* Hostile data: corrupt, truncated, empty and oversized files, unusual colour modes and broken captions are
+  skipped or sanitised, counted by reason, and reported; the run completes (TCL rows, MIVC items).
+* Streaming: parquet and WebDataset shards (conftest.py's `shards`) with `--streaming true` and max_steps.
+* Exact resume: a run killed with SIGKILL after a checkpoint and resumed with `--resume_from_checkpoint latest`
+  ends with the weights of an uninterrupted run (see the section's comment); a kill during a checkpoint save.
+"""
+
+from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
-import yaml
 import torch
-from fixtures import TINY_TRAIN_MODEL
+import yaml
+from fixtures import (
+    NUM_TEST,
+    TINY_TRAIN_MIVC,
+    TINY_TRAIN_MODEL,
+    cmyk_jpeg,
+    digit_png,
+    hostile_rows,
+    one_by_one_png,
+    png_claiming_size,
+    rgba_png,
+    truncated_png,
+    write_split,
+)
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from vlalign.data import DIGIT_NAMES, build_digits_processor
+from vlalign.output_folder import DiskFullError, OutputFolderLock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "training"))
 
 from train import apply_overrides, load_config, parse_overrides  # noqa: E402
-
 
 
 def test_overrides_go_to_the_right_section():
@@ -206,9 +240,8 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
 
 def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
     """--push_to_hub sends model, processor, code and card; the Hub is intercepted (no network in CI)."""
-    from huggingface_hub import CommitInfo, HfApi, RepoUrl
-
     import train
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
     uploaded = {}
 
@@ -307,16 +340,6 @@ def test_processor_of_another_image_size_is_refused_before_training(tmp_path):
         train.main(["--config", str(tmp_path / "config.yaml")])
     assert not (tmp_path / "out").exists()
 
-TINY_MIVC = {
-    "model_type": "mivc",
-    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32,
-                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
-    "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-                    "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 128},
-    "pooling_mode": "gated_attention", "pooling_attention_dim": 16,
-    "freeze_vision_model": False, "freeze_language_model": False,
-}
-
 
 def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
     """`model_type: mivc` trains the generative model on multi-view digits and writes weights, processor, code,
@@ -324,7 +347,7 @@ def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
     import train
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = {"model": TINY_MIVC,
+    config = {"model": TINY_TRAIN_MIVC,
               "data": {"num_train_items": 40, "num_test_items": 12, "image_size": 16},
               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 8,
                            "save_strategy": "no", "report_to": "none", "use_cpu": True, "learning_rate": 1e-3}}
@@ -393,3 +416,579 @@ def test_a_contrastive_setting_is_refused_for_mivc(tmp_path):
     with pytest.raises(SystemExit, match=r"\['itm_rerank_k'\] are not settings of VLAlignTrainingArguments"):
         train.load_config(None, train.parse_overrides(["--model_type", "mivc", "--itm_rerank_k", "5"]))
     assert train.task_of("mivc").training_arguments is VLAlignTrainingArguments
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# When a run goes wrong
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+FAILURE_TRAINING = {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "report_to": "none",
+                    "use_cpu": True, "save_strategy": "no", "dataloader_drop_last": True, "learning_rate": 1e-3}
+BROKEN_IMAGE = {"bytes": b"\x89PNG\r\n\x1a\n but not really", "path": None}
+
+
+def _parquet_case(tmp_path: Path, train_rows: list[dict], num_good: int, eval_rows=(), num_eval_good=8,
+                  **training) -> Path:
+    write_split(tmp_path / "train.parquet", list(train_rows), num_good=num_good, first_digit=0)
+    write_split(tmp_path / "test.parquet", list(eval_rows), num_good=num_eval_good, first_digit=100)
+    build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
+    config = {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+              "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
+                       "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+                       "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
+              "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
+              "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _digits_config(tmp_path: Path, **training) -> Path:
+    config = {"model": TINY_TRAIN_MODEL, "data": {"max_train_samples": 64, "max_eval_samples": 16},
+              "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
+              "run": {"cpu_threads": 1}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
+    import train
+
+    config = _digits_config(tmp_path)
+    holder = OutputFolderLock(tmp_path / "out").acquire()  # the first run, alive
+    try:
+        with pytest.raises(SystemExit, match=r"output_dir .*out is in use by another run \(pid \d+ on .*\)"):
+            train.main(["--config", str(config)])
+        assert not (tmp_path / "out" / "model.safetensors").exists()
+    finally:
+        holder.release()
+    # a run that ended (or crashed: the kernel drops its lock) leaves the lock file, which blocks nothing
+    assert (tmp_path / "out" / ".vlalign-run.lock").is_file()
+    OutputFolderLock(tmp_path / "out").acquire().release()
+
+
+def test_a_final_save_that_fails_half_way_keeps_the_previous_model_whole(tmp_path, monkeypatch):
+    import train
+
+    config = _digits_config(tmp_path)
+    train.main(["--config", str(config)])
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
+    def full_disk(*args, **kwargs):  # the card is written after the weights, config and processor
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_model_card", full_disk)
+    with pytest.raises(DiskFullError, match=r"the disk is full: the final model could not be written to .*out"):
+        train.main(["--config", str(config), "--seed", "7", "--model.embed_dim", "24"])
+    after = {name: (out / name).read_bytes() for name in before}
+    assert after == before  # weights, config and card all still the first run's
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".incomplete-")]
+
+
+def test_an_eval_split_with_nothing_usable_stops_before_training(tmp_path):
+    import train
+
+    config = _parquet_case(tmp_path, [], num_good=32, eval_rows=[{"image": BROKEN_IMAGE, "caption": "a digit"}] * 3,
+                           num_eval_good=0)
+    start = time.time()
+    with pytest.raises(SystemExit, match=r"eval split 'test': 3 rows give 0 usable images and 0 usable captions "
+                                         r"\(3 images skipped \(corrupt 3\)"):
+        train.main(["--config", str(config), "--max_steps", "200"])
+    assert time.time() - start < 60  # not after 200 steps
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_on_nothing_exits_non_zero_without_a_card(tmp_path):
+    import train
+
+    broken = [{"image": BROKEN_IMAGE, "caption": "a handwritten digit one"}] * 16
+    config = _parquet_case(tmp_path, broken, num_good=0)
+    with pytest.raises(SystemExit, match=r"nothing was trained: 2 optimizer steps on 0 usable training rows"):
+        train.main(["--config", str(config)])
+    assert not (tmp_path / "out" / "README.md").exists() and not (tmp_path / "out" / "model.safetensors").exists()
+    # fewer rows than one batch with drop_last, and zero epochs: refused before training
+    (tmp_path / "small").mkdir()
+    with pytest.raises(SystemExit, match=r"it has 5 rows, fewer than one batch of 8 with dataloader_drop_last"):
+        train.main(["--config", str(_parquet_case(tmp_path / "small", [], num_good=5))])
+    with pytest.raises(SystemExit, match=r"num_train_epochs=0 gives 0 optimizer steps"):
+        train.main(["--config", str(_digits_config(tmp_path / "zero")), "--max_steps", "-1", "--num_train_epochs", "0"])
+
+
+def test_skip_counts_cover_only_the_batches_trained_on(tmp_path):
+    """The data loader collates one batch ahead; its broken rows were never trained on."""
+    import train
+
+    rows = [{"image": BROKEN_IMAGE, "caption": "a handwritten digit one"}] * 32
+    config = _parquet_case(tmp_path, rows, num_good=32)  # half of every batch broken, on average
+    results = train.main(["--config", str(config), "--max_steps", "2"])
+    assert results["train_steps"] == 2
+    # only broken images here, so the images skipped are exactly the rows dropped from the trained batches
+    assert results["train_images_skipped"] == results["train_items_skipped"] > 0
+    assert results["train_images_skipped"] < 16 + 1  # of 2 batches of 8; the look-ahead batch's are not counted
+
+
+# ---- SIGTERM ------------------------------------------------------------------------------------------------------
+SIGNAL_LAUNCHER = """
+import os, runpy, signal, sys, time
+from transformers import TrainerCallback
+import vlalign.trainer
+
+class SignalAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == int(os.environ["SIGNAL_AT_STEP"]):
+            target = os.getppid() if os.environ.get("SIGNAL_PARENT") else os.getpid()
+            os.kill(target, signal.SIGTERM)
+            time.sleep(1)  # the signal arrives during the step, as on a preempted machine
+
+original_init = vlalign.trainer.VLAlignTrainer.__init__
+
+def init_with_signal(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    self.add_callback(SignalAtStep())
+
+vlalign.trainer.VLAlignTrainer.__init__ = init_with_signal
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
+"""
+
+
+def _signal_run(tmp_path: Path, *extra: str, parent: bool = False) -> subprocess.CompletedProcess:
+    script = tmp_path / "signal_launcher.py"
+    script.write_text(SIGNAL_LAUNCHER)
+    env = {**os.environ, "REPO_ROOT": str(REPO), "SIGNAL_AT_STEP": "3", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "training")])}
+    if parent:
+        env["SIGNAL_PARENT"] = "1"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script)]
+    else:
+        command = [sys.executable, str(script)]
+    config = _digits_config(tmp_path, max_steps=40, save_strategy="steps", save_steps=100)
+    return subprocess.run([*command, "--config", str(config), *extra], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["plain", "enable_jit_checkpoint"])
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero_without_a_final_model(tmp_path, jit):
+    extra = ["--enable_jit_checkpoint", "true"] if jit else []
+    done = _signal_run(tmp_path, *extra)
+    out = tmp_path / "out"
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "training stopped by SIGTERM after step 3" in done.stderr
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file()
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
+
+
+def test_sigterm_to_the_accelerate_launcher_stops_the_trainer_too(tmp_path):
+    pytest.importorskip("accelerate")
+    done = _signal_run(tmp_path, parent=True)
+    out = tmp_path / "out"
+    assert done.returncode != 0
+    # the trainer, orphaned before, got SIGTERM when its launcher died: it saved and exited
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-3" / "trainer_state.json").is_file():
+        time.sleep(1)
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file()
+    deadline = time.time() + 60
+    lock_free = False
+    while time.time() < deadline and not lock_free:  # the trainer process has ended: its lock is free
+        try:
+            OutputFolderLock(out).acquire().release()
+            lock_free = True
+        except Exception:
+            time.sleep(1)
+    assert lock_free
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_training(tmp_path):
+    import train
+
+    from vlalign.data import build_digits_tokenizer
+
+    config = _digits_config(tmp_path)
+    processor = build_digits_processor(image_size=16)
+    processor.tokenizer = build_digits_tokenizer(extra_words=[f"word{i}" for i in range(300)])
+    processor.save_pretrained(tmp_path / "big_processor")
+    with pytest.raises(SystemExit, match=r"tokenizer.*\d+.*vocab"):
+        train.main(["--config", str(config), "--processor_name_or_path", str(tmp_path / "big_processor"),
+                    "--model.text_config.vocab_size", "200"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_on_other_training_data_is_refused_and_an_allowed_change_reaches_the_card(tmp_path):
+    import train
+
+    config = _digits_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    train.main(["--config", str(config)])
+    with pytest.raises(Exception, match=r"train_data: '[0-9a-f]{16}' in the checkpoint, '[0-9a-f]{16}' now"):
+        train.main(["--config", str(config), "--max_steps", "6", "--max_train_samples", "48",
+                    "--resume_from_checkpoint", "latest"])
+    results = train.main(["--config", str(config), "--max_steps", "6", "--learning_rate", "2e-3",
+                          "--resume_from_checkpoint", "latest", "--resume_with_changed_arguments", "true"])
+    assert results["resumed_with_changed_arguments"] == {
+        "learning_rate": {"checkpoint": 1e-3, "now": 2e-3, "from_step": 5}}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert r"| changed\_on\_resume | learning\_rate 0.001 -\> 0.002 from step 5 |" in card  # Markdown-escaped
+
+
+def test_a_multi_image_eval_split_without_a_decodable_image_is_refused():
+    import train
+
+    from vlalign.data import MIVCDataArguments
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
+
+    rows = [{"images": [BROKEN_IMAGE, BROKEN_IMAGE], "prompt": "<image> which digit?", "answer": "one"}] * 3
+    with pytest.raises(SystemExit, match=r"eval split 'test': none of its 3 items has a decodable image "
+                                         r"\(6 images skipped \(corrupt 6\)"):
+        train._check_multi_image_eval(rows, build_mivc_digits_processor(image_seq_length=1, image_size=16),
+                                      MIVCDataArguments())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A training run on hostile data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_training_run_on_hostile_data_completes_and_reports_counts(tmp_path, caplog):
+    import train
+
+    (tmp_path / "files").mkdir()
+    rows, expected = hostile_rows(tmp_path / "files")
+    eval_rows = [rows[0], rows[2], rows[3], rows[5], rows[13], rows[17]]  # 4 bad images, caption None / bad UTF-8
+    write_split(tmp_path / "train.parquet", rows, num_good=48 - len(rows), first_digit=0)
+    write_split(tmp_path / "test.parquet", eval_rows, num_good=10, first_digit=100)
+    build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
+    config = {
+        "model": TINY_TRAIN_MODEL,
+        "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
+                 "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+                 "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
+        # 48 rows, batch 16, 3 steps: every training row is read exactly once, so the counts are exact
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 16,
+                     "learning_rate": 1e-3, "save_strategy": "no", "report_to": "none", "use_cpu": True,
+                     "seed": 0},
+        "run": {"processor_name_or_path": str(tmp_path / "processor"), "eval_batch_size": 32},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO):
+        results = train.main(["--config", str(tmp_path / "config.yaml")])
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert saved["train_steps"] == 3 and np.isfinite(saved["train_loss"])
+    assert saved["train_items_skipped"] == 9
+    assert {k: v for k, v in saved.items() if k.startswith(("train_images", "train_captions"))} == {
+        f"train_{k}": v for k, v in expected.items()}
+    assert {k: v for k, v in saved.items() if k.startswith(("eval_images", "eval_captions"))} == {
+        "eval_images_skipped": 4, "eval_images_skipped_truncated": 1, "eval_images_skipped_empty_file": 1,
+        "eval_images_skipped_corrupt": 1, "eval_images_skipped_too_large": 1, "eval_captions_skipped": 1,
+        "eval_captions_skipped_missing": 1, "eval_captions_sanitised": 1, "eval_captions_sanitised_invalid_utf8": 1}
+    assert saved["num_eval_images_skipped"] == 4 and saved["num_eval_images"] == 12
+    assert results["train_images_skipped"] == 6
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data issues:")]
+    assert summary == [(
+        "Data issues: training: 6 images skipped (corrupt 1, empty_file 1, file_not_found 1, too_large 1, "
+        "truncated 2), 3 captions skipped (empty 2, missing 1), 3 captions sanitised (control_chars 1, "
+        "invalid_utf8 1, too_long 1); evaluation: 4 images skipped (corrupt 1, empty_file 1, too_large 1, "
+        "truncated 1), 1 captions skipped (missing 1), 1 captions sanitised (invalid_utf8 1)")]
+
+
+def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_path):
+    """A list-of-images parquet column is read undecoded, so a bad file drops one image, not the run; evaluation
+    decodes with the training collator, and its skips are reported apart."""
+    import train
+
+    from vlalign.data.multiview_digits import build_mivc_digits_processor
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = [{"bytes": digit_png(i), "path": None} for i in range(10)]
+    bad = {"truncated": {"bytes": truncated_png(), "path": None},
+           "bomb": {"bytes": png_claiming_size(30_000, 30_000), "path": None},
+           "empty": {"bytes": None, "path": str(tmp_path / "empty.png")},
+           "missing": {"bytes": None, "path": str(tmp_path / "missing.png")},
+           "corrupt": {"bytes": b"GIF89a but no more", "path": None}}
+    odd = [{"bytes": data, "path": None} for data in (cmyk_jpeg((0, 0, 0, 255)), rgba_png(), one_by_one_png())]
+    train_items = [[good[0], bad["truncated"], bad["bomb"]], [bad["empty"], bad["missing"]], odd,
+                   *[[good[i], good[i + 1]] for i in range(1, 6)]]
+    eval_items = [[good[6], bad["corrupt"]], [good[7]], [good[8], good[9]]]
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "prompt": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    for name, items in (("train", train_items), ("test", eval_items)):
+        rows = [{"images": images, "prompt": "<image> which digit?", "answer": "one"} for images in items]
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / f"{name}.parquet"),
+                                                                       batch_size=1000)
+    build_mivc_digits_processor(image_seq_length=1, image_size=16).save_pretrained(tmp_path / "processor")
+    config = {"model": TINY_TRAIN_MIVC,
+              "data": {"dataset_name": "parquet", "data_files": {"train": str(tmp_path / "train.parquet"),
+                                                                 "test": str(tmp_path / "test.parquet")}},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 8,
+                           "save_strategy": "no", "report_to": "none", "use_cpu": True},
+              "run": {"processor_name_or_path": str(tmp_path / "processor")}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    train.main(["--config", str(tmp_path / "config.yaml")])
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert saved["train_steps"] == 1 and saved["num_eval_items"] == 3
+    assert {k: v for k, v in saved.items() if "_skipped" in k} == {
+        "train_images_skipped": 4, "train_images_skipped_truncated": 1, "train_images_skipped_too_large": 1,
+        "train_images_skipped_empty_file": 1, "train_images_skipped_file_not_found": 1, "train_items_skipped": 1,
+        "eval_images_skipped": 1, "eval_images_skipped_corrupt": 1, "train_nonfinite_steps_skipped": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming training data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _streaming_config(root: Path, fmt: str) -> dict:
+    if fmt == "parquet":
+        data = {"dataset_name": "parquet", "data_files": {"train": str(root / "parquet" / "train-*.parquet"),
+                                                          "test": str(root / "parquet" / "test-*.parquet")}}
+    else:
+        data = {"dataset_name": "webdataset", "data_files": {"train": str(root / "wds" / "train-*.tar"),
+                                                             "test": str(root / "wds" / "test-*.tar")},
+                "image_column": "png", "caption_column": "txt", "label_column": "cls"}
+    data.update({"image_id_column": None, "max_eval_samples": NUM_TEST, "max_train_samples": 24,
+                 "shuffle_buffer_size": 32, "class_names": DIGIT_NAMES,
+                 "zero_shot_templates": ["a handwritten digit {name}"]})
+    return {"model": TINY_TRAIN_MODEL, "data": data,
+            "training": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+                         "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0},
+            "run": {"processor_name_or_path": str(root / "processor")}}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+@pytest.mark.usefixtures("short_arrow_shutdown_pause")
+def test_train_script_streams_shards_with_max_steps(shards, tmp_path, fmt):
+    import train
+
+    if not (shards / "processor").exists():
+        build_digits_processor(image_size=16).save_pretrained(shards / "processor")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(_streaming_config(shards, fmt)))
+    out = tmp_path / "out"
+    # 24 rows (one corrupt) in 3 batches of 8: one pass over the limited stream
+    results = train.main(["--config", str(config_path), "--streaming", "true", "--output_dir", str(out)])
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["train_steps"] == 3 and np.isfinite(saved["train_loss"])
+    assert saved["train_items_skipped"] == 1
+    assert saved["num_eval_images"] == NUM_TEST
+    for key in ("zero_shot_accuracy", "i2t_recall@1", "t2i_recall@1"):
+        assert 0.0 <= saved[key] <= 100.0, key
+    assert results["train_items_skipped"] == 1
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+
+
+@pytest.mark.usefixtures("short_arrow_shutdown_pause")
+def test_streaming_without_max_steps_is_refused(shards, tmp_path):
+    import train
+
+    config = _streaming_config(shards, "parquet")
+    del config["training"]["max_steps"]
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="set training.max_steps"):
+        train.main(["--config", str(config_path), "--streaming", "true", "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.usefixtures("short_arrow_shutdown_pause")
+def test_streaming_refuses_running_z(shards, tmp_path):
+    import train
+
+    config = _streaming_config(shards, "parquet")
+    config["model"] = {**TINY_TRAIN_MODEL, "use_momentum": False, "contrastive_loss": "decomposable",
+                       "z_estimate": "running", "num_train_samples": 60}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="running"):
+        train.main(["--config", str(config_path), "--streaming", "true", "--output_dir", str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume after a crash
+# ---------------------------------------------------------------------------------------------------------------------
+# A training run killed with SIGKILL after a checkpoint and resumed with
+# `--resume_from_checkpoint latest` ends with the same weights as an uninterrupted run (tolerance 1e-6), for TCL, CODIS
+# and MIVC.
+#
+# The runs are real `training/train.py` processes. The killed one gets a callback that sends itself SIGKILL at the end
+# of a step after the last checkpoint (no clean-up runs, as on a pre-empted machine). The set-up makes every piece of
+# state matter: the resumed checkpoint is in the second epoch (data order, skipped batches), queues wrap around
+# (pointers), the alpha ramp is still rising, EMA teachers move every step, BERT dropout and MLM masking draw from the
+# RNG, captions are drawn at random per batch, and TCL uses gradient accumulation. A fourth run trains TCL on data
+# with every kind of hostile image and caption (rows skipped, refilled with copies, sanitised): same weights, and
+# every data-issue count covers the whole run exactly once.
+
+
+# (max_steps, save_steps, kill after step): 40 rows at batch 8 are 5 steps per epoch, so checkpoint-6 is one step
+# into the second epoch; killed after step 7
+SCHEDULE = (9, 3, 7)
+
+KILLING_LAUNCHER = textwrap.dedent("""
+    import os, runpy, signal, sys
+    from transformers import TrainerCallback
+    import vlalign.trainer
+
+    class KillAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    original_init = vlalign.trainer.VLAlignTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(KillAfterStep())
+
+    vlalign.trainer.VLAlignTrainer.__init__ = init_with_kill
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
+""")
+
+RESUME_TRAINING = {"max_steps": SCHEDULE[0], "save_strategy": "steps", "save_steps": SCHEDULE[1], "logging_steps": 1,
+                   "report_to": "none", "use_cpu": True, "seed": 5, "dataloader_drop_last": True, "learning_rate": 1e-3}
+
+RESUME_CASES = {
+    "tcl": {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+            "data": {"max_train_samples": 40, "max_eval_samples": 20},
+            "training": {**RESUME_TRAINING, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                         "alpha_ramp_steps": 20},
+            "run": {"cpu_threads": 1}},
+    "codis": {"model": {**{k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"},
+                        "model_type": "codis", "codebook_size": 8, "queue_size": 16},
+              "data": {"max_train_samples": 40, "max_eval_samples": 20},
+              "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
+              "run": {"cpu_threads": 1}},
+    "mivc": {"model": TINY_TRAIN_MIVC,
+             "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
+             "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8},
+             "run": {"cpu_threads": 1}},
+}
+
+
+def hostile_case(tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
+    """TCL on 48 rows of which 18 hold every kind of hostile image or caption (skipped, refilled, sanitised), 6 steps
+    per epoch; checkpoint-8 is two steps into the second epoch, killed after step 9."""
+    (tmp_path / "files").mkdir()
+    rows, _ = hostile_rows(tmp_path / "files")
+    write_split(tmp_path / "train.parquet", rows, num_good=48 - len(rows), first_digit=0)
+    write_split(tmp_path / "test.parquet", [], num_good=10, first_digit=100)
+    build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
+    config = {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+              "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
+                       "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+                       "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
+              "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "max_steps": 10, "save_steps": 4,
+                           "alpha_ramp_steps": 20},
+              "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1}}
+    return config, (10, 4, 9)
+
+
+def _case(model_type: str, tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
+    return hostile_case(tmp_path) if model_type == "tcl_hostile_data" else (RESUME_CASES[model_type], SCHEDULE)
+
+
+def _resume_run(script: list[str], config: Path, output_dir: Path, *extra: str,
+                kill_at: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "REPO_ROOT": str(REPO), "KILL_AT_STEP": str(kill_at), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *script, "--config", str(config), "--output_dir", str(output_dir), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("model_type", [*sorted(RESUME_CASES), "tcl_hostile_data"])
+def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(model_type, tmp_path):
+    case, (max_steps, save_steps, kill_at) = _case(model_type, tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(case))
+    train_py = [str(REPO / "training" / "train.py")]
+
+    uninterrupted = _resume_run(train_py, config, tmp_path / "uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    launcher = tmp_path / "killing_launcher.py"
+    launcher.write_text(KILLING_LAUNCHER)
+    killed_dir = tmp_path / "killed"
+    killed = _resume_run([str(launcher)], config, killed_dir, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = f"checkpoint-{2 * save_steps}"
+    checkpoints = sorted(p.name for p in killed_dir.glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{save_steps}", last]  # killed mid-run, after the second checkpoint
+    assert not (killed_dir / "model.safetensors").exists()
+    assert (killed_dir / last / "vlalign_trainer_state.json").exists()
+
+    resumed = _resume_run(train_py, config, killed_dir, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last in resumed.stderr  # resumed from the newest checkpoint
+
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    actual = load_file(killed_dir / "model.safetensors")
+    assert sorted(actual) == sorted(expected)
+    before = load_file(killed_dir / last / "model.safetensors")
+    moved = max((expected[k].double() - before[k].double()).abs().max().item() for k in expected
+                if expected[k].is_floating_point())
+    assert moved > 1e-4  # the three steps after the checkpoint changed the weights far beyond the tolerance
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    if model_type != "mivc":  # the queues wrapped around: their pointers and contents are part of the state
+        assert int(expected["image_queue.ptr"]) == (max_steps * 8) % 16
+    results = {name: json.loads((d / "eval_results.json").read_text())
+               for name, d in (("uninterrupted", tmp_path / "uninterrupted"), ("resumed", killed_dir))}
+    assert results["resumed"]["train_steps"] == results["uninterrupted"]["train_steps"] == max_steps
+    # every data-issue count covers the whole run once, as in the uninterrupted run
+    counts = {name: {k: v for k, v in r.items() if k.startswith("train_") and ("skipped" in k or "sanitised" in k)}
+              for name, r in results.items()}
+    assert counts["resumed"] == counts["uninterrupted"]
+    assert counts["resumed"]["train_nonfinite_steps_skipped"] == 0
+    if model_type == "tcl_hostile_data":  # 10 steps x 8 rows over 48 rows of which 18 are hostile
+        assert counts["resumed"]["train_items_skipped"] > 10 and counts["resumed"]["train_images_skipped"] > 5
+        assert counts["resumed"]["train_captions_sanitised"] > 0
+    else:
+        assert counts["resumed"]["train_items_skipped"] == 0
+
+
+def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
+    import train
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(RESUME_CASES["tcl"]))
+    with pytest.raises(SystemExit, match="no complete checkpoint-N folder"):
+        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", "latest"])
+    with pytest.raises(SystemExit, match="no such checkpoint folder"):
+        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", str(tmp_path / "typo")])
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, runpy, signal, sys
+    import transformers
+
+    original = transformers.Trainer._save_optimizer_and_scheduler
+
+    def save_then_die(self, output_dir):  # the weights of this checkpoint are written, the rest never is
+        if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, output_dir)
+
+    transformers.Trainer._save_optimizer_and_scheduler = save_then_die
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
+""")
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_to_resume_from(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(RESUME_CASES["tcl"]))
+    launcher = tmp_path / "kill_during_save.py"
+    launcher.write_text(KILL_DURING_SAVE)
+    killed = _resume_run([str(launcher)], config, tmp_path / "out", kill_at=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = _resume_run([str(REPO / "training" / "train.py")], config, tmp_path / "out",
+                          "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from " in resumed.stderr and "checkpoint-3" in resumed.stderr
+    assert "Removed 1 incomplete save(s) left by an interrupted run" in resumed.stderr
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["train_steps"] == SCHEDULE[0]

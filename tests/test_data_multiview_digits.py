@@ -1,4 +1,5 @@
-"""Tests for the multi-view digits demo of MIVC (several scans of one digit, about half degraded)."""
+"""vlalign.data.multiview_digits: the multi-view digits demo of MIVC (several scans of one digit, about half
+degraded): structure, scans and splits, degradation, determinism, argument validation."""
 
 import io
 
