@@ -29,8 +29,15 @@ LORA_LR = 1e-2
 # peft asks transformers for the deprecated `is_gradient_checkpointing` when it wraps a model
 PEFT_WARNING_FILTER = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
 # the files a saved folder carries besides the model's own modeling_<type>.py / configuration_<type>.py
-SHARED_CODE_FILES = ("modeling_albef.py", "configuration_albef.py", "loading.py", "momentum.py", "gradient_cache.py",
-                     "losses.py", "processing_vlalign.py")
+SHARED_CODE_FILES = (
+    "modeling_albef.py",
+    "configuration_albef.py",
+    "loading.py",
+    "momentum.py",
+    "gradient_cache.py",
+    "losses.py",
+    "processing_vlalign.py",
+)
 
 
 def randomize_weights(model, seed=0):
@@ -54,8 +61,9 @@ def eval_inference(model, batch):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        )
     model.train(was_training)
     return out
 
@@ -210,13 +218,16 @@ class ALBEFModelTesterMixin:
 
         def distribution(sim, mask):
             return torch.softmax(sim.double(), 1).masked_fill(mask, 0.0) / torch.softmax(sim.double(), 1).masked_fill(
-                mask, 0.0).sum(1, keepdim=True)
+                mask, 0.0
+            ).sum(1, keepdim=True)
 
         assert torch.equal(mask_t2i, positive) and torch.equal(mask_i2t, positive)
-        torch.testing.assert_close(distribution(sim_t2i, mask_t2i), distribution(t @ v_m.t() / tau, positive),
-                                   rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(distribution(sim_i2t, mask_i2t), distribution(v @ t_m.t() / tau, positive),
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            distribution(sim_t2i, mask_t2i), distribution(t @ v_m.t() / tau, positive), rtol=1e-12, atol=1e-12
+        )
+        torch.testing.assert_close(
+            distribution(sim_i2t, mask_i2t), distribution(v @ t_m.t() / tau, positive), rtol=1e-12, atol=1e-12
+        )
         # the comparison has teeth: student x student similarities give another distribution
         assert (distribution(t @ v.t() / tau, positive) - distribution(t @ v_m.t() / tau, positive)).abs().max() > 1e-3
 
@@ -286,8 +297,10 @@ class ALBEFModelTesterMixin:
         assert config["model_type"] == own
         assert config["auto_map"]["AutoConfig"] == f"configuration_{own}.{self.config_class.__name__}"
         assert config["auto_map"]["AutoModel"] == f"modeling_{own}.{self.model_class.__name__}"
-        assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == \
-            f"modeling_{own}.{self.model_class.__name__}"
+        assert (
+            config["auto_map"]["AutoModelForZeroShotImageClassification"]
+            == f"modeling_{own}.{self.model_class.__name__}"
+        )
         for name in (f"modeling_{own}.py", f"configuration_{own}.py", *SHARED_CODE_FILES, "model.safetensors"):
             assert (tmp_path / name).exists(), name
         assert not list(tmp_path.glob("*.bin"))
@@ -320,15 +333,18 @@ class ALBEFModelTesterMixin:
         model.eval()
         b = tiny_batch(seed=5)
         with torch.no_grad():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           pixel_values=b["pixel_values"]).logits_per_image
+            logits = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]
+            ).logits_per_image
         labels = ["a handwritten digit one", "a handwritten digit two"]
         inputs = digits_processor_16(images=[Image.new("RGB", (20, 20), "white")], text=labels, return_tensors="pt")
         with torch.no_grad():
             zero_shot = model(**inputs).logits_per_image.softmax(-1)[0]
         torch.save(b, tmp_path / "batch.pt")
-        torch.save(dict(logits=logits, extras=self.extra_outputs(model, b),
-                        zero_shot=dict(zip(labels, zero_shot.tolist()))), tmp_path / "expected.pt")
+        torch.save(
+            dict(logits=logits, extras=self.extra_outputs(model, b), zero_shot=dict(zip(labels, zero_shot.tolist()))),
+            tmp_path / "expected.pt",
+        )
         script = BLOCK_VLALIGN + textwrap.dedent(
             f"""
             import torch
@@ -338,10 +354,11 @@ class ALBEFModelTesterMixin:
             assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
             assert type(model).__name__ == {self.model_class.__name__!r}, type(model)
             model.eval()
-            b = torch.load({str(tmp_path / 'batch.pt')!r})
-            expected = torch.load({str(tmp_path / 'expected.pt')!r})
+            b = torch.load({str(tmp_path / "batch.pt")!r})
+            expected = torch.load({str(tmp_path / "expected.pt")!r})
             with torch.no_grad():
-                out = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], pixel_values=b['pixel_values'])
+                out = model(input_ids=b['input_ids'], attention_mask=b['attention_mask'],
+                            pixel_values=b['pixel_values'])
             assert torch.allclose(out.logits_per_image, expected['logits'], atol=1e-6)
             method = {self.extra_outputs_method!r}
             if method is not None:
@@ -373,8 +390,9 @@ class ALBEFModelTesterMixin:
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["HF_HUB_OFFLINE"] = "1"
-        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert "REMOTE CODE CHECKS PASSED" in proc.stdout, proc.stderr[-3000:]
         # the script ends by importing vlalign, which must fail: that proves it really ran without the package
         assert "vlalign is blocked in this test" in proc.stderr, proc.stderr[-3000:]
@@ -404,8 +422,11 @@ class ALBEFModelTesterMixin:
         """transformers' loader makes every parameter trainable; teachers must not be (DDP would see unused
         parameters, optimisers would hold them)."""
         self.make_model(learnable_temperature=False).save_pretrained(tmp_path)
-        for loaded in (self.model_class.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path),
-                       self.model_class.from_pretrained(tmp_path, output_loading_info=True)[0]):
+        for loaded in (
+            self.model_class.from_pretrained(tmp_path),
+            AutoModel.from_pretrained(tmp_path),
+            self.model_class.from_pretrained(tmp_path, output_loading_info=True)[0],
+        ):
             teachers = [n for n, p in loaded.named_parameters() if n.startswith("momentum_")]
             assert teachers and not any(p.requires_grad for n, p in loaded.named_parameters() if n in teachers)
             assert not loaded.temp.requires_grad
@@ -431,27 +452,35 @@ class ALBEFModelTesterMixin:
         for key, value in vit.state_dict().items():
             if not key.startswith("pooler."):
                 assert torch.equal(model.vision_model.state_dict()[key], value), key
-        assert torch.equal(model.text_model.embeddings.word_embeddings.weight,
-                           bert.bert.embeddings.word_embeddings.weight)
-        assert torch.equal(model.text_model.encoder.layer[1].output.dense.weight,
-                           bert.bert.encoder.layer[1].output.dense.weight)
+        assert torch.equal(
+            model.text_model.embeddings.word_embeddings.weight, bert.bert.embeddings.word_embeddings.weight
+        )
+        assert torch.equal(
+            model.text_model.encoder.layer[1].output.dense.weight, bert.bert.encoder.layer[1].output.dense.weight
+        )
         # the third BERT layer becomes fusion layer 0
-        assert torch.equal(model.fusion_model.layer[0].attention.self.key.weight,
-                           bert.bert.encoder.layer[2].attention.self.key.weight)
-        assert torch.equal(model.fusion_model.layer[0].intermediate.dense.weight,
-                           bert.bert.encoder.layer[2].intermediate.dense.weight)
+        assert torch.equal(
+            model.fusion_model.layer[0].attention.self.key.weight, bert.bert.encoder.layer[2].attention.self.key.weight
+        )
+        assert torch.equal(
+            model.fusion_model.layer[0].intermediate.dense.weight, bert.bert.encoder.layer[2].intermediate.dense.weight
+        )
         assert torch.equal(model.mlm_head.decoder.weight, bert.cls.predictions.decoder.weight)
-        assert torch.equal(model.momentum_fusion_model.layer[0].attention.self.key.weight,
-                           model.fusion_model.layer[0].attention.self.key.weight)
+        assert torch.equal(
+            model.momentum_fusion_model.layer[0].attention.self.key.weight,
+            model.fusion_model.layer[0].attention.self.key.weight,
+        )
         assert len(model.text_model.encoder.layer) == 2
 
     def test_from_vision_text_pretrained_rejects_mismatched_checkpoint(self, tmp_path):
         from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
         ViTModel(ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"})).save_pretrained(
-            tmp_path / "v")
+            tmp_path / "v"
+        )
         BertModel(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(
-            tmp_path / "t")
+            tmp_path / "t"
+        )
         with pytest.raises(ValueError, match="num_fusion_layers"):
             self._from_vision_text_pretrained(tmp_path / "v", tmp_path / "t", num_fusion_layers=5)
 
@@ -459,27 +488,59 @@ class ALBEFModelTesterMixin:
         from transformers import BertConfig, BertForMaskedLM, CLIPConfig, CLIPModel
 
         torch.manual_seed(2)
-        clip = CLIPModel(CLIPConfig(
-            vision_config=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=4, intermediate_size=64),
-            text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=16),
-            projection_dim=16))
+        clip = CLIPModel(
+            CLIPConfig(
+                vision_config=dict(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                ),
+                text_config=dict(
+                    vocab_size=99,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    max_position_embeddings=16,
+                ),
+                projection_dim=16,
+            )
+        )
         clip.save_pretrained(tmp_path / "clip")
         BertForMaskedLM(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(
-            tmp_path / "bert")
+            tmp_path / "bert"
+        )
         model = self._from_vision_text_pretrained(tmp_path / "clip", tmp_path / "bert")
         assert model.config.vision_config.model_type == "clip_vision_model"
-        assert torch.equal(model.vision_model.embeddings.patch_embedding.weight,
-                           clip.vision_model.embeddings.patch_embedding.weight)
+        assert torch.equal(
+            model.vision_model.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
+        )
 
     @pytest.mark.parametrize(
         "vision_config",
         [
-            dict(model_type="deit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                 num_attention_heads=4, intermediate_size=64),  # [CLS] + distillation token before the patches
-            dict(model_type="clip_vision_model", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                 num_attention_heads=4, intermediate_size=64, projection_dim=16),
+            dict(
+                model_type="deit",
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+            ),  # [CLS] + distillation token before the patches
+            dict(
+                model_type="clip_vision_model",
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+                projection_dim=16,
+            ),
         ],
     )
     def test_other_vision_encoders_with_patch_tokens(self, vision_config):
@@ -492,8 +553,16 @@ class ALBEFModelTesterMixin:
         out.loss.backward()
 
     def test_roberta_text_encoder(self):
-        text = dict(model_type="roberta", vocab_size=144, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=40, pad_token_id=1)
+        text = dict(
+            model_type="roberta",
+            vocab_size=144,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            pad_token_id=1,
+        )
         model = self.model_class(self.tiny_config(text_config=text))
         model.train()
         out = model(**tiny_batch(), return_loss=True)
@@ -540,7 +609,8 @@ class ALBEFModelTesterMixin:
         assert set(out_cached.loss_components()) == set(out_plain.loss_components()) >= set(case.get("terms", ()))
         for name in out_plain.loss_components():
             assert getattr(out_cached, f"loss_{name}").item() == pytest.approx(
-                getattr(out_plain, f"loss_{name}").item(), rel=1e-5, abs=1e-6), name
+                getattr(out_plain, f"loss_{name}").item(), rel=1e-5, abs=1e-6
+            ), name
         assert out_cached.loss.item() == pytest.approx(out_plain.loss.item(), rel=1e-5)
         grads_plain, grads_cached = grads(plain), grads(cached)
         assert grads_plain.keys() == grads_cached.keys()
@@ -572,8 +642,13 @@ class ALBEFModelTesterMixin:
     def lora_config(self, **kwargs):
         from peft import LoraConfig
 
-        return LoraConfig(target_modules=ALBEF_LORA_TARGETS, r=4, lora_alpha=8,
-                          modules_to_save=list(self.peft_modules_to_save), **kwargs)
+        return LoraConfig(
+            target_modules=ALBEF_LORA_TARGETS,
+            r=4,
+            lora_alpha=8,
+            modules_to_save=list(self.peft_modules_to_save),
+            **kwargs,
+        )
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -607,8 +682,15 @@ class ALBEFModelTesterMixin:
             eval_after = _in_batch_loss(model, batch)
         finally:
             torch.set_num_threads(before_threads)
-        return dict(model=model, before=before, batch=batch, losses=losses, eval_before=eval_before,
-                    eval_after=eval_after, base_dir=base_dir)
+        return dict(
+            model=model,
+            before=before,
+            batch=batch,
+            losses=losses,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            base_dir=base_dir,
+        )
 
     @pytest.mark.filterwarnings(PEFT_WARNING_FILTER)
     def test_lora_trains_only_student_adapters_and_modules_to_save(self, lora_run, one_thread):
@@ -633,8 +715,10 @@ class ALBEFModelTesterMixin:
         model, before = lora_run["model"], lora_run["before"]
         losses = lora_run["losses"]
         assert losses[-1] < losses[0], losses
-        assert lora_run["eval_after"] < lora_run["eval_before"] - 0.02, (lora_run["eval_before"],
-                                                                         lora_run["eval_after"])
+        assert lora_run["eval_after"] < lora_run["eval_before"] - 0.02, (
+            lora_run["eval_before"],
+            lora_run["eval_after"],
+        )
         after = dict(model.named_parameters())
         assert after.keys() == before.keys()
         changed_teachers = 0
@@ -663,8 +747,9 @@ class ALBEFModelTesterMixin:
         folded = 0
         for name, before in teachers_before.items():
             student = merged[name.removeprefix("momentum_")]
-            torch.testing.assert_close(after[name], before.mul(momentum).add(student, alpha=1 - momentum),
-                                       rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(
+                after[name], before.mul(momentum).add(student, alpha=1 - momentum), rtol=0, atol=0, msg=name
+            )
             base_weight = after.get(name.removeprefix("momentum_").replace(".weight", ".base_layer.weight"))
             if base_weight is not None and not torch.equal(base_weight, student):
                 folded += 1  # a LoRA layer whose delta is non-zero: an EMA over base weights only would differ here
@@ -683,7 +768,8 @@ class ALBEFModelTesterMixin:
             for momentum in (False, True):
                 image = inner._image_feature(inner._image_tokens(batch["pixel_values"], momentum), momentum)
                 text = inner._text_feature(
-                    inner._text_tokens(batch["input_ids"], batch["attention_mask"], momentum), momentum)
+                    inner._text_tokens(batch["input_ids"], batch["attention_mask"], momentum), momentum
+                )
                 features[momentum] = (image, text)
             torch.testing.assert_close(features[True], features[False], rtol=1e-5, atol=1e-6)
             with model.disable_adapter():
@@ -694,8 +780,7 @@ class ALBEFModelTesterMixin:
                     assert torch.equal(p, base[name.removeprefix("momentum_")]), name
 
     @pytest.mark.filterwarnings(PEFT_WARNING_FILTER)
-    def test_save_pretrained_writes_adapters_only_and_reload_reproduces_outputs(self, lora_run, one_thread,
-                                                                                tmp_path):
+    def test_save_pretrained_writes_adapters_only_and_reload_reproduces_outputs(self, lora_run, one_thread, tmp_path):
         from peft import PeftModel
         from safetensors.torch import load_file
 

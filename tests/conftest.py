@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
 class _DeprecationNotices(logging.Handler):
     """Collects the deprecation notices that transformers logs (instead of warning) while a test runs."""
 

@@ -47,8 +47,15 @@ def launch_and_wait(cmd_for_port, cwd, timeout: float, attempts: int = 3) -> str
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     for attempt in range(attempts):
-        process = subprocess.Popen(cmd_for_port(free_port()), env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            cmd_for_port(free_port()),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             log, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -105,8 +112,13 @@ def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, t
     session. The timeouts are generous: on a loaded 2-core machine one process can lag the other by minutes."""
     log_dir = tempfile.mkdtemp(prefix="workers_", dir=out_dir)
     store_path = os.path.join(log_dir, "store")
-    context = mp.start_processes(_logged_worker, args=(worker, log_dir, (world_size, store_path, out_dir) + args),
-                                 nprocs=world_size, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _logged_worker,
+        args=(worker, log_dir, (world_size, store_path, out_dir) + args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -115,11 +127,13 @@ def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, t
                     return
             # a worker raised, exited non-zero or was killed by a signal
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-                raise RuntimeError(f"distributed worker rank {error.error_index} failed: {error}\n"
-                                   f"{_worker_logs(log_dir, world_size)}") from None
+                raise RuntimeError(
+                    f"distributed worker rank {error.error_index} failed: {error}\n{_worker_logs(log_dir, world_size)}"
+                ) from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {timeout:.0f} s\n"
-                                   f"{_worker_logs(log_dir, world_size)}")
+                raise TimeoutError(
+                    f"{worker.__name__} did not finish within {timeout:.0f} s\n{_worker_logs(log_dir, world_size)}"
+                )
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -129,8 +143,13 @@ def run_distributed(worker, out_dir: str, *args, world_size: int = WORLD_SIZE, t
 
 def _init(rank: int, world_size: int, store_path: str) -> None:
     torch.set_num_threads(1)  # two processes share two cores
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
 
 
 def scenario_worker(rank: int, world_size: int, store_path: str, out_dir: str, names: tuple[str, ...]) -> None:
@@ -163,7 +182,9 @@ def rows_of(rank: int, per_rank: int = GLOBAL_BATCH // WORLD_SIZE) -> slice:
 # shared inputs
 
 
-def embedding_pairs(seed: int = 0, batch: int = GLOBAL_BATCH, dim: int = EMBED_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_pairs(
+    seed: int = 0, batch: int = GLOBAL_BATCH, dim: int = EMBED_DIM
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised float64 (image, text) embeddings of `batch` pairs, correlated so the loss is not trivial."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, dim, generator=g, dtype=torch.float64)
@@ -184,17 +205,20 @@ def tcl_config(**overrides):
     from fixtures import TINY_TEXT, TINY_VISION, tiny_tcl_config
 
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return tiny_tcl_config(vision_config=dict(TINY_VISION, **no_dropout), text_config=dict(TINY_TEXT, **no_dropout),
-                           **overrides)
+    return tiny_tcl_config(
+        vision_config=dict(TINY_VISION, **no_dropout), text_config=dict(TINY_TEXT, **no_dropout), **overrides
+    )
 
 
 DDP_MODEL_CASES = {
     # the plain contrastive (CLIP-style) objective: i2t + t2i, in-batch negatives from every process
-    "cma": dict(use_momentum=False, num_fusion_layers=0, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0,
-                mlm_weight=0.0),
+    "cma": dict(
+        use_momentum=False, num_fusion_layers=0, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0
+    ),
     # plus intra-modal contrast against a second student pass of the other image view, and class positives
-    "cma_imc_ids": dict(use_momentum=False, num_fusion_layers=0, imc_weight=1.0, lmi_weight=0.0, itm_weight=0.0,
-                        mlm_weight=0.0),
+    "cma_imc_ids": dict(
+        use_momentum=False, num_fusion_layers=0, imc_weight=1.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0
+    ),
 }
 MOMENTUM_CONFIG = dict(itm_weight=0.0, mlm_weight=0.0, queue_size=16)
 
@@ -265,21 +289,27 @@ def scenario_info_nce(rank, world_size):
         for cut in (False, True):
             img = images[rows].clone().requires_grad_()
             txt = texts[rows].clone().requires_grad_()
-            temp = (torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable
-                    else 0.07)
+            temp = torch.tensor(LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
             with _GatherRecorder(cut=cut) as recorder:
-                loss, i2t, t2i = info_nce(img, txt, temp, IMAGE_IDS[rows] if use_ids else None,
-                                          return_directions=True, gather=True)
+                loss, i2t, t2i = info_nce(
+                    img, txt, temp, IMAGE_IDS[rows] if use_ids else None, return_directions=True, gather=True
+                )
             loss.backward()
             gathered_images, gathered_texts = recorder.gathered  # gathered_keys(image) first, then text
             if cut:
                 result.update(query_side_image_grad=img.grad, query_side_text_grad=txt.grad)
             else:
                 result.update(
-                    loss=loss.detach(), i2t=i2t.detach(), t2i=t2i.detach(), image_grad=img.grad,
-                    text_grad=txt.grad, temperature_grad=temp.grad if learnable else None,
-                    gathered_image_grad=gathered_images.grad, gathered_text_grad=gathered_texts.grad,
-                    gathered_images=gathered_images.detach(), gathered_texts=gathered_texts.detach(),
+                    loss=loss.detach(),
+                    i2t=i2t.detach(),
+                    t2i=t2i.detach(),
+                    image_grad=img.grad,
+                    text_grad=txt.grad,
+                    temperature_grad=temp.grad if learnable else None,
+                    gathered_image_grad=gathered_images.grad,
+                    gathered_text_grad=gathered_texts.grad,
+                    gathered_images=gathered_images.detach(),
+                    gathered_texts=gathered_texts.detach(),
                 )
         results[name] = result
     return results
@@ -299,9 +329,13 @@ def scenario_intra_modal(rank, world_size):
             loss = intra_modal_info_nce(q, k, temp, gather=True)
         loss.backward()
         (gathered_keys,) = recorder.gathered
-        results[name] = dict(loss=loss.detach(), query_grad=q.grad, key_grad=k.grad,
-                             temperature_grad=temp.grad if learnable else None,
-                             gathered_key_grad=gathered_keys.grad)
+        results[name] = dict(
+            loss=loss.detach(),
+            query_grad=q.grad,
+            key_grad=k.grad,
+            temperature_grad=temp.grad if learnable else None,
+            gathered_key_grad=gathered_keys.grad,
+        )
     return results
 
 
@@ -390,9 +424,14 @@ def scenario_momentum(rank, world_size):
             model._text_tokens(batch["input_ids"], batch["attention_mask"], momentum=True), True
         )
     payload = dict(
-        initial=initial, teacher_image=teacher_image, teacher_text=teacher_text, loss=out.loss.detach(),
-        **{f"{which}_queue": dict(features=q.features.clone(), ids=q.ids.clone(), ptr=q.ptr.clone())
-           for which, q in (("image", model.image_queue), ("text", model.text_queue))},
+        initial=initial,
+        teacher_image=teacher_image,
+        teacher_text=teacher_text,
+        loss=out.loss.detach(),
+        **{
+            f"{which}_queue": dict(features=q.features.clone(), ids=q.ids.clone(), ptr=q.ptr.clone())
+            for which, q in (("image", model.image_queue), ("text", model.text_queue))
+        },
     )
     return payload
 
@@ -417,9 +456,15 @@ def scenario_unequal_batches(rank, world_size):
     queue.enqueue(images[rows].float(), torch.arange(8)[rows], gather=True)
     local_queue = FeatureQueue(10, images.shape[1])
     local_queue.enqueue(images[rows].float(), torch.arange(8)[rows])  # gather=False: this rank's rows only
-    return dict(weighted_loss=(loss * share).detach(), image_grad=img.grad, text_grad=txt.grad,
-                queue_ids=queue.ids.clone(), queue_ptr=queue.ptr.clone(),
-                local_loss=info_nce(images[rows], texts[rows], 0.07), local_queue_ids=local_queue.ids.clone())
+    return dict(
+        weighted_loss=(loss * share).detach(),
+        image_grad=img.grad,
+        text_grad=txt.grad,
+        queue_ids=queue.ids.clone(),
+        queue_ptr=queue.ptr.clone(),
+        local_loss=info_nce(images[rows], texts[rows], 0.07),
+        local_queue_ids=local_queue.ids.clone(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,8 +472,7 @@ def scenario_unequal_batches(rank, world_size):
 
 # rank r's rows of the global batch: halves, and unequal shares (e.g. after dropped images)
 CODE_ASSIGNMENT_SPLITS = {"halves": (slice(0, 4), slice(4, 8)), "unequal": (slice(0, 5), slice(5, 8))}
-CODE_ASSIGNMENT_SOLVERS = {"ipot": dict(beta=0.5, iterations=50),
-                           "sinkhorn": dict(epsilon=0.05, iterations=50)}
+CODE_ASSIGNMENT_SOLVERS = {"ipot": dict(beta=0.5, iterations=50), "sinkhorn": dict(epsilon=0.05, iterations=50)}
 CODEBOOK_SIZE = 5
 
 

@@ -19,12 +19,23 @@ import torch
 from PIL import Image
 
 TINY_VISION = dict(
-    model_type="vit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    model_type="vit",
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
     intermediate_size=64,
 )
 TINY_TEXT = dict(
-    model_type="bert", vocab_size=144, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-    intermediate_size=64, max_position_embeddings=32, pad_token_id=0,
+    model_type="bert",
+    vocab_size=144,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    pad_token_id=0,
 )
 
 
@@ -41,11 +52,27 @@ sys.meta_path.insert(0, Block())
 
 # The `model` section of a training-script config for a tiny TCL model (training/train.py tests).
 TINY_TRAIN_MODEL = {
-    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
-                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
-    "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "intermediate_size": 64, "max_position_embeddings": 32},
-    "num_fusion_layers": 1, "embed_dim": 16, "queue_size": 64, "lmi_image_grid": 2,
+    "vision_config": {
+        "model_type": "vit",
+        "image_size": 16,
+        "patch_size": 4,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
+    "text_config": {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+    },
+    "num_fusion_layers": 1,
+    "embed_dim": 16,
+    "queue_size": 64,
+    "lmi_image_grid": 2,
 }
 
 
@@ -53,8 +80,13 @@ def tiny_tcl_config(**overrides):
     from vlalign import TCLConfig
 
     kwargs = dict(
-        vision_config=dict(TINY_VISION), text_config=dict(TINY_TEXT), num_fusion_layers=1, embed_dim=16,
-        queue_size=32, mask_token_id=4, lmi_image_grid=2,
+        vision_config=dict(TINY_VISION),
+        text_config=dict(TINY_TEXT),
+        num_fusion_layers=1,
+        embed_dim=16,
+        queue_size=32,
+        mask_token_id=4,
+        lmi_image_grid=2,
     )
     kwargs.update(overrides)
     return TCLConfig(**kwargs)
@@ -64,8 +96,13 @@ def tiny_codis_config(**overrides):
     from vlalign import CODISConfig
 
     kwargs = dict(
-        vision_config=dict(TINY_VISION), text_config=dict(TINY_TEXT), num_fusion_layers=1, embed_dim=16,
-        queue_size=32, mask_token_id=4, codebook_size=12,
+        vision_config=dict(TINY_VISION),
+        text_config=dict(TINY_TEXT),
+        num_fusion_layers=1,
+        embed_dim=16,
+        queue_size=32,
+        mask_token_id=4,
+        codebook_size=12,
     )
     kwargs.update(overrides)
     return CODISConfig(**kwargs)
@@ -87,19 +124,40 @@ def tiny_batch(batch=4, length=8, seed=0, image_size=16):
 
 
 # A tiny MIVC model: ViT tower, Q-Former and a one-layer Llama
-MIVC_VISION = dict(model_type="vit", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                   num_attention_heads=4, intermediate_size=64)
-MIVC_LLAMA = dict(model_type="llama", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,
-                  tie_word_embeddings=True)  # the LM's output layer shares the input embeddings
+MIVC_VISION = dict(
+    model_type="vit",
+    image_size=16,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+MIVC_LLAMA = dict(
+    model_type="llama",
+    vocab_size=40,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)  # the LM's output layer shares the input embeddings
 MIVC_QFORMER = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
 
 
 def tiny_mivc_config(**overrides):
     from vlalign import MIVCConfig
 
-    kwargs = dict(vision_config=dict(MIVC_VISION), text_config=dict(MIVC_LLAMA), qformer_config=dict(MIVC_QFORMER),
-                  num_query_tokens=4, image_token_id=5, pooling_attention_dim=8)
+    kwargs = dict(
+        vision_config=dict(MIVC_VISION),
+        text_config=dict(MIVC_LLAMA),
+        qformer_config=dict(MIVC_QFORMER),
+        num_query_tokens=4,
+        image_token_id=5,
+        pooling_attention_dim=8,
+    )
     kwargs.update(overrides)
     return MIVCConfig(**kwargs)
 
@@ -108,14 +166,27 @@ def tiny_mivc_config(**overrides):
 # a Q-Former narrower than the vision tower (the config sets its encoder_hidden_size), and a Llama of the size of the
 # digits tokenizer with `<image>` added (145 tokens, <image> = 144; bos / eos / pad as that tokenizer's).
 MIVC_DIGITS_VISION = dict(
-    model_type="vit", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-    num_attention_heads=4, intermediate_size=64,
+    model_type="vit",
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
 )
 MIVC_DIGITS_QFORMER = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
 MIVC_DIGITS_NUM_QUERIES = 4
 MIVC_DIGITS_LLAMA = dict(
-    model_type="llama", vocab_size=145, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256, bos_token_id=2, eos_token_id=3,
+    model_type="llama",
+    vocab_size=145,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    bos_token_id=2,
+    eos_token_id=3,
     pad_token_id=0,
 )
 MIVC_DIGITS_IMAGE_TOKEN_ID = 144
@@ -126,10 +197,16 @@ def tiny_mivc_digits_config(mode="attention", qformer=False, granularity="token"
     from vlalign import MIVCConfig
 
     kwargs = dict(
-        vision_config=dict(MIVC_DIGITS_VISION), text_config=dict(MIVC_DIGITS_LLAMA),
-        qformer_config=dict(MIVC_DIGITS_QFORMER) if qformer else None, num_query_tokens=MIVC_DIGITS_NUM_QUERIES,
-        image_token_id=MIVC_DIGITS_IMAGE_TOKEN_ID, pooling_mode=mode, pooling_granularity=granularity,
-        pooling_attention_dim=16, freeze_vision_model=False, freeze_language_model=False,
+        vision_config=dict(MIVC_DIGITS_VISION),
+        text_config=dict(MIVC_DIGITS_LLAMA),
+        qformer_config=dict(MIVC_DIGITS_QFORMER) if qformer else None,
+        num_query_tokens=MIVC_DIGITS_NUM_QUERIES,
+        image_token_id=MIVC_DIGITS_IMAGE_TOKEN_ID,
+        pooling_mode=mode,
+        pooling_granularity=granularity,
+        pooling_attention_dim=16,
+        freeze_vision_model=False,
+        freeze_language_model=False,
     )
     kwargs.update(overrides)
     return MIVCConfig(**kwargs)
@@ -138,12 +215,28 @@ def tiny_mivc_digits_config(mode="attention", qformer=False, granularity="token"
 # The `model` section of a training-script config for a tiny MIVC model (training/train.py tests).
 TINY_TRAIN_MIVC = {
     "model_type": "mivc",
-    "vision_config": {"model_type": "vit", "image_size": 16, "patch_size": 8, "hidden_size": 32,
-                      "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
-    "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-                    "num_key_value_heads": 4, "intermediate_size": 64, "max_position_embeddings": 128},
-    "pooling_mode": "gated_attention", "pooling_attention_dim": 16,
-    "freeze_vision_model": False, "freeze_language_model": False,
+    "vision_config": {
+        "model_type": "vit",
+        "image_size": 16,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
+    "pooling_mode": "gated_attention",
+    "pooling_attention_dim": 16,
+    "freeze_vision_model": False,
+    "freeze_language_model": False,
 }
 
 
@@ -300,20 +393,40 @@ def hostile_rows(tmp_path: Path) -> tuple[list[dict], dict[str, int]]:
         {"bytes": None, "path": str(tmp_path / "missing.png")},
         {"bytes": png_claiming_size(30_000, 30_000), "path": None},
     ]
-    odd_images = [cmyk_jpeg((255, 0, 0, 0)), rgba_png(), palette_png_with_transparency(), gray16_png([0, 65535]),
-                  one_by_one_png(), one_bit_png(), la_png()]
+    odd_images = [
+        cmyk_jpeg((255, 0, 0, 0)),
+        rgba_png(),
+        palette_png_with_transparency(),
+        gray16_png([0, 65535]),
+        one_by_one_png(),
+        one_bit_png(),
+        la_png(),
+    ]
     bad_captions = [None, b"", b"   "]
-    fixable_captions = [b"a handwritten digit one" * 50_000, b"a handwritten \xff digit one",
-                        b"a handwritten\x00 digit one"]
+    fixable_captions = [
+        b"a handwritten digit one" * 50_000,
+        b"a handwritten \xff digit one",
+        b"a handwritten\x00 digit one",
+    ]
     rows = [{"image": image, "caption": good_caption} for image in bad_images]
     rows += [{"image": {"bytes": data, "path": None}, "caption": good_caption} for data in odd_images]
-    rows += [{"image": {"bytes": digit_png(1), "path": None}, "caption": caption}
-             for caption in bad_captions + fixable_captions]
+    rows += [
+        {"image": {"bytes": digit_png(1), "path": None}, "caption": caption}
+        for caption in bad_captions + fixable_captions
+    ]
     expected = {
-        "images_skipped": 6, "images_skipped_truncated": 2, "images_skipped_empty_file": 1,
-        "images_skipped_corrupt": 1, "images_skipped_file_not_found": 1, "images_skipped_too_large": 1,
-        "captions_skipped": 3, "captions_skipped_missing": 1, "captions_skipped_empty": 2,
-        "captions_sanitised": 3, "captions_sanitised_too_long": 1, "captions_sanitised_invalid_utf8": 1,
+        "images_skipped": 6,
+        "images_skipped_truncated": 2,
+        "images_skipped_empty_file": 1,
+        "images_skipped_corrupt": 1,
+        "images_skipped_file_not_found": 1,
+        "images_skipped_too_large": 1,
+        "captions_skipped": 3,
+        "captions_skipped_missing": 1,
+        "captions_skipped_empty": 2,
+        "captions_sanitised": 3,
+        "captions_sanitised_too_long": 1,
+        "captions_sanitised_invalid_utf8": 1,
         "captions_sanitised_control_chars": 1,
     }
     return rows, expected
@@ -334,13 +447,20 @@ def write_split(path: Path, rows: list[dict], num_good: int, first_digit: int) -
     from vlalign.data import DIGIT_NAMES
 
     target = sklearn_digits().target
-    good = [{"image": {"bytes": digit_png(first_digit + i), "path": None},
-             "caption": f"a handwritten digit {DIGIT_NAMES[target[first_digit + i]]}".encode(),
-             "label": int(target[first_digit + i])} for i in range(num_good)]
-    hostile = [{"image": row["image"], "label": i % 10,
-                "caption": as_bytes(row["caption"])} for i, row in enumerate(rows)]
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("binary"),
-                                  "label": datasets.Value("int64")})
+    good = [
+        {
+            "image": {"bytes": digit_png(first_digit + i), "path": None},
+            "caption": f"a handwritten digit {DIGIT_NAMES[target[first_digit + i]]}".encode(),
+            "label": int(target[first_digit + i]),
+        }
+        for i in range(num_good)
+    ]
+    hostile = [
+        {"image": row["image"], "label": i % 10, "caption": as_bytes(row["caption"])} for i, row in enumerate(rows)
+    ]
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("binary"), "label": datasets.Value("int64")}
+    )
     # an explicit batch size: datasets would otherwise stat every image path (one is missing) to estimate it
     datasets.Dataset.from_list(good + hostile, features=features).to_parquet(str(path), batch_size=1000)
 
@@ -363,11 +483,17 @@ def digit_shard_rows():
     rows = []
     for index in range(NUM_SHARDS * ROWS_PER_SHARD + NUM_TEST):
         label = int(digits.target[index])
-        rows.append({"png": _digit_to_png(digits.data[index], 16),
-                     "caption": f"a handwritten digit {DIGIT_NAMES[label]}", "label": label, "name": DIGIT_NAMES[label]})
-    shards = [rows[s * ROWS_PER_SHARD:(s + 1) * ROWS_PER_SHARD] for s in range(NUM_SHARDS)]
+        rows.append(
+            {
+                "png": _digit_to_png(digits.data[index], 16),
+                "caption": f"a handwritten digit {DIGIT_NAMES[label]}",
+                "label": label,
+                "name": DIGIT_NAMES[label],
+            }
+        )
+    shards = [rows[s * ROWS_PER_SHARD : (s + 1) * ROWS_PER_SHARD] for s in range(NUM_SHARDS)]
     shards[CORRUPT[0]][CORRUPT[1]]["png"] = CORRUPT_BYTES
-    return shards, rows[NUM_SHARDS * ROWS_PER_SHARD:]
+    return shards, rows[NUM_SHARDS * ROWS_PER_SHARD :]
 
 
 def write_parquet_shard(path: Path, rows) -> None:
@@ -375,8 +501,17 @@ def write_parquet_shard(path: Path, rows) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([{"image": {"bytes": r["png"], "path": None}, "caption": r["caption"],
-                                   "label": r["label"], "name": r["name"]} for r in rows])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "image": {"bytes": r["png"], "path": None},
+                "caption": r["caption"],
+                "label": r["label"],
+                "name": r["name"],
+            }
+            for r in rows
+        ]
+    )
     pq.write_table(table, path)
 
 
@@ -384,8 +519,12 @@ def write_tar_shard(path: Path, rows, prefix: str) -> None:
     """WebDataset layout: NNNN.png, NNNN.txt (caption), NNNN.cls (label) and NNNN.json ({"label": ...})."""
     with tarfile.open(path, "w") as tar:
         for i, r in enumerate(rows):
-            files = {"png": r["png"], "txt": r["caption"].encode(), "cls": str(r["label"]).encode(),
-                     "json": json.dumps({"label": r["label"]}).encode()}
+            files = {
+                "png": r["png"],
+                "txt": r["caption"].encode(),
+                "cls": str(r["label"]).encode(),
+                "json": json.dumps({"label": r["label"]}).encode(),
+            }
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{prefix}{i:04d}.{ext}")
                 info.size = len(data)

@@ -102,12 +102,30 @@ def test_fsdp_config_builds_an_fsdp2_full_shard_plugin_that_wraps_mivc_layers():
     # every class name exists in a (tiny) MIVC model with a ViT tower and a Llama LM: accelerate raises otherwise
     from vlalign import MIVCConfig, MIVCForConditionalGeneration
 
-    model = MIVCForConditionalGeneration(MIVCConfig(
-        vision_config=dict(model_type="vit", image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=32),
-        text_config=dict(model_type="llama", vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=32),
-        image_token_id=63, pooling_attention_dim=8))
+    model = MIVCForConditionalGeneration(
+        MIVCConfig(
+            vision_config=dict(
+                model_type="vit",
+                image_size=16,
+                patch_size=8,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            ),
+            text_config=dict(
+                model_type="llama",
+                vocab_size=64,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=32,
+            ),
+            image_token_id=63,
+            pooling_attention_dim=8,
+        )
+    )
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     wrapped = {type(m).__name__ for m in model.modules() if policy(m)}
     assert {"ViTLayer", "LlamaDecoderLayer"} <= wrapped
@@ -120,7 +138,8 @@ def test_deepspeed_config_builds_a_zero2_bf16_plugin():
     args, defaults, mp_from_config = _launch_args("deepspeed_zero2.yaml")
     # what `accelerate launch` does before its DeepSpeed launcher (which itself needs deepspeed installed)
     args.deepspeed_fields_from_accelerate_config = ",".join(
-        list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else []))
+        list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+    )
     _, env = prepare_deepspeed_cmd_env(args)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     with mock.patch.dict(os.environ, env):
@@ -140,23 +159,65 @@ def test_deepspeed_config_builds_a_zero2_bf16_plugin():
 # ddp.yaml on CPU: 2 real processes (torchrun-based multi-GPU launcher, gloo because train.py gets --use_cpu true)
 
 TINY_TCL = [
-    "--max_steps", "2", "--per_device_train_batch_size", "8", "--queue_size", "32", "--max_train_samples", "64",
-    "--max_eval_samples", "20", "--logging_steps", "1", "--alpha_ramp_steps", "2", "--embed_dim", "16",
-    "--model.vision_config.hidden_size", "32", "--model.vision_config.num_hidden_layers", "1",
-    "--model.vision_config.intermediate_size", "64", "--model.text_config.hidden_size", "32",
-    "--model.text_config.intermediate_size", "64", "--model.text_config.num_hidden_layers", "2",
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--queue_size",
+    "32",
+    "--max_train_samples",
+    "64",
+    "--max_eval_samples",
+    "20",
+    "--logging_steps",
+    "1",
+    "--alpha_ramp_steps",
+    "2",
+    "--embed_dim",
+    "16",
+    "--model.vision_config.hidden_size",
+    "32",
+    "--model.vision_config.num_hidden_layers",
+    "1",
+    "--model.vision_config.intermediate_size",
+    "64",
+    "--model.text_config.hidden_size",
+    "32",
+    "--model.text_config.intermediate_size",
+    "64",
+    "--model.text_config.num_hidden_layers",
+    "2",
 ]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 def test_ddp_config_trains_with_two_cpu_processes(tmp_path):
     out = tmp_path / "out"
+
     def cmd(port):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-                "--num_processes", "2", "--main_process_port", str(port),
-                str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
-                "--use_cpu", "true", "--output_dir", str(out), *TINY_TCL]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            str(REPO / "training/train.py"),
+            "--config",
+            str(REPO / "training/configs/tcl_digits.yaml"),
+            "--use_cpu",
+            "true",
+            "--output_dir",
+            str(out),
+            *TINY_TCL,
+        ]
+
     launch_and_wait(cmd, tmp_path, timeout=900)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["train_steps"] == 2 and results["num_eval_images"] == 20

@@ -28,6 +28,7 @@ def _albef_case(model_class, config):
         model.eval()  # no dropout: the eager and SDPA runs must agree
         with torch.no_grad():
             return model(**tiny_batch(), return_loss=True).loss
+
     return run
 
 

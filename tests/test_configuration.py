@@ -26,8 +26,11 @@ from transformers import PreTrainedConfig
 
 from vlalign import CODISConfig, CODISModel, MIVCConfig, MIVCForConditionalGeneration, TCLConfig, TCLModel
 
-MAKERS = {"tcl": tiny_tcl_config, "codis": tiny_codis_config,
-          "mivc": lambda **kw: tiny_mivc_digits_config(qformer=True, **kw)}
+MAKERS = {
+    "tcl": tiny_tcl_config,
+    "codis": tiny_codis_config,
+    "mivc": lambda **kw: tiny_mivc_digits_config(qformer=True, **kw),
+}
 BASE_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)}
 
 
@@ -92,8 +95,10 @@ def test_tcl_config_validation_names_the_field(overrides, field):
         (dict(code_weight=-1.0), "code_weight"),
         (dict(ot_weight=-0.5), "ot_weight"),
         # every weight at 0, the codebook ones included: no objective left
-        (dict(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, code_weight=0.0, ot_weight=0.0),
-         "cma_weight"),
+        (
+            dict(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, code_weight=0.0, ot_weight=0.0),
+            "cma_weight",
+        ),
         # a shared field, checked by the ALBEF stack
         (dict(queue_size=0), "queue_size"),
     ],
@@ -104,9 +109,18 @@ def test_codis_config_validation_names_the_field(overrides, field):
 
 
 def test_config_accepts_codebook_only_objectives_and_reports_solver_settings():
-    config = tiny_codis_config(cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0,
-                               code_weight=0.0, ot_weight=1.0, ot_solver="sinkhorn", sinkhorn_epsilon=0.1,
-                               ot_iterations=7)
+    config = tiny_codis_config(
+        cma_weight=0.0,
+        imc_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        num_fusion_layers=0,
+        code_weight=0.0,
+        ot_weight=1.0,
+        ot_solver="sinkhorn",
+        sinkhorn_epsilon=0.1,
+        ot_iterations=7,
+    )
     assert config.solver_kwargs() == {"epsilon": 0.1, "iterations": 7}
     config = tiny_codis_config(ipot_beta=0.25, ipot_inner_iterations=2, ot_iterations=9)
     assert config.solver_kwargs() == {"beta": 0.25, "iterations": 9, "inner_iterations": 2}
@@ -158,11 +172,21 @@ def test_every_field_has_a_type_that_strict_checks(config_class):
             assert not isinstance(field.type, str), field.name
 
 
-@pytest.mark.parametrize("kind, field, value", [
-    ("tcl", "queue_size", "64"), ("tcl", "queue_size", True), ("tcl", "alpha", "0.4"), ("tcl", "alpha", math.inf),
-    ("tcl", "use_momentum", 0), ("tcl", "z_estimate", "median"), ("codis", "codebook_size", 1),
-    ("codis", "ot_solver", None), ("mivc", "pooling_mode", "sum"), ("mivc", "initializer_range", math.nan),
-])
+@pytest.mark.parametrize(
+    "kind, field, value",
+    [
+        ("tcl", "queue_size", "64"),
+        ("tcl", "queue_size", True),
+        ("tcl", "alpha", "0.4"),
+        ("tcl", "alpha", math.inf),
+        ("tcl", "use_momentum", 0),
+        ("tcl", "z_estimate", "median"),
+        ("codis", "codebook_size", 1),
+        ("codis", "ot_solver", None),
+        ("mivc", "pooling_mode", "sum"),
+        ("mivc", "initializer_range", math.nan),
+    ],
+)
 def test_assignment_after_construction_is_checked(kind, field, value):
     config = MAKERS[kind]()
     before = getattr(config, field)
@@ -250,8 +274,10 @@ def test_training_settings_of_an_older_config_json_load_with_a_warning_and_are_d
     caplog.set_level(logging.WARNING)
     loaded = model_class.from_pretrained(tmp_path)
     warnings = " ".join(_vlalign_warnings(caplog))
-    assert "'gradient_cache_chunk_size' is not part of the model any more and is ignored: gradient caching is a " \
-           "training setting (ContrastiveTrainingArguments.gradient_cache_chunk_size" in warnings
+    assert (
+        "'gradient_cache_chunk_size' is not part of the model any more and is ignored: gradient caching is a "
+        "training setting (ContrastiveTrainingArguments.gradient_cache_chunk_size" in warnings
+    )
     assert "'train_batch_size' is not part of the model any more" in warnings
     assert not hasattr(loaded.config, "gradient_cache_chunk_size") and not hasattr(loaded.config, "train_batch_size")
     loaded.save_pretrained(tmp_path / "again")
@@ -263,10 +289,22 @@ def test_training_settings_of_an_older_config_json_load_with_a_warning_and_are_d
 def test_standard_transformers_keys_do_not_warn(kind, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     make = CONFIGS[kind]
-    config = make(architectures=["X"], auto_map={"AutoConfig": "x.Y"}, transformers_version="5.0.0", dtype="float32",
-                  torch_dtype="float32", model_type=kind, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1},
-                  num_labels=2, name_or_path="somewhere", output_attentions=False, return_dict=True,
-                  max_length=20, num_beams=1)  # generation parameters of old configs are dropped by transformers
+    config = make(
+        architectures=["X"],
+        auto_map={"AutoConfig": "x.Y"},
+        transformers_version="5.0.0",
+        dtype="float32",
+        torch_dtype="float32",
+        model_type=kind,
+        id2label={0: "a", 1: "b"},
+        label2id={"a": 0, "b": 1},
+        num_labels=2,
+        name_or_path="somewhere",
+        output_attentions=False,
+        return_dict=True,
+        max_length=20,
+        num_beams=1,
+    )  # generation parameters of old configs are dropped by transformers
     type(config)(**config.to_dict())
     config.save_pretrained(tmp_path)
     type(config).from_pretrained(tmp_path)
@@ -280,10 +318,14 @@ def test_standard_transformers_keys_do_not_warn(kind, tmp_path, caplog):
 def _albef_bad_values(extra):
     """Bad values for every ALBEFStackConfig field, plus a model's own (`extra`): field -> list of overrides."""
     table = {
-        "vision_config": [dict(vision_config=dict(TINY_VISION, image_size=18)),
-                          dict(vision_config=dict(TINY_VISION, patch_size=0))],
-        "text_config": [dict(text_config=dict(model_type="gpt2", n_layer=2)),
-                        dict(text_config=dict(TINY_TEXT, is_decoder=True))],
+        "vision_config": [
+            dict(vision_config=dict(TINY_VISION, image_size=18)),
+            dict(vision_config=dict(TINY_VISION, patch_size=0)),
+        ],
+        "text_config": [
+            dict(text_config=dict(model_type="gpt2", n_layer=2)),
+            dict(text_config=dict(TINY_TEXT, is_decoder=True)),
+        ],
         "num_fusion_layers": [dict(num_fusion_layers=-1), dict(num_fusion_layers=3), dict(num_fusion_layers=1.5)],
         "embed_dim": [dict(embed_dim=0), dict(embed_dim=16.0)],
         "temperature": [dict(temperature=0.0), dict(temperature="0.07"), dict(temperature=0.6)],
@@ -300,63 +342,88 @@ def _albef_bad_values(extra):
         "mlm_weight": [dict(mlm_weight=-1.0)],
         "itm_hard_negatives": [dict(itm_hard_negatives=None)],
         "mlm_probability": [dict(mlm_probability=0.0), dict(mlm_probability=1.0)],
-        "mask_token_id": [dict(mask_token_id=999), dict(mask_token_id=-1), dict(mask_token_id="4"),
-                          dict(mask_token_id=-1, mlm_weight=0.0)],
-        "initializer_range": [dict(initializer_range=0.0), dict(initializer_range=-0.02),
-                              dict(initializer_range=float("inf"))],
+        "mask_token_id": [
+            dict(mask_token_id=999),
+            dict(mask_token_id=-1),
+            dict(mask_token_id="4"),
+            dict(mask_token_id=-1, mlm_weight=0.0),
+        ],
+        "initializer_range": [
+            dict(initializer_range=0.0),
+            dict(initializer_range=-0.02),
+            dict(initializer_range=float("inf")),
+        ],
     }
     table.update(extra)
     return table
 
 
 BAD_VALUES = {
-    TCLConfig: (tiny_tcl_config, _albef_bad_values({
-        "lmi_weight": [dict(lmi_weight=-1.0)],
-        "lmi_image_grid": [dict(lmi_image_grid=3), dict(lmi_image_grid=0)],
-        "contrastive_loss": [dict(contrastive_loss="hinge"), dict(contrastive_loss="decomposable")],
-        "z_estimate": [dict(use_momentum=False, z_estimate="median")],
-        "sample_u": [dict(sample_u="no")],
-        "running_z_momentum": [dict(running_z_momentum=1.0), dict(running_z_momentum="0.1")],
-        "num_train_samples": [dict(num_train_samples=0), dict(num_train_samples=2.5),
-                              dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="running")],
-        "use_feature_separation": [dict(use_feature_separation=1)],
-        "feature_separation_weight": [dict(feature_separation_weight=-1.0)],
-        "use_brownian_bridge": [dict(use_brownian_bridge="true")],
-        "brownian_bridge_weight": [dict(brownian_bridge_weight=-1.0)],
-        "brownian_bridge_t": [dict(brownian_bridge_t=1.5), dict(brownian_bridge_t=0.0)],
-        "use_geometric_consistency": [dict(use_geometric_consistency=None)],
-        "geometric_consistency_weight": [dict(geometric_consistency_weight=-1.0)],
-    })),
-    CODISConfig: (tiny_codis_config, _albef_bad_values({
-        "codebook_size": [dict(codebook_size=1)],
-        "codebook_dim": [dict(codebook_dim=0)],
-        "code_temperature": [dict(code_temperature=0.0), dict(code_temperature="0.1")],
-        "ot_solver": [dict(ot_solver="emd")],
-        "ot_iterations": [dict(ot_iterations=0)],
-        "ipot_beta": [dict(ipot_beta=0.0)],
-        "ipot_inner_iterations": [dict(ipot_inner_iterations=0)],
-        "sinkhorn_epsilon": [dict(sinkhorn_epsilon=0.0), dict(sinkhorn_epsilon="0.05")],
-        "code_targets": [dict(code_targets="cross")],
-        "code_weight": [dict(code_weight=-1.0)],
-        "ot_weight": [dict(ot_weight=-1.0)],
-    })),
-    MIVCConfig: (tiny_mivc_config, {
-        "vision_config": [dict(vision_config=dict(MIVC_VISION, patch_size=0))],
-        "text_config": [dict(text_config=dict(MIVC_LLAMA, vocab_size=0))],
-        "qformer_config": [dict(qformer_config=dict(MIVC_QFORMER, hidden_size=0)),
-                           dict(qformer_config=dict(MIVC_QFORMER, hidden_size=25))],
-        "num_query_tokens": [dict(num_query_tokens=0)],
-        "vision_feature_select_strategy": [dict(vision_feature_select_strategy="cls")],
-        "pooling_mode": [dict(pooling_mode="sum")],
-        "pooling_attention_dim": [dict(pooling_attention_dim=0)],
-        "pooling_granularity": [dict(pooling_granularity="patch")],
-        "projector_type": [dict(projector_type="mlp3x_gelu")],
-        "freeze_vision_model": [dict(freeze_vision_model="yes")],
-        "freeze_qformer": [dict(freeze_qformer=1), dict(qformer_config=None, freeze_qformer=True)],
-        "freeze_language_model": [dict(freeze_language_model=None)],
-        "image_token_id": [dict(image_token_id=10_000), dict(image_token_id="5")],
-        "initializer_range": [dict(initializer_range=0.0), dict(initializer_range="0.02")],
-    }),
+    TCLConfig: (
+        tiny_tcl_config,
+        _albef_bad_values(
+            {
+                "lmi_weight": [dict(lmi_weight=-1.0)],
+                "lmi_image_grid": [dict(lmi_image_grid=3), dict(lmi_image_grid=0)],
+                "contrastive_loss": [dict(contrastive_loss="hinge"), dict(contrastive_loss="decomposable")],
+                "z_estimate": [dict(use_momentum=False, z_estimate="median")],
+                "sample_u": [dict(sample_u="no")],
+                "running_z_momentum": [dict(running_z_momentum=1.0), dict(running_z_momentum="0.1")],
+                "num_train_samples": [
+                    dict(num_train_samples=0),
+                    dict(num_train_samples=2.5),
+                    dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="running"),
+                ],
+                "use_feature_separation": [dict(use_feature_separation=1)],
+                "feature_separation_weight": [dict(feature_separation_weight=-1.0)],
+                "use_brownian_bridge": [dict(use_brownian_bridge="true")],
+                "brownian_bridge_weight": [dict(brownian_bridge_weight=-1.0)],
+                "brownian_bridge_t": [dict(brownian_bridge_t=1.5), dict(brownian_bridge_t=0.0)],
+                "use_geometric_consistency": [dict(use_geometric_consistency=None)],
+                "geometric_consistency_weight": [dict(geometric_consistency_weight=-1.0)],
+            }
+        ),
+    ),
+    CODISConfig: (
+        tiny_codis_config,
+        _albef_bad_values(
+            {
+                "codebook_size": [dict(codebook_size=1)],
+                "codebook_dim": [dict(codebook_dim=0)],
+                "code_temperature": [dict(code_temperature=0.0), dict(code_temperature="0.1")],
+                "ot_solver": [dict(ot_solver="emd")],
+                "ot_iterations": [dict(ot_iterations=0)],
+                "ipot_beta": [dict(ipot_beta=0.0)],
+                "ipot_inner_iterations": [dict(ipot_inner_iterations=0)],
+                "sinkhorn_epsilon": [dict(sinkhorn_epsilon=0.0), dict(sinkhorn_epsilon="0.05")],
+                "code_targets": [dict(code_targets="cross")],
+                "code_weight": [dict(code_weight=-1.0)],
+                "ot_weight": [dict(ot_weight=-1.0)],
+            }
+        ),
+    ),
+    MIVCConfig: (
+        tiny_mivc_config,
+        {
+            "vision_config": [dict(vision_config=dict(MIVC_VISION, patch_size=0))],
+            "text_config": [dict(text_config=dict(MIVC_LLAMA, vocab_size=0))],
+            "qformer_config": [
+                dict(qformer_config=dict(MIVC_QFORMER, hidden_size=0)),
+                dict(qformer_config=dict(MIVC_QFORMER, hidden_size=25)),
+            ],
+            "num_query_tokens": [dict(num_query_tokens=0)],
+            "vision_feature_select_strategy": [dict(vision_feature_select_strategy="cls")],
+            "pooling_mode": [dict(pooling_mode="sum")],
+            "pooling_attention_dim": [dict(pooling_attention_dim=0)],
+            "pooling_granularity": [dict(pooling_granularity="patch")],
+            "projector_type": [dict(projector_type="mlp3x_gelu")],
+            "freeze_vision_model": [dict(freeze_vision_model="yes")],
+            "freeze_qformer": [dict(freeze_qformer=1), dict(qformer_config=None, freeze_qformer=True)],
+            "freeze_language_model": [dict(freeze_language_model=None)],
+            "image_token_id": [dict(image_token_id=10_000), dict(image_token_id="5")],
+            "initializer_range": [dict(initializer_range=0.0), dict(initializer_range="0.02")],
+        },
+    ),
 }
 
 
@@ -368,8 +435,12 @@ def test_every_config_field_has_a_validation_case(config_class):
 
 @pytest.mark.parametrize(
     "config_class, field, overrides",
-    [(cls, field, overrides) for cls, (_, table) in BAD_VALUES.items() for field, cases in table.items()
-     for overrides in cases],
+    [
+        (cls, field, overrides)
+        for cls, (_, table) in BAD_VALUES.items()
+        for field, cases in table.items()
+        for overrides in cases
+    ],
     ids=lambda value: value.__name__ if isinstance(value, type) else None,
 )
 def test_invalid_value_raises_naming_the_field(config_class, field, overrides):

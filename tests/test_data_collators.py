@@ -184,7 +184,7 @@ def test_multi_image_collator_drops_unreadable_images_and_empty_items(caplog):
     corrupt = {"bytes": b"\x89PNG\r\n\x1a\n not a png", "path": None}
     rows = [
         {"images": [good, corrupt, good], "prompt": "<image> which digit?", "answer": "one"},
-        {"images": [corrupt], "prompt": "<image> which digit?", "answer": "two"},   # nothing readable: skipped
+        {"images": [corrupt], "prompt": "<image> which digit?", "answer": "two"},  # nothing readable: skipped
         {"images": [good], "prompt": "<image> which digit?", "answer": "three"},
     ]
     collator = MultiImageCollator(processor)
@@ -194,8 +194,10 @@ def test_multi_image_collator_drops_unreadable_images_and_empty_items(caplog):
     assert "Skipped an undecodable image" in caplog.text
     assert batch["pixel_values"].shape[:2] == (2, 2)
     assert batch["image_mask"].tolist() == [[True, True], [True, False]]
-    answers = processor.batch_decode(torch.where(batch["labels"] == -100, processor.tokenizer.pad_token_id,
-                                                 batch["labels"]), skip_special_tokens=True)
+    answers = processor.batch_decode(
+        torch.where(batch["labels"] == -100, processor.tokenizer.pad_token_id, batch["labels"]),
+        skip_special_tokens=True,
+    )
     assert answers == ["one", "three"]
     with pytest.raises(RuntimeError, match="no item of this batch has a readable image"):
         collator([rows[1]])
@@ -223,9 +225,15 @@ def test_collator_counts_every_hostile_row_by_reason(tmp_path, digits_processor_
     listed = ImageTextCollator(digits_processor_16, seed=0)
     one = listed([{"image": {"bytes": digit_png(2), "path": None}, "caption": [None, "", b"\xff two", 7, "two"]}])
     assert one["num_skipped"] == 0
-    assert listed.data_report() == {"images_skipped": 0, "captions_skipped": 3, "captions_skipped_missing": 1,
-                                    "captions_skipped_empty": 1, "captions_skipped_not_text": 1,
-                                    "captions_sanitised": 1, "captions_sanitised_invalid_utf8": 1}
+    assert listed.data_report() == {
+        "images_skipped": 0,
+        "captions_skipped": 3,
+        "captions_skipped_missing": 1,
+        "captions_skipped_empty": 1,
+        "captions_skipped_not_text": 1,
+        "captions_sanitised": 1,
+        "captions_sanitised_invalid_utf8": 1,
+    }
 
 
 def test_multi_image_collator_drops_hostile_images_from_items(tmp_path, caplog):
@@ -235,14 +243,28 @@ def test_multi_image_collator_drops_hostile_images_from_items(tmp_path, caplog):
     (tmp_path / "empty.png").write_bytes(b"")
     good = {"bytes": digit_png(3), "path": None}
     rows = [
-        {"images": [good, {"bytes": truncated_png(), "path": None}, {"bytes": cmyk_jpeg((0, 0, 0, 0)), "path": None},
-                    {"bytes": png_claiming_size(30_000, 30_000), "path": None},
-                    {"bytes": one_by_one_png(), "path": None}, {"bytes": rgba_png(), "path": None}],
-         "prompt": "<image> which digit?", "answer": "three"},
-        {"images": [str(tmp_path / "empty.png"), str(tmp_path / "missing.png")],  # nothing readable: skipped
-         "prompt": "<image> which digit?", "answer": "four"},
-        {"images": [good, {"bytes": gray16_png([0, 65535]), "path": None}], "prompt": "<image> which digit?",
-         "answer": "five"},
+        {
+            "images": [
+                good,
+                {"bytes": truncated_png(), "path": None},
+                {"bytes": cmyk_jpeg((0, 0, 0, 0)), "path": None},
+                {"bytes": png_claiming_size(30_000, 30_000), "path": None},
+                {"bytes": one_by_one_png(), "path": None},
+                {"bytes": rgba_png(), "path": None},
+            ],
+            "prompt": "<image> which digit?",
+            "answer": "three",
+        },
+        {
+            "images": [str(tmp_path / "empty.png"), str(tmp_path / "missing.png")],  # nothing readable: skipped
+            "prompt": "<image> which digit?",
+            "answer": "four",
+        },
+        {
+            "images": [good, {"bytes": gray16_png([0, 65535]), "path": None}],
+            "prompt": "<image> which digit?",
+            "answer": "five",
+        },
     ]
     collator = MultiImageCollator(processor)
     with caplog.at_level(logging.WARNING, logger="vlalign.data"):
@@ -251,7 +273,11 @@ def test_multi_image_collator_drops_hostile_images_from_items(tmp_path, caplog):
     assert batch["image_mask"].tolist() == [[True] * 4, [True, True, False, False]]
     assert collator.num_skipped_images == 4 and collator.num_skipped_items == 1
     assert collator.take_data_report("train_") == {
-        "train_images_skipped": 4, "train_images_skipped_truncated": 1, "train_images_skipped_too_large": 1,
-        "train_images_skipped_empty_file": 1, "train_images_skipped_file_not_found": 1}
+        "train_images_skipped": 4,
+        "train_images_skipped_truncated": 1,
+        "train_images_skipped_too_large": 1,
+        "train_images_skipped_empty_file": 1,
+        "train_images_skipped_file_not_found": 1,
+    }
     assert collator.num_skipped_images == 0  # counting afresh, e.g. for evaluation
     assert caplog.text.count("Skipped an undecodable image") == 1 and "[truncated]" in caplog.text  # rate-limited

@@ -96,11 +96,18 @@ def test_decode_image_applies_the_exif_orientation_from_every_source(fmt, orient
     if fmt == "PNG":  # lossless: the turn itself, not only PIL's own idea of it
         np.testing.assert_array_equal(upright, np.rot90(stored, k=turn))
     # what training decodes is what `datasets` and inference (transformers' load_image) see
-    np.testing.assert_array_equal(np.asarray(datasets.Image().decode_example({"bytes": data, "path": None})
-                                             .convert("RGB")), upright)
+    np.testing.assert_array_equal(
+        np.asarray(datasets.Image().decode_example({"bytes": data, "path": None}).convert("RGB")), upright
+    )
     np.testing.assert_array_equal(np.asarray(load_image(str(path))), upright)
-    for value in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(path)}, str(path), path,
-                  Image.open(io.BytesIO(data))):
+    for value in (
+        data,
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+        str(path),
+        path,
+        Image.open(io.BytesIO(data)),
+    ):
         image = decode_image(value)
         assert image.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(image), upright)
@@ -212,12 +219,15 @@ def test_fifos_and_devices_are_refused_before_opening(tmp_path):
     assert rgb(str(link))[0, 0].tolist() == [10, 200, 30]
 
 
-@pytest.mark.parametrize("width, height, limit", [
-    (30_000, 30_000, None),        # beyond PIL's own guard: its DecompressionBombError, reported as too_large
-    (30_000, 30_000, 89_478_485),
-    (10_000, 10_000, 89_478_485),  # between PIL's warning and error thresholds: our limit refuses it
-    (2_000, 2_000, 1_000_000),     # a configured limit far below PIL's
-])
+@pytest.mark.parametrize(
+    "width, height, limit",
+    [
+        (30_000, 30_000, None),  # beyond PIL's own guard: its DecompressionBombError, reported as too_large
+        (30_000, 30_000, 89_478_485),
+        (10_000, 10_000, 89_478_485),  # between PIL's warning and error thresholds: our limit refuses it
+        (2_000, 2_000, 1_000_000),  # a configured limit far below PIL's
+    ],
+)
 def test_decompression_bomb_refused_from_its_header(width, height, limit, monkeypatch):
     loads = []
     original_load = ImageFile.ImageFile.load
@@ -243,12 +253,15 @@ def test_pixel_limit_applies_to_files_and_lazily_opened_images_and_allows_the_re
 # ---------------------------------------------------------------- images: colour modes converted faithfully
 
 
-@pytest.mark.parametrize("cmyk, expected", [
-    ((0, 0, 0, 0), (255, 255, 255)),    # no ink: paper white
-    ((0, 0, 0, 255), (0, 0, 0)),        # full black ink
-    ((255, 0, 0, 0), (0, 255, 255)),    # cyan
-    ((0, 255, 255, 0), (255, 0, 0)),    # magenta + yellow = red
-])
+@pytest.mark.parametrize(
+    "cmyk, expected",
+    [
+        ((0, 0, 0, 0), (255, 255, 255)),  # no ink: paper white
+        ((0, 0, 0, 255), (0, 0, 0)),  # full black ink
+        ((255, 0, 0, 0), (0, 255, 255)),  # cyan
+        ((0, 255, 255, 0), (255, 0, 0)),  # magenta + yellow = red
+    ],
+)
 def test_cmyk_jpeg_converts_to_the_right_rgb(cmyk, expected):
     assert Image.open(io.BytesIO(cmyk_jpeg(cmyk))).mode == "CMYK"
     np.testing.assert_allclose(rgb(cmyk_jpeg(cmyk))[8, 8], expected, atol=3)
@@ -282,12 +295,15 @@ def test_16_bit_grayscale_scales_by_bit_depth_not_clipping():
     assert rgb(signed)[0, :, 0].tolist() == [0, 128, 255]
 
 
-@pytest.mark.parametrize("exif", [
-    b"Exif\x00\x00garbage garbage",                          # not TIFF data: PIL raises SyntaxError on reading it
-    b"Exif\x00\x00MM\x00\x2a\x00\x00",                       # cut inside the header: struct.error
-    b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00"
-    b"\x00\x00\x00\x00\x00\x00",                             # a well-formed tag with orientation 9 (no such one)
-])
+@pytest.mark.parametrize(
+    "exif",
+    [
+        b"Exif\x00\x00garbage garbage",  # not TIFF data: PIL raises SyntaxError on reading it
+        b"Exif\x00\x00MM\x00\x2a\x00\x00",  # cut inside the header: struct.error
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00"
+        b"\x00\x00\x00\x00\x00\x00",  # a well-formed tag with orientation 9 (no such one)
+    ],
+)
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_a_broken_exif_block_is_ignored_and_the_pixels_kept_as_stored(exif, fmt, tmp_path):
     stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
@@ -306,8 +322,9 @@ def test_1_bit_and_1x1_images_decode_and_pass_through_the_processor(digits_proce
     assert rgb(one_bit_png())[0].tolist() == [[0, 0, 0], [255, 255, 255]]
     tiny = decode_image(one_by_one_png())
     assert tiny.size == (1, 1) and np.asarray(tiny)[0, 0].tolist() == [10, 200, 30]
-    out = digits_processor_16(images=[tiny, tiny], text=["a", "b"], two_views=True,
-                              rng=np.random.default_rng(0), return_tensors="pt")
+    out = digits_processor_16(
+        images=[tiny, tiny], text=["a", "b"], two_views=True, rng=np.random.default_rng(0), return_tensors="pt"
+    )
     assert out["pixel_values"].shape == out["pixel_values_view2"].shape == (2, 3, 16, 16)
 
 
@@ -342,17 +359,27 @@ def test_a_megabyte_caption_is_cut_cheaply(digits_processor_16):
 def test_reason_names_are_disjoint_and_counts_report_flat_keys():
     assert not set(CAPTION_SKIP_REASONS) & set(CAPTION_FIX_REASONS)
     issues = DataIssueCounts()
-    assert issues.report("train_") == {"train_images_skipped": 0, "train_captions_skipped": 0,
-                                       "train_captions_sanitised": 0}
+    assert issues.report("train_") == {
+        "train_images_skipped": 0,
+        "train_captions_skipped": 0,
+        "train_captions_sanitised": 0,
+    }
     for error in (ImageDecodeError("corrupt", "x"), OSError("broken data stream"), ImageDecodeError("too_large", "y")):
         issues.count_image_refusal(error)
     issues.count_caption(None, ("empty",))
     issues.count_caption("ok", ("too_long", "control_chars"))
     issues.count_caption("ok", ())
     assert issues.report() == {
-        "images_skipped": 3, "images_skipped_corrupt": 2, "images_skipped_too_large": 1,
-        "captions_skipped": 1, "captions_skipped_empty": 1,
-        "captions_sanitised": 1, "captions_sanitised_control_chars": 1, "captions_sanitised_too_long": 1,
+        "images_skipped": 3,
+        "images_skipped_corrupt": 2,
+        "images_skipped_too_large": 1,
+        "captions_skipped": 1,
+        "captions_skipped_empty": 1,
+        "captions_sanitised": 1,
+        "captions_sanitised_control_chars": 1,
+        "captions_sanitised_too_long": 1,
     }
-    assert issues.summary() == ("3 images skipped (corrupt 2, too_large 1), 1 captions skipped (empty 1), "
-                                "1 captions sanitised (control_chars 1, too_long 1)")
+    assert issues.summary() == (
+        "3 images skipped (corrupt 2, too_large 1), 1 captions skipped (empty 1), "
+        "1 captions sanitised (control_chars 1, too_long 1)"
+    )

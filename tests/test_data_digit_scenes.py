@@ -46,16 +46,16 @@ def test_each_described_digit_is_drawn_in_its_quadrant_and_colour_only(scenes):
         inked = {q for q, *_ in objects}
         for quadrant in range(4):
             top, left = (quadrant // 2) * 16, (quadrant % 2) * 16
-            block = pixels[top:top + 16, left:left + 16]
+            block = pixels[top : top + 16, left : left + 16]
             darkness = 245 - block.mean(axis=2)
             if quadrant not in inked:
                 assert darkness.max() < 1.0  # an empty quadrant is blank paper
                 continue
-            (_, size, colour, _), = [o for o in objects if o[0] == quadrant]
+            ((_, size, colour, _),) = [o for o in objects if o[0] == quadrant]
             # ink blends colour into paper (pixel = paper + a (colour - paper)): compare the directions of the change
             change = (block[darkness > 0.5 * darkness.max()] - 245.0).sum(axis=0)
 
-            def cosine(name):
+            def cosine(name, change=change):
                 direction = np.asarray(SCENE_COLOURS[name], dtype=np.float64) - 245.0
                 return change @ direction / (np.linalg.norm(change) * np.linalg.norm(direction))
 
@@ -111,8 +111,12 @@ def test_noisy_fraction_swaps_exactly_that_share_of_training_captions_only():
 
 
 def test_bad_arguments_raise_value_error():
-    for kwargs, match in (({"noisy_fraction": 1.0}, "noisy_fraction"), ({"split_sizes": {"dev": 3}}, "unknown"),
-                          ({"split_sizes": {"train": 0}}, "positive"), ({"canvas": 31}, "canvas")):
+    for kwargs, match in (
+        ({"noisy_fraction": 1.0}, "noisy_fraction"),
+        ({"split_sizes": {"dev": 3}}, "unknown"),
+        ({"split_sizes": {"train": 0}}, "positive"),
+        ({"canvas": 31}, "canvas"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_digit_scenes_dataset(**kwargs)
 

@@ -51,7 +51,9 @@ def test_columns_features_and_row_consistency(mv):
         assert split.features == features
         for row in split.select(range(20)):
             k = row["num_images"]
-            assert len(row["images"]) == len(row["degraded"]) == len(row["degradation"]) == len(row["scan_indices"]) == k
+            assert (
+                len(row["images"]) == len(row["degraded"]) == len(row["degradation"]) == len(row["scan_indices"]) == k
+            )
             assert row["prompt"] == MIVC_DIGITS_PROMPT and row["prompt"].count("<image>") == 1
             assert row["answer"] == DIGIT_NAMES[row["label"]]
             for image in row["images"]:
@@ -65,7 +67,9 @@ def test_image_counts_in_range_and_all_counts_used(mv):
         counts = np.array(list(split["num_images"]))
         assert counts.min() >= 2 and counts.max() <= 5
         assert set(counts.tolist()) == {2, 3, 4, 5}
-    small = build_multiview_digits_dataset(image_size=8, num_train_items=50, num_test_items=20, min_images=3, max_images=3)
+    small = build_multiview_digits_dataset(
+        image_size=8, num_train_items=50, num_test_items=20, min_images=3, max_images=3
+    )
     assert set(small["train"]["num_images"]) == {3} and set(small["test"]["num_images"]) == {3}
 
 
@@ -98,7 +102,7 @@ def test_clean_images_are_the_rendered_scans_and_degraded_ones_are_not(mv, sk_di
     all_bytes = _image_bytes(split)
     for row_index in range(40):
         row = split[row_index]
-        for image, png, flag, index in zip(row["images"], all_bytes[row_index], row["degraded"], row["scan_indices"]):
+        for image, _png, flag, index in zip(row["images"], all_bytes[row_index], row["degraded"], row["scan_indices"]):
             reference = Image.open(io.BytesIO(_digit_to_png(sk_digits.data[index], SIZE))).convert("RGB")
             same = np.array_equal(np.asarray(image), np.asarray(reference))
             assert same != flag
@@ -232,7 +236,9 @@ def test_argument_validation(kwargs, name):
 def test_max_images_bound_is_the_rarest_test_digit(sk_digits):
     test_targets = sk_digits.target[np.arange(len(sk_digits.target)) % 5 == 0]
     rarest = int(np.bincount(test_targets, minlength=10).min())
-    ds = build_multiview_digits_dataset(image_size=8, num_train_items=5, num_test_items=5, min_images=rarest, max_images=rarest)
+    ds = build_multiview_digits_dataset(
+        image_size=8, num_train_items=5, num_test_items=5, min_images=rarest, max_images=rarest
+    )
     assert set(ds["test"]["num_images"]) == {rarest}
     with pytest.raises(ValueError, match="max_images"):
         build_multiview_digits_dataset(max_images=rarest + 1)

@@ -227,15 +227,29 @@ def test_mivc_data_arguments_validate_the_pixel_limit(value):
 
 def _parquet_args(root, **kwargs):
     files = {"train": str(root / "parquet" / "train-*.parquet"), "test": str(root / "parquet" / "test-*.parquet")}
-    return DataArguments(dataset_name="parquet", data_files=files, image_id_column=None, streaming=True,
-                         max_eval_samples=NUM_TEST, shuffle_buffer_size=16, **kwargs)
+    return DataArguments(
+        dataset_name="parquet",
+        data_files=files,
+        image_id_column=None,
+        streaming=True,
+        max_eval_samples=NUM_TEST,
+        shuffle_buffer_size=16,
+        **kwargs,
+    )
 
 
 def _webdataset_args(root, **kwargs):
     files = {"train": str(root / "wds" / "train-*.tar"), "test": str(root / "wds" / "test-*.tar")}
     kwargs = {"image_column": "png", "caption_column": "txt", "label_column": "cls", **kwargs}
-    return DataArguments(dataset_name="webdataset", data_files=files, image_id_column=None, streaming=True,
-                         max_eval_samples=NUM_TEST, shuffle_buffer_size=16, **kwargs)
+    return DataArguments(
+        dataset_name="webdataset",
+        data_files=files,
+        image_id_column=None,
+        streaming=True,
+        max_eval_samples=NUM_TEST,
+        shuffle_buffer_size=16,
+        **kwargs,
+    )
 
 
 def _keys(dataset, args):
@@ -302,8 +316,10 @@ def test_brace_patterns_name_shards():
     assert expand_braces("{8..11}") == ["8", "9", "10", "11"] and expand_braces("{3..1}") == ["3", "2", "1"]
     assert expand_braces("{train,extra}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "extra-0.tar", "extra-1.tar"]
     assert expand_braces("shards/*.tar") == ["shards/*.tar"] and expand_braces("a{}b{name}") == ["a{}b{name}"]
-    assert expand_data_files({"train": "t-{0..1}.tar", "test": "x.tar"}) == {"train": ["t-0.tar", "t-1.tar"],
-                                                                            "test": "x.tar"}
+    assert expand_data_files({"train": "t-{0..1}.tar", "test": "x.tar"}) == {
+        "train": ["t-0.tar", "t-1.tar"],
+        "test": "x.tar",
+    }
     assert expand_data_files(["a{1,2}", "b"]) == ["a1", "a2", "b"] and expand_data_files(None) is None
     with pytest.raises(ValueError, match="expands to more than"):
         expand_braces("{0..99999999}")
@@ -312,15 +328,21 @@ def test_brace_patterns_name_shards():
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_stream_shards_named_by_a_brace_range(shards, fmt):
     """Exactly the named shards are read: a range over 2 of the 3 shards streams their 40 rows."""
-    folder, extension, make = (("parquet", "parquet", _parquet_args) if fmt == "parquet"
-                               else ("wds", "tar", _webdataset_args))
+    folder, extension, make = (
+        ("parquet", "parquet", _parquet_args) if fmt == "parquet" else ("wds", "tar", _webdataset_args)
+    )
     args = make(shards)
-    args.data_files = {"train": str(shards / folder / f"train-{{00000..00001}}.{extension}"),
-                       "test": args.data_files["test"]}
+    args.data_files = {
+        "train": str(shards / folder / f"train-{{00000..00001}}.{extension}"),
+        "test": args.data_files["test"],
+    }
     train, evaluation = load_image_text_datasets(args, seed=0)
     assert len(evaluation) == NUM_TEST
-    expected = {_row_key({"bytes": r["png"], "path": None}, r["caption"])[ROW_ID_COLUMN]
-                for shard in digit_shard_rows()[0][:2] for r in shard}
+    expected = {
+        _row_key({"bytes": r["png"], "path": None}, r["caption"])[ROW_ID_COLUMN]
+        for shard in digit_shard_rows()[0][:2]
+        for r in shard
+    }
     ids = [row[ROW_ID_COLUMN] for row in train]
     assert len(ids) == 2 * ROWS_PER_SHARD and set(ids) == expected
 
@@ -334,7 +356,8 @@ def test_stream_string_labels_need_class_names(shards):
     for row in train:
         assert row["name"] == (row["label"] if row["label"] < 5 else None)
     assert [n if n is not None else -1 for n in evaluation["name"]] == [
-        lab if lab < 5 else -1 for lab in evaluation["label"]]
+        lab if lab < 5 else -1 for lab in evaluation["label"]
+    ]
 
 
 def test_stream_eval_split_needs_a_row_limit(shards):
@@ -350,14 +373,25 @@ def test_stream_eval_split_needs_a_row_limit(shards):
 def test_parquet_with_image_feature_and_digits_demo_stream(tmp_path):
     """Parquet written by `datasets` (an Image feature in the schema) and the embedded demo, streamed."""
     shard_rows = digit_shard_rows()[0][0]
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                  "label": datasets.Value("int64")})
-    dataset = datasets.Dataset.from_dict({"image": [{"bytes": r["png"], "path": None} for r in shard_rows],
-                                          "caption": [r["caption"] for r in shard_rows],
-                                          "label": [r["label"] for r in shard_rows]}, features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "label": datasets.Value("int64")}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": r["png"], "path": None} for r in shard_rows],
+            "caption": [r["caption"] for r in shard_rows],
+            "label": [r["label"] for r in shard_rows],
+        },
+        features=features,
+    )
     dataset.to_parquet(str(tmp_path / "train-0.parquet"))
-    args = DataArguments(dataset_name="parquet", data_files={"train": str(tmp_path / "*.parquet")},
-                         image_id_column=None, eval_split=None, streaming=True)
+    args = DataArguments(
+        dataset_name="parquet",
+        data_files={"train": str(tmp_path / "*.parquet")},
+        image_id_column=None,
+        eval_split=None,
+        streaming=True,
+    )
     train, _ = load_image_text_datasets(args)
     assert train.features["image"] == datasets.Image(decode=False)
     assert len(list(train)) == ROWS_PER_SHARD

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import distributed_workers as workers  # noqa: E402
+
 from vlalign.losses import (  # noqa: E402
     info_nce,
     intra_modal_info_nce,
@@ -30,16 +31,17 @@ REPO = Path(__file__).resolve().parent.parent
 W = workers.WORLD_SIZE
 EXACT = dict(rtol=0.0, atol=1e-10)  # float64
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 
 
 def _run(names, out_dir, timeout=900.0):
     """Run the named scenarios on 2 spawned processes; {name: [payload of rank 0, payload of rank 1]}."""
     assert not torch.distributed.is_initialized()  # references below must take the single-process path
     workers.run_distributed(workers.scenario_worker, str(out_dir), tuple(names), timeout=timeout)
-    return {name: [torch.load(out_dir / f"{name}_rank{r}.pt", weights_only=False) for r in range(W)]
-            for name in names}
+    return {name: [torch.load(out_dir / f"{name}_rank{r}.pt", weights_only=False) for r in range(W)] for name in names}
 
 
 # one spawn per group of tests: each spawned process spends seconds importing torch and transformers
@@ -63,12 +65,19 @@ def _close(actual, expected, msg="", **tol):
 def _full_batch_info_nce(use_ids, learnable):
     images, texts = workers.embedding_pairs(seed=0)
     img, txt = images.clone().requires_grad_(), texts.clone().requires_grad_()
-    temp = (torch.tensor(workers.LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True)
-            if learnable else 0.07)
+    temp = torch.tensor(workers.LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
     loss, i2t, t2i = info_nce(img, txt, temp, workers.IMAGE_IDS if use_ids else None, return_directions=True)
     loss.backward()
-    return dict(loss=loss.detach(), i2t=i2t.detach(), t2i=t2i.detach(), image_grad=img.grad, text_grad=txt.grad,
-                temperature_grad=temp.grad if learnable else None, images=images, texts=texts)
+    return dict(
+        loss=loss.detach(),
+        i2t=i2t.detach(),
+        t2i=t2i.detach(),
+        image_grad=img.grad,
+        text_grad=txt.grad,
+        temperature_grad=temp.grad if learnable else None,
+        images=images,
+        texts=texts,
+    )
 
 
 def test_info_nce_across_two_processes_equals_full_batch(loss_results):
@@ -87,11 +96,17 @@ def test_info_nce_across_two_processes_equals_full_batch(loss_results):
                 # every rank saw the whole batch as keys, in rank order
                 _close(result[f"gathered_{which}s"], embeds, f"{name}: rank {rank} gathered {which}s")
                 # rank gradient = W x full-batch gradient of its rows (DDP's averaging then gives the full one)
-                _close(result[f"{which}_grad"], W * full[f"{which}_grad"][rows],
-                       f"{name}: rank {rank} {which} gradient != world_size x full-batch gradient")
+                _close(
+                    result[f"{which}_grad"],
+                    W * full[f"{which}_grad"][rows],
+                    f"{name}: rank {rank} {which} gradient != world_size x full-batch gradient",
+                )
                 # ... because the gather's backward summed every rank's key-side gradient w.r.t. these rows
-                _close(result[f"{which}_grad"], query_side + sum(g[rows] for g in key_side),
-                       f"{name}: rank {rank} {which} gradient is not query side + sum over ranks of key side")
+                _close(
+                    result[f"{which}_grad"],
+                    query_side + sum(g[rows] for g in key_side),
+                    f"{name}: rank {rank} {which} gradient is not query side + sum over ranks of key side",
+                )
                 # the comparison has teeth: a gradient-less gather leaves only the query side, clearly different
                 assert (query_side - result[f"{which}_grad"]).abs().max() > 1e-3, (name, which, rank)
                 grad = key_side[rank].clone()
@@ -101,8 +116,11 @@ def test_info_nce_across_two_processes_equals_full_batch(loss_results):
             _close(sum(rank_loss_grads) / W, full[f"{which}_grad"], f"{name}: sum_r dL_r/d{which} / W")
         if learnable:
             # the temperature is replicated: DDP's average of the rank gradients is the full-batch gradient
-            _close(torch.stack([r["temperature_grad"] for r in per_rank]).mean(), full["temperature_grad"],
-                   f"{name}: temperature gradient averaged over ranks")
+            _close(
+                torch.stack([r["temperature_grad"] for r in per_rank]).mean(),
+                full["temperature_grad"],
+                f"{name}: temperature gradient averaged over ranks",
+            )
 
 
 def test_intra_modal_info_nce_across_two_processes_equals_full_batch(loss_results):
@@ -110,8 +128,9 @@ def test_intra_modal_info_nce_across_two_processes_equals_full_batch(loss_result
     queries, other_view = workers.embedding_pairs(seed=1)
     for name, learnable in (("fixed_temperature", False), ("learnable_temperature", True)):
         q, k = queries.clone().requires_grad_(), other_view.clone().requires_grad_()
-        temp = (torch.tensor(workers.LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True)
-                if learnable else 0.07)
+        temp = (
+            torch.tensor(workers.LEARNABLE_TEMPERATURE, dtype=torch.float64, requires_grad=True) if learnable else 0.07
+        )
         loss = intra_modal_info_nce(q, k, temp)
         loss.backward()
         per_rank = [r[name] for r in ranks]
@@ -120,12 +139,18 @@ def test_intra_modal_info_nce_across_two_processes_equals_full_batch(loss_result
             rows = workers.rows_of(rank)
             _close(result["query_grad"], W * q.grad[rows], f"{name}: rank {rank} query gradient")
             _close(result["key_grad"], W * k.grad[rows], f"{name}: rank {rank} key gradient")
-            _close(result["key_grad"], sum(r["gathered_key_grad"][rows] for r in per_rank),
-                   f"{name}: rank {rank} key gradient is not the sum over ranks")
+            _close(
+                result["key_grad"],
+                sum(r["gathered_key_grad"][rows] for r in per_rank),
+                f"{name}: rank {rank} key gradient is not the sum over ranks",
+            )
         _close(sum(r["gathered_key_grad"] for r in per_rank) / W, k.grad, f"{name}: sum_r dL_r/dkeys / W")
         if learnable:
-            _close(torch.stack([r["temperature_grad"] for r in per_rank]).mean(), temp.grad,
-                   f"{name}: temperature gradient averaged over ranks")
+            _close(
+                torch.stack([r["temperature_grad"] for r in per_rank]).mean(),
+                temp.grad,
+                f"{name}: temperature gradient averaged over ranks",
+            )
 
 
 def test_feature_queue_enqueue_gathers_all_ranks_in_rank_order(loss_results):
@@ -175,8 +200,13 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case, 
     out, full_grads = _full_batch_model_grads(case)
     per_rank = [r[f"{case}_grad_cache" if grad_cache else case] for r in ranks]
     assert set(per_rank[0]["components"]) == set(out.loss_components())
-    _close(torch.stack([r["loss"] for r in per_rank]).mean(), out.loss.detach(), "mean over ranks of the loss",
-           rtol=0.0, atol=1e-5)
+    _close(
+        torch.stack([r["loss"] for r in per_rank]).mean(),
+        out.loss.detach(),
+        "mean over ranks of the loss",
+        rtol=0.0,
+        atol=1e-5,
+    )
     assert len(full_grads) > 50 and "temp" in full_grads
     for name, expected in full_grads.items():
         assert expected is not None, f"{name} got no gradient in the single-process reference"
@@ -184,8 +214,7 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case, 
             actual = result["grads"][name]
             assert actual is not None, f"rank {rank}: {name} got no gradient"
             # float32 with other batch shapes and thread counts: ~3e-6 observed, a gradient-less gather is off by ~1
-            _close(actual, expected, f"rank {rank}: gradient of {name} (DDP on 2 x 4 vs 1 x 8)", rtol=1e-5,
-                   atol=1e-5)
+            _close(actual, expected, f"rank {rank}: gradient of {name} (DDP on 2 x 4 vs 1 x 8)", rtol=1e-5, atol=1e-5)
 
 
 def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_order(model_results):
@@ -204,10 +233,15 @@ def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_o
             assert torch.equal(queue["ids"], expected_ids), (which, rank)
             for source in range(W):
                 # rows [4 * source, 4 * source + 4) hold rank `source`'s teacher features of this step
-                _close(queue["features"][workers.rows_of(source)], ranks[source][f"teacher_{which}"],
-                       f"{which} queue rank {rank}: rows of rank {source}", rtol=0.0, atol=1e-6)
+                _close(
+                    queue["features"][workers.rows_of(source)],
+                    ranks[source][f"teacher_{which}"],
+                    f"{which} queue rank {rank}: rows of rank {source}",
+                    rtol=0.0,
+                    atol=1e-6,
+                )
             # the rest of the queue is untouched
-            assert torch.equal(queue["features"][W * per_rank:], ranks[0]["initial"][which][W * per_rank:])
+            assert torch.equal(queue["features"][W * per_rank :], ranks[0]["initial"][which][W * per_rank :])
         # different inputs per rank: the two halves really differ
         assert (ranks[0][f"teacher_{which}"] - ranks[1][f"teacher_{which}"]).abs().max() > 1e-3
     assert all(torch.isfinite(r["loss"]) for r in ranks)
@@ -217,10 +251,30 @@ def test_momentum_step_fills_queues_with_teacher_features_of_all_ranks_in_rank_o
 # `accelerate launch` with 2 CPU processes
 
 TINY_OVERRIDES = [
-    "--max_steps", "4", "--per_device_train_batch_size", "16", "--queue_size", "64", "--max_eval_samples", "40",
-    "--logging_steps", "2", "--model.vision_config.hidden_size", "32", "--model.vision_config.num_hidden_layers", "1",
-    "--model.vision_config.intermediate_size", "64", "--model.text_config.hidden_size", "32",
-    "--model.text_config.intermediate_size", "64", "--model.text_config.num_hidden_layers", "2", "--embed_dim", "16",
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "16",
+    "--queue_size",
+    "64",
+    "--max_eval_samples",
+    "40",
+    "--logging_steps",
+    "2",
+    "--model.vision_config.hidden_size",
+    "32",
+    "--model.vision_config.num_hidden_layers",
+    "1",
+    "--model.vision_config.intermediate_size",
+    "64",
+    "--model.text_config.hidden_size",
+    "32",
+    "--model.text_config.intermediate_size",
+    "64",
+    "--model.text_config.num_hidden_layers",
+    "2",
+    "--embed_dim",
+    "16",
 ]
 
 
@@ -230,16 +284,44 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     from the torchrun-based launcher (`--multi_gpu`), told to train on CPU with `--use_cpu true` (gloo): that is
     the command used here. `--main_process_port` becomes torchrun's MASTER_PORT (default 29500, often taken)."""
     out = tmp_path / "out"
+
     def cmd(port):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(port),
-                str(REPO / "training/train.py"), "--config", str(REPO / "training/configs/tcl_digits.yaml"),
-                "--use_cpu", "true", "--output_dir", str(out), *TINY_OVERRIDES]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            str(REPO / "training/train.py"),
+            "--config",
+            str(REPO / "training/configs/tcl_digits.yaml"),
+            "--use_cpu",
+            "true",
+            "--output_dir",
+            str(out),
+            *TINY_OVERRIDES,
+        ]
+
     workers.launch_and_wait(cmd, tmp_path, timeout=900)
     results = json.loads((out / "eval_results.json").read_text())
-    for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
-                "t2i_recall@5", "t2i_recall@10"):
+    for key in (
+        "zero_shot_accuracy",
+        "i2t_recall@1",
+        "i2t_recall@5",
+        "i2t_recall@10",
+        "t2i_recall@1",
+        "t2i_recall@5",
+        "t2i_recall@10",
+    ):
         assert 0.0 <= results[key] <= 100.0, key
     assert results["train_steps"] == 4
     assert results["num_eval_images"] == 40
@@ -310,21 +392,32 @@ def test_code_assignment_targets_across_two_processes_are_rows_of_the_global_pla
         for solver, kwargs in workers.CODE_ASSIGNMENT_SOLVERS.items():
             full = code_assignment_targets(features, codebook, solver, **kwargs)
             # the single-process plan itself is the float64 reference plan
-            _close(full, targets_reference(features, codebook, solver, **kwargs), f"{solver}: reference",
-                   rtol=1e-9, atol=1e-12)
+            _close(
+                full,
+                targets_reference(features, codebook, solver, **kwargs),
+                f"{solver}: reference",
+                rtol=1e-9,
+                atol=1e-12,
+            )
             for dtype, atol in ((torch.float64, 1e-6), (torch.float32, 1e-5)):
                 where = f"{split}, {solver}, {dtype}"
                 per_rank = [r[(split, solver, str(dtype))] for r in ranks]
                 for rank, result in enumerate(per_rank):
                     assert not result["requires_grad"], where
                     assert result["targets"].dtype == dtype, where
-                    _close(result["targets"].double(), full[rows[rank]], f"{where}: rank {rank} rows",
-                           rtol=0.0, atol=atol)
+                    _close(
+                        result["targets"].double(), full[rows[rank]], f"{where}: rank {rank} rows", rtol=0.0, atol=atol
+                    )
                     # the comparison has teeth: a plan over this rank's rows only is clearly different
                     local = code_assignment_targets(features[rows[rank]], codebook, solver, **kwargs)
                     assert (local - full[rows[rank]]).abs().max() > 1e-2, where
                 # together the ranks' rows give every code N/K samples (up to the solver's convergence: the rows
                 # are normalised exactly)
                 stacked = torch.cat([r["targets"].double() for r in per_rank])
-                _close(stacked.sum(0), torch.full((k,), n / k, dtype=torch.float64), f"{where}: column sums",
-                       rtol=1e-3, atol=0.0)
+                _close(
+                    stacked.sum(0),
+                    torch.full((k,), n / k, dtype=torch.float64),
+                    f"{where}: column sums",
+                    rtol=1e-3,
+                    atol=0.0,
+                )

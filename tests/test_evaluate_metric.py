@@ -67,8 +67,11 @@ def test_loads_offline_as_an_evaluate_metric(metric):
 def test_equals_retrieval_metrics_exactly(metric, chunk_size, k_values):
     image_embeds, text_embeds, image_ids, text_ids = _random_set()
     expected = retrieval_metrics(image_embeds, text_embeds, image_ids, text_ids, ks=k_values, chunk_size=chunk_size)
-    results = metric.compute(**retrieval_metric_inputs(image_embeds, text_embeds, image_ids, text_ids),
-                             k_values=list(k_values), chunk_size=chunk_size)
+    results = metric.compute(
+        **retrieval_metric_inputs(image_embeds, text_embeds, image_ids, text_ids),
+        k_values=list(k_values),
+        chunk_size=chunk_size,
+    )
     assert results == expected
     assert results["i2t_num_queries"] == 24 and 0 < results["t2i_num_queries"] < 60  # texts without image excluded
     assert 0.0 < results[f"t2i_recall@{k_values[0]}"] < 100.0
@@ -78,11 +81,24 @@ def test_default_k_values_and_string_ids(metric):
     image_embeds, text_embeds, image_ids, text_ids = _random_set(seed=1)
     expected = retrieval_metrics(image_embeds, text_embeds, image_ids, text_ids)
     names = [f"img_{i:03d}" for i in range(10)]  # zero-padded strings must stay strings
-    results = metric.compute(**retrieval_metric_inputs(
-        image_embeds, text_embeds, [names[i] for i in image_ids.tolist()], [names[i] for i in text_ids.tolist()]))
+    results = metric.compute(
+        **retrieval_metric_inputs(
+            image_embeds, text_embeds, [names[i] for i in image_ids.tolist()], [names[i] for i in text_ids.tolist()]
+        )
+    )
     assert results == expected
-    assert sorted(results) == sorted(["i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
-                                      "t2i_recall@5", "t2i_recall@10", "i2t_num_queries", "t2i_num_queries"])
+    assert sorted(results) == sorted(
+        [
+            "i2t_recall@1",
+            "i2t_recall@5",
+            "i2t_recall@10",
+            "t2i_recall@1",
+            "t2i_recall@5",
+            "t2i_recall@10",
+            "i2t_num_queries",
+            "t2i_num_queries",
+        ]
+    )
 
 
 def test_add_batch_in_pieces_equals_one_compute(metric, tmp_path):
@@ -92,8 +108,7 @@ def test_add_batch_in_pieces_equals_one_compute(metric, tmp_path):
     pieces = [("text", slice(0, 7)), ("image", slice(0, 5)), ("text", slice(7, 30)), ("image", slice(5, 6))]
     for modality, rows in pieces:
         embeds, ids = (image_embeds, image_ids) if modality == "image" else (text_embeds, text_ids)
-        metric.add_batch(embeddings=embeds[rows].tolist(), ids=ids[rows].tolist(),
-                         modality=[modality] * len(ids[rows]))
+        metric.add_batch(embeddings=embeds[rows].tolist(), ids=ids[rows].tolist(), modality=[modality] * len(ids[rows]))
     mixed = retrieval_metric_inputs(image_embeds[6:], text_embeds[30:], image_ids[6:], text_ids[30:])
     metric.add_batch(**mixed)
     assert metric.compute(k_values=[1, 3]) == expected
@@ -109,8 +124,11 @@ def test_tensor_and_array_inputs(metric):
     image_embeds, text_embeds, image_ids, text_ids = _random_set(seed=3)
     expected = retrieval_metrics(image_embeds, text_embeds, image_ids, text_ids)
     modality = ["image"] * len(image_ids) + ["text"] * len(text_ids)
-    results = metric.compute(embeddings=torch.cat([image_embeds, text_embeds]).numpy(),
-                             ids=torch.cat([image_ids, text_ids]).numpy(), modality=modality)
+    results = metric.compute(
+        embeddings=torch.cat([image_embeds, text_embeds]).numpy(),
+        ids=torch.cat([image_ids, text_ids]).numpy(),
+        modality=modality,
+    )
     assert results == expected
 
 
@@ -131,17 +149,29 @@ def test_hand_built_three_by_three(metric):
         k_values=[1, 2, 3],
     )
     assert results == {
-        "i2t_recall@1": 100.0 * 2 / 3, "i2t_recall@2": 100.0, "i2t_recall@3": 100.0,
-        "t2i_recall@1": 100.0 * 1 / 3, "t2i_recall@2": 100.0, "t2i_recall@3": 100.0,
-        "i2t_num_queries": 3, "t2i_num_queries": 3,
+        "i2t_recall@1": 100.0 * 2 / 3,
+        "i2t_recall@2": 100.0,
+        "i2t_recall@3": 100.0,
+        "t2i_recall@1": 100.0 * 1 / 3,
+        "t2i_recall@2": 100.0,
+        "t2i_recall@3": 100.0,
+        "i2t_num_queries": 3,
+        "t2i_num_queries": 3,
     }
 
 
 def test_several_positives_any_one_counts(metric):
     """Two images of id 0 and two captions each: a query is a hit when ANY positive is in its top-k."""
     results = metric.compute(
-        embeddings=[[1, 0], [0.8, 0.6], [0, 1],                # images: id 0, id 0, id 1
-                    [0.6, 0.8], [0.1, 0.995], [-1, 0], [0, 1]],  # texts: id 0, id 0, id 1, id 1
+        embeddings=[
+            [1, 0],
+            [0.8, 0.6],
+            [0, 1],  # images: id 0, id 0, id 1
+            [0.6, 0.8],
+            [0.1, 0.995],
+            [-1, 0],
+            [0, 1],
+        ],  # texts: id 0, id 0, id 1, id 1
         ids=[0, 0, 1, 0, 0, 1, 1],
         modality=["image"] * 3 + ["text"] * 4,
         k_values=[1, 2],
@@ -165,10 +195,12 @@ def test_bad_inputs_raise(metric, tmp_path):
         metric.compute(embeddings=[[1.0], [1.0]], ids=[0, 0], modality=["image", "caption"])
     with pytest.raises(ValueError, match="at least one image row and one text row"):
         evaluate.load(RETRIEVAL_METRIC_PATH, cache_dir=str(tmp_path)).compute(
-            embeddings=[[1.0], [1.0]], ids=[0, 0], modality=["image", "image"])
+            embeddings=[[1.0], [1.0]], ids=[0, 0], modality=["image", "image"]
+        )
     with pytest.raises(ValueError, match="same size"):
         evaluate.load(RETRIEVAL_METRIC_PATH, cache_dir=str(tmp_path)).compute(
-            embeddings=[[1.0, 0.0], [1.0]], ids=[0, 0], modality=["image", "text"])
+            embeddings=[[1.0, 0.0], [1.0]], ids=[0, 0], modality=["image", "text"]
+        )
     with pytest.raises(ValueError, match="image_ids"):
         retrieval_metric_inputs(torch.zeros(2, 3), torch.zeros(1, 3), [0], [0])
 
@@ -198,9 +230,11 @@ def test_evaluate_model_reports_the_metric_numbers(monkeypatch, metric, digits_p
     assert len(set(seen["image_ids"])) < len(seen["image_ids"])  # several images per id
 
     # the embeddings are the model's own (not something the spy made up)
-    assert torch.equal(seen["image_embeds"], vlalign.evaluation.embed_images(model, digits_processor_16,
-                                                                             eval_inputs.images))
-    results = metric.compute(**retrieval_metric_inputs(
-        seen["image_embeds"], seen["text_embeds"], seen["image_ids"], seen["text_ids"]))
+    assert torch.equal(
+        seen["image_embeds"], vlalign.evaluation.embed_images(model, digits_processor_16, eval_inputs.images)
+    )
+    results = metric.compute(
+        **retrieval_metric_inputs(seen["image_embeds"], seen["text_embeds"], seen["image_ids"], seen["text_ids"])
+    )
     for key, value in results.items():
         assert reported[key] == value, key

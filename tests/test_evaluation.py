@@ -421,6 +421,7 @@ def test_build_eval_inputs_on_digits_with_a_corrupt_row(digits):
     assert by_image.image_ids == [evaluation["image_id"][i] for i in keep]
     assert by_image.text_ids[:8] == [evaluation["image_id"][0]] * 8
 
+
 # ----------------------------------------------------------------------------- evaluating a model
 def _three_pairs(processor, itm_scores=None):
     """Three images and their three captions (positive ids 0, 1, 2; labels 0, 1, 2) with a model whose towers and ITM
@@ -467,7 +468,8 @@ def _three_pairs(processor, itm_scores=None):
     model.get_text_features = lambda input_ids, attention_mask: text_embeds[text_rows(input_ids, attention_mask)]
     model.get_image_tokens = lambda pixel_values: image_rows(pixel_values).float().view(-1, 1, 1)
     model.itm_score = lambda input_ids, attention_mask, image_tokens: itm_scores[
-        image_tokens[:, 0, 0].long(), text_rows(input_ids, attention_mask)]
+        image_tokens[:, 0, 0].long(), text_rows(input_ids, attention_mask)
+    ]
     eval_inputs = EvalInputs(images, [0, 1, 2], captions, [0, 1, 2], [0, 1, 2], 0)
     return eval_inputs, model
 
@@ -490,11 +492,18 @@ def test_contrastive_trainer_evaluate_reports_hand_computed_recall(digits_proces
 
     eval_inputs, model = _three_pairs(digits_processor_16, itm_scores=torch.eye(3))
     for rerank_k, recall_at_1 in ((0, 100 / 3), (2, 100.0)):
-        args = ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                                            itm_rerank_k=rerank_k)
-        trainer = ContrastiveTrainer(model=model, args=args, train_dataset=[0] * 4, processing_class=digits_processor_16,
-                                     eval_inputs=eval_inputs, class_names=["zero", "one", "two"],
-                                     zero_shot_templates=["{name}"])
+        args = ContrastiveTrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, itm_rerank_k=rerank_k
+        )
+        trainer = ContrastiveTrainer(
+            model=model,
+            args=args,
+            train_dataset=[0] * 4,
+            processing_class=digits_processor_16,
+            eval_inputs=eval_inputs,
+            class_names=["zero", "one", "two"],
+            zero_shot_templates=["{name}"],
+        )
         metrics = trainer.evaluate()
         assert metrics["eval_i2t_recall@1"] == pytest.approx(recall_at_1), rerank_k
         assert metrics["eval_t2i_recall@1"] == pytest.approx(recall_at_1), rerank_k
@@ -542,20 +551,30 @@ def test_zero_shot_warns_about_eval_labels_the_class_names_do_not_cover(digits_p
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config())
     with caplog.at_level("WARNING", logger="vlalign.evaluation"):
-        covered = evaluate_model(model, digits_processor_16,
-                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
-                                 DIGIT_NAMES, data_args.zero_shot_templates)
+        covered = evaluate_model(
+            model,
+            digits_processor_16,
+            EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+            DIGIT_NAMES,
+            data_args.zero_shot_templates,
+        )
     assert "zero_shot_accuracy" in covered
     assert not [r for r in caplog.records if "class names do not cover" in r.getMessage()]
     labels[-1] = -1  # a row without a label (build_eval_inputs' None)
     with caplog.at_level("WARNING", logger="vlalign.evaluation"):
-        metrics = evaluate_model(model, digits_processor_16,
-                                 EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
-                                 ["zero", "one", "two"], data_args.zero_shot_templates)
+        metrics = evaluate_model(
+            model,
+            digits_processor_16,
+            EvalInputs(inputs.images, labels, inputs.texts[:10], labels, labels, 0),
+            ["zero", "one", "two"],
+            data_args.zero_shot_templates,
+        )
     assert "zero_shot_accuracy" in metrics  # still computed, those rows scored as wrong
     warned = [r.getMessage() for r in caplog.records if "class names do not cover" in r.getMessage()]
-    assert warned == ["Zero-shot evaluation: 5 of 10 eval rows have labels the 3 class names do not cover (label 7: 3 "
-                      "rows, label 9: 1 row, no label: 1 row); they are scored as wrong in zero_shot_accuracy"]
+    assert warned == [
+        "Zero-shot evaluation: 5 of 10 eval rows have labels the 3 class names do not cover (label 7: 3 "
+        "rows, label 9: 1 row, no label: 1 row); they are scored as wrong in zero_shot_accuracy"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -568,8 +587,9 @@ def test_build_eval_inputs_counts_by_reason(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("binary")})
     binary_rows = [dict(row, caption=as_bytes(row["caption"])) for row in rows]
     dataset = datasets.Dataset.from_list(binary_rows, features=features)
-    inputs = build_eval_inputs(dataset, DataArguments(dataset_name="x", label_column=None, image_id_column=None,
-                                                      positives_by="image"))
+    inputs = build_eval_inputs(
+        dataset, DataArguments(dataset_name="x", label_column=None, image_id_column=None, positives_by="image")
+    )
     assert inputs.num_skipped == 6 and len(inputs.images) == len(rows) - 6
     assert all(image.mode == "RGB" for image in inputs.images)
     assert inputs.issues.report() == expected

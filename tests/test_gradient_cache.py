@@ -13,8 +13,9 @@ from fixtures import tiny_batch, tiny_tcl_config
 from vlalign import TCLModel
 from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
 
-CONTRASTIVE_ONLY = dict(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                        num_fusion_layers=0)
+CONTRASTIVE_ONLY = dict(
+    use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0
+)
 
 
 def _config(dropout=0.0, **overrides):
@@ -52,10 +53,13 @@ def test_dropout_masks_are_replayed_per_chunk():
     cached.gradient_cached_backward(**batch, chunk_size=4)
 
     torch.manual_seed(123)
-    prepared, temp = reference._prepare_training(batch["input_ids"], batch["attention_mask"],
-                                                 batch["pixel_values"], batch["pixel_values_view2"])
-    parts = [reference._student_pass({k: v[a:b] for k, v in prepared.items()}, keep_tokens=False)
-             for a, b in ((0, 4), (4, 6))]
+    prepared, temp = reference._prepare_training(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["pixel_values_view2"]
+    )
+    parts = [
+        reference._student_pass({k: v[a:b] for k, v in prepared.items()}, keep_tokens=False)
+        for a, b in ((0, 4), (4, 6))
+    ]
     student = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     losses = reference._alignment_losses(student, {}, prepared, None, None, temp)
     reference._loss_total(losses).backward()
@@ -102,9 +106,20 @@ def test_trainer_with_gradient_cache_matches_uncached_training(tmp_path):
         torch.manual_seed(0)
         model = TCLModel(config)
         args = ContrastiveTrainingArguments(
-            output_dir=str(tmp_path / str(chunk)), per_device_train_batch_size=8, max_steps=2, learning_rate=1e-2,
-            optim="sgd", report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0,
-            logging_steps=1, dataloader_drop_last=True, gradient_cache_chunk_size=chunk)
+            output_dir=str(tmp_path / str(chunk)),
+            per_device_train_batch_size=8,
+            max_steps=2,
+            learning_rate=1e-2,
+            optim="sgd",
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            remove_unused_columns=False,
+            seed=0,
+            logging_steps=1,
+            dataloader_drop_last=True,
+            gradient_cache_chunk_size=chunk,
+        )
         trainer = ContrastiveTrainer(model=model, args=args, train_dataset=Batches(), data_collator=collate)
         trainer.train()
         assert "loss_i2t" in trainer.state.log_history[0]

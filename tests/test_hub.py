@@ -287,12 +287,24 @@ def _write(folder: Path, files: dict) -> None:
 
 # what a training run leaves next to the model, and what earlier runs left there
 RUN_LEFTOVERS = {
-    "checkpoint-2/model.safetensors": b"w", "checkpoint-2/config.json": "{}", "checkpoint-2/optimizer.pt": b"pk",
-    "checkpoint-2/scheduler.pt": b"pk", "checkpoint-2/rng_state.pth": b"pk", "checkpoint-2/training_args.bin": b"pk",
-    "checkpoint-2/trainer_state.json": "{}", "runs/Dec01_host/events.out.tfevents.1.host": b"ev",
-    "training_args.json": '{"output_dir": "/home/me/out"}', "training_args.bin": b"pk", "optimizer.pt": b"pk",
-    "pytorch_model.bin": b"pk", "old_picture.png": b"png", "old_module.py": "x = 1\n", "notes.txt": "n",
-    "all_results.json": "{}", "trainer_state.json": "{}", "adapter_model.bin": b"pk",
+    "checkpoint-2/model.safetensors": b"w",
+    "checkpoint-2/config.json": "{}",
+    "checkpoint-2/optimizer.pt": b"pk",
+    "checkpoint-2/scheduler.pt": b"pk",
+    "checkpoint-2/rng_state.pth": b"pk",
+    "checkpoint-2/training_args.bin": b"pk",
+    "checkpoint-2/trainer_state.json": "{}",
+    "runs/Dec01_host/events.out.tfevents.1.host": b"ev",
+    "training_args.json": '{"output_dir": "/home/me/out"}',
+    "training_args.bin": b"pk",
+    "optimizer.pt": b"pk",
+    "pytorch_model.bin": b"pk",
+    "old_picture.png": b"png",
+    "old_module.py": "x = 1\n",
+    "notes.txt": "n",
+    "all_results.json": "{}",
+    "trainer_state.json": "{}",
+    "adapter_model.bin": b"pk",
 }
 CODE = {
     "configuration_x.py": "X = 1\n",
@@ -301,33 +313,72 @@ CODE = {
     "deep.py": "d = 1\n",
     "processing_x.py": "P = 1\n",
 }
-AUTO_MAP = {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel",
-            "AutoModelForCausalLM": "someone/other-repo--modeling_other.Other"}
-CARD = ("---\nlicense: mit\n---\n# m\n\n![curves \\[left\\]](curves.png)\n\n![grid](retrieval.png)\n"
-        "![remote](https://example.com/remote.png) [a link](notes.txt) ![escape](../outside.png)\n")
+AUTO_MAP = {
+    "AutoConfig": "configuration_x.XConfig",
+    "AutoModel": "modeling_x.XModel",
+    "AutoModelForCausalLM": "someone/other-repo--modeling_other.Other",
+}
+CARD = (
+    "---\nlicense: mit\n---\n# m\n\n![curves \\[left\\]](curves.png)\n\n![grid](retrieval.png)\n"
+    "![remote](https://example.com/remote.png) [a link](notes.txt) ![escape](../outside.png)\n"
+)
 
 
 def _full_folder(tmp_path, sharded=False):
     folder = tmp_path / "model"
-    _write(folder, {**RUN_LEFTOVERS, **CODE, "README.md": CARD, "curves.png": b"png", "retrieval.png": b"png",
-                    "config.json": json.dumps({"model_type": "x", "auto_map": AUTO_MAP}),
-                    "processor_config.json": json.dumps({"auto_map": {"AutoProcessor": "processing_x.P"}}),
-                    "preprocessor_config.json": "{}", "tokenizer.json": "{}", "tokenizer_config.json": "{}",
-                    "generation_config.json": "{}", "eval_results.json": "{}"})
+    _write(
+        folder,
+        {
+            **RUN_LEFTOVERS,
+            **CODE,
+            "README.md": CARD,
+            "curves.png": b"png",
+            "retrieval.png": b"png",
+            "config.json": json.dumps({"model_type": "x", "auto_map": AUTO_MAP}),
+            "processor_config.json": json.dumps({"auto_map": {"AutoProcessor": "processing_x.P"}}),
+            "preprocessor_config.json": "{}",
+            "tokenizer.json": "{}",
+            "tokenizer_config.json": "{}",
+            "generation_config.json": "{}",
+            "eval_results.json": "{}",
+        },
+    )
     _write(tmp_path, {"outside.png": b"png"})
     if sharded:
         shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-        _write(folder, {shards[0]: b"a", shards[1]: b"b", "model-00001-of-00003.safetensors": b"stale",
-                        "model.safetensors.index.json": json.dumps({"weight_map": {"a": shards[0], "b": shards[1],
-                                                                                   "c": shards[1]}})})
+        _write(
+            folder,
+            {
+                shards[0]: b"a",
+                shards[1]: b"b",
+                "model-00001-of-00003.safetensors": b"stale",
+                "model.safetensors.index.json": json.dumps(
+                    {"weight_map": {"a": shards[0], "b": shards[1], "c": shards[1]}}
+                ),
+            },
+        )
     else:
         _write(folder, {"model.safetensors": b"w"})
     return folder
 
 
-ALLOWED = {"config.json", "README.md", "curves.png", "retrieval.png", "eval_results.json", "generation_config.json",
-           "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-           "configuration_x.py", "modeling_x.py", "helpers.py", "deep.py", "processing_x.py"}
+ALLOWED = {
+    "config.json",
+    "README.md",
+    "curves.png",
+    "retrieval.png",
+    "eval_results.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "configuration_x.py",
+    "modeling_x.py",
+    "helpers.py",
+    "deep.py",
+    "processing_x.py",
+}
 
 
 def test_publishable_files_are_exactly_the_allow_list(tmp_path):
@@ -338,13 +389,24 @@ def test_publishable_files_are_exactly_the_allow_list(tmp_path):
 def test_publishable_files_of_a_sharded_model_are_the_index_and_its_shards(tmp_path):
     folder = _full_folder(tmp_path, sharded=True)
     assert set(publishable_files(folder)) == ALLOWED | {
-        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    }
 
 
 def test_publishable_files_of_a_peft_adapter(tmp_path):
     folder = tmp_path / "adapter"
-    _write(folder, {"adapter_config.json": "{}", "adapter_model.safetensors": b"w", "adapter_model.bin": b"pk",
-                    "README.md": "---\nlicense: mit\n---\n", "checkpoint-1/adapter_model.safetensors": b"w"})
+    _write(
+        folder,
+        {
+            "adapter_config.json": "{}",
+            "adapter_model.safetensors": b"w",
+            "adapter_model.bin": b"pk",
+            "README.md": "---\nlicense: mit\n---\n",
+            "checkpoint-1/adapter_model.safetensors": b"w",
+        },
+    )
     assert publishable_files(folder) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -359,8 +421,12 @@ def test_an_inconsistent_folder_is_refused_before_any_network_call(tmp_path, fak
         (folder / "model-00002-of-00002.safetensors").unlink()
     else:
         (folder / "helpers.py").unlink()
-    message = {"no_weights": "no model weights", "stale_single_file": "earlier save", "missing_shard": "not in the",
-               "missing_code": "helpers.py"}[problem]
+    message = {
+        "no_weights": "no model weights",
+        "stale_single_file": "earlier save",
+        "missing_shard": "not in the",
+        "missing_code": "helpers.py",
+    }[problem]
     with pytest.raises(ValueError, match=message):
         push_folder_to_hub(folder, "a/b", token=TOKEN)
     assert fake_hub == {}
@@ -418,22 +484,43 @@ CODIS_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "codis.md
 
 
 def _codis_card(usage):
-    return build_model_card(CODIS_TEMPLATE, model_id="someone/codis-digits", model_type_name="CODIS",
-                            dataset_name="digits", hyperparameters={"codebook_size": 64}, eval_results=METRICS,
-                            code_usage=usage)
+    return build_model_card(
+        CODIS_TEMPLATE,
+        model_id="someone/codis-digits",
+        model_type_name="CODIS",
+        dataset_name="digits",
+        hyperparameters={"codebook_size": 64},
+        eval_results=METRICS,
+        code_usage=usage,
+    )
 
 
 def test_codis_card_reports_code_usage_and_flags_a_collapse(tmp_path):
-    healthy = _codis_card({"codebook_size": 64, "image_codes_used": 62, "image_code_perplexity": 45.99,
-                           "text_codes_used": 58, "text_code_perplexity": 53.35, "image_code_purity": 87.2})
+    healthy = _codis_card(
+        {
+            "codebook_size": 64,
+            "image_codes_used": 62,
+            "image_code_perplexity": 45.99,
+            "text_codes_used": 58,
+            "text_code_perplexity": 53.35,
+            "image_code_purity": 87.2,
+        }
+    )
     rows = _table_rows(healthy.text)
     assert ["image", "62", "45.99"] in rows and ["text", "58", "53.35"] in rows
     assert "64 codewords" in healthy.text and "87.2%" in healthy.text
     assert "codebook collapsed" not in healthy.text
     assert "codis" in healthy.data.tags and "Multi-modal Alignment using Representation Codebook" in healthy.text
 
-    collapsed = _codis_card({"codebook_size": 64, "image_codes_used": 1, "image_code_perplexity": 1.0,
-                             "text_codes_used": 3, "text_code_perplexity": 2.5})
+    collapsed = _codis_card(
+        {
+            "codebook_size": 64,
+            "image_codes_used": 1,
+            "image_code_perplexity": 1.0,
+            "text_codes_used": 3,
+            "text_code_perplexity": 2.5,
+        }
+    )
     assert "the codebook collapsed** for image inputs" in collapsed.text
     save_model_card(tmp_path, collapsed)
     loaded = ModelCard.load(tmp_path / "README.md")  # still a valid card with its metadata
@@ -441,28 +528,42 @@ def test_codis_card_reports_code_usage_and_flags_a_collapse(tmp_path):
 
 
 def test_exact_match_is_an_image_text_to_text_result():
-    card = build_model_card(Path(__file__).resolve().parents[1] / "model_cards" / "mivc.md",
-                            model_id="someone/mivc-digits", model_type_name="MIVC", dataset_name="multiview_digits",
-                            hyperparameters={"pooling_mode": "attention"},
-                            eval_results={"exact_match_accuracy": 97.5, "mean_weight_clean_images": 0.5},
-                            pipeline_tag="image-text-to-text")
+    card = build_model_card(
+        Path(__file__).resolve().parents[1] / "model_cards" / "mivc.md",
+        model_id="someone/mivc-digits",
+        model_type_name="MIVC",
+        dataset_name="multiview_digits",
+        hyperparameters={"pooling_mode": "attention"},
+        eval_results={"exact_match_accuracy": 97.5, "mean_weight_clean_images": 0.5},
+        pipeline_tag="image-text-to-text",
+    )
     (result,) = card.data.eval_results
     assert (result.task_type, result.metric_type, result.metric_value) == (
-        "image-text-to-text", "exact_match_accuracy", 97.5)
+        "image-text-to-text",
+        "exact_match_accuracy",
+        97.5,
+    )
     assert card.data.metrics == ["exact_match"] and card.data.pipeline_tag == "image-text-to-text"
     assert ["Image-Text-to-Text", "Exact-match accuracy", "97.50"] in _table_rows(card.text)
     assert ["mean\\_weight\\_clean\\_images", "0.5"] in _table_rows(card.text)
     assert "Multiple Instance Visual Component" in card.text
 
+
 def test_card_warns_when_alignment_never_started(tmp_path):
     for template in ("tcl.md", "codis.md"):
         path = Path(__file__).resolve().parents[1] / "model_cards" / template
-        kwargs = dict(model_id="someone/model", model_type_name=template[:-3].upper(), dataset_name="scenes",
-                      hyperparameters={}, eval_results={"i2t_recall@1": 0.2})
+        kwargs = dict(
+            model_id="someone/model",
+            model_type_name=template[:-3].upper(),
+            dataset_name="scenes",
+            hyperparameters={},
+            eval_results={"i2t_recall@1": 0.2},
+        )
         healthy = build_model_card(path, **kwargs)
         assert "alignment never started" not in healthy.text
-        stuck = build_model_card(path, alignment_not_started={"step": 300, "loss_i2t": 6.96, "loss_t2i": 6.95,
-                                                              "num_keys": 1056}, **kwargs)
+        stuck = build_model_card(
+            path, alignment_not_started={"step": 300, "loss_i2t": 6.96, "loss_t2i": 6.95, "num_keys": 1056}, **kwargs
+        )
         assert "alignment never started" in stuck.text
         assert "After 300 steps" in stuck.text and "6.960 and 6.950" in stuck.text and "1,056 keys" in stuck.text
         assert "6.962" in stuck.text  # ln(1056)
@@ -569,7 +670,7 @@ def _saved(tmp_path, value, template="tcl.md"):
     text = (tmp_path / "README.md").read_text(encoding="utf-8")
     match = FRONT_MATTER.match(text)
     assert match, "README.md must open with one YAML front matter block"
-    return text, yaml.safe_load(match.group(1)), text[match.end():]
+    return text, yaml.safe_load(match.group(1)), text[match.end() :]
 
 
 def _outside_code(body):
@@ -653,8 +754,13 @@ def test_exactly_one_front_matter_block_and_unchanged_body_structure(tmp_path, v
 
 
 @pytest.mark.parametrize("template", ["codis.md", "mivc.md"])
-@pytest.mark.parametrize("value", [ADVERSARIAL[k] for k in ("front-matter-break", "dashes", "script", "bullet",
-                                                             "jinja-expression", "unicode-line-separators")])
+@pytest.mark.parametrize(
+    "value",
+    [
+        ADVERSARIAL[k]
+        for k in ("front-matter-break", "dashes", "script", "bullet", "jinja-expression", "unicode-line-separators")
+    ],
+)
 def test_other_templates_keep_their_structure(tmp_path, value, template, harmless_bodies):
     _, _, body = _saved(tmp_path, value, template)
     assert _skeleton(body) == _skeleton(harmless_bodies[template])
@@ -693,18 +799,31 @@ def test_usage_snippets_load_exactly_the_model_id(tmp_path, value):
 
 
 def test_language_list_and_absent_language():
-    card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={},
-                            eval_results={}, language=["en", "fr"])
+    card = build_model_card(
+        TEMPLATES / "tcl.md",
+        model_id="user/model",
+        dataset_name="digits",
+        hyperparameters={},
+        eval_results={},
+        language=["en", "fr"],
+    )
     assert card.data.language == ["en", "fr"]
-    card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={},
-                            eval_results={})
+    card = build_model_card(
+        TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={}, eval_results={}
+    )
     assert "language" not in card.data.to_dict()
 
 
 def test_long_local_path_or_nul_as_base_model_is_not_looked_up_as_a_file():
     for name in ("/data/" + "x" * 5000, "bad\x00name"):
-        card = build_model_card(TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits",
-                                hyperparameters={}, eval_results={}, base_model=name)
+        card = build_model_card(
+            TEMPLATES / "tcl.md",
+            model_id="user/model",
+            dataset_name="digits",
+            hyperparameters={},
+            eval_results={},
+            base_model=name,
+        )
         assert card.data.base_model is None
 
 
@@ -730,23 +849,47 @@ ALBEF_STACK = {k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid
 MODELS = {
     "tcl": {"model_type": "tcl", **TINY_TRAIN_MODEL},
     "codis": {"model_type": "codis", **ALBEF_STACK, "codebook_size": 8},
-    "mivc": {"model_type": "mivc", "vision_config": dict(VISION, patch_size=8),
-             "text_config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64,
-                             "max_position_embeddings": 128},
-             "pooling_attention_dim": 16, "freeze_vision_model": False, "freeze_language_model": False},
+    "mivc": {
+        "model_type": "mivc",
+        "vision_config": dict(VISION, patch_size=8),
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+        },
+        "pooling_attention_dim": 16,
+        "freeze_vision_model": False,
+        "freeze_language_model": False,
+    },
 }
-ALBEF_CODE = {"configuration_albef.py", "modeling_albef.py", "loading.py", "momentum.py", "gradient_cache.py",
-              "losses.py", "processing_vlalign.py"}
+ALBEF_CODE = {
+    "configuration_albef.py",
+    "modeling_albef.py",
+    "loading.py",
+    "momentum.py",
+    "gradient_cache.py",
+    "losses.py",
+    "processing_vlalign.py",
+}
 CODE_FILES = {
     "tcl": {"modeling_tcl.py", "configuration_tcl.py"} | ALBEF_CODE,
     "codis": {"modeling_codis.py", "configuration_codis.py"} | ALBEF_CODE,
     "mivc": {"modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "loading.py", "processing_vlalign.py"},
 }
-PIPELINE_TAG = {"tcl": "zero-shot-image-classification", "codis": "zero-shot-image-classification",
-                "mivc": "image-text-to-text"}
-TASK_CLASS = {"tcl": "AutoModelForZeroShotImageClassification", "codis": "AutoModelForZeroShotImageClassification",
-              "mivc": "AutoModelForImageTextToText"}
+PIPELINE_TAG = {
+    "tcl": "zero-shot-image-classification",
+    "codis": "zero-shot-image-classification",
+    "mivc": "image-text-to-text",
+}
+TASK_CLASS = {
+    "tcl": "AutoModelForZeroShotImageClassification",
+    "codis": "AutoModelForZeroShotImageClassification",
+    "mivc": "AutoModelForImageTextToText",
+}
 
 
 @pytest.fixture
@@ -771,8 +914,12 @@ def hub(monkeypatch):
             else:
                 data = source.read() if hasattr(source, "read") else bytes(source)
             calls["files"][operation.path_in_repo] = data
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message=commit_message,
-                          commit_description="", oid="1" * 40)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+            commit_message=commit_message,
+            commit_description="",
+            oid="1" * 40,
+        )
 
     def validate_yaml(self, content, *args, **kwargs):
         # create_commit / upload_folder ask the Hub to validate README.md's metadata: parse it locally instead
@@ -804,22 +951,44 @@ def test_train_script_push_uploads_everything_needed_to_load(model_type, tmp_pat
     import train
     from transformers import AutoConfig
 
-    data = ({"num_train_items": 24, "num_test_items": 8, "image_size": 16} if model_type == "mivc"
-            else {"max_train_samples": 48, "max_eval_samples": 20})
-    config = {"model": MODELS[model_type], "data": data,
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 8,
-                           "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    data = (
+        {"num_train_items": 24, "num_test_items": 8, "image_size": 16}
+        if model_type == "mivc"
+        else {"max_train_samples": 48, "max_eval_samples": 20}
+    )
+    config = {
+        "model": MODELS[model_type],
+        "data": data,
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("HF_TOKEN", PUSH_TOKEN)
-    train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id",
-                f"someone/tiny-{model_type}"])
+    train.main(
+        ["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", f"someone/tiny-{model_type}"]
+    )
     files = hub["files"]
     assert hub["commits"] == 1 and hub["repo_id"] == f"someone/tiny-{model_type}"
     # the metadata that the Hub validates (the real create_commit sends README.md's front matter first)
     assert yaml.safe_load(files["README.md"].decode().split("---")[1])["library_name"] == "transformers"
     assert hub["tokens"] == {PUSH_TOKEN}  # the token reached HfApi, and only HfApi
-    needed = {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-              "README.md", "eval_results.json", "training_curves.png"} | CODE_FILES[model_type]
+    needed = {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "eval_results.json",
+        "training_curves.png",
+    } | CODE_FILES[model_type]
     assert needed <= set(files), needed - set(files)
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
     config_json = json.loads(files["config.json"])
@@ -840,8 +1009,9 @@ def test_train_script_push_uploads_everything_needed_to_load(model_type, tmp_pat
     eval_results = json.loads(files["eval_results.json"])
     for result in card.data.eval_results:
         assert result.metric_value == pytest.approx(eval_results[result.metric_type])
-    for picture in ("training_curves.png",) + (("retrieval_examples.png",) if model_type != "mivc"
-                                               else ("multi_image_examples.png",)):
+    for picture in ("training_curves.png",) + (
+        ("retrieval_examples.png",) if model_type != "mivc" else ("multi_image_examples.png",)
+    ):
         assert files[picture][:8] == b"\x89PNG\r\n\x1a\n", picture
         assert f"]({picture})" in card.content
     _no_token_anywhere(files, caplog.text, capsys.readouterr().out)
@@ -880,7 +1050,8 @@ def test_push_from_python_uploads_weights_code_and_processor_files(model_type, t
     model.push_to_hub(f"someone/py-{model_type}", token=PUSH_TOKEN)
     model_files = dict(hub["files"])
     assert {"config.json", "model.safetensors"} | (CODE_FILES[model_type] - {"processing_vlalign.py"}) <= set(
-        model_files)
+        model_files
+    )
     hub["files"].clear()
     processor.push_to_hub(f"someone/py-{model_type}", token=PUSH_TOKEN)
     processor_files = dict(hub["files"])
@@ -892,9 +1063,15 @@ def test_push_from_python_uploads_weights_code_and_processor_files(model_type, t
 # ----------------------------------------------------------------------------- what a push publishes, and nothing else
 RUN_TOKEN = "hf_SECRETtesttoken_given_on_the_command_line"
 # left in the output folder by an earlier run: none of it may be published
-STALE = {"checkpoint-0/optimizer.pt": b"old pickle", "checkpoint-0/training_args.bin": b"old pickle",
-         "runs/Jan01_oldhost/events.out.tfevents.1.oldhost": b"old events", "old_picture.png": b"\x89PNG old",
-         "old_module.py": b"x = 1\n", "pytorch_model.bin": b"old pickle", "notes.txt": b"old notes"}
+STALE = {
+    "checkpoint-0/optimizer.pt": b"old pickle",
+    "checkpoint-0/training_args.bin": b"old pickle",
+    "runs/Jan01_oldhost/events.out.tfevents.1.oldhost": b"old events",
+    "old_picture.png": b"\x89PNG old",
+    "old_module.py": b"x = 1\n",
+    "pytorch_model.bin": b"old pickle",
+    "notes.txt": b"old notes",
+}
 
 
 def _payloads(files: dict):
@@ -915,8 +1092,9 @@ def _tiny_towers(root: Path) -> tuple[str, str]:
 
     torch.manual_seed(0)
     vit = transformers.ViTModel(transformers.ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"}))
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(**{k: v for k, v in TINY_TEXT.items()
-                                                                   if k != "model_type"}))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})
+    )
     vit.save_pretrained(root / "vit")
     bert.save_pretrained(root / "bert")
     return str(root / "vit"), str(root / "bert")
@@ -936,15 +1114,37 @@ def test_push_publishes_the_allow_list_only_and_no_token_is_written(tmp_path, hu
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
     vision_path, text_path = _tiny_towers(tmp_path / "towers")
-    model = {"model_type": "tcl", "vision_config": {"image_size": 16},  # sizes the processor's images
-             **{k: TINY_TRAIN_MODEL[k] for k in ("num_fusion_layers", "embed_dim", "queue_size", "lmi_image_grid")}}
-    config = {"model": model, "data": {"max_train_samples": 32, "max_eval_samples": 12},
-              "run": {"vision_model_name_or_path": vision_path, "text_model_name_or_path": text_path},
-              "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 16,
-                           "logging_steps": 1, "save_steps": 1, "report_to": "tensorboard", "use_cpu": True}}
+    model = {
+        "model_type": "tcl",
+        "vision_config": {"image_size": 16},  # sizes the processor's images
+        **{k: TINY_TRAIN_MODEL[k] for k in ("num_fusion_layers", "embed_dim", "queue_size", "lmi_image_grid")},
+    }
+    config = {
+        "model": model,
+        "data": {"max_train_samples": 32, "max_eval_samples": 12},
+        "run": {"vision_model_name_or_path": vision_path, "text_model_name_or_path": text_path},
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "per_device_train_batch_size": 16,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "report_to": "tensorboard",
+            "use_cpu": True,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl",
-                "--hub_token", RUN_TOKEN])
+    train.main(
+        [
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/tiny-tcl",
+            "--hub_token",
+            RUN_TOKEN,
+        ]
+    )
 
     # the run did leave checkpoints, logs and training arguments next to the model
     assert {"checkpoint-1", "checkpoint-2", "runs", "training_args.json"} <= {p.name for p in out.iterdir()}
@@ -953,9 +1153,18 @@ def test_push_publishes_the_allow_list_only_and_no_token_is_written(tmp_path, hu
 
     files = hub["files"]
     assert hub["commits"] == 1 and hub["tokens"] == {RUN_TOKEN}
-    expected = {"config.json", "model.safetensors", "processor_config.json", "preprocessor_config.json",
-                "tokenizer.json", "tokenizer_config.json", "README.md", "eval_results.json", "training_curves.png",
-                "retrieval_examples.png"} | CODE_FILES["tcl"]
+    expected = {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "eval_results.json",
+        "training_curves.png",
+        "retrieval_examples.png",
+    } | CODE_FILES["tcl"]
     assert set(files) == expected
     assert sorted(files) == publishable_files(out)
     for name, data in files.items():
@@ -990,8 +1199,9 @@ def _http_error(status):
     except ImportError:
         import httpx
     response = httpx.Response(status, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
-    return HfHubHTTPError(f"{status} Server Error: Service Unavailable for url: {response.url}\n(Request ID: x)",
-                          response=response)
+    return HfHubHTTPError(
+        f"{status} Server Error: Service Unavailable for url: {response.url}\n(Request ID: x)", response=response
+    )
 
 
 def test_failed_push_says_so_in_one_line_keeps_the_folder_and_gives_a_working_command(tmp_path, hub, monkeypatch):
@@ -1003,9 +1213,18 @@ def test_failed_push_says_so_in_one_line_keeps_the_folder_and_gives_a_working_co
 
     monkeypatch.setenv("HF_TOKEN", PUSH_TOKEN)
     out = tmp_path / "out"
-    config = {"model": MODELS["tcl"], "data": {"max_train_samples": 16, "max_eval_samples": 8},
-              "training": {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 16,
-                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    config = {
+        "model": MODELS["tcl"],
+        "data": {"max_train_samples": 16, "max_eval_samples": 8},
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 1,
+            "per_device_train_batch_size": 16,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
     def unreachable(self, *args, **kwargs):
@@ -1014,8 +1233,9 @@ def test_failed_push_says_so_in_one_line_keeps_the_folder_and_gives_a_working_co
     with monkeypatch.context() as patch:
         patch.setattr(HfApi, "create_commit", unreachable)
         with pytest.raises(SystemExit) as failed:
-            train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id",
-                        "someone/tiny-tcl"])
+            train.main(
+                ["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl"]
+            )
     saved = publishable_files(out)
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(saved)
 
@@ -1031,8 +1251,12 @@ def test_failed_push_says_so_in_one_line_keeps_the_folder_and_gives_a_working_co
     assert publishable_files(out) == saved and not hub["files"]
 
     run = train.RunArguments(push_to_hub=True, hub_model_id="someone/tiny-tcl")
-    for error in (requests.exceptions.ConnectionError("Max retries exceeded"), _http_error(503),
-                  OfflineModeIsEnabled("HF_HUB_OFFLINE=1")):
+    for error in (
+        requests.exceptions.ConnectionError("Max retries exceeded"),
+        _http_error(503),
+        OfflineModeIsEnabled("HF_HUB_OFFLINE=1"),
+    ):
+
         def fail(self, *args, _error=error, **kwargs):
             raise _error
 
@@ -1056,15 +1280,29 @@ def test_hub_settings_never_reach_the_training_arguments(tmp_path):
 
     import train
 
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
-        {"training": {"output_dir": str(tmp_path / "out"), "hub_token": RUN_TOKEN, "push_to_hub": True,
-                      "hub_model_id": "someone/x", "hub_private_repo": True}}))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "training": {
+                    "output_dir": str(tmp_path / "out"),
+                    "hub_token": RUN_TOKEN,
+                    "push_to_hub": True,
+                    "hub_model_id": "someone/x",
+                    "hub_private_repo": True,
+                }
+            }
+        )
+    )
     for argv in ([], ["--hub_token", RUN_TOKEN]):
         config = train.load_config(str(tmp_path / "config.yaml"), train.parse_overrides(argv))
         assert not set(train.HUB_SETTINGS) & set(config["training"])
         run = train.RunArguments(**config["run"])
         assert (run.hub_token, run.push_to_hub, run.hub_model_id, run.hub_private_repo) == (
-            RUN_TOKEN, True, "someone/x", True)
+            RUN_TOKEN,
+            True,
+            "someone/x",
+            True,
+        )
         assert RUN_TOKEN not in repr(run)
         training_args = train._training_arguments(config, str(tmp_path / "out"))
         assert training_args.hub_token is None and not training_args.push_to_hub

@@ -257,8 +257,9 @@ def test_from_pretrained_components_refuses_a_language_model_with_missing_weight
     LlamaForCausalLM(LlamaConfig(**llama)).save_pretrained(tmp_path / "llm")
     _edit_weights(tmp_path / "llm", lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckpointMismatchError, match=r"language model checkpoint .* missing \[model\.norm\.weight\]"):
-        MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
-                                                                image_token_id=5)
+        MIVCForConditionalGeneration.from_pretrained_components(
+            str(tmp_path / "vit"), str(tmp_path / "llm"), image_token_id=5
+        )
 
 
 def test_from_pretrained_components_takes_the_vision_half_of_a_clip_checkpoint(tmp_path):
@@ -266,16 +267,25 @@ def test_from_pretrained_components_takes_the_vision_half_of_a_clip_checkpoint(t
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
 
     vision = {k: v for k, v in MIVC_VISION.items() if k != "model_type"}
-    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=16)
+    text = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
     clip.save_pretrained(tmp_path / "clip")
     LlamaForCausalLM(LlamaConfig(**{k: v for k, v in MIVC_LLAMA.items() if k != "model_type"})).save_pretrained(
-        tmp_path / "llm")
-    model = MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "clip"), str(tmp_path / "llm"),
-                                                                    image_token_id=5)
-    assert torch.equal(model.vision_model.embeddings.patch_embedding.weight,
-                       clip.vision_model.embeddings.patch_embedding.weight)
+        tmp_path / "llm"
+    )
+    model = MIVCForConditionalGeneration.from_pretrained_components(
+        str(tmp_path / "clip"), str(tmp_path / "llm"), image_token_id=5
+    )
+    assert torch.equal(
+        model.vision_model.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,8 +383,11 @@ def _towers(tmp_path, pickle_text):
     from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
 
     torch.manual_seed(1)
-    vit = _save(ViTModel(ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"})), tmp_path / "vit",
-                pickle_only=False)
+    vit = _save(
+        ViTModel(ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"})),
+        tmp_path / "vit",
+        pickle_only=False,
+    )
     bert = BertForMaskedLM(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}))
     _save(bert, tmp_path / "bert", pickle_only=pickle_text)
     return vit, bert
@@ -389,10 +402,12 @@ def test_from_vision_text_pretrained_refuses_a_pickle_tower(tmp_path, no_unpickl
 
 def test_from_vision_text_pretrained_with_allow_pickle_loads_the_tower(tmp_path):
     _, bert = _towers(tmp_path, pickle_text=True)
-    model = TCLModel.from_vision_text_pretrained(str(tmp_path / "vit"), str(tmp_path / "bert"), allow_pickle=True,
-                                                 **TOWER_KWARGS)
-    assert torch.equal(model.text_model.encoder.layer[1].output.dense.weight,
-                       bert.bert.encoder.layer[1].output.dense.weight)
+    model = TCLModel.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "bert"), allow_pickle=True, **TOWER_KWARGS
+    )
+    assert torch.equal(
+        model.text_model.encoder.layer[1].output.dense.weight, bert.bert.encoder.layer[1].output.dense.weight
+    )
     assert torch.equal(model.mlm_head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
 
 
@@ -400,8 +415,11 @@ def _vit_and_llama(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
 
     torch.manual_seed(2)
-    _save(ViTModel(ViTConfig(**{k: v for k, v in MIVC_VISION.items() if k != "model_type"})), tmp_path / "vit",
-          pickle_only=False)
+    _save(
+        ViTModel(ViTConfig(**{k: v for k, v in MIVC_VISION.items() if k != "model_type"})),
+        tmp_path / "vit",
+        pickle_only=False,
+    )
     llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in MIVC_LLAMA.items() if k != "model_type"}))
     return _save(llama, tmp_path / "llm")
 
@@ -409,15 +427,17 @@ def _vit_and_llama(tmp_path):
 def test_from_pretrained_components_refuses_a_pickle_language_model(tmp_path, no_unpickling):
     _vit_and_llama(tmp_path)
     with pytest.raises(UnsafeCheckpointError) as error:
-        MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
-                                                                image_token_id=5)
+        MIVCForConditionalGeneration.from_pretrained_components(
+            str(tmp_path / "vit"), str(tmp_path / "llm"), image_token_id=5
+        )
     _assert_explains(error)
 
 
 def test_from_pretrained_components_with_allow_pickle_loads_the_language_model(tmp_path):
     llama = _vit_and_llama(tmp_path)
-    model = MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
-                                                                    image_token_id=5, allow_pickle=True)
+    model = MIVCForConditionalGeneration.from_pretrained_components(
+        str(tmp_path / "vit"), str(tmp_path / "llm"), image_token_id=5, allow_pickle=True
+    )
     for key, value in llama.state_dict().items():
         assert torch.equal(model.language_model.state_dict()[key], value), key
 
@@ -450,8 +470,10 @@ def _truncate(file, keep=None):
 # 1. tokenizer.json deleted
 
 
-PROCESSORS = {"vlalign": lambda: build_digits_processor(image_size=16),
-              "mivc": lambda: build_mivc_digits_processor(image_seq_length=4, image_size=16)}
+PROCESSORS = {
+    "vlalign": lambda: build_digits_processor(image_size=16),
+    "mivc": lambda: build_mivc_digits_processor(image_seq_length=4, image_size=16),
+}
 
 
 def _assert_names_tokenizer_json(error, folder):
@@ -579,7 +601,8 @@ def _tower_folders(tmp_path):
     torch.manual_seed(1)
     ViTModel(ViTConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"})).save_pretrained(tmp_path / "vit")
     BertForMaskedLM(BertConfig(**{k: v for k, v in TINY_TEXT.items() if k != "model_type"})).save_pretrained(
-        tmp_path / "bert")
+        tmp_path / "bert"
+    )
     return str(tmp_path / "vit"), str(tmp_path / "bert")
 
 
@@ -646,11 +669,13 @@ def test_a_truncated_language_model_is_named(tmp_path):
 
     ViTModel(ViTConfig(**{k: v for k, v in MIVC_VISION.items() if k != "model_type"})).save_pretrained(tmp_path / "vit")
     LlamaForCausalLM(LlamaConfig(**{k: v for k, v in MIVC_LLAMA.items() if k != "model_type"})).save_pretrained(
-        tmp_path / "llm")
+        tmp_path / "llm"
+    )
     _truncate(tmp_path / "llm" / "model.safetensors")
     with pytest.raises(CorruptCheckpointError) as error:
-        MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
-                                                                image_token_id=5)
+        MIVCForConditionalGeneration.from_pretrained_components(
+            str(tmp_path / "vit"), str(tmp_path / "llm"), image_token_id=5
+        )
     _assert_names_truncated(error, tmp_path / "llm" / "model.safetensors")
 
 

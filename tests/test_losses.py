@@ -95,11 +95,13 @@ def test_positive_targets_spread_over_ids_and_keep_diagonal():
     ids = torch.tensor([3, 1, 3])
     key_ids = torch.tensor([3, 1, 3, 1, 7, 3])
     targets = positive_targets(ids, key_ids, 3, 6)
-    expected = torch.tensor([
-        [1 / 3, 0, 1 / 3, 0, 0, 1 / 3],
-        [0, 1 / 2, 0, 1 / 2, 0, 0],
-        [1 / 3, 0, 1 / 3, 0, 0, 1 / 3],
-    ])
+    expected = torch.tensor(
+        [
+            [1 / 3, 0, 1 / 3, 0, 0, 1 / 3],
+            [0, 1 / 2, 0, 1 / 2, 0, 0],
+            [1 / 3, 0, 1 / 3, 0, 0, 1 / 3],
+        ]
+    )
     assert torch.allclose(targets, expected)
     assert torch.equal(positive_targets(None, None, 2, 4), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
 
@@ -118,9 +120,7 @@ def _lmi_reference(g, loc, t, mask):
     counted = 0
     for i in range(b):
         terms = []
-        neg = sum(
-            math.exp(float(g[i] @ loc[k, j]) / t) for k in range(b) if k != i for j in range(p) if mask[k, j]
-        )
+        neg = sum(math.exp(float(g[i] @ loc[k, j]) / t) for k in range(b) if k != i for j in range(p) if mask[k, j])
         for j in range(p):
             if not mask[i, j]:
                 continue
@@ -431,8 +431,12 @@ def test_decomposable_module_modes_run_and_validate():
     ids = torch.tensor([0, 5, 2, 9])
 
     running = DecomposableContrastiveLoss("running", num_samples=10, running_momentum=0.5)
-    assert set(running.state_dict()) == {"running_i2t.log_z", "running_i2t.seen", "running_t2i.log_z",
-                                         "running_t2i.seen"}
+    assert set(running.state_dict()) == {
+        "running_i2t.log_z",
+        "running_i2t.seen",
+        "running_t2i.log_z",
+        "running_t2i.seen",
+    }
     first = running(img, txt, temperature, sample_ids=ids)
     assert torch.equal(running.running_i2t.log_z[ids], estimate_log_z(img, txt, 0.07))
     assert torch.equal(running.running_t2i.log_z[ids], estimate_log_z(txt, img, 0.07))
@@ -441,8 +445,9 @@ def test_decomposable_module_modes_run_and_validate():
     for a, b in zip(first, batch_losses, strict=True):
         assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
-    queue_losses = DecomposableContrastiveLoss("queue")(img, txt, temperature, image_queue=queue_img,
-                                                         text_queue=queue_txt)
+    queue_losses = DecomposableContrastiveLoss("queue")(
+        img, txt, temperature, image_queue=queue_img, text_queue=queue_txt
+    )
     sampled = DecomposableContrastiveLoss(sample_u=True)
     sampled_losses = sampled(img, txt, temperature, generator=torch.Generator().manual_seed(0))
     repeat = sampled(img, txt, temperature, generator=torch.Generator().manual_seed(0))
@@ -830,10 +835,13 @@ def _cost(rows, cols, seed, dtype=torch.float64):
     return torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.mark.parametrize("solver, kwargs", [
-    (ipot, dict(beta=0.5, iterations=50)),               # CODIS's setting
-    (sinkhorn, dict(epsilon=0.05, iterations=200)),
-])
+@pytest.mark.parametrize(
+    "solver, kwargs",
+    [
+        (ipot, dict(beta=0.5, iterations=50)),  # CODIS's setting
+        (sinkhorn, dict(epsilon=0.05, iterations=200)),
+    ],
+)
 @pytest.mark.parametrize("shape", [(8, 8), (32, 100), (100, 16)])
 def test_plans_satisfy_uniform_marginals(solver, kwargs, shape):
     plan = solver(_cost(*shape, seed=1, dtype=torch.float32), **kwargs)
@@ -847,16 +855,21 @@ def test_plans_satisfy_given_marginals():
     cost = _cost(5, 7, seed=2)
     a = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15], dtype=torch.float64)
     b = torch.softmax(torch.arange(7, dtype=torch.float64), 0)
-    for plan in (ipot(cost, iterations=300, row_marginal=a, column_marginal=b),
-                 sinkhorn(cost, epsilon=0.05, iterations=500, row_marginal=a, column_marginal=b)):
+    for plan in (
+        ipot(cost, iterations=300, row_marginal=a, column_marginal=b),
+        sinkhorn(cost, epsilon=0.05, iterations=500, row_marginal=a, column_marginal=b),
+    ):
         assert torch.allclose(plan.sum(1), a, atol=1e-6) and torch.allclose(plan.sum(0), b, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("solver, kwargs", [
-    (ipot, dict(beta=0.1, iterations=500)),
-    (sinkhorn, dict(epsilon=0.005, iterations=3000)),
-])
+@pytest.mark.parametrize(
+    "solver, kwargs",
+    [
+        (ipot, dict(beta=0.1, iterations=500)),
+        (sinkhorn, dict(epsilon=0.005, iterations=3000)),
+    ],
+)
 def test_small_square_problems_approach_the_exact_assignment(solver, kwargs, seed):
     """Uniform marginals on an n x n cost: the OT optimum is a permutation (scaled by 1/n); with little entropy
     the plans put their mass on the assignment that scipy's Hungarian solver finds."""

@@ -44,9 +44,19 @@ def _train(tmp_path, compile_backend=None):
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config())
     extra = {"torch_compile": True, "torch_compile_backend": compile_backend} if compile_backend else {}
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
-                             report_to="none", remove_unused_columns=False, use_cpu=True, save_strategy="no",
-                             disable_tqdm=True, seed=0, **extra)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **extra,
+    )
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=list(range(8)), data_collator=FixedBatches())
     trainer.train()
     return trainer

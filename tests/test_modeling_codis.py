@@ -36,12 +36,29 @@ class TestCODISModel(ALBEFModelTesterMixin):
     peft_modules_to_save = ("itm_head", "codebook")
     gradient_cache_cases = {
         # EMA teachers + queues, IPOT, own targets
-        "momentum_ipot": dict(config=dict(WIDE_TEXT_INIT, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0),
-                              batch=6, seed=2, chunk_size=2, terms=CODE_TERMS),
+        "momentum_ipot": dict(
+            config=dict(WIDE_TEXT_INIT, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0),
+            batch=6,
+            seed=2,
+            chunk_size=2,
+            terms=CODE_TERMS,
+        ),
         "no_momentum_sinkhorn_swapped_proj": dict(
-            config=dict(WIDE_TEXT_INIT, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0, use_momentum=False,
-                        ot_solver="sinkhorn", code_targets="swapped", codebook_dim=8),
-            batch=6, seed=2, chunk_size=2, terms=CODE_TERMS),
+            config=dict(
+                WIDE_TEXT_INIT,
+                itm_weight=0.0,
+                mlm_weight=0.0,
+                num_fusion_layers=0,
+                use_momentum=False,
+                ot_solver="sinkhorn",
+                code_targets="swapped",
+                codebook_dim=8,
+            ),
+            batch=6,
+            seed=2,
+            chunk_size=2,
+            terms=CODE_TERMS,
+        ),
     }
 
     def tiny_config(self, **overrides):
@@ -53,8 +70,11 @@ def _config(dropout=True, **overrides):
     wider text init: at std 0.02 the tiny BERT gives every caption the same [CLS] feature (cosines ~1.0000),
     which would make the text-side terms blind to which plan they use."""
     if not dropout:
-        overrides = dict(vision_config=dict(TINY_VISION, **NO_DROPOUT),
-                         text_config=dict(TINY_TEXT, **NO_DROPOUT, initializer_range=0.2), **overrides)
+        overrides = dict(
+            vision_config=dict(TINY_VISION, **NO_DROPOUT),
+            text_config=dict(TINY_TEXT, **NO_DROPOUT, initializer_range=0.2),
+            **overrides,
+        )
     return tiny_codis_config(**overrides)
 
 
@@ -86,24 +106,37 @@ def _reference_terms(model, batch, image_plan_from="image", text_plan_from="text
     teacher's when momentum = 1, dropout = 0 and view2 = view1) and the float64 reference OT solvers."""
     cfg = model.config
     with torch.no_grad():
-        feats = {"image": model.get_image_features(batch["pixel_values"]).double(),
-                 "text": model.get_text_features(batch["input_ids"], batch["attention_mask"]).double()}
+        feats = {
+            "image": model.get_image_features(batch["pixel_values"]).double(),
+            "text": model.get_text_features(batch["input_ids"], batch["attention_mask"]).double(),
+        }
     codebook = model.codebook.weight.detach().double()
     plans = {m: targets_reference(f, codebook, cfg.ot_solver, **cfg.solver_kwargs()) for m, f in feats.items()}
     tau = cfg.code_temperature
-    return {
-        "code_image": _ce(_cosine(feats["image"], codebook) / tau, plans[image_plan_from]),
-        "code_text": _ce(_cosine(feats["text"], codebook) / tau, plans[text_plan_from]),
-        "ot_image": ((1 - _cosine(feats["image"], codebook)) * plans["image"]).sum(1).mean(),
-        "ot_text": ((1 - _cosine(feats["text"], codebook)) * plans["text"]).sum(1).mean(),
-    }, feats, plans
+    return (
+        {
+            "code_image": _ce(_cosine(feats["image"], codebook) / tau, plans[image_plan_from]),
+            "code_text": _ce(_cosine(feats["text"], codebook) / tau, plans[text_plan_from]),
+            "ot_image": ((1 - _cosine(feats["image"], codebook)) * plans["image"]).sum(1).mean(),
+            "ot_text": ((1 - _cosine(feats["text"], codebook)) * plans["text"]).sum(1).mean(),
+        },
+        feats,
+        plans,
+    )
 
 
 @pytest.mark.parametrize("use_momentum", [True, False], ids=["ema_teacher", "own_detached"])
 @pytest.mark.parametrize("solver", ["ipot", "sinkhorn"])
 def test_codebook_terms_match_float64_reference(solver, use_momentum):
-    model = _model(dropout=False, momentum=1.0, ot_solver=solver, use_momentum=use_momentum, itm_weight=0.0,
-                   mlm_weight=0.0, code_targets="own")  # the reference's plans; swapped: the test below
+    model = _model(
+        dropout=False,
+        momentum=1.0,
+        ot_solver=solver,
+        use_momentum=use_momentum,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        code_targets="own",
+    )  # the reference's plans; swapped: the test below
     model.train()
     batch = _same_view_batch()
     out = model(**batch, return_loss=True)
@@ -125,8 +158,9 @@ def test_swapped_targets_use_the_other_modalitys_plan(solver):
     batch = _same_view_batch()
     outs = {}
     for targets in ("own", "swapped"):
-        model = _model(dropout=False, momentum=1.0, ot_solver=solver, code_targets=targets, itm_weight=0.0,
-                       mlm_weight=0.0)
+        model = _model(
+            dropout=False, momentum=1.0, ot_solver=solver, code_targets=targets, itm_weight=0.0, mlm_weight=0.0
+        )
         model.train()
         outs[targets] = model(**batch, return_loss=True)
     reference, _, plans = _reference_terms(model, batch, image_plan_from="text", text_plan_from="image")
@@ -141,17 +175,27 @@ def test_swapped_targets_use_the_other_modalitys_plan(solver):
         assert abs(getattr(swapped, f"loss_{name}").item() - getattr(own, f"loss_{name}").item()) > 1e-3, name
 
 
-@pytest.mark.parametrize("weights", [
-    dict(cma_weight=0.7, imc_weight=0.3, code_weight=1.3, ot_weight=0.6, itm_weight=0.9, mlm_weight=0.4),
-    dict(cma_weight=1.0, imc_weight=0.0, code_weight=0.0, ot_weight=2.0, itm_weight=0.0, mlm_weight=1.5),
-    dict(cma_weight=0.0, imc_weight=0.5, code_weight=0.8, ot_weight=0.0, itm_weight=1.0, mlm_weight=0.0),
-], ids=["all", "no_code_prediction", "no_ot"])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        dict(cma_weight=0.7, imc_weight=0.3, code_weight=1.3, ot_weight=0.6, itm_weight=0.9, mlm_weight=0.4),
+        dict(cma_weight=1.0, imc_weight=0.0, code_weight=0.0, ot_weight=2.0, itm_weight=0.0, mlm_weight=1.5),
+        dict(cma_weight=0.0, imc_weight=0.5, code_weight=0.8, ot_weight=0.0, itm_weight=1.0, mlm_weight=0.0),
+    ],
+    ids=["all", "no_code_prediction", "no_ot"],
+)
 def test_total_is_the_weighted_sum_of_components(weights):
     model = _model(**weights)
     model.train()
     out = model(**tiny_batch(), return_loss=True)
-    groups = {"cma_weight": ("i2t", "t2i"), "imc_weight": ("i2i", "t2t"), "code_weight": ("code_image", "code_text"),
-              "ot_weight": ("ot_image", "ot_text"), "itm_weight": ("itm",), "mlm_weight": ("mlm",)}
+    groups = {
+        "cma_weight": ("i2t", "t2i"),
+        "imc_weight": ("i2i", "t2t"),
+        "code_weight": ("code_image", "code_text"),
+        "ot_weight": ("ot_image", "ot_text"),
+        "itm_weight": ("itm",),
+        "mlm_weight": ("mlm",),
+    }
     expected = 0.0
     for field, names in groups.items():
         for name in names:
@@ -172,9 +216,19 @@ def test_total_is_the_weighted_sum_of_components(weights):
 @pytest.mark.parametrize("solver", ["ipot", "sinkhorn"])
 def test_ot_term_gives_the_codebook_its_reference_gradient_and_nothing_else(solver, use_momentum):
     ot_weight = 0.7
-    model = _model(dropout=False, momentum=1.0, ot_solver=solver, use_momentum=use_momentum, cma_weight=0.0,
-                   imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, code_weight=0.0, ot_weight=ot_weight,
-                   num_fusion_layers=0)
+    model = _model(
+        dropout=False,
+        momentum=1.0,
+        ot_solver=solver,
+        use_momentum=use_momentum,
+        cma_weight=0.0,
+        imc_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        code_weight=0.0,
+        ot_weight=ot_weight,
+        num_fusion_layers=0,
+    )
     model.train()
     batch = _same_view_batch()
     out = model(**batch, return_loss=True)
@@ -208,8 +262,10 @@ def test_get_codes_is_the_softmax_of_the_code_logits():
         image_logits = model.code_logits(image_feats)
     tau = model.config.code_temperature
     codewords = model.codebook.weight.detach().double()
-    for probs, argmax, feats in ((codes.image_code_probs, codes.image_codes, image_feats),
-                                 (codes.text_code_probs, codes.text_codes, text_feats)):
+    for probs, argmax, feats in (
+        (codes.image_code_probs, codes.image_codes, image_feats),
+        (codes.text_code_probs, codes.text_codes, text_feats),
+    ):
         assert probs.shape == (5, 12) and probs.dtype == torch.float32
         torch.testing.assert_close(probs.sum(1), torch.ones(5), rtol=0, atol=1e-6)
         assert torch.equal(argmax, probs.argmax(1))
@@ -249,9 +305,19 @@ def test_code_proj_and_codebook_get_the_code_prediction_gradient():
     """codebook_dim != embed_dim: the student's code prediction trains the shared code_proj and the codebook,
     with the gradient of the float64 reference loss (plans from code_proj(teacher features))."""
     code_weight = 1.5
-    model = _model(dropout=False, momentum=1.0, codebook_dim=8, cma_weight=0.0, imc_weight=0.0, itm_weight=0.0,
-                   mlm_weight=0.0, ot_weight=0.0, code_weight=code_weight, num_fusion_layers=0,
-                   code_targets="own")  # the reference's plans
+    model = _model(
+        dropout=False,
+        momentum=1.0,
+        codebook_dim=8,
+        cma_weight=0.0,
+        imc_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        ot_weight=0.0,
+        code_weight=code_weight,
+        num_fusion_layers=0,
+        code_targets="own",
+    )  # the reference's plans
     model.train()
     assert model.code_proj.weight.shape == (8, 16) and model.code_proj.bias is None
     assert model.codebook.weight.shape == (12, 8)
@@ -260,8 +326,10 @@ def test_code_proj_and_codebook_get_the_code_prediction_gradient():
     assert set(out.loss_components()) == {"code_image", "code_text"}
     out.loss.backward()
     with torch.no_grad():
-        feats = {"image": model.get_image_features(batch["pixel_values"]).double(),
-                 "text": model.get_text_features(batch["input_ids"], batch["attention_mask"]).double()}
+        feats = {
+            "image": model.get_image_features(batch["pixel_values"]).double(),
+            "text": model.get_text_features(batch["input_ids"], batch["attention_mask"]).double(),
+        }
     proj = model.code_proj.weight.detach().double().requires_grad_()
     codebook = model.codebook.weight.detach().double().requires_grad_()
     cfg = model.config
@@ -305,8 +373,17 @@ def test_few_adam_steps_lower_the_loss():
 
 
 def test_ot_term_does_not_train_code_proj():
-    model = _model(dropout=False, codebook_dim=8, cma_weight=0.0, imc_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                   code_weight=0.0, ot_weight=1.0, num_fusion_layers=0)
+    model = _model(
+        dropout=False,
+        codebook_dim=8,
+        cma_weight=0.0,
+        imc_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        code_weight=0.0,
+        ot_weight=1.0,
+        num_fusion_layers=0,
+    )
     model.train()
     model(**_same_view_batch(), return_loss=True).loss.backward()
     assert model.codebook.weight.grad.abs().max() > 1e-3

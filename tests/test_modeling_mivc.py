@@ -49,7 +49,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer():
     tok = build_digits_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]", "eos_token": "[SEP]"})
@@ -61,21 +61,36 @@ def _image_token_id():
 
 
 def _image_processor():
-    return ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3)
+    return ViTImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
 def _config(mode="attention", qformer=False, granularity="token", **overrides):
     tok = _tokenizer()
     text = dict(
-        model_type="llama", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     kwargs = dict(
-        vision_config=dict(VISION), text_config=text, qformer_config=dict(QFORMER) if qformer else None,
-        num_query_tokens=NUM_QUERIES, image_token_id=_image_token_id(), pooling_mode=mode,
-        pooling_granularity=granularity, pooling_attention_dim=16, freeze_vision_model=False,
+        vision_config=dict(VISION),
+        text_config=text,
+        qformer_config=dict(QFORMER) if qformer else None,
+        num_query_tokens=NUM_QUERIES,
+        image_token_id=_image_token_id(),
+        pooling_mode=mode,
+        pooling_granularity=granularity,
+        pooling_attention_dim=16,
+        freeze_vision_model=False,
         freeze_language_model=False,
     )
     kwargs.update(overrides)
@@ -111,9 +126,13 @@ def _model(seed=0, randomize=True, **config_kwargs):
 
 def _processor(config_or_model, **kwargs):
     config = getattr(config_or_model, "config", config_or_model)
-    return MIVCProcessor(image_processor=_image_processor(), tokenizer=_tokenizer(),
-                         image_seq_length=config.image_seq_length,
-                         concatenate_images=config.pooling_mode == "concatenate", **kwargs)
+    return MIVCProcessor(
+        image_processor=_image_processor(),
+        tokenizer=_tokenizer(),
+        image_seq_length=config.image_seq_length,
+        concatenate_images=config.pooling_mode == "concatenate",
+        **kwargs,
+    )
 
 
 def _prompt_ids(model, num_images, words="which digit?"):
@@ -130,8 +149,8 @@ def _left_pad(sequences):
     ids = torch.full((len(sequences), longest), _tokenizer().pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), longest, dtype=torch.long)
     for row, s in enumerate(sequences):
-        ids[row, longest - len(s):] = torch.tensor(s)
-        mask[row, longest - len(s):] = 1
+        ids[row, longest - len(s) :] = torch.tensor(s)
+        mask[row, longest - len(s) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     return ids, mask, position_ids
 
@@ -162,10 +181,9 @@ def _gather(x, perm):
 # ------------------------------------------------------------------------------------------------------------------
 # 1. permutation invariance end to end
 
-PERMUTATION_CASES = (
-    [(mode, qformer, "token") for mode in POOLING_MODES for qformer in (False, True)]
-    + [(mode, qformer, "image") for mode in POOLING_MODES for qformer in (False, True)]
-)
+PERMUTATION_CASES = [(mode, qformer, "token") for mode in POOLING_MODES for qformer in (False, True)] + [
+    (mode, qformer, "image") for mode in POOLING_MODES for qformer in (False, True)
+]
 
 
 @pytest.mark.parametrize("mode, qformer, granularity", PERMUTATION_CASES)
@@ -191,8 +209,7 @@ def test_shuffling_images_keeps_logits_and_permutes_weights(mode, qformer, granu
     torch.testing.assert_close(shuffled.logits, out.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(shuffled.image_weights, _gather(out.image_weights, perm), atol=1e-6, rtol=0)
     # weights sum to 1 over the real images
-    torch.testing.assert_close(out.image_weights.sum(1), torch.ones_like(out.image_weights.sum(1)), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(out.image_weights.sum(1), torch.ones_like(out.image_weights.sum(1)), atol=1e-6, rtol=0)
 
 
 def test_concatenation_baseline_depends_on_image_order():
@@ -202,13 +219,23 @@ def test_concatenation_baseline_depends_on_image_order():
     pixel_values, image_mask = _pixels(2, n_images), _mask(counts, n_images)
     perm = torch.tensor([[2, 0, 1], [1, 0, 2]])  # real images reordered, the padded slot stays last
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixel_values,
-                    image_mask=image_mask)
-        shuffled = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         pixel_values=_gather(pixel_values, perm), image_mask=image_mask)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+        )
+        shuffled = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            pixel_values=_gather(pixel_values, perm),
+            image_mask=image_mask,
+        )
     assert out.image_weights is None
     last_image = (ids == _image_token_id()).nonzero()[:, 1].max()
-    difference = (shuffled.logits - out.logits)[:, last_image + 1:].abs().amax(dim=(1, 2))
+    difference = (shuffled.logits - out.logits)[:, last_image + 1 :].abs().amax(dim=(1, 2))
     assert (difference > 1e-2).all(), difference  # both items see their images in a different order
 
 
@@ -243,15 +270,21 @@ def test_batch_with_1_3_2_images_equals_items_alone(mode):
     ids, mask, position_ids = _left_pad(sequences)
     pixel_values, image_mask = _pixels(3, n_images), _mask(counts, n_images)
     with torch.no_grad():
-        batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixel_values,
-                        image_mask=image_mask)
+        batched = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+        )
         for row, count in enumerate(counts):
-            alone = model(input_ids=torch.tensor([sequences[row]]), pixel_values=pixel_values[row:row + 1, :count])
+            alone = model(input_ids=torch.tensor([sequences[row]]), pixel_values=pixel_values[row : row + 1, :count])
             length = len(sequences[row])
             torch.testing.assert_close(batched.logits[row, -length:], alone.logits[0], atol=1e-5, rtol=0)
             if mode != "concatenate":
-                torch.testing.assert_close(batched.image_weights[row, :count], alone.image_weights[0], atol=1e-6,
-                                           rtol=0)
+                torch.testing.assert_close(
+                    batched.image_weights[row, :count], alone.image_weights[0], atol=1e-6, rtol=0
+                )
                 assert (batched.image_weights[row, count:] == 0).all()
 
 
@@ -293,8 +326,13 @@ def _reference_pooling(model, features, image_mask):
 
 @pytest.mark.parametrize(
     "mode, granularity, qformer",
-    [(m, g, q) for m in POOLING_MODES for g in ("token", "image") for q in (False, True)
-     if not (m in ("mean", "max") and g == "image" and q)],
+    [
+        (m, g, q)
+        for m in POOLING_MODES
+        for g in ("token", "image")
+        for q in (False, True)
+        if not (m in ("mean", "max") and g == "image" and q)
+    ],
 )
 def test_pooling_inside_the_model_matches_the_formulas(mode, granularity, qformer):
     model = _model(mode=mode, granularity=granularity, qformer=qformer)
@@ -337,11 +375,16 @@ PARTS = {
 }
 
 
-@pytest.mark.parametrize("freeze_vision, freeze_qformer, freeze_language", list(itertools.product((False, True),
-                                                                                                    repeat=3)))
+@pytest.mark.parametrize(
+    "freeze_vision, freeze_qformer, freeze_language", list(itertools.product((False, True), repeat=3))
+)
 def test_freeze_flags_freeze_exactly_their_part(freeze_vision, freeze_qformer, freeze_language):
-    model = _model(qformer=True, freeze_vision_model=freeze_vision, freeze_qformer=freeze_qformer,
-                   freeze_language_model=freeze_language)
+    model = _model(
+        qformer=True,
+        freeze_vision_model=freeze_vision,
+        freeze_qformer=freeze_qformer,
+        freeze_language_model=freeze_language,
+    )
     flags = {"vision": freeze_vision, "qformer": freeze_qformer, "language": freeze_language}
 
     def frozen(name):
@@ -366,8 +409,9 @@ def test_freeze_flags_freeze_exactly_their_part(freeze_vision, freeze_qformer, f
     model.train()
 
     processor = _processor(model)
-    batch = processor(images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT],
-                      answers=["one", "two"])
+    batch = processor(
+        images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT], answers=["one", "two"]
+    )
     loss = model(**batch).loss
     loss.backward()
     for name, p in model.named_parameters():
@@ -407,8 +451,9 @@ def test_config_image_seq_length_and_qformer_width():
 
 def test_auto_classes_resolve_mivc():
     config = _config()
-    assert isinstance(AutoConfig.for_model("mivc", vision_config=dict(VISION), text_config=config.text_config),
-                      MIVCConfig)
+    assert isinstance(
+        AutoConfig.for_model("mivc", vision_config=dict(VISION), text_config=config.text_config), MIVCConfig
+    )
     assert type(AutoModelForImageTextToText.from_config(config)) is MIVCForConditionalGeneration
 
 
@@ -436,8 +481,13 @@ def test_generate_returns_prompt_then_new_tokens_and_matches_greedy_forward():
     with torch.no_grad():
         for _ in range(generated.shape[1] - length):
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                           pixel_values=inputs["pixel_values"], image_mask=inputs["image_mask"]).logits
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                pixel_values=inputs["pixel_values"],
+                image_mask=inputs["image_mask"],
+            ).logits
             token = logits[:, -1].argmax(-1)
             token = torch.where(finished, torch.full_like(token, pad), token)
             finished |= token == eos
@@ -449,8 +499,8 @@ def test_generate_returns_prompt_then_new_tokens_and_matches_greedy_forward():
     for row in range(2):
         alone = processor(images=[images[row]], text=[[PROMPT, "<image> digit?"][row]])
         alone_generated = model.generate(**alone, max_new_tokens=5, do_sample=False)
-        new = alone_generated[0, alone["input_ids"].shape[1]:]
-        assert torch.equal(generated[row, length:length + len(new)], new)
+        new = alone_generated[0, alone["input_ids"].shape[1] :]
+        assert torch.equal(generated[row, length : length + len(new)], new)
 
 
 def test_output_carries_the_language_model_fields_under_the_installed_names():
@@ -468,8 +518,12 @@ def test_output_carries_the_language_model_fields_under_the_installed_names():
     inputs = _processor(model)(images=[_images("white", "black")], text=[PROMPT])
     with torch.no_grad():
         out = model(**inputs, use_cache=True, output_hidden_states=True)
-        lm = model.language_model(inputs_embeds=_spliced_embeddings(model, inputs), use_cache=True,
-                                  attention_mask=inputs["attention_mask"], output_hidden_states=True)
+        lm = model.language_model(
+            inputs_embeds=_spliced_embeddings(model, inputs),
+            use_cache=True,
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+        )
     assert isinstance(getattr(out, cache_field), Cache)
     torch.testing.assert_close(out.logits, lm.logits)
     assert len(out.hidden_states) == len(lm.hidden_states)
@@ -506,14 +560,19 @@ def test_a_field_that_a_later_transformers_adds_to_the_lm_output_does_not_break_
         out = model(**inputs)
     assert isinstance(out, MIVCOutput) and torch.isfinite(out.loss)
     assert not hasattr(out, "a_field_from_the_future")
-    generated = model.generate(**_processor(model)(images=[_images("white")], text=[PROMPT]), max_new_tokens=2,
-                               do_sample=False)
+    generated = model.generate(
+        **_processor(model)(images=[_images("white")], text=[PROMPT]), max_new_tokens=2, do_sample=False
+    )
     assert generated.shape[0] == 1
 
 
 COLOUR_ITEMS = [  # (images, answer): "three" only for an item that holds both colours
-    (("white",), "one"), (("black",), "two"), (("white", "black"), "three"), (("black", "white"), "three"),
-    (("white", "white"), "one"), (("black", "black", "black"), "two"),
+    (("white",), "one"),
+    (("black",), "two"),
+    (("white", "black"), "three"),
+    (("black", "white"), "three"),
+    (("white", "white"), "one"),
+    (("black", "black", "black"), "two"),
 ]
 
 
@@ -527,8 +586,11 @@ def colour_model(tmp_path_factory):
         torch.manual_seed(0)
         model = MIVCForConditionalGeneration(_config(mode="attention", qformer=True))
         processor = _processor(model)
-        batch = processor(images=[_images(*c) for c, _ in COLOUR_ITEMS], text=[PROMPT] * len(COLOUR_ITEMS),
-                          answers=[a for _, a in COLOUR_ITEMS])
+        batch = processor(
+            images=[_images(*c) for c, _ in COLOUR_ITEMS],
+            text=[PROMPT] * len(COLOUR_ITEMS),
+            answers=[a for _, a in COLOUR_ITEMS],
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
         for _ in range(80):
@@ -550,11 +612,14 @@ def test_trained_model_generates_answers_that_depend_on_the_images(colour_model)
     assert loss < 0.5
     # the same prompt for every item: only the images tell the answers apart; also unseen counts and orders (whose
     # pooled features equal those of a training item: MIVC pooling sees a bag of images, not a sequence)
-    cases = COLOUR_ITEMS + [(("white", "white", "white"), "one"), (("white", "black", "black", "white"), "three"),
-                            (("black", "black"), "two")]
+    cases = COLOUR_ITEMS + [
+        (("white", "white", "white"), "one"),
+        (("white", "black", "black", "white"), "three"),
+        (("black", "black"), "two"),
+    ]
     inputs = processor(images=[_images(*c) for c, _ in cases], text=[PROMPT] * len(cases))
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert [t.strip() for t in texts] == [a for _, a in cases]
 
 
@@ -619,8 +684,14 @@ def test_save_and_auto_load_identical(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_mivc.MIVCConfig"
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mivc.MIVCForConditionalGeneration"
-    for name in ("modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "loading.py",
-                 "processing_vlalign.py", "model.safetensors"):
+    for name in (
+        "modeling_mivc.py",
+        "configuration_mivc.py",
+        "mivc_pooling.py",
+        "loading.py",
+        "processing_vlalign.py",
+        "model.safetensors",
+    ):
         assert (tmp_path / name).exists(), name
     for name in ("modeling_albef.py", "losses.py", "momentum.py"):  # MIVC does not need the ALBEF stack
         assert not (tmp_path / name).exists(), name
@@ -648,8 +719,10 @@ def test_save_and_auto_load_identical(tmp_path):
 def test_freeze_flags_survive_from_pretrained(tmp_path):
     model, _ = _save(tmp_path, freeze_vision_model=True, freeze_language_model=True)
     assert not model.language_model.lm_head.weight.requires_grad
-    for loaded in (MIVCForConditionalGeneration.from_pretrained(tmp_path),
-                   AutoModelForImageTextToText.from_pretrained(tmp_path)):
+    for loaded in (
+        MIVCForConditionalGeneration.from_pretrained(tmp_path),
+        AutoModelForImageTextToText.from_pretrained(tmp_path),
+    ):
         for (name, p), q in zip(model.named_parameters(), loaded.parameters(), strict=True):
             assert q.requires_grad == p.requires_grad, name
     # a config override at load time (as training/train.py passes them) must freeze too
@@ -668,8 +741,13 @@ def test_from_pretrained_components_loads_every_part(tmp_path):
     for name, part in (("vit", vit), ("llama", llama), ("qformer", qformer)):
         part.save_pretrained(tmp_path / name)
     model = MIVCForConditionalGeneration.from_pretrained_components(
-        str(tmp_path / "vit"), str(tmp_path / "llama"), str(tmp_path / "qformer"), image_token_id=_image_token_id(),
-        pooling_mode="gated_attention", num_query_tokens=NUM_QUERIES)
+        str(tmp_path / "vit"),
+        str(tmp_path / "llama"),
+        str(tmp_path / "qformer"),
+        image_token_id=_image_token_id(),
+        pooling_mode="gated_attention",
+        num_query_tokens=NUM_QUERIES,
+    )
     assert model.config.pooling_mode == "gated_attention" and model.config.image_seq_length == NUM_QUERIES
     for part, own in ((vit, model.vision_model), (llama, model.language_model), (qformer, model.qformer)):
         state = own.state_dict()
@@ -693,8 +771,10 @@ def test_processor_round_trips_through_auto_processor(tmp_path):
     assert (loaded.image_seq_length, loaded.image_token, loaded.concatenate_images) == (16, "<image>", True)
     assert loaded.image_token_id == _image_token_id()
     images, texts = [_images("white", "black"), _images("gray")], [PROMPT, "which digit?"]
-    a, b = processor(images=images, text=texts, answers=["one", "two"]), loaded(images=images, text=texts,
-                                                                                answers=["one", "two"])
+    a, b = (
+        processor(images=images, text=texts, answers=["one", "two"]),
+        loaded(images=images, text=texts, answers=["one", "two"]),
+    )
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -711,7 +791,7 @@ def _expected_generation(model, processor, images):
     full = processor.batch_decode(generated, skip_special_tokens=True)[0]
     prompt = processor.batch_decode(inputs["input_ids"], skip_special_tokens=True)[0]
     assert full.startswith(prompt)
-    return generated[0], full[len(prompt):]
+    return generated[0], full[len(prompt) :]
 
 
 def test_image_text_to_text_pipeline_in_process(colour_model):
@@ -755,14 +835,14 @@ def test_remote_code_and_pipeline_without_vlalign(colour_model, tmp_path):
         assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
         assert type(model).__name__ == 'MIVCForConditionalGeneration'
         model.eval()
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             logits = model(**inputs).logits
-        assert torch.allclose(logits, torch.load({str(tmp_path / 'expected.pt')!r}), atol=1e-6, rtol=0)
+        assert torch.allclose(logits, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-6, rtol=0)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         assert type(processor).__name__ == 'MIVCProcessor', type(processor)
         assert type(processor).__module__.startswith('transformers_modules'), type(processor).__module__
-        img1, img2 = Image.open({str(tmp_path / 'img1.png')!r}), Image.open({str(tmp_path / 'img2.png')!r})
+        img1, img2 = Image.open({str(tmp_path / "img1.png")!r}), Image.open({str(tmp_path / "img2.png")!r})
         pipe = pipeline('image-text-to-text', model=folder, trust_remote_code=True)
         result = pipe(images=[img1, img2], text={PROMPT!r}, max_new_tokens=3)
         text = result[0]['generated_text']
@@ -770,7 +850,7 @@ def test_remote_code_and_pipeline_without_vlalign(colour_model, tmp_path):
         assert text[len({PROMPT!r}):] == {new_text!r}, (text, {new_text!r})
         result = pipe(images=[img1, img2], text={PROMPT!r}, max_new_tokens=3, return_tensors=True)
         ids = torch.as_tensor(result[0]['generated_token_ids']).flatten()
-        assert torch.equal(ids, torch.load({str(tmp_path / 'generated.pt')!r})), ids
+        assert torch.equal(ids, torch.load({str(tmp_path / "generated.pt")!r})), ids
         print('REMOTE CODE OK')
         import vlalign
         """
@@ -778,8 +858,9 @@ def test_remote_code_and_pipeline_without_vlalign(colour_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     # the script ends by importing vlalign, which must fail: that proves it really ran without the package
     assert "REMOTE CODE OK" in proc.stdout, proc.stderr[-3000:]
     assert "vlalign is blocked in this test" in proc.stderr, proc.stderr[-3000:]
@@ -796,8 +877,9 @@ def test_processor_pads_images_and_builds_mask():
     assert out["pixel_values"].shape == (3, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert out["image_mask"].tolist() == [[True, True, False], [True, False, False], [True, True, True]]
     assert (out["pixel_values"][0, 2] == 0).all() and (out["pixel_values"][1, 1:] == 0).all()
-    reference = torch.as_tensor(_image_processor()(
-        [img for sample in images for img in sample], return_tensors="np")["pixel_values"])
+    reference = torch.as_tensor(
+        _image_processor()([img for sample in images for img in sample], return_tensors="np")["pixel_values"]
+    )
     torch.testing.assert_close(out["pixel_values"][out["image_mask"]], reference)
 
 
@@ -814,7 +896,7 @@ def test_processor_expands_placeholders(concatenate):
         real = out["input_ids"][row][out["attention_mask"][row].bool()].tolist()
         assert real[0] == _tokenizer().bos_token_id
         first = real.index(_image_token_id())
-        assert real[first:first + counts[row]] == [_image_token_id()] * counts[row]
+        assert real[first : first + counts[row]] == [_image_token_id()] * counts[row]
 
 
 def test_processor_labels_and_padding_sides():
@@ -829,11 +911,11 @@ def test_processor_labels_and_padding_sides():
         assert mask[row].tolist() == [1] * lengths[row] + [0] * (ids.shape[1] - lengths[row])  # right padding
         target = tok(answers[row], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert labels[row][labels[row] != -100].tolist() == target
-        assert labels[row, lengths[row] - len(target):lengths[row]].tolist() == target
-        assert (labels[row, :lengths[row] - len(target)] == -100).all()  # prompt and image positions
-        assert (labels[row, lengths[row]:] == -100).all()  # padding
-        assert ids[row, lengths[row] - len(target):lengths[row]].tolist() == target
-        assert (ids[row, lengths[row]:] == tok.pad_token_id).all()
+        assert labels[row, lengths[row] - len(target) : lengths[row]].tolist() == target
+        assert (labels[row, : lengths[row] - len(target)] == -100).all()  # prompt and image positions
+        assert (labels[row, lengths[row] :] == -100).all()  # padding
+        assert ids[row, lengths[row] - len(target) : lengths[row]].tolist() == target
+        assert (ids[row, lengths[row] :] == tok.pad_token_id).all()
     assert (labels[ids == _image_token_id()] == -100).all()
 
     generation = processor(images=images, text=texts)
@@ -847,7 +929,7 @@ def test_processor_labels_and_padding_sides():
     # the prompt part of a training row is exactly the generation prompt
     for row in range(2):
         prompt = generation["input_ids"][row][generation["attention_mask"][row].bool()].tolist()
-        assert ids[row, :len(prompt)].tolist() == prompt
+        assert ids[row, : len(prompt)].tolist() == prompt
 
 
 def test_processor_placeholder_rules():
@@ -873,13 +955,15 @@ def test_processor_placeholder_rules():
 # 10. bf16
 
 
-@pytest.mark.parametrize("mode, qformer", [("attention", True), ("gated_attention", False), ("max", False),
-                                           ("concatenate", False)])
+@pytest.mark.parametrize(
+    "mode, qformer", [("attention", True), ("gated_attention", False), ("max", False), ("concatenate", False)]
+)
 def test_bf16_autocast_forward_and_backward_are_finite(mode, qformer):
     model = _model(mode=mode, qformer=qformer, randomize=False)  # eval: no dropout, so the losses compare
     processor = _processor(model)
-    batch = processor(images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT],
-                      answers=["one", "two"])
+    batch = processor(
+        images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT], answers=["one", "two"]
+    )
     with torch.no_grad():
         reference = model(**batch).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -897,15 +981,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
     qformer_config = dict(QFORMER, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     for freeze in (False, True):
         torch.manual_seed(0)
-        config = _config(qformer=True, qformer_config=qformer_config, freeze_vision_model=freeze,
-                         freeze_language_model=freeze)
+        config = _config(
+            qformer=True, qformer_config=qformer_config, freeze_vision_model=freeze, freeze_language_model=freeze
+        )
         plain = MIVCForConditionalGeneration(config)
         checkpointed = MIVCForConditionalGeneration(config)
         checkpointed.load_state_dict(plain.state_dict())
         checkpointed.activation_checkpointing_enable()
         assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.language_model.modules())
-        batch = _processor(plain)(images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT],
-                                  answers=["one", "two"])
+        batch = _processor(plain)(
+            images=[_images("white", "black"), _images("gray")], text=[PROMPT, PROMPT], answers=["one", "two"]
+        )
         for model in (plain, checkpointed):
             model.train()
             model(**batch).loss.backward()
@@ -921,14 +1007,23 @@ def test_from_pretrained_components_rejects_a_checkpoint_that_does_not_match(tmp
     from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
 
     ViTModel(ViTConfig(**{k: v for k, v in VISION.items() if k != "model_type"})).save_pretrained(tmp_path / "vit")
-    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "llm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+        )
+    ).save_pretrained(tmp_path / "llm")
     config = json.loads((tmp_path / "llm" / "config.json").read_text())
     config["num_hidden_layers"] = 1  # the weights still hold two layers
     (tmp_path / "llm" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"language model checkpoint .* unexpected \[.*layers\.1"):
-        MIVCForConditionalGeneration.from_pretrained_components(str(tmp_path / "vit"), str(tmp_path / "llm"),
-                                                                image_token_id=7)
+        MIVCForConditionalGeneration.from_pretrained_components(
+            str(tmp_path / "vit"), str(tmp_path / "llm"), image_token_id=7
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -947,13 +1042,16 @@ def attention_calls(monkeypatch):
 def _attention_case(qformer):
     def run(attn_implementation):
         torch.manual_seed(0)
-        model = MIVCForConditionalGeneration._from_config(_config(qformer=qformer),
-                                                          attn_implementation=attn_implementation).eval()
+        model = MIVCForConditionalGeneration._from_config(
+            _config(qformer=qformer), attn_implementation=attn_implementation
+        ).eval()
         counts, n_images = (2, 3), 3
         ids = torch.tensor([_prompt_ids(model, c) for c in counts])
         with torch.no_grad():
-            return model(input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images),
-                         labels=ids).loss
+            return model(
+                input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images), labels=ids
+            ).loss
+
     return run
 
 
@@ -990,8 +1088,9 @@ def test_mivc_compiles_whole_with_the_eager_loss_and_gradients():
         ids = torch.tensor([_prompt_ids(model, c) for c in counts])
         run = torch.compile(model, backend="aot_eager") if compiled else model
         torch.manual_seed(1)
-        loss = run(input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images),
-                   labels=ids).loss
+        loss = run(
+            input_ids=ids, pixel_values=_pixels(2, n_images), image_mask=_mask(counts, n_images), labels=ids
+        ).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results

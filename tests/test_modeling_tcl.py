@@ -12,8 +12,9 @@ from fixtures import tiny_batch, tiny_tcl_config
 from vlalign import TCLConfig, TCLModel
 from vlalign.losses import local_mutual_information
 
-CONTRASTIVE_ONLY = dict(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                        num_fusion_layers=0)
+CONTRASTIVE_ONLY = dict(
+    use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0
+)
 
 
 class TestTCLModel(ALBEFModelTesterMixin):
@@ -28,18 +29,25 @@ class TestTCLModel(ALBEFModelTesterMixin):
     gradient_cache_cases = {
         **{f"contrastive_only-chunk{k}": dict(config=CONTRASTIVE_ONLY, batch=8, chunk_size=k) for k in (1, 3, 8)},
         # TCL's CMA (distillation + queue), IMC and LMI with EMA teachers and class-level positives
-        "momentum_class_positives": dict(config=dict(itm_weight=0.0, mlm_weight=0.0, queue_size=32), batch=8,
-                                         chunk_size=3, positive_ids=[0, 1, 1, 2, 3, 3, 3, 4],
-                                         terms=("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text")),
+        "momentum_class_positives": dict(
+            config=dict(itm_weight=0.0, mlm_weight=0.0, queue_size=32),
+            batch=8,
+            chunk_size=3,
+            positive_ids=[0, 1, 1, 2, 3, 3, 3, 4],
+            terms=("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text"),
+        ),
         # the other objectives, each on top of the contrastive-only baseline
-        **{name: dict(config={**CONTRASTIVE_ONLY, **objective}, batch=6, chunk_size=4) for name, objective in {
-            "decomposable": dict(contrastive_loss="decomposable"),
-            "decomposable_queue_z": dict(contrastive_loss="decomposable", z_estimate="queue", queue_size=32),
-            "feature_separation": dict(use_feature_separation=True),
-            "brownian_bridge": dict(use_brownian_bridge=True),
-            "geometric_consistency": dict(use_geometric_consistency=True),
-            "in_batch_imc_and_lmi": dict(imc_weight=1.0, lmi_weight=1.0),  # second student pass, student LMI
-        }.items()},
+        **{
+            name: dict(config={**CONTRASTIVE_ONLY, **objective}, batch=6, chunk_size=4)
+            for name, objective in {
+                "decomposable": dict(contrastive_loss="decomposable"),
+                "decomposable_queue_z": dict(contrastive_loss="decomposable", z_estimate="queue", queue_size=32),
+                "feature_separation": dict(use_feature_separation=True),
+                "brownian_bridge": dict(use_brownian_bridge=True),
+                "geometric_consistency": dict(use_geometric_consistency=True),
+                "in_batch_imc_and_lmi": dict(imc_weight=1.0, lmi_weight=1.0),  # second student pass, student LMI
+            }.items()
+        },
     }
 
     def tiny_config(self, **overrides):
@@ -61,7 +69,10 @@ def test_training_forward_returns_every_component_and_total():
     assert torch.allclose(out.loss, ita + out.loss_itm + out.loss_mlm)
     assert all(torch.isfinite(getattr(out, f"loss_{n}")) for n in components)
     out.loss.backward()
-    assert model.temp.grad is not None and model.vision_model.embeddings.patch_embeddings.projection.weight.grad is not None
+    assert (
+        model.temp.grad is not None
+        and model.vision_model.embeddings.patch_embeddings.projection.weight.grad is not None
+    )
     assert all(p.grad is None for p in model.momentum_vision_model.parameters())
 
 
@@ -75,8 +86,9 @@ def test_contrastive_only_baseline_from_same_code():
 
 def test_no_momentum_in_batch_loss_equals_reference():
     """use_momentum=False: plain CLIP InfoNCE on in-batch student features."""
-    model = _model(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                   num_fusion_layers=0)
+    model = _model(
+        use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0
+    )
     model.eval()  # no dropout so the reference features match
     batch = tiny_batch()
     out = model(**batch, return_loss=True)
@@ -162,7 +174,7 @@ def test_lmi_uses_teacher_locals_and_masks_text_padding():
         img_tokens_m = model._image_tokens(batch["pixel_values_view2"], momentum=True)
         patches = F.normalize(model.momentum_vision_proj(img_tokens_m[:, 1:]), dim=-1)  # (B, 16, D), 4x4 grid
         grid = patches.view(4, 4, 4, -1)
-        locals_ = torch.stack([grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], 1)
+        locals_ = torch.stack([grid[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], 1)
         txt_tokens_m = model._text_tokens(batch["input_ids"], batch["attention_mask"], True)
         text_locals = F.normalize(model.momentum_text_proj(txt_tokens_m[:, 1:]), dim=-1)
     tau = model.temperature
@@ -174,10 +186,21 @@ def test_lmi_uses_teacher_locals_and_masks_text_padding():
 def test_regularisers_and_decomposable_inside_the_model_match_the_pure_functions():
     from vlalign.losses import brownian_bridge_loss, geometric_consistency_loss
 
-    config = tiny_tcl_config(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                             num_fusion_layers=0, contrastive_loss="decomposable", z_estimate="running",
-                             num_train_samples=10, use_brownian_bridge=True, use_geometric_consistency=True,
-                             use_feature_separation=True, geometric_consistency_weight=0.25)
+    config = tiny_tcl_config(
+        use_momentum=False,
+        imc_weight=0.0,
+        lmi_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        num_fusion_layers=0,
+        contrastive_loss="decomposable",
+        z_estimate="running",
+        num_train_samples=10,
+        use_brownian_bridge=True,
+        use_geometric_consistency=True,
+        use_feature_separation=True,
+        geometric_consistency_weight=0.25,
+    )
     for sub in (config.vision_config, config.text_config):
         sub.hidden_dropout_prob = sub.attention_probs_dropout_prob = 0.0
     torch.manual_seed(0)
@@ -193,8 +216,7 @@ def test_regularisers_and_decomposable_inside_the_model_match_the_pure_functions
     assert out.loss_bridge.item() == pytest.approx(brownian_bridge_loss(v, t, v2, 0.25).item(), rel=1e-5)
     ref_gc = geometric_consistency_loss(v, t, v2, t)["total"]  # no dropout: the text "view" equals the text
     assert out.loss_geometric.item() == pytest.approx(ref_gc.item(), rel=1e-4, abs=1e-6)
-    expected = ((out.loss_i2t + out.loss_t2i) / 2 + out.loss_separation + out.loss_bridge
-                + 0.25 * out.loss_geometric)
+    expected = (out.loss_i2t + out.loss_t2i) / 2 + out.loss_separation + out.loss_bridge + 0.25 * out.loss_geometric
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     seen = model.decomposable_loss.running_i2t.seen
     assert seen[[0, 3, 5, 9]].all() and seen.sum() == 4  # the running Z table is indexed by sample_ids

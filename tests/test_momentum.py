@@ -45,7 +45,9 @@ def test_the_queue_is_a_ring_buffer_for_any_batch_size():
     queue = FeatureQueue(30, 4)
     arrived = []
     for step in range(7):
-        features = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(step)), dim=1)
+        features = torch.nn.functional.normalize(
+            torch.randn(8, 4, generator=torch.Generator().manual_seed(step)), dim=1
+        )
         ids = torch.arange(8) + 8 * step
         queue.enqueue(features, ids)
         arrived += list(zip(features, ids.tolist()))

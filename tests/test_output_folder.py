@@ -34,8 +34,12 @@ def test_the_lock_refuses_a_second_holder_and_frees_with_its_holder(tmp_path):
 def test_publishing_replaces_the_old_save_and_its_stale_shards_only(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
-    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                 "model.safetensors.index.json", "config.json"):
+    for name in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ):
         (target / name).write_text("old")
     (target / "checkpoint-4").mkdir()
     staging = staging_folder(target / "final")
@@ -61,16 +65,26 @@ def test_checkpoint_problems_name_what_is_missing_or_damaged(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-40])
     (tmp_path / "trainer_state.json").write_text("{")
-    assert checkpoint_problems(tmp_path) == ["trainer_state.json is unreadable", "model.safetensors is truncated or damaged"]
+    assert checkpoint_problems(tmp_path) == [
+        "trainer_state.json is unreadable",
+        "model.safetensors is truncated or damaged",
+    ]
     (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}})
+    )
     assert "missing shard model-00001-of-00001.safetensors" in checkpoint_problems(tmp_path)
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ],
+)
 def test_disk_full_errors_say_so(tmp_path, error):
     explained = explain_write_error(error, tmp_path, "checkpoint-40")
     assert isinstance(explained, DiskFullError) and explained.errno == errno.ENOSPC
@@ -78,8 +92,9 @@ def test_disk_full_errors_say_so(tmp_path, error):
 
 
 def test_torchs_iostream_error_means_a_full_disk_only_when_little_is_free(tmp_path, monkeypatch):
-    error = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; basic_ios::clear: "
-                         "iostream error")
+    error = RuntimeError(
+        "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; basic_ios::clear: iostream error"
+    )
     monkeypatch.setattr("vlalign.output_folder._free_bytes", lambda path: 10 * 2**30)
     plain = explain_write_error(error, tmp_path, "checkpoint-40")
     assert not isinstance(plain, DiskFullError) and "checkpoint-40 could not be written to" in str(plain)
@@ -94,10 +109,19 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
     import sys
     import time
 
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from vlalign.output_folder import OutputFolderLock; "
-        f"lock = OutputFolderLock({str(tmp_path / 'out')!r}).acquire(); print('held', flush=True); time.sleep(600)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from vlalign.output_folder import OutputFolderLock; "
+                f"lock = OutputFolderLock({str(tmp_path / 'out')!r}).acquire(); "
+                "print('held', flush=True); time.sleep(600)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputFolderInUseError, match=rf"pid {holder.pid} on "):
         OutputFolderLock(tmp_path / "out").acquire()

@@ -59,9 +59,15 @@ def test_lora_on_the_teachers_is_refused_with_a_fix():
 
 
 def test_name_list_with_exclude_modules_adapts_the_students_only():
-    model = get_peft_model(_base_model("codis"), LoraConfig(
-        target_modules=["query", "value", "q_proj", "v_proj"], exclude_modules=r"momentum_.*", r=4,
-        modules_to_save=["codebook"]))
+    model = get_peft_model(
+        _base_model("codis"),
+        LoraConfig(
+            target_modules=["query", "value", "q_proj", "v_proj"],
+            exclude_modules=r"momentum_.*",
+            r=4,
+            modules_to_save=["codebook"],
+        ),
+    )
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     assert adapted and not any("momentum_" in n for n in adapted)
     out = model(**tiny_batch(), return_loss=True)
@@ -70,9 +76,12 @@ def test_name_list_with_exclude_modules_adapts_the_students_only():
 
 
 def test_lora_without_momentum_teachers_takes_plain_name_lists():
-    model = get_peft_model(_base_model("tcl", use_momentum=False, itm_weight=0.0, mlm_weight=0.0),
-                           LoraConfig(target_modules=["query", "value", "q_proj", "v_proj"], r=4,
-                                      modules_to_save=["vision_proj", "text_proj"]))
+    model = get_peft_model(
+        _base_model("tcl", use_momentum=False, itm_weight=0.0, mlm_weight=0.0),
+        LoraConfig(
+            target_modules=["query", "value", "q_proj", "v_proj"], r=4, modules_to_save=["vision_proj", "text_proj"]
+        ),
+    )
     out = model(**tiny_batch(), return_loss=True)
     out.loss.backward()
     assert model.base_model.model.vision_proj.modules_to_save["default"].weight.grad is not None
@@ -102,19 +111,39 @@ def _mivc_model_and_processor():
     from vlalign import MIVCConfig, MIVCForConditionalGeneration, MIVCProcessor
 
     tok = _mivc_tokenizer()
-    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(model_type="vit", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=4, intermediate_size=64)
-    config = MIVCConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                        pooling_mode="attention", pooling_attention_dim=16)  # default flags: vision + LM frozen
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        model_type="vit",
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    config = MIVCConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pooling_mode="attention",
+        pooling_attention_dim=16,
+    )  # default flags: vision + LM frozen
     torch.manual_seed(0)
     model = MIVCForConditionalGeneration(config)
-    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
-                                           image_std=[0.5] * 3)
-    processor = MIVCProcessor(image_processor=image_processor, tokenizer=tok,
-                              image_seq_length=config.image_seq_length)
+    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = MIVCProcessor(image_processor=image_processor, tokenizer=tok, image_seq_length=config.image_seq_length)
 
     def images(*colours):
         return [Image.new("RGB", (32, 32), c) for c in colours]
@@ -129,8 +158,12 @@ def test_mivc_lora_on_the_language_model_trains_saves_loads_and_generates(task_t
 
     base, processor, items = _mivc_model_and_processor()
     base.save_pretrained(tmp_path / "base")
-    model = get_peft_model(base, LoraConfig(target_modules=MIVC_TARGETS, r=4, lora_alpha=8,
-                                            modules_to_save=MIVC_MODULES_TO_SAVE, task_type=task_type))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            target_modules=MIVC_TARGETS, r=4, lora_alpha=8, modules_to_save=MIVC_MODULES_TO_SAVE, task_type=task_type
+        ),
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
     for name in trainable:
@@ -156,8 +189,9 @@ def test_mivc_lora_on_the_language_model_trains_saves_loads_and_generates(task_t
     model.save_pretrained(tmp_path / "adapter")
     files = set(os.listdir(tmp_path / "adapter"))
     assert files - {"README.md"} == {"adapter_model.safetensors", "adapter_config.json"}, files
-    reloaded = PeftModel.from_pretrained(MIVCForConditionalGeneration.from_pretrained(tmp_path / "base"),
-                                         tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        MIVCForConditionalGeneration.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
@@ -181,10 +215,21 @@ def test_codebook_copy_trained_through_modules_to_save_gets_no_weight_decay(tmp_
     from vlalign import CODISModel
     from vlalign.trainer import ContrastiveTrainer
 
-    model = get_peft_model(CODISModel(tiny_codis_config()), LoraConfig(
-        r=2, target_modules=r"(vision_model|text_model)\..*\.(query|value)", modules_to_save=["itm_head", "codebook"]))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
-                             remove_unused_columns=False, use_cpu=True)
+    model = get_peft_model(
+        CODISModel(tiny_codis_config()),
+        LoraConfig(
+            r=2,
+            target_modules=r"(vision_model|text_model)\..*\.(query|value)",
+            modules_to_save=["itm_head", "codebook"],
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
     trainer = ContrastiveTrainer(model=model, args=args, train_dataset=[0] * 8)
     names = trainer.get_decay_parameter_names(model)
     trained_codebook = [n for n, p in model.named_parameters() if "codebook" in n and p.requires_grad]

@@ -49,8 +49,16 @@ EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "scenes": 1, "train_che
 EXPECTED_WITHOUT_VLALIGN = 1  # Python blocks that import nothing from vlalign (the trust_remote_code example)
 
 # Steps and sizes that turn a README training command or config into a 2-step run here (appended overrides).
-SHORT_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--eval_batch_size",
-             "16"]
+SHORT_RUN = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--eval_batch_size",
+    "16",
+]
 MY_YAML = "my.yaml"  # the README's name for the reader's own config (here a copy of the TCL demo config)
 
 # Claims in the comments of Python blocks, checked after the block in its namespace; keyed by a string that must
@@ -164,7 +172,7 @@ class Command:
     @property
     def train_args(self) -> list[str]:
         """The arguments after training/train.py."""
-        return self.argv[self.argv.index("training/train.py") + 1:]
+        return self.argv[self.argv.index("training/train.py") + 1 :]
 
     @property
     def runs_here(self) -> bool:
@@ -212,10 +220,12 @@ def test_readme_inventory():
 def test_readme_set_up_commands():
     """The fresh-machine set-up runs the main demo and the tests, in that section."""
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Set-up on a fresh machine"):]
-    section = section[:section.index("\n## ", 1)]
-    assert ("pip install torch==2.13.0 -e . && accelerate launch training/train.py --config "
-            "training/configs/tcl_digits.yaml") in section
+    section = text[text.index("## Set-up on a fresh machine") :]
+    section = section[: section.index("\n## ", 1)]
+    assert (
+        "pip install torch==2.13.0 -e . && accelerate launch training/train.py --config "
+        "training/configs/tcl_digits.yaml"
+    ) in section
     assert 'pip install torch==2.13.0 -e ".[dev]" && python -m pytest tests' in section
 
 
@@ -233,7 +243,6 @@ def _check_repo_paths(command: Command) -> None:
 
 def _check_pip(command: Command) -> None:
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 
@@ -255,7 +264,8 @@ def _check_pip(command: Command) -> None:
 
             installed = Version(torch.__version__)
             assert requirement.specifier.contains(installed, prereleases=True), (
-                f"{command.text!r}: the README's torch pin does not match the tested torch {installed}")
+                f"{command.text!r}: the README's torch pin does not match the tested torch {installed}"
+            )
 
 
 def _accelerate_args(command: Command):
@@ -318,7 +328,7 @@ def test_shell_command_is_valid(command, tmp_path):
         assert config, f"{command.text!r}: no --config"
         path = REPO / "training/configs/tcl_digits.yaml" if config == MY_YAML else REPO / config
         assert path.is_file(), f"{command.text!r}: no config {config}"
-        rest = args[:args.index("--config")] + args[args.index("--config") + 2:]
+        rest = args[: args.index("--config")] + args[args.index("--config") + 2 :]
         check_train_config(path, rest)
     else:
         pytest.fail(f"unrecognised command {command.text!r}")
@@ -393,16 +403,31 @@ def _write_shards(folder: Path, digits) -> None:
     from vlalign.data.digits import DIGIT_NAMES, _digit_to_png
 
     def rows(start, count):
-        return [(_digit_to_png(digits.data[i], 16), f"a handwritten digit {DIGIT_NAMES[digits.target[i]]}",
-                 int(digits.target[i])) for i in range(start, start + count)]
+        return [
+            (
+                _digit_to_png(digits.data[i], 16),
+                f"a handwritten digit {DIGIT_NAMES[digits.target[i]]}",
+                int(digits.target[i]),
+            )
+            for i in range(start, start + count)
+        ]
 
     shards = folder / "shards"
     shards.mkdir()
     for name, start in (("train-00000", 0), ("train-00001", 10), ("test-00000", 20)):
-        pq.write_table(pa.Table.from_pylist([{"image": {"bytes": png, "path": None}, "caption": caption}
-                                             for png, caption, _ in rows(start, 10)]), shards / f"{name}.parquet")
-    for name, start in (("train-00000", 30), ("train-00001", 36), ("train-00002", 42), ("train-00003", 48),
-                        ("test-00000", 54)):
+        pq.write_table(
+            pa.Table.from_pylist(
+                [{"image": {"bytes": png, "path": None}, "caption": caption} for png, caption, _ in rows(start, 10)]
+            ),
+            shards / f"{name}.parquet",
+        )
+    for name, start in (
+        ("train-00000", 30),
+        ("train-00001", 36),
+        ("train-00002", 42),
+        ("train-00003", 48),
+        ("test-00000", 54),
+    ):
         with tarfile.open(shards / f"{name}.tar", "w") as tar:
             for i, (png, caption, label) in enumerate(rows(start, 6)):
                 for extension, data in (("png", png), ("txt", caption.encode()), ("cls", str(label).encode())):
@@ -441,26 +466,63 @@ def workspace(tmp_path_factory):
     torch.manual_seed(0)
     processor = build_digits_processor(image_size=16)
     tokenizer = processor.tokenizer
-    vision = dict(model_type="vit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=4, intermediate_size=64)
-    text = dict(model_type="bert", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                pad_token_id=tokenizer.pad_token_id)
-    stack = dict(vision_config=vision, text_config=text, num_fusion_layers=1, embed_dim=16, queue_size=32,
-                 mask_token_id=tokenizer.mask_token_id)
-    for folder, model in (("tcl_digits", TCLModel(TCLConfig(**stack, lmi_image_grid=2))),
-                          ("codis_digits", CODISModel(CODISConfig(**stack, codebook_size=8)))):
+    vision = dict(
+        model_type="vit",
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    text = dict(
+        model_type="bert",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    stack = dict(
+        vision_config=vision,
+        text_config=text,
+        num_fusion_layers=1,
+        embed_dim=16,
+        queue_size=32,
+        mask_token_id=tokenizer.mask_token_id,
+    )
+    for folder, model in (
+        ("tcl_digits", TCLModel(TCLConfig(**stack, lmi_image_grid=2))),
+        ("codis_digits", CODISModel(CODISConfig(**stack, codebook_size=8))),
+    ):
         model.save_pretrained(root / "outputs" / folder)
         processor.save_pretrained(root / "outputs" / folder)
 
     mivc_processor = build_mivc_digits_processor(image_seq_length=1, image_size=16)
     lm_tokenizer = mivc_processor.tokenizer
-    llama = dict(model_type="llama", vocab_size=len(lm_tokenizer), hidden_size=32, num_hidden_layers=1,
-                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
-                 bos_token_id=lm_tokenizer.bos_token_id, eos_token_id=lm_tokenizer.eos_token_id,
-                 pad_token_id=lm_tokenizer.pad_token_id)
-    mivc = MIVCForConditionalGeneration(MIVCConfig(vision_config=vision, text_config=llama, pooling_mode="attention",
-                                                   image_token_id=mivc_processor.image_token_id))
+    llama = dict(
+        model_type="llama",
+        vocab_size=len(lm_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=lm_tokenizer.bos_token_id,
+        eos_token_id=lm_tokenizer.eos_token_id,
+        pad_token_id=lm_tokenizer.pad_token_id,
+    )
+    mivc = MIVCForConditionalGeneration(
+        MIVCConfig(
+            vision_config=vision,
+            text_config=llama,
+            pooling_mode="attention",
+            image_token_id=mivc_processor.image_token_id,
+        )
+    )
     mivc_processor.image_seq_length = mivc.config.image_seq_length
     mivc.save_pretrained(root / "outputs" / "mivc_digits")
     mivc_processor.save_pretrained(root / "outputs" / "mivc_digits")
@@ -475,28 +537,65 @@ def workspace(tmp_path_factory):
     cache = root / "hf-cache"
 
     def bert(path):
-        BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=7,
-                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
-                        ).save_pretrained(path)
+        BertForMaskedLM(
+            BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                num_hidden_layers=7,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=32,
+            )
+        ).save_pretrained(path)
         tokenizer.save_pretrained(path)
 
     def clip(path):
-        CLIPModel(CLIPConfig(vision_config=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                                                num_attention_heads=4, intermediate_size=64),
-                             text_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                              num_attention_heads=4, intermediate_size=64),
-                             projection_dim=16)).save_pretrained(path)
+        CLIPModel(
+            CLIPConfig(
+                vision_config=dict(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                ),
+                text_config=dict(
+                    vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+                ),
+                projection_dim=16,
+            )
+        ).save_pretrained(path)
         CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
 
     def qwen(path):
-        Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer) + 8, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                     max_position_embeddings=128)).save_pretrained(path)
+        Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer) + 8,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+            )
+        ).save_pretrained(path)
         tokenizer.save_pretrained(path)
 
-    _save_hub_repo(cache, "google/vit-base-patch16-224-in21k", lambda path: ViTModel(ViTConfig(
-        image_size=56, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=64)).save_pretrained(path))  # a 14x14 patch grid, as ViT-B/16 at 224 px
+    _save_hub_repo(
+        cache,
+        "google/vit-base-patch16-224-in21k",
+        lambda path: ViTModel(
+            ViTConfig(
+                image_size=56,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+            )
+        ).save_pretrained(path),
+    )  # a 14x14 patch grid, as ViT-B/16 at 224 px
     _save_hub_repo(cache, "bert-base-uncased", bert)
     _save_hub_repo(cache, "you/tcl-digits", lambda path: shutil.copytree(root / "outputs" / "tcl_digits", path))
     _save_hub_repo(cache, "openai/clip-vit-large-patch14", clip)
@@ -506,10 +605,17 @@ def workspace(tmp_path_factory):
 
 def _env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(root / "hf-cache"), HF_HOME=str(root / "hf-home"),
-               HF_DATASETS_CACHE=str(root / "hf-datasets"), HF_MODULES_CACHE=str(root / "hf-modules"),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO / "src"),
-               MPLBACKEND="Agg")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(root / "hf-cache"),
+        HF_HOME=str(root / "hf-home"),
+        HF_DATASETS_CACHE=str(root / "hf-datasets"),
+        HF_MODULES_CACHE=str(root / "hf-modules"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO / "src"),
+        MPLBACKEND="Agg",
+    )
     return env
 
 
@@ -546,16 +652,30 @@ def _without_vlalign(block: Block) -> bool:
 
 
 def _run_blocks(root: Path, blocks: list[Block], prefix: str, tag: str) -> dict:
-    spec = [{"name": b.name, "code": b.code,
-             "check": next((textwrap.dedent(c) for a, c in CHECKS.items() if a in b.code), "")} for b in blocks]
+    spec = [
+        {
+            "name": b.name,
+            "code": b.code,
+            "check": next((textwrap.dedent(c) for a, c in CHECKS.items() if a in b.code), ""),
+        }
+        for b in blocks
+    ]
     (root / f"{tag}.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-c", prefix + BLOCK_RUNNER, f"{tag}.json", f"{tag}-results.json"],
-                          cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", prefix + BLOCK_RUNNER, f"{tag}.json", f"{tag}-results.json"],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results_path = root / f"{tag}-results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     output = (proc.stdout + proc.stderr)[-6000:]
-    return {b.name: (results[b.name] if b.name in results else f"not run (exit {proc.returncode}):\n{output}",
-                     output) for b in blocks}
+    return {
+        b.name: (results[b.name] if b.name in results else f"not run (exit {proc.returncode}):\n{output}", output)
+        for b in blocks
+    }
 
 
 @pytest.fixture(scope="module")
@@ -596,22 +716,42 @@ TRAIN_RUNS = [c for c in COMMANDS if c.kind == "train_run"]
 def training_results(workspace):
     runs = []
     for i, command in enumerate(TRAIN_RUNS):
-        runs.append({"name": f"{command.block.name}: {command.text}",
-                     "argv": command.train_args + SHORT_RUN + ["--output_dir", f"outputs/readme_command_{i}"]})
+        runs.append(
+            {
+                "name": f"{command.block.name}: {command.text}",
+                "argv": command.train_args + SHORT_RUN + ["--output_dir", f"outputs/readme_command_{i}"],
+            }
+        )
     for block in YAML_BLOCKS:
         config = _merged_yaml_config(block, workspace)
-        runs.append({"name": block.name,
-                     "argv": ["--config", config.name, *SHORT_RUN, "--output_dir", f"outputs/readme_yaml_{block.line}"]})
+        runs.append(
+            {
+                "name": block.name,
+                "argv": ["--config", config.name, *SHORT_RUN, "--output_dir", f"outputs/readme_yaml_{block.line}"],
+            }
+        )
     (workspace / "train-runs.json").write_text(json.dumps(runs))
     env = _env(workspace)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "training"), str(REPO / "src")])
-    proc = subprocess.run([sys.executable, "-c", TRAIN_RUNNER, "train-runs.json", "train-results.json"],
-                          cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_RUNNER, "train-runs.json", "train-results.json"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     path = workspace / "train-results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     output = (proc.stdout + proc.stderr)[-6000:]
-    return {run["name"]: (results.get(run["name"], {"error": f"not run (exit {proc.returncode})"}), output,
-                          workspace / run["argv"][-1]) for run in runs}
+    return {
+        run["name"]: (
+            results.get(run["name"], {"error": f"not run (exit {proc.returncode})"}),
+            output,
+            workspace / run["argv"][-1],
+        )
+        for run in runs
+    }
 
 
 def _check_run(name, training_results):

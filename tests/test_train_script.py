@@ -59,9 +59,22 @@ from train import apply_overrides, load_config, parse_overrides  # noqa: E402
 
 def test_overrides_go_to_the_right_section():
     config = {"model": {"embed_dim": 64, "vision_config": {"hidden_size": 8}}, "training": {"max_steps": 5}}
-    pairs = parse_overrides(["--max_steps", "10", "--learning_rate", "1e-4", "--embed_dim=32", "--push_to_hub",
-                             "--model.vision_config.hidden_size", "16", "--label_column", "null",
-                             "--report_to", "[tensorboard]"])
+    pairs = parse_overrides(
+        [
+            "--max_steps",
+            "10",
+            "--learning_rate",
+            "1e-4",
+            "--embed_dim=32",
+            "--push_to_hub",
+            "--model.vision_config.hidden_size",
+            "16",
+            "--label_column",
+            "null",
+            "--report_to",
+            "[tensorboard]",
+        ]
+    )
     config = apply_overrides(config, pairs)
     assert config["training"]["max_steps"] == 10
     assert config["training"]["learning_rate"] == pytest.approx(1e-4)
@@ -74,20 +87,23 @@ def test_overrides_go_to_the_right_section():
         apply_overrides({}, parse_overrides(["--no_such_field", "1"]))
 
 
-@pytest.mark.parametrize("argv, field, shown", [
-    (["--max_steps", "ten"], "training.max_steps", "'ten'"),  # was: "'>' not supported" deep in transformers
-    (["--max_steps", "10.5"], "training.max_steps", "10.5"),
-    (["--learning_rate", "fast"], "training.learning_rate", "'fast'"),
-    (["--bf16", "maybe"], "training.bf16", "'maybe'"),
-    (["--push_to_hub", "7"], "run.push_to_hub", "7"),
-    (["--cpu_threads", "two"], "run.cpu_threads", "'two'"),
-    (["--max_train_samples", "all"], "data.max_train_samples", "'all'"),
-    (["--class_names", "cat"], "data.class_names", "'cat'"),  # would become ['c', 'a', 't']
-    (["--embed_dim", "[16]"], "model.embed_dim", "[16]"),
-    (["--temperature", "no"], "model.temperature", "'no'"),  # the text given, not YAML 1.1's False
-    (["--image_column", "[a, b]"], "data.image_column", "['a', 'b']"),
-    (["--hub_model_id", "7"], "run.hub_model_id", "7"),
-])
+@pytest.mark.parametrize(
+    "argv, field, shown",
+    [
+        (["--max_steps", "ten"], "training.max_steps", "'ten'"),  # was: "'>' not supported" deep in transformers
+        (["--max_steps", "10.5"], "training.max_steps", "10.5"),
+        (["--learning_rate", "fast"], "training.learning_rate", "'fast'"),
+        (["--bf16", "maybe"], "training.bf16", "'maybe'"),
+        (["--push_to_hub", "7"], "run.push_to_hub", "7"),
+        (["--cpu_threads", "two"], "run.cpu_threads", "'two'"),
+        (["--max_train_samples", "all"], "data.max_train_samples", "'all'"),
+        (["--class_names", "cat"], "data.class_names", "'cat'"),  # would become ['c', 'a', 't']
+        (["--embed_dim", "[16]"], "model.embed_dim", "[16]"),
+        (["--temperature", "no"], "model.temperature", "'no'"),  # the text given, not YAML 1.1's False
+        (["--image_column", "[a, b]"], "data.image_column", "['a', 'b']"),
+        (["--hub_model_id", "7"], "run.hub_model_id", "7"),
+    ],
+)
 def test_override_values_are_checked_against_the_field_types(argv, field, shown):
     with pytest.raises(SystemExit) as caught:
         load_config(None, parse_overrides(argv))
@@ -100,14 +116,47 @@ def test_string_fields_keep_yes_no_on_off_as_text_and_the_values_reach_the_argum
 
     from vlalign.data import DataArguments
 
-    config = load_config(None, parse_overrides([
-        "--save_strategy", "no", "--include_num_input_tokens_seen", "no", "--run_name", "Yes", "--caption_column",
-        "off", "--eval_split", "null", "--push_to_hub", "--hub_model_id", "me/x", "--streaming", "on",
-        "--max_steps", "10", "--learning_rate", "1e-4", "--eval_steps", "5", "--report_to", "[tensorboard]",
-        "--contrastive_loss", "decomposable", "--resume_from_checkpoint", "--output_dir", str(tmp_path)]))
+    config = load_config(
+        None,
+        parse_overrides(
+            [
+                "--save_strategy",
+                "no",
+                "--include_num_input_tokens_seen",
+                "no",
+                "--run_name",
+                "Yes",
+                "--caption_column",
+                "off",
+                "--eval_split",
+                "null",
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/x",
+                "--streaming",
+                "on",
+                "--max_steps",
+                "10",
+                "--learning_rate",
+                "1e-4",
+                "--eval_steps",
+                "5",
+                "--report_to",
+                "[tensorboard]",
+                "--contrastive_loss",
+                "decomposable",
+                "--resume_from_checkpoint",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        ),
+    )
     training, data, run = config["training"], config["data"], config["run"]
     assert (training["save_strategy"], training["include_num_input_tokens_seen"], training["run_name"]) == (
-        "no", "no", "Yes")
+        "no",
+        "no",
+        "Yes",
+    )
     assert (data["caption_column"], data["eval_split"], data["streaming"]) == ("off", None, True)
     assert (run["push_to_hub"], run["hub_model_id"]) == (True, "me/x")
     assert (training["max_steps"], training["learning_rate"], training["eval_steps"]) == (10, 1e-4, 5)
@@ -122,8 +171,10 @@ def test_string_fields_keep_yes_no_on_off_as_text_and_the_values_reach_the_argum
     assert DataArguments(**data).caption_column == "off"
     # the same words in a config file; YAML 1.1's booleans stay booleans where a field is not a string
     path = tmp_path / "config.yaml"
-    path.write_text("training:\n  save_strategy: no\n  bf16: off\n  max_steps: 3\nrun:\n  push_to_hub: yes\n"
-                    "model:\n  vision_config: {qkv_bias: no}\n  learnable_temperature: on\n")
+    path.write_text(
+        "training:\n  save_strategy: no\n  bf16: off\n  max_steps: 3\nrun:\n  push_to_hub: yes\n"
+        "model:\n  vision_config: {qkv_bias: no}\n  learnable_temperature: on\n"
+    )
     config = load_config(str(path), [])
     assert config["training"] == {"save_strategy": "no", "bf16": False, "max_steps": 3}
     assert config["run"]["push_to_hub"] is True and config["model"]["learnable_temperature"] is True
@@ -132,18 +183,24 @@ def test_string_fields_keep_yes_no_on_off_as_text_and_the_values_reach_the_argum
     with pytest.raises(SystemExit, match=r"^training.max_steps = 'ten': expected an integer"):
         load_config(str(path), [])
     path.write_text("data:\n  eval_split: 2017\n")  # a number where text is wanted: say how to write the text
-    with pytest.raises(SystemExit, match=r"^data.eval_split = 2017: expected a string or null, got an integer "
-                                         r"\(quote it"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^data.eval_split = 2017: expected a string or null, got an integer "
+        r"\(quote it",
+    ):
         load_config(str(path), [])
 
 
-@pytest.mark.parametrize("text, found", [
-    ("- training\n- data\n", "a list"),
-    ("just some text\n", "a string"),
-    ("42\n", "an integer"),
-    ("training: 5\n", "section 'training' is an integer"),
-    ("data: [digits]\n", "section 'data' is a list"),
-])
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("- training\n- data\n", "a list"),
+        ("just some text\n", "a string"),
+        ("42\n", "an integer"),
+        ("training: 5\n", "section 'training' is an integer"),
+        ("data: [digits]\n", "section 'data' is a list"),
+    ],
+)
 def test_a_config_file_that_is_not_a_mapping_of_sections_is_refused_naming_it(text, found, tmp_path):
     path = tmp_path / "my config.yaml"
     path.write_text(text)
@@ -172,8 +229,13 @@ def _write_imagefolder(root: Path) -> int:
     for i in range(60):
         pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)
         Image.fromarray(pixels).resize((16, 16)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "caption": f"a handwritten digit {names[digits.target[i]]}",
-                     "label": int(digits.target[i])})
+        rows.append(
+            {
+                "file_name": f"{i}.png",
+                "caption": f"a handwritten digit {names[digits.target[i]]}",
+                "label": int(digits.target[i]),
+            }
+        )
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "empty.png").write_bytes(b"")
     good = (root / "0.png").read_bytes()
@@ -191,29 +253,64 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
     bad = _write_imagefolder(data_dir)
     config = {
         "model": TINY_TRAIN_MODEL,
-        "data": {"dataset_name": "imagefolder", "data_dir": str(tmp_path / "data"), "label_column": "label",
-                 "image_id_column": None, "eval_split": "train",
-                 "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
-                 "zero_shot_templates": ["a handwritten digit {name}"]},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 6, "per_device_train_batch_size": 16,
-                     "learning_rate": 1e-3, "logging_steps": 2, "save_strategy": "no", "report_to": "none",
-                     "dataloader_drop_last": True, "use_cpu": True, "seed": 0},
-        "run": {"tokenizer_name_or_path": None, "processor_name_or_path": str(tmp_path / "processor"),
-                "hub_model_id": "someone/tiny-tcl"},
+        "data": {
+            "dataset_name": "imagefolder",
+            "data_dir": str(tmp_path / "data"),
+            "label_column": "label",
+            "image_id_column": None,
+            "eval_split": "train",
+            "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+            "zero_shot_templates": ["a handwritten digit {name}"],
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 1e-3,
+            "logging_steps": 2,
+            "save_strategy": "no",
+            "report_to": "none",
+            "dataloader_drop_last": True,
+            "use_cpu": True,
+            "seed": 0,
+        },
+        "run": {
+            "tokenizer_name_or_path": None,
+            "processor_name_or_path": str(tmp_path / "processor"),
+            "hub_model_id": "someone/tiny-tcl",
+        },
     }
     from vlalign.data import build_digits_processor
 
     build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="hf_secret_token_never_written")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-           str(REPO / "training/train.py"), "--config", str(tmp_path / "config.yaml"), "--seed", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--cpu",
+        str(REPO / "training/train.py"),
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--seed",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "out"
     results = json.loads((out / "eval_results.json").read_text())
-    for key in ("zero_shot_accuracy", "i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1",
-                "t2i_recall@5", "t2i_recall@10"):
+    for key in (
+        "zero_shot_accuracy",
+        "i2t_recall@1",
+        "i2t_recall@5",
+        "i2t_recall@10",
+        "t2i_recall@1",
+        "t2i_recall@5",
+        "t2i_recall@10",
+    ):
         assert 0.0 <= results[key] <= 100.0, key
     assert results["train_steps"] == 6
     assert results["train_items_skipped"] >= 1  # bad images met during training were skipped and counted
@@ -221,8 +318,16 @@ def test_accelerate_launch_end_to_end_with_bad_images(tmp_path):
     assert "Skipped an undecodable image" in proc.stderr
     config_json = json.loads((out / "config.json").read_text())
     assert set(config_json["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForZeroShotImageClassification"}
-    for name in ("model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "modeling_albef.py", "losses.py",
-                 "processor_config.json", "tokenizer.json", "README.md"):
+    for name in (
+        "model.safetensors",
+        "modeling_tcl.py",
+        "configuration_tcl.py",
+        "modeling_albef.py",
+        "losses.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+    ):
         assert (out / name).exists(), name
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert "temp" in handle.keys() and "image_queue.features" in handle.keys()
@@ -252,23 +357,45 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, monkeypatch, caplog):
     def create_commit(self, repo_id, operations, **kwargs):
         uploaded["repo_id"] = repo_id
         uploaded["files"] = sorted(operation.path_in_repo for operation in operations)
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="m",
-                          commit_description="", oid="1" * 40)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+            commit_message="m",
+            commit_description="",
+            oid="1" * 40,
+        )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_never_written")
-    config = {"model": TINY_TRAIN_MODEL,
-              "data": {"max_train_samples": 64, "max_eval_samples": 20},
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
-                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    config = {
+        "model": TINY_TRAIN_MODEL,
+        "data": {"max_train_samples": 64, "max_eval_samples": 20},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 16,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     train.main(["--config", str(tmp_path / "config.yaml"), "--push_to_hub", "--hub_model_id", "someone/tiny-tcl"])
     assert uploaded["repo_id"] == "someone/tiny-tcl"
     assert uploaded["token"] == "hf_secret_token_never_written"
-    for name in ("config.json", "model.safetensors", "modeling_tcl.py", "configuration_tcl.py", "modeling_albef.py",
-                 "losses.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-                 "eval_results.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_tcl.py",
+        "configuration_tcl.py",
+        "modeling_albef.py",
+        "losses.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "eval_results.json",
+    ):
         assert name in uploaded["files"], name
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.model_name == "someone/tiny-tcl"
@@ -284,10 +411,18 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
     import train
 
     model = {k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"}
-    config = {"model": {**model, "model_type": "codis", "codebook_size": 8},
-              "data": {"max_train_samples": 64, "max_eval_samples": 30},
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 16,
-                           "save_strategy": "no", "report_to": "none", "use_cpu": True}}
+    config = {
+        "model": {**model, "model_type": "codis", "codebook_size": 8},
+        "data": {"max_train_samples": 64, "max_eval_samples": 30},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 16,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     results = train.main(["--config", str(tmp_path / "config.yaml"), "--code_targets", "own"])
     out = tmp_path / "out"
@@ -315,14 +450,15 @@ def test_codis_run_reports_code_usage_in_results_and_card(tmp_path):
 def test_model_section_rejects_fields_of_another_model(tmp_path):
     import train
 
-    config = {"model": {**TINY_TRAIN_MODEL, "model_type": "codis"},  # lmi_image_grid is a TCL field
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True}}
+    config = {
+        "model": {**TINY_TRAIN_MODEL, "model_type": "codis"},  # lmi_image_grid is a TCL field
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"\['lmi_image_grid'\] are not fields of CODISConfig"):
         train.main(["--config", str(tmp_path / "config.yaml")])
     with pytest.raises(SystemExit, match="unknown model.model_type 'nope'"):
         train.main(["--config", str(tmp_path / "config.yaml"), "--model_type", "nope"])
-
 
 
 def test_processor_of_another_image_size_is_refused_before_training(tmp_path):
@@ -331,10 +467,12 @@ def test_processor_of_another_image_size_is_refused_before_training(tmp_path):
     from vlalign.data import build_digits_processor
 
     build_digits_processor(image_size=32).save_pretrained(str(tmp_path / "processor"))
-    config = {"model": TINY_TRAIN_MODEL,  # image_size 16
-              "data": {"max_train_samples": 16, "max_eval_samples": 8},
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True, "report_to": "none"},
-              "run": {"processor_name_or_path": str(tmp_path / "processor")}}
+    config = {
+        "model": TINY_TRAIN_MODEL,  # image_size 16
+        "data": {"max_train_samples": 16, "max_eval_samples": 8},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "use_cpu": True, "report_to": "none"},
+        "run": {"processor_name_or_path": str(tmp_path / "processor")},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"resizes images to 32x32 but the vision tower takes 16x16"):
         train.main(["--config", str(tmp_path / "config.yaml")])
@@ -347,10 +485,19 @@ def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
     import train
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = {"model": TINY_TRAIN_MIVC,
-              "data": {"num_train_items": 40, "num_test_items": 12, "image_size": 16},
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 8,
-                           "save_strategy": "no", "report_to": "none", "use_cpu": True, "learning_rate": 1e-3}}
+    config = {
+        "model": TINY_TRAIN_MIVC,
+        "data": {"num_train_items": 40, "num_test_items": 12, "image_size": 16},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 8,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "learning_rate": 1e-3,
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     results = train.main(["--config", str(tmp_path / "config.yaml"), "--seed", "3"])
     out = tmp_path / "out"
@@ -364,8 +511,14 @@ def test_mivc_run_trains_evaluates_and_writes_a_loadable_folder(tmp_path):
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["model_type"] == "mivc"
     assert config_json["auto_map"]["AutoModelForImageTextToText"] == "modeling_mivc.MIVCForConditionalGeneration"
-    for name in ("model.safetensors", "modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py",
-                 "processor_config.json", "README.md"):
+    for name in (
+        "model.safetensors",
+        "modeling_mivc.py",
+        "configuration_mivc.py",
+        "mivc_pooling.py",
+        "processor_config.json",
+        "README.md",
+    ):
         assert (out / name).exists(), name
     assert not list(out.glob("*.bin"))
     card = ModelCard.load(out / "README.md")
@@ -400,12 +553,16 @@ def test_type_checks_read_the_declared_annotations_even_after_hfargumentparser()
 def test_training_settings_in_their_old_sections_are_refused_naming_the_new_place(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text("run:\n  alpha_ramp_steps: 100\nmodel:\n  gradient_cache_chunk_size: 32\n")
-    with pytest.raises(SystemExit, match=r"model.gradient_cache_chunk_size, run.alpha_ramp_steps: training settings "
-                                         r"now.*write them under training:"):
+    with pytest.raises(
+        SystemExit,
+        match=r"model.gradient_cache_chunk_size, run.alpha_ramp_steps: training settings "
+        r"now.*write them under training:",
+    ):
         load_config(str(path), [])
     # on the command line the field name alone finds its section
     assert load_config(None, parse_overrides(["--alpha_ramp_steps", "5", "--gradient_cache_chunk_size", "8"]))[
-        "training"] == {"alpha_ramp_steps": 5, "gradient_cache_chunk_size": 8}
+        "training"
+    ] == {"alpha_ramp_steps": 5, "gradient_cache_chunk_size": 8}
 
 
 def test_a_contrastive_setting_is_refused_for_mivc(tmp_path):
@@ -423,31 +580,50 @@ def test_a_contrastive_setting_is_refused_for_mivc(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-FAILURE_TRAINING = {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "report_to": "none",
-                    "use_cpu": True, "save_strategy": "no", "dataloader_drop_last": True, "learning_rate": 1e-3}
+FAILURE_TRAINING = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 1,
+    "report_to": "none",
+    "use_cpu": True,
+    "save_strategy": "no",
+    "dataloader_drop_last": True,
+    "learning_rate": 1e-3,
+}
 BROKEN_IMAGE = {"bytes": b"\x89PNG\r\n\x1a\n but not really", "path": None}
 
 
-def _parquet_case(tmp_path: Path, train_rows: list[dict], num_good: int, eval_rows=(), num_eval_good=8,
-                  **training) -> Path:
+def _parquet_case(
+    tmp_path: Path, train_rows: list[dict], num_good: int, eval_rows=(), num_eval_good=8, **training
+) -> Path:
     write_split(tmp_path / "train.parquet", list(train_rows), num_good=num_good, first_digit=0)
     write_split(tmp_path / "test.parquet", list(eval_rows), num_good=num_eval_good, first_digit=100)
     build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
-    config = {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
-              "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
-                       "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
-                       "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
-              "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
-              "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1}}
+    config = {
+        "model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+        "data": {
+            "dataset_name": "parquet",
+            "cache_dir": str(tmp_path / "cache"),
+            "image_id_column": None,
+            "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+            "class_names": DIGIT_NAMES,
+            "zero_shot_templates": ["a handwritten digit {name}"],
+        },
+        "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
+        "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def _digits_config(tmp_path: Path, **training) -> Path:
-    config = {"model": TINY_TRAIN_MODEL, "data": {"max_train_samples": 64, "max_eval_samples": 16},
-              "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
-              "run": {"cpu_threads": 1}}
+    config = {
+        "model": TINY_TRAIN_MODEL,
+        "data": {"max_train_samples": 64, "max_eval_samples": 16},
+        "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), **training},
+        "run": {"cpu_threads": 1},
+    }
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -477,6 +653,7 @@ def test_a_final_save_that_fails_half_way_keeps_the_previous_model_whole(tmp_pat
     train.main(["--config", str(config)])
     out = tmp_path / "out"
     before = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json", "README.md")}
+
     def full_disk(*args, **kwargs):  # the card is written after the weights, config and processor
         raise OSError(28, "No space left on device")
 
@@ -491,11 +668,15 @@ def test_a_final_save_that_fails_half_way_keeps_the_previous_model_whole(tmp_pat
 def test_an_eval_split_with_nothing_usable_stops_before_training(tmp_path):
     import train
 
-    config = _parquet_case(tmp_path, [], num_good=32, eval_rows=[{"image": BROKEN_IMAGE, "caption": "a digit"}] * 3,
-                           num_eval_good=0)
+    config = _parquet_case(
+        tmp_path, [], num_good=32, eval_rows=[{"image": BROKEN_IMAGE, "caption": "a digit"}] * 3, num_eval_good=0
+    )
     start = time.time()
-    with pytest.raises(SystemExit, match=r"eval split 'test': 3 rows give 0 usable images and 0 usable captions "
-                                         r"\(3 images skipped \(corrupt 3\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"eval split 'test': 3 rows give 0 usable images and 0 usable captions "
+        r"\(3 images skipped \(corrupt 3\)",
+    ):
         train.main(["--config", str(config), "--max_steps", "200"])
     assert time.time() - start < 60  # not after 200 steps
     assert not (tmp_path / "out").exists()
@@ -558,17 +739,36 @@ runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), ru
 def _signal_run(tmp_path: Path, *extra: str, parent: bool = False) -> subprocess.CompletedProcess:
     script = tmp_path / "signal_launcher.py"
     script.write_text(SIGNAL_LAUNCHER)
-    env = {**os.environ, "REPO_ROOT": str(REPO), "SIGNAL_AT_STEP": "3", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "training")])}
+    env = {
+        **os.environ,
+        "REPO_ROOT": str(REPO),
+        "SIGNAL_AT_STEP": "3",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "training")]),
+    }
     if parent:
         env["SIGNAL_PARENT"] = "1"
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--cpu",
+            str(script),
+        ]
     else:
         command = [sys.executable, str(script)]
     config = _digits_config(tmp_path, max_steps=40, save_strategy="steps", save_steps=100)
-    return subprocess.run([*command, "--config", str(config), *extra], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [*command, "--config", str(config), *extra], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["plain", "enable_jit_checkpoint"])
@@ -615,8 +815,16 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_training
     processor.tokenizer = build_digits_tokenizer(extra_words=[f"word{i}" for i in range(300)])
     processor.save_pretrained(tmp_path / "big_processor")
     with pytest.raises(SystemExit, match=r"tokenizer.*\d+.*vocab"):
-        train.main(["--config", str(config), "--processor_name_or_path", str(tmp_path / "big_processor"),
-                    "--model.text_config.vocab_size", "200"])
+        train.main(
+            [
+                "--config",
+                str(config),
+                "--processor_name_or_path",
+                str(tmp_path / "big_processor"),
+                "--model.text_config.vocab_size",
+                "200",
+            ]
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -626,12 +834,35 @@ def test_resuming_on_other_training_data_is_refused_and_an_allowed_change_reache
     config = _digits_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     train.main(["--config", str(config)])
     with pytest.raises(Exception, match=r"train_data: '[0-9a-f]{16}' in the checkpoint, '[0-9a-f]{16}' now"):
-        train.main(["--config", str(config), "--max_steps", "6", "--max_train_samples", "48",
-                    "--resume_from_checkpoint", "latest"])
-    results = train.main(["--config", str(config), "--max_steps", "6", "--learning_rate", "2e-3",
-                          "--resume_from_checkpoint", "latest", "--resume_with_changed_arguments", "true"])
+        train.main(
+            [
+                "--config",
+                str(config),
+                "--max_steps",
+                "6",
+                "--max_train_samples",
+                "48",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        )
+    results = train.main(
+        [
+            "--config",
+            str(config),
+            "--max_steps",
+            "6",
+            "--learning_rate",
+            "2e-3",
+            "--resume_from_checkpoint",
+            "latest",
+            "--resume_with_changed_arguments",
+            "true",
+        ]
+    )
     assert results["resumed_with_changed_arguments"] == {
-        "learning_rate": {"checkpoint": 1e-3, "now": 2e-3, "from_step": 5}}
+        "learning_rate": {"checkpoint": 1e-3, "now": 2e-3, "from_step": 5}
+    }
     card = (tmp_path / "out" / "README.md").read_text()
     assert r"| changed\_on\_resume | learning\_rate 0.001 -\> 0.002 from step 5 |" in card  # Markdown-escaped
 
@@ -643,10 +874,14 @@ def test_a_multi_image_eval_split_without_a_decodable_image_is_refused():
     from vlalign.data.multiview_digits import build_mivc_digits_processor
 
     rows = [{"images": [BROKEN_IMAGE, BROKEN_IMAGE], "prompt": "<image> which digit?", "answer": "one"}] * 3
-    with pytest.raises(SystemExit, match=r"eval split 'test': none of its 3 items has a decodable image "
-                                         r"\(6 images skipped \(corrupt 6\)"):
-        train._check_multi_image_eval(rows, build_mivc_digits_processor(image_seq_length=1, image_size=16),
-                                      MIVCDataArguments())
+    with pytest.raises(
+        SystemExit,
+        match=r"eval split 'test': none of its 3 items has a decodable image "
+        r"\(6 images skipped \(corrupt 6\)",
+    ):
+        train._check_multi_image_eval(
+            rows, build_mivc_digits_processor(image_seq_length=1, image_size=16), MIVCDataArguments()
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -665,13 +900,25 @@ def test_training_run_on_hostile_data_completes_and_reports_counts(tmp_path, cap
     build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
     config = {
         "model": TINY_TRAIN_MODEL,
-        "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
-                 "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
-                 "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
+        "data": {
+            "dataset_name": "parquet",
+            "cache_dir": str(tmp_path / "cache"),
+            "image_id_column": None,
+            "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+            "class_names": DIGIT_NAMES,
+            "zero_shot_templates": ["a handwritten digit {name}"],
+        },
         # 48 rows, batch 16, 3 steps: every training row is read exactly once, so the counts are exact
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 16,
-                     "learning_rate": 1e-3, "save_strategy": "no", "report_to": "none", "use_cpu": True,
-                     "seed": 0},
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 1e-3,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "seed": 0,
+        },
         "run": {"processor_name_or_path": str(tmp_path / "processor"), "eval_batch_size": 32},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -681,19 +928,30 @@ def test_training_run_on_hostile_data_completes_and_reports_counts(tmp_path, cap
     assert saved["train_steps"] == 3 and np.isfinite(saved["train_loss"])
     assert saved["train_items_skipped"] == 9
     assert {k: v for k, v in saved.items() if k.startswith(("train_images", "train_captions"))} == {
-        f"train_{k}": v for k, v in expected.items()}
+        f"train_{k}": v for k, v in expected.items()
+    }
     assert {k: v for k, v in saved.items() if k.startswith(("eval_images", "eval_captions"))} == {
-        "eval_images_skipped": 4, "eval_images_skipped_truncated": 1, "eval_images_skipped_empty_file": 1,
-        "eval_images_skipped_corrupt": 1, "eval_images_skipped_too_large": 1, "eval_captions_skipped": 1,
-        "eval_captions_skipped_missing": 1, "eval_captions_sanitised": 1, "eval_captions_sanitised_invalid_utf8": 1}
+        "eval_images_skipped": 4,
+        "eval_images_skipped_truncated": 1,
+        "eval_images_skipped_empty_file": 1,
+        "eval_images_skipped_corrupt": 1,
+        "eval_images_skipped_too_large": 1,
+        "eval_captions_skipped": 1,
+        "eval_captions_skipped_missing": 1,
+        "eval_captions_sanitised": 1,
+        "eval_captions_sanitised_invalid_utf8": 1,
+    }
     assert saved["num_eval_images_skipped"] == 4 and saved["num_eval_images"] == 12
     assert results["train_images_skipped"] == 6
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data issues:")]
-    assert summary == [(
-        "Data issues: training: 6 images skipped (corrupt 1, empty_file 1, file_not_found 1, too_large 1, "
-        "truncated 2), 3 captions skipped (empty 2, missing 1), 3 captions sanitised (control_chars 1, "
-        "invalid_utf8 1, too_long 1); evaluation: 4 images skipped (corrupt 1, empty_file 1, too_large 1, "
-        "truncated 1), 1 captions skipped (missing 1), 1 captions sanitised (invalid_utf8 1)")]
+    assert summary == [
+        (
+            "Data issues: training: 6 images skipped (corrupt 1, empty_file 1, file_not_found 1, too_large 1, "
+            "truncated 2), 3 captions skipped (empty 2, missing 1), 3 captions sanitised (control_chars 1, "
+            "invalid_utf8 1, too_long 1); evaluation: 4 images skipped (corrupt 1, empty_file 1, too_large 1, "
+            "truncated 1), 1 captions skipped (missing 1), 1 captions sanitised (invalid_utf8 1)"
+        )
+    ]
 
 
 def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_path):
@@ -705,36 +963,65 @@ def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_p
 
     (tmp_path / "empty.png").write_bytes(b"")
     good = [{"bytes": digit_png(i), "path": None} for i in range(10)]
-    bad = {"truncated": {"bytes": truncated_png(), "path": None},
-           "bomb": {"bytes": png_claiming_size(30_000, 30_000), "path": None},
-           "empty": {"bytes": None, "path": str(tmp_path / "empty.png")},
-           "missing": {"bytes": None, "path": str(tmp_path / "missing.png")},
-           "corrupt": {"bytes": b"GIF89a but no more", "path": None}}
+    bad = {
+        "truncated": {"bytes": truncated_png(), "path": None},
+        "bomb": {"bytes": png_claiming_size(30_000, 30_000), "path": None},
+        "empty": {"bytes": None, "path": str(tmp_path / "empty.png")},
+        "missing": {"bytes": None, "path": str(tmp_path / "missing.png")},
+        "corrupt": {"bytes": b"GIF89a but no more", "path": None},
+    }
     odd = [{"bytes": data, "path": None} for data in (cmyk_jpeg((0, 0, 0, 255)), rgba_png(), one_by_one_png())]
-    train_items = [[good[0], bad["truncated"], bad["bomb"]], [bad["empty"], bad["missing"]], odd,
-                   *[[good[i], good[i + 1]] for i in range(1, 6)]]
+    train_items = [
+        [good[0], bad["truncated"], bad["bomb"]],
+        [bad["empty"], bad["missing"]],
+        odd,
+        *[[good[i], good[i + 1]] for i in range(1, 6)],
+    ]
     eval_items = [[good[6], bad["corrupt"]], [good[7]], [good[8], good[9]]]
-    features = datasets.Features({"images": datasets.List(datasets.Image()), "prompt": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "prompt": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
     for name, items in (("train", train_items), ("test", eval_items)):
         rows = [{"images": images, "prompt": "<image> which digit?", "answer": "one"} for images in items]
-        datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / f"{name}.parquet"),
-                                                                       batch_size=1000)
+        datasets.Dataset.from_list(rows, features=features).to_parquet(
+            str(tmp_path / f"{name}.parquet"), batch_size=1000
+        )
     build_mivc_digits_processor(image_seq_length=1, image_size=16).save_pretrained(tmp_path / "processor")
-    config = {"model": TINY_TRAIN_MIVC,
-              "data": {"dataset_name": "parquet", "data_files": {"train": str(tmp_path / "train.parquet"),
-                                                                 "test": str(tmp_path / "test.parquet")}},
-              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 8,
-                           "save_strategy": "no", "report_to": "none", "use_cpu": True},
-              "run": {"processor_name_or_path": str(tmp_path / "processor")}}
+    config = {
+        "model": TINY_TRAIN_MIVC,
+        "data": {
+            "dataset_name": "parquet",
+            "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 1,
+            "per_device_train_batch_size": 8,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+        "run": {"processor_name_or_path": str(tmp_path / "processor")},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     train.main(["--config", str(tmp_path / "config.yaml")])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["train_steps"] == 1 and saved["num_eval_items"] == 3
     assert {k: v for k, v in saved.items() if "_skipped" in k} == {
-        "train_images_skipped": 4, "train_images_skipped_truncated": 1, "train_images_skipped_too_large": 1,
-        "train_images_skipped_empty_file": 1, "train_images_skipped_file_not_found": 1, "train_items_skipped": 1,
-        "eval_images_skipped": 1, "eval_images_skipped_corrupt": 1, "train_nonfinite_steps_skipped": 0}
+        "train_images_skipped": 4,
+        "train_images_skipped_truncated": 1,
+        "train_images_skipped_too_large": 1,
+        "train_images_skipped_empty_file": 1,
+        "train_images_skipped_file_not_found": 1,
+        "train_items_skipped": 1,
+        "eval_images_skipped": 1,
+        "eval_images_skipped_corrupt": 1,
+        "train_nonfinite_steps_skipped": 0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -744,19 +1031,45 @@ def test_mivc_run_on_items_with_hostile_images_counts_train_and_eval_apart(tmp_p
 
 def _streaming_config(root: Path, fmt: str) -> dict:
     if fmt == "parquet":
-        data = {"dataset_name": "parquet", "data_files": {"train": str(root / "parquet" / "train-*.parquet"),
-                                                          "test": str(root / "parquet" / "test-*.parquet")}}
+        data = {
+            "dataset_name": "parquet",
+            "data_files": {
+                "train": str(root / "parquet" / "train-*.parquet"),
+                "test": str(root / "parquet" / "test-*.parquet"),
+            },
+        }
     else:
-        data = {"dataset_name": "webdataset", "data_files": {"train": str(root / "wds" / "train-*.tar"),
-                                                             "test": str(root / "wds" / "test-*.tar")},
-                "image_column": "png", "caption_column": "txt", "label_column": "cls"}
-    data.update({"image_id_column": None, "max_eval_samples": NUM_TEST, "max_train_samples": 24,
-                 "shuffle_buffer_size": 32, "class_names": DIGIT_NAMES,
-                 "zero_shot_templates": ["a handwritten digit {name}"]})
-    return {"model": TINY_TRAIN_MODEL, "data": data,
-            "training": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
-                         "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0},
-            "run": {"processor_name_or_path": str(root / "processor")}}
+        data = {
+            "dataset_name": "webdataset",
+            "data_files": {"train": str(root / "wds" / "train-*.tar"), "test": str(root / "wds" / "test-*.tar")},
+            "image_column": "png",
+            "caption_column": "txt",
+            "label_column": "cls",
+        }
+    data.update(
+        {
+            "image_id_column": None,
+            "max_eval_samples": NUM_TEST,
+            "max_train_samples": 24,
+            "shuffle_buffer_size": 32,
+            "class_names": DIGIT_NAMES,
+            "zero_shot_templates": ["a handwritten digit {name}"],
+        }
+    )
+    return {
+        "model": TINY_TRAIN_MODEL,
+        "data": data,
+        "training": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-3,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "seed": 0,
+        },
+        "run": {"processor_name_or_path": str(root / "processor")},
+    }
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
@@ -798,8 +1111,13 @@ def test_streaming_refuses_running_z(shards, tmp_path):
     import train
 
     config = _streaming_config(shards, "parquet")
-    config["model"] = {**TINY_TRAIN_MODEL, "use_momentum": False, "contrastive_loss": "decomposable",
-                       "z_estimate": "running", "num_train_samples": 60}
+    config["model"] = {
+        **TINY_TRAIN_MODEL,
+        "use_momentum": False,
+        "contrastive_loss": "decomposable",
+        "z_estimate": "running",
+        "num_train_samples": 60,
+    }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match="running"):
@@ -847,24 +1165,47 @@ KILLING_LAUNCHER = textwrap.dedent("""
     runpy.run_path(os.path.join(os.environ["REPO_ROOT"], "training", "train.py"), run_name="__main__")
 """)
 
-RESUME_TRAINING = {"max_steps": SCHEDULE[0], "save_strategy": "steps", "save_steps": SCHEDULE[1], "logging_steps": 1,
-                   "report_to": "none", "use_cpu": True, "seed": 5, "dataloader_drop_last": True, "learning_rate": 1e-3}
+RESUME_TRAINING = {
+    "max_steps": SCHEDULE[0],
+    "save_strategy": "steps",
+    "save_steps": SCHEDULE[1],
+    "logging_steps": 1,
+    "report_to": "none",
+    "use_cpu": True,
+    "seed": 5,
+    "dataloader_drop_last": True,
+    "learning_rate": 1e-3,
+}
 
 RESUME_CASES = {
-    "tcl": {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
-            "data": {"max_train_samples": 40, "max_eval_samples": 20},
-            "training": {**RESUME_TRAINING, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                         "alpha_ramp_steps": 20},
-            "run": {"cpu_threads": 1}},
-    "codis": {"model": {**{k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"},
-                        "model_type": "codis", "codebook_size": 8, "queue_size": 16},
-              "data": {"max_train_samples": 40, "max_eval_samples": 20},
-              "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
-              "run": {"cpu_threads": 1}},
-    "mivc": {"model": TINY_TRAIN_MIVC,
-             "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
-             "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8},
-             "run": {"cpu_threads": 1}},
+    "tcl": {
+        "model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+        "data": {"max_train_samples": 40, "max_eval_samples": 20},
+        "training": {
+            **RESUME_TRAINING,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "alpha_ramp_steps": 20,
+        },
+        "run": {"cpu_threads": 1},
+    },
+    "codis": {
+        "model": {
+            **{k: v for k, v in TINY_TRAIN_MODEL.items() if k != "lmi_image_grid"},
+            "model_type": "codis",
+            "codebook_size": 8,
+            "queue_size": 16,
+        },
+        "data": {"max_train_samples": 40, "max_eval_samples": 20},
+        "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
+        "run": {"cpu_threads": 1},
+    },
+    "mivc": {
+        "model": TINY_TRAIN_MIVC,
+        "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
+        "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8},
+        "run": {"cpu_threads": 1},
+    },
 }
 
 
@@ -876,13 +1217,25 @@ def hostile_case(tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
     write_split(tmp_path / "train.parquet", rows, num_good=48 - len(rows), first_digit=0)
     write_split(tmp_path / "test.parquet", [], num_good=10, first_digit=100)
     build_digits_processor(image_size=16).save_pretrained(tmp_path / "processor")
-    config = {"model": {**TINY_TRAIN_MODEL, "queue_size": 16},
-              "data": {"dataset_name": "parquet", "cache_dir": str(tmp_path / "cache"), "image_id_column": None,
-                       "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
-                       "class_names": DIGIT_NAMES, "zero_shot_templates": ["a handwritten digit {name}"]},
-              "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "max_steps": 10, "save_steps": 4,
-                           "alpha_ramp_steps": 20},
-              "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1}}
+    config = {
+        "model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+        "data": {
+            "dataset_name": "parquet",
+            "cache_dir": str(tmp_path / "cache"),
+            "image_id_column": None,
+            "data_files": {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+            "class_names": DIGIT_NAMES,
+            "zero_shot_templates": ["a handwritten digit {name}"],
+        },
+        "training": {
+            **RESUME_TRAINING,
+            "per_device_train_batch_size": 8,
+            "max_steps": 10,
+            "save_steps": 4,
+            "alpha_ramp_steps": 20,
+        },
+        "run": {"processor_name_or_path": str(tmp_path / "processor"), "cpu_threads": 1},
+    }
     return config, (10, 4, 9)
 
 
@@ -890,11 +1243,18 @@ def _case(model_type: str, tmp_path: Path) -> tuple[dict, tuple[int, int, int]]:
     return hostile_case(tmp_path) if model_type == "tcl_hostile_data" else (RESUME_CASES[model_type], SCHEDULE)
 
 
-def _resume_run(script: list[str], config: Path, output_dir: Path, *extra: str,
-                kill_at: int = 0) -> subprocess.CompletedProcess:
+def _resume_run(
+    script: list[str], config: Path, output_dir: Path, *extra: str, kill_at: int = 0
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "REPO_ROOT": str(REPO), "KILL_AT_STEP": str(kill_at), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *script, "--config", str(config), "--output_dir", str(output_dir), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *script, "--config", str(config), "--output_dir", str(output_dir), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("model_type", [*sorted(RESUME_CASES), "tcl_hostile_data"])
@@ -926,19 +1286,26 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(mo
     actual = load_file(killed_dir / "model.safetensors")
     assert sorted(actual) == sorted(expected)
     before = load_file(killed_dir / last / "model.safetensors")
-    moved = max((expected[k].double() - before[k].double()).abs().max().item() for k in expected
-                if expected[k].is_floating_point())
+    moved = max(
+        (expected[k].double() - before[k].double()).abs().max().item()
+        for k in expected
+        if expected[k].is_floating_point()
+    )
     assert moved > 1e-4  # the three steps after the checkpoint changed the weights far beyond the tolerance
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
     if model_type != "mivc":  # the queues wrapped around: their pointers and contents are part of the state
         assert int(expected["image_queue.ptr"]) == (max_steps * 8) % 16
-    results = {name: json.loads((d / "eval_results.json").read_text())
-               for name, d in (("uninterrupted", tmp_path / "uninterrupted"), ("resumed", killed_dir))}
+    results = {
+        name: json.loads((d / "eval_results.json").read_text())
+        for name, d in (("uninterrupted", tmp_path / "uninterrupted"), ("resumed", killed_dir))
+    }
     assert results["resumed"]["train_steps"] == results["uninterrupted"]["train_steps"] == max_steps
     # every data-issue count covers the whole run once, as in the uninterrupted run
-    counts = {name: {k: v for k, v in r.items() if k.startswith("train_") and ("skipped" in k or "sanitised" in k)}
-              for name, r in results.items()}
+    counts = {
+        name: {k: v for k, v in r.items() if k.startswith("train_") and ("skipped" in k or "sanitised" in k)}
+        for name, r in results.items()
+    }
     assert counts["resumed"] == counts["uninterrupted"]
     assert counts["resumed"]["train_nonfinite_steps_skipped"] == 0
     if model_type == "tcl_hostile_data":  # 10 steps x 8 rows over 48 rows of which 18 are hostile
@@ -954,11 +1321,20 @@ def test_resume_latest_without_a_checkpoint_says_so(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(RESUME_CASES["tcl"]))
     with pytest.raises(SystemExit, match="no complete checkpoint-N folder"):
-        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
-                    "--resume_from_checkpoint", "latest"])
+        train.main(
+            ["--config", str(config), "--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "latest"]
+        )
     with pytest.raises(SystemExit, match="no such checkpoint folder"):
-        train.main(["--config", str(config), "--output_dir", str(tmp_path / "empty"),
-                    "--resume_from_checkpoint", str(tmp_path / "typo")])
+        train.main(
+            [
+                "--config",
+                str(config),
+                "--output_dir",
+                str(tmp_path / "empty"),
+                "--resume_from_checkpoint",
+                str(tmp_path / "typo"),
+            ]
+        )
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
@@ -986,8 +1362,9 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_to_resume_from(
     killed = _resume_run([str(launcher)], config, tmp_path / "out", kill_at=6)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]
-    resumed = _resume_run([str(REPO / "training" / "train.py")], config, tmp_path / "out",
-                          "--resume_from_checkpoint", "latest")
+    resumed = _resume_run(
+        [str(REPO / "training" / "train.py")], config, tmp_path / "out", "--resume_from_checkpoint", "latest"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from " in resumed.stderr and "checkpoint-3" in resumed.stderr
     assert "Removed 1 incomplete save(s) left by an interrupted run" in resumed.stderr

@@ -34,8 +34,15 @@ sys.path.insert(0, str(REPO / "training"))  # train.py's checkpoint resolution
 
 def _deterministic_model(**overrides):
     torch.manual_seed(0)
-    config = tiny_tcl_config(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0,
-                             num_fusion_layers=0, **overrides)
+    config = tiny_tcl_config(
+        use_momentum=False,
+        imc_weight=0.0,
+        lmi_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        num_fusion_layers=0,
+        **overrides,
+    )
     for sub in (config.vision_config, config.text_config):
         sub.hidden_dropout_prob = 0.0
         sub.attention_probs_dropout_prob = 0.0
@@ -43,8 +50,14 @@ def _deterministic_model(**overrides):
 
 
 def _trainer(model, tmp_path, **kwargs):
-    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none",
-                             remove_unused_columns=False, use_cpu=True, **kwargs)
+    args = ContrastiveTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        **kwargs,
+    )
     return ContrastiveTrainer(model=model, args=args, train_dataset=[0] * 16)
 
 
@@ -110,17 +123,42 @@ def test_a_queue_the_batch_does_not_divide_trains_and_wraps(tmp_path):
 def test_few_steps_on_digits_lower_the_loss_and_log_components(tmp_path, digits_processor_16, digits_small):
     data_args, train, evaluation = digits_small
     torch.manual_seed(0)
-    model = TCLModel(tiny_tcl_config(queue_size=64, vision_config=dict(
-        model_type="vit", image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, initializer_range=0.1)))
-    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=40,
-                             learning_rate=1e-3, logging_steps=10, report_to="none", remove_unused_columns=False,
-                             alpha_ramp_steps=20,
-                             use_cpu=True, dataloader_drop_last=True, save_strategy="no", seed=0)
+    model = TCLModel(
+        tiny_tcl_config(
+            queue_size=64,
+            vision_config=dict(
+                model_type="vit",
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                initializer_range=0.1,
+            ),
+        )
+    )
+    args = ContrastiveTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=32,
+        max_steps=40,
+        learning_rate=1e-3,
+        logging_steps=10,
+        report_to="none",
+        remove_unused_columns=False,
+        alpha_ramp_steps=20,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        save_strategy="no",
+        seed=0,
+    )
     eval_inputs = build_eval_inputs(evaluation, data_args)
     class_names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     trainer = ContrastiveTrainer(
-        model=model, args=args, train_dataset=train, processing_class=digits_processor_16,
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=digits_processor_16,
         data_collator=ImageTextCollator.from_data_args(digits_processor_16, data_args),
         eval_inputs=eval_inputs,
         class_names=class_names,
@@ -129,8 +167,18 @@ def test_few_steps_on_digits_lower_the_loss_and_log_components(tmp_path, digits_
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4
-    for key in ("loss_i2t", "loss_t2i", "loss_i2i", "loss_t2t", "loss_lmi_image", "loss_lmi_text", "loss_itm",
-                "loss_mlm", "temperature", "alpha"):
+    for key in (
+        "loss_i2t",
+        "loss_t2i",
+        "loss_i2i",
+        "loss_t2t",
+        "loss_lmi_image",
+        "loss_lmi_text",
+        "loss_itm",
+        "loss_mlm",
+        "temperature",
+        "alpha",
+    ):
         assert key in logs[0], key
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert logs[-1]["loss_mlm"] < logs[0]["loss_mlm"]
@@ -174,8 +222,12 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     assert trainer.alignment_not_started is True
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1  # warned once
     assert "ln(68 keys) = 4.220" in caplog.records[0].getMessage()
-    assert trainer.alignment_check == {"step": 20, "loss_i2t": stuck["loss_i2t"], "loss_t2i": stuck["loss_t2i"],
-                                       "num_keys": 68}
+    assert trainer.alignment_check == {
+        "step": 20,
+        "loss_i2t": stuck["loss_i2t"],
+        "loss_t2i": stuck["loss_t2i"],
+        "num_keys": 68,
+    }
     trainer._check_alignment({"loss_i2t": 2.0, "loss_t2i": 2.5})  # learning later clears the verdict
     assert trainer.alignment_not_started is False
 
@@ -185,10 +237,17 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     assert decomposable.contrastive_num_keys() is None  # no uniform value ln(keys): never judged
 
 
-
-@pytest.mark.parametrize("field, value", [("gradient_cache_chunk_size", 0), ("gradient_cache_chunk_size", 2.5),
-                                          ("alpha_ramp_steps", -1), ("itm_rerank_k", -1), ("itm_rerank_k", True),
-                                          ("max_consecutive_nonfinite_steps", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("gradient_cache_chunk_size", 0),
+        ("gradient_cache_chunk_size", 2.5),
+        ("alpha_ramp_steps", -1),
+        ("itm_rerank_k", -1),
+        ("itm_rerank_k", True),
+        ("max_consecutive_nonfinite_steps", 0),
+    ],
+)
 def test_training_settings_are_validated_naming_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", **{field: value})
@@ -230,9 +289,17 @@ def _collate(rows):
 def _logging_trainer(tmp_path, report_to="none", **kwargs):
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config())
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=report_to,
-                             remove_unused_columns=False, use_cpu=True, save_strategy="no", seed=0,
-                             dataloader_drop_last=True, **kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=report_to,
+        remove_unused_columns=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_drop_last=True,
+        **kwargs,
+    )
     return ContrastiveTrainer(model=model, args=args, train_dataset=list(range(32)), data_collator=_collate)
 
 
@@ -300,8 +367,16 @@ def test_tensorboard_event_files_have_loss_components_and_throughput(tmp_path, m
     events = EventAccumulator(str(event_files[0].parent))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/loss_i2t", "train/loss_t2i", "train/loss_itm", "train/loss_mlm",
-                "train/temperature", "train/alpha", "train/throughput_samples_per_second"):
+    for tag in (
+        "train/loss",
+        "train/loss_i2t",
+        "train/loss_t2i",
+        "train/loss_itm",
+        "train/loss_mlm",
+        "train/temperature",
+        "train/alpha",
+        "train/throughput_samples_per_second",
+    ):
         assert tag in scalars, (tag, sorted(scalars))
         assert [event.step for event in events.Scalars(tag)] == [2, 4, 6], tag
     # 2 steps x 4 rows per 0.5 s interval
@@ -359,9 +434,19 @@ def _guarded_model():
 
 def _guarded_trainer(tmp_path, model, collator, trainer_class=ContrastiveTrainer, max_steps=6, **settings):
     args = ContrastiveTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=max_steps, learning_rate=1e-2,
-        lr_scheduler_type="constant", logging_steps=1, report_to="none", remove_unused_columns=False, use_cpu=True,
-        save_strategy="no", disable_tqdm=True, **settings)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **settings,
+    )
     return trainer_class(model=model, args=args, train_dataset=list(range(BATCH * max_steps)), data_collator=collator)
 
 
@@ -431,16 +516,26 @@ def test_stop_on_nonfinite_raises_at_the_first_bad_step(tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
-    trainer = _guarded_trainer(tmp_path, _guarded_model(), InjectingCollator(inf_pixels={1, 2, 3, 5, 6, 7}),
-                               max_steps=8, max_consecutive_nonfinite_steps=3)
+    trainer = _guarded_trainer(
+        tmp_path,
+        _guarded_model(),
+        InjectingCollator(inf_pixels={1, 2, 3, 5, 6, 7}),
+        max_steps=8,
+        max_consecutive_nonfinite_steps=3,
+    )
     with pytest.raises(NonFiniteTrainingError, match=r"3 optimizer steps in a row were non-finite"):
         trainer.train()
     assert trainer.nonfinite_steps_skipped == 3 and trainer.state.global_step == 3
 
 
 def test_a_good_step_resets_the_consecutive_count(tmp_path):
-    trainer = _guarded_trainer(tmp_path, _guarded_model(), InjectingCollator(inf_pixels={0, 1, 3, 4}), max_steps=6,
-                               max_consecutive_nonfinite_steps=3)
+    trainer = _guarded_trainer(
+        tmp_path,
+        _guarded_model(),
+        InjectingCollator(inf_pixels={0, 1, 3, 4}),
+        max_steps=6,
+        max_consecutive_nonfinite_steps=3,
+    )
     trainer.train()
     assert trainer.nonfinite_steps_skipped == 4
 
@@ -505,13 +600,15 @@ def test_a_skipped_step_moves_no_teacher_queue_or_statistic(tmp_path):
     assert moved > 10  # a good step does move the teachers and the queues
 
 
-@pytest.mark.parametrize("field, value", [("learning_rate", math.inf), ("weight_decay", math.nan),
-                                          ("adam_epsilon", -math.inf)])
+@pytest.mark.parametrize(
+    "field, value", [("learning_rate", math.inf), ("weight_decay", math.nan), ("adam_epsilon", -math.inf)]
+)
 def test_nonfinite_training_arguments_are_refused_at_construction(tmp_path, field, value):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
     with pytest.raises(ValueError, match=rf"TrainingArguments\.{field}=(inf|nan|-inf)"):
-        VLAlignTrainer(model=_guarded_model(), args=args, train_dataset=list(range(8)),
-                       data_collator=InjectingCollator())
+        VLAlignTrainer(
+            model=_guarded_model(), args=args, train_dataset=list(range(8)), data_collator=InjectingCollator()
+        )
 
 
 def test_an_optimizer_step_that_leaves_nonfinite_weights_stops_the_run(tmp_path):
@@ -544,15 +641,27 @@ def test_a_run_of_empty_batches_stops_with_the_reason(tmp_path):
 def _in_process_trainer(output_dir, max_steps=4, rows=40, seed=3, **kwargs):
     torch.manual_seed(0)
     model = TCLModel(tiny_tcl_config(queue_size=8))
-    training = {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "max_steps": max_steps,
-                "learning_rate": 1e-3, "logging_steps": 1, "report_to": "none", "remove_unused_columns": False,
-                "use_cpu": True, "save_strategy": "steps", "save_steps": 2, "disable_tqdm": True, "seed": seed}
+    training = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "max_steps": max_steps,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "use_cpu": True,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "disable_tqdm": True,
+        "seed": seed,
+    }
     training.update(kwargs.pop("training", {}))
     if "resume_with_changed_arguments" in kwargs:
         training["resume_with_changed_arguments"] = kwargs.pop("resume_with_changed_arguments")
     args = ContrastiveTrainingArguments(**training)
-    return ContrastiveTrainer(model=model, args=args, train_dataset=list(range(rows)),
-                              data_collator=InjectingCollator(), **kwargs)
+    return ContrastiveTrainer(
+        model=model, args=args, train_dataset=list(range(rows)), data_collator=InjectingCollator(), **kwargs
+    )
 
 
 def _state(model):
@@ -577,22 +686,32 @@ def test_resume_with_changed_settings_is_refused_naming_each(tmp_path):
     from vlalign.trainer import ResumeArgumentsError
 
     _in_process_trainer(tmp_path, resume_fingerprint={"positives_by": "label"}).train()
-    changed = _in_process_trainer(tmp_path, max_steps=6, seed=4, resume_fingerprint={"positives_by": "image"},
-                                  training={"learning_rate": 2e-3, "per_device_train_batch_size": 2})
+    changed = _in_process_trainer(
+        tmp_path,
+        max_steps=6,
+        seed=4,
+        resume_fingerprint={"positives_by": "image"},
+        training={"learning_rate": 2e-3, "per_device_train_batch_size": 2},
+    )
     with pytest.raises(ResumeArgumentsError) as caught:
         changed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     message = str(caught.value)
-    for expected in ("learning_rate: 0.001 in the checkpoint, 0.002 now", "seed: 3 in the checkpoint, 4 now",
-                     "per_device_train_batch_size: 4", "positives_by: 'label' in the checkpoint, 'image' now",
-                     "resume_with_changed_arguments"):
+    for expected in (
+        "learning_rate: 0.001 in the checkpoint, 0.002 now",
+        "seed: 3 in the checkpoint, 4 now",
+        "per_device_train_batch_size: 4",
+        "positives_by: 'label' in the checkpoint, 'image' now",
+        "resume_with_changed_arguments",
+    ):
         assert expected in message
     assert "max_steps" not in message  # training longer is what resuming is for
 
 
 def test_resume_with_changed_settings_allowed_records_the_changes(tmp_path):
     _in_process_trainer(tmp_path).train()
-    allowed = _in_process_trainer(tmp_path, max_steps=6, training={"per_device_train_batch_size": 2},
-                                  resume_with_changed_arguments=True)
+    allowed = _in_process_trainer(
+        tmp_path, max_steps=6, training={"per_device_train_batch_size": 2}, resume_with_changed_arguments=True
+    )
     allowed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert allowed.state.global_step == 6
     assert allowed.resume_changes == {"per_device_train_batch_size": {"checkpoint": 4, "now": 2, "from_step": 5}}
@@ -611,13 +730,16 @@ def test_a_checkpoint_appears_only_complete(tmp_path, monkeypatch):
 
     def fail_at_step_4(output_dir):
         if trainer.state.global_step == 4:
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; "
-                               "basic_ios::clear: iostream error")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; basic_ios::clear: iostream error"
+            )
         original(output_dir)
 
     monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", fail_at_step_4)
     monkeypatch.setattr("vlalign.output_folder._free_bytes", lambda path: 0)
-    with pytest.raises(DiskFullError, match=r"the disk is full: checkpoint-4 could not be written to .* \(0 MiB free\)"):
+    with pytest.raises(
+        DiskFullError, match=r"the disk is full: checkpoint-4 could not be written to .* \(0 MiB free\)"
+    ):
         trainer.train()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
@@ -649,8 +771,12 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, caplog):
 def test_an_allowed_learning_rate_change_is_the_one_used(tmp_path):
     """The restored optimizer and scheduler state would keep the checkpoint's rate while the card showed the new one."""
     _in_process_trainer(tmp_path, training={"lr_scheduler_type": "constant"}).train()
-    allowed = _in_process_trainer(tmp_path, max_steps=6, resume_with_changed_arguments=True,
-                                  training={"lr_scheduler_type": "constant", "learning_rate": 5e-3})
+    allowed = _in_process_trainer(
+        tmp_path,
+        max_steps=6,
+        resume_with_changed_arguments=True,
+        training={"lr_scheduler_type": "constant", "learning_rate": 5e-3},
+    )
     allowed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     logged = [h["learning_rate"] for h in allowed.state.log_history if "loss" in h]
     assert logged[-2:] == [pytest.approx(5e-3), pytest.approx(5e-3)]
@@ -662,5 +788,7 @@ def test_save_total_limit_rotates_the_published_checkpoints(tmp_path):
     trainer = _in_process_trainer(tmp_path, max_steps=4, training={"save_steps": 1, "save_total_limit": 2})
     trainer.train()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == [
-        "checkpoint-3", "checkpoint-4"]
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
     assert not list(tmp_path.glob(".incomplete-*"))

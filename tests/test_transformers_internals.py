@@ -26,8 +26,15 @@ EXPECTED_IMPORTS = {
     ("trainer.py", "transformers.trainer_utils"),
     ("hub.py", "transformers.dynamic_module_utils"),
 }
-EXPECTED_PRIVATE_METHODS = {"_save_checkpoint", "_load_from_checkpoint", "_get_output_dir", "_prepare_inputs",
-                            "_build_accelerator_args", "_load_optimizer_and_scheduler", "_get_learning_rate"}
+EXPECTED_PRIVATE_METHODS = {
+    "_save_checkpoint",
+    "_load_from_checkpoint",
+    "_get_output_dir",
+    "_prepare_inputs",
+    "_build_accelerator_args",
+    "_load_optimizer_and_scheduler",
+    "_get_learning_rate",
+}
 
 
 def _internal_imports():
@@ -43,8 +50,12 @@ def _internal_imports():
 def _private_transformers_methods():
     """Names `_x` that our code defines, or calls on self / super(), which are private methods of transformers'
     Trainer or GenerationMixin."""
-    private = {n for cls in (transformers.Trainer, transformers.GenerationMixin) for n in dir(cls)
-               if n.startswith("_") and not n.startswith("__")}
+    private = {
+        n
+        for cls in (transformers.Trainer, transformers.GenerationMixin)
+        for n in dir(cls)
+        if n.startswith("_") and not n.startswith("__")
+    }
     used = set()
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -73,5 +84,5 @@ def test_each_internal_import_says_so_where_it_is_made():
         for number, line in enumerate(lines):
             stripped = line.strip()
             if stripped.startswith("from transformers.") and stripped.split()[1] not in PUBLIC:
-                nearby = " ".join(lines[max(0, number - 4): number + 1])
+                nearby = " ".join(lines[max(0, number - 4) : number + 1])
                 assert "transformers internal" in nearby, f"{path.name}:{number + 1}: {stripped}"
