@@ -192,6 +192,17 @@ MIVC_DIGITS_LLAMA = dict(
 MIVC_DIGITS_IMAGE_TOKEN_ID = 144
 
 
+@functools.cache
+def mivc_digits_tokenizer():
+    """The digits tokenizer with `<image>` added and [CLS] / [SEP] as bos / eos: what the MIVC_DIGITS sizes and ids
+    above describe (test_modeling_mivc.py checks that they agree)."""
+    from vlalign.data import build_digits_tokenizer
+
+    tok = build_digits_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]", "eos_token": "[SEP]"})
+    return tok
+
+
 def tiny_mivc_digits_config(mode="attention", qformer=False, granularity="token", **overrides):
     """test_modeling_mivc's `_config` without loading the tokenizer (its sizes and special ids written out)."""
     from vlalign import MIVCConfig

@@ -1,18 +1,25 @@
-"""ALBEFModel, the base of TCL and CODIS: what needs no choice of model -- the fusion encoder's bidirectional
-self-attention and `compile_encoders` (`torch.compile` of the towers as a training option). A TCLModel is the
+"""ALBEFModel, the base of TCL and CODIS: the fusion encoder's bidirectional self-attention, the attention path of
+every encoder it builds (SDPA by default, equal to eager) and `compile_encoders` (`torch.compile` of the towers as a
+training option). A TCLModel is the
 vehicle (ALBEFModel itself is abstract). The tests that every ALBEF-style model must pass are in
 albef_model_tester.py, run by test_modeling_tcl.py and test_modeling_codis.py.
 
 `compile_encoders()` compiles the towers in place (the trainer does this for `torch_compile=True` instead of
 compiling the whole model, whose losses and queues hold data-dependent steps), and training with it gives the weights
 of eager training. The inductor speed-up is measured in benchmarks/train_step.py --compile; here the `aot_eager`
-backend keeps the test fast while tracing the same graphs."""
+backend keeps the test fast while tracing the same graphs.
 
+The attention check: with `attn_implementation="eager"` the eager kernels run N times; built by default, the same
+forward runs `torch.nn.functional.scaled_dot_product_attention` exactly N times, the eager kernels never, and the
+losses agree (ViT, BERT text and fusion layers incl. cross-attention, the momentum copies; MIVC's towers, Q-Former
+and LM: test_modeling_mivc.py)."""
+
+import pytest
 import torch
-from fixtures import tiny_batch, tiny_tcl_config
+from fixtures import count_attention_calls, tiny_batch, tiny_codis_config, tiny_tcl_config
 from transformers import TrainingArguments
 
-from vlalign import TCLModel
+from vlalign import CODISModel, TCLModel
 from vlalign.trainer import ContrastiveTrainer
 
 
@@ -75,3 +82,39 @@ def test_torch_compile_trains_the_towers_compiled_to_the_eager_weights(tmp_path)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
     assert compiled.state.global_step == 2
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts of eager-kernel and SDPA calls during the test."""
+    return count_attention_calls(monkeypatch)
+
+
+def _albef_case(model_class, config):
+    def run(attn_implementation):
+        torch.manual_seed(0)
+        model = model_class._from_config(config, attn_implementation=attn_implementation)
+        model.eval()  # no dropout: the eager and SDPA runs must agree
+        with torch.no_grad():
+            return model(**tiny_batch(), return_loss=True).loss
+
+    return run
+
+
+CASES = {
+    "tcl": _albef_case(TCLModel, tiny_tcl_config()),
+    "codis": _albef_case(CODISModel, tiny_codis_config()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_attention_call_uses_sdpa_by_default(case, attention_calls):
+    eager_loss = CASES[case]("eager")
+    eager_calls = attention_calls["eager"]
+    # at least the vision tower and one other (text / fusion) attention layer ran
+    assert eager_calls >= 2 and attention_calls["sdpa"] == 0
+    attention_calls.update(eager=0, sdpa=0)
+    sdpa_loss = CASES[case](None)  # the default a user gets
+    assert attention_calls["eager"] == 0
+    assert attention_calls["sdpa"] == eager_calls
+    torch.testing.assert_close(sdpa_loss, eager_loss, atol=1e-5, rtol=1e-5)

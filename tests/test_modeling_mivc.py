@@ -7,7 +7,6 @@ Every model is a tiny random ViT (32x32 images, 8x8 patches -> 16 tokens per ima
 """
 
 import ast
-import functools
 import itertools
 import json
 import os
@@ -19,16 +18,19 @@ import pytest
 import torch
 from fixtures import (
     BLOCK_VLALIGN,
+    MIVC_DIGITS_IMAGE_TOKEN_ID,
+    MIVC_DIGITS_LLAMA,
     MIVC_DIGITS_NUM_QUERIES,
     MIVC_DIGITS_QFORMER,
     MIVC_DIGITS_VISION,
     count_attention_calls,
+    mivc_digits_tokenizer,
+    tiny_mivc_digits_config,
 )
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ViTImageProcessorPil
 
 from vlalign import MIVCConfig, MIVCForConditionalGeneration, MIVCOutput, MIVCProcessor
-from vlalign.data import build_digits_tokenizer
 
 POOLING_MODES = ("mean", "max", "attention", "gated_attention")
 ALL_MODES = POOLING_MODES + ("concatenate",)
@@ -49,11 +51,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.cache
-def _tokenizer():
-    tok = build_digits_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]", "eos_token": "[SEP]"})
-    return tok
+_tokenizer = mivc_digits_tokenizer
 
 
 def _image_token_id():
@@ -66,35 +64,17 @@ def _image_processor():
     )
 
 
-def _config(mode="attention", qformer=False, granularity="token", **overrides):
-    tok = _tokenizer()
-    text = dict(
-        model_type="llama",
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+_config = tiny_mivc_digits_config
+
+
+def test_the_tiny_config_fits_the_digits_tokenizer():
+    tok, text = _tokenizer(), MIVC_DIGITS_LLAMA
+    assert text["vocab_size"] == len(tok) and _image_token_id() == MIVC_DIGITS_IMAGE_TOKEN_ID
+    assert (text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
     )
-    kwargs = dict(
-        vision_config=dict(VISION),
-        text_config=text,
-        qformer_config=dict(QFORMER) if qformer else None,
-        num_query_tokens=NUM_QUERIES,
-        image_token_id=_image_token_id(),
-        pooling_mode=mode,
-        pooling_granularity=granularity,
-        pooling_attention_dim=16,
-        freeze_vision_model=False,
-        freeze_language_model=False,
-    )
-    kwargs.update(overrides)
-    return MIVCConfig(**kwargs)
 
 
 def _randomize(model, seed=0):
@@ -1030,7 +1010,7 @@ def test_from_pretrained_components_rejects_a_checkpoint_that_does_not_match(tmp
 # 11. attention implementations: every attention call (ViT, Q-Former, the causal LM) goes through transformers' SDPA
 # path by default. With `attn_implementation="eager"` the eager kernels run N times; built by default, the same
 # forward runs `torch.nn.functional.scaled_dot_product_attention` exactly N times, the eager kernels never, and the
-# losses agree (TCL / CODIS: test_attention.py).
+# losses agree (TCL / CODIS: test_modeling_albef.py).
 
 
 @pytest.fixture

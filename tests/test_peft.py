@@ -10,13 +10,20 @@ the adapters only and the reload reproduces the outputs bit for bit -- runs for 
 `ALBEFModelTesterMixin` (albef_model_tester.py, test_modeling_tcl.py, test_modeling_codis.py).
 """
 
-import functools
 import os
 
 import pytest
 import torch
 from albef_model_tester import PEFT_WARNING_FILTER, randomize_weights
-from fixtures import tiny_batch, tiny_codis_config, tiny_tcl_config
+from fixtures import (
+    MIVC_DIGITS_IMAGE_TOKEN_ID,
+    MIVC_DIGITS_LLAMA,
+    MIVC_DIGITS_VISION,
+    mivc_digits_tokenizer,
+    tiny_batch,
+    tiny_codis_config,
+    tiny_tcl_config,
+)
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -95,48 +102,17 @@ MIVC_MODULES_TO_SAVE = ["projector", "pooling"]  # what the freeze flags leave t
 PROMPT = "<image> which digit?"
 
 
-@functools.cache
-def _mivc_tokenizer():
-    from vlalign.data import build_digits_tokenizer
-
-    tok = build_digits_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"], "bos_token": "[CLS]", "eos_token": "[SEP]"})
-    return tok
-
-
 def _mivc_model_and_processor():
     from PIL import Image
     from transformers import ViTImageProcessorPil
 
     from vlalign import MIVCConfig, MIVCForConditionalGeneration, MIVCProcessor
 
-    tok = _mivc_tokenizer()
-    text = dict(
-        model_type="llama",
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = dict(
-        model_type="vit",
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
+    tok = mivc_digits_tokenizer()
     config = MIVCConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_config=dict(MIVC_DIGITS_VISION),
+        text_config=dict(MIVC_DIGITS_LLAMA),
+        image_token_id=MIVC_DIGITS_IMAGE_TOKEN_ID,
         pooling_mode="attention",
         pooling_attention_dim=16,
     )  # default flags: vision + LM frozen

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import tiny_batch, tiny_tcl_config
+from fixtures import TINY_VISION, tiny_batch, tiny_tcl_config
 from transformers import TrainerCallback, TrainingArguments
 
 from vlalign import TCLModel
@@ -126,16 +126,7 @@ def test_few_steps_on_digits_lower_the_loss_and_log_components(tmp_path, digits_
     model = TCLModel(
         tiny_tcl_config(
             queue_size=64,
-            vision_config=dict(
-                model_type="vit",
-                image_size=16,
-                patch_size=4,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                initializer_range=0.1,
-            ),
+            vision_config=dict(TINY_VISION, initializer_range=0.1),
         )
     )
     args = ContrastiveTrainingArguments(
