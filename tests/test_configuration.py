@@ -453,3 +453,31 @@ def test_invalid_value_raises_naming_the_field(config_class, field, overrides):
 def test_defaults_and_tiny_configs_are_valid(make):
     make()
     type(make())()  # the class defaults (the papers' towers)
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        dict(
+            model_type="siglip_vision_model",
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        dict(
+            model_type="swin", image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
+        ),
+        dict(model_type="convnext", image_size=16, hidden_sizes=[8, 16], depths=[1, 1]),
+    ],
+    ids=lambda vision: vision["model_type"],
+)
+def test_vision_towers_without_a_leading_cls_token_are_refused(vision):
+    """Their first output token is a patch or one region of a feature map: taken as the global image feature, it
+    would ignore most of the image (measured for Swin: the bottom-right quarter did not change it)."""
+    with pytest.raises(
+        ValueError, match=rf"TCLConfig.vision_config: model_type '{vision['model_type']}' is not supported"
+    ):
+        tiny_tcl_config(vision_config=vision)

@@ -118,3 +118,40 @@ def test_every_attention_call_uses_sdpa_by_default(case, attention_calls):
     assert attention_calls["eager"] == 0
     assert attention_calls["sdpa"] == eager_calls
     torch.testing.assert_close(sdpa_loss, eager_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        dict(model_type="vit"),
+        dict(model_type="deit"),
+        dict(model_type="beit", use_mask_token=False),
+        dict(model_type="dinov2"),
+        dict(model_type="dinov2_with_registers", num_register_tokens=2),
+        dict(model_type="clip_vision_model"),
+    ],
+    ids=lambda vision: vision["model_type"],
+)
+def test_the_global_image_feature_of_every_accepted_tower_sees_every_quarter(vision):
+    """For each vision family the config accepts, the global embedding changes when any one quarter of the image
+    changes, and a training step runs (LMI takes the patch grid behind the prefix tokens)."""
+    sizes = dict(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config(vision_config={**sizes, **vision})).eval()
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model.get_image_features(pixel_values=pixels)
+        for rows, cols in (
+            (slice(0, 8), slice(0, 8)),
+            (slice(0, 8), slice(8, 16)),
+            (slice(8, 16), slice(0, 8)),
+            (slice(8, 16), slice(8, 16)),
+        ):
+            changed = pixels.clone()
+            changed[..., rows, cols] = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(2))
+            assert not torch.allclose(model.get_image_features(pixel_values=changed), base, atol=1e-6), (rows, cols)
+    model.train()
+    out = model(**tiny_batch(), return_loss=True)
+    assert torch.isfinite(out.loss) and out.loss_lmi_image is not None

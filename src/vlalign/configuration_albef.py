@@ -22,6 +22,21 @@ from transformers.configuration_utils import SubConfigSpec  # transformers inter
 
 logger = logging.getLogger(__name__)
 
+# Vision encoders whose `last_hidden_state` starts with a [CLS] token (the global image feature) and ends with the
+# patch grid (the local features of LMI), with prefix tokens (DeiT's distillation token, DINOv2's registers) in
+# between. Others are refused: SigLIP has no [CLS] token and Swin / ConvNeXt output a pooled feature map, so their
+# first output token would be taken for the whole image (for Swin it does not see the bottom-right quarter).
+CLS_VISION_MODEL_TYPES = (
+    "vit",
+    "deit",
+    "beit",
+    "data2vec-vision",
+    "dinov2",
+    "dinov2_with_registers",
+    "clip_vision_model",
+    "vit_msn",
+)
+
 # Fields a text config must have for us to build BERT-style fusion layers (self-attn + cross-attn + FFN) from it.
 BERT_LIKE_FIELDS = (
     "hidden_size",
@@ -193,8 +208,9 @@ class ALBEFStackConfig(PreTrainedConfig):
     r"""Fields of the image / text / fusion encoder stack shared by [`TCLConfig`] and [`CODISConfig`].
 
     Args:
-        vision_config: config of any transformers vision encoder that returns [CLS] + patch tokens (ViT, DeiT, CLIP
-            vision, ...). Needs `image_size`, `patch_size`, `hidden_size`. Default: ViT-B/16 at 256 px.
+        vision_config: config of a transformers vision encoder that returns [CLS] + patch tokens
+            (`CLS_VISION_MODEL_TYPES`: ViT, DeiT, BEiT, Data2Vec-vision, DINOv2 with or without registers, CLIP vision,
+            ViT-MSN); others are refused. Needs `image_size`, `patch_size`, `hidden_size`. Default: ViT-B/16 at 256 px.
         text_config: config of a BERT-like text encoder (BERT, RoBERTa, ELECTRA, ...). Its `num_hidden_layers` is
             the total: the first `num_hidden_layers - num_fusion_layers` layers form the text encoder, the last
             `num_fusion_layers` the fusion encoder (which gains cross-attention to the image tokens).
@@ -285,6 +301,13 @@ class ALBEFStackConfig(PreTrainedConfig):
         super().validate_architecture()
         fail = self.fail
         vision, text = self.vision_config, self.text_config
+        if getattr(vision, "model_type", None) not in CLS_VISION_MODEL_TYPES:
+            fail(
+                "vision_config",
+                f"model_type {getattr(vision, 'model_type', None)!r} is not supported: the global image feature is the "
+                f"encoder's [CLS] token, which only {', '.join(CLS_VISION_MODEL_TYPES)} put first (SigLIP has none; "
+                "Swin and ConvNeXt output a feature map, whose first token is one region of the image)",
+            )
         check_positive_int_attributes(
             self,
             "vision_config",
@@ -349,4 +372,4 @@ class ALBEFStackConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS", "ConfigFieldError"]
+__all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS", "CLS_VISION_MODEL_TYPES", "ConfigFieldError"]
