@@ -177,7 +177,7 @@ class ALBEFModelTesterMixin:
         assert model.image_queue.ptr.item() == model.text_queue.ptr.item() == 4
         assert model.image_queue.ids.tolist() == [18, 19, 20, 21, 14, 15, 16, 17]
         with torch.no_grad():
-            v_m = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
+            v_m = model._image_feature(model._encode_image(batch["pixel_values_view2"], momentum=True)[1], True)
         assert torch.allclose(model.image_queue.features[:4], v_m, atol=1e-5)
 
     def test_temperature_is_clamped(self):
@@ -210,8 +210,8 @@ class ALBEFModelTesterMixin:
         with torch.no_grad():  # the teacher after this step's EMA update is the one the step used
             v = model.get_image_features(batch["pixel_values"])
             t = model.get_text_features(batch["input_ids"], batch["attention_mask"])
-            v_m = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
-            t_m = model._text_feature(model._text_tokens(batch["input_ids"], batch["attention_mask"], True), True)
+            v_m = model._image_feature(model._encode_image(batch["pixel_values_view2"], momentum=True)[1], True)
+            t_m = model._text_feature(model._encode_text(batch["input_ids"], batch["attention_mask"], True)[1], True)
         tau = float(model.temperature.detach())
         positive = (ids[:, None] == ids[None, :]) | torch.eye(4, dtype=torch.bool)
         (sim_t2i, mask_t2i), (sim_i2t, mask_i2t) = seen
@@ -766,9 +766,9 @@ class ALBEFModelTesterMixin:
             model.copy_params_to_momentum()
             features = {}
             for momentum in (False, True):
-                image = inner._image_feature(inner._image_tokens(batch["pixel_values"], momentum), momentum)
+                image = inner._image_feature(inner._encode_image(batch["pixel_values"], momentum)[1], momentum)
                 text = inner._text_feature(
-                    inner._text_tokens(batch["input_ids"], batch["attention_mask"], momentum), momentum
+                    inner._encode_text(batch["input_ids"], batch["attention_mask"], momentum)[1], momentum
                 )
                 features[momentum] = (image, text)
             torch.testing.assert_close(features[True], features[False], rtol=1e-5, atol=1e-6)

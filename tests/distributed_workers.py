@@ -419,9 +419,9 @@ def scenario_momentum(rank, world_size):
     optimizer.step()
     with torch.no_grad():
         # the step's teacher pass ran after its EMA update; the optimizer step only moved the students
-        teacher_image = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True)
+        teacher_image = model._image_feature(model._encode_image(batch["pixel_values_view2"], momentum=True)[1], True)
         teacher_text = model._text_feature(
-            model._text_tokens(batch["input_ids"], batch["attention_mask"], momentum=True), True
+            model._encode_text(batch["input_ids"], batch["attention_mask"], momentum=True)[1], True
         )
     payload = dict(
         initial=initial,

@@ -348,6 +348,12 @@ def _albef_bad_values(extra):
             dict(mask_token_id="4"),
             dict(mask_token_id=-1, mlm_weight=0.0),
         ],
+        "vision_pooling": [
+            dict(vision_pooling="max"),
+            dict(vision_pooling=1),
+            dict(vision_config=dict(TINY_VISION, model_type="vit_msn"), vision_pooling="pooler"),
+        ],
+        "text_pooling": [dict(text_pooling="first"), dict(text_pooling=True)],
         "initializer_range": [
             dict(initializer_range=0.0),
             dict(initializer_range=-0.02),
@@ -470,14 +476,40 @@ def test_defaults_and_tiny_configs_are_valid(make):
         dict(
             model_type="swin", image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
         ),
-        dict(model_type="convnext", image_size=16, hidden_sizes=[8, 16], depths=[1, 1]),
+        dict(model_type="convnext", image_size=16, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
     ],
     ids=lambda vision: vision["model_type"],
 )
-def test_vision_towers_without_a_leading_cls_token_are_refused(vision):
+def test_cls_pooling_is_refused_for_towers_without_a_cls_token(vision):
     """Their first output token is a patch or one region of a feature map: taken as the global image feature, it
     would ignore most of the image (measured for Swin: the bottom-right quarter did not change it)."""
-    with pytest.raises(
-        ValueError, match=rf"TCLConfig.vision_config: model_type '{vision['model_type']}' is not supported"
-    ):
-        tiny_tcl_config(vision_config=vision)
+    with pytest.raises(ValueError, match=r"TCLConfig.vision_pooling: 'cls' does not fit .* has no \[CLS\] token"):
+        tiny_tcl_config(vision_config=vision, vision_pooling="cls")
+    assert tiny_tcl_config(vision_config=vision).vision_pooling in ("mean", "pooler")
+
+
+def test_unsupported_towers_are_refused_with_the_reason():
+    siglip2 = dict(model_type="siglip2_vision_model", patch_size=4, hidden_size=32, num_patches=16)
+    with pytest.raises(ValueError, match=r"vision_config: model_type 'siglip2_vision_model' is not supported: .*NaFlex"):
+        tiny_tcl_config(vision_config=siglip2)
+    with pytest.raises(ValueError, match=r"vision_config: model_type 'mobilevit' is not supported: .* not known here"):
+        tiny_tcl_config(vision_config=dict(model_type="mobilevit", image_size=32, patch_size=2))
+    with pytest.raises(ValueError, match=r"text_config: model_type 'gpt2' is not supported as the text tower"):
+        tiny_tcl_config(text_config=dict(model_type="gpt2", n_layer=2))
+    # a text tower that is not BERT-architecture works only without fusion layers, and says so
+    distilbert = dict(model_type="distilbert", vocab_size=99, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    with pytest.raises(ValueError, match=r"text_config: fusion layers .* must therefore be BERT-architecture"):
+        tiny_tcl_config(text_config=distilbert)
+    dual = tiny_tcl_config(text_config=distilbert, num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    assert (dual.text_config.model_type, dual.text_pooling) == ("distilbert", "cls")
+
+
+def test_pooling_defaults_follow_the_family():
+    """None resolves to the family's own pooling, stored in the config (a saved model keeps it)."""
+    clip = dict(TINY_VISION, model_type="clip_vision_model")
+    assert tiny_tcl_config(vision_config=clip).vision_pooling == "pooler"  # CLIP's post-layer-normed [CLS]
+    assert tiny_tcl_config().vision_pooling == "cls"  # ViT
+    beit = dict(TINY_VISION, model_type="beit")
+    assert tiny_tcl_config(vision_config=dict(beit, use_mean_pooling=True)).vision_pooling == "pooler"
+    assert tiny_tcl_config(vision_config=dict(beit, use_mean_pooling=False)).vision_pooling == "cls"
+    assert tiny_tcl_config().to_dict()["text_pooling"] == "cls"

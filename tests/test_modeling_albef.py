@@ -30,7 +30,7 @@ def test_fusion_self_attention_is_bidirectional():
     batch = tiny_batch()
     with torch.no_grad():
         image_tokens = model.get_image_tokens(batch["pixel_values"])
-        text = model._text_tokens(batch["input_ids"], torch.ones_like(batch["input_ids"]))
+        text = model._encode_text(batch["input_ids"], torch.ones_like(batch["input_ids"]))[0]
         fused = model.fusion_model(text, torch.ones_like(batch["input_ids"]), image_tokens)
         changed = text.clone()
         changed[:, -1] += 1.0  # change only the last token

@@ -121,8 +121,8 @@ def test_cma_and_imc_against_reference_from_teacher_features():
     with torch.no_grad():
         v = model.get_image_features(batch["pixel_values"]).double()
         t = model.get_text_features(batch["input_ids"], batch["attention_mask"]).double()
-        v_m = model._image_feature(model._image_tokens(batch["pixel_values_view2"], momentum=True), True).double()
-        t_m = model._text_feature(model._text_tokens(batch["input_ids"], batch["attention_mask"], True), True).double()
+        v_m = model._image_feature(model._encode_image(batch["pixel_values_view2"], momentum=True)[1], True).double()
+        t_m = model._text_feature(model._encode_text(batch["input_ids"], batch["attention_mask"], True)[1], True).double()
     tau = float(model.temperature.detach())
     img_keys = torch.cat([v_m, queue_img.double()])
     txt_keys = torch.cat([t_m, queue_txt.double()])
@@ -171,11 +171,11 @@ def test_lmi_uses_teacher_locals_and_masks_text_padding():
     with torch.no_grad():
         v = model.get_image_features(batch["pixel_values"])
         t = model.get_text_features(batch["input_ids"], batch["attention_mask"])
-        img_tokens_m = model._image_tokens(batch["pixel_values_view2"], momentum=True)
+        img_tokens_m = model._encode_image(batch["pixel_values_view2"], momentum=True)[0]
         patches = F.normalize(model.momentum_vision_proj(img_tokens_m[:, 1:]), dim=-1)  # (B, 16, D), 4x4 grid
         grid = patches.view(4, 4, 4, -1)
         locals_ = torch.stack([grid[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], 1)
-        txt_tokens_m = model._text_tokens(batch["input_ids"], batch["attention_mask"], True)
+        txt_tokens_m = model._encode_text(batch["input_ids"], batch["attention_mask"], True)[0]
         text_locals = F.normalize(model.momentum_text_proj(txt_tokens_m[:, 1:]), dim=-1)
     tau = model.temperature
     assert out.loss_lmi_image.item() == pytest.approx(local_mutual_information(v, locals_, tau).item(), rel=1e-5)

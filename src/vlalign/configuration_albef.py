@@ -14,28 +14,28 @@ import logging
 import math
 import types
 import typing
+from typing import Literal
 
 from huggingface_hub.dataclasses import as_validated_field, strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec  # transformers internal (listed in vlalign/__init__.py)
 
-logger = logging.getLogger(__name__)
-
-# Vision encoders whose `last_hidden_state` starts with a [CLS] token (the global image feature) and ends with the
-# patch grid (the local features of LMI), with prefix tokens (DeiT's distillation token, DINOv2's registers) in
-# between. Others are refused: SigLIP has no [CLS] token and Swin / ConvNeXt output a pooled feature map, so their
-# first output token would be taken for the whole image (for Swin it does not see the bottom-right quarter).
-CLS_VISION_MODEL_TYPES = (
-    "vit",
-    "deit",
-    "beit",
-    "data2vec-vision",
-    "dinov2",
-    "dinov2_with_registers",
-    "clip_vision_model",
-    "vit_msn",
+from .towers import (
+    CLS_VISION_MODEL_TYPES,
+    FUSION_TEXT_MODEL_TYPES,
+    REFUSED_VISION_MODEL_TYPES,
+    TEXT_MODEL_TYPES,
+    VISION_MODEL_TYPES,
+    default_text_pooling,
+    default_vision_pooling,
+    text_poolings,
+    vision_downsampling,
+    vision_grid_size,
+    vision_poolings,
 )
+
+logger = logging.getLogger(__name__)
 
 # Fields a text config must have for us to build BERT-style fusion layers (self-attn + cross-attn + FFN) from it.
 BERT_LIKE_FIELDS = (
@@ -208,12 +208,20 @@ class ALBEFStackConfig(PreTrainedConfig):
     r"""Fields of the image / text / fusion encoder stack shared by [`TCLConfig`] and [`CODISConfig`].
 
     Args:
-        vision_config: config of a transformers vision encoder that returns [CLS] + patch tokens
-            (`CLS_VISION_MODEL_TYPES`: ViT, DeiT, BEiT, Data2Vec-vision, DINOv2 with or without registers, CLIP vision,
-            ViT-MSN); others are refused. Needs `image_size`, `patch_size`, `hidden_size`. Default: ViT-B/16 at 256 px.
-        text_config: config of a BERT-like text encoder (BERT, RoBERTa, ELECTRA, ...). Its `num_hidden_layers` is
-            the total: the first `num_hidden_layers - num_fusion_layers` layers form the text encoder, the last
-            `num_fusion_layers` the fusion encoder (which gains cross-attention to the image tokens).
+        vision_config: config of a transformers vision encoder of `VISION_MODEL_TYPES`: ViT, DeiT, BEiT,
+            Data2Vec-vision, DINOv2 with or without registers, CLIP vision, ViT-MSN ([CLS] + prefix tokens + patch
+            grid), SigLIP vision (patch grid), Swin, ConvNeXt (the last stage's feature map); others are refused.
+            Default: ViT-B/16 at 256 px.
+        text_config: config of a text encoder of `TEXT_MODEL_TYPES`: BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT,
+            ModernBERT, CLIP text. With fusion layers it must be BERT-architecture (`FUSION_TEXT_MODEL_TYPES`: BERT,
+            RoBERTa, XLM-R, ELECTRA): its `num_hidden_layers` is then the total, the first `num_hidden_layers -
+            num_fusion_layers` layers form the text encoder and the last `num_fusion_layers` the fusion encoder
+            (which gains cross-attention to the image tokens).
+        vision_pooling, text_pooling: how a tower's output becomes the global feature that is projected into the
+            contrastive space: `cls` (the [CLS] token), `mean` (the average patch token; the average unpadded
+            token), `pooler` (the family's own pooler: CLIP's post-layer-normed [CLS] and end-of-text token,
+            SigLIP's attention-pooling head, ConvNeXt's normed average, ...). None: the family's own default
+            (`towers.default_vision_pooling` / `default_text_pooling`), stored in the config.
         num_fusion_layers: number of cross-attention fusion layers (0 disables the fusion encoder, ITM and MLM).
         embed_dim: dimension of the shared contrastive space (`vision_proj` / `text_proj` outputs).
         temperature: initial temperature of every contrastive term; clamped to
@@ -266,10 +274,17 @@ class ALBEFStackConfig(PreTrainedConfig):
     mlm_probability: Real = interval(0, 1, low_open=True, high_open=True)(default=0.15)
     mask_token_id: int | None = non_negative(default=103)
     initializer_range: Real = positive(default=0.02)
+    vision_pooling: Literal["cls", "mean", "pooler"] | None = None
+    text_pooling: Literal["cls", "mean", "pooler"] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         warn_unknown_fields(self, kwargs)
+        # None: the family's own pooling, written into the config so that a saved model keeps it
+        if self.vision_pooling is None and getattr(self.vision_config, "model_type", None) in VISION_MODEL_TYPES:
+            self.vision_pooling = default_vision_pooling(self.vision_config)
+        if self.text_pooling is None and getattr(self.text_config, "model_type", None) in TEXT_MODEL_TYPES:
+            self.text_pooling = default_text_pooling(self.text_config)
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -279,8 +294,8 @@ class ALBEFStackConfig(PreTrainedConfig):
 
     @property
     def patch_grid_size(self) -> int:
-        """Side of the vision encoder's patch grid."""
-        return self.vision_config.image_size // self.vision_config.patch_size
+        """Side of the vision encoder's output token grid (for Swin / ConvNeXt, the last stage's feature map)."""
+        return vision_grid_size(self.vision_config)
 
     @property
     def uses_queue(self) -> bool:
@@ -296,34 +311,69 @@ class ALBEFStackConfig(PreTrainedConfig):
 
     # `validate_*`: the rules between fields, run by `@strict` after construction (see `strict_config`)
     def validate_architecture(self):
-        """The towers: a vision encoder with a patch grid, a bidirectional BERT-like text encoder with layers left
-        for it besides the fusion layers, and fusion layers if ITM or MLM is on."""
+        """The towers: a vision family of `VISION_MODEL_TYPES` with a square token grid, a bidirectional text
+        family of `TEXT_MODEL_TYPES` (BERT-architecture, `FUSION_TEXT_MODEL_TYPES`, when there are fusion layers)
+        with layers left for it besides the fusion layers, poolings the families have, and fusion layers if ITM or
+        MLM is on."""
         super().validate_architecture()
-        fail = self.fail
-        vision, text = self.vision_config, self.text_config
-        if getattr(vision, "model_type", None) not in CLS_VISION_MODEL_TYPES:
+        self._validate_vision_tower()
+        self._validate_text_tower()
+        if self.num_fusion_layers == 0 and (self.itm_weight > 0 or self.mlm_weight > 0):
+            self.fail(
+                "num_fusion_layers",
+                "ITM and MLM need cross-attention fusion layers: set num_fusion_layers > 0 or itm_weight = "
+                "mlm_weight = 0",
+            )
+
+    def _validate_vision_tower(self):
+        vision, fail = self.vision_config, self.fail
+        model_type = getattr(vision, "model_type", None)
+        if model_type not in VISION_MODEL_TYPES:
+            why = REFUSED_VISION_MODEL_TYPES.get(
+                model_type, "its output layout (where the global feature and the patch grid are) is not known here"
+            )
             fail(
                 "vision_config",
-                f"model_type {getattr(vision, 'model_type', None)!r} is not supported: the global image feature is the "
-                f"encoder's [CLS] token, which only {', '.join(CLS_VISION_MODEL_TYPES)} put first (SigLIP has none; "
-                "Swin and ConvNeXt output a feature map, whose first token is one region of the image)",
+                f"model_type {model_type!r} is not supported: {why}. Supported vision towers: "
+                f"{', '.join(VISION_MODEL_TYPES)}",
             )
-        check_positive_int_attributes(
-            self,
-            "vision_config",
-            vision,
-            ("image_size", "patch_size", "hidden_size"),
-            "the vision encoder must output patch tokens and",
-        )
-        if vision.image_size % vision.patch_size != 0:
-            fail("vision_config", f"image_size {vision.image_size} is not divisible by patch_size {vision.patch_size}")
-        missing = [f for f in BERT_LIKE_FIELDS if getattr(text, f, None) is None]
-        if missing:
+        # ConvNeXt's widths are per stage (hidden_sizes), read by vision_hidden_size
+        sizes = ("image_size", "patch_size") if model_type == "convnext" else ("image_size", "patch_size", "hidden_size")
+        check_positive_int_attributes(self, "vision_config", vision, sizes, "the vision encoder")
+        stride = vision_downsampling(vision)
+        if vision.image_size % stride != 0:
+            fail(
+                "vision_config",
+                f"image_size {vision.image_size} is not a multiple of {stride} (patch_size {vision.patch_size}"
+                + (", x2 per stage after the first" if stride != vision.patch_size else "")
+                + "): the output tokens would not cover the image as a square grid",
+            )
+        allowed = vision_poolings(vision)
+        if self.vision_pooling not in allowed:
+            reason = "it has no [CLS] token" if self.vision_pooling == "cls" else "it has no pooler"
+            fail("vision_pooling", f"{self.vision_pooling!r} does not fit {model_type} ({reason}): use one of {allowed}")
+
+    def _validate_text_tower(self):
+        text, fail = self.text_config, self.fail
+        model_type = getattr(text, "model_type", None)
+        if model_type not in TEXT_MODEL_TYPES:
             fail(
                 "text_config",
-                f"a BERT-like text encoder config is required (model_type {getattr(text, 'model_type', None)!r} "
-                f"lacks {missing})",
+                f"model_type {model_type!r} is not supported as the text tower (its pooling and token layout are not "
+                f"known here). Supported: {', '.join(TEXT_MODEL_TYPES)}",
             )
+        if self.num_fusion_layers > 0 and model_type not in FUSION_TEXT_MODEL_TYPES:
+            fail(
+                "text_config",
+                f"fusion layers (num_fusion_layers={self.num_fusion_layers}) are BERT layers with cross-attention, "
+                f"built from the text tower's upper layers, which must therefore be BERT-architecture "
+                f"({', '.join(FUSION_TEXT_MODEL_TYPES)}); {model_type!r} layers are not. Use such a text tower, or "
+                "a dual encoder without fusion: num_fusion_layers=0, itm_weight=0, mlm_weight=0",
+            )
+        if self.num_fusion_layers > 0:
+            missing = [f for f in BERT_LIKE_FIELDS if getattr(text, f, None) is None]
+            if missing:
+                fail("text_config", f"the fusion layers are built from BERT's fields; {model_type!r} lacks {missing}")
         check_positive_int_attributes(
             self, "text_config", text, ("hidden_size", "num_hidden_layers", "vocab_size"), "the text encoder"
         )
@@ -335,12 +385,9 @@ class ALBEFStackConfig(PreTrainedConfig):
                 f"{self.num_fusion_layers} leaves no layer for the text encoder (text_config.num_hidden_layers="
                 f"{text.num_hidden_layers})",
             )
-        if self.num_fusion_layers == 0 and (self.itm_weight > 0 or self.mlm_weight > 0):
-            fail(
-                "num_fusion_layers",
-                "ITM and MLM need cross-attention fusion layers: set num_fusion_layers > 0 or itm_weight = "
-                "mlm_weight = 0",
-            )
+        allowed = text_poolings(text)
+        if self.text_pooling not in allowed:
+            fail("text_pooling", f"{self.text_pooling!r} does not fit {model_type}: use one of {allowed}")
 
     def validate_temperature(self):
         """temperature_min <= temperature <= temperature_max (each is > 0 by its field)."""
@@ -372,4 +419,12 @@ class ALBEFStackConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["ALBEFStackConfig", "BERT_LIKE_FIELDS", "CLS_VISION_MODEL_TYPES", "ConfigFieldError"]
+__all__ = [
+    "ALBEFStackConfig",
+    "BERT_LIKE_FIELDS",
+    "CLS_VISION_MODEL_TYPES",
+    "ConfigFieldError",
+    "FUSION_TEXT_MODEL_TYPES",
+    "TEXT_MODEL_TYPES",
+    "VISION_MODEL_TYPES",
+]

@@ -3,7 +3,6 @@
 Used by every model file (the ALBEF-style models and MIVC), which import it as `from .loading import ...` so that
 `save_pretrained` copies it next to them for `trust_remote_code` loading:
 
-- `build_vision_encoder` / `build_text_encoder`: transformers towers from their configs (`AutoModel.from_config`);
 - strict loading: `KeepsTrainableFlagsOnLoad.from_pretrained` (keys missing, unexpected or of another shape raise
   `CheckpointMismatchError`), `load_pretrained_part` for one pretrained part of a bigger model;
 - safetensors only: pickle weights are refused unless explicitly allowed (`resolve_use_safetensors`,
@@ -15,35 +14,15 @@ Used by every model file (the ALBEF-style models and MIVC), which import it as `
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import struct
 
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModel, AutoModelForMaskedLM, PreTrainedConfig
+from transformers import AutoModel, AutoModelForMaskedLM
 
 from .processing_vlalign import MissingTokenizerFileError, check_tokenizer_files
-
-
-def build_vision_encoder(vision_config: PreTrainedConfig) -> nn.Module:
-    """Any transformers vision encoder whose `last_hidden_state` is [prefix tokens] + patch tokens."""
-    try:
-        # ViT-like models carry a pooler we never use; leaving it out keeps DDP free of unused parameters
-        return AutoModel.from_config(vision_config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(vision_config)
-
-
-def build_text_encoder(text_config: PreTrainedConfig, num_layers: int) -> nn.Module:
-    """The first `num_layers` layers of a BERT-like encoder (the others become fusion layers)."""
-    config = copy.deepcopy(text_config)
-    config.num_hidden_layers = num_layers
-    try:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(config)
 
 
 class CheckpointMismatchError(ValueError):
@@ -347,11 +326,16 @@ class KeepsTrainableFlagsOnLoad:
         return (model, info) if wants_info else model
 
 
+# top-level modules of a tower that are only built when its pooling uses them (BERT / ViT poolers, SigLIP's head)
+_POOLER_MODULES = ("pooler", "head")
+
+
 def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
     """Load `state` into `module`, raising with the mismatched keys instead of silently keeping random weights."""
     own = module.state_dict()
-    # poolers are deliberately not built (we use the [CLS] token states), so theirs are not a mismatch
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    # a pooler the tower's pooling does not use is not built, so its weights are not a mismatch
+    built = {key.split(".", 1)[0] for key in own}
+    state = {k: v for k, v in state.items() if k.split(".", 1)[0] in built or k.split(".", 1)[0] not in _POOLER_MODULES}
     shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]
     missing = [
@@ -369,11 +353,12 @@ def _load_matching(module: nn.Module, state: dict, what: str, allow_missing: tup
     module.load_state_dict(state, strict=False)
 
 
-def load_pretrained_part(loader, path: str, what: str, allow_pickle: bool = False):
+def load_pretrained_part(loader, path: str, what: str, allow_pickle: bool = False, uses_pooler: bool = False):
     """`loader.from_pretrained(path)` for one part of a bigger model (a tower, the LM, the Q-Former): safetensors
-    only unless `allow_pickle`, and `CheckpointMismatchError` when the checkpoint does not fit its own config."""
+    only unless `allow_pickle`, and `CheckpointMismatchError` when the checkpoint does not fit its own config
+    (its pooler may be missing unless `uses_pooler`)."""
     part, info = _load_with_report(loader, path, allow_pickle)
-    _check_part_loading(part, info, path, what)
+    _check_part_loading(part, info, path, what, uses_pooler)
     return part
 
 
@@ -384,21 +369,24 @@ def _load_with_report(loader, path: str, allow_pickle: bool):
     )
 
 
-def _check_part_loading(part: nn.Module, info: dict, path: str, what: str) -> None:
+def _check_part_loading(part: nn.Module, info: dict, path: str, what: str, uses_pooler: bool = False) -> None:
     """Raise on the loading report's problems that matter for a part. Unexpected keys outside the part's own
-    top-level modules are the rest of a bigger checkpoint (the text half of CLIP) and are fine; poolers are never
-    used."""
+    top-level modules are the rest of a bigger checkpoint (the text half of CLIP) and are fine; so are missing
+    pooler weights when the pooler is not used (it is then not built)."""
     own_modules = {key.split(".", 1)[0] for key in part.state_dict()}
     unexpected = [k for k in info["unexpected_keys"] if k.split(".", 1)[0] in own_modules]
-    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+    missing = [k for k in info["missing_keys"] if uses_pooler or k.split(".", 1)[0] not in _POOLER_MODULES]
     problems = describe_key_problems(missing, unexpected, info["mismatched_keys"])
     if problems:
         raise CheckpointMismatchError(f"the {what} checkpoint {path!r} does not match its own config: {problems}")
 
 
-def _load_text_checkpoint(path: str, allow_pickle: bool) -> nn.Module:
-    """The text checkpoint with its masked-LM head when it has one, else the bare encoder (the MLM head then
-    starts new instead of taking a randomly initialised head from transformers)."""
+def _load_text_checkpoint(path: str, allow_pickle: bool, uses_pooler: bool = False) -> nn.Module:
+    """The text checkpoint with its masked-LM head when it has one (and its pooler is not needed: masked-LM
+    classes drop it), else the bare encoder (the MLM head then starts new instead of taking a randomly initialised
+    head from transformers)."""
+    if uses_pooler:
+        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle, uses_pooler=True)
     try:
         text, info = _load_with_report(AutoModelForMaskedLM, path, allow_pickle)
     except _OUR_FILE_ERRORS:  # a missing or damaged file, not a model type without a masked-LM class
@@ -410,3 +398,61 @@ def _load_text_checkpoint(path: str, allow_pickle: bool) -> nn.Module:
         return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
     _check_part_loading(text, info, path, "text encoder")
     return text
+
+
+def saved_tokenizer(path):
+    """The tokenizer saved with a (text) checkpoint, or None when it has none. A local folder has one when it holds
+    tokenizer_config.json (AutoTokenizer would otherwise make a tokenizer of special tokens only from config.json);
+    an incomplete one raises `MissingTokenizerFileError`."""
+    from transformers import AutoTokenizer
+
+    folder = _local_folder(path)
+    if folder is not None:
+        if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return None
+        check_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        if folder is not None:  # a tokenizer is saved there and does not load: say so
+            raise
+        return None
+
+
+def check_tokenizer_special_tokens(tokenizer, config) -> None:
+    """Raise `ValueError` when an ALBEF-style model's config disagrees with the tokenizer it is used with about a
+    token id the model reads: the mask token (MLM writes it), the padding token (the embedding's padding row, and
+    RoBERTa's position ids, which count non-padding tokens), the end-of-text token (where CLIP's text tower pools),
+    or a first token to pool for `text_pooling="cls"`. Each of these would be miscomputed without an error."""
+    config = getattr(config, "config", config)  # a model
+    text = config.text_config
+    model_type = getattr(text, "model_type", None)
+    problems = []
+    if config.mlm_weight > 0 and config.mask_token_id != tokenizer.mask_token_id:
+        problems.append(
+            f"mask_token_id is {config.mask_token_id!r}, the tokenizer's mask token {tokenizer.mask_token!r} is "
+            f"{tokenizer.mask_token_id!r} (MLM replaces tokens with it)"
+        )
+    pad = getattr(text, "pad_token_id", None)
+    if model_type != "clip_text_model" and None not in (pad, tokenizer.pad_token_id) and pad != tokenizer.pad_token_id:
+        problems.append(
+            f"text_config.pad_token_id is {pad}, the tokenizer pads with {tokenizer.pad_token_id} (the embedding's "
+            f"padding row and, for RoBERTa / XLM-R, the position ids follow the config's)"
+        )
+    eos = getattr(text, "eos_token_id", None)
+    # eos_token_id 2 marks CLIP configs older than transformers' fix, which pool at the highest token id instead
+    if model_type == "clip_text_model" and config.text_pooling == "pooler" and eos != 2 and eos != tokenizer.eos_token_id:
+        problems.append(
+            f"text_config.eos_token_id is {eos}, the tokenizer's end-of-text token is {tokenizer.eos_token_id} (CLIP's "
+            f"text tower pools at the first end-of-text token)"
+        )
+    if config.text_pooling == "cls":
+        first = tokenizer("a")["input_ids"][0]
+        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+        if first not in starts:
+            problems.append(
+                f"text_pooling='cls' pools the first token, but the tokenizer starts a text with token {first}, not "
+                f"a [CLS] / start token ({sorted(starts) or 'it has none'}): use text_pooling='mean'"
+            )
+    if problems:
+        raise ValueError(f"the tokenizer does not fit the model's config: {'; '.join(problems)}")

@@ -36,10 +36,10 @@ from .loading import (
     KeepsTrainableFlagsOnLoad,
     _load_matching,
     _load_text_checkpoint,
-    build_text_encoder,
-    build_vision_encoder,
+    check_tokenizer_special_tokens,
     load_pretrained_part,
     resolve_use_safetensors,
+    saved_tokenizer,
 )
 from .losses import (
     _loss_dtype,
@@ -55,6 +55,7 @@ from .losses import (
     similarity_logits,
 )
 from .momentum import FeatureQueue, copy_parameters, ema_update
+from .towers import build_text_encoder, build_vision_encoder, encode_image, encode_text, vision_hidden_size
 
 
 def sum_of_terms(terms: list[torch.Tensor]) -> torch.Tensor | None:
@@ -233,27 +234,26 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         text_config, vision_config = config.text_config, config.vision_config
-        self.vision_model = build_vision_encoder(vision_config)
-        self.text_model = build_text_encoder(text_config, config.num_text_layers)
-        self.vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+        vision_width = vision_hidden_size(vision_config)
+        self.vision_model = build_vision_encoder(vision_config, config.vision_pooling)
+        self.text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
+        self.vision_proj = nn.Linear(vision_width, config.embed_dim)
         self.text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature)
         has_fusion = config.num_fusion_layers > 0
         if has_fusion:
             # fusion layers share the text encoder's config object, so attention-implementation changes reach both
-            self.fusion_model = FusionEncoder(
-                self.text_model.config, config.num_fusion_layers, vision_config.hidden_size
-            )
+            self.fusion_model = FusionEncoder(self.text_model.config, config.num_fusion_layers, vision_width)
             self.itm_head = nn.Linear(text_config.hidden_size, 2)
             self.mlm_head = MLMHead(text_config)
         if config.use_momentum:
-            self.momentum_vision_model = build_vision_encoder(vision_config)
-            self.momentum_text_model = build_text_encoder(text_config, config.num_text_layers)
-            self.momentum_vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+            self.momentum_vision_model = build_vision_encoder(vision_config, config.vision_pooling)
+            self.momentum_text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
+            self.momentum_vision_proj = nn.Linear(vision_width, config.embed_dim)
             self.momentum_text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
             if has_fusion:
                 self.momentum_fusion_model = FusionEncoder(
-                    self.momentum_text_model.config, config.num_fusion_layers, vision_config.hidden_size
+                    self.momentum_text_model.config, config.num_fusion_layers, vision_width
                 )
                 self.momentum_mlm_head = MLMHead(text_config)
         if config.uses_queue:
@@ -342,29 +342,31 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def temperature(self) -> torch.Tensor:
         return self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
 
-    def _image_tokens(self, pixel_values: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+    def _encode_image(self, pixel_values: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states, pooled feature) of the vision tower (see `towers.encode_image`)."""
         model = self.momentum_vision_model if momentum else self.vision_model
         pixel_values = pixel_values.to(self.vision_proj.weight.dtype)
-        return model(pixel_values=pixel_values).last_hidden_state
+        return encode_image(model, pixel_values, self.config.vision_pooling, self.config.patch_grid_size**2)
 
-    def _text_tokens(self, input_ids, attention_mask, momentum: bool = False) -> torch.Tensor:
+    def _encode_text(self, input_ids, attention_mask, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token states, pooled feature) of the text tower (see `towers.encode_text`)."""
         model = self.momentum_text_model if momentum else self.text_model
-        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return encode_text(model, input_ids, attention_mask, self.config.text_pooling)
 
-    def _image_feature(self, image_tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+    def _image_feature(self, pooled: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         proj = self.momentum_vision_proj if momentum else self.vision_proj
-        return F.normalize(proj(image_tokens[:, 0]), dim=-1)
+        return F.normalize(proj(pooled), dim=-1)
 
-    def _text_feature(self, text_tokens: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+    def _text_feature(self, pooled: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         proj = self.momentum_text_proj if momentum else self.text_proj
-        return F.normalize(proj(text_tokens[:, 0]), dim=-1)
+        return F.normalize(proj(pooled), dim=-1)
 
     # ------------------------------------------------------------------------------------------------------
     # Inference API (CLIP-like)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (batch, embed_dim)."""
-        return self._image_feature(self._image_tokens(pixel_values))
+        return self._image_feature(self._encode_image(pixel_values)[1])
 
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids=None
@@ -372,11 +374,11 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         """L2-normalised text embeddings (batch, embed_dim)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self._text_feature(self._text_tokens(input_ids, attention_mask))
+        return self._text_feature(self._encode_text(input_ids, attention_mask)[1])
 
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image encoder's token states (batch, tokens, hidden), as the fusion encoder consumes them."""
-        return self._image_tokens(pixel_values)
+        return self._encode_image(pixel_values)[0]
 
     def itm_score(
         self,
@@ -394,10 +396,10 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if image_tokens is None:
             if pixel_values is None:
                 raise ValueError("itm_score needs pixel_values or image_tokens")
-            image_tokens = self._image_tokens(pixel_values)
+            image_tokens = self._encode_image(pixel_values)[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text_tokens = self._text_tokens(input_ids, attention_mask)
+        text_tokens = self._encode_text(input_ids, attention_mask)[0]
         fused = self.fusion_model(text_tokens, attention_mask, image_tokens)
         return F.softmax(self.itm_head(fused[:, 0]).float(), dim=-1)[:, 1]
 
@@ -474,26 +476,26 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _student_pass(self, batch: dict, keep_tokens: bool) -> dict[str, torch.Tensor]:
         """Student features of one (chunk of a) batch. Everything returned carries gradient."""
         out: dict[str, torch.Tensor] = {}
-        tokens = {
-            "image": self._image_tokens(batch["pixel_values"]),
-            "text": self._text_tokens(batch["input_ids"], batch["attention_mask"]),
-        }
-        out["image_feat"] = self._image_feature(tokens["image"])
-        out["text_feat"] = self._text_feature(tokens["text"])
+        tokens, pooled = {}, {}
+        tokens["image"], pooled["image"] = self._encode_image(batch["pixel_values"])
+        tokens["text"], pooled["text"] = self._encode_text(batch["input_ids"], batch["attention_mask"])
+        out["image_feat"] = self._image_feature(pooled["image"])
+        out["text_feat"] = self._text_feature(pooled["text"])
         if self._needs()["view2"]:
-            tokens["image2"] = self._image_tokens(batch["pixel_values_view2"])
-            tokens["text2"] = self._text_tokens(batch["input_ids"], batch["attention_mask"])  # dropout view
-            out["image_feat2"] = self._image_feature(tokens["image2"])
-            out["text_feat2"] = self._text_feature(tokens["text2"])
-        self._extra_student_features(out, tokens)
+            tokens["image2"], pooled["image2"] = self._encode_image(batch["pixel_values_view2"])
+            # the dropout view
+            tokens["text2"], pooled["text2"] = self._encode_text(batch["input_ids"], batch["attention_mask"])
+            out["image_feat2"] = self._image_feature(pooled["image2"])
+            out["text_feat2"] = self._text_feature(pooled["text2"])
+        self._extra_student_features(out, tokens, pooled)
         if keep_tokens:
             out["image_tokens"] = tokens["image"]
             out["text_tokens"] = tokens["text"]
         return out
 
-    def _extra_student_features(self, out: dict, tokens: dict) -> None:
-        """Add model-specific student features to `out` from the token states (`image`, `text`, and with a second
-        view `image2`, `text2`)."""
+    def _extra_student_features(self, out: dict, tokens: dict, pooled: dict) -> None:
+        """Add model-specific student features to `out` from the token states and pooled features (keys `image`,
+        `text`, and with a second view `image2`, `text2`)."""
 
     @torch.no_grad()
     def _teacher_pass(self, batch: dict, positive_ids, temp, alpha, chunk_size: int | None = None) -> dict:
@@ -508,13 +510,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         parts: dict[str, list] = {}
         for start in range(0, size, chunk_size):
             piece = {k: v[start : start + chunk_size] for k, v in batch.items()}
-            tokens = {
-                "image": self._image_tokens(piece["pixel_values_view2"], momentum=True),
-                "text": self._text_tokens(piece["input_ids"], piece["attention_mask"], momentum=True),
-            }
+            tokens, pooled = {}, {}
+            tokens["image"], pooled["image"] = self._encode_image(piece["pixel_values_view2"], momentum=True)
+            tokens["text"], pooled["text"] = self._encode_text(
+                piece["input_ids"], piece["attention_mask"], momentum=True
+            )
             features = {
-                "image_feat_m": self._image_feature(tokens["image"], momentum=True),
-                "text_feat_m": self._text_feature(tokens["text"], momentum=True),
+                "image_feat_m": self._image_feature(pooled["image"], momentum=True),
+                "text_feat_m": self._text_feature(pooled["text"], momentum=True),
             }
             self._extra_teacher_features(features, tokens)
             if cfg.mlm_weight > 0 and alpha > 0:
@@ -746,13 +749,13 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             input_ids, attention_mask, cfg.mask_token_id, cfg.text_config.vocab_size, cfg.mlm_probability
         )
         selected = labels != -100
-        fused = self.fusion_model(self._text_tokens(masked_ids, attention_mask), attention_mask, image_tokens)
+        fused = self.fusion_model(self._encode_text(masked_ids, attention_mask)[0], attention_mask, image_tokens)
         logits = self.mlm_head(fused[selected])
         teacher_logits = None
         if cfg.use_momentum and alpha > 0:
             with torch.no_grad():
                 fused_m = self.momentum_fusion_model(
-                    self._text_tokens(masked_ids, attention_mask, momentum=True), attention_mask, image_tokens_m
+                    self._encode_text(masked_ids, attention_mask, momentum=True)[0], attention_mask, image_tokens_m
                 )
                 teacher_logits = self.momentum_mlm_head(fused_m[selected])
         return masked_lm_distillation_loss(logits, labels[selected], teacher_logits, alpha)
@@ -769,11 +772,15 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     ) -> ALBEFModel:
         """Build a model whose towers start from pretrained checkpoints.
 
-        The vision encoder loads from ``vision_model_name_or_path``; the text checkpoint (a BERT-like encoder,
-        ideally with its masked-LM head) is split: its first ``num_hidden_layers - num_fusion_layers`` layers
-        become the text encoder, the remaining layers the self-attention/feed-forward of the fusion layers (their
-        cross-attention starts new), and its MLM head (if present) the MLM head. Teachers start as copies.
-        ``config_overrides`` are fields of the model's config (e.g. ``num_fusion_layers=6, queue_size=4096``).
+        The vision encoder loads from ``vision_model_name_or_path`` (with its pooler when ``vision_pooling`` is
+        ``pooler``); the text checkpoint (a BERT-architecture encoder when there are fusion layers, ideally with its
+        masked-LM head) is split: its first ``num_hidden_layers - num_fusion_layers`` layers become the text
+        encoder, the remaining layers the self-attention/feed-forward of the fusion layers (their cross-attention
+        starts new), and its MLM head (if present) the MLM head. Teachers start as copies. ``config_overrides`` are
+        fields of the model's config (e.g. ``num_fusion_layers=6, queue_size=4096``).
+
+        A tokenizer saved with the text checkpoint sets ``mask_token_id``; a config that disagrees with it (the
+        mask, padding or end-of-text id) raises `ValueError` (see `loading.check_tokenizer_special_tokens`).
 
         Only safetensors weights are read unless ``allow_pickle=True``. A checkpoint whose weights do not fit its
         own config (keys missing, unexpected or of another shape) raises `CheckpointMismatchError` instead of
@@ -784,16 +791,27 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         vision_config = getattr(vision_config, "vision_config", vision_config)  # e.g. a full CLIP checkpoint
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        tokenizer = saved_tokenizer(text_model_name_or_path)
+        if tokenizer is not None and tokenizer.mask_token_id is not None:
+            config_overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
         config = cls.config_class(
             vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **config_overrides
         )
+        if tokenizer is not None:
+            check_tokenizer_special_tokens(tokenizer, config)
         model = cls(config)
 
         # load with our tower's own class: e.g. CLIPVisionModel takes the vision half of a full CLIP checkpoint
-        vision = load_pretrained_part(type(model.vision_model), vision_model_name_or_path, "vision tower", allow_pickle)
+        vision = load_pretrained_part(
+            type(model.vision_model),
+            vision_model_name_or_path,
+            "vision tower",
+            allow_pickle,
+            uses_pooler=config.vision_pooling == "pooler",
+        )
         _load_matching(model.vision_model, vision.state_dict(), "vision tower")
 
-        text = _load_text_checkpoint(text_model_name_or_path, allow_pickle)
+        text = _load_text_checkpoint(text_model_name_or_path, allow_pickle, uses_pooler=config.text_pooling == "pooler")
         base = getattr(text, text.base_model_prefix, text)
         text_state = base.state_dict()
         n_text = config.num_text_layers
@@ -806,7 +824,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                     encoder_state[key] = value
                 else:
                     fusion_state[f"layer.{int(index) - n_text}.{tail}"] = value
-            elif not key.startswith("pooler."):
+            else:  # embeddings, final norms, the pooler (dropped by `_load_matching` when not built)
                 encoder_state[key] = value
         _load_matching(model.text_model, encoder_state, "text encoder")
         if config.num_fusion_layers > 0:

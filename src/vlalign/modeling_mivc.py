@@ -20,11 +20,11 @@ from .configuration_mivc import MIVCConfig
 from .loading import (
     KeepsTrainableFlagsOnLoad,
     _load_matching,
-    build_vision_encoder,
     load_pretrained_part,
     resolve_use_safetensors,
 )
 from .mivc_pooling import MIVCPooling
+from .towers import build_vision_encoder
 
 
 @dataclass

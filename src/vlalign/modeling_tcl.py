@@ -28,6 +28,7 @@ from .losses import (
     local_mutual_information,
 )
 from .modeling_albef import ALBEFModel, ALBEFOutput, pool_patch_locals, sum_of_terms
+from .towers import vision_hidden_size
 
 
 @dataclass
@@ -59,14 +60,14 @@ class TCLModel(ALBEFModel):
             )
         if config.use_feature_separation:
             # the "independent" heads of deep feature separation (Jiang et al., CVPR 2023)
-            self.vision_independent_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+            self.vision_independent_proj = nn.Linear(vision_hidden_size(config.vision_config), config.embed_dim)
             self.text_independent_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
         self._finish_init()
 
     def _image_locals(self, image_tokens: torch.Tensor, momentum: bool) -> torch.Tensor:
         proj = self.momentum_vision_proj if momentum else self.vision_proj
         grid = self.config.patch_grid_size
-        patches = image_tokens[:, image_tokens.shape[1] - grid * grid :]  # drop [CLS] / distillation tokens
+        patches = image_tokens[:, image_tokens.shape[1] - grid * grid :]  # drop [CLS] and other prefix tokens
         return pool_patch_locals(F.normalize(proj(patches), dim=-1), grid, self.config.lmi_image_grid)
 
     def _text_locals(self, text_tokens: torch.Tensor, momentum: bool) -> torch.Tensor:
@@ -85,15 +86,15 @@ class TCLModel(ALBEFModel):
         needs["independent"] = cfg.use_feature_separation
         return needs
 
-    def _extra_student_features(self, out: dict, tokens: dict) -> None:
+    def _extra_student_features(self, out: dict, tokens: dict, pooled: dict) -> None:
         needs = self._needs()
         if needs["independent"]:
             for suffix in ("", "2"):
                 out[f"independent_image{suffix}"] = F.normalize(
-                    self.vision_independent_proj(tokens[f"image{suffix}"][:, 0]), dim=-1
+                    self.vision_independent_proj(pooled[f"image{suffix}"]), dim=-1
                 )
                 out[f"independent_text{suffix}"] = F.normalize(
-                    self.text_independent_proj(tokens[f"text{suffix}"][:, 0]), dim=-1
+                    self.text_independent_proj(pooled[f"text{suffix}"]), dim=-1
                 )
         if needs["student_locals"]:
             out["image_locals"] = self._image_locals(tokens["image"], momentum=False)

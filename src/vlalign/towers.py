@@ -1,0 +1,225 @@
+"""The transformers encoder families the ALBEF-style models take as towers: what each one outputs, how it is pooled
+to one global feature, and how its tokens lie on the image's patch grid.
+
+Families differ in ways that matter here:
+
+- ViT-like vision encoders (ViT, DeiT, BEiT, Data2Vec-vision, DINOv2, CLIP vision, ViT-MSN) return [CLS], maybe more
+  prefix tokens (DeiT's distillation token, DINOv2's registers), then the patch grid;
+- SigLIP vision returns only patch tokens, pooled by its attention-pooling head;
+- hierarchical encoders (Swin, ConvNeXt) return the last stage's feature map, downsampled 2x per stage after the
+  first; ConvNeXt as a (B, C, H, W) map, Swin as (B, H * W, C) tokens;
+- text encoders put [CLS] (BERT-like, DistilBERT, ModernBERT) or a start token (CLIP, whose causal attention makes
+  the end-of-text token the one that has seen the caption) first.
+
+The model files import this module as `from .towers import ...`, so that it travels with a saved model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+POOLINGS = ("cls", "mean", "pooler")
+
+# Vision families whose `last_hidden_state` starts with a [CLS] token, followed by any prefix tokens and the grid.
+CLS_VISION_MODEL_TYPES = (
+    "vit",
+    "deit",
+    "beit",
+    "data2vec-vision",
+    "dinov2",
+    "dinov2_with_registers",
+    "clip_vision_model",
+    "vit_msn",
+)
+# ... whose output is the patch grid alone (no [CLS]): SigLIP, and the last stage of the hierarchical ones.
+GRID_VISION_MODEL_TYPES = ("siglip_vision_model", "swin", "convnext")
+VISION_MODEL_TYPES = CLS_VISION_MODEL_TYPES + GRID_VISION_MODEL_TYPES
+
+# What `pooler_output` is for each family that has one (the `pooler` pooling); ViT-MSN has none.
+VISION_POOLERS = {
+    "vit": "tanh(dense([CLS])), ViT's pooler",
+    "deit": "tanh(dense([CLS])), DeiT's pooler",
+    "beit": "layer norm of the mean patch token (use_mean_pooling) or the [CLS] token",
+    "data2vec-vision": "layer norm of the mean patch token (use_mean_pooling) or the [CLS] token",
+    "dinov2": "the layer-normed [CLS] token",
+    "dinov2_with_registers": "the layer-normed [CLS] token",
+    "clip_vision_model": "post_layernorm([CLS]), how CLIP pools",
+    "siglip_vision_model": "the multi-head attention-pooling head, how SigLIP pools (vision_use_head)",
+    "swin": "the average of the last stage's tokens",
+    "convnext": "layer norm of the average of the last feature map, how ConvNeXt pools",
+}
+
+# Vision families refused, with why and what to use instead.
+REFUSED_VISION_MODEL_TYPES = {
+    "siglip2_vision_model": "SigLIP2's NaFlex encoder takes pre-cut patches of variable-resolution images "
+    "(pixel_attention_mask, spatial_shapes), not the (batch, 3, H, W) images the processors here produce; use "
+    "a fixed-resolution SigLIP vision tower (siglip_vision_model, e.g. a SigLIP2 checkpoint's 'siglip' variant)",
+    "swinv2": "not tested here; Swin (model_type 'swin') is",
+    "convnextv2": "not tested here; ConvNeXt (model_type 'convnext') is",
+}
+
+# Text families whose layers are BERT's (post-LN self-attention `attention.self.{query,key,value}` +
+# `attention.output`, `intermediate`, `output`): their upper layers load key for key into the fusion layers.
+FUSION_TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+# Text families that work as the text tower of a dual encoder (no fusion layers).
+TEXT_MODEL_TYPES = FUSION_TEXT_MODEL_TYPES + ("distilbert", "modernbert", "clip_text_model")
+# ... of which these have a pooler (`pooler`): BERT's tanh(dense([CLS])) and CLIP's end-of-text token.
+TEXT_POOLERS = {
+    "bert": "tanh(dense([CLS])), BERT's next-sentence pooler",
+    "roberta": "tanh(dense(<s>)), RoBERTa's pooler",
+    "xlm-roberta": "tanh(dense(<s>)), XLM-R's pooler",
+    "clip_text_model": "the end-of-text token (the first eos_token_id), how CLIP pools",
+}
+# causal text encoders: their first token has seen only itself
+CAUSAL_TEXT_MODEL_TYPES = ("clip_text_model",)
+
+
+def _stages(config: PreTrainedConfig) -> int:
+    if config.model_type == "swin":
+        return len(config.depths)
+    if config.model_type == "convnext":
+        return config.num_stages
+    return 1
+
+
+def vision_hidden_size(config: PreTrainedConfig) -> int:
+    """Width of the vision tower's tokens and pooled feature (ConvNeXt: its last stage's)."""
+    if config.model_type == "convnext":
+        return config.hidden_sizes[-1]
+    return config.hidden_size
+
+
+def vision_downsampling(config: PreTrainedConfig) -> int:
+    """Pixels per side of one output token: the patch size, times 2 per stage after the first (hierarchical)."""
+    return config.patch_size * 2 ** (_stages(config) - 1)
+
+
+def vision_grid_size(config: PreTrainedConfig) -> int:
+    """Side of the output token grid (the last stage's feature map for hierarchical families)."""
+    return config.image_size // vision_downsampling(config)
+
+
+def vision_poolings(config: PreTrainedConfig) -> tuple[str, ...]:
+    """The poolings a vision family supports: `cls` where it has a [CLS] token, `pooler` where it has a pooler."""
+    model_type = config.model_type
+    poolings = ["mean"]
+    if model_type in CLS_VISION_MODEL_TYPES:
+        poolings.insert(0, "cls")
+    if model_type in VISION_POOLERS and (model_type != "siglip_vision_model" or config.vision_use_head):
+        poolings.append("pooler")
+    return tuple(poolings)
+
+
+def default_vision_pooling(config: PreTrainedConfig) -> str:
+    """How the family pools when it is trained for classification or contrast: CLIP's post-layer-normed [CLS],
+    SigLIP's attention-pooling head, BEiT's mean patch token (when its config says so), Swin's average, ConvNeXt's
+    normed average; [CLS] otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("clip_vision_model", "convnext"):
+        return "pooler"
+    if model_type == "siglip_vision_model":
+        return "pooler" if config.vision_use_head else "mean"
+    if model_type in ("beit", "data2vec-vision") and config.use_mean_pooling:
+        return "pooler"
+    if model_type == "swin":
+        return "mean"
+    return "cls"
+
+
+def text_poolings(config: PreTrainedConfig) -> tuple[str, ...]:
+    model_type = config.model_type
+    if model_type in CAUSAL_TEXT_MODEL_TYPES:
+        return ("pooler",)
+    return ("cls", "mean", "pooler") if model_type in TEXT_POOLERS else ("cls", "mean")
+
+
+def default_text_pooling(config: PreTrainedConfig) -> str:
+    """[CLS] (the ALBEF / TCL text feature), CLIP's end-of-text token, ModernBERT's `classifier_pooling`."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in CAUSAL_TEXT_MODEL_TYPES:
+        return "pooler"
+    if model_type == "modernbert":
+        return config.classifier_pooling
+    return "cls"
+
+
+def _build(config: PreTrainedConfig, with_pooler: bool) -> nn.Module:
+    try:
+        # a pooler that is not used stays out: DDP refuses parameters without gradient
+        return AutoModel.from_config(config, add_pooling_layer=with_pooler)
+    except TypeError:  # the family has no such switch (its pooler, if any, is always built)
+        return AutoModel.from_config(config)
+
+
+def build_vision_encoder(vision_config: PreTrainedConfig, pooling: str | None = None) -> nn.Module:
+    """The vision tower, with its pooler only when `pooling == "pooler"` (SigLIP: its attention-pooling head)."""
+    if vision_config.model_type == "siglip_vision_model" and vision_config.vision_use_head and pooling != "pooler":
+        vision_config = copy.deepcopy(vision_config)
+        vision_config.vision_use_head = False
+    return _build(vision_config, pooling == "pooler")
+
+
+def build_text_encoder(text_config: PreTrainedConfig, num_layers: int, pooling: str | None = None) -> nn.Module:
+    """The first `num_layers` layers of the text tower (the others become fusion layers), its pooler only when
+    `pooling == "pooler"`."""
+    config = copy.deepcopy(text_config)
+    config.num_hidden_layers = num_layers
+    return _build(config, pooling == "pooler")
+
+
+def encode_image(
+    model: nn.Module, pixel_values: torch.Tensor, pooling: str, num_patches: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states (batch, tokens, hidden) ending with the `num_patches` grid tokens, pooled feature (batch,
+    hidden)). A (B, C, H, W) feature map (ConvNeXt) is laid out as row-major tokens."""
+    output = model(pixel_values=pixel_values)
+    tokens = output.last_hidden_state
+    if tokens.dim() == 4:
+        tokens = tokens.flatten(2).transpose(1, 2)
+    if pooling == "cls":
+        pooled = tokens[:, 0]
+    elif pooling == "mean":
+        pooled = tokens[:, tokens.shape[1] - num_patches :].mean(dim=1)
+    else:
+        pooled = output.pooler_output
+    return tokens, pooled
+
+
+def encode_text(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states (batch, length, hidden), pooled feature (batch, hidden)); `mean` averages the unpadded
+    tokens."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    tokens = output.last_hidden_state
+    if pooling == "cls":
+        pooled = tokens[:, 0]
+    elif pooling == "mean":
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    else:
+        pooled = output.pooler_output
+    return tokens, pooled
+
+
+__all__ = [
+    "CLS_VISION_MODEL_TYPES",
+    "FUSION_TEXT_MODEL_TYPES",
+    "POOLINGS",
+    "TEXT_MODEL_TYPES",
+    "VISION_MODEL_TYPES",
+    "build_text_encoder",
+    "build_vision_encoder",
+    "default_text_pooling",
+    "default_vision_pooling",
+    "encode_image",
+    "encode_text",
+    "text_poolings",
+    "vision_grid_size",
+    "vision_hidden_size",
+    "vision_poolings",
+]
