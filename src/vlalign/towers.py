@@ -116,15 +116,18 @@ def vision_poolings(config: PreTrainedConfig) -> tuple[str, ...]:
 
 def default_vision_pooling(config: PreTrainedConfig) -> str:
     """How the family pools when it is trained for classification or contrast: CLIP's post-layer-normed [CLS],
-    SigLIP's attention-pooling head, BEiT's mean patch token (when its config says so), Swin's average, ConvNeXt's
-    normed average; [CLS] otherwise."""
+    SigLIP's attention-pooling head, BEiT's normed mean patch token and Data2Vec-vision's mean patch token (when their
+    configs say so), Swin's average, ConvNeXt's normed average; [CLS] otherwise."""
     model_type = getattr(config, "model_type", None)
     if model_type in ("clip_vision_model", "convnext"):
         return "pooler"
     if model_type == "siglip_vision_model":
         return "pooler" if config.vision_use_head else "mean"
-    if model_type in ("beit", "data2vec-vision") and config.use_mean_pooling:
+    if model_type == "beit" and config.use_mean_pooling:
         return "pooler"
+    if model_type == "data2vec-vision" and config.use_mean_pooling:
+        # its model class builds no pooler by default, so checkpoints rarely carry the pooler's norm
+        return "mean"
     if model_type == "swin":
         return "mean"
     return "cls"

@@ -1,0 +1,302 @@
+"""The backbone matrix (towers.py): every supported vision and text family, saved by its own transformers class with
+random weights, loads through `from_vision_text_pretrained` with every tensor of the tower, computes what the
+family's own model computes, pools a global feature that depends on the whole input, trains one TCL and one CODIS
+step, survives save / load, and loads through remote code without the package. Refused families are tested in
+test_configuration.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch
+from transformers import AutoConfig, AutoModel
+
+from vlalign import CODISModel, TCLModel
+from vlalign.towers import TEXT_MODEL_TYPES, VISION_MODEL_TYPES
+
+TOWER = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+# tiny configs, 16 px images: a 4x4 output grid for every family (Swin and ConvNeXt: 2 px stem, one 2x downsampling)
+VISION = {
+    "vit": dict(TINY_VISION),
+    "deit": dict(TINY_VISION, model_type="deit"),
+    "beit": dict(TINY_VISION, model_type="beit"),  # use_mean_pooling: pooled by its normed mean patch token
+    "data2vec-vision": dict(TINY_VISION, model_type="data2vec-vision"),
+    "dinov2": dict(TINY_VISION, model_type="dinov2", mlp_ratio=2),
+    "dinov2_with_registers": dict(TINY_VISION, model_type="dinov2_with_registers", mlp_ratio=2, num_register_tokens=2),
+    "clip_vision_model": dict(TINY_VISION, model_type="clip_vision_model"),
+    "vit_msn": dict(TINY_VISION, model_type="vit_msn"),
+    "siglip_vision_model": dict(TINY_VISION, model_type="siglip_vision_model"),
+    "swin": dict(model_type="swin", image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4]),
+    "convnext": dict(model_type="convnext", image_size=16, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1]),
+}
+for _family, _kwargs in VISION.items():
+    if _family == "swin":
+        _kwargs["window_size"] = 4
+    if _family == "convnext":
+        _kwargs["num_stages"] = 2
+TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+TEXT = {
+    "bert": dict(TINY_TEXT),
+    "roberta": dict(TINY_TEXT, model_type="roberta", max_position_embeddings=40, **TEXT_IDS),
+    "xlm-roberta": dict(TINY_TEXT, model_type="xlm-roberta", max_position_embeddings=40, **TEXT_IDS),
+    "electra": dict(TINY_TEXT, model_type="electra", embedding_size=16),
+    "distilbert": dict(model_type="distilbert", vocab_size=144, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "modernbert": dict(
+        model_type="modernbert", vocab_size=144, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
+    ),
+    "clip_text_model": dict(
+        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **TEXT_IDS,
+    ),
+}  # fmt: skip
+DUAL_ENCODER = dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+COMMON = dict(embed_dim=16, queue_size=32, mask_token_id=4)
+ALL_FAMILIES = [("vision", family) for family in VISION] + [("text", family) for family in TEXT]
+
+
+def test_the_matrix_covers_every_supported_family():
+    assert set(VISION) == set(VISION_MODEL_TYPES)
+    assert set(TEXT) == set(TEXT_MODEL_TYPES)
+
+
+def _overrides(text_family):
+    from vlalign.towers import FUSION_TEXT_MODEL_TYPES
+
+    return dict(COMMON, **({"num_fusion_layers": 1} if text_family in FUSION_TEXT_MODEL_TYPES else DUAL_ENCODER))
+
+
+def _text_batch(batch=4, length=8, seed=0):
+    """[start] words [end] [pad]...: the start token first, the end-of-text token (where CLIP pools) last."""
+    b = tiny_batch(batch=batch, length=length, seed=seed)
+    ids, mask = b["input_ids"].clamp_min(5), b["attention_mask"]
+    lengths = mask.sum(dim=1)
+    ids[:, 0] = 2
+    ids[torch.arange(batch), lengths - 1] = 3
+    ids[mask == 0] = 0
+    b["input_ids"] = ids
+    return b
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each family saved by its own class (`AutoModel.from_config`, the class's default pooler switch)."""
+    root = tmp_path_factory.mktemp("towers")
+    paths = {}
+    for kind, families in (("vision", VISION), ("text", TEXT)):
+        for family, kwargs in families.items():
+            torch.manual_seed(0)
+            config = AutoConfig.for_model(**kwargs)
+            path = root / f"{kind}-{family}"
+            AutoModel.from_config(config).save_pretrained(path)
+            paths[kind, family] = path
+    return paths
+
+
+def _pair(kind, family):
+    return (family, "bert") if kind == "vision" else ("vit", family)
+
+
+def _build(model_class, checkpoints, kind, family, **extra):
+    vision, text = _pair(kind, family)
+    overrides = dict(_overrides(text), **extra)
+    if model_class is TCLModel:
+        overrides["lmi_image_grid"] = 2
+    else:
+        overrides["codebook_size"] = 12
+    return model_class.from_vision_text_pretrained(
+        str(checkpoints["vision", vision]), str(checkpoints["text", text]), **overrides
+    )
+
+
+def _reference(path):
+    """The family's own model loaded from `path` by transformers, which must find every weight in the file."""
+    reference, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    return reference.eval()
+
+
+def _tower_keys_loaded(tower, reference, key_map=lambda key: key):
+    """Every tensor of `tower` equals the reference model's tensor of the same (mapped) name."""
+    saved = reference.state_dict()
+    own = tower.state_dict()
+    missing = [key for key in own if key_map(key) not in saved]
+    assert missing == [], missing
+    unequal = [key for key, value in own.items() if not torch.equal(value, saved[key_map(key)])]
+    assert unequal == [], unequal
+    return saved
+
+
+@pytest.mark.parametrize("family", list(VISION))
+def test_vision_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
+    model = _build(TCLModel, checkpoints, "vision", family).eval()
+    reference = _reference(checkpoints["vision", family])
+    _tower_keys_loaded(model.vision_model, reference)
+    _tower_keys_loaded(model.momentum_vision_model, reference)
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels)
+        tokens, pooled = model._encode_image(pixels)
+    states = expected.last_hidden_state
+    if family == "convnext":  # (B, C, H, W): our tokens are its positions, row by row
+        torch.testing.assert_close(tokens, states.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(tokens, states, rtol=0, atol=0)
+    pooling = model.config.vision_pooling
+    if pooling == "pooler":
+        reference_pooled = expected.pooler_output
+    elif pooling == "cls":
+        reference_pooled = states[:, 0]
+    else:  # the mean of the 16 grid tokens, after any prefix tokens
+        reference_pooled = states.flatten(2).mean(-1) if family == "convnext" else states[:, -16:].mean(1)
+    torch.testing.assert_close(pooled, reference_pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_vision_pooler_weights_load_when_the_pooler_is_used(checkpoints):
+    """ViT's pooler is built and loaded for `vision_pooling="pooler"` (left out otherwise), and then its output is
+    ViT's own `pooler_output`."""
+    model = _build(TCLModel, checkpoints, "vision", "vit", vision_pooling="pooler").eval()
+    reference = _reference(checkpoints["vision", "vit"])
+    _tower_keys_loaded(model.vision_model, reference)
+    assert "pooler.dense.weight" in model.vision_model.state_dict()
+    assert not any(key.startswith("pooler.") for key in _build(TCLModel, checkpoints, "vision", "vit").state_dict())
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(model._encode_image(pixels)[1], reference(pixel_values=pixels).pooler_output)
+
+
+def _fusion_key(n_text):
+    def key_map(key):  # fusion layer i is the text checkpoint's layer n_text + i (BERT naming)
+        index, rest = key.split(".", 2)[1:]
+        return f"encoder.layer.{int(index) + n_text}.{rest}"
+
+    return key_map
+
+
+@pytest.mark.parametrize("family", list(TEXT))
+def test_text_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
+    model = _build(TCLModel, checkpoints, "text", family).eval()
+    reference = _reference(checkpoints["text", family])
+    saved = _tower_keys_loaded(model.text_model, reference)
+    n_text = model.config.num_text_layers
+    if model.config.num_fusion_layers:
+        fusion = {k: v for k, v in model.fusion_model.layer.state_dict().items() if ".crossattention." not in k}
+        used = {_fusion_key(n_text)("layer." + key) for key in fusion}
+        for key, value in fusion.items():
+            assert torch.equal(value, saved[_fusion_key(n_text)("layer." + key)]), key
+        # nothing of the checkpoint left out but the pooler, which `cls` pooling does not use
+        left = set(saved) - set(model.text_model.state_dict()) - used
+        assert {key.split(".")[0] for key in left} <= {"pooler"}, left
+    b = _text_batch()
+    with torch.no_grad():
+        expected = reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        tokens, pooled = model._encode_text(b["input_ids"], b["attention_mask"])
+    # the text encoder is the checkpoint's first n_text layers (all of them without fusion)
+    states = expected.hidden_states[n_text] if model.config.num_fusion_layers else expected.last_hidden_state
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(tokens[real], states[real], rtol=1e-6, atol=1e-6)
+    if model.config.text_pooling == "pooler":  # CLIP: the end-of-text token
+        torch.testing.assert_close(pooled, expected.pooler_output, rtol=1e-6, atol=1e-6)
+        last = b["attention_mask"].sum(1) - 1
+        torch.testing.assert_close(pooled, expected.last_hidden_state[torch.arange(4), last])
+    else:
+        torch.testing.assert_close(pooled, states[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def _changes(before, after):
+    return (before - after).abs().max().item() > 1e-5
+
+
+@pytest.mark.parametrize(("kind", "family"), ALL_FAMILIES, ids=[f"{k}-{f}" for k, f in ALL_FAMILIES])
+def test_global_embedding_depends_on_the_whole_input(checkpoints, kind, family):
+    """Changing any quarter of the image changes the image embedding; changing the first or the last word
+    changes the text embedding (CLIP's causal text tower sees it at the end-of-text token)."""
+    model = _build(TCLModel, checkpoints, kind, family).eval()
+    b = _text_batch()
+    with torch.no_grad():
+        if kind == "vision":
+            base = model.get_image_features(b["pixel_values"])
+            for rows in (slice(0, 8), slice(8, 16)):
+                for cols in (slice(0, 8), slice(8, 16)):
+                    pixels = b["pixel_values"].clone()
+                    pixels[..., rows, cols] = torch.randn_like(pixels[..., rows, cols])
+                    assert _changes(base, model.get_image_features(pixels)), (rows, cols)
+        else:
+            base = model.get_text_features(b["input_ids"], b["attention_mask"])
+            for position in (1, 3):  # every caption has at least 5 real tokens
+                ids = b["input_ids"].clone()
+                ids[:, position] = 7 + (ids[:, position] - 4) % 100
+                assert _changes(base, model.get_text_features(ids, b["attention_mask"])), position
+
+
+@pytest.mark.parametrize("model_class", [TCLModel, CODISModel], ids=["tcl", "codis"])
+@pytest.mark.parametrize(("kind", "family"), ALL_FAMILIES, ids=[f"{k}-{f}" for k, f in ALL_FAMILIES])
+def test_a_training_step_reaches_the_tower_and_save_load_keeps_it(checkpoints, tmp_path, model_class, kind, family):
+    """One TCL step (with LMI over the grid) and one CODIS step: a finite loss whose gradient reaches the tower's
+    parameters; the saved model loads strictly and gives the same embeddings."""
+    torch.manual_seed(0)
+    model = _build(model_class, checkpoints, kind, family).train()
+    b = _text_batch()
+    out = model(**b, return_loss=True)
+    assert torch.isfinite(out.loss)
+    if model_class is TCLModel:
+        assert out.loss_lmi_image is not None and torch.isfinite(out.loss_lmi_image)
+    out.loss.backward()
+    tower = model.vision_model if kind == "vision" else model.text_model
+    reached = [name for name, p in tower.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert reached, "no gradient reached the tower"
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.get_image_features(b["pixel_values"]), model.get_image_features(b["pixel_values"])
+        )
+        torch.testing.assert_close(
+            loaded.get_text_features(b["input_ids"], b["attention_mask"]),
+            model.get_text_features(b["input_ids"], b["attention_mask"]),
+        )
+
+
+def test_every_family_loads_through_remote_code_without_the_package(checkpoints, tmp_path):
+    """One subprocess, with vlalign blocked, loads a saved TCL model of every family with trust_remote_code and
+    gets the same embeddings."""
+    b = _text_batch()
+    torch.save(b, tmp_path / "batch.pt")
+    expected = {}
+    for kind, family in ALL_FAMILIES:
+        model = _build(TCLModel, checkpoints, kind, family).eval()
+        folder = tmp_path / f"{kind}-{family}"
+        model.save_pretrained(folder)
+        with torch.no_grad():
+            expected[str(folder)] = (
+                model.get_image_features(b["pixel_values"]),
+                model.get_text_features(b["input_ids"], b["attention_mask"]),
+            )
+    torch.save(expected, tmp_path / "expected.pt")
+    script = BLOCK_VLALIGN + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModel
+        b = torch.load({str(tmp_path / "batch.pt")!r})
+        for folder, (image, text) in torch.load({str(tmp_path / "expected.pt")!r}).items():
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith('transformers_modules'), type(model).__module__
+            with torch.no_grad():
+                assert torch.allclose(model.get_image_features(b['pixel_values']), image, atol=1e-6), folder
+                assert torch.allclose(model.get_text_features(b['input_ids'], b['attention_mask']), text,
+                                      atol=1e-6), folder
+        print('REMOTE CODE CHECKS PASSED', len(torch.load({str(tmp_path / "expected.pt")!r})))
+        import vlalign
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert f"REMOTE CODE CHECKS PASSED {len(ALL_FAMILIES)}" in proc.stdout, proc.stderr[-3000:]
+    assert "vlalign is blocked in this test" in proc.stderr, proc.stderr[-3000:]
