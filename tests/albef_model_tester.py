@@ -33,6 +33,7 @@ SHARED_CODE_FILES = (
     "modeling_albef.py",
     "configuration_albef.py",
     "loading.py",
+    "towers.py",
     "momentum.py",
     "gradient_cache.py",
     "losses.py",

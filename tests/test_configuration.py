@@ -490,7 +490,9 @@ def test_cls_pooling_is_refused_for_towers_without_a_cls_token(vision):
 
 def test_unsupported_towers_are_refused_with_the_reason():
     siglip2 = dict(model_type="siglip2_vision_model", patch_size=4, hidden_size=32, num_patches=16)
-    with pytest.raises(ValueError, match=r"vision_config: model_type 'siglip2_vision_model' is not supported: .*NaFlex"):
+    with pytest.raises(
+        ValueError, match=r"vision_config: model_type 'siglip2_vision_model' is not supported: .*NaFlex"
+    ):
         tiny_tcl_config(vision_config=siglip2)
     with pytest.raises(ValueError, match=r"vision_config: model_type 'mobilevit' is not supported: .* not known here"):
         tiny_tcl_config(vision_config=dict(model_type="mobilevit", image_size=32, patch_size=2))

@@ -870,6 +870,7 @@ ALBEF_CODE = {
     "configuration_albef.py",
     "modeling_albef.py",
     "loading.py",
+    "towers.py",
     "momentum.py",
     "gradient_cache.py",
     "losses.py",
@@ -878,7 +879,14 @@ ALBEF_CODE = {
 CODE_FILES = {
     "tcl": {"modeling_tcl.py", "configuration_tcl.py"} | ALBEF_CODE,
     "codis": {"modeling_codis.py", "configuration_codis.py"} | ALBEF_CODE,
-    "mivc": {"modeling_mivc.py", "configuration_mivc.py", "mivc_pooling.py", "loading.py", "processing_vlalign.py"},
+    "mivc": {
+        "modeling_mivc.py",
+        "configuration_mivc.py",
+        "mivc_pooling.py",
+        "loading.py",
+        "towers.py",
+        "processing_vlalign.py",
+    },
 }
 PIPELINE_TAG = {
     "tcl": "zero-shot-image-classification",

@@ -688,3 +688,60 @@ def test_resuming_from_a_truncated_checkpoint_names_the_file(tmp_path):
     with pytest.raises(CorruptCheckpointError) as error:
         _load_checkpoint_weights(model, str(tmp_path))
     _assert_names_truncated(error, tmp_path / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# special token ids come from the tokenizer
+
+
+def _towers_with_tokenizer(tmp_path, tokenizer):
+    from transformers import AutoConfig
+
+    vision, text = tmp_path / "vision", tmp_path / "text"
+    AutoModel.from_config(AutoConfig.for_model(**TINY_VISION)).save_pretrained(vision)
+    AutoModel.from_config(AutoConfig.for_model(**TINY_TEXT)).save_pretrained(text)
+    tokenizer.save_pretrained(text)
+    return str(vision), str(text)
+
+
+def test_from_vision_text_pretrained_takes_the_mask_id_from_the_saved_tokenizer(tmp_path, digits_processor_16):
+    tokenizer = digits_processor_16.tokenizer
+    # the digits vocabulary's [MASK] is 4; the config's default is bert-base's 103
+    vision, text = _towers_with_tokenizer(tmp_path, tokenizer)
+    model = TCLModel.from_vision_text_pretrained(vision, text, num_fusion_layers=1, embed_dim=16, queue_size=32)
+    assert model.config.mask_token_id == tokenizer.mask_token_id == 4
+    with pytest.raises(ValueError, match=r"mask_token_id is 5, the tokenizer's mask token '\[MASK\]' is 4"):
+        TCLModel.from_vision_text_pretrained(vision, text, num_fusion_layers=1, mask_token_id=5, queue_size=32)
+    # without MLM the mask id is not read, so it need not match
+    TCLModel.from_vision_text_pretrained(vision, text, num_fusion_layers=1, mask_token_id=5, mlm_weight=0.0)
+
+
+def test_special_token_mismatches_are_refused(digits_processor_16):
+    from vlalign.loading import check_tokenizer_special_tokens
+
+    tokenizer = digits_processor_16.tokenizer  # [PAD] 0, [CLS] 2, [MASK] 4
+    check_tokenizer_special_tokens(tokenizer, tiny_tcl_config())
+    with pytest.raises(ValueError, match=r"mask_token_id is 7"):
+        check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(mask_token_id=7))
+    with pytest.raises(ValueError, match=r"text_config.pad_token_id is 1, the tokenizer pads with 0"):
+        check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(text_config=dict(TINY_TEXT, pad_token_id=1)))
+    clip_text = dict(
+        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, eos_token_id=9,
+    )  # fmt: skip
+    dual = dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    with pytest.raises(ValueError, match=r"eos_token_id is 9, the tokenizer's end-of-text token is None .*CLIP"):
+        check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(text_config=clip_text, **dual))
+
+
+def test_cls_pooling_needs_a_tokenizer_that_starts_with_a_cls_token(digits_processor_16):
+    import copy
+
+    from vlalign.loading import check_tokenizer_special_tokens
+
+    tokenizer = copy.deepcopy(digits_processor_16.tokenizer)
+    check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(text_pooling="cls"))
+    tokenizer.cls_token = "[UNK]"  # texts still start with token 2, which is no longer the [CLS] token
+    with pytest.raises(ValueError, match=r"text_pooling='cls' pools the first token, but the tokenizer starts"):
+        check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(text_pooling="cls"))
+    check_tokenizer_special_tokens(tokenizer, tiny_tcl_config(text_pooling="mean"))

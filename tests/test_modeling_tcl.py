@@ -122,7 +122,9 @@ def test_cma_and_imc_against_reference_from_teacher_features():
         v = model.get_image_features(batch["pixel_values"]).double()
         t = model.get_text_features(batch["input_ids"], batch["attention_mask"]).double()
         v_m = model._image_feature(model._encode_image(batch["pixel_values_view2"], momentum=True)[1], True).double()
-        t_m = model._text_feature(model._encode_text(batch["input_ids"], batch["attention_mask"], True)[1], True).double()
+        t_m = model._text_feature(
+            model._encode_text(batch["input_ids"], batch["attention_mask"], True)[1], True
+        ).double()
     tau = float(model.temperature.detach())
     img_keys = torch.cat([v_m, queue_img.double()])
     txt_keys = torch.cat([t_m, queue_txt.double()])

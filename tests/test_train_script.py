@@ -828,6 +828,16 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_training
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mask_token_id_that_is_not_the_tokenizers_is_refused_before_training(tmp_path):
+    """The model section's mask_token_id would make MLM write another token than the tokenizer's [MASK]."""
+    import train
+
+    config = _digits_config(tmp_path)
+    with pytest.raises(SystemExit, match=r"mask_token_id is 7, the tokenizer's mask token '\[MASK\]' is 4"):
+        train.main(["--config", str(config), "--model.mask_token_id", "7"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_resuming_on_other_training_data_is_refused_and_an_allowed_change_reaches_the_card(tmp_path):
     import train
 

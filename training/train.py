@@ -54,7 +54,13 @@ from transformers import (
 )
 
 import vlalign  # registers the Auto classes
-from vlalign import MIVCConfig, MIVCForConditionalGeneration, VLAlignProcessor, check_tokenizer_fits_model
+from vlalign import (
+    MIVCConfig,
+    MIVCForConditionalGeneration,
+    VLAlignProcessor,
+    check_tokenizer_fits_model,
+    check_tokenizer_special_tokens,
+)
 from vlalign.data import (
     DataArguments,
     MIVCDataArguments,
@@ -449,9 +455,12 @@ def build_processor(run: RunArguments, data_args, image_size: int):
 
 
 def _check_tokenizer_fits(tokenizer, model) -> None:
-    """A tokenizer with more tokens than the model's vocabulary fails at the first such token, deep in training."""
+    """A tokenizer with more tokens than the model's vocabulary fails at the first such token, deep in training; one
+    whose mask / padding / end-of-text ids differ from the config's would train on miscomputed inputs."""
     try:
         check_tokenizer_fits_model(tokenizer, model.config)
+        if not isinstance(model.config, MIVCConfig):
+            check_tokenizer_special_tokens(tokenizer, model.config)
     except ValueError as error:
         raise SystemExit(str(error)) from None
 

@@ -41,6 +41,7 @@ from .loading import (
     MissingCheckpointFileError,
     UnsafeCheckpointError,
     check_tokenizer_fits_model,
+    check_tokenizer_special_tokens,
 )
 from .mivc_pooling import MIVCPooling, MIVCPoolingOutput
 from .modeling_albef import ALBEFModel, ALBEFOutput
@@ -92,4 +93,5 @@ __all__ = [
     "VLAlignProcessor",
     "__version__",
     "check_tokenizer_fits_model",
+    "check_tokenizer_special_tokens",
 ]

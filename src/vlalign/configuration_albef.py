@@ -338,7 +338,9 @@ class ALBEFStackConfig(PreTrainedConfig):
                 f"{', '.join(VISION_MODEL_TYPES)}",
             )
         # ConvNeXt's widths are per stage (hidden_sizes), read by vision_hidden_size
-        sizes = ("image_size", "patch_size") if model_type == "convnext" else ("image_size", "patch_size", "hidden_size")
+        sizes = (
+            ("image_size", "patch_size") if model_type == "convnext" else ("image_size", "patch_size", "hidden_size")
+        )
         check_positive_int_attributes(self, "vision_config", vision, sizes, "the vision encoder")
         stride = vision_downsampling(vision)
         if vision.image_size % stride != 0:
@@ -351,7 +353,9 @@ class ALBEFStackConfig(PreTrainedConfig):
         allowed = vision_poolings(vision)
         if self.vision_pooling not in allowed:
             reason = "it has no [CLS] token" if self.vision_pooling == "cls" else "it has no pooler"
-            fail("vision_pooling", f"{self.vision_pooling!r} does not fit {model_type} ({reason}): use one of {allowed}")
+            fail(
+                "vision_pooling", f"{self.vision_pooling!r} does not fit {model_type} ({reason}): use one of {allowed}"
+            )
 
     def _validate_text_tower(self):
         text, fail = self.text_config, self.fail

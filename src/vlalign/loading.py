@@ -441,7 +441,12 @@ def check_tokenizer_special_tokens(tokenizer, config) -> None:
         )
     eos = getattr(text, "eos_token_id", None)
     # eos_token_id 2 marks CLIP configs older than transformers' fix, which pool at the highest token id instead
-    if model_type == "clip_text_model" and config.text_pooling == "pooler" and eos != 2 and eos != tokenizer.eos_token_id:
+    if (
+        model_type == "clip_text_model"
+        and config.text_pooling == "pooler"
+        and eos != 2
+        and eos != tokenizer.eos_token_id
+    ):
         problems.append(
             f"text_config.eos_token_id is {eos}, the tokenizer's end-of-text token is {tokenizer.eos_token_id} (CLIP's "
             f"text tower pools at the first end-of-text token)"
