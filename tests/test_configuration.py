@@ -354,6 +354,11 @@ def _albef_bad_values(extra):
             dict(vision_config=dict(TINY_VISION, model_type="vit_msn"), vision_pooling="pooler"),
         ],
         "text_pooling": [dict(text_pooling="first"), dict(text_pooling=True)],
+        "projection_bias": [dict(projection_bias="no")],
+        "dual_encoder_source": [
+            dict(dual_encoder_source="siglip"),
+            dict(dual_encoder_source="clip"),  # with fusion layers and biased projections: not a CLIP
+        ],
         "initializer_range": [
             dict(initializer_range=0.0),
             dict(initializer_range=-0.02),

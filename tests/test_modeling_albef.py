@@ -16,7 +16,7 @@ and LM: test_modeling_mivc.py)."""
 
 import pytest
 import torch
-from fixtures import count_attention_calls, tiny_batch, tiny_codis_config, tiny_tcl_config
+from fixtures import TINY_TEXT, TINY_VISION, count_attention_calls, tiny_batch, tiny_codis_config, tiny_tcl_config
 from transformers import TrainingArguments
 
 from vlalign import CODISModel, TCLModel
@@ -155,3 +155,107 @@ def test_the_global_image_feature_of_every_accepted_tower_sees_every_quarter(vis
     model.train()
     out = model(**tiny_batch(), return_loss=True)
     assert torch.isfinite(out.loss) and out.loss_lmi_image is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole transformers dual encoders in (from_dual_encoder_pretrained) and out (as_source_architecture)
+
+CLIP_TEXT = dict(
+    vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+)  # fmt: skip
+CLIP_VISION = {k: v for k, v in TINY_VISION.items() if k != "model_type"}
+
+
+def _dual_encoder_batch():
+    """Captions [start] words [end] [pad]...: CLIP pools at the end-of-text token (id 3)."""
+    b = tiny_batch()
+    ids, mask = b["input_ids"].clamp_min(5), b["attention_mask"]
+    ids[:, 0] = 2
+    ids[torch.arange(4), mask.sum(1) - 1] = 3
+    ids[mask == 0] = 0
+    b["input_ids"] = ids
+    return b
+
+
+def _tiny_dual_encoder(kind):
+    from transformers import AutoConfig, CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(vision_config=CLIP_VISION, text_config=CLIP_TEXT, projection_dim=16))
+    else:
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(
+            AutoConfig.for_model(**TINY_VISION), AutoConfig.for_model(**TINY_TEXT), projection_dim=16
+        )
+        model = VisionTextDualEncoderModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(torch.log(torch.tensor(1 / 0.05))))  # a temperature of 0.05
+    return model.eval()
+
+
+def _source_outputs(model, b):
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+
+
+@pytest.mark.parametrize("model_class", [TCLModel, CODISModel], ids=["tcl", "codis"])
+@pytest.mark.parametrize("kind", ["clip", "vision-text-dual-encoder"])
+def test_a_dual_encoder_fine_tunes_from_where_it_is_and_exports_back(tmp_path, kind, model_class):
+    """Before any step the embeddings and logits are the source model's; after a training step the model written
+    with as_source_architecture=True loads with plain transformers and gives the trained model's embeddings."""
+    from transformers import AutoModel as TransformersAutoModel
+
+    source = _tiny_dual_encoder(kind)
+    source.save_pretrained(tmp_path / "source")
+    objectives = dict(use_momentum=False, imc_weight=1.0)
+    if model_class is TCLModel:
+        objectives.update(lmi_weight=1.0, lmi_image_grid=2, contrastive_loss="decomposable", z_estimate="batch")
+    else:
+        objectives.update(codebook_size=12)
+    model = model_class.from_dual_encoder_pretrained(str(tmp_path / "source"), **objectives).eval()
+    assert (model.config.num_fusion_layers, model.config.vision_pooling, model.config.text_pooling) == (
+        0,
+        "pooler",
+        "pooler",
+    )
+    b = _dual_encoder_batch()
+    expected = _source_outputs(source, b)
+    with torch.no_grad():
+        ours = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    torch.testing.assert_close(ours.image_embeds, expected.image_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.text_embeds, expected.text_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, rtol=1e-5, atol=1e-4)
+    assert model.temperature.item() == pytest.approx(0.05, rel=1e-6)
+
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**b, return_loss=True).loss.backward()
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "export", as_source_architecture=True)
+    exported = TransformersAutoModel.from_pretrained(tmp_path / "export")
+    assert type(exported) is type(source)
+    with torch.no_grad():
+        trained = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+    again = _source_outputs(exported.eval(), b)
+    assert (trained.image_embeds - expected.image_embeds).abs().max() > 1e-3  # the step moved the model
+    torch.testing.assert_close(again.image_embeds, trained.image_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.text_embeds, trained.text_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.logits_per_image, trained.logits_per_image, rtol=1e-5, atol=1e-4)
+    note = (tmp_path / "export" / "README.md").read_text()
+    assert ("`codebook`" in note) == (model_class is CODISModel)
+
+
+def test_dual_encoder_misuse_is_refused(tmp_path):
+    from transformers import SiglipConfig, SiglipModel
+
+    siglip = SiglipModel(SiglipConfig(vision_config=CLIP_VISION, text_config=CLIP_TEXT))
+    siglip.save_pretrained(tmp_path / "siglip")
+    with pytest.raises(ValueError, match=r"'siglip' model .*sigmoid and a learnt bias"):
+        TCLModel.from_dual_encoder_pretrained(str(tmp_path / "siglip"))
+    _tiny_dual_encoder("clip").save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"takes \['num_fusion_layers'\] from the checkpoint"):
+        TCLModel.from_dual_encoder_pretrained(str(tmp_path / "clip"), num_fusion_layers=1)
+    with pytest.raises(ValueError, match=r"need a model built by from_dual_encoder_pretrained"):
+        TCLModel(tiny_tcl_config()).save_pretrained(tmp_path / "plain", as_source_architecture=True)

@@ -222,6 +222,10 @@ class ALBEFStackConfig(PreTrainedConfig):
             token), `pooler` (the family's own pooler: CLIP's post-layer-normed [CLS] and end-of-text token,
             SigLIP's attention-pooling head, ConvNeXt's normed average, ...). None: the family's own default
             (`towers.default_vision_pooling` / `default_text_pooling`), stored in the config.
+        projection_bias: whether `vision_proj` / `text_proj` have a bias (CLIP's projections have none).
+        dual_encoder_source: the transformers dual encoder the model was built from by
+            `from_dual_encoder_pretrained` (`clip`: `CLIPModel`, `vision-text-dual-encoder`:
+            `VisionTextDualEncoderModel`), which `save_pretrained(..., as_source_architecture=True)` writes back.
         num_fusion_layers: number of cross-attention fusion layers (0 disables the fusion encoder, ITM and MLM).
         embed_dim: dimension of the shared contrastive space (`vision_proj` / `text_proj` outputs).
         temperature: initial temperature of every contrastive term; clamped to
@@ -276,6 +280,8 @@ class ALBEFStackConfig(PreTrainedConfig):
     initializer_range: Real = positive(default=0.02)
     vision_pooling: Literal["cls", "mean", "pooler"] | None = None
     text_pooling: Literal["cls", "mean", "pooler"] | None = None
+    projection_bias: bool = True
+    dual_encoder_source: Literal["clip", "vision-text-dual-encoder"] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -392,6 +398,18 @@ class ALBEFStackConfig(PreTrainedConfig):
         allowed = text_poolings(text)
         if self.text_pooling not in allowed:
             fail("text_pooling", f"{self.text_pooling!r} does not fit {model_type}: use one of {allowed}")
+
+    def validate_dual_encoder_source(self):
+        """A model that is written back as a transformers dual encoder has that dual encoder's structure."""
+        if self.dual_encoder_source is None:
+            return
+        expected = dict(num_fusion_layers=0, vision_pooling="pooler", text_pooling="pooler", projection_bias=False)
+        wrong = {k: getattr(self, k) for k, v in expected.items() if getattr(self, k) != v}
+        if wrong:
+            self.fail(
+                "dual_encoder_source",
+                f"{self.dual_encoder_source!r} models have {expected}; this config has {wrong}",
+            )
 
     def validate_temperature(self):
         """temperature_min <= temperature <= temperature_max (each is > 0 by its field)."""

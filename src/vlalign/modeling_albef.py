@@ -11,12 +11,13 @@ queue, gradient_cache.py runs a training step in chunks over this model's traini
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 # transformers internals (listed in vlalign/__init__.py): the fusion layers are BERT's own blocks, masked and
@@ -33,10 +34,12 @@ from transformers.utils import ModelOutput
 
 from .gradient_cache import gradient_cached_backward
 from .loading import (
+    CheckpointMismatchError,
     KeepsTrainableFlagsOnLoad,
     _load_matching,
     _load_text_checkpoint,
     check_tokenizer_special_tokens,
+    describe_key_problems,
     load_pretrained_part,
     resolve_use_safetensors,
     saved_tokenizer,
@@ -237,8 +240,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         vision_width = vision_hidden_size(vision_config)
         self.vision_model = build_vision_encoder(vision_config, config.vision_pooling)
         self.text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
-        self.vision_proj = nn.Linear(vision_width, config.embed_dim)
-        self.text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
+        bias = config.projection_bias
+        self.vision_proj = nn.Linear(vision_width, config.embed_dim, bias=bias)
+        self.text_proj = nn.Linear(text_config.hidden_size, config.embed_dim, bias=bias)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature)
         has_fusion = config.num_fusion_layers > 0
         if has_fusion:
@@ -249,8 +253,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if config.use_momentum:
             self.momentum_vision_model = build_vision_encoder(vision_config, config.vision_pooling)
             self.momentum_text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
-            self.momentum_vision_proj = nn.Linear(vision_width, config.embed_dim)
-            self.momentum_text_proj = nn.Linear(text_config.hidden_size, config.embed_dim)
+            self.momentum_vision_proj = nn.Linear(vision_width, config.embed_dim, bias=bias)
+            self.momentum_text_proj = nn.Linear(text_config.hidden_size, config.embed_dim, bias=bias)
             if has_fusion:
                 self.momentum_fusion_model = FusionEncoder(
                     self.momentum_text_model.config, config.num_fusion_layers, vision_width
@@ -291,7 +295,18 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             getattr(self, name).compile(**compile_kwargs)
         return names
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, as_source_architecture: bool = False, **kwargs):
+        """transformers' `save_pretrained`; with `as_source_architecture=True`, a model built by
+        `from_dual_encoder_pretrained` is written as its source class instead (`to_dual_encoder`), loadable with
+        plain transformers, with a README.md that lists the parts left out."""
+        if as_source_architecture:
+            exported = self.to_dual_encoder()
+            result = exported.save_pretrained(save_directory, *args, **kwargs)
+            readme = os.path.join(save_directory, "README.md")
+            if not os.path.exists(readme):
+                with open(readme, "w", encoding="utf-8") as handle:
+                    handle.write(self._export_note(type(exported).__name__))
+            return result
         if getattr(self, "_auto_class", None) is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             for auto_class in self._extra_auto_classes:
@@ -761,6 +776,119 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         return masked_lm_distillation_loss(logits, labels[selected], teacher_logits, alpha)
 
     # ------------------------------------------------------------------------------------------------------
+    # transformers dual encoders in and out
+
+    # the transformers dual encoders taken in, and their towers (`vision_model`, `text_model`: our towers' classes)
+    _DUAL_ENCODER_TYPES = ("clip", "vision-text-dual-encoder")
+    _DUAL_ENCODER_PROJECTIONS = (("vision_proj", "visual_projection"), ("text_proj", "text_projection"))
+    # structure a dual encoder fixes (the rest of the config is the caller's)
+    _DUAL_ENCODER_FIELDS = ("num_fusion_layers", "vision_pooling", "text_pooling", "projection_bias", "embed_dim")
+
+    @classmethod
+    def from_dual_encoder_pretrained(
+        cls, pretrained_model_name_or_path: str, *, allow_pickle: bool = False, **config_overrides
+    ) -> ALBEFModel:
+        """Build the dual-encoder configuration (no fusion layers, no ITM / MLM) from a whole transformers dual
+        encoder: a `CLIPModel` or a `VisionTextDualEncoderModel` checkpoint. Its towers, projections and
+        temperature (1 / exp(logit_scale)) are taken over and it pools as the source pools (CLIP's post-layer-normed
+        [CLS] and end-of-text token; the towers' poolers of a VisionTextDualEncoderModel), so before any training
+        step the image and text embeddings are the source model's. ``config_overrides`` set the objectives (e.g.
+        ``imc_weight=1.0, lmi_weight=1.0, use_momentum=False``); `save_pretrained(..., as_source_architecture=True)`
+        writes the fine-tuned model back as the source class.
+
+        Only safetensors weights are read unless ``allow_pickle=True``; weights that do not fit the checkpoint's
+        config raise `CheckpointMismatchError`. A SigLIP checkpoint is refused: it scores with a sigmoid and a
+        learnt bias and pools with heads that have no separate projection, which this configuration does not
+        have; its towers load with `from_vision_text_pretrained`."""
+        resolve_use_safetensors(pretrained_model_name_or_path, allow_pickle)
+        source_config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        source_type = source_config.model_type
+        if source_type not in cls._DUAL_ENCODER_TYPES:
+            raise ValueError(
+                f"from_dual_encoder_pretrained takes a CLIPModel or VisionTextDualEncoderModel checkpoint; "
+                f"{pretrained_model_name_or_path!r} is a {source_type!r} model"
+                + (
+                    " (SigLIP scores with a sigmoid and a learnt bias, and pools with heads that have no separate "
+                    "projection: load its towers with from_vision_text_pretrained instead)"
+                    if source_type in ("siglip", "siglip2")
+                    else ""
+                )
+            )
+        fixed = [key for key in cls._DUAL_ENCODER_FIELDS + ("dual_encoder_source",) if key in config_overrides]
+        if fixed:
+            raise ValueError(f"from_dual_encoder_pretrained takes {fixed} from the checkpoint: do not pass them")
+        source = load_pretrained_part(AutoModel, pretrained_model_name_or_path, "dual encoder", allow_pickle)
+        settings = dict(
+            num_fusion_layers=0,
+            itm_weight=0.0,
+            mlm_weight=0.0,
+            embed_dim=source_config.projection_dim,
+            temperature=float(torch.exp(-source.logit_scale.detach().float())),
+            vision_pooling="pooler",
+            text_pooling="pooler",
+            projection_bias=False,
+            dual_encoder_source=source_type,
+        )
+        settings.update(config_overrides)
+        config = cls.config_class(
+            vision_config=source_config.vision_config.to_dict(),
+            text_config=source_config.text_config.to_dict(),
+            **settings,
+        )
+        model = cls(config)
+        for tower in ("vision_model", "text_model"):
+            _load_matching(getattr(model, tower), getattr(source, tower).state_dict(), f"{source_type} {tower}")
+        with torch.no_grad():
+            for ours, theirs in cls._DUAL_ENCODER_PROJECTIONS:
+                getattr(model, ours).weight.copy_(getattr(source, theirs).weight)
+        model.copy_params_to_momentum()
+        return model
+
+    def to_dual_encoder(self) -> PreTrainedModel:
+        """The model as the transformers dual encoder it was built from (`config.dual_encoder_source`): towers,
+        projections and logit_scale = log(1 / temperature). Parts that class has no place for (EMA teachers,
+        queues, a CODIS codebook, separation heads) are left out."""
+        from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+        cfg = self.config
+        if cfg.dual_encoder_source is None:
+            raise ValueError(
+                "as_source_architecture / to_dual_encoder need a model built by from_dual_encoder_pretrained "
+                "(config.dual_encoder_source is None)"
+            )
+        vision, text = cfg.vision_config.to_dict(), cfg.text_config.to_dict()
+        if cfg.dual_encoder_source == "clip":
+            target = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=cfg.embed_dim))
+        else:
+            target = VisionTextDualEncoderModel(
+                VisionTextDualEncoderConfig(vision_config=vision, text_config=text, projection_dim=cfg.embed_dim)
+            )
+        target = target.to(self.vision_proj.weight.dtype)
+        state = {}
+        for tower in ("vision_model", "text_model"):
+            state.update({f"{tower}.{k}": v for k, v in getattr(self, tower).state_dict().items()})
+        for ours, theirs in self._DUAL_ENCODER_PROJECTIONS:
+            state[f"{theirs}.weight"] = getattr(self, ours).weight
+        state["logit_scale"] = -torch.log(self.temperature.detach()).reshape(target.logit_scale.shape)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.endswith("position_ids")]
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"export to {type(target).__name__}: {describe_key_problems(missing, unexpected)}"
+            )
+        return target.eval()
+
+    def _export_note(self, class_name: str) -> str:
+        kept = {"vision_model", "text_model", "vision_proj", "text_proj"}
+        dropped = sorted(name for name, _ in self.named_children() if name not in kept)
+        return (
+            f"---\nlibrary_name: transformers\n---\n\n# {class_name} exported from a vlalign "
+            f"{self.config.model_type.upper()} model\n\nThis folder is a plain transformers `{class_name}` "
+            f"(`{class_name}.from_pretrained`): the towers, the projections and the temperature (as logit_scale) of "
+            f"a {self.config.model_type.upper()} model fine-tuned with vlalign. Left out, because `{class_name}` has "
+            f"no place for them: {', '.join(f'`{name}`' for name in dropped) or 'nothing'}.\n"
+        )
+
     @classmethod
     def from_vision_text_pretrained(
         cls,
