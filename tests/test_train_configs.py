@@ -97,7 +97,9 @@ TINY = {
         "8",
     ],
 }
+TINY["clip_finetune.yaml"] = ["--lmi_image_grid", "2"]  # the tiny CLIP's towers are the test's (_save_tiny_clip)
 AUTO_CLASS = {
+    "clip_finetune.yaml": "AutoModelForZeroShotImageClassification",
     "tcl_digits.yaml": "AutoModelForZeroShotImageClassification",
     "codis_digits.yaml": "AutoModelForZeroShotImageClassification",
     "tcl_imagefolder.yaml": "AutoModelForZeroShotImageClassification",
@@ -116,6 +118,11 @@ def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
         from vlalign.data.digit_scenes import write_digit_scenes_imagefolder
 
         write_digit_scenes_imagefolder(tmp_path / "data" / "scenes", split_sizes={"train": 40, "test": 12})
+    if name == "clip_finetune.yaml":  # its data, and a tiny CLIP where the config expects the downloaded one
+        from vlalign.data.digit_scenes import write_digit_scenes_imagefolder
+
+        scenes = write_digit_scenes_imagefolder(tmp_path / "data" / "scenes", split_sizes={"train": 40, "test": 12})
+        _save_tiny_clip(tmp_path / "checkpoints" / "clip-vit-base-patch32", scenes / "processor")
     cmd = [
         sys.executable,
         "-m",
@@ -146,7 +153,7 @@ def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     assert results["train_steps"] == 3
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == name.split("_")[0]
+    assert config["model_type"] == ("tcl" if name == "clip_finetune.yaml" else name.split("_")[0])
     assert AUTO_CLASS[name] in config["auto_map"]
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
     assert not list(out.glob("*.bin"))
@@ -157,4 +164,47 @@ def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
 
     model = getattr(transformers, AUTO_CLASS[name]).from_pretrained(out)
     assert model.config.model_type == config["model_type"]
-    transformers.AutoProcessor.from_pretrained(out)
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    if name == "clip_finetune.yaml":
+        _check_the_exported_clip(model.eval(), processor, out / "dual_encoder")
+
+
+def _save_tiny_clip(folder, processor_folder):
+    """A random tiny CLIPModel with a tokenizer (the example folder's, ending texts with [SEP] as CLIP's end of
+    text) and a 32 px image processor: what `hf download` of a CLIP checkpoint gives, small."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, ViTImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(processor_folder)
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    config = CLIPConfig(vision_config=dict(vision, intermediate_size=64), text_config=dict(text, intermediate_size=64))
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def _check_the_exported_clip(model, processor, folder):
+    """The run's CLIP export loads with plain transformers and embeds as the trained vlalign model does."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(folder).eval()
+    inputs = processor(
+        images=[Image.new("RGB", (32, 32), colour) for colour in ("white", "red")],
+        text=["a red seven", "two blue digits"],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        ours = model(**inputs)
+        theirs = clip(**inputs)
+    torch.testing.assert_close(theirs.image_embeds, ours.image_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs.text_embeds, ours.text_embeds, rtol=0, atol=1e-5)
+    assert "Left out" in (folder / "README.md").read_text()

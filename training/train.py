@@ -113,6 +113,10 @@ class RunArguments:
     """vlalign-specific run options (the `run` section)."""
 
     model_name_or_path: str | None = None  # continue from a saved vlalign model (folder or Hub id)
+    # start from a whole CLIPModel / VisionTextDualEncoderModel checkpoint (TCL / CODIS, no fusion layers); its
+    # tokenizer and image processor come with it, and the run also writes the result back as that class
+    dual_encoder_name_or_path: str | None = None
+    export_dual_encoder: bool = True  # with dual_encoder_name_or_path: <output_dir>/dual_encoder, plain transformers
     vision_model_name_or_path: str | None = None  # initialise towers from pretrained checkpoints
     text_model_name_or_path: str | None = None  # (MIVC: the causal LM)
     qformer_model_name_or_path: str | None = None  # MIVC: a pretrained Q-Former
@@ -440,6 +444,8 @@ class Task:
 def build_processor(run: RunArguments, data_args, image_size: int):
     if run.processor_name_or_path:
         return AutoProcessor.from_pretrained(run.processor_name_or_path)
+    if run.dual_encoder_name_or_path and not run.tokenizer_name_or_path:
+        return _dual_encoder_processor(run.dual_encoder_name_or_path)
     if run.model_name_or_path and os.path.exists(os.path.join(run.model_name_or_path, "processor_config.json")):
         return AutoProcessor.from_pretrained(run.model_name_or_path)
     if data_args.dataset_name == "digits" and not run.tokenizer_name_or_path:
@@ -452,6 +458,34 @@ def build_processor(run: RunArguments, data_args, image_size: int):
     tokenizer = AutoTokenizer.from_pretrained(source)
     image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
     return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _dual_encoder_processor(path: str) -> VLAlignProcessor:
+    """The dual encoder's own tokenizer and image processor (CLIP's resizing and normalisation), in a
+    VLAlignProcessor for the collators' augmented views."""
+    from transformers import AutoImageProcessor
+
+    if os.path.isdir(path):
+        check_tokenizer_files(path)
+    try:
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"run.dual_encoder_name_or_path {path!r} has no tokenizer or image processor to load ({error}); set "
+            "run.processor_name_or_path (or tokenizer_name_or_path) to the ones it was trained with"
+        ) from None
+    return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _export_dual_encoder(model, processor, output_dir: Path) -> Path:
+    """The fine-tuned model as its source class (`save_pretrained(as_source_architecture=True)`), with the
+    tokenizer and image processor, in <output_dir>/dual_encoder."""
+    folder = output_dir / "dual_encoder"
+    model.save_pretrained(folder, as_source_architecture=True)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    logger.info("the fine-tuned %s is in %s", model.config.dual_encoder_source, folder)
+    return folder
 
 
 def _check_tokenizer_fits(tokenizer, model) -> None:
@@ -479,8 +513,8 @@ def _check_processor_image_size(processor, model) -> None:
 
 
 def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_samples: int | None = None):
-    """A TCL or CODIS model from a saved model, from pretrained towers, or from the model section's configs (its
-    fields checked by `load_config`)."""
+    """A TCL or CODIS model from a saved model, from a whole dual encoder (CLIP), from pretrained towers, or from the
+    model section's configs (its fields checked by `load_config`)."""
     model_type = model_section.get("model_type", "tcl")
     config_class = _model_configs()[model_type]
     overrides = {k: v for k, v in model_section.items() if k not in ("vision_config", "text_config", "model_type")}
@@ -492,6 +526,10 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
     model_class = {"tcl": vlalign.TCLModel, "codis": vlalign.CODISModel, "mivc": vlalign.MIVCForConditionalGeneration}[
         model_type
     ]
+    if run.dual_encoder_name_or_path:
+        if model_section.get("vision_config") or model_section.get("text_config"):
+            raise SystemExit("with run.dual_encoder_name_or_path the towers are the checkpoint's: drop model.*_config")
+        return model_class.from_dual_encoder_pretrained(run.dual_encoder_name_or_path, **overrides)
     if run.vision_model_name_or_path or run.text_model_name_or_path:
         if not (run.vision_model_name_or_path and run.text_model_name_or_path):
             raise SystemExit("set both run.vision_model_name_or_path and run.text_model_name_or_path")
@@ -1041,6 +1079,8 @@ def main(argv: list[str] | None = None) -> dict:
             **card,
         )
         _save_run(output_dir, trainer, training_args, processor, results, build_card, write_pictures)
+        if run.dual_encoder_name_or_path and run.export_dual_encoder:
+            _export_dual_encoder(model, processor, output_dir)
         if run.push_to_hub:
             push_to_hub(output_dir, run)
     return results
