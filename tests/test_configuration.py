@@ -354,9 +354,9 @@ def _albef_bad_values(extra):
             dict(vision_config=dict(TINY_VISION, model_type="vit_msn"), vision_pooling="pooler"),
         ],
         "text_pooling": [dict(text_pooling="first"), dict(text_pooling=True)],
-        "projection_bias": [dict(projection_bias="no")],
+        "projection": [dict(projection="mlp"), dict(projection="none")],  # none: the towers are 32 wide, embed 16
         "dual_encoder_source": [
-            dict(dual_encoder_source="siglip"),
+            dict(dual_encoder_source="align"),
             dict(dual_encoder_source="clip"),  # with fusion layers and biased projections: not a CLIP
         ],
         "initializer_range": [

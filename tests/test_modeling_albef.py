@@ -179,11 +179,23 @@ def _dual_encoder_batch():
 
 
 def _tiny_dual_encoder(kind):
-    from transformers import AutoConfig, CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+    from transformers import (
+        AutoConfig,
+        CLIPConfig,
+        CLIPModel,
+        SiglipConfig,
+        SiglipModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
 
     torch.manual_seed(0)
     if kind == "clip":
         model = CLIPModel(CLIPConfig(vision_config=CLIP_VISION, text_config=CLIP_TEXT, projection_dim=16))
+    elif kind == "siglip":
+        model = SiglipModel(SiglipConfig(vision_config=CLIP_VISION, text_config=CLIP_TEXT))
+        with torch.no_grad():
+            model.logit_bias.fill_(-3.0)  # carried over and written back as it is
     else:
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
             AutoConfig.for_model(**TINY_VISION), AutoConfig.for_model(**TINY_TEXT), projection_dim=16
@@ -195,12 +207,20 @@ def _tiny_dual_encoder(kind):
 
 
 def _source_outputs(model, b):
+    # SigLIP's text tower is run without a mask, as SiglipProcessor prepares texts (padded to max_length)
+    mask = None if model.config.model_type == "siglip" else b["attention_mask"]
     with torch.no_grad():
-        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
+        return model(input_ids=b["input_ids"], attention_mask=mask, pixel_values=b["pixel_values"])
+
+
+def _logits(model, output):
+    """Our logits as the source class computes them: SigLIP adds its sigmoid bias."""
+    bias = model.logit_bias if model.config.dual_encoder_source == "siglip" else 0.0
+    return output.logits_per_image + bias
 
 
 @pytest.mark.parametrize("model_class", [TCLModel, CODISModel], ids=["tcl", "codis"])
-@pytest.mark.parametrize("kind", ["clip", "vision-text-dual-encoder"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "vision-text-dual-encoder"])
 def test_a_dual_encoder_fine_tunes_from_where_it_is_and_exports_back(tmp_path, kind, model_class):
     """Before any step the embeddings and logits are the source model's; after a training step the model written
     with as_source_architecture=True loads with plain transformers and gives the trained model's embeddings."""
@@ -214,18 +234,16 @@ def test_a_dual_encoder_fine_tunes_from_where_it_is_and_exports_back(tmp_path, k
     else:
         objectives.update(codebook_size=12)
     model = model_class.from_dual_encoder_pretrained(str(tmp_path / "source"), **objectives).eval()
-    assert (model.config.num_fusion_layers, model.config.vision_pooling, model.config.text_pooling) == (
-        0,
-        "pooler",
-        "pooler",
-    )
+    config = model.config
+    assert (config.num_fusion_layers, config.vision_pooling, config.text_pooling) == (0, "pooler", "pooler")
+    assert config.projection == ("none" if kind == "siglip" else "linear_no_bias")
     b = _dual_encoder_batch()
     expected = _source_outputs(source, b)
     with torch.no_grad():
         ours = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
     torch.testing.assert_close(ours.image_embeds, expected.image_embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.text_embeds, expected.text_embeds, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours.logits_per_image, expected.logits_per_image, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(_logits(model, ours), expected.logits_per_image, rtol=1e-5, atol=1e-4)
     assert model.temperature.item() == pytest.approx(0.05, rel=1e-6)
 
     model.train()
@@ -242,18 +260,17 @@ def test_a_dual_encoder_fine_tunes_from_where_it_is_and_exports_back(tmp_path, k
     assert (trained.image_embeds - expected.image_embeds).abs().max() > 1e-3  # the step moved the model
     torch.testing.assert_close(again.image_embeds, trained.image_embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(again.text_embeds, trained.text_embeds, rtol=0, atol=1e-5)
-    torch.testing.assert_close(again.logits_per_image, trained.logits_per_image, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(again.logits_per_image, _logits(model, trained), rtol=1e-5, atol=1e-4)
     note = (tmp_path / "export" / "README.md").read_text()
     assert ("`codebook`" in note) == (model_class is CODISModel)
 
 
 def test_dual_encoder_misuse_is_refused(tmp_path):
-    from transformers import SiglipConfig, SiglipModel
+    from transformers import AutoConfig, AutoModel
 
-    siglip = SiglipModel(SiglipConfig(vision_config=CLIP_VISION, text_config=CLIP_TEXT))
-    siglip.save_pretrained(tmp_path / "siglip")
-    with pytest.raises(ValueError, match=r"'siglip' model .*sigmoid and a learnt bias"):
-        TCLModel.from_dual_encoder_pretrained(str(tmp_path / "siglip"))
+    AutoModel.from_config(AutoConfig.for_model(**TINY_VISION)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"takes a CLIPModel, SiglipModel or VisionTextDualEncoderModel .*'vit' model"):
+        TCLModel.from_dual_encoder_pretrained(str(tmp_path / "vit"))
     _tiny_dual_encoder("clip").save_pretrained(tmp_path / "clip")
     with pytest.raises(ValueError, match=r"takes \['num_fusion_layers'\] from the checkpoint"):
         TCLModel.from_dual_encoder_pretrained(str(tmp_path / "clip"), num_fusion_layers=1)

@@ -272,3 +272,16 @@ def test_processor_inputs_are_converted_like_decoded_training_images():
     assert np.asarray(to_rgb(keyed))[0].tolist() == [[255, 255, 255], [90, 90, 90]]
     for image in (dark16, keyed, _mode_image("I;16"), _mode_image("P"), _mode_image("CMYK")):
         assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(decode_image(image))), image.mode
+
+
+def test_text_padding_max_length_pads_every_caption_and_is_saved(tmp_path):
+    """SigLIP's text tower pools the last position of captions padded to max_length, as it was trained."""
+    processor = make_processor(text_padding="max_length", max_length=12)
+    out = processor(text=["a digit", "the number written by hand"])
+    assert out["input_ids"].shape == (2, 12)
+    assert out["attention_mask"].sum(1).tolist() == [4, 7]
+    assert make_processor()(text=["a digit", "the number written by hand"])["input_ids"].shape == (2, 7)
+    processor.save_pretrained(tmp_path)
+    assert VLAlignProcessor.from_pretrained(tmp_path).text_padding == "max_length"
+    with pytest.raises(ValueError, match="text_padding must be 'longest' or 'max_length'"):
+        make_processor(text_padding="right")

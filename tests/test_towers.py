@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, SiglipTextModel
 
 from vlalign import CODISModel, TCLModel
 from vlalign.towers import TEXT_MODEL_TYPES, VISION_MODEL_TYPES
@@ -50,6 +50,10 @@ TEXT = {
     ),
     "clip_text_model": dict(
         model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **TEXT_IDS,
+    ),
+    "siglip_text_model": dict(
+        model_type="siglip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, **TEXT_IDS,
     ),
 }  # fmt: skip
@@ -91,7 +95,8 @@ def checkpoints(tmp_path_factory):
             torch.manual_seed(0)
             config = AutoConfig.for_model(**kwargs)
             path = root / f"{kind}-{family}"
-            AutoModel.from_config(config).save_pretrained(path)
+            model = SiglipTextModel(config) if family == "siglip_text_model" else AutoModel.from_config(config)
+            model.save_pretrained(path)
             paths[kind, family] = path
     return paths
 
@@ -112,9 +117,14 @@ def _build(model_class, checkpoints, kind, family, **extra):
     )
 
 
-def _reference(path):
+def _family_class(family):
+    """The family's own model class: AutoModel's, or SigLIP's text tower (a part of SiglipModel, not in AutoModel)."""
+    return SiglipTextModel if family == "siglip_text_model" else AutoModel
+
+
+def _reference(path, family):
     """The family's own model loaded from `path` by transformers, which must find every weight in the file."""
-    reference, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    reference, info = _family_class(family).from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"], info["missing_keys"]
     return reference.eval()
 
@@ -133,7 +143,7 @@ def _tower_keys_loaded(tower, reference, key_map=lambda key: key):
 @pytest.mark.parametrize("family", list(VISION))
 def test_vision_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
     model = _build(TCLModel, checkpoints, "vision", family).eval()
-    reference = _reference(checkpoints["vision", family])
+    reference = _reference(checkpoints["vision", family], family)
     _tower_keys_loaded(model.vision_model, reference)
     _tower_keys_loaded(model.momentum_vision_model, reference)
     pixels = tiny_batch()["pixel_values"]
@@ -159,7 +169,7 @@ def test_vision_pooler_weights_load_when_the_pooler_is_used(checkpoints):
     """ViT's pooler is built and loaded for `vision_pooling="pooler"` (left out otherwise), and then its output is
     ViT's own `pooler_output`."""
     model = _build(TCLModel, checkpoints, "vision", "vit", vision_pooling="pooler").eval()
-    reference = _reference(checkpoints["vision", "vit"])
+    reference = _reference(checkpoints["vision", "vit"], "vit")
     _tower_keys_loaded(model.vision_model, reference)
     assert "pooler.dense.weight" in model.vision_model.state_dict()
     assert not any(key.startswith("pooler.") for key in _build(TCLModel, checkpoints, "vision", "vit").state_dict())
@@ -179,7 +189,7 @@ def _fusion_key(n_text):
 @pytest.mark.parametrize("family", list(TEXT))
 def test_text_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
     model = _build(TCLModel, checkpoints, "text", family).eval()
-    reference = _reference(checkpoints["text", family])
+    reference = _reference(checkpoints["text", family], family)
     saved = _tower_keys_loaded(model.text_model, reference)
     n_text = model.config.num_text_layers
     if model.config.num_fusion_layers:
@@ -191,17 +201,20 @@ def test_text_tower_loads_every_tensor_and_computes_what_its_family_computes(che
         left = set(saved) - set(model.text_model.state_dict()) - used
         assert {key.split(".")[0] for key in left} <= {"pooler"}, left
     b = _text_batch()
+    # SigLIP's text tower is used without a mask, as it was trained (the padding is part of its input)
+    mask = None if family == "siglip_text_model" else b["attention_mask"]
     with torch.no_grad():
-        expected = reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        expected = reference(input_ids=b["input_ids"], attention_mask=mask, output_hidden_states=True)
         tokens, pooled = model._encode_text(b["input_ids"], b["attention_mask"])
     # the text encoder is the checkpoint's first n_text layers (all of them without fusion)
     states = expected.hidden_states[n_text] if model.config.num_fusion_layers else expected.last_hidden_state
     real = b["attention_mask"].bool()
     torch.testing.assert_close(tokens[real], states[real], rtol=1e-6, atol=1e-6)
-    if model.config.text_pooling == "pooler":  # CLIP: the end-of-text token
+    if model.config.text_pooling == "pooler":  # CLIP: the end-of-text token; SigLIP: its head on the last position
         torch.testing.assert_close(pooled, expected.pooler_output, rtol=1e-6, atol=1e-6)
-        last = b["attention_mask"].sum(1) - 1
-        torch.testing.assert_close(pooled, expected.last_hidden_state[torch.arange(4), last])
+        if family == "clip_text_model":
+            last = b["attention_mask"].sum(1) - 1
+            torch.testing.assert_close(pooled, expected.last_hidden_state[torch.arange(4), last])
     else:
         torch.testing.assert_close(pooled, states[:, 0], rtol=1e-6, atol=1e-6)
 

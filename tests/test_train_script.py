@@ -1379,3 +1379,37 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_to_resume_from(
     assert "Resuming from " in resumed.stderr and "checkpoint-3" in resumed.stderr
     assert "Removed 1 incomplete save(s) left by an interrupted run" in resumed.stderr
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["train_steps"] == SCHEDULE[0]
+
+
+def test_a_siglip_dual_encoder_trains_with_captions_padded_to_its_max_length(tmp_path):
+    """The run's processor for a SigLIP checkpoint is built from its own tokenizer and image processor and pads
+    every caption to the text tower's max_length (SigLIP pools the last position); the model starts with the
+    checkpoint's embeddings."""
+    import io
+
+    import train
+    from PIL import Image
+    from transformers import SiglipConfig, SiglipModel
+
+    from vlalign.data import build_digits_processor
+
+    digits = build_digits_processor(image_size=16)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    text = dict(tower, vocab_size=len(digits.tokenizer), max_position_embeddings=12)
+    siglip = SiglipModel(SiglipConfig(vision_config=dict(tower, image_size=16, patch_size=4), text_config=text))
+    siglip.save_pretrained(tmp_path / "siglip")
+    digits.tokenizer.save_pretrained(tmp_path / "siglip")
+    digits.image_processor.save_pretrained(tmp_path / "siglip")
+    processor = train._dual_encoder_processor(str(tmp_path / "siglip"))
+    assert (processor.text_padding, processor.max_length) == ("max_length", 12)
+    inputs = processor(images=[Image.open(io.BytesIO(digit_png(3)))], text=["a handwritten digit one"])
+    assert inputs["input_ids"].shape == (1, 12)
+    run = train.RunArguments(dual_encoder_name_or_path=str(tmp_path / "siglip"))
+    model = train.build_model(run, {"model_type": "tcl", "use_momentum": False, "lmi_weight": 0.0}, processor.tokenizer)
+    siglip.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = siglip(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+        ours = model(**inputs)
+    torch.testing.assert_close(ours.text_embeds, expected.text_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.image_embeds, expected.image_embeds, rtol=0, atol=1e-5)

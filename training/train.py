@@ -474,6 +474,14 @@ def _dual_encoder_processor(path: str) -> VLAlignProcessor:
             f"run.dual_encoder_name_or_path {path!r} has no tokenizer or image processor to load ({error}); set "
             "run.processor_name_or_path (or tokenizer_name_or_path) to the ones it was trained with"
         ) from None
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "siglip":  # its text tower pools the last position of texts padded to max_length
+        return VLAlignProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            text_padding="max_length",
+            max_length=config.text_config.max_position_embeddings,
+        )
     return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

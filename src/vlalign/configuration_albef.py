@@ -32,6 +32,7 @@ from .towers import (
     text_poolings,
     vision_downsampling,
     vision_grid_size,
+    vision_hidden_size,
     vision_poolings,
 )
 
@@ -222,10 +223,13 @@ class ALBEFStackConfig(PreTrainedConfig):
             token), `pooler` (the family's own pooler: CLIP's post-layer-normed [CLS] and end-of-text token,
             SigLIP's attention-pooling head, ConvNeXt's normed average, ...). None: the family's own default
             (`towers.default_vision_pooling` / `default_text_pooling`), stored in the config.
-        projection_bias: whether `vision_proj` / `text_proj` have a bias (CLIP's projections have none).
+        projection: `vision_proj` / `text_proj` into the contrastive space: `linear` (ALBEF), `linear_no_bias`
+            (CLIP's), or `none` (SigLIP's: the towers' poolers end in the shared space, so `embed_dim` is both
+            towers' width).
         dual_encoder_source: the transformers dual encoder the model was built from by
-            `from_dual_encoder_pretrained` (`clip`: `CLIPModel`, `vision-text-dual-encoder`:
-            `VisionTextDualEncoderModel`), which `save_pretrained(..., as_source_architecture=True)` writes back.
+            `from_dual_encoder_pretrained` (`clip`: `CLIPModel`, `siglip`: `SiglipModel`,
+            `vision-text-dual-encoder`: `VisionTextDualEncoderModel`), which `save_pretrained(...,
+            as_source_architecture=True)` writes back.
         num_fusion_layers: number of cross-attention fusion layers (0 disables the fusion encoder, ITM and MLM).
         embed_dim: dimension of the shared contrastive space (`vision_proj` / `text_proj` outputs).
         temperature: initial temperature of every contrastive term; clamped to
@@ -280,8 +284,8 @@ class ALBEFStackConfig(PreTrainedConfig):
     initializer_range: Real = positive(default=0.02)
     vision_pooling: Literal["cls", "mean", "pooler"] | None = None
     text_pooling: Literal["cls", "mean", "pooler"] | None = None
-    projection_bias: bool = True
-    dual_encoder_source: Literal["clip", "vision-text-dual-encoder"] | None = None
+    projection: Literal["linear", "linear_no_bias", "none"] = "linear"
+    dual_encoder_source: Literal["clip", "siglip", "vision-text-dual-encoder"] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -398,12 +402,23 @@ class ALBEFStackConfig(PreTrainedConfig):
         allowed = text_poolings(text)
         if self.text_pooling not in allowed:
             fail("text_pooling", f"{self.text_pooling!r} does not fit {model_type}: use one of {allowed}")
+        if model_type == "siglip_text_model" and text.projection_size != text.hidden_size:
+            fail("text_config", "SigLIP's text head must keep the width (projection_size == hidden_size)")
+
+    def validate_projection(self):
+        """Without projections the towers' pooled features are the embeddings: their widths are embed_dim."""
+        if self.projection != "none":
+            return
+        widths = {"vision": vision_hidden_size(self.vision_config), "text": self.text_config.hidden_size}
+        if any(width != self.embed_dim for width in widths.values()):
+            self.fail("projection", f"'none' needs both towers {widths} as wide as embed_dim {self.embed_dim}")
 
     def validate_dual_encoder_source(self):
         """A model that is written back as a transformers dual encoder has that dual encoder's structure."""
         if self.dual_encoder_source is None:
             return
-        expected = dict(num_fusion_layers=0, vision_pooling="pooler", text_pooling="pooler", projection_bias=False)
+        projection = "none" if self.dual_encoder_source == "siglip" else "linear_no_bias"
+        expected = dict(num_fusion_layers=0, vision_pooling="pooler", text_pooling="pooler", projection=projection)
         wrong = {k: getattr(self, k) for k, v in expected.items() if getattr(self, k) != v}
         if wrong:
             self.fail(

@@ -381,21 +381,23 @@ def _check_part_loading(part: nn.Module, info: dict, path: str, what: str, uses_
         raise CheckpointMismatchError(f"the {what} checkpoint {path!r} does not match its own config: {problems}")
 
 
-def _load_text_checkpoint(path: str, allow_pickle: bool, uses_pooler: bool = False) -> nn.Module:
+def _load_text_checkpoint(
+    path: str, allow_pickle: bool, uses_pooler: bool = False, encoder_class=AutoModel
+) -> nn.Module:
     """The text checkpoint with its masked-LM head when it has one (and its pooler is not needed: masked-LM
     classes drop it), else the bare encoder (the MLM head then starts new instead of taking a randomly initialised
     head from transformers)."""
     if uses_pooler:
-        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle, uses_pooler=True)
+        return load_pretrained_part(encoder_class, path, "text encoder", allow_pickle, uses_pooler=True)
     try:
         text, info = _load_with_report(AutoModelForMaskedLM, path, allow_pickle)
     except _OUR_FILE_ERRORS:  # a missing or damaged file, not a model type without a masked-LM class
         raise
     except (ValueError, OSError):  # no masked-LM class for this model type
-        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
+        return load_pretrained_part(encoder_class, path, "text encoder", allow_pickle)
     base_prefix = f"{text.base_model_prefix}."
     if any(not key.startswith(base_prefix) for key in info["missing_keys"]):  # an encoder saved without its head
-        return load_pretrained_part(AutoModel, path, "text encoder", allow_pickle)
+        return load_pretrained_part(encoder_class, path, "text encoder", allow_pickle)
     _check_part_loading(text, info, path, "text encoder")
     return text
 

@@ -11,6 +11,7 @@ queue, gradient_cache.py runs a training step in chunks over this model's traini
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ from .losses import (
 )
 from .momentum import FeatureQueue, copy_parameters, ema_update
 from .towers import build_text_encoder, build_vision_encoder, encode_image, encode_text, vision_hidden_size
+
+
+def _projection(width: int, config) -> nn.Module:
+    """A tower's projection into the contrastive space (`config.projection`)."""
+    if config.projection == "none":
+        return nn.Identity()
+    return nn.Linear(width, config.embed_dim, bias=config.projection == "linear")
 
 
 def sum_of_terms(terms: list[torch.Tensor]) -> torch.Tensor | None:
@@ -240,9 +248,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         vision_width = vision_hidden_size(vision_config)
         self.vision_model = build_vision_encoder(vision_config, config.vision_pooling)
         self.text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
-        bias = config.projection_bias
-        self.vision_proj = nn.Linear(vision_width, config.embed_dim, bias=bias)
-        self.text_proj = nn.Linear(text_config.hidden_size, config.embed_dim, bias=bias)
+        self.vision_proj = _projection(vision_width, config)
+        self.text_proj = _projection(text_config.hidden_size, config)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)), requires_grad=config.learnable_temperature)
         has_fusion = config.num_fusion_layers > 0
         if has_fusion:
@@ -253,13 +260,16 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if config.use_momentum:
             self.momentum_vision_model = build_vision_encoder(vision_config, config.vision_pooling)
             self.momentum_text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
-            self.momentum_vision_proj = nn.Linear(vision_width, config.embed_dim, bias=bias)
-            self.momentum_text_proj = nn.Linear(text_config.hidden_size, config.embed_dim, bias=bias)
+            self.momentum_vision_proj = _projection(vision_width, config)
+            self.momentum_text_proj = _projection(text_config.hidden_size, config)
             if has_fusion:
                 self.momentum_fusion_model = FusionEncoder(
                     self.momentum_text_model.config, config.num_fusion_layers, vision_width
                 )
                 self.momentum_mlm_head = MLMHead(text_config)
+        if config.dual_encoder_source == "siglip":
+            # SigLIP's sigmoid bias, kept to be written back on export (the softmax losses here do not use it)
+            self.register_buffer("logit_bias", torch.zeros(1))
         if config.uses_queue:
             self.image_queue = FeatureQueue(config.queue_size, config.embed_dim)
             self.text_queue = FeatureQueue(config.queue_size, config.embed_dim)
@@ -360,7 +370,7 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     def _encode_image(self, pixel_values: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(token states, pooled feature) of the vision tower (see `towers.encode_image`)."""
         model = self.momentum_vision_model if momentum else self.vision_model
-        pixel_values = pixel_values.to(self.vision_proj.weight.dtype)
+        pixel_values = pixel_values.to(self.temp.dtype)
         return encode_image(model, pixel_values, self.config.vision_pooling, self.config.patch_grid_size**2)
 
     def _encode_text(self, input_ids, attention_mask, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -779,38 +789,38 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     # transformers dual encoders in and out
 
     # the transformers dual encoders taken in, and their towers (`vision_model`, `text_model`: our towers' classes)
-    _DUAL_ENCODER_TYPES = ("clip", "vision-text-dual-encoder")
+    _DUAL_ENCODER_TYPES = ("clip", "siglip", "vision-text-dual-encoder")
     _DUAL_ENCODER_PROJECTIONS = (("vision_proj", "visual_projection"), ("text_proj", "text_projection"))
     # structure a dual encoder fixes (the rest of the config is the caller's)
-    _DUAL_ENCODER_FIELDS = ("num_fusion_layers", "vision_pooling", "text_pooling", "projection_bias", "embed_dim")
+    _DUAL_ENCODER_FIELDS = ("num_fusion_layers", "vision_pooling", "text_pooling", "projection", "embed_dim")
 
     @classmethod
     def from_dual_encoder_pretrained(
         cls, pretrained_model_name_or_path: str, *, allow_pickle: bool = False, **config_overrides
     ) -> ALBEFModel:
         """Build the dual-encoder configuration (no fusion layers, no ITM / MLM) from a whole transformers dual
-        encoder: a `CLIPModel` or a `VisionTextDualEncoderModel` checkpoint. Its towers, projections and
-        temperature (1 / exp(logit_scale)) are taken over and it pools as the source pools (CLIP's post-layer-normed
-        [CLS] and end-of-text token; the towers' poolers of a VisionTextDualEncoderModel), so before any training
-        step the image and text embeddings are the source model's. ``config_overrides`` set the objectives (e.g.
-        ``imc_weight=1.0, lmi_weight=1.0, use_momentum=False``); `save_pretrained(..., as_source_architecture=True)`
-        writes the fine-tuned model back as the source class.
+        encoder: a `CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel` checkpoint. Its towers, projections
+        (SigLIP has none: its pooling heads end in the shared space) and temperature (1 / exp(logit_scale)) are
+        taken over and it pools as the source pools (CLIP's post-layer-normed [CLS] and end-of-text token, SigLIP's
+        attention-pooling head and last text position, the towers' poolers of a VisionTextDualEncoderModel), so
+        before any training step the image and text embeddings are the source model's. SigLIP's sigmoid bias
+        (`logit_bias`) is kept as it is and written back on export; the softmax objectives here do not use it.
+        ``config_overrides`` set the objectives (e.g. ``imc_weight=1.0, lmi_weight=1.0, use_momentum=False``); the
+        clamp range of the temperature is widened to the checkpoint's unless given.
+        `save_pretrained(..., as_source_architecture=True)` writes the fine-tuned model back as the source class.
 
         Only safetensors weights are read unless ``allow_pickle=True``; weights that do not fit the checkpoint's
-        config raise `CheckpointMismatchError`. A SigLIP checkpoint is refused: it scores with a sigmoid and a
-        learnt bias and pools with heads that have no separate projection, which this configuration does not
-        have; its towers load with `from_vision_text_pretrained`."""
+        config raise `CheckpointMismatchError`."""
         resolve_use_safetensors(pretrained_model_name_or_path, allow_pickle)
         source_config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
         source_type = source_config.model_type
         if source_type not in cls._DUAL_ENCODER_TYPES:
             raise ValueError(
-                f"from_dual_encoder_pretrained takes a CLIPModel or VisionTextDualEncoderModel checkpoint; "
-                f"{pretrained_model_name_or_path!r} is a {source_type!r} model"
+                f"from_dual_encoder_pretrained takes a CLIPModel, SiglipModel or VisionTextDualEncoderModel "
+                f"checkpoint; {pretrained_model_name_or_path!r} is a {source_type!r} model"
                 + (
-                    " (SigLIP scores with a sigmoid and a learnt bias, and pools with heads that have no separate "
-                    "projection: load its towers with from_vision_text_pretrained instead)"
-                    if source_type in ("siglip", "siglip2")
+                    " (SigLIP2's NaFlex vision tower is not supported; a SigLIP2 checkpoint saved as 'siglip' is)"
+                    if source_type == "siglip2"
                     else ""
                 )
             )
@@ -818,18 +828,23 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         if fixed:
             raise ValueError(f"from_dual_encoder_pretrained takes {fixed} from the checkpoint: do not pass them")
         source = load_pretrained_part(AutoModel, pretrained_model_name_or_path, "dual encoder", allow_pickle)
+        siglip = source_type == "siglip"
         settings = dict(
             num_fusion_layers=0,
             itm_weight=0.0,
             mlm_weight=0.0,
-            embed_dim=source_config.projection_dim,
+            embed_dim=source_config.vision_config.hidden_size if siglip else source_config.projection_dim,
             temperature=float(torch.exp(-source.logit_scale.detach().float())),
             vision_pooling="pooler",
             text_pooling="pooler",
-            projection_bias=False,
+            projection="none" if siglip else "linear_no_bias",
             dual_encoder_source=source_type,
         )
         settings.update(config_overrides)
+        # the checkpoint's temperature is where training starts: the clamp range is widened to it unless set
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        for bound, widen in (("temperature_min", min), ("temperature_max", max)):
+            settings.setdefault(bound, widen(defaults[bound], settings["temperature"]))
         config = cls.config_class(
             vision_config=source_config.vision_config.to_dict(),
             text_config=source_config.text_config.to_dict(),
@@ -839,8 +854,11 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         for tower in ("vision_model", "text_model"):
             _load_matching(getattr(model, tower), getattr(source, tower).state_dict(), f"{source_type} {tower}")
         with torch.no_grad():
-            for ours, theirs in cls._DUAL_ENCODER_PROJECTIONS:
-                getattr(model, ours).weight.copy_(getattr(source, theirs).weight)
+            if siglip:
+                model.logit_bias.copy_(source.logit_bias.reshape(1))
+            else:
+                for ours, theirs in cls._DUAL_ENCODER_PROJECTIONS:
+                    getattr(model, ours).weight.copy_(getattr(source, theirs).weight)
         model.copy_params_to_momentum()
         return model
 
@@ -848,7 +866,14 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         """The model as the transformers dual encoder it was built from (`config.dual_encoder_source`): towers,
         projections and logit_scale = log(1 / temperature). Parts that class has no place for (EMA teachers,
         queues, a CODIS codebook, separation heads) are left out."""
-        from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+        from transformers import (
+            CLIPConfig,
+            CLIPModel,
+            SiglipConfig,
+            SiglipModel,
+            VisionTextDualEncoderConfig,
+            VisionTextDualEncoderModel,
+        )
 
         cfg = self.config
         if cfg.dual_encoder_source is None:
@@ -859,16 +884,21 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         vision, text = cfg.vision_config.to_dict(), cfg.text_config.to_dict()
         if cfg.dual_encoder_source == "clip":
             target = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=cfg.embed_dim))
+        elif cfg.dual_encoder_source == "siglip":
+            target = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
         else:
             target = VisionTextDualEncoderModel(
                 VisionTextDualEncoderConfig(vision_config=vision, text_config=text, projection_dim=cfg.embed_dim)
             )
-        target = target.to(self.vision_proj.weight.dtype)
+        target = target.to(self.temp.dtype)
         state = {}
         for tower in ("vision_model", "text_model"):
             state.update({f"{tower}.{k}": v for k, v in getattr(self, tower).state_dict().items()})
-        for ours, theirs in self._DUAL_ENCODER_PROJECTIONS:
-            state[f"{theirs}.weight"] = getattr(self, ours).weight
+        if cfg.dual_encoder_source == "siglip":
+            state["logit_bias"] = self.logit_bias.reshape(target.logit_bias.shape)
+        else:
+            for ours, theirs in self._DUAL_ENCODER_PROJECTIONS:
+                state[f"{theirs}.weight"] = getattr(self, ours).weight
         state["logit_scale"] = -torch.log(self.temperature.detach()).reshape(target.logit_scale.shape)
         missing, unexpected = target.load_state_dict(state, strict=False)
         missing = [key for key in missing if not key.endswith("position_ids")]
@@ -939,7 +969,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         )
         _load_matching(model.vision_model, vision.state_dict(), "vision tower")
 
-        text = _load_text_checkpoint(text_model_name_or_path, allow_pickle, uses_pooler=config.text_pooling == "pooler")
+        text = _load_text_checkpoint(
+            text_model_name_or_path,
+            allow_pickle,
+            uses_pooler=config.text_pooling == "pooler",
+            encoder_class=type(model.text_model),
+        )
         base = getattr(text, text.base_model_prefix, text)
         text_state = base.state_dict()
         n_text = config.num_text_layers

@@ -382,16 +382,24 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             (keys: crop_scale, crop_ratio, color_jitter_p, brightness, contrast, saturation, hue, grayscale_p,
             blur_p, blur_sigma, hflip_p, interpolation). Saved in `processor_config.json`.
         max_length (`int`, defaults to 30): default maximum caption length in tokens.
+        text_padding (`str`, defaults to "longest"): how captions are padded by default: "longest" (to the
+            batch's longest) or "max_length" (every caption to `max_length`, as SigLIP's text tower, which pools
+            the last position, was trained).
 
     `ProcessorMixin` (transformers 5) infers the components from the `__init__` parameter names
     (`image_processor`, `tokenizer`); no `attributes`/`*_class` declarations are needed (they are deprecated).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, augmentation=None, max_length=30, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, augmentation=None, max_length=30, text_padding="longest", **kwargs
+    ):
         if image_processor is None or tokenizer is None:
             raise ValueError("VLAlignProcessor needs both an `image_processor` and a `tokenizer`")
         if int(max_length) <= 0:
             raise ValueError(f"max_length must be > 0, got {max_length!r}")
+        if text_padding not in ("longest", "max_length"):
+            raise ValueError(f"text_padding must be 'longest' or 'max_length', got {text_padding!r}")
+        self.text_padding = text_padding
         # Plain attributes named like __init__ parameters are what ProcessorMixin.to_dict serialises.
         self.augmentation = resolve_augmentation(augmentation)
         self.max_length = int(max_length)
@@ -409,7 +417,7 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         return_tensors="pt",
         two_views: bool = False,
         rng: np.random.Generator | None = None,
-        padding="longest",
+        padding=None,
         truncation=True,
         max_length=None,
         **kwargs,
@@ -459,7 +467,7 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
                 text = [text]
             encoding = self.tokenizer(
                 list(text),
-                padding=padding,
+                padding=self.text_padding if padding is None else padding,
                 truncation=truncation,
                 max_length=self.max_length if max_length is None else max_length,
                 return_tensors=return_tensors,

@@ -66,16 +66,19 @@ REFUSED_VISION_MODEL_TYPES = {
 # `attention.output`, `intermediate`, `output`): their upper layers load key for key into the fusion layers.
 FUSION_TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 # Text families that work as the text tower of a dual encoder (no fusion layers).
-TEXT_MODEL_TYPES = FUSION_TEXT_MODEL_TYPES + ("distilbert", "modernbert", "clip_text_model")
+TEXT_MODEL_TYPES = FUSION_TEXT_MODEL_TYPES + ("distilbert", "modernbert", "clip_text_model", "siglip_text_model")
 # ... of which these have a pooler (`pooler`): BERT's tanh(dense([CLS])) and CLIP's end-of-text token.
 TEXT_POOLERS = {
     "bert": "tanh(dense([CLS])), BERT's next-sentence pooler",
     "roberta": "tanh(dense(<s>)), RoBERTa's pooler",
     "xlm-roberta": "tanh(dense(<s>)), XLM-R's pooler",
     "clip_text_model": "the end-of-text token (the first eos_token_id), how CLIP pools",
+    "siglip_text_model": "the last position through SigLIP's head (SigLIP pads every text to max_length)",
 }
 # causal text encoders: their first token has seen only itself
 CAUSAL_TEXT_MODEL_TYPES = ("clip_text_model",)
+# text encoders trained without an attention mask: the padding up to max_length is part of every input (SigLIP)
+UNMASKED_TEXT_MODEL_TYPES = ("siglip_text_model",)
 
 
 def _stages(config: PreTrainedConfig) -> int:
@@ -137,13 +140,15 @@ def text_poolings(config: PreTrainedConfig) -> tuple[str, ...]:
     model_type = config.model_type
     if model_type in CAUSAL_TEXT_MODEL_TYPES:
         return ("pooler",)
+    if model_type == "siglip_text_model":  # its tokenizer adds no start token to pool
+        return ("mean", "pooler")
     return ("cls", "mean", "pooler") if model_type in TEXT_POOLERS else ("cls", "mean")
 
 
 def default_text_pooling(config: PreTrainedConfig) -> str:
     """[CLS] (the ALBEF / TCL text feature), CLIP's end-of-text token, ModernBERT's `classifier_pooling`."""
     model_type = getattr(config, "model_type", None)
-    if model_type in CAUSAL_TEXT_MODEL_TYPES:
+    if model_type in CAUSAL_TEXT_MODEL_TYPES + ("siglip_text_model",):
         return "pooler"
     if model_type == "modernbert":
         return config.classifier_pooling
@@ -171,6 +176,10 @@ def build_text_encoder(text_config: PreTrainedConfig, num_layers: int, pooling: 
     `pooling == "pooler"`."""
     config = copy.deepcopy(text_config)
     config.num_hidden_layers = num_layers
+    if config.model_type == "siglip_text_model":  # not in AutoModel's mapping (a part of SiglipModel)
+        from transformers import SiglipTextModel
+
+        return SiglipTextModel(config)
     return _build(config, pooling == "pooler")
 
 
@@ -196,8 +205,9 @@ def encode_text(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token states (batch, length, hidden), pooled feature (batch, hidden)); `mean` averages the unpadded
-    tokens."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    tokens. SigLIP's text tower sees the whole padded text, as it was trained."""
+    unmasked = model.config.model_type in UNMASKED_TEXT_MODEL_TYPES
+    output = model(input_ids=input_ids, attention_mask=None if unmasked else attention_mask)
     tokens = output.last_hidden_state
     if pooling == "cls":
         pooled = tokens[:, 0]
