@@ -44,8 +44,8 @@ README = REPO / "README.md"
 sys.path.insert(0, str(REPO / "training"))
 
 # What README.md holds: a block added or removed must be reflected here (so that no block goes unchecked silently).
-EXPECTED_BLOCKS = {"python": 9, "bash": 11, "yaml": 2}
-EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "scenes": 1, "train_checked": 13, "train_run": 2}
+EXPECTED_BLOCKS = {"python": 10, "bash": 12, "yaml": 2}
+EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "scenes": 1, "train_checked": 14, "train_run": 2}
 EXPECTED_WITHOUT_VLALIGN = 1  # Python blocks that import nothing from vlalign (the trust_remote_code example)
 
 # Steps and sizes that turn a README training command or config into a 2-step run here (appended overrides).
@@ -296,6 +296,19 @@ def check_train_config(config_path: Path, overrides: list[str]) -> dict:
     configs = train._model_configs()
     assert model_type in configs, model_type
     kwargs = {k: model.pop(k) for k in ("vision_config", "text_config", "qformer_config") if k in model}
+    if (config.get("run") or {}).get("dual_encoder_name_or_path"):
+        # the towers and their structure come from the checkpoint: a CLIP ViT-B/32's, as from_dual_encoder_pretrained
+        # would build them (the default towers' patch grid is another)
+        kwargs = dict(
+            vision_config=dict(model_type="clip_vision_model", image_size=224, patch_size=32),
+            text_config=dict(model_type="clip_text_model"),
+            num_fusion_layers=0,
+            itm_weight=0.0,
+            mlm_weight=0.0,
+            embed_dim=512,
+            projection="linear_no_bias",
+            dual_encoder_source="clip",
+        )
     configs[model_type](**kwargs, **model)
     train.RunArguments(**(config.get("run") or {}))
     data_class = MIVCDataArguments if model_type == "mivc" else DataArguments
