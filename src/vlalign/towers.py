@@ -89,6 +89,12 @@ def _stages(config: PreTrainedConfig) -> int:
     return 1
 
 
+def _siglip_head(config: PreTrainedConfig) -> bool:
+    """Whether a SigLIP vision tower has its attention-pooling head (configs of older transformers 5 releases, e.g.
+    5.20, have no `vision_use_head` field and always build it)."""
+    return getattr(config, "vision_use_head", True)
+
+
 def vision_hidden_size(config: PreTrainedConfig) -> int:
     """Width of the vision tower's tokens and pooled feature (ConvNeXt: its last stage's)."""
     if config.model_type == "convnext":
@@ -112,7 +118,7 @@ def vision_poolings(config: PreTrainedConfig) -> tuple[str, ...]:
     poolings = ["mean"]
     if model_type in CLS_VISION_MODEL_TYPES:
         poolings.insert(0, "cls")
-    if model_type in VISION_POOLERS and (model_type != "siglip_vision_model" or config.vision_use_head):
+    if model_type in VISION_POOLERS and (model_type != "siglip_vision_model" or _siglip_head(config)):
         poolings.append("pooler")
     return tuple(poolings)
 
@@ -125,7 +131,7 @@ def default_vision_pooling(config: PreTrainedConfig) -> str:
     if model_type in ("clip_vision_model", "convnext"):
         return "pooler"
     if model_type == "siglip_vision_model":
-        return "pooler" if config.vision_use_head else "mean"
+        return "pooler" if _siglip_head(config) else "mean"
     if model_type == "beit" and config.use_mean_pooling:
         return "pooler"
     if model_type == "data2vec-vision" and config.use_mean_pooling:
@@ -165,7 +171,7 @@ def _build(config: PreTrainedConfig, with_pooler: bool) -> nn.Module:
 
 def build_vision_encoder(vision_config: PreTrainedConfig, pooling: str | None = None) -> nn.Module:
     """The vision tower, with its pooler only when `pooling == "pooler"` (SigLIP: its attention-pooling head)."""
-    if vision_config.model_type == "siglip_vision_model" and vision_config.vision_use_head and pooling != "pooler":
+    if vision_config.model_type == "siglip_vision_model" and _siglip_head(vision_config) and pooling != "pooler":
         vision_config = copy.deepcopy(vision_config)
         vision_config.vision_use_head = False
     return _build(vision_config, pooling == "pooler")
