@@ -527,6 +527,31 @@ def test_codis_card_reports_code_usage_and_flags_a_collapse(tmp_path):
     assert {r.metric_type for r in loaded.data.eval_results} == set(METRICS)
 
 
+def test_float32_noise_is_rounded_on_the_card_only(tmp_path):
+    """77 / 90 in percent computed in float32 carries noise beyond 7 significant digits: the card shows 7
+    (model-index and the body), the metrics dict the card was built from is left as it is (eval_results.json keeps
+    full values)."""
+    import torch
+
+    noisy = float(torch.tensor(77.0) / torch.tensor(90.0) * 100)
+    assert len(repr(noisy)) > 12  # 85.55555725097656
+    results = {"i2t_recall@1": noisy, "eval_loss": float(torch.tensor(1.0) / torch.tensor(3.0))}
+    card = build_model_card(
+        Path(__file__).resolve().parents[1] / "model_cards" / "tcl.md",
+        model_id="someone/tcl-digits",
+        model_type_name="TCL",
+        dataset_name="digits",
+        hyperparameters={"embed_dim": 16},
+        eval_results=results,
+    )
+    save_model_card(tmp_path, card)
+    (result,) = ModelCard.load(tmp_path / "README.md").data.eval_results
+    assert result.metric_value == 85.55556
+    assert ["eval\\_loss", "0.3333333"] in _table_rows(card.text)
+    assert repr(noisy) not in card.content and "0.33333334" not in card.content
+    assert results["i2t_recall@1"] == noisy
+
+
 def test_exact_match_is_an_image_text_to_text_result():
     card = build_model_card(
         Path(__file__).resolve().parents[1] / "model_cards" / "mivc.md",

@@ -1413,3 +1413,15 @@ def test_a_siglip_dual_encoder_trains_with_captions_padded_to_its_max_length(tmp
         ours = model(**inputs)
     torch.testing.assert_close(ours.text_embeds, expected.text_embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.image_embeds, expected.image_embeds, rtol=0, atol=1e-5)
+
+
+def test_memory_is_pinned_only_with_a_gpu_unless_the_config_says():
+    """Pinned memory serves copies to a GPU; on a CPU-only machine torch warned about it at every epoch."""
+    import train
+
+    training_args = train._training_arguments({"training": {"use_cpu": True}}, "out")
+    assert training_args.dataloader_pin_memory is torch.cuda.is_available()
+    training_args = train._training_arguments({"training": {}}, "out")
+    assert training_args.dataloader_pin_memory is torch.cuda.is_available()
+    forced = train._training_arguments({"training": {"dataloader_pin_memory": True}}, "out")
+    assert forced.dataloader_pin_memory is True

@@ -796,6 +796,8 @@ def _training_arguments(config: dict, default_output_dir: str, arguments_class=N
     training_section.setdefault("output_dir", default_output_dir)
     training_section.setdefault("remove_unused_columns", False)  # the collators need the raw columns
     training_section.setdefault("report_to", "none")
+    # pinned memory only helps copies to a GPU; without one torch warns about it at every epoch's first batch
+    training_section.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     try:
         training_args = arguments_class(**training_section)
     except ValueError as error:

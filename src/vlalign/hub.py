@@ -168,6 +168,12 @@ def _as_number(value: Any) -> float | None:
     return float(value)
 
 
+def _for_display(value: float) -> float:
+    """A measured float rounded to 7 significant digits: float32 arithmetic leaves noise beyond them
+    (85.5555534362793 for 77 of 90 in percent); eval_results.json keeps the full value."""
+    return float(f"{value:.7g}")
+
+
 def _format_hparam(value: Any) -> str:
     value = _scalar(value)
     if isinstance(value, (dict, list, tuple)):
@@ -243,7 +249,8 @@ def build_model_card(
         dataset_description, num_train_samples, dataset_split: shown in the "Training data" section.
         hyperparameters: the hyperparameters actually used, rendered as a table (insertion order kept).
         eval_results: ``{metric: value}`` measured on ``eval_dataset_name`` (default: ``dataset_name``), or
-            ``{eval_dataset: {metric: value}}``. Keys as produced by :mod:`vlalign.evaluation`
+            ``{eval_dataset: {metric: value}}``, shown rounded to 7 significant digits. Keys as produced by
+            :mod:`vlalign.evaluation`
             (``i2t_recall@k``, ``t2i_recall@k``, ``zero_shot_accuracy``; an ``eval_`` prefix is accepted),
             values in percent. Recall and accuracy keys become ``EvalResult`` entries (``metric_type`` = the
             key, so they read back unchanged) and rows of the evaluation table; other numbers (counts,
@@ -285,7 +292,10 @@ def build_model_card(
             value = _as_number(raw)
             info = _metric_info(key)
             if info is None or value is None:
-                other_rows.append((_md(key), _md(_scalar(raw))))
+                shown = _scalar(raw)
+                if isinstance(shown, float) and math.isfinite(shown):
+                    shown = _for_display(shown)
+                other_rows.append((_md(key), _md(shown)))
                 continue
             task_type, task_name, pretty = info
             finite = math.isfinite(value)
@@ -304,7 +314,7 @@ def build_model_card(
                     dataset_split=split,
                     metric_type=key,
                     metric_name=pretty,
-                    metric_value=value,
+                    metric_value=_for_display(value),
                 )
             )
         if rows:
