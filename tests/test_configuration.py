@@ -469,15 +469,7 @@ def test_defaults_and_tiny_configs_are_valid(make):
 @pytest.mark.parametrize(
     "vision",
     [
-        dict(
-            model_type="siglip_vision_model",
-            image_size=16,
-            patch_size=4,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
+        dict(TINY_VISION, model_type="siglip_vision_model"),
         dict(
             model_type="swin", image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
         ),

@@ -22,8 +22,6 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
 
-POOLINGS = ("cls", "mean", "pooler")
-
 # Vision families whose `last_hidden_state` starts with a [CLS] token, followed by any prefix tokens and the grid.
 CLS_VISION_MODEL_TYPES = (
     "vit",
@@ -228,7 +226,6 @@ def encode_text(
 __all__ = [
     "CLS_VISION_MODEL_TYPES",
     "FUSION_TEXT_MODEL_TYPES",
-    "POOLINGS",
     "TEXT_MODEL_TYPES",
     "VISION_MODEL_TYPES",
     "build_text_encoder",
