@@ -34,6 +34,7 @@ from vlalign.evaluation import (
     retrieval_metrics,
     zero_shot_accuracy,
     zero_shot_classifier,
+    zero_shot_metrics,
 )
 
 KS = (1, 5, 10)
@@ -275,6 +276,30 @@ def test_zero_shot_accuracy_constructed():
     # predictions: 0, 1, 2, 0
     assert zero_shot_accuracy(images, torch.tensor([0, 1, 2, 1]), classes) == pytest.approx(75.0)
     assert zero_shot_accuracy(images, [0, 1, 2, 0], classes, chunk_size=1) == 100.0
+
+
+def test_zero_shot_top5_and_mean_per_class_recall_by_hand():
+    """Six classes (one-hot class embeddings): image 0 right; image 1 (class 0) second-ranked, right in the top 5;
+    image 2 right; image 3 (class 2) ranked sixth, wrong even in the top 5; image 4's label 7 is no class (wrong,
+    and no class of the per-class mean). Top-1 2/5, top-5 3/5, per-class recall (1/2 + 1 + 0) / 3."""
+    classes = torch.eye(6)
+    images = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.3, 0.9, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.1, 0.2, 0.0, 0.9, 0.8, 0.7],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        ]
+    )
+    got = zero_shot_metrics(images, [0, 0, 1, 2, 7], classes, chunk_size=2)
+    assert got == pytest.approx(
+        {"zero_shot_accuracy": 40.0, "zero_shot_top5_accuracy": 60.0, "zero_shot_mean_per_class_recall": 50.0}
+    )
+    # five classes or fewer: top-5 would be 100 by construction and is left out
+    five = zero_shot_metrics(images[:, :5], [0, 0, 1, 2, 4], torch.eye(5))
+    assert set(five) == {"zero_shot_accuracy", "zero_shot_mean_per_class_recall"}
+    assert zero_shot_accuracy(images, [0, 0, 1, 2, 7], classes) == 40.0
 
 
 def test_zero_shot_accuracy_random_vs_argmax():

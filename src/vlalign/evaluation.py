@@ -34,9 +34,11 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .data.collators import _to_id
 from .data.decoding import DataIssueCounts, _time_to_warn, _usable_captions, decode_image
+from .data.digits import DIGIT_ZERO_SHOT_TEMPLATES, GENERIC_ZERO_SHOT_TEMPLATES
 from .data.sources import ROW_ID_COLUMN, DataArguments
 
 __all__ = [
@@ -62,8 +64,11 @@ __all__ = [
     "retrieval_examples",
     "retrieval_metric_inputs",
     "retrieval_metrics",
+    "ZERO_SHOT_TEMPLATE_SETS",
     "zero_shot_accuracy",
     "zero_shot_classifier",
+    "zero_shot_metrics",
+    "zero_shot_templates_for",
 ]
 
 logger = logging.getLogger("vlalign.evaluation")
@@ -385,13 +390,76 @@ def zero_shot_accuracy(
     ``labels[i]`` is the row of ``class_embeds`` (e.g. from :func:`zero_shot_classifier`) that is the
     correct class of image ``i``. Returns NaN for an empty set.
     """
+    return zero_shot_metrics(image_embeds, labels, class_embeds, chunk_size)["zero_shot_accuracy"]
+
+
+@torch.no_grad()
+def zero_shot_metrics(
+    image_embeds: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    class_embeds: torch.Tensor,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Zero-shot classification in percent, as clip_benchmark reports it: ``zero_shot_accuracy`` (top-1),
+    ``zero_shot_top5_accuracy`` (the label among the 5 most similar classes; left out with 5 classes or fewer,
+    where it is 100 by construction) and ``zero_shot_mean_per_class_recall`` (top-1 recall of each class present
+    among the labels, averaged over those classes: balanced accuracy, not swayed by a large class).
+
+    ``labels[i]`` is the row of ``class_embeds`` that is image ``i``'s class; a label outside the rows (a class the
+    names leave out, -1 for none) counts as wrong and is no class of the mean. NaN for an empty set."""
     labels = torch.as_tensor(labels).reshape(-1).long().to(image_embeds.device)
     if labels.numel() != image_embeds.shape[0]:
         raise ValueError(f"got {labels.numel()} labels for {image_embeds.shape[0]} images")
+    num_classes = class_embeds.shape[0]
+    results = {"zero_shot_accuracy": float("nan"), "zero_shot_mean_per_class_recall": float("nan")}
+    if num_classes > 5:
+        results["zero_shot_top5_accuracy"] = float("nan")
     if labels.numel() == 0:
-        return float("nan")
-    _, pred = chunked_similarity_topk(image_embeds, class_embeds.to(image_embeds.device), 1, chunk_size)
-    return 100.0 * float((pred[:, 0] == labels).float().mean())
+        return results
+    _, pred = chunked_similarity_topk(image_embeds, class_embeds.to(image_embeds.device), 5, chunk_size)
+    top1 = pred[:, 0] == labels
+    # counts in integers: a float32 mean would put noise into the percentages (95.27778029441833 for 343 / 360)
+    results["zero_shot_accuracy"] = 100.0 * int(top1.sum()) / labels.numel()
+    if num_classes > 5:
+        results["zero_shot_top5_accuracy"] = 100.0 * int((pred == labels[:, None]).any(dim=1).sum()) / labels.numel()
+    covered = (labels >= 0) & (labels < num_classes)
+    if covered.any():
+        present = labels[covered].unique()
+        recalls = [int(top1[labels == c].sum()) / int((labels == c).sum()) for c in present.tolist()]
+        results["zero_shot_mean_per_class_recall"] = 100.0 * sum(recalls) / len(recalls)
+    return results
+
+
+# Prompt-template sets for zero-shot classification, by dataset (the last part of its name, lower case): each class
+# name is put into every template and the text embeddings are averaged (`zero_shot_classifier`). Any other dataset
+# gets the generic set; `vlalign.evaluate --templates` takes a set name, a file of templates or templates themselves.
+ZERO_SHOT_TEMPLATE_SETS: dict[str, list[str]] = {
+    "digits": list(DIGIT_ZERO_SHOT_TEMPLATES),
+    "generic": list(GENERIC_ZERO_SHOT_TEMPLATES),
+    "photo": [
+        "a photo of a {name}.",
+        "a blurry photo of a {name}.",
+        "a close-up photo of a {name}.",
+        "a bright photo of the {name}.",
+        "a cropped photo of the {name}.",
+        "a low resolution photo of a {name}.",
+        "a photo of one {name}.",
+    ],
+    "mnist": ['a photo of the number: "{name}".', "a handwritten {name}.", "the digit {name}."],
+    "cifar10": ["a photo of a {name}.", "a blurry photo of a {name}.", "a low resolution photo of a {name}."],
+    "cifar100": ["a photo of a {name}.", "a blurry photo of a {name}.", "a low resolution photo of a {name}."],
+    "food101": ["a photo of {name}, a type of food."],
+    "oxford_pets": ["a photo of a {name}, a type of pet."],
+    "flowers102": ["a photo of a {name}, a type of flower."],
+    "eurosat": ["a centered satellite photo of {name}.", "a satellite photo of {name}."],
+}
+
+
+def zero_shot_templates_for(dataset_name: str) -> list[str]:
+    """The template set of a dataset (see `ZERO_SHOT_TEMPLATE_SETS`): by the last part of its name, lower case
+    (``uoft-cs/cifar10`` -> ``cifar10``), else the generic set."""
+    key = dataset_name.rstrip("/").rsplit("/", 1)[-1].lower().replace("-", "_")
+    return list(ZERO_SHOT_TEMPLATE_SETS.get(key, ZERO_SHOT_TEMPLATE_SETS["generic"]))
 
 
 # Cross-modal losses at or above this fraction of ln(number of keys) (the loss of a uniform prediction, whatever the
@@ -480,10 +548,20 @@ class EvalInputs:
     issues: DataIssueCounts = field(default_factory=DataIssueCounts)
 
 
-def build_eval_inputs(dataset: datasets.Dataset, args: DataArguments, batch_size: int = 256) -> EvalInputs:
+def build_eval_inputs(
+    dataset: datasets.Dataset,
+    args: DataArguments,
+    batch_size: int = 256,
+    on_images: Callable[[list[Image.Image]], None] | None = None,
+    captions: bool = True,
+) -> EvalInputs:
     """Decode an eval split into `EvalInputs` (all captions of every image, flattened), with the image decoding and
-    caption sanitising of training (`vlalign.data.decode_image`, `sanitise_caption`). `batch_size` only controls how
-    many rows are read from the Arrow table at a time."""
+    caption sanitising of training (`vlalign.data.decode_image`, `sanitise_caption`). `batch_size` is how many rows
+    are read from the Arrow table at a time.
+
+    With `on_images`, the decoded images are handed to it in lists of `batch_size` (in row order) and not kept
+    (`EvalInputs.images` stays empty), so memory holds one batch of images, not the split: what
+    `vlalign.evaluate` does to embed a large split. `captions=False` reads no caption column (zero-shot only)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     feature = dataset.features.get(args.image_column)
@@ -519,9 +597,16 @@ def build_eval_inputs(dataset: datasets.Dataset, args: DataArguments, batch_size
             image_ids.append(positive)
             if labels is not None:
                 labels.append(int(label) if label is not None else -1)
-            for caption in _usable_captions(chunk[args.caption_column][offset], args.max_caption_chars, issues):
-                texts.append(caption)
-                text_ids.append(positive)
+            if captions:
+                for caption in _usable_captions(chunk[args.caption_column][offset], args.max_caption_chars, issues):
+                    texts.append(caption)
+                    text_ids.append(positive)
+            if on_images is not None and len(images) == batch_size:
+                on_images(images)
+                images = []
+    if on_images is not None and images:
+        on_images(images)
+        images = []
     if issues.images_skipped or issues.captions_skipped or issues.captions_sanitised:
         logger.warning("Eval split: %s", issues.summary())
     return EvalInputs(images, image_ids, texts, text_ids, labels, issues.images_skipped, issues)
@@ -542,24 +627,34 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def _batches(items, batch_size: int, progress: str | None):
+    """`items` in slices of `batch_size`, with a tqdm bar named `progress` (none when None)."""
+    starts = range(0, len(items), batch_size)
+    if progress is not None:
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for start in starts:
+        yield items[start : start + batch_size]
+
+
 @torch.no_grad()
-def embed_images(model, processor, images, batch_size: int = 128) -> torch.Tensor:
-    """Normalised image embeddings (N, D), in batches, in eval mode (no augmentation)."""
+def embed_images(model, processor, images, batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
+    """Normalised image embeddings (N, D) in float32, in batches (a progress bar named `progress` when given), in
+    eval mode (no augmentation)."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+    for batch in _batches(images, batch_size, progress):
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
         out.append(model.get_image_features(pixel_values=pixels.to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
-def embed_texts(model, processor, texts, batch_size: int = 256) -> torch.Tensor:
-    """Normalised text embeddings (N, D), in batches."""
+def embed_texts(model, processor, texts, batch_size: int = 256, progress: str | None = None) -> torch.Tensor:
+    """Normalised text embeddings (N, D) in float32, in batches."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
+    for batch in _batches(list(texts), batch_size, progress):
+        tokens = processor(text=batch, return_tensors="pt")
         out.append(
             model.get_text_features(
                 input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
@@ -606,44 +701,62 @@ def evaluate_model(
     itm_rerank_k: int = 0,
     chunk_size: int = 1024,
     image_embeds: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` /
-    `text_ids`) and, when labels and class names are known, zero-shot classification accuracy from class
-    prompts (rows whose label the class names do not cover count as wrong, with a warning naming those labels).
-    With `itm_rerank_k > 0` the top-k candidates are re-ranked by the model's ITM head.
-    `image_embeds` may hold `embed_images` of `eval_inputs.images`, computed once for other uses too."""
+    """What `ContrastiveTrainer.evaluate` and `vlalign.evaluate` report, from one code path:
+
+    - retrieval recall@1/5/10 both ways (several positives per query, by `eval_inputs.image_ids` / `text_ids`;
+      left out when the inputs have no caption), with `itm_rerank_k > 0` the top-k candidates re-ranked by the
+      model's ITM head (TCL / CODIS with fusion layers; needs `eval_inputs.images`);
+    - with labels, class names and templates, zero-shot classification (`zero_shot_metrics`: top-1, top-5, mean
+      per-class recall) from prompt ensembles; rows whose label the class names do not cover count as wrong, with
+      a warning naming those labels;
+    - for a codebook model (CODIS), code usage (`codebook_metrics`).
+
+    `image_embeds` may hold `embed_images` of the images, computed once for other uses too (or while the images
+    were read, without keeping them: `build_eval_inputs(on_images=...)`). `progress` shows progress bars."""
     # identical captions with the same positive id are one query/candidate, not several (class-level datasets
     # repeat each caption for every image of the class; duplicates would only tie with each other)
     unique = dict.fromkeys(zip(eval_inputs.texts, eval_inputs.text_ids))
     texts = [text for text, _ in unique]
     text_ids = [text_id for _, text_id in unique]
+    if itm_rerank_k > 0 and not eval_inputs.images:
+        raise ValueError("ITM re-ranking needs the decoded images (eval_inputs.images)")
     with eval_mode(model):
         if image_embeds is None:
-            image_embeds = embed_images(model, processor, eval_inputs.images, batch_size)
-        text_embeds = embed_texts(model, processor, texts, batch_size)
-        rerank_fn = None
-        if itm_rerank_k > 0:
-            rerank_fn = _itm_rerank_fn(model, processor, eval_inputs.images, texts, batch_size)
-        metrics = retrieval_metrics(
-            image_embeds,
-            text_embeds,
-            eval_inputs.image_ids,
-            text_ids,
-            chunk_size=chunk_size,
-            rerank_fn=rerank_fn,
-            rerank_k=max(itm_rerank_k, 1),
-        )
+            image_embeds = embed_images(
+                model, processor, eval_inputs.images, batch_size, "images" if progress else None
+            )
+        if image_embeds.shape[0] != len(eval_inputs.image_ids):
+            raise ValueError(f"got {image_embeds.shape[0]} image embeddings for {len(eval_inputs.image_ids)} images")
+        metrics: dict[str, float] = {}
+        text_embeds = None
+        if texts:
+            text_embeds = embed_texts(model, processor, texts, batch_size, "captions" if progress else None)
+            rerank_fn = None
+            if itm_rerank_k > 0:
+                rerank_fn = _itm_rerank_fn(model, processor, eval_inputs.images, texts, batch_size)
+            metrics.update(
+                retrieval_metrics(
+                    image_embeds,
+                    text_embeds,
+                    eval_inputs.image_ids,
+                    text_ids,
+                    chunk_size=chunk_size,
+                    rerank_fn=rerank_fn,
+                    rerank_k=max(itm_rerank_k, 1),
+                )
+            )
         if class_names and zero_shot_templates and eval_inputs.labels is not None:
             _warn_uncovered_labels([int(label) for label in eval_inputs.labels], len(class_names))
             prompts = class_prompts(class_names, zero_shot_templates)
-            per_class = [embed_texts(model, processor, p, batch_size) for p in prompts]
+            class_batches = prompts if not progress else tqdm(prompts, desc="class prompts", leave=False)
+            per_class = [embed_texts(model, processor, p, batch_size) for p in class_batches]
             classifier = zero_shot_classifier(per_class)
-            metrics["zero_shot_accuracy"] = zero_shot_accuracy(
-                image_embeds, torch.as_tensor(eval_inputs.labels), classifier
-            )
+            metrics.update(zero_shot_metrics(image_embeds, torch.as_tensor(eval_inputs.labels), classifier, chunk_size))
         if hasattr(model, "code_logits"):
             metrics.update(codebook_metrics(model, image_embeds, text_embeds, eval_inputs.labels))
-        metrics["num_eval_images"] = len(eval_inputs.images)
+        metrics["num_eval_images"] = len(eval_inputs.image_ids)
         metrics["num_eval_texts"] = len(texts)
         metrics["num_eval_images_skipped"] = int(eval_inputs.num_skipped)
     return metrics
@@ -656,9 +769,11 @@ def codebook_metrics(model, image_embeds: torch.Tensor, text_embeds: torch.Tenso
     num_codes = model.config.codebook_size
     weight = model.codebook.weight
     image_codes = model.code_logits(image_embeds.to(weight)).argmax(dim=-1).cpu()
-    text_codes = model.code_logits(text_embeds.to(weight)).argmax(dim=-1).cpu()
+    text_codes = None if text_embeds is None else model.code_logits(text_embeds.to(weight)).argmax(dim=-1).cpu()
     results = {"codebook_size": num_codes}
     for name, codes in (("image", image_codes), ("text", text_codes)):
+        if codes is None:  # no captions: zero-shot only
+            continue
         results.update({f"{name}_{k}": v for k, v in code_usage(codes, num_codes).items()})
     if labels is not None:
         results["image_code_purity"] = code_purity(image_codes, labels)

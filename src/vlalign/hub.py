@@ -190,6 +190,10 @@ def _metric_info(key: str) -> tuple[str, str, str] | None:
     if m:
         direction = "Image→text" if m.group(1) == "i2t" else "Text→image"
         return (*RETRIEVAL_TASK, f"{direction} recall@{m.group(2)}")
+    if base == "zero_shot_top5_accuracy":
+        return (*ZERO_SHOT_TASK, "Zero-shot top-5 accuracy")
+    if base == "zero_shot_mean_per_class_recall":
+        return (*ZERO_SHOT_TASK, "Zero-shot mean per-class recall")
     if "recall" in base:
         return (*RETRIEVAL_TASK, key)
     if base == "exact_match_accuracy":

@@ -405,6 +405,30 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         self.max_length = int(max_length)
         super().__init__(image_processor, tokenizer, **kwargs)
 
+    @classmethod
+    def from_dual_encoder_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> VLAlignProcessor:
+        """The tokenizer and image processor saved with a `CLIPModel`, `SiglipModel` or
+        `VisionTextDualEncoderModel` checkpoint (its own resizing and normalisation), as a VLAlignProcessor: the
+        processor of `ALBEFModel.from_dual_encoder_pretrained` on the same checkpoint. SigLIP's text tower pools
+        the last position of texts padded to its full length, so its captions are padded to max_length.
+        ``kwargs`` go to the constructor (e.g. ``augmentation``). Raises ValueError when either part is missing."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            check_tokenizer_files(path)
+        try:
+            tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{path!r} has no tokenizer or image processor to load ({error}); use the processor it was trained with"
+            ) from None
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type == "siglip":
+            kwargs.setdefault("text_padding", "max_length")
+            kwargs.setdefault("max_length", config.text_config.max_position_embeddings)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) of `pixel_values`."""
