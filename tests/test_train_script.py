@@ -1425,3 +1425,59 @@ def test_memory_is_pinned_only_with_a_gpu_unless_the_config_says():
     assert training_args.dataloader_pin_memory is torch.cuda.is_available()
     forced = train._training_arguments({"training": {"dataloader_pin_memory": True}}, "out")
     assert forced.dataloader_pin_memory is True
+
+
+def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
+    """`eval_strategy: steps` computes retrieval and zero-shot metrics at every evaluation, logs them (TensorBoard
+    too), and `metric_for_best_model: t2i_recall@1` with `load_best_model_at_end` ends on the best checkpoint's
+    weights, which are the ones saved."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+
+    out = tmp_path / "out"
+    config = {
+        "model": {**TINY_TRAIN_MODEL, "model_type": "tcl"},
+        "data": {"max_train_samples": 64, "max_eval_samples": 30},
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 6,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 2e-3,
+            "eval_strategy": "steps",
+            "eval_steps": 2,
+            "save_strategy": "steps",
+            "save_steps": 2,
+            "metric_for_best_model": "t2i_recall@1",
+            "load_best_model_at_end": True,
+            "logging_steps": 2,
+            "report_to": "tensorboard",
+            "use_cpu": True,
+        },
+        "run": {"cpu_threads": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = train.main(["--config", str(tmp_path / "config.yaml")])
+
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_t2i_recall@1" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4, 6]
+    for entry in evaluations:
+        assert {"eval_i2t_recall@1", "eval_zero_shot_accuracy", "eval_zero_shot_mean_per_class_recall"} <= set(entry)
+    scores = [entry["eval_t2i_recall@1"] for entry in evaluations]
+    best_step = evaluations[scores.index(max(scores))]["step"]  # the first of equal scores, as transformers keeps
+    assert state["best_global_step"] == best_step
+    assert state["best_model_checkpoint"] == str(out / f"checkpoint-{best_step}")
+    # the final model is the best checkpoint's, and its evaluation is that checkpoint's
+    final = load_file(str(out / "model.safetensors"))
+    best = load_file(str(out / f"checkpoint-{best_step}" / "model.safetensors"))
+    assert final.keys() == best.keys()
+    assert [k for k in final if not torch.equal(final[k], best[k])] == []
+    assert results["t2i_recall@1"] == max(scores)
+    # TensorBoard has every evaluation
+    (events,) = list(out.rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    logged = accumulator.Scalars("eval/t2i_recall@1")
+    assert [event.step for event in logged] == [2, 4, 6]
+    assert [event.value for event in logged] == pytest.approx(scores)

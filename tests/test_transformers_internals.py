@@ -29,6 +29,7 @@ EXPECTED_IMPORTS = {
 EXPECTED_PRIVATE_METHODS = {
     "_save_checkpoint",
     "_load_from_checkpoint",
+    "_load_best_model",
     "_get_output_dir",
     "_prepare_inputs",
     "_build_accelerator_args",

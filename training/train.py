@@ -582,6 +582,8 @@ def _contrastive_evaluation_inputs(data, data_args, processor) -> dict:
         _check_eval_inputs(eval_inputs, data.eval_dataset, data_args)
     return {
         "eval_inputs": eval_inputs,
+        # Trainer refuses eval_strategy "steps" without an eval_dataset; ContrastiveTrainer.evaluate reads eval_inputs
+        "eval_dataset": data.eval_dataset,
         "class_names": data.class_names,
         "zero_shot_templates": data_args.zero_shot_templates,
         "resume_fingerprint": {"positives_by": data_args.positives_by, "train_data": data.train_fingerprint},

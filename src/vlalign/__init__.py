@@ -15,7 +15,8 @@ that is not listed here:
   changes with the release), and generation relies on GenerationMixin passing `pixel_values` on the prefill step
   only.
 - trainer.py (training only, not in saved folders): the Trainer's checkpoint hooks `_save_checkpoint` /
-  `_load_from_checkpoint` / `_get_output_dir` (exact resume, staged checkpoints), `_load_optimizer_and_scheduler`
+  `_load_from_checkpoint` / `_get_output_dir` (exact resume, staged checkpoints), `_load_best_model` (loaded whole),
+  `_load_optimizer_and_scheduler`
   (settings changed on resume), `_get_learning_rate` (named in an error),
   `_prepare_inputs`, `_build_accelerator_args` (torch_compile of the towers only), the `on_pre_optimizer_step` /
   `on_optimizer_step` callback events, `trainer_utils.rotate_checkpoints` and the checkpoint-folder names.

@@ -623,6 +623,23 @@ class VLAlignTrainer(Trainer):
                 use_mtime=False,
             )
 
+    def _load_best_model(self) -> None:  # transformers internal (listed in vlalign/__init__.py)
+        """`load_best_model_at_end`: transformers loads the best checkpoint with `load_state_dict(strict=False)` on
+        the file as saved, which silently leaves out the weights saved under converted names (the EMA teachers'
+        towers, see `_load_checkpoint_weights`): the model would end with the last step's teachers. Load it whole."""
+        best = self.state.best_model_checkpoint
+        target = self.model
+        if (
+            isinstance(target, PreTrainedModel)
+            and os.path.isfile(os.path.join(best, SAFE_WEIGHTS_NAME))
+            and not self.is_fsdp_enabled
+            and not self.is_deepspeed_enabled
+        ):
+            logger.info("Loading the best model from %s (score: %s)", best, self.state.best_metric)
+            _load_checkpoint_weights(target, best)
+        else:
+            super()._load_best_model()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.model if model is None else model
         path = self._resume_state_path(resume_from_checkpoint)
