@@ -4,6 +4,7 @@ FSDP / DeepSpeed plugin objects, without GPUs), and `ddp.yaml` really trains wit
 """
 
 import json
+import logging
 import os
 import re
 import sys
@@ -21,11 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "training" / "accelerate"
 # file -> (distributed type, processes, launcher flag that the file must switch on)
 EXPECTED = {
+    "default.yaml": ("NO", 1, None),
     "single_gpu.yaml": ("NO", 1, None),
     "ddp.yaml": ("MULTI_GPU", 8, "multi_gpu"),
     "fsdp.yaml": ("FSDP", 8, "use_fsdp"),
     "deepspeed_zero2.yaml": ("DEEPSPEED", 8, "use_deepspeed"),
 }
+# default.yaml (the README's commands) must run anywhere, CPU included: full precision; the GPU files use bf16
+MIXED_PRECISION = {name: "no" if name == "default.yaml" else "bf16" for name in EXPECTED}
 
 
 def _launch_args(name, *extra):
@@ -50,7 +54,7 @@ def test_config_parses_with_accelerates_loader(name):
     distributed_type, processes, _ = EXPECTED[name]
     assert config.distributed_type == DistributedType[distributed_type]  # `NO` unquoted would be YAML false
     assert config.num_processes == processes and config.num_machines == 1
-    assert config.mixed_precision == "bf16"
+    assert config.mixed_precision == MIXED_PRECISION[name]  # a bare `no` would be the YAML boolean false
     assert config.use_cpu is False
 
 
@@ -76,10 +80,31 @@ def test_launcher_reads_the_intended_setup(name):
     for launcher_flag in ("multi_gpu", "use_fsdp", "use_deepspeed"):
         assert bool(getattr(args, launcher_flag)) == (launcher_flag == flag), launcher_flag
     assert args.num_processes == processes
-    assert args.mixed_precision == "bf16"
+    assert args.mixed_precision == MIXED_PRECISION[name]
     # the command line wins over the file (how the DDP test below runs 2 processes)
     overridden, _, _ = _launch_args(name, "--num_processes", "2", "--mixed_precision", "no")
     assert overridden.num_processes == 2 and overridden.mixed_precision == "no"
+
+
+def test_the_default_config_launches_one_process_without_the_launchers_warning(tmp_path, monkeypatch, caplog):
+    """Without a config file (and no `accelerate config` of the user's) the launcher warns that it picked defaults,
+    with `--num_processes` 0 on a machine without GPU; the README's commands pass default.yaml, which sets them
+    all: no warning, one process, full precision, no dynamo, on a machine with or without a GPU."""
+    import accelerate.commands.launch as launch
+
+    monkeypatch.setattr(launch, "default_config_file", str(tmp_path / "no_user_config.yaml"))  # as on a new machine
+    caplog.set_level(logging.WARNING, logger="accelerate.commands.launch")
+    for gpus in (0, 1):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        caplog.clear()
+        parser = launch.launch_command_parser()
+        launch._validate_launch_command(parser.parse_args(["training/train.py", "--config", "x.yaml"]))
+        assert "--num_processes` was set to a value of `" + str(gpus) in caplog.text  # the warning this avoids
+        caplog.clear()
+        args, _, _ = _launch_args("default.yaml")
+        assert not caplog.records, caplog.text
+        assert (args.num_processes, args.num_machines, args.mixed_precision, args.dynamo_backend) == (1, 1, "no", "no")
+        assert not (args.multi_gpu or args.use_fsdp or args.use_deepspeed or args.cpu)
 
 
 def test_fsdp_config_builds_an_fsdp2_full_shard_plugin_that_wraps_mivc_layers():

@@ -5,9 +5,12 @@ import ast
 import io
 import json
 import logging
+import os
 import re
 import shlex
+import subprocess
 import sys
+import textwrap
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -19,8 +22,10 @@ import yaml
 from fixtures import TINY_TRAIN_MODEL
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 
+from vlalign.data import DIGIT_NAMES, DIGIT_ZERO_SHOT_TEMPLATES
 from vlalign.hub import (
     DEFAULT_TAGS,
+    MAX_SNIPPET_LABELS,
     _valid_repo_id,
     build_model_card,
     is_hub_id,
@@ -28,6 +33,7 @@ from vlalign.hub import (
     push_command,
     push_folder_to_hub,
     save_model_card,
+    snippet_folder,
 )
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "tcl.md"
@@ -222,14 +228,14 @@ def test_adversarial_strings_keep_card_parseable(tmp_path, bad):
         assert len(row) in (2, 3), row
     if "{{ card_data }}" in bad:  # shown as text, never evaluated as a template expression
         assert "{{ card\\_data }}" in body and "library_name" not in body
-    # the usage snippets are still valid Python and load exactly this model id
+    # the usage snippets are still valid Python and load exactly the folder placeholder of this name (not a Hub id)
     for block in re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL):
         tree = ast.parse(block)
         calls = [
             n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_pretrained"
         ]
         for call in calls:
-            assert ast.literal_eval(call.args[0]) == bad
+            assert ast.literal_eval(call.args[0]) == f"path/to/{bad}"
 
 
 def test_template_must_start_with_front_matter(tmp_path):
@@ -687,6 +693,9 @@ def _build_hostile(value, template="tcl.md"):
         pipeline_tag=value,
         extra={value: value},
         pictures=[(value, "curve.png")],
+        load_from=value,
+        class_names=[value],
+        zero_shot_templates=[f"{value} {{name}}"],
     )
 
 
@@ -809,18 +818,31 @@ def test_html_and_links_are_escaped_text(tmp_path, key):
 
 
 @pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
-def test_usage_snippets_load_exactly_the_model_id(tmp_path, value):
+def test_usage_snippets_load_exactly_the_given_source_with_the_given_labels(tmp_path, value):
     _, _, body = _saved(tmp_path, value)
     blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
     assert len(blocks) == 3
-    loaded_ids = []
+    loaded_ids, pipeline_calls = [], []
     for block in blocks:
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
                 loaded_ids.append(ast.literal_eval(node.args[0]))
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pipeline":
                 loaded_ids.append(ast.literal_eval(next(k.value for k in node.keywords if k.arg == "model")))
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "labels":
+                labels = ast.literal_eval(node.value)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "classifier":
+                pipeline_calls.append({k.arg: k.value for k in node.keywords})
     assert loaded_ids and all(loaded == value for loaded in loaded_ids)
+    assert labels == [value]
+    (call,) = pipeline_calls
+    template = ast.literal_eval(call["hypothesis_template"])
+    # the run's prompt as the pipeline fills it ("{}"), or the generic one when the prompt has other fields
+    try:
+        expected = f"{value} {{name}}".format(name="LABEL")
+    except (KeyError, IndexError, ValueError):
+        expected = "a photo of a LABEL."
+    assert template.format("LABEL") == expected
 
 
 def test_language_list_and_absent_language():
@@ -837,6 +859,158 @@ def test_language_list_and_absent_language():
         TEMPLATES / "tcl.md", model_id="user/model", dataset_name="digits", hyperparameters={}, eval_results={}
     )
     assert "language" not in card.data.to_dict()
+
+
+def _snippets(card) -> tuple[list[str], list[str], dict]:
+    """(sources the snippets load, the pipeline's candidate labels, the pipeline call's keywords as values)."""
+    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+    sources, labels, keywords = [], None, {}
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
+                sources.append(ast.literal_eval(node.args[0]))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pipeline":
+                sources.append(ast.literal_eval(next(k.value for k in node.keywords if k.arg == "model")))
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "labels":
+                labels = ast.literal_eval(node.value)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "classifier":
+                keywords = {k.arg: k.value for k in node.keywords}
+    if "hypothesis_template" in keywords:
+        keywords["hypothesis_template"] = ast.literal_eval(keywords["hypothesis_template"])
+    return sources, labels, keywords
+
+
+def _card(template="tcl.md", **kwargs):
+    return build_model_card(TEMPLATES / template, dataset_name="digits", hyperparameters={}, eval_results={}, **kwargs)
+
+
+@pytest.mark.parametrize("template", ["tcl.md", "codis.md", "mivc.md"])
+def test_a_card_without_a_hub_id_loads_a_folder_and_warns_nothing(template, caplog):
+    caplog.set_level(logging.WARNING)
+    card = _card(template, model_id="tcl_digits")  # a run name, as train.py passes without --hub_model_id
+    sources, _, _ = _snippets(card)
+    assert sources and set(sources) == {"path/to/tcl_digits"}
+    assert card.text.lstrip().startswith("# tcl\\_digits")  # the title is still the run's name
+    assert "replace it with the folder the model was saved to" in card.text
+    card = _card(template, model_id="tcl_digits", load_from="./outputs/tcl_digits")
+    sources, _, _ = _snippets(card)
+    assert set(sources) == {"./outputs/tcl_digits"}
+    assert "load the model from its folder, ./outputs/tcl\\_digits: run them from the directory" in card.text
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    card = _card(template, model_id="someone/tcl-digits")
+    sources, _, _ = _snippets(card)
+    assert set(sources) == {"someone/tcl-digits"} and "saved to" not in card.text
+    with pytest.raises(ValueError, match="load_from"):
+        _card(template, model_id="x", load_from=" ")
+
+
+def test_snippet_folder_keeps_relative_paths_and_hides_the_machines_own():
+    assert snippet_folder("outputs/tcl_digits") == "./outputs/tcl_digits"
+    assert snippet_folder("./outputs/tcl_digits/") == "./outputs/tcl_digits"
+    assert not is_hub_id(snippet_folder("outputs/tcl_digits"))  # a folder, not read as namespace/name
+    for folder in ("/home/me/outputs/run", "../elsewhere/run", "~/run", ""):
+        assert snippet_folder(folder) is None, folder
+
+
+def test_the_pipeline_snippet_uses_the_runs_class_names_and_prompt():
+    _, labels, keywords = _snippets(
+        _card(model_id="a/b", class_names=DIGIT_NAMES, zero_shot_templates=DIGIT_ZERO_SHOT_TEMPLATES)
+    )
+    assert labels == DIGIT_NAMES
+    assert keywords["hypothesis_template"] == "a handwritten digit {}"
+    assert ast.unparse(keywords["candidate_labels"]) == "labels"
+    # prompts with the class index only cannot be filled by the pipeline: the first one naming the class is taken,
+    # and a literal brace stays literal
+    _, _, keywords = _snippets(
+        _card(model_id="a/b", class_names=["x"], zero_shot_templates=["digit {digit}", "{{x}} {name}!"])
+    )
+    assert keywords["hypothesis_template"] == "{{x}} {}!" and "{{x}} {}!".format("y") == "{x} y!"
+    card = _card(model_id="a/b", class_names=["x"], zero_shot_templates=["digit {digit}", "{name} {digit}"])
+    _, _, keywords = _snippets(card)
+    assert keywords["hypothesis_template"] == "a photo of a {}." and "adapt it to your data" in card.text
+    # many classes: the first ones, and the comment says how many there are
+    names = [f"class {i}" for i in range(25)]
+    card = _card(model_id="a/b", class_names=names, zero_shot_templates=["a photo of a {name}."])
+    _, labels, _ = _snippets(card)
+    assert labels == names[:MAX_SNIPPET_LABELS] and f"# {MAX_SNIPPET_LABELS} of the 25 class names" in card.text
+    # nothing known about the classes: generic labels and prompt
+    card = _card(model_id="a/b")
+    _, labels, keywords = _snippets(card)
+    assert labels == ["cat", "dog"] and keywords["hypothesis_template"] == "a photo of a {}."
+    assert "# your class names" in card.text
+
+
+def test_the_card_of_a_training_run_has_snippets_that_run_as_shown(tmp_path, monkeypatch, caplog):
+    """A tiny TCL run on the digits, without a Hub id, from the directory it was started in: its card's snippets
+    load the saved folder (no warning about Hub ids), and the pipeline call shown, run as written next to the
+    output folder, classifies an image among the digit names with the demo's prompt: its scores are the model's
+    softmax over exactly those prompts."""
+    import train
+
+    config = {
+        "model": MODELS["tcl"],
+        "data": {"max_train_samples": 48, "max_eval_samples": 20},
+        "training": {
+            "output_dir": "runs/tcl_digits",
+            "max_steps": 2,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+        "run": {"cpu_threads": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING)
+    train.main(["--config", str(tmp_path / "config.yaml")])
+    assert not [r.getMessage() for r in caplog.records if "Hub repo id" in r.getMessage()]
+    card = ModelCard.load(tmp_path / "runs/tcl_digits/README.md")
+    sources, labels, keywords = _snippets(card)
+    assert set(sources) == {"./runs/tcl_digits"}
+    assert labels == DIGIT_NAMES and keywords["hypothesis_template"] == "a handwritten digit {}"
+
+    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    from PIL import Image
+
+    Image.fromarray((np.indices((32, 32)).sum(0) % 7 * 36).astype(np.uint8)).convert("RGB").save(tmp_path / "photo.jpg")
+    script = textwrap.dedent(
+        """
+        import ast, json
+        import torch
+        from PIL import Image
+
+        blocks = json.load(open("blocks.json"))
+        ns = {}
+        exec(blocks[0], ns)  # import vlalign; AutoModel / AutoProcessor from the folder
+        tree = ast.parse(blocks[2])  # the pipeline snippet, its last line evaluated for its result
+        call = tree.body.pop()
+        exec(compile(tree, "pipeline-snippet", "exec"), ns)
+        result = eval(compile(ast.Expression(call.value), "pipeline-call", "eval"), ns)
+        template = ast.literal_eval(next(k.value for k in call.value.keywords if k.arg == "hypothesis_template"))
+        labels, processor, model = ns["labels"], ns["processor"], ns["classifier"].model
+        prompts = [template.format(label) for label in labels]
+        image = Image.open("photo.jpg").convert("RGB")
+        inputs = processor(images=[image], text=prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            probs = model(**inputs).logits_per_image.softmax(-1)[0].tolist()
+        print("RESULT", json.dumps({"result": result, "expected": dict(zip(labels, probs))}))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+    scores = {r["label"]: r["score"] for r in out["result"]}
+    assert sorted(scores) == sorted(DIGIT_NAMES)
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    for label, probability in out["expected"].items():
+        assert scores[label] == pytest.approx(probability, abs=1e-4), label
 
 
 def test_long_local_path_or_nul_as_base_model_is_not_looked_up_as_a_file():
@@ -1340,3 +1514,22 @@ def test_hub_settings_never_reach_the_training_arguments(tmp_path):
         training_args = train._training_arguments(config, str(tmp_path / "out"))
         assert training_args.hub_token is None and not training_args.push_to_hub
         assert RUN_TOKEN.encode() not in pickle.dumps(training_args)
+
+
+@pytest.mark.parametrize("push", [False, True])
+def test_a_hub_model_id_that_is_not_namespace_name_is_warned_about_before_training(push, tmp_path, caplog):
+    import train
+
+    argv = ["--output_dir", str(tmp_path / "out"), "--hub_model_id", "tcl-digits", "--positives_by", "neither"]
+    caplog.set_level(logging.WARNING, logger="vlalign.train")
+    with pytest.raises(ValueError, match="positives_by"):  # the data arguments, read right after: nothing trains
+        train.main(argv + (["--push_to_hub"] if push else []))
+    (warning,) = [r.getMessage() for r in caplog.records if "--hub_model_id" in r.getMessage()]
+    assert warning.startswith("--hub_model_id 'tcl-digits' is not a Hub repo id of the form namespace/name")
+    assert ("under your own namespace" in warning) is push
+    caplog.clear()
+    with pytest.raises(ValueError, match="positives_by"):
+        train.main(
+            ["--output_dir", str(tmp_path / "out"), "--hub_model_id", "someone/tcl-digits", "--positives_by", "x"]
+        )
+    assert "--hub_model_id" not in caplog.text

@@ -223,8 +223,8 @@ def test_readme_set_up_commands():
     section = text[text.index("## Set-up on a fresh machine") :]
     section = section[: section.index("\n## ", 1)]
     assert (
-        "pip install torch==2.13.0 -e . && accelerate launch training/train.py --config "
-        "training/configs/tcl_digits.yaml"
+        "pip install torch==2.13.0 -e . && accelerate launch --config_file training/accelerate/default.yaml "
+        "training/train.py --config training/configs/tcl_digits.yaml"
     ) in section
     assert 'pip install torch==2.13.0 -e ".[dev]" && python -m pytest tests' in section
 

@@ -1431,9 +1431,8 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     """`eval_strategy: steps` computes retrieval and zero-shot metrics at every evaluation, logs them (TensorBoard
     too), and `metric_for_best_model: t2i_recall@1` with `load_best_model_at_end` ends on the best checkpoint's
     weights, which are the ones saved."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
     config = {
@@ -1481,3 +1480,98 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
     logged = accumulator.Scalars("eval/t2i_recall@1")
     assert [event.step for event in logged] == [2, 4, 6]
     assert [event.value for event in logged] == pytest.approx(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU threads: from the CPUs this process may use (affinity, cgroup quota), divided among the local processes
+
+
+def _cgroup_v2(root: Path, path: str, quotas: dict[str, str]) -> Path:
+    """A fake cgroup v2 tree: `quotas` maps a cgroup folder (relative to root) to its cpu.max line."""
+    for folder, line in quotas.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "cpu.max").write_text(line + "\n")
+    proc = root / "proc_self_cgroup"
+    proc.write_text(f"0::{path}\n")
+    return proc
+
+
+def test_available_cpus_is_the_affinity_capped_by_the_smallest_cgroup_quota(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    root = tmp_path / "v2"
+    # no quota anywhere ("max"): the affinity mask
+    proc = _cgroup_v2(root, "/jobs/mine", {".": "max 100000", "jobs": "max 100000", "jobs/mine": "max 100000"})
+    assert train.available_cpus(root, proc) == (8, "CPU affinity")
+    # 1.5 CPUs on the process's own cgroup: rounded down
+    (root / "jobs/mine/cpu.max").write_text("150000 100000\n")
+    assert train.available_cpus(root, proc) == (1, "cgroup CPU quota 1.5")
+    # an ancestor's quota binds too: the smallest wins
+    (root / "jobs/mine/cpu.max").write_text("600000 100000\n")
+    (root / "jobs/cpu.max").write_text("300000 100000\n")
+    assert train.available_cpus(root, proc) == (3, "cgroup CPU quota 3")
+    # a quota above the affinity mask changes nothing
+    (root / "jobs/cpu.max").write_text("1600000 100000\n")
+    assert train.available_cpus(root, proc) == (6, "cgroup CPU quota 6")
+    (root / "jobs/mine/cpu.max").write_text("max 100000\n")
+    assert train.available_cpus(root, proc) == (8, "CPU affinity")
+    # a quota below one CPU still leaves one thread
+    (root / "cpu.max").write_text("20000 100000\n")
+    assert train.available_cpus(root, proc) == (1, "cgroup CPU quota 0.2")
+
+
+def test_available_cpus_in_a_container_and_with_cgroup_v1(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    # a container: /proc/self/cgroup names the host's path, the mount is the container's own cgroup
+    root = tmp_path / "container"
+    proc = _cgroup_v2(root, "/docker/0123abcd", {".": "200000 100000"})
+    assert train.available_cpus(root, proc) == (2, "cgroup CPU quota 2")
+    # cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us in the cpu controller's hierarchy; -1 is no quota
+    root = tmp_path / "v1"
+    (root / "cpu,cpuacct/batch").mkdir(parents=True)
+    (root / "cpu,cpuacct/batch/cpu.cfs_quota_us").write_text("-1\n")
+    (root / "cpu,cpuacct/batch/cpu.cfs_period_us").write_text("100000\n")
+    proc = root / "proc_self_cgroup"
+    proc.write_text("12:memory:/batch\n4:cpu,cpuacct:/batch\n0::/\n")
+    assert train.available_cpus(root, proc) == (4, "CPU affinity")
+    (root / "cpu,cpuacct/batch/cpu.cfs_quota_us").write_text("250000\n")
+    assert train.available_cpus(root, proc) == (2, "cgroup CPU quota 2.5")
+    # nothing readable at all (no cgroup file system, no /proc): the affinity mask
+    assert train.available_cpus(tmp_path / "absent", tmp_path / "absent/cgroup") == (4, "CPU affinity")
+    (root / "cpu,cpuacct/batch/cpu.cfs_quota_us").write_text("garbage\n")  # unreadable values are ignored
+    assert train.available_cpus(root, proc) == (4, "CPU affinity")
+
+
+def test_cpu_threads_are_the_available_cpus_divided_among_local_processes_and_logged_once(monkeypatch, caplog):
+    import types
+
+    import train
+
+    chosen = []
+    monkeypatch.setattr(train.torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(train, "available_cpus", lambda: (5, "cgroup CPU quota 5"))
+    on_cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    caplog.set_level(logging.INFO, logger="vlalign.train")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train._set_cpu_threads(train.RunArguments(), on_cpu)
+    assert chosen == [2]
+    (message,) = [r.getMessage() for r in caplog.records if "thread" in r.getMessage()]
+    assert message == (
+        "Training on the CPU with 2 threads per process (5 CPUs (cgroup CPU quota 5) among 2 local processes)"
+    )
+    caplog.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the other local process sets its threads without a second line
+    train._set_cpu_threads(train.RunArguments(), on_cpu)
+    assert chosen == [2, 2] and not [r for r in caplog.records if "thread" in r.getMessage()]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more processes than CPUs: one thread each
+    train._set_cpu_threads(train.RunArguments(), on_cpu)
+    assert chosen[-1] == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train._set_cpu_threads(train.RunArguments(cpu_threads=3), on_cpu)  # the setting wins
+    assert chosen[-1] == 3 and "3 threads per process (--cpu_threads)" in caplog.text
+    train._set_cpu_threads(train.RunArguments(), types.SimpleNamespace(device=torch.device("meta")))
+    assert len(chosen) == 4  # not on the CPU: torch's threads are left alone

@@ -76,6 +76,7 @@ from vlalign.hub import (
     PUSH_ERRORS,
     build_model_card,
     card_hyperparameters,
+    is_hub_id,
     mivc_card_hyperparameters,
     multi_image_pictures,
     public_name,
@@ -83,6 +84,7 @@ from vlalign.hub import (
     push_folder_to_hub,
     retrieval_pictures,
     save_model_card,
+    snippet_folder,
 )
 from vlalign.output_folder import (
     OutputFolderInUseError,
@@ -132,7 +134,8 @@ class RunArguments:
     hub_token: str | None = field(default=None, repr=False)
     license: str = "apache-2.0"
     # CPU threads per process when training on CPU. `accelerate launch` exports OMP_NUM_THREADS=1 unless told
-    # otherwise, which halves a 2-core machine; None uses all cores divided among the local processes.
+    # otherwise, which halves a 2-core machine; None: the CPUs this process may use (`available_cpus`) divided
+    # among the local processes. On a machine shared with other jobs 1 is much faster (threads wait on each other).
     cpu_threads: int | None = None
 
 
@@ -658,6 +661,8 @@ def _contrastive_card(model, training_args, trainer, run: RunArguments, data_arg
         },
         code_usage={k: results[k] for k in code_keys} or None,
         alignment_not_started=trainer.alignment_check if trainer.alignment_not_started else None,
+        class_names=data.class_names,  # for the card's pipeline snippet
+        zero_shot_templates=data_args.zero_shot_templates,
     )
 
 
@@ -832,10 +837,85 @@ def _resolve_checkpoint(value: Any, output_dir: str) -> str | None:
     return str(value)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_dirs(cgroup_root: Path, proc_cgroup: Path) -> list[tuple[str, Path]]:
+    """("v2" | "v1", folder) of this process's CPU cgroup and of its ancestors: a quota anywhere above applies too.
+    /proc/self/cgroup names the cgroup ("0::<path>" for v2, "<id>:cpu,cpuacct:<path>" for v1); in a container the
+    path may be the host's while the mount is the container's own cgroup, so the walk goes up to the mount."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    starts: list[tuple[str, Path, Path]] = []  # (version, mount, folder)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        relative = path.strip().lstrip("/")
+        if controllers == "":
+            starts.append(("v2", cgroup_root, cgroup_root / relative))
+        elif "cpu" in controllers.split(","):
+            for mount in dict.fromkeys((cgroup_root / controllers, cgroup_root / "cpu", cgroup_root / "cpu,cpuacct")):
+                starts.append(("v1", mount, mount / relative))
+    if not starts:
+        starts = [("v2", cgroup_root, cgroup_root), ("v1", cgroup_root / "cpu", cgroup_root / "cpu")]
+    found: list[tuple[str, Path]] = []
+    for version, mount, folder in starts:
+        while True:
+            found.append((version, folder))
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
+    return list(dict.fromkeys(found))
+
+
+def _cgroup_quota(version: str, folder: Path) -> float | None:
+    """CPUs of a cgroup's quota (quota / period), None when it has none (or the files are absent or unreadable)."""
+    try:
+        if version == "v2":
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> tuple[int, str]:
+    """How many CPUs this process may use, at least 1, and how that was found: the CPUs of its affinity mask
+    (`os.sched_getaffinity`; `os.cpu_count` where there is none), capped by the smallest cgroup CPU quota of its
+    cgroup and its ancestors (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded down: a container
+    limited to 1.5 CPUs gets 1 (a thread beyond the quota waits for it). Other jobs' load is not visible here."""
+    if hasattr(os, "sched_getaffinity"):
+        cpus, source = len(os.sched_getaffinity(0)), "CPU affinity"
+    else:
+        cpus, source = os.cpu_count() or 1, "cpu_count"
+    quotas = [_cgroup_quota(version, folder) for version, folder in _cgroup_dirs(cgroup_root, proc_cgroup)]
+    quotas = [q for q in quotas if q is not None]
+    if quotas and int(min(quotas)) < cpus:
+        cpus, source = int(min(quotas)), f"cgroup CPU quota {min(quotas):g}"
+    return max(1, cpus), source
+
+
 def _set_cpu_threads(run: RunArguments, training_args) -> None:
-    if training_args.device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(run.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    if training_args.device.type != "cpu":
+        return
+    if run.cpu_threads:
+        threads, reason = run.cpu_threads, "--cpu_threads"
+    else:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        cpus, source = available_cpus()
+        threads = max(1, cpus // local_processes)
+        reason = f"{cpus} CPUs ({source}) among {local_processes} local process{'es' if local_processes > 1 else ''}"
+    torch.set_num_threads(threads)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        logger.info(
+            "Training on the CPU with %d thread%s per process (%s)", threads, "s" if threads > 1 else "", reason
+        )
 
 
 _HELD_LOCKS: dict = {}  # output folder -> this process's lock on it, held until the process exits
@@ -1025,6 +1105,15 @@ def main(argv: list[str] | None = None) -> dict:
     run = RunArguments(**config["run"])
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
+    if run.hub_model_id and not is_hub_id(run.hub_model_id):
+        logger.warning(
+            "--hub_model_id %r is not a Hub repo id of the form namespace/name: the model card's snippets load the "
+            "saved folder instead%s",
+            run.hub_model_id,
+            " (the push creates the repo under your own namespace, if the Hub accepts the name)"
+            if run.push_to_hub
+            else "",
+        )
     if run.hub_token:
         # never written to a file by us, but a command line is visible to the machine's other users (`ps`), and
         # `accelerate launch` repeats it when the run exits with an error
@@ -1083,6 +1172,8 @@ def main(argv: list[str] | None = None) -> dict:
         build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
+            # what the card's snippets load: the Hub repo, else the folder as given (absolute: a placeholder)
+            load_from=run.hub_model_id if is_hub_id(run.hub_model_id) else snippet_folder(training_args.output_dir),
             dataset_name=public_name(data_args.dataset_name),
             dataset_split=data_args.train_split,
             eval_split=data_args.eval_split,

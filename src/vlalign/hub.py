@@ -17,6 +17,9 @@ Design decisions
   is written by a dumper that double-quotes (and so escapes) any string holding a Unicode line separator.
 * Values that a template puts at the start of a line are also escaped against opening a list, a thematic break
   (``---``) or a setext heading.
+* The usage snippets load what a reader can actually load: the Hub repo id when the model has one, else its
+  local folder (a relative path as given, or a ``path/to/<name>`` placeholder, never a path of the training
+  machine). The pipeline snippet uses the class names and a zero-shot prompt the model was evaluated with.
 * Tokens are passed straight to ``HfApi`` and never logged, printed or written.
 * A push uploads an allow-list (`publishable_files`), computed from the folder and committed file by file, never
   the folder as a whole: a training run's output folder also holds checkpoints, logs and pickles.
@@ -31,6 +34,7 @@ import math
 import os
 import re
 import shlex
+import string
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,9 +57,14 @@ __all__ = [
     "push_command",
     "push_folder_to_hub",
     "save_model_card",
+    "snippet_folder",
 ]
 
 DEFAULT_TAGS = ("vlalign", "vision-language", "contrastive-learning")
+# The pipeline snippet of a model card without the run's class names / prompts
+GENERIC_SNIPPET_LABELS = ("cat", "dog")
+GENERIC_HYPOTHESIS_TEMPLATE = "a photo of a {}."
+MAX_SNIPPET_LABELS = 10  # more class names than this: the snippet shows the first ones
 RETRIEVAL_TASK = ("image-text-retrieval", "Image-Text Retrieval")
 ZERO_SHOT_TASK = ("zero-shot-image-classification", "Zero-Shot Image Classification")
 GENERATION_TASK = ("image-text-to-text", "Image-Text-to-Text")
@@ -141,6 +150,59 @@ def is_hub_id(name: Any) -> bool:
     return isinstance(name, str) and name.count("/") == 1 and _valid_repo_id(name)
 
 
+def snippet_folder(folder: str | Path) -> str | None:
+    """A model folder as a card's usage snippets may name it: a relative path that stays inside the current directory,
+    as ``./<path>`` (POSIX form; it loads from the directory the path was given in, and the leading ``./`` keeps it
+    from reading as a Hub ``namespace/name``). None for an absolute path or one that climbs out with "..": those
+    name the training machine's directories, which a card does not show."""
+    path = Path(folder)
+    if path.is_absolute() or ".." in path.parts or str(folder).startswith("~") or not path.parts:
+        return None
+    return f"./{path.as_posix()}"
+
+
+def _hypothesis_template(templates: list[str] | None) -> str | None:
+    """The first zero-shot prompt (`str.format` with ``{name}``, as `vlalign.data.DataArguments` takes them) that the
+    zero-shot pipeline can use: its only field is ``{name}``, which becomes the pipeline's ``{}``. Prompts with a
+    ``{digit}`` / ``{label}`` field need the class index, which the pipeline does not pass; they are skipped."""
+    for template in templates or ():
+        try:
+            parts = list(string.Formatter().parse(str(template)))
+        except ValueError:  # unbalanced braces
+            continue
+        fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+        if not fields or any(field != ("name", "", None) for field in fields):
+            continue
+        # literal braces come back unescaped from parse(): escape them again for the pipeline's str.format
+        return "".join(
+            literal.replace("{", "{{").replace("}", "}}") + ("{}" if name is not None else "")
+            for literal, name, _, _ in parts
+        )
+    return None
+
+
+def _pipeline_snippet_vars(class_names: list[str] | None, zero_shot_templates: list[str] | None) -> dict[str, str]:
+    names = [str(n) for n in class_names or ()]
+    template = _hypothesis_template(zero_shot_templates) if names else None
+    if not names:
+        labels, said = list(GENERIC_SNIPPET_LABELS), "your class names"
+    elif len(names) > MAX_SNIPPET_LABELS:
+        labels, said = names[:MAX_SNIPPET_LABELS], f"{MAX_SNIPPET_LABELS} of the {len(names):,} class names"
+    else:
+        labels, said = names, "the class names"
+    if template:
+        comment = f"{said} and a zero-shot prompt the model was evaluated with"
+    elif names:
+        comment = f"{said} the model was evaluated with, and a generic prompt: adapt it to your data"
+    else:
+        comment = f"{said}, and a prompt that fits your data"
+    return {
+        "candidate_labels_literal": "[" + ", ".join(_py_literal(label) for label in labels) + "]",
+        "hypothesis_template_literal": _py_literal(template or GENERIC_HYPOTHESIS_TEMPLATE),
+        "pipeline_comment": comment,
+    }
+
+
 def _is_hub_model_id(name: Any) -> bool:
     """A repo id that is not a local path (for `base_model`). The id check comes first: it rejects the names that
     `Path.exists` cannot even look up (too long, NUL bytes)."""
@@ -223,6 +285,7 @@ def build_model_card(
     template_path: str | Path,
     *,
     model_id: str,
+    load_from: str | None = None,
     model_type_name: str = "TCL",
     base_model: str | list[str] | None = None,
     dataset_name: str,
@@ -241,12 +304,19 @@ def build_model_card(
     code_usage: Mapping[str, Any] | None = None,
     alignment_not_started: Mapping[str, Any] | None = None,
     pictures: list[tuple[str, str]] | None = None,
+    class_names: list[str] | None = None,
+    zero_shot_templates: list[str] | None = None,
 ) -> ModelCard:
     """Render a model card from a Jinja template (e.g. ``model_cards/tcl.md``).
 
     Args:
         template_path: Markdown/Jinja template whose first lines are ``---``, ``{{ card_data }}``, ``---``.
-        model_id: Hub repo id (``user/name``) used as title, ``model-index`` name and in the usage snippets.
+        model_id: the model's name: the card's title and ``model-index`` name. A Hub repo id (``namespace/name``),
+            or a run name for a model that is not on the Hub.
+        load_from: what the usage snippets load (``from_pretrained``, ``pipeline``): a Hub repo id, or the model's
+            folder: anything that is not a Hub repo id, such as ``./outputs/run`` from `snippet_folder` (relative to
+            where the snippets are run). Default: ``model_id`` when it is a Hub repo id, else the placeholder
+            ``path/to/<model_id>``. For a folder the card says what to replace it with.
         model_type_name: display name of the method; its lowercase form is added as a tag.
         base_model: backbone checkpoint id(s) the model was initialised from.
         dataset_name: training dataset (Hub id, builder name or description).
@@ -273,6 +343,11 @@ def build_model_card(
             ``alignment_check``), rendered as a warning at the top of the evaluation section.
         pictures: ``(caption, file name)`` of PNG files saved next to README.md (e.g. by `plot_training_curves`,
             `plot_retrieval_grid`, `plot_multi_image_examples`), shown with relative links.
+        class_names, zero_shot_templates: the class names and zero-shot prompts (``{name}`` placeholders, as
+            `vlalign.data.DataArguments`) the model was evaluated with. The pipeline snippet of the zero-shot
+            templates uses them as ``candidate_labels`` (the first `MAX_SNIPPET_LABELS`) and, as
+            ``hypothesis_template``, the first prompt whose only placeholder is ``{name}``; without them (or
+            without such a prompt), generic ones.
 
     Returns:
         ``huggingface_hub.ModelCard``; ``card.data`` holds the metadata, ``card.text`` the body.
@@ -281,8 +356,13 @@ def build_model_card(
         raise ValueError("model_id must be a non-empty string")
     if not isinstance(dataset_name, str) or not dataset_name.strip():
         raise ValueError("dataset_name must be a non-empty string")
-    if not is_hub_id(model_id):
-        logger.warning("model_id %r is not a valid Hub repo id (namespace/name); the card is built anyway", model_id)
+    if load_from is not None and (not isinstance(load_from, str) or not load_from.strip()):
+        raise ValueError(f"load_from must be None or a non-empty string, got {load_from!r}")
+    if load_from is None:
+        load_from = model_id if is_hub_id(model_id) else f"path/to/{model_id}"
+        placeholder = not is_hub_id(model_id)
+    else:
+        placeholder = False
 
     # ---- evaluation results: metadata entries + table rows + other numbers
     metadata_results: list[EvalResult] = []
@@ -347,7 +427,10 @@ def build_model_card(
     embed_dim = _as_number(hparams.get("embed_dim"))
     template_vars: dict[str, Any] = {
         "model_id": _md(model_id),
-        "model_id_literal": _py_literal(model_id),
+        "model_id_literal": _py_literal(load_from),  # the name templates know it by: what from_pretrained loads
+        # how the snippets' folder is to be read, when they load one: None when they load from the Hub
+        "local_folder": None if is_hub_id(load_from) else {"name": _md(load_from), "placeholder": placeholder},
+        **_pipeline_snippet_vars(class_names, zero_shot_templates),
         "model_type_name": _md(model_type_name),
         "base_models": [_md(m) for m in base_models],
         "dataset_name": _md(dataset_name),
