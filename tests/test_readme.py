@@ -9,7 +9,8 @@
   order; a block that imports nothing from vlalign runs where `import vlalign` fails (so it must work without
   the package, as the README says). Some blocks are followed by a check of what their comments claim (CHECKS).
 - ```bash blocks pass `bash -n`; every command in them is recognised: `pip install` (requirements parse, extras
-  exist, the torch pin matches the installed torch), `python -m pytest tests`, `export`, and `accelerate launch
+  exist, the torch pin matches the installed torch), `python -m pytest tests`, `export`, `python -m vlalign.evaluate`
+  (its arguments parse), and `accelerate launch
   ... training/train.py ...`, whose launcher arguments go through accelerate's own parser and whose training
   arguments through train.py's config reader (known sections, known fields, values accepted by the config classes).
   Commands on your own data (`--config my.yaml --dataset_name ...`) also train for 2 steps here; the demos (minutes
@@ -44,8 +45,16 @@ README = REPO / "README.md"
 sys.path.insert(0, str(REPO / "training"))
 
 # What README.md holds: a block added or removed must be reflected here (so that no block goes unchecked silently).
-EXPECTED_BLOCKS = {"python": 10, "bash": 12, "yaml": 2}
-EXPECTED_COMMANDS = {"pip": 2, "pytest": 1, "export": 1, "scenes": 1, "train_checked": 14, "train_run": 2}
+EXPECTED_BLOCKS = {"python": 10, "bash": 14, "yaml": 2}
+EXPECTED_COMMANDS = {
+    "pip": 2,
+    "pytest": 1,
+    "export": 1,
+    "scenes": 1,
+    "evaluate": 2,
+    "train_checked": 15,
+    "train_run": 2,
+}
 EXPECTED_WITHOUT_VLALIGN = 1  # Python blocks that import nothing from vlalign (the trust_remote_code example)
 
 # Steps and sizes that turn a README training command or config into a 2-step run here (appended overrides).
@@ -165,6 +174,8 @@ class Command:
             return "export"
         if head == ["python", "-m", "vlalign.data.digit_scenes"]:
             return "scenes"
+        if head == ["python", "-m", "vlalign.evaluate"]:
+            return "evaluate"
         if head[:2] == ["accelerate", "launch"]:
             return "train_run" if self.runs_here else "train_checked"
         return "unknown"
@@ -334,6 +345,11 @@ def test_shell_command_is_valid(command, tmp_path):
         write_scenes([str(out), *command.argv[4:], "--train_size", "6", "--validation_size", "2", "--test_size", "3"])
         assert len((out / "train" / "metadata.jsonl").read_text().splitlines()) == 6
         assert (out / "processor" / "processor_config.json").is_file()
+    elif command.kind == "evaluate":  # the arguments parse (the models it names are trained by the demos)
+        from vlalign.evaluate import parse_args
+
+        args = parse_args(command.argv[3:])
+        assert args.model, command.text
     elif command.kind.startswith("train"):
         _accelerate_args(command)
         args = command.train_args
