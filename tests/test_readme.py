@@ -33,8 +33,10 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -45,14 +47,14 @@ README = REPO / "README.md"
 sys.path.insert(0, str(REPO / "training"))
 
 # What README.md holds: a block added or removed must be reflected here (so that no block goes unchecked silently).
-EXPECTED_BLOCKS = {"python": 10, "bash": 14, "yaml": 2}
+EXPECTED_BLOCKS = {"python": 11, "bash": 15, "yaml": 2}
 EXPECTED_COMMANDS = {
     "pip": 2,
     "pytest": 1,
     "export": 1,
     "scenes": 1,
     "evaluate": 2,
-    "train_checked": 15,
+    "train_checked": 17,
     "train_run": 2,
 }
 EXPECTED_WITHOUT_VLALIGN = 1  # Python blocks that import nothing from vlalign (the trust_remote_code example)
@@ -116,6 +118,11 @@ CHECKS = {
     "get_peft_model(": """
         adapted = [name for name, _ in model.named_parameters() if "lora_" in name]
         assert adapted and not any("momentum_" in name for name in adapted), adapted[:5]
+    """,
+    'PeftModel.from_pretrained(base, "outputs/tcl_digits_lora")': """
+        import torch
+        assert image_embeds.shape == (1, base.config.embed_dim)
+        assert torch.allclose(merged.get_image_features(pixel_values=pixel_values), image_embeds, atol=1e-5)
     """,
     "evaluate.load(RETRIEVAL_METRIC_PATH)": """
         for k in (1, 5, 10):
@@ -330,8 +337,10 @@ def check_train_config(config_path: Path, overrides: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"line{c.block.line}-{i}" for i, c in enumerate(COMMANDS)])
-def test_shell_command_is_valid(command, tmp_path):
+def test_shell_command_is_valid(command, tmp_path, request, monkeypatch):
     _check_repo_paths(command)
+    if command.kind.startswith("train") and "--model_name_or_path" in command.train_args:
+        monkeypatch.chdir(request.getfixturevalue("workspace"))  # the saved model it continues from is there
     if command.kind == "pip":
         _check_pip(command)
     elif command.kind == "pytest":
@@ -555,6 +564,21 @@ def workspace(tmp_path_factory):
     mivc_processor.image_seq_length = mivc.config.image_seq_length
     mivc.save_pretrained(root / "outputs" / "mivc_digits")
     mivc_processor.save_pretrained(root / "outputs" / "mivc_digits")
+    # what `--model_name_or_path outputs/tcl_digits --lora_r 8` saves (train.py's LoRA step; random adapters)
+    import train
+
+    lora = train.RunArguments(model_name_or_path=str(root / "outputs" / "tcl_digits"), lora_r=8, lora_alpha=16)
+    with warnings.catch_warnings():  # peft asks transformers for the deprecated `is_gradient_checkpointing`
+        warnings.simplefilter("ignore", FutureWarning)
+        adapted = train._apply_lora(
+            TCLModel.from_pretrained(lora.model_name_or_path), lora, "tcl", SimpleNamespace(resume_from_checkpoint=None)
+        )
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0.0, 0.1)
+    adapted.save_pretrained(root / "outputs" / "tcl_digits_lora")
+    processor.save_pretrained(root / "outputs" / "tcl_digits_lora")
 
     digits = load_digits()
     (root / "digit.png").write_bytes(_digit_to_png(digits.data[7], 16))

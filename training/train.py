@@ -15,9 +15,11 @@ field's type and against the fields of the model's task (`yes` / `no` / `on` / `
 `main` runs the same numbered steps for both tasks of the `TASKS` table (contrastive: TCL / CODIS; multi-image:
 MIVC): 1. parse  2. data  3. processor  4. model  5. trainer  6. train  7. evaluate  8. save + card  9. push.
 The model (safetensors + config with auto_map + code files), processor, eval_results.json and a model card are
-written to `output_dir`; the push (`--push_to_hub --hub_model_id user/name`; token from HF_TOKEN, the stored login
-or `--hub_token`, which is never written to any file) uploads only the files of vlalign.hub.publishable_files,
-never the checkpoints, TensorBoard runs or training_args.json next to them.
+written to `output_dir` (with `--lora_r`, LoRA on the saved model `--model_name_or_path`: the adapters only,
+adapter_model.safetensors + adapter_config.json; see `_apply_lora`); the push (`--push_to_hub --hub_model_id
+user/name`; token from HF_TOKEN, the stored login or `--hub_token`, which is never written to any file) uploads
+only the files of vlalign.hub.publishable_files, never the checkpoints, TensorBoard runs or training_args.json next
+to them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -137,6 +140,17 @@ class RunArguments:
     # otherwise, which halves a 2-core machine; None: the CPUs this process may use (`available_cpus`) divided
     # among the local processes. On a machine shared with other jobs 1 is much faster (threads wait on each other).
     cpu_threads: int | None = None
+    # LoRA (`pip install vlalign[peft]`): low-rank adapters on a saved vlalign model (run.model_name_or_path, the
+    # base); the run trains and saves the adapters only (`_apply_lora`). lora_r None or 0: no LoRA.
+    lora_r: int | None = None
+    lora_alpha: float | None = None  # the update is scaled by lora_alpha / lora_r; default 2 * lora_r
+    lora_dropout: float = 0.0
+    # module names (a list, or "query,value"), matched as name suffixes, or one regex over the full module names;
+    # default: LORA_TARGETS for the model type
+    lora_target_modules: list | str | None = None
+    # modules trained fully and saved with the adapters (names, as above); default: those of LORA_MODULES_TO_SAVE
+    # the model has
+    lora_modules_to_save: list | str | None = None
 
 
 SECTIONS = ("run", "data", "training", "model")
@@ -901,6 +915,171 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGR
     return max(1, cpus), source
 
 
+# LoRA defaults per model type (the README's recommendation). TCL / CODIS: the students' attention (BERT names the
+# projections query / value, ViT and CLIP q_proj / v_proj) and their linear projections into the shared space; never
+# the EMA teachers `momentum_*`, which follow the students' effective (base + LoRA) weights. MIVC: the language
+# model's attention (a regex: ViT also names layers q_proj).
+_ALBEF_LORA_TARGETS = r"(vision_model|text_model|fusion_model)\..*\.(query|value|q_proj|v_proj)"
+LORA_TARGETS = {
+    "tcl": _ALBEF_LORA_TARGETS,
+    "codis": _ALBEF_LORA_TARGETS,
+    "mivc": r"language_model\..*\.(q_proj|v_proj)",
+}
+LORA_PROJECTIONS = ("vision_proj", "text_proj")  # TCL / CODIS: added to the default targets when they are nn.Linear
+# trained fully and saved with the adapters: modules without an EMA teacher (the ITM head, CODIS's codebook; MIVC's
+# projector and pooling, a Q-Former the config does not freeze). The temperature, a bare parameter, keeps its value.
+LORA_MODULES_TO_SAVE = {
+    "tcl": ("itm_head",),
+    "codis": ("itm_head", "codebook"),
+    "mivc": ("projector", "pooling", "qformer"),
+}
+
+
+def _check_lora_arguments(run: RunArguments) -> None:
+    """The LoRA settings, checked before the data and the model are loaded: a positive rank, peft installed, and a
+    saved vlalign model to adapt (the run saves the adapters only; they are meaningless without their base)."""
+    if not run.lora_r:
+        return
+    if run.lora_r < 0:
+        raise SystemExit(f"run.lora_r = {run.lora_r}: the adapters' rank must be positive (null or 0: no LoRA)")
+    if run.lora_alpha is not None and not (math.isfinite(run.lora_alpha) and run.lora_alpha > 0):
+        raise SystemExit(f"run.lora_alpha = {run.lora_alpha}: must be a positive number")
+    if not 0.0 <= run.lora_dropout < 1.0:
+        raise SystemExit(f"run.lora_dropout = {run.lora_dropout}: must be in [0, 1)")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise SystemExit("run.lora_r: LoRA needs peft, an optional extra: pip install 'vlalign[peft]'") from None
+    if not run.model_name_or_path:
+        given = [
+            f"run.{name}"
+            for name in ("dual_encoder_name_or_path", "vision_model_name_or_path", "text_model_name_or_path")
+            if getattr(run, name)
+        ]
+        how = (
+            f"to start from {' / '.join(given)}, save the model built from them first (e.g. "
+            "TCLModel.from_vision_text_pretrained(vision, text).save_pretrained('base'), or "
+            "from_dual_encoder_pretrained) and pass --model_name_or_path base"
+            if given
+            else "LoRA on a randomly initialised model would only learn a low-rank update of random weights: train "
+            "the model fully first (without lora_r), then adapt it"
+        )
+        raise SystemExit(
+            "run.lora_r: LoRA adapts a saved vlalign model, set as run.model_name_or_path (the run saves the adapters "
+            f"only, which load back onto that base); {how}"
+        )
+
+
+def _lora_names(value: list | str | None, field_name: str) -> list[str] | str | None:
+    """A field of module names as peft takes it: a list (or "a,b" -> ["a", "b"]) of names, or one regex (a string
+    with characters other than name characters, commas and spaces)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and not re.fullmatch(r"\s*[\w.]+(\s*,\s*[\w.]+)*\s*", value):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise SystemExit(f"run.{field_name} = {value!r}: not a valid regex ({error})") from None
+        return value
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise SystemExit(f"run.{field_name} = {value!r}: expected module names, e.g. query,value")
+    return names
+
+
+def _apply_lora(model, run: RunArguments, model_type: str, training_args):
+    """With run.lora_r: the model wrapped by peft.get_peft_model, LoRA on `lora_target_modules` (default
+    LORA_TARGETS) and `lora_modules_to_save` (default LORA_MODULES_TO_SAVE) trained fully; everything else frozen.
+    Module names that match nothing, or a module to save that has an EMA teacher, are refused here, before training."""
+    if not run.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    albef = model_type != "mivc"
+    if albef and training_args.resume_from_checkpoint:
+        # the Trainer's checkpoints of a PEFT model hold the adapters only; the EMA teachers, queues and running
+        # statistics change during training too and would restart from the base's
+        raise SystemExit(
+            f"--resume_from_checkpoint with run.lora_r: a {model_type.upper()} checkpoint under LoRA holds the "
+            "adapters only, not the EMA teachers, queues and running statistics the run has changed, so the run "
+            "cannot continue exactly; start it again, or train without LoRA to resume"
+        )
+    modules = {name: module for name, module in model.named_modules() if name}
+    students = [name for name in modules if not name.startswith("momentum_")]
+    targets = _lora_names(run.lora_target_modules, "lora_target_modules")
+    if targets is None:
+        targets = LORA_TARGETS[model_type]
+        projections = [n for n in LORA_PROJECTIONS if albef and isinstance(modules.get(n), torch.nn.Linear)]
+        if projections:
+            targets += f"|({'|'.join(projections)})"
+    elif isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in students):
+            raise SystemExit(f"run.lora_target_modules = {targets!r}: the regex matches no module name of the model")
+    else:
+        unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in students)]
+        if unknown:
+            layers = sorted({n.rsplit(".", 1)[-1] for n in students if isinstance(modules[n], torch.nn.Linear)})
+            raise SystemExit(
+                f"run.lora_target_modules: {unknown} name no module of the {model_type.upper()} model (its linear "
+                f"layers are named {', '.join(layers[:30])})"
+            )
+    to_save = _lora_names(run.lora_modules_to_save, "lora_modules_to_save")
+    if to_save is None:
+        freeze_qformer = getattr(model.config, "freeze_qformer", True)
+        to_save = [
+            n for n in LORA_MODULES_TO_SAVE[model_type] if n in modules and (n != "qformer" or not freeze_qformer)
+        ]
+    elif isinstance(to_save, str):
+        raise SystemExit(f"run.lora_modules_to_save = {to_save!r}: give module names (peft takes no regex here)")
+    for name in to_save:  # peft wraps every module whose name ends with one of these
+        matched = [n for n in modules if n.endswith(name)]
+        if not matched:
+            raise SystemExit(f"run.lora_modules_to_save: {name!r} names no module of the {model_type.upper()} model")
+        teachers = [n for n in matched if n.startswith("momentum_")]
+        if teachers:
+            raise SystemExit(
+                f"run.lora_modules_to_save: {name!r} also names the EMA teacher {teachers[0]!r}, which follows its "
+                "student and cannot be trained: put LoRA on that module instead (lora_target_modules)"
+            )
+    config = LoraConfig(
+        r=run.lora_r,
+        lora_alpha=run.lora_alpha if run.lora_alpha is not None else 2 * run.lora_r,
+        lora_dropout=run.lora_dropout,
+        target_modules=targets,
+        # plain name lists match by suffix: keep the teachers out (they follow the students' effective weights)
+        exclude_modules=r"momentum_.*" if any(n.startswith("momentum_") for n in modules) else None,
+        modules_to_save=list(to_save) or None,
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as error:
+        raise SystemExit(f"run.lora_*: peft cannot adapt the model: {error}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "LoRA r=%d on %s, trained fully: %s; %d of %d parameters trainable",
+        run.lora_r,
+        targets,
+        list(to_save) or "nothing",
+        trainable,
+        total,
+    )
+    return model
+
+
+def _lora_card_settings(model) -> dict:
+    """The LoRA settings for the card's hyperparameters."""
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    return {
+        "lora_r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_target_modules": targets if isinstance(targets, str) else ", ".join(sorted(targets)),
+        "lora_modules_to_save": ", ".join(config.modules_to_save or []) or "none",
+    }
+
+
 def _set_cpu_threads(run: RunArguments, training_args) -> None:
     if training_args.device.type != "cpu":
         return
@@ -1103,6 +1282,7 @@ def main(argv: list[str] | None = None) -> dict:
     _stop_when_launcher_dies()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**config["run"])
+    _check_lora_arguments(run)
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
     if run.hub_model_id and not is_hub_id(run.hub_model_id):
@@ -1138,6 +1318,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model
     model = task.build_model(run, model_section, processor, data)
+    model = _apply_lora(model, run, model_type, training_args)
 
     # 5. trainer, once the evaluation split is known to be usable and the output folder is ours
     evaluation = task.evaluation_inputs(data, data_args, processor)
@@ -1169,6 +1350,9 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         card = task.card(model, training_args, trainer, run, data_args, data, results)
+        if run.lora_r:  # the adapters need their base: it is the card's base model
+            card["base_model"] = public_name(run.model_name_or_path)
+            card["hyperparameters"].update(_lora_card_settings(model))
         build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,
