@@ -358,6 +358,13 @@ def test_train_script_lora_saves_adapters_that_reproduce_the_run_on_its_base(mod
             assert not torch.equal(embed(base_model.eval(), processor, inputs), expected)  # the run changed them
     again = train.evaluate_model(reloaded, *args[1:], **{k: v for k, v in kwargs.items() if k != "image_embeds"})
     assert again == run_metrics and {k: results[k] for k in run_metrics} == run_metrics
+    # and `python -m vlalign.evaluate` on the adapter folder (its base found from adapter_config.json) gives them too
+    from vlalign.evaluate import main as evaluate
+
+    evaluate(["--model", str(out), "--max_samples", str(ALBEF_DATA["max_eval_samples"]), "--no_progress",
+              "--batch_size", str(kwargs["batch_size"]), "--output", str(tmp_path / "evaluation.json")])  # fmt: skip
+    measured = json.loads((tmp_path / "evaluation.json").read_text())["models"][str(out)]
+    assert {k: measured[k] for k in run_metrics} == run_metrics
 
     card = ModelCard.load(out / "README.md")
     assert "| lora\\_r | 4 |" in card.content and "| lora\\_alpha | 8 |" in card.content

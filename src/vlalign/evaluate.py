@@ -77,9 +77,14 @@ _NONE = ("none", "null", "")
 
 
 def load_model_for_evaluation(name: str, allow_pickle: bool = False):
-    """``(model, processor)`` for `name`: a TCL / CODIS model with its saved processor, or a plain CLIP / SigLIP /
+    """``(model, processor)`` for `name`: a TCL / CODIS model with its saved processor (or a LoRA run's adapters on
+    their base), or a plain CLIP / SigLIP /
     VisionTextDualEncoder checkpoint through `TCLModel.from_dual_encoder_pretrained` (its own embeddings) with
     `VLAlignProcessor.from_dual_encoder_pretrained` (its own tokenizer and image processor)."""
+    if os.path.isfile(os.path.join(name, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(name, "config.json")
+    ):
+        return _load_adapters(name, allow_pickle)
     config = AutoConfig.from_pretrained(name)
     if config.model_type in ALBEFModel._DUAL_ENCODER_TYPES:
         # as TCL without training terms: the dual encoder's embeddings, no teachers built
@@ -92,6 +97,20 @@ def load_model_for_evaluation(name: str, allow_pickle: bool = False):
         "model, or a CLIPModel, SiglipModel or VisionTextDualEncoderModel checkpoint)"
         + ("; an MIVC model answers questions: its evaluation is train.py's" if config.model_type == "mivc" else "")
     )
+
+
+def _load_adapters(folder: str, allow_pickle: bool):
+    """A LoRA run's folder (adapters + processor, `train.py --lora_r`): its base, from adapter_config.json's
+    `base_model_name_or_path`, with the adapters on top."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError:
+        raise ValueError(f"{folder!r} holds LoRA adapters: pip install 'vlalign[peft]' to evaluate them") from None
+    base_name = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    if not base_name:
+        raise ValueError(f"{folder!r}: adapter_config.json names no base model (base_model_name_or_path)")
+    base, _ = load_model_for_evaluation(base_name, allow_pickle)
+    return PeftModel.from_pretrained(base, folder), AutoProcessor.from_pretrained(folder)
 
 
 def _optional_column(value: str | None) -> str | None:
