@@ -1207,6 +1207,10 @@ def test_train_script_push_uploads_everything_needed_to_load(model_type, tmp_pat
         assert f"{module}.py" in files, target
     processor_json = json.loads(files["processor_config.json"])
     assert processor_json["auto_map"]["AutoProcessor"].startswith("processing_vlalign.")
+    if model_type == "mivc":  # the chat template travels too: pipelines on the Hub take chat messages
+        from vlalign.processing_vlalign import mivc_chat_template
+
+        assert files["chat_template.jinja"].decode() == mivc_chat_template("<image>")
 
     card = _load_card(files, tmp_path)
     assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"

@@ -1,6 +1,7 @@
 """MIVCForConditionalGeneration end to end: permutation / padding invariance of the pooled visual tokens, the
 attention formulas inside the model, freeze flags, generate, placeholder checks, save / load, remote code and the
-image-text-to-text pipeline, MIVCProcessor, bf16, and the attention implementations (SDPA by default, as eager).
+image-text-to-text pipeline (prompts and chat messages), MIVCProcessor and its chat template, bf16, and the
+attention implementations (SDPA by default, as eager).
 
 Every model is a tiny random ViT (32x32 images, 8x8 patches -> 16 tokens per image), optionally a tiny BLIP-2 Q-Former
 (4 queries), and a tiny Llama over the offline digits tokenizer; nothing is downloaded.
@@ -31,6 +32,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ViTImageProcessorPil
 
 from vlalign import MIVCConfig, MIVCForConditionalGeneration, MIVCOutput, MIVCProcessor
+from vlalign.processing_vlalign import mivc_chat_template
 
 POOLING_MODES = ("mean", "max", "attention", "gated_attention")
 ALL_MODES = POOLING_MODES + ("concatenate",)
@@ -792,6 +794,33 @@ def test_image_text_to_text_pipeline_in_process(colour_model):
         assert torch.equal(torch.as_tensor(result[0]["generated_token_ids"]).flatten(), generated)
 
 
+def _chat(images, text="which digit?"):
+    """One user message: the images (PIL images or paths) as image blocks, then the text."""
+    blocks = [{"type": "image", "path": x} if isinstance(x, str) else {"type": "image", "image": x} for x in images]
+    return [{"role": "user", "content": blocks + [{"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("mode", ["attention", "concatenate"])
+def test_pipeline_chat_messages_generate_what_the_prompt_form_generates(tmp_path, mode):
+    from transformers import pipeline
+
+    model, processor = _save(tmp_path, mode=mode, qformer=False)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path), processor=AutoProcessor.from_pretrained(tmp_path))
+    _noise_image(7).save(tmp_path / "scan.png")
+    options = dict(max_new_tokens=4, generate_kwargs={"do_sample": False})  # greedy
+    for images in ([_noise_image(1)], [_noise_image(2), str(tmp_path / "scan.png"), _noise_image(3)]):
+        loaded = [Image.open(x) if isinstance(x, str) else x for x in images]
+        inputs = processor(images=loaded, text=PROMPT)
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0]
+        by_prompt = pipe(images=loaded, text=PROMPT, return_full_text=False, **options)[0]["generated_text"]
+        by_chat = pipe(_chat(images), **options)[0]["generated_text"]
+        assert by_chat[:-1] == _chat(images) and by_chat[-1]["role"] == "assistant"
+        assert by_chat[-1]["content"] == by_prompt
+        ids = pipe(_chat(images), return_tensors=True, **options)[0]["generated_token_ids"]
+        assert torch.equal(torch.as_tensor(ids).flatten(), expected)  # the prompt ids, then the same new tokens
+        assert len(expected) > inputs["input_ids"].shape[1]
+
+
 def test_remote_code_and_pipeline_without_vlalign(colour_model, tmp_path):
     model, processor, folder, _ = colour_model
     img1, img2 = _images("white", "black")
@@ -829,6 +858,14 @@ def test_remote_code_and_pipeline_without_vlalign(colour_model, tmp_path):
         assert isinstance(text, str) and text.startswith({PROMPT!r}), result
         assert text[len({PROMPT!r}):] == {new_text!r}, (text, {new_text!r})
         result = pipe(images=[img1, img2], text={PROMPT!r}, max_new_tokens=3, return_tensors=True)
+        ids = torch.as_tensor(result[0]['generated_token_ids']).flatten()
+        assert torch.equal(ids, torch.load({str(tmp_path / "generated.pt")!r})), ids
+        # chat messages: the saved chat template renders the training prompt, and the pipeline answers the same
+        chat = {_chat([str(tmp_path / "img1.png"), str(tmp_path / "img2.png")])!r}
+        assert processor.apply_chat_template(chat, add_generation_prompt=True) == {PROMPT!r}
+        result = pipe(chat, max_new_tokens=3)
+        assert result[0]['generated_text'][-1] == {{'role': 'assistant', 'content': {new_text!r}}}, result
+        result = pipe(chat, max_new_tokens=3, return_tensors=True)
         ids = torch.as_tensor(result[0]['generated_token_ids']).flatten()
         assert torch.equal(ids, torch.load({str(tmp_path / "generated.pt")!r})), ids
         print('REMOTE CODE OK')
@@ -929,6 +966,91 @@ def test_processor_placeholder_rules():
     # a flat list is the images of a single prompt, and one image each for several prompts
     assert processor(images=_images("white", "black"), text=PROMPT)["image_mask"].shape == (1, 2)
     assert processor(images=_images("white", "black"), text=[PROMPT, PROMPT])["image_mask"].shape == (2, 1)
+    # apply_chat_template's options: no BOS for a rendered prompt that holds it already; videos and audio refused
+    no_bos = processor(images=[image], text=["<image> which digit?"], add_special_tokens=False)
+    assert no_bos["input_ids"].tolist() == [with_placeholder["input_ids"][0, 1:].tolist()]
+    with pytest.raises(ValueError, match="not videos or audio"):
+        processor(images=[image], text=[PROMPT], videos=[[image]])
+
+
+DIGITS_QUESTION = "Which digit do these scans show?"
+
+
+@pytest.mark.parametrize("concatenate", [False, True])
+def test_chat_template_renders_the_training_prompt(concatenate):
+    from vlalign.data import MIVC_DIGITS_PROMPT, build_mivc_digits_processor
+
+    # the demo's processor as training builds it: the chat template comes by default
+    processor = build_mivc_digits_processor(image_seq_length=4, image_size=IMAGE_SIZE, concatenate_images=concatenate)
+    one, three = [_noise_image(1)], [_noise_image(2), _noise_image(3), _noise_image(4)]
+    for images in (one, three):
+        chat = _chat(images, DIGITS_QUESTION)
+        for add_generation_prompt in (True, False):  # training has no assistant header: nothing to add
+            rendered = processor.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
+            assert rendered == MIVC_DIGITS_PROMPT
+        out = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+        direct = processor(images=images, text=MIVC_DIGITS_PROMPT)
+        assert set(out) == set(direct)
+        for key in direct:
+            assert torch.equal(out[key], direct[key]), key
+        ids = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        assert torch.equal(ids, direct["input_ids"])
+        n = (direct["input_ids"] == processor.image_token_id).sum().item()
+        assert n == 4 * (len(images) if concatenate else 1)
+    # a batch of conversations: the training batch of the same items (left-padded, images padded and masked)
+    chats = [_chat(one, DIGITS_QUESTION), _chat(three, DIGITS_QUESTION)]
+    out = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True)
+    direct = processor(images=[one, three], text=[MIVC_DIGITS_PROMPT] * 2)
+    for key in direct:
+        assert torch.equal(out[key], direct[key]), key
+
+
+def test_chat_template_placement_and_refusals():
+    processor = _processor(_config())
+    image = {"type": "image"}
+
+    def render(content, role="user"):
+        return processor.apply_chat_template([{"role": role, "content": content}])
+
+    assert render([image, image, {"type": "text", "text": "which digit?"}]) == PROMPT
+    assert render([{"type": "text", "text": "which digit?"}, image, image]) == "which digit? <image>"
+    assert render([{"type": "text", "text": "which"}, image, {"type": "text", "text": "digit?"}]) == (
+        "which <image> digit?"
+    )
+    assert render("which digit?") == PROMPT  # no image block: the placeholder first, as the processor prepends it
+    with pytest.raises(ValueError, match="image blocks together"):
+        render([image, {"type": "text", "text": "which digit?"}, image])
+    with pytest.raises(ValueError, match="got a video block"):
+        render([{"type": "video"}, {"type": "text", "text": "which digit?"}])
+    with pytest.raises(ValueError, match="exactly one user message .* got roles assistant"):
+        render("one", role="assistant")
+    with pytest.raises(ValueError, match="got roles system, user"):
+        processor.apply_chat_template([{"role": "system", "content": "be brief"}, *_chat([image])])
+    with pytest.raises(ValueError, match="got roles user, assistant, user"):
+        processor.apply_chat_template(
+            [*_chat([_noise_image(1)]), {"role": "assistant", "content": "one"}, *_chat([_noise_image(1)])]
+        )
+    # the template is built for the processor's placeholder
+    assert processor.apply_chat_template(_chat([image]), chat_template=mivc_chat_template("<img>")) == (
+        "<img> which digit?"
+    )
+
+
+def test_chat_template_is_saved_and_loaded(tmp_path):
+    processor = _processor(_config())
+    assert processor.chat_template == mivc_chat_template("<image>")
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == processor.chat_template
+    assert "chat_template" not in json.loads((tmp_path / "processor_config.json").read_text())
+    assert AutoProcessor.from_pretrained(tmp_path).chat_template == processor.chat_template
+    custom = "{{- '<image> ' ~ messages[0]['content'][-1]['text'] -}}"  # a user's own template is kept
+    _processor(_config(), chat_template=custom).save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == custom
+    assert loaded.apply_chat_template(_chat([{"type": "image"}], "digit?")) == "<image> digit?"
+    # a folder saved before processors had a template gets the default one
+    (tmp_path / "chat_template.jinja").unlink()
+    assert AutoProcessor.from_pretrained(tmp_path).chat_template == mivc_chat_template("<image>")
 
 
 # ------------------------------------------------------------------------------------------------------------------

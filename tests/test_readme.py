@@ -96,6 +96,10 @@ CHECKS = {
         assert torch.allclose(model.codewords.norm(dim=-1), torch.ones(K), atol=1e-5)
     """,
     "model.generate(**inputs": """
+        prompt = "<image> Which digit do these scans show?"
+        assert pipe.processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+        by_prompt = pipe(images=scans[:2], text=prompt, max_new_tokens=4, return_full_text=False)
+        assert chat[0]["generated_text"][-1]["content"] == by_prompt[0]["generated_text"]
         assert inputs["pixel_values"].shape[:2] == (2, 3) and inputs["image_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
         assert image_weights.shape[:2] == (2, 3)
         assert torch.allclose(image_weights.sum(1), torch.ones(()), atol=1e-5)   # weights over an item's images

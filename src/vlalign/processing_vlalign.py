@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_AUGMENTATION",
     "MIVCProcessor",
     "MissingTokenizerFileError",
+    "mivc_chat_template",
     "VLAlignProcessor",
     "augment_image",
     "check_tokenizer_files",
@@ -531,6 +532,49 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         return files
 
 
+def mivc_chat_template(image_token: str = "<image>") -> str:
+    """The Jinja chat template of `MIVCProcessor`: renders a chat in the transformers multimodal format into the
+    prompt format MIVC is trained on, e.g. `"<image> Which digit do these scans show?"`.
+
+    The images of an item are pooled into one set, so all of its image blocks become one `image_token`, written
+    where they stand, and the pieces are joined by single spaces (a message without an image block gets the
+    placeholder first, as `MIVCProcessor` prepends it). Training has no roles and no assistant header (the answer
+    follows the prompt directly), so the generation prompt is empty, and only a conversation of one user message
+    has a training counterpart: anything else is refused, as are images split by text.
+    """
+    return (
+        "{#- MIVC prompt: one placeholder for all the images of the item (pooled as a set), then the text. -#}\n"
+        f"{{%- set image_token = {json.dumps(str(image_token))} -%}}\n"
+        """{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}
+{{- raise_exception('MIVC is trained on one prompt per item: pass exactly one user message (no system or '
+    ~ 'assistant messages), got roles ' ~ (messages | map(attribute='role') | list | join(', '))) -}}
+{%- endif -%}
+{%- set content = messages[0]['content'] -%}
+{%- if content is string -%}{%- set content = [{'type': 'text', 'text': content}] -%}{%- endif -%}
+{%- set ns = namespace(parts=[], images='none') -%}
+{%- for block in content -%}
+{%- if block['type'] == 'image' -%}
+{%- if ns.images == 'none' -%}
+{%- set ns.parts = ns.parts + [image_token] -%}
+{%- set ns.images = 'open' -%}
+{%- elif ns.images == 'closed' -%}
+{{- raise_exception('MIVC pools the images of an item into one set: put its image blocks together, not '
+    ~ 'separated by text') -}}
+{%- endif -%}
+{%- elif block['type'] == 'text' -%}
+{%- if ns.images == 'open' -%}{%- set ns.images = 'closed' -%}{%- endif -%}
+{%- set ns.parts = ns.parts + [block['text']] -%}
+{%- else -%}
+{{- raise_exception('MIVC takes image and text content blocks, got a ' ~ block['type'] ~ ' block') -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if ns.images == 'none' -%}{%- set ns.parts = [image_token] + ns.parts -%}{%- endif -%}
+{{- ns.parts | join(' ') -}}
+{#- add_generation_prompt adds nothing: in training the answer follows the prompt directly. -#}
+"""
+    )
+
+
 class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
     r"""Prompts with an image placeholder + a variable number of images per sample -> inputs of
     [`MIVCForConditionalGeneration`].
@@ -546,6 +590,8 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         image_seq_length: visual tokens per image (`MIVCConfig.image_seq_length`).
         image_token: the placeholder string.
         concatenate_images: expand the placeholder per image (pooling_mode "concatenate").
+        chat_template: defaults to `mivc_chat_template(image_token)`, so that `apply_chat_template` and the
+            image-text-to-text pipeline take chat messages; saved as `chat_template.jinja`.
     """
 
     def __init__(
@@ -555,6 +601,7 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         image_seq_length=16,
         image_token="<image>",
         concatenate_images=False,
+        chat_template=None,
         **kwargs,
     ):
         if image_processor is None or tokenizer is None:
@@ -564,15 +611,18 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         self.image_seq_length = int(image_seq_length)
         self.image_token = str(image_token)
         self.concatenate_images = bool(concatenate_images)
-        super().__init__(image_processor, tokenizer, **kwargs)
+        # a named parameter: from_pretrained passes only those (a saved chat_template.jinja among them)
+        if chat_template is None:
+            chat_template = mivc_chat_template(self.image_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no token {self.image_token!r}: add it as a special token first")
         self.image_token_id = int(token_id)
 
     def _images_per_sample(self, images, batch: int) -> list[list]:
-        def is_image(x):
-            return isinstance(x, (Image.Image, np.ndarray))
+        def is_image(x):  # a string is a path, URL or base64 image (chat messages' image blocks pass them)
+            return isinstance(x, (Image.Image, np.ndarray, str))
 
         if is_image(images):
             images = [images]
@@ -589,9 +639,15 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         for index, sample in enumerate(per_sample):
             if not sample:
                 raise ValueError(f"sample {index} has no image")
-        return per_sample
+        return [[self._load_image(x) if isinstance(x, str) else x for x in sample] for sample in per_sample]
 
-    def _prompt_ids(self, prompt: str, num_images: int) -> list[int]:
+    def _load_image(self, source: str):
+        """A path, URL or base64 image, loaded as the image processor loads one (EXIF orientation applied); the
+        torchvision backend gives a (C, H, W) uint8 tensor, which `to_rgb` takes as an array."""
+        image = self.image_processor.fetch_images(source)
+        return image.numpy() if isinstance(image, torch.Tensor) else image
+
+    def _prompt_ids(self, prompt: str, num_images: int, add_bos: bool = True) -> list[int]:
         count = prompt.count(self.image_token)
         if count == 0:
             prompt = f"{self.image_token} {prompt}"
@@ -604,20 +660,32 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             "input_ids"
         ]
         bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + list(ids)
+        return ([bos] if bos is not None and add_bos else []) + list(ids)
 
     def __call__(
-        self, images=None, text=None, answers=None, return_tensors="pt", padding_side=None, **kwargs
+        self,
+        images=None,
+        text=None,
+        answers=None,
+        return_tensors="pt",
+        padding_side=None,
+        add_special_tokens=True,
+        videos=None,
+        audio=None,
+        **kwargs,
     ) -> BatchFeature:
         """Prepare prompts and their images (and, for training, answers).
 
         Args:
-            images: per prompt a list of images (variable counts); for a single prompt a flat list is its images.
+            images: per prompt a list of images (PIL images, arrays, or paths / URLs, loaded as the image
+                processor loads them); variable counts; for a single prompt a flat list is its images.
             text: a prompt or a list of prompts, each with one image placeholder (prepended when missing).
             answers: optional target texts (training): appended to the prompts with the tokenizer's EOS token, and
                 `labels` hold their ids (-100 on prompt, image and padding positions).
             padding_side: "left" (default without answers, for batched generation) or "right" (default with
                 answers).
+            add_special_tokens: prepend the tokenizer's BOS token (False for prompts that already start with it,
+                as `apply_chat_template` passes for such a template).
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (batch, max images, C, H, W; zeros in
             padded slots), `image_mask` (batch, max images; True for real images) and, with answers, `labels`.
@@ -626,13 +694,17 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             kwargs.pop(key, None)  # pipelines pass tokenizer options; prompts are padded here, never truncated
         if kwargs:
             raise TypeError(f"Unexpected keyword arguments for MIVCProcessor: {sorted(kwargs)}")
+        if videos is not None or audio is not None:  # apply_chat_template always passes both, as None
+            raise ValueError("MIVCProcessor takes images and text only, not videos or audio")
         if text is None:
             raise ValueError("MIVCProcessor needs `text` (prompts with an image placeholder)")
         prompts = [text] if isinstance(text, str) else list(text)
         if images is None:
             raise ValueError("MIVCProcessor needs `images` (one or more per prompt)")
         per_sample = self._images_per_sample(images, len(prompts))
-        sequences = [self._prompt_ids(p, len(s)) for p, s in zip(prompts, per_sample, strict=True)]
+        sequences = [
+            self._prompt_ids(p, len(s), add_bos=add_special_tokens) for p, s in zip(prompts, per_sample, strict=True)
+        ]
         labels = None
         if answers is not None:
             answers = [answers] if isinstance(answers, str) else list(answers)
@@ -686,6 +758,16 @@ class MIVCProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
     def decode(self, *args, **kwargs):
         """Forwards to the tokenizer's `decode`."""
         return self.tokenizer.decode(*args, **kwargs)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; a conversation the template refuses (see `mivc_chat_template`)
+        raises ValueError with the template's message, instead of jinja's TemplateError."""
+        from jinja2 import TemplateError
+
+        try:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        except TemplateError as error:
+            raise ValueError(str(error)) from error
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decode generated ids (a batch) to texts (used by the image-text-to-text pipeline)."""
