@@ -123,15 +123,16 @@ def load_eval_split(args: argparse.Namespace) -> tuple[datasets.Dataset, DataArg
 
     The label, image-id and caption columns default to ``label``, ``image_id`` and ``caption`` and are simply
     absent when the split has no such column; one named on the command line must exist."""
-    probe = DataArguments(
+    source = dict(
         dataset_name=args.dataset,
         dataset_config_name=args.dataset_config_name,
         data_dir=args.data_dir,
         data_files=args.data_files,
         cache_dir=args.cache_dir,
+        train_split=args.split,
         eval_split=None,
     )
-    splits = _load_splits(probe, streaming=False)
+    splits = _load_splits(DataArguments(**source), streaming=False)
     if args.split not in splits:
         raise ValueError(f"split {args.split!r} not found in {args.dataset!r}; available splits: {list(splits)}")
     dataset = splits[args.split]
@@ -167,17 +168,11 @@ def load_eval_split(args: argparse.Namespace) -> tuple[datasets.Dataset, DataArg
     label_column = chosen["label_column"]
     positives_by = args.positives_by or ("label" if label_column is not None else "image")
     data_args = DataArguments(
-        dataset_name=args.dataset,
-        dataset_config_name=args.dataset_config_name,
-        data_dir=args.data_dir,
-        data_files=args.data_files,
-        cache_dir=args.cache_dir,
+        **source,
         image_column=chosen["image_column"],
         caption_column=chosen["caption_column"] or "caption",  # not read without captions
         label_column=label_column,
         image_id_column=chosen["image_id_column"],
-        train_split=args.split,
-        eval_split=None,
         positives_by=positives_by,
         class_names=args.class_names,
         zero_shot_templates=_templates(args.templates, args.dataset),
