@@ -214,6 +214,44 @@ def test_a_plain_dual_encoder_is_evaluated_by_its_own_embeddings(kind, tmp_path)
     assert ("zero_shot_top5_accuracy" in metrics) == (len(names) > 5)
 
 
+def test_imagefolder_and_webdataset_give_the_numbers_of_the_same_split_in_parquet(tmp_path):
+    """The split of the parquet case written as an image folder (metadata.jsonl with caption lists) and as
+    WebDataset tar shards (.png + .json): the same metrics."""
+    import io
+    import tarfile
+
+    folder = tmp_path / "clip"
+    _tiny_dual_encoder("clip", folder)
+    path, images, captions, labels = _caption_parquet(tmp_path)
+    (tmp_path / "folder" / "test").mkdir(parents=True)
+    with (
+        open(tmp_path / "folder" / "test" / "metadata.jsonl", "w") as metadata,
+        tarfile.open(tmp_path / "shard-0.tar", "w") as shard,
+    ):
+        for index, (image, caps, label) in enumerate(zip(images, captions, labels)):
+            image.save(tmp_path / "folder" / "test" / f"img_{index}.png")
+            metadata.write(json.dumps({"file_name": f"img_{index}.png", "captions": caps, "kind": label}) + "\n")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            for suffix, data in (("png", buffer.getvalue()), ("json", json.dumps({"captions": caps, "kind": label}))):
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"img_{index}.{suffix}")
+                info.size = len(data)
+                shard.addfile(info, io.BytesIO(data))
+    common = ["--model", str(folder), "--positives_by", "image", "--templates", "digits"]
+    parquet = _run(tmp_path, *common, "--dataset", "parquet", "--data_files", str(path), "--split", "train",
+                   "--caption_column", "captions", "--label_column", "kind")  # fmt: skip
+    imagefolder = _run(tmp_path, *common, "--dataset", "imagefolder", "--data_dir", str(tmp_path / "folder"),
+                       "--caption_column", "captions", "--label_column", "kind")  # fmt: skip
+    webdataset = _run(tmp_path, *common, "--dataset", "webdataset", "--data_files", str(tmp_path / "shard-0.tar"),
+                      "--split", "train", "--image_column", "png", "--caption_column", "json.captions",
+                      "--label_column", "json.kind")  # fmt: skip
+    expected = parquet["models"][str(folder)]
+    assert expected["num_eval_texts"] == sum(len(c) for c in captions) and "zero_shot_accuracy" in expected
+    assert imagefolder["models"][str(folder)] == expected
+    assert webdataset["models"][str(folder)] == expected
+
+
 def test_zero_shot_only_bf16_and_the_module_entry_point(tmp_path):
     """`python -m vlalign.evaluate` on a split without captions (zero-shot only, templates from a file) under bf16
     autocast: no retrieval rows, zero-shot within bf16's error of the float32 run."""
