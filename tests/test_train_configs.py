@@ -64,7 +64,7 @@ TINY = {
         "--alpha_ramp_steps",
         "2",
     ],
-    "tcl_imagefolder.yaml": [  # image_size: the example folder's processor resizes to 32
+    "tcl_imagefolder.yaml": [  # image_size 32: the example scenes are 32 px
         *TINY_TOWERS,
         "--model.vision_config.image_size",
         "32",
@@ -167,6 +167,13 @@ def test_shipped_config_trains_3_steps_with_accelerate_launch(name, tmp_path):
     processor = transformers.AutoProcessor.from_pretrained(out)
     if name == "clip_finetune.yaml":
         _check_the_exported_clip(model.eval(), processor, out / "dual_encoder")
+    if (
+        name == "tcl_imagefolder.yaml"
+    ):  # a tokenizer learnt from the scenes' captions, an augmentation keeping them true
+        assert len(processor.tokenizer("bottom", add_special_tokens=False)["input_ids"]) == 1
+        assert config["text_config"]["vocab_size"] == len(processor.tokenizer)
+        augmentation = processor.augmentation
+        assert augmentation["hflip_p"] == augmentation["color_jitter_p"] == augmentation["grayscale_p"] == 0.0
 
 
 def _save_tiny_clip(folder, processor_folder):

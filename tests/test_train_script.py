@@ -8,6 +8,8 @@ wrong, and exact resume after a crash.
   the batches trained on.
 * Hostile data: corrupt, truncated, empty and oversized files, unusual colour modes and broken captions are
   skipped or sanitised, counted by reason, and reported; the run completes (TCL rows, MIVC items).
+* Own data, offline: a tokenizer trained on the run's captions (WordPiece, byte-level BPE) saved with the model and
+  fitting it; the warnings about a tokenizer that fits the captions badly (unknown tokens, captions cut).
 * Streaming: parquet and WebDataset shards (conftest.py's `shards`) with `--streaming true` and max_steps.
 * Exact resume: a run killed with SIGKILL after a checkpoint and resumed with `--resume_from_checkpoint latest`
   ends with the weights of an uninterrupted run (see the section's comment); a kill during a checkpoint save.
@@ -40,6 +42,7 @@ from fixtures import (
     one_by_one_png,
     png_claiming_size,
     rgba_png,
+    sklearn_digits,
     truncated_png,
     write_split,
 )
@@ -1575,3 +1578,148 @@ def test_cpu_threads_are_the_available_cpus_divided_among_local_processes_and_lo
     assert chosen[-1] == 3 and "3 threads per process (--cpu_threads)" in caplog.text
     train._set_cpu_threads(train.RunArguments(), types.SimpleNamespace(device=torch.device("meta")))
     assert len(chosen) == 4  # not on the CPU: torch's threads are left alone
+
+
+# ---- a tokenizer trained on the training captions (run.train_tokenizer) ------------------------------------------
+
+NEW_WORDS = ["giraffe", "lantern", "meadow", "umbrella", "hedgehog", "lighthouse"]  # not in the digits vocabulary
+
+
+def _own_imagefolder(root: Path, rows: int = 24) -> Path:
+    """An image folder of real digit scans whose captions use words the digits tokenizer would spell letter by
+    letter."""
+    from vlalign.data import DIGIT_NAMES
+
+    train = root / "train"
+    train.mkdir(parents=True)
+    target = sklearn_digits().target
+    with open(train / "metadata.jsonl", "w") as metadata:
+        for i in range(rows):
+            (train / f"{i}.png").write_bytes(digit_png(i))
+            caption = f"a {DIGIT_NAMES[target[i]]} beside a {NEW_WORDS[i % len(NEW_WORDS)]} in the meadow"
+            metadata.write(json.dumps({"file_name": f"{i}.png", "caption": [caption, caption.upper()]}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_a_run_on_its_own_data_trains_a_tokenizer_that_loads_from_the_output_folder(kind, tmp_path):
+    import train
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    config = {
+        "model": TINY_TRAIN_MODEL,  # text tower of 32 positions
+        "data": {
+            "dataset_name": "imagefolder",
+            "data_dir": str(_own_imagefolder(tmp_path / "data")),
+            "label_column": None,
+            "positives_by": "image",
+            "image_id_column": None,
+            "eval_split": None,
+        },
+        "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out")},
+        "run": {"cpu_threads": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = train.main(
+        ["--config", str(tmp_path / "config.yaml"), "--train_tokenizer", kind, "--tokenizer_vocab_size", "600"]
+    )
+    assert results["train_steps"] == 2
+    out = tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    # the default 64 tokens, lowered to the text tower's 32 positions
+    assert processor.max_length == tokenizer.model_max_length == 32
+    for word in NEW_WORDS:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id, (word, tokenizer.convert_ids_to_tokens(ids))
+    model_config = AutoConfig.from_pretrained(out)
+    assert model_config.text_config.vocab_size == len(tokenizer) <= 600
+    assert model_config.mask_token_id == tokenizer.mask_token_id == 4
+    assert model_config.text_config.pad_token_id == tokenizer.pad_token_id == (0 if kind == "wordpiece" else 1)
+
+
+def test_train_tokenizer_settings_that_make_no_sense_are_refused(tmp_path):
+    import train
+
+    with pytest.raises(ValueError, match=r"train_tokenizer must be one of \['wordpiece', 'bpe'\] or null, got 'spm'"):
+        train.RunArguments(train_tokenizer="spm")
+    with pytest.raises(ValueError, match=r"tokenizer_vocab_size must be an integer >= 300, got 10"):
+        train.RunArguments(train_tokenizer="bpe", tokenizer_vocab_size=10)
+    with pytest.raises(ValueError, match=r"tokenizer_max_length must be an integer >= 3 .*got 2"):
+        train.RunArguments(tokenizer_max_length=2)
+    for name in ("tokenizer_name_or_path", "processor_name_or_path", "model_name_or_path", "dual_encoder_name_or_path"):
+        with pytest.raises(ValueError, match=rf"train_tokenizer learns a new vocabulary, but run.{name} brings"):
+            train.RunArguments(train_tokenizer="wordpiece", **{name: "somewhere"})
+    with pytest.raises(ValueError, match=r"run.processor_name_or_path brings its own max_length"):
+        train.RunArguments(tokenizer_max_length=40, processor_name_or_path="somewhere")
+    with pytest.raises(ValueError, match=r"run.processor_name_or_path brings its own augmentation"):
+        train.RunArguments(augmentation={"hflip_p": 0.0}, processor_name_or_path="somewhere")
+    with pytest.raises(ValueError, match=r"run.augmentation: Unknown augmentation keys \['flip_p'\]"):
+        train.RunArguments(augmentation={"flip_p": 0.0})
+    # longer captions than the text tower has positions: refused before any data is read
+    config = _digits_config(tmp_path)
+    with pytest.raises(SystemExit, match=r"tokenizer_max_length=48: the text tower takes captions of at most 32"):
+        train.main(["--config", str(config), "--train_tokenizer", "wordpiece", "--tokenizer_max_length", "48"])
+    with pytest.raises(SystemExit, match=r"run.train_tokenizer is for the processors of TCL / CODIS"):
+        train.main(["--config", str(REPO / "training/configs/mivc_digits.yaml"), "--train_tokenizer", "bpe"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_max_length_and_augmentation_set_those_of_a_built_processor():
+    import train
+
+    from vlalign.data import DataArguments
+
+    run = train.RunArguments(tokenizer_max_length=24, augmentation={"color_jitter_p": 0.0, "crop_scale": [0.9, 1.0]})
+    processor = train.build_processor(run, DataArguments(), 16, {"text_config": TINY_TRAIN_MODEL["text_config"]})
+    assert processor.max_length == 24  # the digits demo's processor, 16 by default
+    augmentation = processor.augmentation
+    assert (augmentation["color_jitter_p"], augmentation["crop_scale"]) == (0.0, [0.9, 1.0])
+    assert augmentation["hflip_p"] == 0.0  # the demo's own setting, kept under the overrides
+    with pytest.raises(SystemExit, match=r"tokenizer_max_length=40: the text tower takes captions of at most 32"):
+        train.build_processor(
+            train.RunArguments(tokenizer_max_length=40),
+            DataArguments(),
+            16,
+            {"text_config": TINY_TRAIN_MODEL["text_config"]},
+        )
+
+
+def _caption_split(captions: list[str]):
+    return datasets.Dataset.from_dict({"image": [None] * len(captions), "caption": captions})
+
+
+@pytest.mark.parametrize(
+    "captions, warned",
+    [
+        (["a handwritten digit seven", "the number 3 written by hand"] * 50, []),
+        (["a handwritten digit seven"] * 95 + ["ein 漢字 digit"] * 5, ["unknown"]),
+        (["a handwritten digit seven"] * 95 + ["a giraffe beside a lighthouse in the meadow"] * 5, ["cut"]),
+    ],
+    ids=["fits", "unknown-characters", "long-captions"],
+)
+def test_a_tokenizer_that_fits_the_captions_badly_is_warned_about(captions, warned, caplog):
+    """The digits processor (max_length 16) on captions it fits; with 5% of them holding two characters it does not
+    know (10 of 410 tokens: 2.4%); with 5% of them made of words it spells letter by letter, longer than 16 tokens."""
+    import train
+
+    from vlalign.data import DataArguments
+
+    processor = build_digits_processor(image_size=16)
+    with caplog.at_level(logging.WARNING, logger="vlalign.train"):
+        fit = train._warn_about_caption_fit(processor, _caption_split(captions), DataArguments())
+    messages = [r.getMessage() for r in caplog.records if r.name == "vlalign.train"]
+    assert len(messages) == len(warned), messages
+    if "unknown" in warned:
+        assert fit.unknown_share > 0.02 and fit.truncated_share == 0
+        assert messages[0].startswith(
+            f"{100 * fit.unknown_share:.1f}% of the training captions' tokens are the unknown"
+        )
+        assert "--train_tokenizer wordpiece" in messages[0]
+    if "cut" in warned:
+        assert fit.truncated_share == pytest.approx(0.05) and fit.unknown_share == 0
+        assert messages[0].startswith("5.0% of the training captions (5 of 100) are longer than max_length=16 tokens")
+        assert "--tokenizer_max_length" in messages[0] and "--train_tokenizer wordpiece" in messages[0]
+    if not warned:
+        assert fit.unknown_share == 0 and fit.truncated_share == 0

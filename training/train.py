@@ -65,12 +65,21 @@ from vlalign import (
     check_tokenizer_special_tokens,
 )
 from vlalign.data import (
+    BPE_SPECIAL_TOKENS,
+    MIN_TOKENIZER_VOCAB_SIZE,
+    TOKENIZER_KINDS,
+    WORDPIECE_SPECIAL_TOKENS,
     DataArguments,
     MIVCDataArguments,
     MultiImageCollator,
     build_digits_processor,
     build_mivc_digits_processor,
+    caption_sample,
+    captions_of_split,
     get_data,
+    load_image_text_datasets,
+    measure_caption_fit,
+    train_caption_tokenizer,
 )
 from vlalign.evaluation import build_eval_inputs, embed_images, eval_mode, evaluate_mivc, evaluate_model
 from vlalign.hub import (
@@ -99,7 +108,7 @@ from vlalign.output_folder import (
     remove_stale_staging,
     staging_folder,
 )
-from vlalign.processing_vlalign import check_tokenizer_files
+from vlalign.processing_vlalign import check_tokenizer_files, resolve_augmentation
 from vlalign.trainer import (
     ContrastiveTrainer,
     ContrastiveTrainingArguments,
@@ -151,6 +160,62 @@ class RunArguments:
     # modules trained fully and saved with the adapters (names, as above); default: those of LORA_MODULES_TO_SAVE
     # the model has
     lora_modules_to_save: list | str | None = None
+    # A tokenizer learnt from the training split's captions at the start of the run (offline), saved with the
+    # processor: "wordpiece" (BERT-style, uncased) or "bpe" (RoBERTa-style byte-level, cased); vlalign.data.
+    # train_caption_tokenizer. A new vocabulary: not with a tokenizer, processor, model or text tower of its own.
+    train_tokenizer: typing.Literal["wordpiece", "bpe"] | None = None
+    tokenizer_vocab_size: int = 8000  # tokens of the trained vocabulary, at most (at least 300)
+    # Caption length in tokens (longer captions are cut) of a processor built here. Default: 64 for a trained
+    # tokenizer (fewer when the text tower has fewer positions), 30 with tokenizer_name_or_path, 16 for the digits
+    # demo; a saved processor keeps its own.
+    tokenizer_max_length: int | None = None
+    # Two-view augmentation of a processor built here, over vlalign's defaults (keys of DEFAULT_AUGMENTATION, e.g.
+    # {hflip_p: 0.0, color_jitter_p: 0.0} when captions name sides or colours); a saved processor keeps its own.
+    augmentation: dict | None = None
+
+    def __post_init__(self):
+        if self.train_tokenizer is not None and self.train_tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(
+                f"run.train_tokenizer must be one of {list(TOKENIZER_KINDS)} or null, got {self.train_tokenizer!r}"
+            )
+        size = self.tokenizer_vocab_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_TOKENIZER_VOCAB_SIZE:
+            raise ValueError(f"run.tokenizer_vocab_size must be an integer >= {MIN_TOKENIZER_VOCAB_SIZE}, got {size!r}")
+        length = self.tokenizer_max_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 3):
+            raise ValueError(
+                f"run.tokenizer_max_length must be an integer >= 3 (a start and an end token and one of text) or "
+                f"null, got {length!r}"
+            )
+        if self.train_tokenizer:
+            own = [
+                name
+                for name in (
+                    "tokenizer_name_or_path",
+                    "processor_name_or_path",
+                    "model_name_or_path",
+                    "dual_encoder_name_or_path",
+                    "text_model_name_or_path",
+                )
+                if getattr(self, name)
+            ]
+            if own:
+                raise ValueError(
+                    f"run.train_tokenizer learns a new vocabulary, but run.{own[0]} brings the vocabulary its "
+                    f"{'tokenizer' if own[0] == 'tokenizer_name_or_path' else 'model'} was made with (a model's "
+                    "embeddings index its own vocabulary): set only one of them"
+                )
+        if self.augmentation is not None:
+            try:
+                resolve_augmentation(self.augmentation)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"run.augmentation: {error}") from None
+        for name, what in (("tokenizer_max_length", "max_length"), ("augmentation", "augmentation")):
+            if getattr(self, name) is not None and self.processor_name_or_path:
+                raise ValueError(
+                    f"run.{name} is for a processor built here; run.processor_name_or_path brings its own {what}: "
+                    "set only one of them"
+                )
 
 
 SECTIONS = ("run", "data", "training", "model")
@@ -458,23 +523,183 @@ class Task:
     card: Callable  # (model, training_args, trainer, run, data_args, data, results) -> build_model_card kwargs
 
 
-def build_processor(run: RunArguments, data_args, image_size: int):
+def build_processor(run: RunArguments, data_args, image_size: int, model_section: dict | None = None):
+    """The run's processor: a saved one (run.processor_name_or_path, the dual encoder's, the saved model's), or one
+    built here with a PIL ViT image processor of `image_size`: with a tokenizer trained on the training captions
+    (run.train_tokenizer), the digits demo's, or run.tokenizer_name_or_path's (else the text tower's). The model
+    section's text tower bounds a trained tokenizer's caption length."""
     if run.processor_name_or_path:
         return AutoProcessor.from_pretrained(run.processor_name_or_path)
     if run.dual_encoder_name_or_path and not run.tokenizer_name_or_path:
-        return _dual_encoder_processor(run.dual_encoder_name_or_path)
+        return _saved_processor(run, _dual_encoder_processor(run.dual_encoder_name_or_path), "dual encoder")
     if run.model_name_or_path and os.path.exists(os.path.join(run.model_name_or_path, "processor_config.json")):
-        return AutoProcessor.from_pretrained(run.model_name_or_path)
+        return _saved_processor(run, AutoProcessor.from_pretrained(run.model_name_or_path), "saved model")
+    if run.train_tokenizer:
+        tokenizer = _trained_tokenizer(run, data_args, model_section or {})
+        image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+        return VLAlignProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            augmentation=run.augmentation,
+            max_length=tokenizer.model_max_length,
+        )
     if data_args.dataset_name == "digits" and not run.tokenizer_name_or_path:
-        return build_digits_processor(image_size=image_size)
-    if not run.tokenizer_name_or_path and not run.text_model_name_or_path:
-        raise SystemExit("set run.processor_name_or_path or run.tokenizer_name_or_path for this dataset")
-    source = run.tokenizer_name_or_path or run.text_model_name_or_path
-    if os.path.isdir(source):  # a local folder missing its vocabulary would load as special tokens only
-        check_tokenizer_files(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
-    return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        processor = build_digits_processor(image_size=image_size)
+        if run.augmentation is not None:  # over the demo's own (no flips: a mirrored digit is not that digit)
+            processor.augmentation = resolve_augmentation({**processor.augmentation, **run.augmentation})
+    else:
+        if not run.tokenizer_name_or_path and not run.text_model_name_or_path:
+            raise SystemExit(
+                "this dataset needs a tokenizer: set run.train_tokenizer (wordpiece or bpe: one learnt from the "
+                "training captions), run.tokenizer_name_or_path or run.processor_name_or_path"
+            )
+        source = run.tokenizer_name_or_path or run.text_model_name_or_path
+        if os.path.isdir(source):  # a local folder missing its vocabulary would load as special tokens only
+            check_tokenizer_files(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = ViTImageProcessorPil(size={"height": image_size, "width": image_size})
+        processor = VLAlignProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, augmentation=run.augmentation
+        )
+    if run.tokenizer_max_length is not None:
+        if not (run.text_model_name_or_path or run.model_name_or_path or run.dual_encoder_name_or_path):
+            _check_max_length(
+                run.tokenizer_max_length, _caption_positions(model_section or {}, processor.tokenizer.pad_token_id)
+            )
+        processor.max_length = run.tokenizer_max_length
+    return processor
+
+
+def _saved_processor(run: RunArguments, processor, source: str):
+    """A saved processor, as it is: the run's settings for a processor built here are refused."""
+    for name, value in (("tokenizer_max_length", processor.max_length), ("augmentation", None)):
+        if getattr(run, name) is not None:
+            held = f" ({value})" if value is not None else ""
+            raise SystemExit(
+                f"run.{name} is for a processor built here; the {source}'s processor has its own "
+                f"{name.removeprefix('tokenizer_')}{held}: drop run.{name}"
+            )
+    return processor
+
+
+# streams are read for their first rows only: a stream may have no end, and each run start reads it again
+TOKENIZER_STREAM_ROWS = 50_000
+DEFAULT_TOKENIZER_MAX_LENGTH = 64
+# text towers whose position ids start after the padding id (RoBERTa's numbering), so that a caption has
+# max_position_embeddings - pad_token_id - 1 positions
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta")
+
+
+def _caption_positions(model_section: dict, pad_token_id: int | None) -> int | None:
+    """The most tokens a caption may have in a text tower built from scratch from the model section (None when its
+    config says nothing about positions)."""
+    text = dict(model_section.get("text_config") or {})
+    model_type = text.get("model_type", "bert")
+    positions = text.get("max_position_embeddings")
+    if positions is None and model_type in CONFIG_MAPPING:
+        positions = getattr(CONFIG_MAPPING[model_type](), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if model_type in _POSITIONS_AFTER_PADDING:
+        positions -= (text.get("pad_token_id", pad_token_id) or 0) + 1
+    return positions
+
+
+def _check_max_length(max_length: int, positions: int | None) -> None:
+    if positions is not None and max_length > positions:
+        raise SystemExit(
+            f"run.tokenizer_max_length={max_length}: the text tower takes captions of at most {positions} tokens "
+            "(model.text_config.max_position_embeddings): lower it or raise max_position_embeddings"
+        )
+
+
+def _trained_tokenizer(run: RunArguments, data_args, model_section: dict):
+    """run.train_tokenizer: a tokenizer learnt from the captions of the training split (all of it; the first
+    TOKENIZER_STREAM_ROWS rows of a stream), the same in every process of the run and when it resumes."""
+    pad = (
+        WORDPIECE_SPECIAL_TOKENS.index("[PAD]")
+        if run.train_tokenizer == "wordpiece"
+        else BPE_SPECIAL_TOKENS.index("<pad>")
+    )
+    positions = _caption_positions(model_section, pad)  # a tower from scratch: train_tokenizer refuses checkpoints
+    max_length = run.tokenizer_max_length
+    if max_length is None:
+        max_length = min(DEFAULT_TOKENIZER_MAX_LENGTH, positions or DEFAULT_TOKENIZER_MAX_LENGTH)
+    _check_max_length(max_length, positions)
+    # the eval split is not needed here (a stream's would be read into memory); a stream's seed only orders rows
+    train, _ = load_image_text_datasets(dataclasses.replace(data_args, eval_split=None), seed=0)
+    streaming = getattr(data_args, "streaming", False)
+    counted = _Counted(
+        captions_of_split(
+            train,
+            data_args.caption_column,
+            data_args.max_caption_chars,
+            max_rows=TOKENIZER_STREAM_ROWS if streaming else None,
+        )
+    )
+    start = time.time()
+    tokenizer = train_caption_tokenizer(counted, run.train_tokenizer, run.tokenizer_vocab_size, max_length)
+    if counted.count == 0:
+        raise SystemExit(
+            f"run.train_tokenizer: the training split {data_args.train_split!r} has no usable caption in column "
+            f"{data_args.caption_column!r} to learn a vocabulary from"
+        )
+    logger.info(
+        "Trained a %s tokenizer of %d tokens on %d captions of the %s split%s in %.1fs; captions are cut at %d tokens",
+        run.train_tokenizer,
+        len(tokenizer),
+        counted.count,
+        data_args.train_split,
+        f" (its first {TOKENIZER_STREAM_ROWS} rows)" if streaming else "",
+        time.time() - start,
+        max_length,
+    )
+    return tokenizer
+
+
+class _Counted:
+    """An iterator's items, counted as they pass."""
+
+    def __init__(self, items):
+        self.items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
+
+
+CAPTION_FIT_SAMPLE = 2000  # captions measured
+CAPTION_FIT_WARNING_SHARE = 0.02  # of tokens unknown, or of captions cut, above which the run warns
+
+
+def _warn_about_caption_fit(processor, train_dataset, data_args):
+    """Warn when the tokenizer fits the training captions badly (measured on a sample of them): more than 2% of
+    their tokens are the unknown token, or more than 2% of the captions are cut at the processor's max_length."""
+    captions = caption_sample(train_dataset, data_args.caption_column, CAPTION_FIT_SAMPLE, data_args.max_caption_chars)
+    fit = measure_caption_fit(processor.tokenizer, captions, processor.max_length)
+    if fit.unknown_share > CAPTION_FIT_WARNING_SHARE:
+        logger.warning(
+            "%.1f%% of the training captions' tokens are the unknown token %r (%d of %d tokens in %d captions): the "
+            "tokenizer does not know this data's characters or words. Train one on the captions "
+            "(--train_tokenizer wordpiece, or bpe, which has no unknown token) or use one made for this language.",
+            100 * fit.unknown_share,
+            processor.tokenizer.unk_token,
+            fit.num_unknown,
+            fit.num_tokens,
+            fit.num_captions,
+        )
+    if fit.truncated_share > CAPTION_FIT_WARNING_SHARE:
+        logger.warning(
+            "%.1f%% of the training captions (%d of %d) are longer than max_length=%d tokens and are cut. Raise "
+            "it (--tokenizer_max_length, up to the text tower's max_position_embeddings), or train a tokenizer on "
+            "the captions (--train_tokenizer wordpiece), in which their words take fewer tokens.",
+            100 * fit.truncated_share,
+            fit.num_truncated,
+            fit.num_captions,
+            fit.max_length,
+        )
+    return fit
 
 
 def _dual_encoder_processor(path: str) -> VLAlignProcessor:
@@ -574,7 +799,8 @@ def build_model(run: RunArguments, model_section: dict, tokenizer, num_train_sam
 
 
 def _contrastive_processor(run: RunArguments, data_args, model_section: dict):
-    return build_processor(run, data_args, int((model_section.get("vision_config") or {}).get("image_size", 256)))
+    image_size = int((model_section.get("vision_config") or {}).get("image_size", 256))
+    return build_processor(run, data_args, image_size, model_section)
 
 
 def _contrastive_model(run: RunArguments, model_section: dict, processor, data):
@@ -681,6 +907,11 @@ def _contrastive_card(model, training_args, trainer, run: RunArguments, data_arg
 
 
 def _multi_image_processor(run: RunArguments, data_args, model_section: dict):
+    for name in ("train_tokenizer", "tokenizer_max_length", "augmentation"):
+        if getattr(run, name) is not None:
+            raise SystemExit(
+                f"run.{name} is for the processors of TCL / CODIS; an MIVC model's tokenizer is its language model's"
+            )
     if run.processor_name_or_path or run.model_name_or_path:
         return AutoProcessor.from_pretrained(run.processor_name_or_path or run.model_name_or_path)
     if data_args.dataset_name == "multiview_digits":
@@ -1315,6 +1546,8 @@ def main(argv: list[str] | None = None) -> dict:
     processor = task.build_processor(run, data_args, model_section)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     data = get_data(data_args, processor, seed=data_seed, collator_seed=training_args.seed)
+    if task.name == "contrastive" and training_args.process_index == 0:
+        _warn_about_caption_fit(processor, data.train_dataset, data_args)
 
     # 4. model
     model = task.build_model(run, model_section, processor, data)

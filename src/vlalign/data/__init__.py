@@ -7,6 +7,8 @@ batches, and the embedded demos.
 - `decoding.py`: hostile data: image decoding (size limits before decoding, EXIF orientation, colour modes through
   `processing_vlalign.to_rgb`), caption sanitising, and the counts of what was refused or repaired, by reason.
 - `collators.py`: `ImageTextCollator` (contrastive batches, two views) and `MultiImageCollator` (MIVC), resumable.
+- `tokenizer_training.py`: a tokenizer trained offline on the training captions (`train_caption_tokenizer`), and
+  how well a tokenizer fits them (`measure_caption_fit`: unknown tokens, captions cut at max_length).
 - `digits.py`, `multiview_digits.py`, `digit_scenes.py`: the offline demos built from scikit-learn's real scans
   (`python -m vlalign.data.digit_scenes OUT` writes the scenes as an image folder).
 
@@ -57,8 +59,20 @@ from .sources import (
     resolve_class_names,
     training_data_fingerprint,
 )
+from .tokenizer_training import (
+    BPE_SPECIAL_TOKENS,
+    MIN_TOKENIZER_VOCAB_SIZE,
+    TOKENIZER_KINDS,
+    WORDPIECE_SPECIAL_TOKENS,
+    CaptionFit,
+    caption_sample,
+    captions_of_split,
+    measure_caption_fit,
+    train_caption_tokenizer,
+)
 
 __all__ = [
+    "BPE_SPECIAL_TOKENS",
     "CAPTION_FIX_REASONS",
     "CAPTION_SKIP_REASONS",
     "DEFAULT_MAX_CAPTION_CHARS",
@@ -69,8 +83,12 @@ __all__ = [
     "GENERIC_ZERO_SHOT_TEMPLATES",
     "IMAGE_SKIP_REASONS",
     "MAX_EXPANDED_DATA_FILES",
+    "MIN_TOKENIZER_VOCAB_SIZE",
     "MIVC_DIGITS_PROMPT",
     "ROW_ID_COLUMN",
+    "TOKENIZER_KINDS",
+    "WORDPIECE_SPECIAL_TOKENS",
+    "CaptionFit",
     "DataArguments",
     "DataIssueCounts",
     "ImageDecodeError",
@@ -86,6 +104,8 @@ __all__ = [
     "build_digits_tokenizer",
     "build_mivc_digits_processor",
     "build_multiview_digits_dataset",
+    "caption_sample",
+    "captions_of_split",
     "decode_image",
     "digit_captions",
     "expand_braces",
@@ -94,8 +114,10 @@ __all__ = [
     "image_skip_reason",
     "load_image_text_datasets",
     "load_multi_image_datasets",
+    "measure_caption_fit",
     "resolve_class_names",
     "sanitise_caption",
+    "train_caption_tokenizer",
     "training_data_fingerprint",
     "write_digit_scenes_imagefolder",
 ]
