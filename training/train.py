@@ -704,27 +704,13 @@ def _warn_about_caption_fit(processor, train_dataset, data_args):
 
 def _dual_encoder_processor(path: str) -> VLAlignProcessor:
     """The dual encoder's own tokenizer and image processor (CLIP's resizing and normalisation), in a
-    VLAlignProcessor for the collators' augmented views."""
-    from transformers import AutoImageProcessor
-
-    if os.path.isdir(path):
-        check_tokenizer_files(path)
+    VLAlignProcessor for the collators' augmented views (SigLIP's captions padded to max_length)."""
     try:
-        tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError) as error:
+        return VLAlignProcessor.from_dual_encoder_pretrained(path)
+    except ValueError as error:
         raise SystemExit(
-            f"run.dual_encoder_name_or_path {path!r} has no tokenizer or image processor to load ({error}); set "
-            "run.processor_name_or_path (or tokenizer_name_or_path) to the ones it was trained with"
+            f"run.dual_encoder_name_or_path: {error}; set run.processor_name_or_path (or tokenizer_name_or_path)"
         ) from None
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type == "siglip":  # its text tower pools the last position of texts padded to max_length
-        return VLAlignProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            text_padding="max_length",
-            max_length=config.text_config.max_position_embeddings,
-        )
-    return VLAlignProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _export_dual_encoder(model, processor, output_dir: Path) -> Path:
