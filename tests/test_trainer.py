@@ -201,12 +201,12 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     trainer = _trainer(model, tmp_path, max_steps=100, warmup_steps=20)
     assert trainer.contrastive_num_keys() == 68
     trainer.state.max_steps = 100
-    assert trainer.alignment_check_step() == 20
+    assert trainer.alignment_check_step() == 25  # a quarter of the run, after the 20 warm-up steps
     stuck = {"loss_i2t": math.log(68), "loss_t2i": math.log(68) + 0.01}
-    trainer.state.global_step = 19  # still warming up: no verdict
+    trainer.state.global_step = 24  # before a quarter of the run: no verdict
     trainer._check_alignment(dict(stuck))
     assert trainer.alignment_not_started is None
-    trainer.state.global_step = 20
+    trainer.state.global_step = 25
     with caplog.at_level("WARNING", logger="vlalign.trainer"):
         trainer._check_alignment(dict(stuck))
         trainer._check_alignment(dict(stuck))
@@ -214,7 +214,7 @@ def test_alignment_check_compares_cross_modal_losses_with_ln_keys_after_the_warm
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1  # warned once
     assert "ln(68 keys) = 4.220" in caplog.records[0].getMessage()
     assert trainer.alignment_check == {
-        "step": 20,
+        "step": 25,
         "loss_i2t": stuck["loss_i2t"],
         "loss_t2i": stuck["loss_t2i"],
         "num_keys": 68,
