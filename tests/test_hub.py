@@ -820,23 +820,11 @@ def test_html_and_links_are_escaped_text(tmp_path, key):
 @pytest.mark.parametrize("value", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
 def test_usage_snippets_load_exactly_the_given_source_with_the_given_labels(tmp_path, value):
     _, _, body = _saved(tmp_path, value)
-    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
-    assert len(blocks) == 3
-    loaded_ids, pipeline_calls = [], []
-    for block in blocks:
-        for node in ast.walk(ast.parse(block)):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
-                loaded_ids.append(ast.literal_eval(node.args[0]))
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pipeline":
-                loaded_ids.append(ast.literal_eval(next(k.value for k in node.keywords if k.arg == "model")))
-            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "labels":
-                labels = ast.literal_eval(node.value)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "classifier":
-                pipeline_calls.append({k.arg: k.value for k in node.keywords})
+    assert len(re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)) == 3
+    loaded_ids, labels, call = _snippets(body)
     assert loaded_ids and all(loaded == value for loaded in loaded_ids)
     assert labels == [value]
-    (call,) = pipeline_calls
-    template = ast.literal_eval(call["hypothesis_template"])
+    template = call["hypothesis_template"]
     # the run's prompt as the pipeline fills it ("{}"), or the generic one when the prompt has other fields
     try:
         expected = f"{value} {{name}}".format(name="LABEL")
@@ -862,8 +850,9 @@ def test_language_list_and_absent_language():
 
 
 def _snippets(card) -> tuple[list[str], list[str], dict]:
-    """(sources the snippets load, the pipeline's candidate labels, the pipeline call's keywords as values)."""
-    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
+    """(sources the snippets load, the pipeline's candidate labels, the pipeline call's keywords as values) of a
+    card or of a card's text."""
+    blocks = re.findall(r"```python\n(.*?)```", getattr(card, "text", card), flags=re.DOTALL)
     sources, labels, keywords = [], None, {}
     for block in blocks:
         for node in ast.walk(ast.parse(block)):
