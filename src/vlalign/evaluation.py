@@ -3,13 +3,15 @@
 - Metrics (pure torch, no model): cross-modal retrieval Recall@k both ways (`retrieval_metrics`, in query chunks so
   that COCO-5K sized sets, 25,000 captions x 5,000 images, need O(chunk_size x N) memory instead of the full
   N_txt x N_img similarity matrix; optional re-ranking of the top candidates), CLIP-style zero-shot classification
-  from prompt ensembles (`zero_shot_classifier`, `zero_shot_accuracy`), codebook usage and purity, exact-match
+  from prompt ensembles (`zero_shot_classifier`, `zero_shot_metrics`: top-1, top-5, mean per-class recall; the
+  template sets per dataset, `ZERO_SHOT_TEMPLATE_SETS`), codebook usage and purity, exact-match
   answers, and the "alignment not started" test of the cross-modal losses. `RETRIEVAL_METRIC_PATH` is the
   `evaluate` metric script of `retrieval_metrics` shipped in the package.
 - Evaluation inputs: `build_eval_inputs` decodes an eval split into `EvalInputs` (bad images skipped and counted).
 - Running a model: `embed_images` / `embed_texts`, `evaluate_model` (retrieval, zero-shot, ITM re-rank of the top
-  candidates, codebook usage: what `ContrastiveTrainer.evaluate` reports), `retrieval_examples` (for the model
-  card's picture), and for MIVC `predict_multi_image`, `evaluate_mivc`, `multi_image_examples`.
+  candidates, codebook usage: what `ContrastiveTrainer.evaluate` and `python -m vlalign.evaluate` report),
+  `retrieval_examples` (for the model card's picture), and for MIVC `predict_multi_image`, `evaluate_mivc`,
+  `multi_image_examples`.
 
 Conventions of the metrics
 --------------------------
