@@ -128,11 +128,17 @@ def test_collator_positive_ids_and_views(processor, digits):
     bare = [{"image": r["image"], "caption": r["caption"]} for r in batch_rows[:4]]
     assert len(set(ImageTextCollator(processor, positives_by="image")(bare)["positive_ids"].tolist())) == 4
 
-    no_views = ImageTextCollator(processor, two_views=False)(batch_rows)
+    plain = processor(images=[decode_image(r["image"]) for r in batch_rows])["pixel_values"]
+    no_views = ImageTextCollator(processor, two_views=False, augment=False)(batch_rows)
     assert "pixel_values_view2" not in no_views
-    torch.testing.assert_close(
-        no_views["pixel_values"], processor(images=[decode_image(r["image"]) for r in batch_rows])["pixel_values"]
-    )
+    torch.testing.assert_close(no_views["pixel_values"], plain)
+    # one augmented view (a model whose objectives use no second view): augmented, seeded, and no second view built
+    one_view = ImageTextCollator(processor, two_views=False)
+    first, again = one_view(batch_rows), ImageTextCollator(processor, two_views=False)(batch_rows)
+    assert "pixel_values_view2" not in first and not torch.equal(first["pixel_values"], plain)
+    assert torch.equal(first["pixel_values"], again["pixel_values"])
+    with pytest.raises(ValueError, match="two_views=True needs augment=True"):
+        ImageTextCollator(processor, augment=False)
     assert not torch.equal(by_label["pixel_values"], by_label["pixel_values_view2"])
 
 

@@ -102,6 +102,22 @@ def test_no_momentum_in_batch_loss_equals_reference():
     assert not hasattr(model, "image_queue")
 
 
+def test_training_views_are_the_views_the_objectives_use():
+    """A second augmented view is built only when something encodes it: the EMA teachers, IMC without teachers, or
+    TCL's regularisers. Plain CLIP (no teachers, no IMC) trains on one view, and a batch without the second view
+    gives the loss of a batch whose second view is anything at all."""
+    clip = dict(use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0)
+    assert _model().training_views == 2  # teachers encode the second view
+    assert _model(**clip).training_views == 1
+    assert _model(**{**clip, "imc_weight": 1.0}).training_views == 2
+    assert _model(**{**clip, "use_feature_separation": True}).training_views == 2
+    model = _model(**clip).eval()
+    batch = tiny_batch()
+    without = model(**{k: v for k, v in batch.items() if k != "pixel_values_view2"}, return_loss=True).loss
+    noise = {**batch, "pixel_values_view2": torch.randn_like(batch["pixel_values"])}
+    assert torch.equal(model(**noise, return_loss=True).loss, without)
+
+
 def test_cma_and_imc_against_reference_from_teacher_features():
     """Recompute i2t / t2i / i2i / t2t in float64 from the model's own student and teacher features, as TCL's
     retrieval code defines them (models/model_retrieval.py): the cross-modal terms against distillation targets, the

@@ -70,6 +70,7 @@ from vlalign.data import (
     TOKENIZER_KINDS,
     WORDPIECE_SPECIAL_TOKENS,
     DataArguments,
+    ImageTextCollator,
     MIVCDataArguments,
     MultiImageCollator,
     build_digits_processor,
@@ -1537,6 +1538,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. model
     model = task.build_model(run, model_section, processor, data)
+    if isinstance(data.collator, ImageTextCollator):  # build only the augmented views the objectives use
+        data.collator.two_views = model.training_views == 2
     model = _apply_lora(model, run, model_type, training_args)
 
     # 5. trainer, once the evaluation split is known to be usable and the output folder is ours

@@ -491,6 +491,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     # Training pieces. Subclasses extend `_needs`, `_extra_student_features`, `_extra_teacher_features`,
     # `_extra_alignment_losses` and define `_loss_total`.
 
+    @property
+    def training_views(self) -> int:
+        """Augmented views of each image a training step uses: 2 when the EMA teachers encode the second view or
+        the students encode it (IMC without teachers, TCL's regularisers), else 1 (e.g. plain CLIP / ITC)."""
+        return 2 if self.config.use_momentum or self._needs()["view2"] else 1
+
     def _needs(self) -> dict[str, bool]:
         cfg = self.config
         return {

@@ -442,6 +442,7 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
         return_tensors="pt",
         two_views: bool = False,
         rng: np.random.Generator | None = None,
+        augment: bool | None = None,
         padding=None,
         truncation=True,
         max_length=None,
@@ -449,8 +450,10 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
     ) -> BatchFeature:
         """Prepare images and/or captions.
 
-        Returns a `BatchFeature` with `pixel_values` (un-augmented unless `two_views`), `pixel_values_view2`
-        (only with `two_views=True`: a second, independent augmentation), `input_ids` and `attention_mask`.
+        Returns a `BatchFeature` with `pixel_values` (augmented with `augment`, which defaults to `two_views`),
+        `pixel_values_view2` (only with `two_views=True`: a second, independent augmentation), `input_ids` and
+        `attention_mask`. `augment=True, two_views=False` is the one augmented view of a training step whose
+        objectives use no second view (it costs half the augmentation work).
         Extra image-processor / tokenizer options can be passed as `images_kwargs={...}` / `text_kwargs={...}`.
         """
         images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
@@ -469,19 +472,28 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
             if not image_list:
                 raise ValueError("`images` is empty")
             image_list = [to_rgb(image) for image in image_list]
-            if two_views:
+            augment = two_views if augment is None else augment
+            if two_views and not augment:
+                raise ValueError("two_views=True needs augment (the second view is a second augmentation)")
+            if augment:
                 rng = np.random.default_rng() if rng is None else rng
                 size = self.image_size
                 view1, view2 = [], []
                 for image in image_list:
                     view1.append(augment_image(image, size, self.augmentation, rng))
-                    view2.append(augment_image(image, size, self.augmentation, rng))
+                    if two_views:
+                        view2.append(augment_image(image, size, self.augmentation, rng))
                 # Views are already at the target size: skip resizing/cropping, keep rescale + normalise.
                 norm_kwargs = {**images_kwargs, "do_resize": False}
                 if getattr(self.image_processor, "do_center_crop", False):
                     norm_kwargs["do_center_crop"] = False
-                for key, views in (("pixel_values", view1), ("pixel_values_view2", view2)):
-                    encoded = self.image_processor(views, return_tensors=return_tensors, **norm_kwargs)
+                views = (
+                    (("pixel_values", view1), ("pixel_values_view2", view2))
+                    if two_views
+                    else (("pixel_values", view1),)
+                )
+                for key, images_of_view in views:
+                    encoded = self.image_processor(images_of_view, return_tensors=return_tensors, **norm_kwargs)
                     data[key] = encoded["pixel_values"]
             else:
                 encoded = self.image_processor(image_list, return_tensors=return_tensors, **images_kwargs)

@@ -91,7 +91,9 @@ class ResumableCollator:
 class ImageTextCollator(ResumableCollator):
     """Turns dataset rows into a contrastive training batch, skipping rows that cannot be used.
 
-    Output (all tensors unless noted): `pixel_values`, `pixel_values_view2` (if `two_views`), `input_ids`,
+    Output (all tensors unless noted): `pixel_values` (augmented unless `augment=False`), `pixel_values_view2` (a
+    second augmentation, if `two_views`: train.py sets it from the model's `training_views`, since a second view
+    that nothing uses doubles the collation work), `input_ids`,
     `attention_mask`, `positive_ids` (LongTensor; equal ids are positives), `sample_ids` (the dataset row of
     each item, when the rows carry `ROW_ID_COLUMN` as `load_image_text_datasets` adds it), `return_loss=True` and
     `num_skipped` (int, rows dropped from *this* batch for a bad image or caption, so a trainer can accumulate
@@ -128,6 +130,7 @@ class ImageTextCollator(ResumableCollator):
         image_id_column: str | None = None,
         positives_by: str = "label",
         two_views: bool = True,
+        augment: bool = True,
         seed: int = 0,
         log_every: int = 100,
         refill: bool = True,
@@ -148,7 +151,10 @@ class ImageTextCollator(ResumableCollator):
         self.label_column = label_column
         self.image_id_column = image_id_column
         self.positives_by = positives_by
+        if two_views and not augment:
+            raise ValueError("two_views=True needs augment=True (the second view is a second augmentation)")
         self.two_views = two_views
+        self.augment = augment
         self.seed = int(seed)
         self.log_every = int(log_every)
         # Rows dropped for a bad image/caption are replaced by copies of good items of the same batch, so every batch
@@ -279,7 +285,12 @@ class ImageTextCollator(ResumableCollator):
         if not images:
             return {"num_skipped": skipped, "empty_batch": True}
         encoded = self.processor(
-            images=images, text=captions, two_views=self.two_views, rng=augment_rng, return_tensors="pt"
+            images=images,
+            text=captions,
+            two_views=self.two_views,
+            augment=self.augment,
+            rng=augment_rng,
+            return_tensors="pt",
         )
         batch: dict[str, Any] = dict(encoded)
         batch["positive_ids"] = torch.tensor(ids, dtype=torch.long)
