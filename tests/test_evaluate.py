@@ -299,6 +299,8 @@ def test_bad_requests_are_refused_naming_what_is_wrong(tmp_path):
                        intermediate_size=64)).save_pretrained(tmp_path / "vit")  # fmt: skip
     with pytest.raises(ValueError, match=r"is a 'vit' model: vlalign.evaluate takes image-text dual encoders"):
         load_model_for_evaluation(str(tmp_path / "vit"))
+    with pytest.raises(SystemExit, match=r"vlalign.evaluate: .*no_such_model"):  # a mistyped path: one line
+        main(["--model", str(tmp_path / "no_such_model"), "--output", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
 

@@ -78,9 +78,9 @@ _NONE = ("none", "null", "")
 
 def load_model_for_evaluation(name: str, allow_pickle: bool = False):
     """``(model, processor)`` for `name`: a TCL / CODIS model with its saved processor (or a LoRA run's adapters on
-    their base), or a plain CLIP / SigLIP /
-    VisionTextDualEncoder checkpoint through `TCLModel.from_dual_encoder_pretrained` (its own embeddings) with
-    `VLAlignProcessor.from_dual_encoder_pretrained` (its own tokenizer and image processor)."""
+    their base), or a plain CLIP / SigLIP / VisionTextDualEncoder checkpoint through
+    `TCLModel.from_dual_encoder_pretrained` (its own embeddings) with `VLAlignProcessor.from_dual_encoder_pretrained`
+    (its own tokenizer and image processor)."""
     if os.path.isfile(os.path.join(name, "adapter_config.json")) and not os.path.isfile(
         os.path.join(name, "config.json")
     ):
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.model:
             model, processor = load_model_for_evaluation(name, allow_pickle=args.allow_pickle)
             models[name] = (model.to(device), processor)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a model or data path that does not exist or cannot be read
         sys.exit(f"vlalign.evaluate: {error}")
     results = evaluate_models(
         models,
