@@ -333,6 +333,18 @@ def test_throughput_is_samples_over_elapsed_time(tmp_path, monkeypatch):
     assert trainer.state.log_history[-1]["throughput_samples_per_second"] == pytest.approx(4 / 2.0)
 
 
+def test_data_loading_time_is_logged_apart_from_the_step(tmp_path, monkeypatch):
+    """Each optimizer step's fetch of its batches is timed: with a data clock that advances 0.5 s per reading, a
+    fetch waits 0.5 s and a logging interval of two steps spans 2 s (the log reads it once): 0.5 s per step, a
+    quarter of the wall time each, half of it in all."""
+    monkeypatch.setattr(ContrastiveTrainer, "_data_clock", staticmethod(FakeClock(now=0.0, step=0.5)))
+    trainer = _logging_trainer(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["data_time_per_step"] for entry in logs] == [0.5, 0.5]
+    assert [entry["data_wait_fraction"] for entry in logs] == [0.5, 0.5]
+
+
 def test_throughput_counts_every_micro_batch_with_gradient_accumulation(tmp_path, monkeypatch):
     # the clock advances 1 s per call: 1 call at the first step, then 1 per log -> 1 s per logging interval
     monkeypatch.setattr(ContrastiveTrainer, "_clock", staticmethod(FakeClock(now=0.0, step=1.0)))

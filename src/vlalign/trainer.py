@@ -711,6 +711,12 @@ class ContrastiveTrainer(VLAlignTrainer):
     _throughput_samples: int = 0
     _throughput_since: float | None = None
     _clock = staticmethod(time.perf_counter)
+    # data-loading time (see `get_batch_samples`), on a clock of its own: the seconds spent waiting for the batches
+    # of the optimizer steps since the previous training log, those steps, and when the first of them was asked for
+    _data_wait: float = 0.0
+    _data_steps: int = 0
+    _data_since: float | None = None
+    _data_clock = staticmethod(time.perf_counter)
 
     def __init__(
         self, *args, eval_inputs=None, class_names=None, zero_shot_templates=None, vlalign_processor=None, **kwargs
@@ -870,6 +876,29 @@ class ContrastiveTrainer(VLAlignTrainer):
         if not inputs.get("empty_batch", False):
             self._throughput_samples += _batch_rows(inputs)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's fetch of one optimizer step's micro-batches, timed: with the collation in this process
+        (no dataloader workers) the wait is the decoding and augmentation, with workers what they did not prefetch
+        in time. Logged as `data_time_per_step` and `data_wait_fraction` (open_clip's data_time), so that an
+        input-bound run is visible."""
+        start = self._data_clock()
+        if self._data_since is None:
+            self._data_since = start
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._data_wait += self._data_clock() - start
+        self._data_steps += 1
+        return batches
+
+    def _log_data_time(self, logs: dict[str, float]) -> None:
+        """`data_time_per_step` (seconds waiting for data per optimizer step) and `data_wait_fraction` (that wait
+        / the wall time since the first of those steps asked for its batches), since the previous training log."""
+        if self._data_steps and self._data_since is not None:
+            elapsed = self._data_clock() - self._data_since
+            logs["data_time_per_step"] = round(self._data_wait / self._data_steps, 4)
+            if elapsed > 0:
+                logs["data_wait_fraction"] = round(min(self._data_wait / elapsed, 1.0), 4)
+        self._data_wait, self._data_steps, self._data_since = 0.0, 0, None
+
     def _log_throughput(self, logs: dict[str, float]) -> None:
         """`throughput_samples_per_second`: samples (summed over processes) since the previous training log / the wall
         time since then (since the first training step for the first log). Evaluation and checkpointing between two
@@ -888,8 +917,10 @@ class ContrastiveTrainer(VLAlignTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (evaluation logs have eval_* keys)
             self._log_throughput(logs)
+            self._log_data_time(logs)
         if "train_runtime" in logs:  # the end of `train()`: a later `train()` starts a new throughput interval
             self._throughput_samples, self._throughput_since = 0, None
+            self._data_wait, self._data_steps, self._data_since = 0.0, 0, None
         if "loss" in logs and self._component_counts:
             for name, total in self._component_sums.items():
                 key = name if name == "temperature" else f"loss_{name}"
