@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, ViTImageProcessorPil
 
-from vlalign.processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, augment_image, to_rgb
+from vlalign.processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, _adjust_hue, augment_image, to_rgb
 
 SIZE = 32
 WORDS = ["a", "handwritten", "digit", "one", "two", "three", "the", "number", "written", "by", "hand", "."]
@@ -123,6 +123,35 @@ def test_processor_with_flip_disabled_never_flips():
         left = views[..., : SIZE // 2].mean(dim=(1, 2, 3))
         right = views[..., SIZE // 2 :].mean(dim=(1, 2, 3))
         assert bool((left < right).all())
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.1, 0.5, -0.5, 0.0])
+def test_hue_rotation_adds_the_shift_to_the_hue_channel_modulo_256(shift):
+    """The hue channel of PIL's HSV form gains round(shift * 255) modulo 256 (a rotation with wrap-around, both
+    directions); saturation and value are kept; the result goes back through PIL's HSV -> RGB."""
+    image = colour_image()
+    h, s, v = (np.asarray(band) for band in image.convert("HSV").split())
+    step = round(shift * 255)
+    assert shift == 0.0 or ((h.astype(int) + step) % 256 != h.astype(int) + step).any()  # some hues wrap
+    hue = ((h.astype(np.int64) + step) % 256).astype(np.uint8)
+    bands = [Image.fromarray(band) for band in (hue, s, v)]
+    expected = np.asarray(Image.merge("HSV", bands).convert("RGB"))
+    assert np.array_equal(np.asarray(_adjust_hue(image, shift)), expected)
+
+
+def test_batch_augmentation_equals_augment_image_per_image():
+    """The processor resolves the parameters once per batch; its views are augment_image's, draw for draw."""
+    proc = make_processor(augmentation={"hflip_p": 0.3})
+    images = [colour_image(seed=i) for i in range(4)]
+    out = proc(images=images, two_views=True, rng=np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    views = [[], []]
+    for image in images:
+        for view in views:
+            view.append(augment_image(image, (SIZE, SIZE), proc.augmentation, rng))
+    for key, view in zip(("pixel_values", "pixel_values_view2"), views):
+        expected = proc.image_processor(view, do_resize=False, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(out[key], expected, atol=0, rtol=0)
 
 
 def test_augment_image_size_is_height_width():

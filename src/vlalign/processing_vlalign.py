@@ -237,12 +237,10 @@ def _random_resized_crop_box(
 
 def _adjust_hue(image: Image.Image, shift: float) -> Image.Image:
     """Rotate the hue of an RGB image by `shift` turns (in [-0.5, 0.5]) through HSV, with uint8 wrap-around."""
-    h, s, v = image.convert("HSV").split()
-    hue = np.asarray(h, dtype=np.uint8)
+    hsv = np.array(image.convert("HSV"))  # a writable copy, H x W x 3
     # uint8 addition wraps modulo 256, which is exactly a rotation on the hue circle.
-    hue = (hue.astype(np.int16) + round(shift * 255)) % 256
-    h = Image.fromarray(hue.astype(np.uint8))
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
+    hsv[..., 0] += np.uint8(round(shift * 255) % 256)
+    return Image.frombytes("HSV", image.size, hsv.tobytes()).convert("RGB")
 
 
 def _color_jitter(image: Image.Image, params: dict[str, Any], rng: np.random.Generator) -> Image.Image:
@@ -271,7 +269,13 @@ def augment_image(
     Every random draw comes from `rng`, so a seeded generator reproduces the view exactly. A probability of 0
     disables a step entirely (e.g. `hflip_p=0` for digits, whose mirror images are not digits).
     """
-    params = resolve_augmentation(params)
+    return _augment_resolved(image, size, resolve_augmentation(params), rng)
+
+
+def _augment_resolved(
+    image: Image.Image, size: tuple[int, int], params: dict[str, Any], rng: np.random.Generator
+) -> Image.Image:
+    """`augment_image` with `params` already resolved (a batch resolves them once, not once per image)."""
     height, width = int(size[0]), int(size[1])
     if height <= 0 or width <= 0:
         raise ValueError(f"size must be positive (height, width), got {size!r}")
@@ -477,12 +481,12 @@ class VLAlignProcessor(ChecksTokenizerFilesOnLoad, ProcessorMixin):
                 raise ValueError("two_views=True needs augment (the second view is a second augmentation)")
             if augment:
                 rng = np.random.default_rng() if rng is None else rng
-                size = self.image_size
+                size, params = self.image_size, resolve_augmentation(self.augmentation)
                 view1, view2 = [], []
                 for image in image_list:
-                    view1.append(augment_image(image, size, self.augmentation, rng))
+                    view1.append(_augment_resolved(image, size, params, rng))
                     if two_views:
-                        view2.append(augment_image(image, size, self.augmentation, rng))
+                        view2.append(_augment_resolved(image, size, params, rng))
                 # Views are already at the target size: skip resizing/cropping, keep rescale + normalise.
                 norm_kwargs = {**images_kwargs, "do_resize": False}
                 if getattr(self.image_processor, "do_center_crop", False):
