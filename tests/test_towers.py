@@ -466,3 +466,23 @@ def test_mean_pooling_averages_the_kept_patches():
         tokens, pooled = encode_image(dropped.train(), pixels, "mean", 3)
     assert tokens.shape[1] == 3 + 8
     torch.testing.assert_close(pooled, tokens[:, 3:].mean(1), rtol=0, atol=0)
+
+
+def test_patch_dropout_comes_back_with_a_saved_model(tmp_path):
+    """Nothing of it is in the weights: the saved config's `patch_dropout` puts it back on the loaded student."""
+    from fixtures import tiny_tcl_config
+
+    config = tiny_tcl_config(patch_dropout=0.5, num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    torch.manual_seed(0)
+    model = TCLModel(config)
+    model.save_pretrained(tmp_path)
+    loaded = TCLModel.from_pretrained(tmp_path).train()
+    assert loaded.config.patch_dropout == 0.5
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model.train()._encode_image(pixels)[0]
+        torch.manual_seed(5)
+        tokens = loaded._encode_image(pixels)[0]
+    assert tokens.shape[1] == 1 + 8
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
