@@ -246,6 +246,7 @@ class ALBEFStackConfig(PreTrainedConfig):
         cma_weight, imc_weight: weights of the cross-modal (i2t + t2i) and intra-modal (i2i + t2t) contrastive
             terms (how the model combines them is documented on each model's config).
         itm_weight, mlm_weight: weights of the ITM and MLM losses (0 disables the term and its forward passes).
+        itm_hard_negatives: sample ITM negatives from the contrastive similarity (else uniformly).
         patch_dropout: share of the image's patch tokens dropped at random in each training forward of the student
             vision tower (FLIP, Li et al. 2023): each image keeps its prefix tokens ([CLS], registers, DeiT's
             distillation token) and `max(1, int(N * (1 - patch_dropout)))` of its N patch tokens (open_clip's
@@ -257,7 +258,6 @@ class ALBEFStackConfig(PreTrainedConfig):
             alone; fused with a caption, an image missing half of its patches would ask MLM to predict words about
             regions that are gone, a different objective from the one these models define), and so must any
             objective that reads the student's patch grid (TCL's LMI without EMA teachers).
-        itm_hard_negatives: sample ITM negatives from the contrastive similarity (else uniformly).
         mlm_probability: fraction of tokens masked for MLM.
         mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
         initializer_range: std of the normal init of the projections and heads.

@@ -243,7 +243,7 @@ def build_vision_encoder(
     vision_config: PreTrainedConfig, pooling: str | None = None, patch_dropout: float = 0.0
 ) -> nn.Module:
     """The vision tower, with its pooler only when `pooling == "pooler"` (SigLIP: its attention-pooling head), and
-    with `PatchDropout(patch_dropout)` on its embeddings when `patch_dropout > 0` (families with
+    with `PatchDropout` of share `patch_dropout` on its embeddings when it is > 0 (families with
     `patch_dropout_refusal(config) is None`)."""
     if vision_config.model_type == "siglip_vision_model" and _siglip_head(vision_config) and pooling != "pooler":
         vision_config = copy.deepcopy(vision_config)
