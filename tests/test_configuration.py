@@ -315,6 +315,31 @@ def test_standard_transformers_keys_do_not_warn(kind, tmp_path, caplog):
 # every field validated
 
 
+NO_FUSION = dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+SWIN = dict(
+    model_type="swin", image_size=16, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
+)
+CONVNEXT = dict(model_type="convnext", image_size=16, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+# configurations patch dropout does not fit: towers that cannot run on a subset of their patch tokens, and ITM / MLM
+PATCH_DROPOUT_REFUSALS = [
+    dict(patch_dropout=0.5, vision_config=SWIN, **NO_FUSION),
+    dict(patch_dropout=0.5, vision_config=CONVNEXT, **NO_FUSION),
+    dict(
+        patch_dropout=0.5,
+        vision_config=dict(TINY_VISION, model_type="beit", use_relative_position_bias=True),
+        **NO_FUSION,
+    ),
+    dict(
+        patch_dropout=0.5,
+        vision_config=dict(TINY_VISION, model_type="data2vec-vision", use_shared_relative_position_bias=True),
+        **NO_FUSION,
+    ),
+    dict(patch_dropout=0.5),  # ITM and MLM on
+    dict(patch_dropout=0.5, itm_weight=0.0),  # MLM on
+    dict(patch_dropout=0.5, mlm_weight=0.0),  # ITM on
+]
+
+
 def _albef_bad_values(extra):
     """Bad values for every ALBEFStackConfig field, plus a model's own (`extra`): field -> list of overrides."""
     table = {
@@ -341,6 +366,12 @@ def _albef_bad_values(extra):
         "itm_weight": [dict(itm_weight=-1.0), dict(itm_weight=float("inf"))],
         "mlm_weight": [dict(mlm_weight=-1.0)],
         "itm_hard_negatives": [dict(itm_hard_negatives=None)],
+        "patch_dropout": [
+            dict(patch_dropout=1.0, **NO_FUSION),
+            dict(patch_dropout=-0.1, **NO_FUSION),
+            dict(patch_dropout="0.5", **NO_FUSION),
+            *PATCH_DROPOUT_REFUSALS,
+        ],
         "mlm_probability": [dict(mlm_probability=0.0), dict(mlm_probability=1.0)],
         "mask_token_id": [
             dict(mask_token_id=999),
@@ -512,3 +543,42 @@ def test_pooling_defaults_follow_the_family():
     assert tiny_tcl_config(vision_config=dict(beit, use_mean_pooling=True)).vision_pooling == "pooler"
     assert tiny_tcl_config(vision_config=dict(beit, use_mean_pooling=False)).vision_pooling == "cls"
     assert tiny_tcl_config().to_dict()["text_pooling"] == "cls"
+
+
+def test_patch_dropout_refusals_say_why():
+    for overrides, reason in zip(
+        PATCH_DROPOUT_REFUSALS,
+        ["swin is hierarchical", "convnext is hierarchical", "relative position bias", "relative position bias"]
+        + ["ITM and MLM"] * 3,
+    ):
+        with pytest.raises(ValueError, match=rf"^TCLConfig\.patch_dropout: 0\.5 .*{reason}"):
+            tiny_tcl_config(**overrides)
+
+
+def test_patch_dropout_is_refused_where_tcl_reads_the_students_patch_grid():
+    """LMI without EMA teachers pools the student's own patch tokens on the grid; with EMA teachers its locals are
+    the teacher's, which sees every patch, so patch dropout fits."""
+    contrastive = dict(NO_FUSION, patch_dropout=0.5)
+    with pytest.raises(ValueError, match=r"^TCLConfig\.patch_dropout: .*LMI without EMA teachers"):
+        tiny_tcl_config(use_momentum=False, **contrastive)
+    assert tiny_tcl_config(use_momentum=False, lmi_weight=0.0, **contrastive).patch_dropout == 0.5
+    assert tiny_tcl_config(use_momentum=True, **contrastive).patch_dropout == 0.5
+    # CODIS reads only global features (its codebook terms included), with or without teachers
+    for use_momentum in (False, True):
+        assert tiny_codis_config(use_momentum=use_momentum, **contrastive).patch_dropout == 0.5
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        dict(TINY_VISION, model_type=model_type)
+        for model_type in ("vit", "deit", "beit", "data2vec-vision", "dinov2", "clip_vision_model", "vit_msn")
+    ]
+    + [
+        dict(TINY_VISION, model_type="dinov2_with_registers", num_register_tokens=2),
+        dict(TINY_VISION, model_type="siglip_vision_model"),
+    ],
+    ids=lambda vision: vision["model_type"],
+)
+def test_patch_dropout_is_accepted_by_the_vit_like_towers(vision):
+    assert tiny_tcl_config(vision_config=vision, patch_dropout=0.5, lmi_weight=0.0, **NO_FUSION).patch_dropout == 0.5

@@ -126,3 +126,39 @@ def test_trainer_with_gradient_cache_matches_uncached_training(tmp_path):
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in weights[0]:
         assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
+
+
+def test_patch_dropout_is_replayed_per_chunk():
+    """Patch dropout draws from torch's RNG: the re-run of each chunk keeps the patches of its cached pass, so the
+    cached gradients equal those of the same chunked forward kept in one graph (which draws the same patches)."""
+    config = _config(patch_dropout=0.5, **CONTRASTIVE_ONLY)
+    batch = tiny_batch(batch=6)
+    torch.manual_seed(0)
+    reference = TCLModel(config)
+    torch.manual_seed(0)
+    cached = TCLModel(config)
+    reference.train()
+    cached.train()
+
+    torch.manual_seed(123)
+    cached.gradient_cached_backward(**batch, chunk_size=4)
+
+    torch.manual_seed(123)
+    prepared, temp = reference._prepare_training(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["pixel_values_view2"]
+    )
+    parts = [
+        reference._student_pass({k: v[a:b] for k, v in prepared.items()}, keep_tokens=False)
+        for a, b in ((0, 4), (4, 6))
+    ]
+    student = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    losses = reference._alignment_losses(student, {}, prepared, None, None, temp)
+    reference._loss_total(losses).backward()
+    _assert_same_grads(reference, cached, atol=1e-6)
+    # a chunked pass with other patches gives other gradients, so the test has teeth
+    torch.manual_seed(0)
+    other = TCLModel(config)
+    other.train()
+    torch.manual_seed(124)
+    other.gradient_cached_backward(**batch, chunk_size=4)
+    assert not torch.allclose(_grads(other)["vision_proj.weight"], _grads(cached)["vision_proj.weight"])

@@ -313,3 +313,176 @@ def test_every_family_loads_through_remote_code_without_the_package(checkpoints,
     )
     assert f"REMOTE CODE CHECKS PASSED {len(ALL_FAMILIES)}" in proc.stdout, proc.stderr[-3000:]
     assert "vlalign is blocked in this test" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch dropout (FLIP): the student tower runs on the prefix tokens and a random subset of its patch tokens
+
+PATCH_DROPOUT_FAMILIES = [family for family in VISION if family not in ("swin", "convnext")]
+# tokens before the grid in the tiny configs: [CLS]; DeiT's distillation token; DINOv2's 2 registers; SigLIP none
+PREFIX = {"deit": 2, "dinov2_with_registers": 3, "siglip_vision_model": 0}
+
+
+def _tower_pair(family, prob, pooling=None):
+    """A tower with patch dropout `prob` and the same tower without it (same weights)."""
+    from vlalign.towers import build_vision_encoder
+
+    config = AutoConfig.for_model(**VISION[family])
+    torch.manual_seed(0)
+    dropped = build_vision_encoder(config, pooling, patch_dropout=prob)
+    plain = build_vision_encoder(config, pooling)
+    plain.load_state_dict(dropped.state_dict())
+    return dropped, plain
+
+
+def _kept_by_reference(embeddings, prefix, prob, seed):
+    """open_clip's PatchDropout on the embeddings, written out: the top `max(1, int(N * (1 - prob)))` of
+    randn(batch, N) per image, after the prefix tokens."""
+    if isinstance(embeddings, tuple):  # Data2Vec-vision's (tokens, grid shape)
+        return (_kept_by_reference(embeddings[0], prefix, prob, seed), *embeddings[1:])
+    torch.manual_seed(seed)
+    head, patches = embeddings[:, :prefix], embeddings[:, prefix:]
+    keep = max(1, int(patches.shape[1] * (1 - prob)))
+    indices = torch.randn(patches.shape[0], patches.shape[1]).topk(keep, dim=-1).indices
+    return torch.cat([head, patches[torch.arange(patches.shape[0])[:, None], indices]], dim=1)
+
+
+@pytest.mark.parametrize("family", PATCH_DROPOUT_FAMILIES)
+def test_patch_dropout_runs_the_layers_on_the_kept_tokens(family):
+    """In training mode the tower's output is what its own layers compute from the kept tokens: the embeddings
+    (position embeddings added) with open_clip's choice of patches under the same seed, prefix tokens first."""
+    from vlalign.towers import vision_embeddings, vision_prefix_tokens
+
+    pooling = "pooler" if family == "siglip_vision_model" else None  # SigLIP's attention-pooling head sees all
+    dropped, plain = _tower_pair(family, 0.5, pooling)
+    dropped.train()
+    plain.train()
+    assert vision_prefix_tokens(plain.config) == PREFIX.get(family, 1)
+    pixels = tiny_batch()["pixel_values"]
+    prefix = PREFIX.get(family, 1)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        output = dropped(pixel_values=pixels)
+        # the reference: the plain tower, its embeddings' output replaced by the manually gathered tokens
+        handle = vision_embeddings(plain).register_forward_hook(
+            lambda module, args, output: _kept_by_reference(output, prefix, 0.5, seed=7)
+        )
+        expected = plain(pixel_values=pixels)
+        handle.remove()
+        full = plain(pixel_values=pixels)
+    assert output.last_hidden_state.shape[1] == prefix + 8  # 8 of the 16 patches
+    torch.testing.assert_close(output.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    if pooling == "pooler":
+        torch.testing.assert_close(output.pooler_output, expected.pooler_output, rtol=0, atol=0)
+    assert not torch.allclose(output.last_hidden_state[:, :1], full.last_hidden_state[:, :1])  # it has teeth
+
+
+@pytest.mark.parametrize("family", PATCH_DROPOUT_FAMILIES)
+def test_patch_dropout_is_off_in_eval_mode_and_at_zero(family):
+    """Evaluation sees every patch, bit for bit the tower without patch dropout; at 0 no hook is installed."""
+    from vlalign.towers import vision_embeddings
+
+    dropped, plain = _tower_pair(family, 0.5)
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(pixel_values=pixels).last_hidden_state, plain.eval()(pixel_values=pixels)[0])
+    off, _ = _tower_pair(family, 0.0)
+    assert not vision_embeddings(off)._forward_hooks
+    assert len(vision_embeddings(dropped)._forward_hooks) == 1
+
+
+@pytest.mark.parametrize(
+    "prob, kept",
+    [(0.0, 16), (0.25, 12), (0.3, 11), (0.5, 8), (0.7, 4), (0.9, 1), (0.95, 1), (0.99, 1)],
+)
+def test_patch_dropout_keeps_open_clips_count_and_the_prefix_tokens(prob, kept):
+    """max(1, int(N * (1 - p))) of the N = 16 patches (p = 0.7: int(4.8) = 4; p >= 15/16: the floor of 1), each
+    kept patch one of the image's own, none twice; DeiT's [CLS] and distillation tokens stay, in front."""
+    from vlalign.towers import PatchDropout, vision_embeddings
+
+    assert PatchDropout(prob, 2).num_kept(16) == kept
+    dropped, plain = _tower_pair("deit", prob) if prob > 0 else _tower_pair("deit", 0.0)
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        tokens = vision_embeddings(dropped.train())(pixels)
+        full = vision_embeddings(plain.train())(pixels)
+    assert tokens.shape[1] == 2 + kept
+    assert torch.equal(tokens[:, :2], full[:, :2])
+    for image in range(pixels.shape[0]):
+        # which of the image's patches each kept token is
+        matches = (tokens[image, 2:, None] == full[image, None, 2:]).all(-1)
+        assert torch.equal(matches.sum(-1), torch.ones(kept, dtype=torch.long))
+        assert matches.any(0).sum() == kept
+
+
+def test_patch_dropout_follows_torchs_rng():
+    """The same seed draws the same patches (so gradient caching's replay of a chunk sees them again); another seed
+    draws others."""
+    from vlalign.towers import vision_embeddings
+
+    dropped, _ = _tower_pair("vit", 0.5)
+    embeddings = vision_embeddings(dropped.train())
+    pixels = tiny_batch()["pixel_values"]
+    draws = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            draws.append(embeddings(pixels))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_patch_dropout_applies_to_the_student_only():
+    """With EMA teachers: the student encodes the kept tokens in training, every patch in evaluation; the teacher
+    encodes every patch in both, and its output is the tower's without patch dropout."""
+    from fixtures import tiny_tcl_config
+
+    config = tiny_tcl_config(patch_dropout=0.5, num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    torch.manual_seed(0)
+    model = TCLModel(config).train()
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        student_tokens, student_pooled = model._encode_image(pixels)
+        teacher_tokens, _ = model._encode_image(pixels, momentum=True)
+        assert (student_tokens.shape[1], teacher_tokens.shape[1]) == (1 + 8, 1 + 16)
+        # the teacher is a copy of the student at the start: it computes the student's eval-mode output
+        model.eval()
+        torch.testing.assert_close(model._encode_image(pixels)[0], teacher_tokens, rtol=0, atol=0)
+    assert not model.momentum_vision_model.embeddings._forward_hooks
+    # a training step runs with it, and reaches the student tower
+    model.train()
+    model(**tiny_batch(), return_loss=True).loss.backward()
+    assert model.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+
+
+def test_mean_pooling_averages_the_kept_patches():
+    """`mean` pooling averages the patch tokens the tower returned (the kept ones), not its prefix tokens."""
+    from vlalign.towers import encode_image
+
+    dropped, _ = _tower_pair("dinov2_with_registers", 0.5)
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        tokens, pooled = encode_image(dropped.train(), pixels, "mean", 3)
+    assert tokens.shape[1] == 3 + 8
+    torch.testing.assert_close(pooled, tokens[:, 3:].mean(1), rtol=0, atol=0)
+
+
+def test_patch_dropout_comes_back_with_a_saved_model(tmp_path):
+    """Nothing of it is in the weights: the saved config's `patch_dropout` puts it back on the loaded student."""
+    from fixtures import tiny_tcl_config
+
+    config = tiny_tcl_config(patch_dropout=0.5, num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    torch.manual_seed(0)
+    model = TCLModel(config)
+    model.save_pretrained(tmp_path)
+    loaded = TCLModel.from_pretrained(tmp_path).train()
+    assert loaded.config.patch_dropout == 0.5
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model.train()._encode_image(pixels)[0]
+        torch.manual_seed(5)
+        tokens = loaded._encode_image(pixels)[0]
+    assert tokens.shape[1] == 1 + 8
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)

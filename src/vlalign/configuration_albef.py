@@ -29,6 +29,7 @@ from .towers import (
     VISION_MODEL_TYPES,
     default_text_pooling,
     default_vision_pooling,
+    patch_dropout_refusal,
     text_poolings,
     vision_downsampling,
     vision_grid_size,
@@ -246,6 +247,17 @@ class ALBEFStackConfig(PreTrainedConfig):
             terms (how the model combines them is documented on each model's config).
         itm_weight, mlm_weight: weights of the ITM and MLM losses (0 disables the term and its forward passes).
         itm_hard_negatives: sample ITM negatives from the contrastive similarity (else uniformly).
+        patch_dropout: share of the image's patch tokens dropped at random in each training forward of the student
+            vision tower (FLIP, Li et al. 2023): each image keeps its prefix tokens ([CLS], registers, DeiT's
+            distillation token) and `max(1, int(N * (1 - patch_dropout)))` of its N patch tokens (open_clip's
+            count), chosen after the position embeddings are added; the tower's layers run on the kept tokens
+            only, which is where the speed-up comes from. The EMA teachers and evaluation (eval mode) see every
+            patch. 0 turns it off. It needs a ViT-like tower whose layers take any number of tokens (not Swin or
+            ConvNeXt, nor BEiT / Data2Vec-vision with a relative position bias), and objectives that read only
+            the student's global image feature: ITM and MLM must be off (FLIP trains the contrastive objective
+            alone; fused with a caption, an image missing half of its patches would ask MLM to predict words about
+            regions that are gone, a different objective from the one these models define), and so must any
+            objective that reads the student's patch grid (TCL's LMI without EMA teachers).
         mlm_probability: fraction of tokens masked for MLM.
         mask_token_id: id of the tokenizer's mask token (103 in bert-base-uncased). Set from the tokenizer.
         initializer_range: std of the normal init of the projections and heads.
@@ -279,6 +291,7 @@ class ALBEFStackConfig(PreTrainedConfig):
     itm_weight: Real = non_negative(default=1.0)
     mlm_weight: Real = non_negative(default=1.0)
     itm_hard_negatives: bool = True
+    patch_dropout: Real = interval(0, 1, high_open=True)(default=0.0)
     mlm_probability: Real = interval(0, 1, low_open=True, high_open=True)(default=0.15)
     mask_token_id: int | None = non_negative(default=103)
     initializer_range: Real = positive(default=0.02)
@@ -446,6 +459,32 @@ class ALBEFStackConfig(PreTrainedConfig):
         """At least one objective (each weight is >= 0 by its field)."""
         if not self.has_objective():
             self.fail("cma_weight", "at least one loss weight must be > 0")
+
+    def objectives_reading_student_patch_grid(self) -> list[str]:
+        """The switched-on objectives that read the student's patch tokens on the full grid, which patch dropout
+        takes away (subclasses add theirs)."""
+        return []
+
+    def validate_patch_dropout(self):
+        """Patch dropout needs a vision tower that can run on a subset of its patch tokens, and objectives that
+        read only the student's global image feature."""
+        if self.patch_dropout == 0:
+            return
+        refusal = patch_dropout_refusal(self.vision_config)
+        if refusal is not None:
+            self.fail("patch_dropout", f"{self.patch_dropout} needs a ViT-like vision tower: {refusal}")
+        if self.itm_weight > 0 or self.mlm_weight > 0:
+            self.fail(
+                "patch_dropout",
+                f"{self.patch_dropout} is for the contrastive objectives (as FLIP): ITM and MLM would fuse the "
+                "caption with an image missing dropped patches; set itm_weight = mlm_weight = 0",
+            )
+        grid_objectives = self.objectives_reading_student_patch_grid()
+        if grid_objectives:
+            self.fail(
+                "patch_dropout",
+                f"{self.patch_dropout} takes away the student's patch grid, which {'; '.join(grid_objectives)} reads",
+            )
 
     def validate_mlm(self):
         """MLM masks with a token of the text vocabulary."""

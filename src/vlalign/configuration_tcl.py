@@ -84,6 +84,12 @@ class TCLConfig(ALBEFStackConfig):
                 f"/ patch_size {vision.patch_size})",
             )
 
+    def objectives_reading_student_patch_grid(self) -> list[str]:
+        grid = super().objectives_reading_student_patch_grid()
+        if self.lmi_weight > 0 and not self.use_momentum:  # with EMA teachers the locals are the teacher's
+            grid.append("LMI without EMA teachers (lmi_weight > 0, use_momentum=False: the student's locals)")
+        return grid
+
     def validate_contrastive_loss(self):
         """The decomposable loss is for the contrastive-only configuration; its running Z needs the sample count."""
         decomposable = self.contrastive_loss == "decomposable"

@@ -59,7 +59,14 @@ from .losses import (
     similarity_logits,
 )
 from .momentum import FeatureQueue, copy_parameters, ema_update
-from .towers import build_text_encoder, build_vision_encoder, encode_image, encode_text, vision_hidden_size
+from .towers import (
+    build_text_encoder,
+    build_vision_encoder,
+    encode_image,
+    encode_text,
+    vision_hidden_size,
+    vision_prefix_tokens,
+)
 
 
 def _projection(width: int, config) -> nn.Module:
@@ -246,7 +253,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         super().__init__(config)
         text_config, vision_config = config.text_config, config.vision_config
         vision_width = vision_hidden_size(vision_config)
-        self.vision_model = build_vision_encoder(vision_config, config.vision_pooling)
+        # patch dropout in the student only: the EMA teachers see every patch
+        self.vision_model = build_vision_encoder(vision_config, config.vision_pooling, config.patch_dropout)
         self.text_model = build_text_encoder(text_config, config.num_text_layers, config.text_pooling)
         self.vision_proj = _projection(vision_width, config)
         self.text_proj = _projection(text_config.hidden_size, config)
@@ -368,10 +376,12 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         return self.temp.clamp(self.config.temperature_min, self.config.temperature_max)
 
     def _encode_image(self, pixel_values: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token states, pooled feature) of the vision tower (see `towers.encode_image`)."""
+        """(token states, pooled feature) of the vision tower (see `towers.encode_image`); in training mode the
+        student's tokens are those patch dropout kept."""
         model = self.momentum_vision_model if momentum else self.vision_model
         pixel_values = pixel_values.to(self.temp.dtype)
-        return encode_image(model, pixel_values, self.config.vision_pooling, self.config.patch_grid_size**2)
+        prefix = vision_prefix_tokens(self.config.vision_config)
+        return encode_image(model, pixel_values, self.config.vision_pooling, prefix)
 
     def _encode_text(self, input_ids, attention_mask, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(token states, pooled feature) of the text tower (see `towers.encode_text`)."""

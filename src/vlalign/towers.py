@@ -167,12 +167,95 @@ def _build(config: PreTrainedConfig, with_pooler: bool) -> nn.Module:
         return AutoModel.from_config(config)
 
 
-def build_vision_encoder(vision_config: PreTrainedConfig, pooling: str | None = None) -> nn.Module:
-    """The vision tower, with its pooler only when `pooling == "pooler"` (SigLIP: its attention-pooling head)."""
+def vision_prefix_tokens(config: PreTrainedConfig) -> int:
+    """Tokens before the patch grid in the tower's output: [CLS], DeiT's distillation token, DINOv2's registers
+    (none for SigLIP and the hierarchical families)."""
+    model_type = config.model_type
+    if model_type not in CLS_VISION_MODEL_TYPES:
+        return 0
+    if model_type == "deit":
+        return 2
+    if model_type == "dinov2_with_registers":
+        return 1 + config.num_register_tokens
+    return 1
+
+
+def patch_dropout_refusal(config: PreTrainedConfig) -> str | None:
+    """Why the vision family cannot drop patch tokens after its embeddings (None: it can). The layers of the others
+    treat each token alike whatever the sequence length (the position is in the token, added by the embeddings)."""
+    model_type = config.model_type
+    if model_type in ("swin", "convnext"):
+        return (
+            f"{model_type} is hierarchical: its windowed attention / convolutions and downsampling stages need the "
+            "full patch grid"
+        )
+    if model_type in ("beit", "data2vec-vision") and (
+        config.use_relative_position_bias or config.use_shared_relative_position_bias
+    ):
+        return (
+            f"{model_type} with a relative position bias (use_relative_position_bias / "
+            "use_shared_relative_position_bias) adds a bias defined on the full patch grid to every attention map"
+        )
+    return None
+
+
+class PatchDropout:
+    """Patch dropout (FLIP, Li et al. 2023), as a forward hook on a vision tower's embeddings module: in training
+    mode each image keeps its prefix tokens and a random subset of `max(1, int(N * (1 - prob)))` of its N patch
+    tokens (open_clip's count), after the position embeddings are added; the layers then run on the kept tokens.
+    The subset is drawn from torch's RNG (on the tokens' device), so gradient caching's replay of a chunk draws the
+    same one. A plain object (no parameters, nothing in the state dict): the config's `patch_dropout` re-creates it.
+    """
+
+    def __init__(self, prob: float, num_prefix_tokens: int):
+        self.prob, self.num_prefix_tokens = prob, num_prefix_tokens
+
+    def num_kept(self, num_patches: int) -> int:
+        return max(1, int(num_patches * (1 - self.prob)))
+
+    def keep_indices(self, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+        """(batch, kept) indices of the patch tokens each image keeps: the top-k of Gaussian noise, as open_clip."""
+        noise = torch.randn(batch, num_patches, device=device)
+        return noise.topk(self.num_kept(num_patches), dim=-1).indices
+
+    def drop(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(batch, prefix + N, hidden) -> (batch, prefix + kept, hidden)."""
+        prefix, patches = embeddings[:, : self.num_prefix_tokens], embeddings[:, self.num_prefix_tokens :]
+        keep = self.keep_indices(patches.shape[0], patches.shape[1], patches.device)
+        kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
+
+    def __call__(self, module: nn.Module, args, output):
+        if not module.training or self.prob == 0:
+            return output
+        if isinstance(output, tuple):  # Data2Vec-vision's embeddings return (tokens, patch grid shape)
+            return (self.drop(output[0]), *output[1:])
+        return self.drop(output)
+
+
+def vision_embeddings(model: nn.Module) -> nn.Module:
+    """The module that embeds the patches (and adds the position embeddings) of a ViT-like vision tower."""
+    # CLIPVisionModel and SiglipVisionModel hold their transformer as `vision_model`
+    return getattr(model, "vision_model", model).embeddings
+
+
+def build_vision_encoder(
+    vision_config: PreTrainedConfig, pooling: str | None = None, patch_dropout: float = 0.0
+) -> nn.Module:
+    """The vision tower, with its pooler only when `pooling == "pooler"` (SigLIP: its attention-pooling head), and
+    with `PatchDropout` of share `patch_dropout` on its embeddings when it is > 0 (families with
+    `patch_dropout_refusal(config) is None`)."""
     if vision_config.model_type == "siglip_vision_model" and _siglip_head(vision_config) and pooling != "pooler":
         vision_config = copy.deepcopy(vision_config)
         vision_config.vision_use_head = False
-    return _build(vision_config, pooling == "pooler")
+    model = _build(vision_config, pooling == "pooler")
+    if patch_dropout > 0:
+        refusal = patch_dropout_refusal(vision_config)
+        if refusal is not None:
+            raise ValueError(f"patch_dropout: {refusal}")
+        dropout = PatchDropout(patch_dropout, vision_prefix_tokens(vision_config))
+        vision_embeddings(model).register_forward_hook(dropout)
+    return model
 
 
 def build_text_encoder(text_config: PreTrainedConfig, num_layers: int, pooling: str | None = None) -> nn.Module:
@@ -188,10 +271,11 @@ def build_text_encoder(text_config: PreTrainedConfig, num_layers: int, pooling: 
 
 
 def encode_image(
-    model: nn.Module, pixel_values: torch.Tensor, pooling: str, num_patches: int
+    model: nn.Module, pixel_values: torch.Tensor, pooling: str, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token states (batch, tokens, hidden) ending with the `num_patches` grid tokens, pooled feature (batch,
-    hidden)). A (B, C, H, W) feature map (ConvNeXt) is laid out as row-major tokens."""
+    """(token states (batch, tokens, hidden): `num_prefix_tokens` prefix tokens, then the patch tokens (the whole
+    grid, or those patch dropout kept), pooled feature (batch, hidden)). A (B, C, H, W) feature map (ConvNeXt) is
+    laid out as row-major tokens."""
     output = model(pixel_values=pixel_values)
     tokens = output.last_hidden_state
     if tokens.dim() == 4:
@@ -199,7 +283,7 @@ def encode_image(
     if pooling == "cls":
         pooled = tokens[:, 0]
     elif pooling == "mean":
-        pooled = tokens[:, tokens.shape[1] - num_patches :].mean(dim=1)
+        pooled = tokens[:, num_prefix_tokens:].mean(dim=1)
     else:
         pooled = output.pooler_output
     return tokens, pooled
@@ -226,6 +310,7 @@ def encode_text(
 __all__ = [
     "CLS_VISION_MODEL_TYPES",
     "FUSION_TEXT_MODEL_TYPES",
+    "PatchDropout",
     "TEXT_MODEL_TYPES",
     "VISION_MODEL_TYPES",
     "build_text_encoder",
@@ -234,8 +319,10 @@ __all__ = [
     "default_vision_pooling",
     "encode_image",
     "encode_text",
+    "patch_dropout_refusal",
     "text_poolings",
     "vision_grid_size",
     "vision_hidden_size",
     "vision_poolings",
+    "vision_prefix_tokens",
 ]
