@@ -6,10 +6,12 @@ so that bf16 autocast never reaches a softmax. Features are expected L2-normalis
 things are not pure functions, and say so where they are defined: ``RunningLogZ`` (held by the decomposable loss
 with ``z_estimate="running"``) is a stateful module whose buffers change in place (as is the feature queue, in
 momentum.py), and the losses that can take their negatives from every process (``info_nce``,
-``intra_modal_info_nce``, the decomposable loss, the OT assignment) do so only when told, by their ``gather``
-argument (the models pass `gather_across_processes()`). Names follow the paper terms:
+``intra_modal_info_nce``, the sigmoid loss, the decomposable loss, the OT assignment) do so only when told, by
+their ``gather`` argument (the models pass `gather_across_processes()`). Names follow the paper terms:
 
 - ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
+- ``sigmoid_contrastive_loss``: SigLIP's pairwise sigmoid loss, across processes by passing the text features
+  around the ring of processes (open_clip's neighbour exchange) instead of gathering them;
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
 - ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
 - ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
@@ -410,6 +412,152 @@ def intra_modal_info_nce(
         dtype=_loss_dtype(queries, keys),
     )
     return contrastive_cross_entropy(queries, keys, temperature, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sigmoid contrastive loss (SigLIP, Zhai et al. 2023): every image-text pair is its own binary classification,
+# ``-log sigmoid(z_ij * (s_ij / t + b))`` with z_ij = +1 for positives and -1 otherwise, so no softmax couples a row
+# to the rest of the batch. Across processes, the text features travel around the ring of processes (open_clip's
+# `SigLipLoss` with its default bidirectional neighbour exchange) instead of being gathered.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _post_and_wait(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]]) -> None:
+    """Post every send (tensor, peer) and receive (buffer, peer) as point-to-point ops at once, then wait for all:
+    posting them together is what keeps a ring of processes that all send first from deadlocking."""
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer) for tensor, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buffer, peer) for buffer, peer in receives]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Forward: ``tensors[k]`` is sent to ``routes[k] = (to_rank, from_rank, rows)``'s to_rank, and a tensor of
+    `rows` rows (same trailing shape and dtype) is received from its from_rank; returns the received tensors.
+    Backward: the same exchange reversed. The gradient of each received tensor goes back to the process that sent
+    it, and the gradient of each sent tensor (what the receiver's loss made of it) comes back from where it went."""
+
+    @staticmethod
+    def forward(ctx, routes: tuple[tuple[int, int, int], ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.reverse = tuple(
+            (from_rank, to_rank, tensor.shape[0])
+            for (to_rank, from_rank, _), tensor in zip(routes, tensors, strict=True)
+        )
+        received = [tensor.new_empty((rows, *tensor.shape[1:])) for tensor, (_, _, rows) in zip(tensors, routes)]
+        _post_and_wait(
+            [(tensor, to_rank) for tensor, (to_rank, _, _) in zip(tensors, routes)],
+            [(buffer, from_rank) for buffer, (_, from_rank, _) in zip(received, routes)],
+        )
+        return tuple(received)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return (None, *_NeighbourExchange.apply(ctx.reverse, *grads))
+
+
+def _blocks_of_other_processes(texts: torch.Tensor, ids: torch.Tensor | None):
+    """Yield ``(texts, ids)`` of every other process, one block at a time, passed along the ring as open_clip's
+    bidirectional exchange does: each step sends to both neighbours what arrived in the previous step, so after k
+    steps the blocks of ranks ``rank + k`` and ``rank - k`` are here; with an even world size the last block comes
+    by one shift from the left. The texts keep their gradient path (`_NeighbourExchange`), the ids have none."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = _gather_sizes(texts.shape[0], texts.device)
+    left, right = (rank - 1) % world, (rank + 1) % world
+    to_left = to_right = texts
+    ids_to_left = ids_to_right = ids
+    bidirectional_steps, last_shift = divmod(world - 1, 2)
+    for step in range(1, bidirectional_steps + 1):
+        routes = ((left, right, sizes[(rank + step) % world]), (right, left, sizes[(rank - step) % world]))
+        from_right, from_left = _NeighbourExchange.apply(routes, to_left, to_right)
+        ids_from_right = ids_from_left = None
+        if ids is not None:
+            with torch.no_grad():
+                ids_from_right, ids_from_left = _NeighbourExchange.apply(routes, ids_to_left, ids_to_right)
+        yield from_right, ids_from_right
+        yield from_left, ids_from_left
+        to_left, to_right = from_right, from_left
+        ids_to_left, ids_to_right = ids_from_right, ids_from_left
+    if last_shift:
+        routes = ((right, left, sizes[(rank - bidirectional_steps - 1) % world]),)
+        (from_left,) = _NeighbourExchange.apply(routes, to_right)
+        ids_from_left = None
+        if ids is not None:
+            with torch.no_grad():
+                (ids_from_left,) = _NeighbourExchange.apply(routes, ids_to_right)
+        yield from_left, ids_from_left
+
+
+def _sigmoid_pair_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    temperature: torch.Tensor | float,
+    logit_bias: torch.Tensor,
+    positives: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_ij -log sigmoid(z_ij * (images_i . texts_j / t + b))``, z_ij = +1 where `positives` (bool) else -1."""
+    logits = similarity_logits(images, texts, temperature) + logit_bias
+    signs = positives.to(logits.dtype) * 2.0 - 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+def _same_ids(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, rows: int, cols: int, device):
+    if query_ids is None or key_ids is None:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    return query_ids.to(device).view(-1, 1) == key_ids.to(device).view(1, -1)
+
+
+@full_precision
+def sigmoid_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    temperature: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    image_ids: torch.Tensor | None = None,
+    gather: bool = False,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023), normalised as open_clip's `SigLipLoss`:
+    ``1/B sum_i sum_j -log sigmoid(z_ij * (s_ij / t + b))`` over this process's B images i and every text j, with
+    ``s_ij = image_i . text_j`` and ``z_ij = +1`` for a positive pair, -1 otherwise. SigLIP's logit scale is
+    ``1 / temperature``; its initialisation is ``temperature = 0.1`` (scale 10) and ``logit_bias = -10``, which
+    starts every pair near the negatives' prior.
+
+    Args:
+        image_embeds, text_embeds: (B, D) normalised features of matching pairs (row i <-> row i).
+        temperature: scalar (float or 0-dim tensor, may require grad).
+        logit_bias: the learnable bias b (float, or a tensor of one element, may require grad).
+        image_ids: optional (B,) ids; pairs with equal ids are positives too (as in `info_nce`), across processes
+            as well. Pair (i, i) is always a positive.
+        gather: take the texts of every process as well (`gather_across_processes()` tells whether there are
+            others).
+
+    With ``gather=True`` under torch.distributed, the texts (and ids) of the other processes come one block at a
+    time around the ring (`_NeighbourExchange`, point-to-point sends to the two neighbours), never as one gathered
+    tensor, and each block adds its pairs with this process's images; their gradients travel back around the ring
+    to the process that owns the texts. The backward keeps each block it used (and its logits), as open_clip's does.
+    The full-batch equivalent: with W processes holding B rows each, the mean over processes of this loss is the
+    single-process loss on the concatenated batch of W * B pairs (every pair counted once, divided by W * B). A
+    process's feature gradient is the sum over processes of their losses' gradients, i.e. W times the full-batch
+    one, and DDP's averaging over processes gives exactly the full-batch gradient, also for the replicated bias and
+    temperature. Processes may hold different numbers of rows (each loss is then divided by its own B).
+    """
+    dtype = _loss_dtype(image_embeds, text_embeds)
+    device = image_embeds.device
+    images, texts = image_embeds.to(dtype), text_embeds.to(dtype)
+    bias = (
+        logit_bias.to(device=device, dtype=dtype).reshape(())
+        if isinstance(logit_bias, torch.Tensor)
+        else torch.tensor(logit_bias, dtype=dtype, device=device)
+    )
+    batch = images.shape[0]
+    ids = None if image_ids is None else image_ids.to(device=device).flatten()
+    positives = _same_ids(ids, ids, batch, texts.shape[0], device)
+    positives |= torch.eye(batch, texts.shape[0], dtype=torch.bool, device=device)
+    loss = _sigmoid_pair_loss(images, texts, temperature, bias, positives)
+    if gather and _distributed():
+        for other_texts, other_ids in _blocks_of_other_processes(texts, ids):
+            positives = _same_ids(ids, other_ids, batch, other_texts.shape[0], device)
+            loss = loss + _sigmoid_pair_loss(images, other_texts, temperature, bias, positives)
+    return loss / batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
