@@ -219,7 +219,19 @@ DDP_MODEL_CASES = {
     "cma_imc_ids": dict(
         use_momentum=False, num_fusion_layers=0, imc_weight=1.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0
     ),
+    # SigLIP's sigmoid loss (texts around the ring, the learnable bias) with class positives across ranks
+    "sigmoid_ids": dict(
+        use_momentum=False,
+        num_fusion_layers=0,
+        imc_weight=0.0,
+        lmi_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        contrastive_loss="sigmoid",
+        logit_bias_init=-2.0,
+    ),
 }
+CASES_WITH_IDS = ("cma_imc_ids", "sigmoid_ids")
 MOMENTUM_CONFIG = dict(itm_weight=0.0, mlm_weight=0.0, queue_size=16)
 
 
@@ -227,7 +239,7 @@ def model_batch(case: str) -> dict:
     from fixtures import tiny_batch
 
     batch = tiny_batch(batch=GLOBAL_BATCH, seed=3)
-    if case == "cma_imc_ids":
+    if case in CASES_WITH_IDS:
         batch["positive_ids"] = IMAGE_IDS.clone()
     return batch
 
@@ -509,7 +521,15 @@ def scenario_sigmoid(rank, world_size):
             result = {}
             for gather in (True, False):
                 img, txt, temp, bias = sigmoid_leaves(rows)
-                loss = sigmoid_contrastive_loss(img, txt, temp, bias, ids, gather=gather)
+                saved = []  # what autograd keeps for the backward: the local rows only, whatever the world size
+
+                def pack(tensor, saved=saved):
+                    saved.append(tensor.numel())
+                    return tensor
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    loss = sigmoid_contrastive_loss(img, txt, temp, bias, ids, gather=gather)
+                result[f"{'' if gather else 'local_'}saved_numel"] = sum(saved)
                 weight = img.shape[0] / SIGMOID_BATCH if split == "unequal" else 1.0
                 (loss * weight).backward()
                 prefix = "" if gather else "local_"

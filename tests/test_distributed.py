@@ -209,6 +209,7 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case, 
         atol=1e-5,
     )
     assert len(full_grads) > 50 and "temp" in full_grads
+    assert ("logit_bias" in full_grads) is (case == "sigmoid_ids")
     for name, expected in full_grads.items():
         assert expected is not None, f"{name} got no gradient in the single-process reference"
         for rank, result in enumerate(per_rank):
@@ -457,9 +458,10 @@ SIGMOID_TOLERANCE = dict(rtol=0.0, atol=1e-6)
 @pytest.mark.parametrize("world_size", list(workers.SIGMOID_SPLITS))
 def test_sigmoid_loss_around_the_ring_equals_full_batch(sigmoid_results, world_size):
     """Equal shares (W ranks of B rows): the mean over ranks of the rank losses is the single-process loss on the
-    concatenated W * B pairs; a rank's feature gradient is W times the full-batch gradient of its rows (the
-    exchange's backward brings every rank's gradient w.r.t. its texts home), so DDP's average over ranks gives
-    the full-batch gradient, as does the average of the replicated bias's and temperature's gradients."""
+    concatenated W * B pairs (every pair once, divided by W * B); a rank's feature gradient is W times the
+    full-batch gradient of its rows (the ring's backward brings every rank's gradient w.r.t. its texts home), so
+    DDP's average over ranks gives the full-batch gradient, as does the average of the replicated bias's and
+    temperature's gradients."""
     ranks = sigmoid_results[world_size]
     splits = workers.SIGMOID_SPLITS[world_size]["equal"]
     for name, use_ids in workers.SIGMOID_CASES:
@@ -478,6 +480,9 @@ def test_sigmoid_loss_around_the_ring_equals_full_batch(sigmoid_results, world_s
                     f"{where}: rank {rank} {which} gradient != world_size x full-batch gradient",
                     **SIGMOID_TOLERANCE,
                 )
+            # autograd keeps this rank's features (and the scalars), no block of another rank: flat in W
+            local_features = 2 * (rows.stop - rows.start) * workers.EMBED_DIM
+            assert local_features <= result["saved_numel"] <= local_features + 2 * workers.SIGMOID_BATCH, (where, rank)
             # the comparison has teeth: without the texts of the other ranks, loss and text gradient differ
             assert (result["local_text_grad"] - result["text_grad"]).abs().max() > 1e-2, (where, rank)
             assert abs(result["local_loss"] - result["loss"]) > 1e-2, (where, rank)

@@ -323,6 +323,16 @@ def test_sigmoid_loss_training_steps_lower_the_loss_and_move_the_bias():
     assert model.logit_bias.item() != -10.0
 
 
+def test_sigmoid_loss_bias_gets_no_weight_decay(tmp_path):
+    """Decay would pull the bias from SigLIP's -10 toward 0 at every step."""
+    from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
+
+    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, weight_decay=0.1)
+    trainer = ContrastiveTrainer(model=_model(**SIGMOID_ONLY), args=args, train_dataset=[0] * 4)
+    names = trainer.get_decay_parameter_names(trainer.model)
+    assert "logit_bias" not in names and "temp" not in names and "vision_proj.weight" in names
+
+
 def test_sigmoid_loss_needs_the_contrastive_only_configuration():
     with pytest.raises(ValueError, match=r"TCLConfig\.contrastive_loss: .*use_momentum=False"):
         tiny_tcl_config(contrastive_loss="sigmoid")

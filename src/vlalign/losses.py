@@ -11,7 +11,7 @@ their ``gather`` argument (the models pass `gather_across_processes()`). Names f
 
 - ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
 - ``sigmoid_contrastive_loss``: SigLIP's pairwise sigmoid loss, across processes by passing the text features
-  around the ring of processes (open_clip's neighbour exchange) instead of gathering them;
+  around the ring of processes one block at a time instead of gathering them;
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
 - ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
 - ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
@@ -417,74 +417,37 @@ def intra_modal_info_nce(
 # ---------------------------------------------------------------------------------------------------------------------
 # Sigmoid contrastive loss (SigLIP, Zhai et al. 2023): every image-text pair is its own binary classification,
 # ``-log sigmoid(z_ij * (s_ij / t + b))`` with z_ij = +1 for positives and -1 otherwise, so no softmax couples a row
-# to the rest of the batch. Across processes, the text features travel around the ring of processes (open_clip's
-# `SigLipLoss` with its default bidirectional neighbour exchange) instead of being gathered.
+# to the rest of the batch. Across processes, the text features travel around the ring of processes one block at a
+# time (open_clip's `SigLipLoss` exchanges them between neighbours instead of gathering them); here the backward
+# passes them around once more and recomputes each block's logits, so that no process ever holds more than one
+# other process's block (open_clip's autograd graph keeps every block it received until the backward).
 # ---------------------------------------------------------------------------------------------------------------------
 
+_FEATURES_TAG, _IDS_TAG = 0, 1  # two messages to the same peer in one step: tags keep them apart
 
-def _post_and_wait(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]]) -> None:
-    """Post every send (tensor, peer) and receive (buffer, peer) as point-to-point ops at once, then wait for all:
-    posting them together is what keeps a ring of processes that all send first from deadlocking."""
-    ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer) for tensor, peer in sends]
-    ops += [dist.P2POp(dist.irecv, buffer, peer) for buffer, peer in receives]
+
+def _post_and_wait(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Post every send (tensor, peer, tag) and receive (buffer, peer, tag) as point-to-point ops at once, then wait
+    for all: posting them together is what keeps a ring of processes that all send first from deadlocking."""
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, tag=tag) for tensor, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, buffer, peer, tag=tag) for buffer, peer, tag in receives]
     for request in dist.batch_isend_irecv(ops):
         request.wait()
 
 
-class _NeighbourExchange(torch.autograd.Function):
-    """Forward: ``tensors[k]`` is sent to ``routes[k] = (to_rank, from_rank, rows)``'s to_rank, and a tensor of
-    `rows` rows (same trailing shape and dtype) is received from its from_rank; returns the received tensors.
-    Backward: the same exchange reversed. The gradient of each received tensor goes back to the process that sent
-    it, and the gradient of each sent tensor (what the receiver's loss made of it) comes back from where it went."""
-
-    @staticmethod
-    def forward(ctx, routes: tuple[tuple[int, int, int], ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.reverse = tuple(
-            (from_rank, to_rank, tensor.shape[0])
-            for (to_rank, from_rank, _), tensor in zip(routes, tensors, strict=True)
-        )
-        received = [tensor.new_empty((rows, *tensor.shape[1:])) for tensor, (_, _, rows) in zip(tensors, routes)]
-        _post_and_wait(
-            [(tensor, to_rank) for tensor, (to_rank, _, _) in zip(tensors, routes)],
-            [(buffer, from_rank) for buffer, (_, from_rank, _) in zip(received, routes)],
-        )
-        return tuple(received)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        return (None, *_NeighbourExchange.apply(ctx.reverse, *grads))
-
-
-def _blocks_of_other_processes(texts: torch.Tensor, ids: torch.Tensor | None):
-    """Yield ``(texts, ids)`` of every other process, one block at a time, passed along the ring as open_clip's
-    bidirectional exchange does: each step sends to both neighbours what arrived in the previous step, so after k
-    steps the blocks of ranks ``rank + k`` and ``rank - k`` are here; with an even world size the last block comes
-    by one shift from the left. The texts keep their gradient path (`_NeighbourExchange`), the ids have none."""
+def _ring_step(block: torch.Tensor, ids: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Send `block` (and `ids`) to the next process of the ring and receive the previous one's, of `rows` rows."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    sizes = _gather_sizes(texts.shape[0], texts.device)
-    left, right = (rank - 1) % world, (rank + 1) % world
-    to_left = to_right = texts
-    ids_to_left = ids_to_right = ids
-    bidirectional_steps, last_shift = divmod(world - 1, 2)
-    for step in range(1, bidirectional_steps + 1):
-        routes = ((left, right, sizes[(rank + step) % world]), (right, left, sizes[(rank - step) % world]))
-        from_right, from_left = _NeighbourExchange.apply(routes, to_left, to_right)
-        ids_from_right = ids_from_left = None
-        if ids is not None:
-            with torch.no_grad():
-                ids_from_right, ids_from_left = _NeighbourExchange.apply(routes, ids_to_left, ids_to_right)
-        yield from_right, ids_from_right
-        yield from_left, ids_from_left
-        to_left, to_right = from_right, from_left
-        ids_to_left, ids_to_right = ids_from_right, ids_from_left
-    if last_shift:
-        routes = ((right, left, sizes[(rank - bidirectional_steps - 1) % world]),)
-        (from_left,) = _NeighbourExchange.apply(routes, to_right)
-        ids_from_left = None
-        if ids is not None:
-            with torch.no_grad():
-                (ids_from_left,) = _NeighbourExchange.apply(routes, ids_to_right)
-        yield from_left, ids_from_left
+    following, preceding = (rank + 1) % world, (rank - 1) % world
+    received = block.new_empty((rows, *block.shape[1:]))
+    sends, receives = [(block, following, _FEATURES_TAG)], [(received, preceding, _FEATURES_TAG)]
+    received_ids = None
+    if ids is not None:
+        received_ids = ids.new_empty((rows,))
+        sends.append((ids, following, _IDS_TAG))
+        receives.append((received_ids, preceding, _IDS_TAG))
+    _post_and_wait(sends, receives)
+    return received, received_ids
 
 
 def _sigmoid_pair_loss(
@@ -500,10 +463,84 @@ def _sigmoid_pair_loss(
     return -F.logsigmoid(signs * logits).sum()
 
 
-def _same_ids(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None, rows: int, cols: int, device):
-    if query_ids is None or key_ids is None:
-        return torch.zeros(rows, cols, dtype=torch.bool, device=device)
-    return query_ids.to(device).view(-1, 1) == key_ids.to(device).view(1, -1)
+def _sigmoid_positives(
+    image_ids: torch.Tensor | None, text_ids: torch.Tensor | None, rows: int, cols: int, own: bool, device
+) -> torch.Tensor:
+    """(rows, cols) bool: equal ids, and with `own` (this process's texts) the pairs (i, i)."""
+    if image_ids is None or text_ids is None:
+        positives = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    else:
+        positives = image_ids.view(-1, 1) == text_ids.view(1, -1)
+    if own:
+        positives = positives | torch.eye(rows, cols, dtype=torch.bool, device=device)
+    return positives
+
+
+class _RingSigmoidLoss(torch.autograd.Function):
+    """Sum of the sigmoid pair losses of this process's images with the texts of every process.
+
+    Forward: the text blocks (and ids) go around the ring, each process passing on what it received from the
+    previous one, so after k steps the block of rank ``rank - k`` is here; each block adds its pairs and is dropped.
+    Backward: the blocks go around again, each carrying the gradient of its texts accumulated by the processes it
+    has visited; every process recomputes its pairs with the block, adds its share to the block's gradient and its
+    images', temperature's and bias's gradients, and one last step brings every block's gradient home. Memory: one
+    other block, its gradient and one (B, B_other) block of logits at a time."""
+
+    @staticmethod
+    def forward(ctx, images, texts, temperature, logit_bias, ids, sizes):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        batch = images.shape[0]
+        total = _sigmoid_pair_loss(
+            images,
+            texts,
+            temperature,
+            logit_bias,
+            _sigmoid_positives(ids, ids, batch, texts.shape[0], True, images.device),
+        )
+        block, block_ids = texts, ids
+        for step in range(1, world):
+            block, block_ids = _ring_step(block, block_ids, sizes[(rank - step) % world])
+            positives = _sigmoid_positives(ids, block_ids, batch, block.shape[0], False, images.device)
+            total = total + _sigmoid_pair_loss(images, block, temperature, logit_bias, positives)
+        ctx.save_for_backward(images, texts, temperature, logit_bias, ids)
+        ctx.sizes = sizes
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return _RingSigmoidLoss._backward(ctx, grad_total)
+
+    @staticmethod
+    def _backward(ctx, grad_total):
+        images, texts, temperature, logit_bias, ids = ctx.saved_tensors
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = ctx.sizes
+        leaves = [x.detach().requires_grad_() for x in (images, temperature, logit_bias)]
+        grads = [torch.zeros_like(x) for x in leaves]
+        block, block_ids = texts.detach(), ids
+        block_grad = torch.zeros_like(block)
+        for step in range(world):
+            if step > 0:
+                # the block and the gradient it has gathered so far travel as one message
+                packed, block_ids = _ring_step(
+                    torch.cat([block, block_grad], dim=1), block_ids, sizes[(rank - step) % world]
+                )
+                block, block_grad = packed.split(texts.shape[1], dim=1)
+            block_leaf = block.detach().requires_grad_()
+            with torch.enable_grad():
+                positives = _sigmoid_positives(
+                    ids, block_ids, images.shape[0], block.shape[0], step == 0, images.device
+                )
+                pairs = _sigmoid_pair_loss(leaves[0], block_leaf, leaves[1], leaves[2], positives)
+                *leaf_grads, text_grad = torch.autograd.grad(pairs, [*leaves, block_leaf], grad_total)
+            grads = [g + d for g, d in zip(grads, leaf_grads, strict=True)]
+            block_grad = block_grad + text_grad
+        # the block here is the next process's, with every process's share: send it home, receive ours
+        own_text_grad, _ = _ring_step(block_grad, None, texts.shape[0])
+        image_grad, temperature_grad, bias_grad = grads
+        return image_grad, own_text_grad, temperature_grad, bias_grad, None, None
 
 
 @full_precision
@@ -531,14 +568,15 @@ def sigmoid_contrastive_loss(
             others).
 
     With ``gather=True`` under torch.distributed, the texts (and ids) of the other processes come one block at a
-    time around the ring (`_NeighbourExchange`, point-to-point sends to the two neighbours), never as one gathered
-    tensor, and each block adds its pairs with this process's images; their gradients travel back around the ring
-    to the process that owns the texts. The backward keeps each block it used (and its logits), as open_clip's does.
-    The full-batch equivalent: with W processes holding B rows each, the mean over processes of this loss is the
-    single-process loss on the concatenated batch of W * B pairs (every pair counted once, divided by W * B). A
-    process's feature gradient is the sum over processes of their losses' gradients, i.e. W times the full-batch
-    one, and DDP's averaging over processes gives exactly the full-batch gradient, also for the replicated bias and
-    temperature. Processes may hold different numbers of rows (each loss is then divided by its own B).
+    time around the ring of processes (`_RingSigmoidLoss`, point-to-point sends to the next process), never as one
+    gathered tensor, and each block adds its pairs with this process's images; in the backward the blocks go
+    around again and each block's gradient returns to the process that owns the texts. Memory stays that of two
+    blocks whatever the number of processes. The full-batch equivalent: with W processes holding B rows each, the
+    mean over processes of this loss is the single-process loss on the concatenated batch of W * B pairs (every
+    pair counted once, divided by W * B). A process's feature gradient is the sum over processes of their losses'
+    gradients, i.e. W times the full-batch one, and DDP's averaging over processes gives exactly the full-batch
+    gradient, also for the replicated bias and temperature. Processes may hold different numbers of rows (each
+    loss is then divided by its own B).
     """
     dtype = _loss_dtype(image_embeds, text_embeds)
     device = image_embeds.device
@@ -550,14 +588,13 @@ def sigmoid_contrastive_loss(
     )
     batch = images.shape[0]
     ids = None if image_ids is None else image_ids.to(device=device).flatten()
-    positives = _same_ids(ids, ids, batch, texts.shape[0], device)
-    positives |= torch.eye(batch, texts.shape[0], dtype=torch.bool, device=device)
-    loss = _sigmoid_pair_loss(images, texts, temperature, bias, positives)
     if gather and _distributed():
-        for other_texts, other_ids in _blocks_of_other_processes(texts, ids):
-            positives = _same_ids(ids, other_ids, batch, other_texts.shape[0], device)
-            loss = loss + _sigmoid_pair_loss(images, other_texts, temperature, bias, positives)
-    return loss / batch
+        sizes = _gather_sizes(batch, device)
+        return (
+            _RingSigmoidLoss.apply(images, texts, _as_temperature(temperature, dtype, device), bias, ids, sizes) / batch
+        )
+    positives = _sigmoid_positives(ids, ids, batch, texts.shape[0], True, device)
+    return _sigmoid_pair_loss(images, texts, temperature, bias, positives) / batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

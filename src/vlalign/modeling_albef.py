@@ -232,8 +232,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     # Our losses are per-batch means: the Trainer must scale them for gradient accumulation itself.
     accepts_loss_kwargs = False
     output_class = ALBEFOutput
-    # parameter names (suffixes) the trainer keeps out of weight decay
-    _no_weight_decay_parameters = ("temp",)
+    # parameter names (suffixes) the trainer keeps out of weight decay (the sigmoid loss's bias starts at -10: decay
+    # would pull it toward 0)
+    _no_weight_decay_parameters = ("temp", "logit_bias")
     # names of the student modules that have an EMA teacher `momentum_<name>` (fusion ones only with fusion layers)
     _momentum_modules = ("vision_model", "text_model", "vision_proj", "text_proj")
     _momentum_fusion_modules = ("fusion_model", "mlm_head")
