@@ -219,7 +219,19 @@ DDP_MODEL_CASES = {
     "cma_imc_ids": dict(
         use_momentum=False, num_fusion_layers=0, imc_weight=1.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0
     ),
+    # SigLIP's sigmoid loss (texts around the ring, the learnable bias) with class positives across ranks
+    "sigmoid_ids": dict(
+        use_momentum=False,
+        num_fusion_layers=0,
+        imc_weight=0.0,
+        lmi_weight=0.0,
+        itm_weight=0.0,
+        mlm_weight=0.0,
+        contrastive_loss="sigmoid",
+        logit_bias_init=-2.0,
+    ),
 }
+CASES_WITH_IDS = ("cma_imc_ids", "sigmoid_ids")
 MOMENTUM_CONFIG = dict(itm_weight=0.0, mlm_weight=0.0, queue_size=16)
 
 
@@ -227,7 +239,7 @@ def model_batch(case: str) -> dict:
     from fixtures import tiny_batch
 
     batch = tiny_batch(batch=GLOBAL_BATCH, seed=3)
-    if case == "cma_imc_ids":
+    if case in CASES_WITH_IDS:
         batch["positive_ids"] = IMAGE_IDS.clone()
     return batch
 
@@ -465,6 +477,73 @@ def scenario_unequal_batches(rank, world_size):
         local_loss=info_nce(images[rows], texts[rows], 0.07),
         local_queue_ids=local_queue.ids.clone(),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss: text blocks passed around the ring of processes
+
+SIGMOID_BATCH = 12
+# class-level positives within and across ranks for every split below (0: rows 0, 5, 11; 1: rows 1, 7; 2: 2, 9)
+SIGMOID_IDS = torch.tensor([0, 1, 2, 3, 4, 0, 6, 1, 8, 2, 10, 0])
+# rank r's rows of the 12, per world size: equal shares (the shift exchange with 2 processes, the bidirectional
+# one with 3), and unequal shares (e.g. after dropped images)
+SIGMOID_SPLITS = {
+    2: {"equal": (slice(0, 6), slice(6, 12)), "unequal": (slice(0, 5), slice(5, 12))},
+    3: {"equal": (slice(0, 4), slice(4, 8), slice(8, 12))},
+}
+SIGMOID_TEMPERATURE, SIGMOID_BIAS = 0.1, -2.0
+# (name, use SIGMOID_IDS)
+SIGMOID_CASES = (("pairs", False), ("positive_ids", True))
+
+
+def sigmoid_leaves(rows=slice(None)):
+    """float64 (images, texts, temperature, bias) leaves of the shared inputs, the features restricted to `rows`."""
+    images, texts = embedding_pairs(seed=5, batch=SIGMOID_BATCH)
+    return (
+        images[rows].clone().requires_grad_(),
+        texts[rows].clone().requires_grad_(),
+        torch.tensor(SIGMOID_TEMPERATURE, dtype=torch.float64, requires_grad=True),
+        torch.tensor([SIGMOID_BIAS], dtype=torch.float64, requires_grad=True),
+    )
+
+
+def scenario_sigmoid(rank, world_size):
+    """Each rank's sigmoid loss over its images and the texts of every rank (gather=True), and the gradients of
+    its loss (weighted by the rank's share of rows with unequal shares) w.r.t. its features, the temperature and
+    the bias; plus the local-only loss's gradients (gather=False), which must differ."""
+    from vlalign.losses import sigmoid_contrastive_loss
+
+    results = {}
+    for split, all_rows in SIGMOID_SPLITS[world_size].items():
+        rows = all_rows[rank]
+        for name, use_ids in SIGMOID_CASES:
+            ids = SIGMOID_IDS[rows] if use_ids else None
+            result = {}
+            for gather in (True, False):
+                img, txt, temp, bias = sigmoid_leaves(rows)
+                saved = []  # what autograd keeps for the backward: the local rows only, whatever the world size
+
+                def pack(tensor, saved=saved):
+                    saved.append(tensor.numel())
+                    return tensor
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    loss = sigmoid_contrastive_loss(img, txt, temp, bias, ids, gather=gather)
+                result[f"{'' if gather else 'local_'}saved_numel"] = sum(saved)
+                weight = img.shape[0] / SIGMOID_BATCH if split == "unequal" else 1.0
+                (loss * weight).backward()
+                prefix = "" if gather else "local_"
+                result.update(
+                    {
+                        f"{prefix}loss": loss.detach(),
+                        f"{prefix}image_grad": img.grad,
+                        f"{prefix}text_grad": txt.grad,
+                        f"{prefix}temperature_grad": temp.grad,
+                        f"{prefix}bias_grad": bias.grad,
+                    }
+                )
+            results[(split, name)] = result
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------

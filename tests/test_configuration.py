@@ -57,6 +57,8 @@ BASE_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)}
         (dict(vision_config=dict(model_type="vit", image_size=18, patch_size=4)), "vision_config"),
         (dict(contrastive_loss="hinge"), "contrastive_loss"),
         (dict(contrastive_loss="decomposable"), "contrastive_loss"),  # needs use_momentum=False
+        (dict(contrastive_loss="sigmoid"), "contrastive_loss"),  # needs use_momentum=False too
+        (dict(use_momentum=False, contrastive_loss="sigmoid", logit_bias_init=float("inf")), "logit_bias_init"),
         (dict(use_momentum=False, z_estimate="median"), "z_estimate"),
         (dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="running"), "num_train_samples"),
         (dict(use_momentum=False, contrastive_loss="decomposable", z_estimate="queue", queue_size=0), "queue_size"),
@@ -407,7 +409,12 @@ BAD_VALUES = {
             {
                 "lmi_weight": [dict(lmi_weight=-1.0)],
                 "lmi_image_grid": [dict(lmi_image_grid=3), dict(lmi_image_grid=0)],
-                "contrastive_loss": [dict(contrastive_loss="hinge"), dict(contrastive_loss="decomposable")],
+                "contrastive_loss": [
+                    dict(contrastive_loss="hinge"),
+                    dict(contrastive_loss="decomposable"),
+                    dict(contrastive_loss="sigmoid"),
+                ],
+                "logit_bias_init": [dict(logit_bias_init=float("nan")), dict(logit_bias_init="-10")],
                 "z_estimate": [dict(use_momentum=False, z_estimate="median")],
                 "sample_u": [dict(sample_u="no")],
                 "running_z_momentum": [dict(running_z_momentum=1.0), dict(running_z_momentum="0.1")],

@@ -24,6 +24,7 @@ import distributed_workers as workers  # noqa: E402
 from vlalign.losses import (  # noqa: E402
     info_nce,
     intra_modal_info_nce,
+    sigmoid_contrastive_loss,
 )
 from vlalign.momentum import FeatureQueue  # noqa: E402
 
@@ -208,6 +209,7 @@ def test_ddp_tcl_gradients_equal_single_process_full_batch(model_results, case, 
         atol=1e-5,
     )
     assert len(full_grads) > 50 and "temp" in full_grads
+    assert ("logit_bias" in full_grads) is (case == "sigmoid_ids")
     for name, expected in full_grads.items():
         assert expected is not None, f"{name} got no gradient in the single-process reference"
         for rank, result in enumerate(per_rank):
@@ -421,3 +423,84 @@ def test_code_assignment_targets_across_two_processes_are_rows_of_the_global_pla
                     rtol=1e-3,
                     atol=0.0,
                 )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss: the texts of the other ranks come around the ring (point-to-point), not gathered
+
+
+@pytest.fixture(scope="module")
+def sigmoid_results(tmp_path_factory):
+    """{world size: [payload of each rank]} with 2 processes (one shift) and 3 (one bidirectional step)."""
+    results = {}
+    for world_size in workers.SIGMOID_SPLITS:
+        out_dir = tmp_path_factory.mktemp(f"sigmoid{world_size}")
+        workers.run_distributed(workers.scenario_worker, str(out_dir), ("sigmoid",), world_size=world_size)
+        results[world_size] = [
+            torch.load(out_dir / f"sigmoid_rank{r}.pt", weights_only=False) for r in range(world_size)
+        ]
+    return results
+
+
+def _full_batch_sigmoid(use_ids):
+    img, txt, temp, bias = workers.sigmoid_leaves()
+    ids = workers.SIGMOID_IDS if use_ids else None
+    loss = sigmoid_contrastive_loss(img, txt, temp, bias, ids)
+    loss.backward()
+    return dict(
+        loss=loss.detach(), image_grad=img.grad, text_grad=txt.grad, temperature_grad=temp.grad, bias_grad=bias.grad
+    )
+
+
+SIGMOID_TOLERANCE = dict(rtol=0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", list(workers.SIGMOID_SPLITS))
+def test_sigmoid_loss_around_the_ring_equals_full_batch(sigmoid_results, world_size):
+    """Equal shares (W ranks of B rows): the mean over ranks of the rank losses is the single-process loss on the
+    concatenated W * B pairs (every pair once, divided by W * B); a rank's feature gradient is W times the
+    full-batch gradient of its rows (the ring's backward brings every rank's gradient w.r.t. its texts home), so
+    DDP's average over ranks gives the full-batch gradient, as does the average of the replicated bias's and
+    temperature's gradients."""
+    ranks = sigmoid_results[world_size]
+    splits = workers.SIGMOID_SPLITS[world_size]["equal"]
+    for name, use_ids in workers.SIGMOID_CASES:
+        full = _full_batch_sigmoid(use_ids)
+        per_rank = [r[("equal", name)] for r in ranks]
+        where = f"{world_size} ranks, {name}"
+        _close(torch.stack([r["loss"] for r in per_rank]).mean(), full["loss"], where, **SIGMOID_TOLERANCE)
+        for which in ("temperature", "bias"):
+            mean = torch.stack([r[f"{which}_grad"] for r in per_rank]).mean(0)
+            _close(mean, full[f"{which}_grad"], f"{where}: {which} gradient", **SIGMOID_TOLERANCE)
+        for rank, (result, rows) in enumerate(zip(per_rank, splits)):
+            for which in ("image", "text"):
+                _close(
+                    result[f"{which}_grad"],
+                    world_size * full[f"{which}_grad"][rows],
+                    f"{where}: rank {rank} {which} gradient != world_size x full-batch gradient",
+                    **SIGMOID_TOLERANCE,
+                )
+            # autograd keeps this rank's features (and the scalars), no block of another rank: flat in W
+            local_features = 2 * (rows.stop - rows.start) * workers.EMBED_DIM
+            assert local_features <= result["saved_numel"] <= local_features + 2 * workers.SIGMOID_BATCH, (where, rank)
+            # the comparison has teeth: without the texts of the other ranks, loss and text gradient differ
+            assert (result["local_text_grad"] - result["text_grad"]).abs().max() > 1e-2, (where, rank)
+            assert abs(result["local_loss"] - result["loss"]) > 1e-2, (where, rank)
+
+
+def test_sigmoid_loss_with_unequal_shares_weighted_by_rows_equals_full_batch(sigmoid_results):
+    """Ranks of 5 and 7 rows: each rank's loss (divided by its own batch size) weighted by its share of the rows
+    sums to the full-batch loss, and the weighted losses' gradients are the full-batch gradients of each rank's
+    rows (the bias's and temperature's summed over ranks)."""
+    ranks = sigmoid_results[2]
+    for name, use_ids in workers.SIGMOID_CASES:
+        full = _full_batch_sigmoid(use_ids)
+        per_rank = [r[("unequal", name)] for r in ranks]
+        shares = [rows.stop - rows.start for rows in workers.SIGMOID_SPLITS[2]["unequal"]]
+        weighted = sum(r["loss"] * n / workers.SIGMOID_BATCH for r, n in zip(per_rank, shares))
+        _close(weighted, full["loss"], name, **SIGMOID_TOLERANCE)
+        for which in ("temperature", "bias"):
+            _close(sum(r[f"{which}_grad"] for r in per_rank), full[f"{which}_grad"], name, **SIGMOID_TOLERANCE)
+        for result, rows in zip(per_rank, workers.SIGMOID_SPLITS[2]["unequal"]):
+            for which in ("image", "text"):
+                _close(result[f"{which}_grad"], full[f"{which}_grad"][rows], f"{name} {which}", **SIGMOID_TOLERANCE)

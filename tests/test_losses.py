@@ -2,9 +2,9 @@
 
 Contrastive cross-entropy and its targets, local mutual information, hard-negative sampling and MLM; the
 decomposable contrastive loss, its log-Z estimates (batch, queue, running) and the latent-modality-structure
-regularisers; CODIS's codebook losses (code prediction, OT cost, OT code-assignment targets) against loops and the
-plain-domain IPOT / Sinkhorn of references.py; and the IPOT / Sinkhorn plans themselves (marginals, convergence to
-the exact assignment).
+regularisers; SigLIP's sigmoid loss against a double loop; CODIS's codebook losses (code prediction, OT cost, OT
+code-assignment targets) against loops and the plain-domain IPOT / Sinkhorn of references.py; and the IPOT /
+Sinkhorn plans themselves (marginals, convergence to the exact assignment).
 """
 
 import math
@@ -43,6 +43,7 @@ from vlalign.losses import (
     positive_targets,
     sample_hard_negatives,
     sample_log_u,
+    sigmoid_contrastive_loss,
     sinkhorn,
     uniformity_loss,
 )
@@ -901,3 +902,87 @@ def test_solvers_reject_bad_settings_and_take_no_gradient():
         sinkhorn(cost, epsilon=0.0)
     with pytest.raises(ValueError, match="beta"):
         ipot(cost, beta=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid contrastive loss (its exchange across processes: test_distributed.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sigmoid_loop_reference(images, texts, temperature, bias, ids=None):
+    """``1/B sum_i sum_j -log sigmoid(z_ij * (s_ij / t + b))`` pair by pair, in python floats."""
+    total = 0.0
+    for i in range(images.shape[0]):
+        for j in range(texts.shape[0]):
+            positive = i == j or (ids is not None and int(ids[i]) == int(ids[j]))
+            logit = float(images[i] @ texts[j]) / temperature + bias
+            sign = 1.0 if positive else -1.0
+            total += math.log1p(math.exp(-sign * logit))
+    return total / images.shape[0]
+
+
+def test_sigmoid_contrastive_loss_hand_computed_case():
+    """Orthonormal pairs, t = 0.5, b = -2: the two positives have logit 2 - 2 = 0 (log 2 each), the two negatives
+    logit 0 - 2 (log(1 + e^-2) each); divided by B = 2."""
+    eye = torch.eye(2, dtype=torch.float64)
+    loss = sigmoid_contrastive_loss(eye, eye, 0.5, -2.0)
+    assert loss.item() == pytest.approx(math.log(2.0) + math.log1p(math.exp(-2.0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("ids", [None, [0, 1, 0, 2, 1]], ids=["pairs", "positive_ids"])
+def test_sigmoid_contrastive_loss_equals_double_loop(ids):
+    images, texts = _unit(5, 8, seed=21), _unit(5, 8, seed=22)
+    id_tensor = None if ids is None else torch.tensor(ids)
+    loss = sigmoid_contrastive_loss(images, texts, 0.1, torch.tensor([-10.0], dtype=torch.float64), id_tensor)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    assert loss.item() == pytest.approx(_sigmoid_loop_reference(images, texts, 0.1, -10.0, ids), rel=1e-12)
+
+
+def test_sigmoid_contrastive_loss_positive_ids_turn_negatives_into_positives():
+    """Equal ids make (0, 2) and (2, 0) positives: exactly those two pair terms change, from
+    -log sigmoid(-x) to -log sigmoid(x), i.e. by -x each (x their logit)."""
+    images, texts = _unit(3, 4, seed=23), _unit(3, 4, seed=24)
+    t, b = 0.2, -1.5
+    without = sigmoid_contrastive_loss(images, texts, t, b)
+    with_ids = sigmoid_contrastive_loss(images, texts, t, b, torch.tensor([7, 8, 7]))
+    logits = images @ texts.t() / t + b
+    assert (with_ids - without).item() == pytest.approx(-(logits[0, 2] + logits[2, 0]).item() / 3, rel=1e-12)
+    # all ids equal: every pair is a positive
+    same = sigmoid_contrastive_loss(images, texts, t, b, torch.zeros(3, dtype=torch.long))
+    assert same.item() == pytest.approx((-F.logsigmoid(logits)).sum().item() / 3, rel=1e-12)
+
+
+def test_sigmoid_contrastive_loss_gradients_of_bias_temperature_and_features():
+    """d/db = 1/B sum_ij (sigmoid(logit_ij) - y_ij) with y the positives; d/dt and the feature gradients equal the
+    autograd of the double loop's formula written out with tensors."""
+    images, texts = _unit(4, 6, seed=25).requires_grad_(), _unit(4, 6, seed=26).requires_grad_()
+    ids = torch.tensor([0, 1, 1, 2])
+    bias = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
+    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = sigmoid_contrastive_loss(images, texts, temperature, bias, ids)
+    loss.backward()
+    with torch.no_grad():
+        logits = images @ texts.t() / temperature + bias
+        labels = ((ids[:, None] == ids[None, :]) | torch.eye(4, dtype=torch.bool)).double()
+        expected_bias_grad = (torch.sigmoid(logits) - labels).sum() / 4
+    assert bias.grad.shape == (1,)
+    assert bias.grad.item() == pytest.approx(expected_bias_grad.item(), rel=1e-12)
+    images2, texts2 = images.detach().clone().requires_grad_(), texts.detach().clone().requires_grad_()
+    temperature2 = temperature.detach().clone().requires_grad_()
+    reference = -F.logsigmoid((2 * labels - 1) * (images2 @ texts2.t() / temperature2 - 3.0)).sum() / 4
+    reference.backward()
+    torch.testing.assert_close(images.grad, images2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(texts.grad, texts2.grad, rtol=1e-12, atol=1e-14)
+    assert temperature.grad.item() == pytest.approx(temperature2.grad.item(), rel=1e-12)
+
+
+def test_sigmoid_contrastive_loss_float32_under_bfloat16_autocast():
+    images, texts = _unit(6, 8, seed=27).bfloat16(), _unit(6, 8, seed=28).bfloat16()
+    bias = torch.tensor([-10.0], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sigmoid_contrastive_loss(images, texts, torch.tensor(0.1), bias)
+    assert loss.dtype == torch.float32
+    reference = _sigmoid_loop_reference(images.double(), texts.double(), 0.1, -10.0)
+    assert loss.item() == pytest.approx(reference, rel=1e-5)
+    loss.backward()
+    assert bias.grad.dtype == torch.float32 and torch.isfinite(bias.grad).all()

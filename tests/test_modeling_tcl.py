@@ -1,7 +1,7 @@
 """TCLModel: what TCL adds to the ALBEF base -- its loss components and total, the float64 references of the
-id-aware CMA / IMC terms and of LMI, the decomposable loss and the regularisers. The tests every ALBEF-style model
-shares (save/load, remote code, Auto classes, pipeline, gradient caching, PEFT, bf16, EMA / queues in the training
-forward, ...) run here through `ALBEFModelTesterMixin` (albef_model_tester.py)."""
+id-aware CMA / IMC terms and of LMI, the decomposable and sigmoid losses and the regularisers. The tests every
+ALBEF-style model shares (save/load, remote code, Auto classes, pipeline, gradient caching, PEFT, bf16, EMA /
+queues in the training forward, ...) run here through `ALBEFModelTesterMixin` (albef_model_tester.py)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from albef_model_tester import ALBEFModelTesterMixin
 from fixtures import tiny_batch, tiny_tcl_config
 
 from vlalign import TCLConfig, TCLModel
-from vlalign.losses import local_mutual_information
+from vlalign.losses import local_mutual_information, sigmoid_contrastive_loss
 
 CONTRASTIVE_ONLY = dict(
     use_momentum=False, imc_weight=0.0, lmi_weight=0.0, itm_weight=0.0, mlm_weight=0.0, num_fusion_layers=0
@@ -36,12 +36,21 @@ class TestTCLModel(ALBEFModelTesterMixin):
             positive_ids=[0, 1, 1, 2, 3, 3, 3, 4],
             terms=("i2t", "t2i", "i2i", "t2t", "lmi_image", "lmi_text"),
         ),
+        # the sigmoid loss (its learnable bias is a parameter compared like the others) with IMC and class positives
+        "sigmoid_imc_class_positives": dict(
+            config={**CONTRASTIVE_ONLY, "contrastive_loss": "sigmoid", "imc_weight": 1.0},
+            batch=8,
+            chunk_size=3,
+            positive_ids=[0, 1, 1, 2, 3, 3, 3, 4],
+            terms=("sigmoid", "i2i", "t2t"),
+        ),
         # the other objectives, each on top of the contrastive-only baseline
         **{
             name: dict(config={**CONTRASTIVE_ONLY, **objective}, batch=6, chunk_size=4)
             for name, objective in {
                 "decomposable": dict(contrastive_loss="decomposable"),
                 "decomposable_queue_z": dict(contrastive_loss="decomposable", z_estimate="queue", queue_size=32),
+                "sigmoid": dict(contrastive_loss="sigmoid"),
                 "feature_separation": dict(use_feature_separation=True),
                 "brownian_bridge": dict(use_brownian_bridge=True),
                 "geometric_consistency": dict(use_geometric_consistency=True),
@@ -249,3 +258,126 @@ def test_full_tcl_with_regularisers_trains():
     assert {"separation", "bridge", "geometric", "itm", "mlm"} <= set(out.loss_components())
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# contrastive_loss="sigmoid": SigLIP's loss with its learnable bias
+
+SIGMOID_ONLY = dict(CONTRASTIVE_ONLY, contrastive_loss="sigmoid")
+
+
+def test_sigmoid_loss_bias_is_a_trainable_parameter_saved_under_logit_bias(tmp_path):
+    model = _model(**SIGMOID_ONLY)
+    assert isinstance(model.logit_bias, torch.nn.Parameter) and model.logit_bias.requires_grad
+    assert model.logit_bias.tolist() == [-10.0]  # SigLIP's initialisation
+    assert "logit_bias" in dict(model.named_parameters()) and "logit_bias" in model.state_dict()
+    assert _model(**SIGMOID_ONLY, logit_bias_init=-4.0).logit_bias.tolist() == [-4.0]
+    assert not hasattr(_model(**CONTRASTIVE_ONLY), "logit_bias")  # the softmax losses have no bias
+    with torch.no_grad():
+        model.logit_bias.fill_(-6.5)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = TCLModel.from_pretrained(tmp_path / "saved")
+    assert loaded.logit_bias.tolist() == [-6.5] and loaded.logit_bias.requires_grad
+
+
+@pytest.mark.parametrize("imc_weight", [0.0, 1.0])
+def test_sigmoid_loss_in_the_model_equals_the_function_with_its_gradients(imc_weight):
+    """The training forward's cross-modal term is `sigmoid_contrastive_loss` of its features, temperature, bias and
+    positive ids; it counts as two terms of the alignment mean, so the CLIP-style total is exactly the sigmoid loss
+    and with IMC it is (2 * sigmoid + i2i + t2t) / 4. The bias and temperature gradients are the function's."""
+    model = _model(**dict(SIGMOID_ONLY, imc_weight=imc_weight))
+    model.train()
+    ids = torch.tensor([0, 1, 1, 2])
+    out = model(**tiny_batch(), positive_ids=ids, return_loss=True)
+    expected_terms = {"sigmoid"} | ({"i2i", "t2t"} if imc_weight else set())
+    assert set(out.loss_components()) == expected_terms
+    img = out.image_embeds.detach().double().requires_grad_()
+    txt = out.text_embeds.detach().double().requires_grad_()
+    temp = model.temperature.detach().double().requires_grad_()
+    bias = model.logit_bias.detach().double().requires_grad_()
+    reference = sigmoid_contrastive_loss(img, txt, temp, bias, ids)
+    assert out.loss_sigmoid.item() == pytest.approx(reference.item(), rel=1e-5)
+    if imc_weight:
+        assert out.loss.item() == pytest.approx(((2 * out.loss_sigmoid + out.loss_i2i + out.loss_t2t) / 4).item())
+    else:
+        assert out.loss.item() == pytest.approx(out.loss_sigmoid.item(), rel=1e-6)
+        out.loss.backward()
+        reference.backward()
+        assert model.logit_bias.grad.item() == pytest.approx(bias.grad.item(), rel=1e-4)
+        assert model.temp.grad.item() == pytest.approx(temp.grad.item(), rel=1e-4)
+
+
+def test_sigmoid_loss_training_steps_lower_the_loss_and_move_the_bias():
+    model = _model(**SIGMOID_ONLY)
+    model.train()
+    batch = tiny_batch(batch=6, seed=4)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert model.logit_bias.item() != -10.0
+
+
+def test_sigmoid_loss_bias_gets_no_weight_decay(tmp_path):
+    """Decay would pull the bias from SigLIP's -10 toward 0 at every step."""
+    from vlalign.trainer import ContrastiveTrainer, ContrastiveTrainingArguments
+
+    args = ContrastiveTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, weight_decay=0.1)
+    trainer = ContrastiveTrainer(model=_model(**SIGMOID_ONLY), args=args, train_dataset=[0] * 4)
+    names = trainer.get_decay_parameter_names(trainer.model)
+    assert "logit_bias" not in names and "temp" not in names and "vision_proj.weight" in names
+
+
+def test_sigmoid_loss_needs_the_contrastive_only_configuration():
+    with pytest.raises(ValueError, match=r"TCLConfig\.contrastive_loss: .*use_momentum=False"):
+        tiny_tcl_config(contrastive_loss="sigmoid")
+
+
+def _tiny_siglip(bias: float):
+    from transformers import SiglipConfig, SiglipModel
+
+    text = dict(
+        vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, pad_token_id=0,
+    )  # fmt: skip
+    vision = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    with torch.no_grad():
+        model.logit_bias.fill_(bias)
+        model.logit_scale.fill_(float(torch.log(torch.tensor(10.0))))  # SigLIP's initial logit scale
+    return model.eval()
+
+
+def test_a_siglip_checkpoint_trains_its_own_bias_with_the_sigmoid_loss_and_exports_it(tmp_path):
+    """from_dual_encoder_pretrained(..., contrastive_loss="sigmoid") starts from the checkpoint's bias and scale,
+    trains the bias, and writes the trained value back into the exported SiglipModel."""
+    from transformers import SiglipModel
+
+    _tiny_siglip(bias=-3.0).save_pretrained(tmp_path / "siglip")
+    model = TCLModel.from_dual_encoder_pretrained(
+        str(tmp_path / "siglip"), use_momentum=False, imc_weight=0.0, lmi_weight=0.0, contrastive_loss="sigmoid"
+    )
+    assert isinstance(model.logit_bias, torch.nn.Parameter) and model.logit_bias.requires_grad
+    assert model.logit_bias.tolist() == [-3.0]  # the checkpoint's, not logit_bias_init
+    assert model.temperature.item() == pytest.approx(0.1, rel=1e-6)
+    model.train()
+    batch = tiny_batch()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = model(**batch, return_loss=True)
+    assert set(out.loss_components()) == {"sigmoid"}
+    out.loss.backward()
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs().item() > 0
+    optimizer.step()
+    trained = model.logit_bias.item()
+    assert trained != pytest.approx(-3.0, abs=1e-4)
+    assert model.to_dual_encoder().logit_bias.item() == pytest.approx(trained, abs=1e-7)
+    model.save_pretrained(tmp_path / "export", as_source_architecture=True)
+    exported = SiglipModel.from_pretrained(tmp_path / "export")
+    assert exported.logit_bias.item() == pytest.approx(trained, abs=1e-7)

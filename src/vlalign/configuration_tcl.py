@@ -20,8 +20,17 @@ class TCLConfig(ALBEFStackConfig):
             `L_ita = (6 terms) / 6` and `imc_weight = lmi_weight = 0` gives ALBEF's ITC `(i2t + t2i) / 2`.
         lmi_image_grid: side of the grid that the patch features are average-pooled to for LMI (4 -> 16 locals);
             must divide the patch grid side (`image_size // patch_size`).
-        contrastive_loss: "info_nce" or "decomposable" (Bayesian-augmented, Chen et al. NeurIPS 2022) for the
-            cross-modal term of the contrastive-only configuration (`use_momentum=False`).
+        contrastive_loss: the cross-modal loss of the contrastive-only configuration (`use_momentum=False`):
+            "info_nce" (i2t + t2i), "decomposable" (Bayesian-augmented InfoNCE, Chen et al. NeurIPS 2022; i2t +
+            t2i) or "sigmoid" (SigLIP's pairwise sigmoid loss, Zhai et al. 2023, with a learnable bias
+            `logit_bias`; texts of the other processes come around the ring, not gathered). The sigmoid loss is
+            symmetric, one term reported as `loss_sigmoid`; it stands for both directions in the alignment mean
+            (counted as two of the active terms, weight `cma_weight`), so the CLIP-style configuration's loss is
+            exactly the sigmoid loss and TCL's `(2 * sigmoid + i2i + t2t + lmi_image + lmi_text) / 6` keeps the
+            cross-modal share of `(i2t + t2i + ...) / 6`. SigLIP trains with `temperature=0.1` (logit scale 10)
+            and a bias starting at -10; a SigLIP checkpoint brings its own scale and bias.
+        logit_bias_init: where the sigmoid loss's learnable bias starts (SigLIP: -10, the log-odds of the many
+            negatives); `from_dual_encoder_pretrained` of a SigLIP checkpoint starts from the checkpoint's bias.
         z_estimate: how the decomposable loss estimates the partition function Z: "batch", "queue" (a queue of
             past features, `queue_size` long) or "running" (per-sample running average; needs
             `num_train_samples` and `sample_ids` in the batch).
@@ -48,7 +57,8 @@ class TCLConfig(ALBEFStackConfig):
 
     lmi_weight: Real = non_negative(default=1.0)
     lmi_image_grid: int = positive(default=4)
-    contrastive_loss: Literal["info_nce", "decomposable"] = "info_nce"
+    contrastive_loss: Literal["info_nce", "decomposable", "sigmoid"] = "info_nce"
+    logit_bias_init: Real = interval()(default=-10.0)  # any finite number
     z_estimate: Literal["batch", "queue", "running"] = "batch"
     sample_u: bool = False
     running_z_momentum: Real = interval(0, 1, high_open=True)(default=0.1)
@@ -90,8 +100,20 @@ class TCLConfig(ALBEFStackConfig):
             grid.append("LMI without EMA teachers (lmi_weight > 0, use_momentum=False: the student's locals)")
         return grid
 
+    @property
+    def learns_logit_bias(self) -> bool:
+        """Whether the model holds the sigmoid loss's learnable `logit_bias`."""
+        return self.contrastive_loss == "sigmoid"
+
     def validate_contrastive_loss(self):
-        """The decomposable loss is for the contrastive-only configuration; its running Z needs the sample count."""
+        """The decomposable and sigmoid losses are for the contrastive-only configuration; the decomposable loss's
+        running Z needs the sample count."""
+        if self.contrastive_loss == "sigmoid" and self.use_momentum:
+            self.fail(
+                "contrastive_loss",
+                "the sigmoid loss replaces the in-batch InfoNCE of the contrastive-only configuration: set "
+                "use_momentum=False (momentum distillation has soft targets over a softmax)",
+            )
         decomposable = self.contrastive_loss == "decomposable"
         if decomposable and self.use_momentum:
             self.fail(

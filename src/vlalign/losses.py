@@ -6,10 +6,12 @@ so that bf16 autocast never reaches a softmax. Features are expected L2-normalis
 things are not pure functions, and say so where they are defined: ``RunningLogZ`` (held by the decomposable loss
 with ``z_estimate="running"``) is a stateful module whose buffers change in place (as is the feature queue, in
 momentum.py), and the losses that can take their negatives from every process (``info_nce``,
-``intra_modal_info_nce``, the decomposable loss, the OT assignment) do so only when told, by their ``gather``
-argument (the models pass `gather_across_processes()`). Names follow the paper terms:
+``intra_modal_info_nce``, the sigmoid loss, the decomposable loss, the OT assignment) do so only when told, by
+their ``gather`` argument (the models pass `gather_across_processes()`). Names follow the paper terms:
 
 - ``info_nce``: symmetric image-text InfoNCE, exact across processes (gather with gradient + local loss);
+- ``sigmoid_contrastive_loss``: SigLIP's pairwise sigmoid loss, across processes by passing the text features
+  around the ring of processes one block at a time instead of gathering them;
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
 - ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
 - ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
@@ -410,6 +412,189 @@ def intra_modal_info_nce(
         dtype=_loss_dtype(queries, keys),
     )
     return contrastive_cross_entropy(queries, keys, temperature, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sigmoid contrastive loss (SigLIP, Zhai et al. 2023): every image-text pair is its own binary classification,
+# ``-log sigmoid(z_ij * (s_ij / t + b))`` with z_ij = +1 for positives and -1 otherwise, so no softmax couples a row
+# to the rest of the batch. Across processes, the text features travel around the ring of processes one block at a
+# time (open_clip's `SigLipLoss` exchanges them between neighbours instead of gathering them); here the backward
+# passes them around once more and recomputes each block's logits, so that no process ever holds more than one
+# other process's block (open_clip's autograd graph keeps every block it received until the backward).
+# ---------------------------------------------------------------------------------------------------------------------
+
+_FEATURES_TAG, _IDS_TAG = 0, 1  # two messages to the same peer in one step: tags keep them apart
+
+
+def _post_and_wait(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Post every send (tensor, peer, tag) and receive (buffer, peer, tag) as point-to-point ops at once, then wait
+    for all: posting them together is what keeps a ring of processes that all send first from deadlocking."""
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, tag=tag) for tensor, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, buffer, peer, tag=tag) for buffer, peer, tag in receives]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+
+
+def _ring_step(block: torch.Tensor, ids: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Send `block` (and `ids`) to the next process of the ring and receive the previous one's, of `rows` rows."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    following, preceding = (rank + 1) % world, (rank - 1) % world
+    received = block.new_empty((rows, *block.shape[1:]))
+    sends, receives = [(block, following, _FEATURES_TAG)], [(received, preceding, _FEATURES_TAG)]
+    received_ids = None
+    if ids is not None:
+        received_ids = ids.new_empty((rows,))
+        sends.append((ids, following, _IDS_TAG))
+        receives.append((received_ids, preceding, _IDS_TAG))
+    _post_and_wait(sends, receives)
+    return received, received_ids
+
+
+def _sigmoid_pair_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    temperature: torch.Tensor | float,
+    logit_bias: torch.Tensor,
+    positives: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_ij -log sigmoid(z_ij * (images_i . texts_j / t + b))``, z_ij = +1 where `positives` (bool) else -1."""
+    logits = similarity_logits(images, texts, temperature) + logit_bias
+    signs = positives.to(logits.dtype) * 2.0 - 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+def _sigmoid_positives(
+    image_ids: torch.Tensor | None, text_ids: torch.Tensor | None, rows: int, cols: int, own: bool, device
+) -> torch.Tensor:
+    """(rows, cols) bool: equal ids, and with `own` (this process's texts) the pairs (i, i)."""
+    if image_ids is None or text_ids is None:
+        positives = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    else:
+        positives = image_ids.view(-1, 1) == text_ids.view(1, -1)
+    if own:
+        positives = positives | torch.eye(rows, cols, dtype=torch.bool, device=device)
+    return positives
+
+
+class _RingSigmoidLoss(torch.autograd.Function):
+    """Sum of the sigmoid pair losses of this process's images with the texts of every process.
+
+    Forward: the text blocks (and ids) go around the ring, each process passing on what it received from the
+    previous one, so after k steps the block of rank ``rank - k`` is here; each block adds its pairs and is dropped.
+    Backward: the blocks go around again, each carrying the gradient of its texts accumulated by the processes it
+    has visited; every process recomputes its pairs with the block, adds its share to the block's gradient and its
+    images', temperature's and bias's gradients, and one last step brings every block's gradient home. Memory: one
+    other block, its gradient and one (B, B_other) block of logits at a time."""
+
+    @staticmethod
+    def forward(ctx, images, texts, temperature, logit_bias, ids, sizes):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        batch = images.shape[0]
+        total = _sigmoid_pair_loss(
+            images,
+            texts,
+            temperature,
+            logit_bias,
+            _sigmoid_positives(ids, ids, batch, texts.shape[0], True, images.device),
+        )
+        block, block_ids = texts, ids
+        for step in range(1, world):
+            block, block_ids = _ring_step(block, block_ids, sizes[(rank - step) % world])
+            positives = _sigmoid_positives(ids, block_ids, batch, block.shape[0], False, images.device)
+            total = total + _sigmoid_pair_loss(images, block, temperature, logit_bias, positives)
+        ctx.save_for_backward(images, texts, temperature, logit_bias, ids)
+        ctx.sizes = sizes
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return _RingSigmoidLoss._backward(ctx, grad_total)
+
+    @staticmethod
+    def _backward(ctx, grad_total):
+        images, texts, temperature, logit_bias, ids = ctx.saved_tensors
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = ctx.sizes
+        leaves = [x.detach().requires_grad_() for x in (images, temperature, logit_bias)]
+        grads = [torch.zeros_like(x) for x in leaves]
+        block, block_ids = texts.detach(), ids
+        block_grad = torch.zeros_like(block)
+        for step in range(world):
+            if step > 0:
+                # the block and the gradient it has gathered so far travel as one message
+                packed, block_ids = _ring_step(
+                    torch.cat([block, block_grad], dim=1), block_ids, sizes[(rank - step) % world]
+                )
+                block, block_grad = packed.split(texts.shape[1], dim=1)
+            block_leaf = block.detach().requires_grad_()
+            with torch.enable_grad():
+                positives = _sigmoid_positives(
+                    ids, block_ids, images.shape[0], block.shape[0], step == 0, images.device
+                )
+                pairs = _sigmoid_pair_loss(leaves[0], block_leaf, leaves[1], leaves[2], positives)
+                *leaf_grads, text_grad = torch.autograd.grad(pairs, [*leaves, block_leaf], grad_total)
+            grads = [g + d for g, d in zip(grads, leaf_grads, strict=True)]
+            block_grad = block_grad + text_grad
+        # the block here is the next process's, with every process's share: send it home, receive ours
+        own_text_grad, _ = _ring_step(block_grad, None, texts.shape[0])
+        image_grad, temperature_grad, bias_grad = grads
+        return image_grad, own_text_grad, temperature_grad, bias_grad, None, None
+
+
+@full_precision
+def sigmoid_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    temperature: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    image_ids: torch.Tensor | None = None,
+    gather: bool = False,
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023), normalised as open_clip's `SigLipLoss`:
+    ``1/B sum_i sum_j -log sigmoid(z_ij * (s_ij / t + b))`` over this process's B images i and every text j, with
+    ``s_ij = image_i . text_j`` and ``z_ij = +1`` for a positive pair, -1 otherwise. SigLIP's logit scale is
+    ``1 / temperature``; its initialisation is ``temperature = 0.1`` (scale 10) and ``logit_bias = -10``, which
+    starts every pair near the negatives' prior.
+
+    Args:
+        image_embeds, text_embeds: (B, D) normalised features of matching pairs (row i <-> row i).
+        temperature: scalar (float or 0-dim tensor, may require grad).
+        logit_bias: the learnable bias b (float, or a tensor of one element, may require grad).
+        image_ids: optional (B,) ids; pairs with equal ids are positives too (as in `info_nce`), across processes
+            as well. Pair (i, i) is always a positive.
+        gather: take the texts of every process as well (`gather_across_processes()` tells whether there are
+            others).
+
+    With ``gather=True`` under torch.distributed, the texts (and ids) of the other processes come one block at a
+    time around the ring of processes (`_RingSigmoidLoss`, point-to-point sends to the next process), never as one
+    gathered tensor, and each block adds its pairs with this process's images; in the backward the blocks go
+    around again and each block's gradient returns to the process that owns the texts. Memory stays that of two
+    blocks whatever the number of processes. The full-batch equivalent: with W processes holding B rows each, the
+    mean over processes of this loss is the single-process loss on the concatenated batch of W * B pairs (every
+    pair counted once, divided by W * B). A process's feature gradient is the sum over processes of their losses'
+    gradients, i.e. W times the full-batch one, and DDP's averaging over processes gives exactly the full-batch
+    gradient, also for the replicated bias and temperature. Processes may hold different numbers of rows (each
+    loss is then divided by its own B).
+    """
+    dtype = _loss_dtype(image_embeds, text_embeds)
+    device = image_embeds.device
+    images, texts = image_embeds.to(dtype), text_embeds.to(dtype)
+    bias = (
+        logit_bias.to(device=device, dtype=dtype).reshape(())
+        if isinstance(logit_bias, torch.Tensor)
+        else torch.tensor(logit_bias, dtype=dtype, device=device)
+    )
+    batch = images.shape[0]
+    ids = None if image_ids is None else image_ids.to(device=device).flatten()
+    if gather and _distributed():
+        sizes = _gather_sizes(batch, device)
+        return (
+            _RingSigmoidLoss.apply(images, texts, _as_temperature(temperature, dtype, device), bias, ids, sizes) / batch
+        )
+    positives = _sigmoid_positives(ids, ids, batch, texts.shape[0], True, device)
+    return _sigmoid_pair_loss(images, texts, temperature, bias, positives) / batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

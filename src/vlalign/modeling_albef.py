@@ -239,8 +239,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
     # Our losses are per-batch means: the Trainer must scale them for gradient accumulation itself.
     accepts_loss_kwargs = False
     output_class = ALBEFOutput
-    # parameter names (suffixes) the trainer keeps out of weight decay
-    _no_weight_decay_parameters = ("temp",)
+    # parameter names (suffixes) the trainer keeps out of weight decay (the sigmoid loss's bias starts at -10: decay
+    # would pull it toward 0)
+    _no_weight_decay_parameters = ("temp", "logit_bias")
     # names of the student modules that have an EMA teacher `momentum_<name>` (fusion ones only with fusion layers)
     _momentum_modules = ("vision_model", "text_model", "vision_proj", "text_proj")
     _momentum_fusion_modules = ("fusion_model", "mlm_head")
@@ -275,8 +276,11 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
                     self.momentum_text_model.config, config.num_fusion_layers, vision_width
                 )
                 self.momentum_mlm_head = MLMHead(text_config)
-        if config.dual_encoder_source == "siglip":
-            # SigLIP's sigmoid bias, kept to be written back on export (the softmax losses here do not use it)
+        if getattr(config, "learns_logit_bias", False):
+            # the sigmoid loss's learnable bias; named and shaped as SiglipModel's, which it is exported to
+            self.logit_bias = nn.Parameter(torch.full((1,), float(config.logit_bias_init)))
+        elif config.dual_encoder_source == "siglip":
+            # SigLIP's sigmoid bias, kept to be written back on export (the softmax losses do not use it)
             self.register_buffer("logit_bias", torch.zeros(1))
         if config.uses_queue:
             self.image_queue = FeatureQueue(config.queue_size, config.embed_dim)
@@ -337,6 +341,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, ALBEFModel):
             init.constant_(module.temp, self.config.temperature)
+            if isinstance(getattr(module, "logit_bias", None), nn.Parameter):
+                init.constant_(module.logit_bias, self.config.logit_bias_init)
         elif isinstance(module, FeatureQueue):
             init.copy_(module.features, F.normalize(torch.randn_like(module.features), dim=1))
             init.constant_(module.ids, -1)
@@ -820,7 +826,8 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         taken over and it pools as the source pools (CLIP's post-layer-normed [CLS] and end-of-text token, SigLIP's
         attention-pooling head and last text position, the towers' poolers of a VisionTextDualEncoderModel), so
         before any training step the image and text embeddings are the source model's. SigLIP's sigmoid bias
-        (`logit_bias`) is kept as it is and written back on export; the softmax objectives here do not use it.
+        (`logit_bias`) is written back on export: kept as it is by the softmax objectives, trained from the
+        checkpoint's value by ``contrastive_loss="sigmoid"``.
         ``config_overrides`` set the objectives (e.g. ``imc_weight=1.0, lmi_weight=1.0, use_momentum=False``); the
         clamp range of the temperature is widened to the checkpoint's unless given.
         `save_pretrained(..., as_source_architecture=True)` writes the fine-tuned model back as the source class.

@@ -26,6 +26,7 @@ from .losses import (
     gather_across_processes,
     geometric_consistency_loss,
     local_mutual_information,
+    sigmoid_contrastive_loss,
 )
 from .modeling_albef import ALBEFModel, ALBEFOutput, pool_patch_locals, sum_of_terms
 from .towers import vision_hidden_size
@@ -33,11 +34,13 @@ from .towers import vision_hidden_size
 
 @dataclass
 class TCLOutput(ALBEFOutput):
-    """Output of [`TCLModel`]: [`ALBEFOutput`]'s fields plus TCL's loss components ``lmi_image``, ``lmi_text`` and
-    the optional regularisers ``separation``, ``bridge``, ``geometric`` (None when disabled)."""
+    """Output of [`TCLModel`]: [`ALBEFOutput`]'s fields plus TCL's loss components ``lmi_image``, ``lmi_text``,
+    ``sigmoid`` (the cross-modal term with ``contrastive_loss="sigmoid"``, in place of ``i2t`` / ``t2i``) and the
+    optional regularisers ``separation``, ``bridge``, ``geometric`` (None when disabled)."""
 
     loss_lmi_image: torch.FloatTensor | None = None
     loss_lmi_text: torch.FloatTensor | None = None
+    loss_sigmoid: torch.FloatTensor | None = None
     loss_separation: torch.FloatTensor | None = None
     loss_bridge: torch.FloatTensor | None = None
     loss_geometric: torch.FloatTensor | None = None
@@ -107,6 +110,16 @@ class TCLModel(ALBEFModel):
 
     def _cross_modal_losses(self, student, teacher, positive_ids, sample_ids, temp) -> dict[str, torch.Tensor]:
         cfg = self.config
+        if not cfg.use_momentum and cfg.contrastive_loss == "sigmoid":
+            loss = sigmoid_contrastive_loss(
+                student["image_feat"],
+                student["text_feat"],
+                temp,
+                self.logit_bias,
+                positive_ids,
+                gather=gather_across_processes(),
+            )
+            return {"sigmoid": loss}
         if cfg.use_momentum or cfg.contrastive_loss != "decomposable":
             return super()._cross_modal_losses(student, teacher, positive_ids, sample_ids, temp)
         queues = {}
@@ -154,18 +167,23 @@ class TCLModel(ALBEFModel):
 
     def _loss_total(self, losses: dict) -> torch.Tensor | None:
         """TCL's total: the weighted mean of the active CMA / IMC / LMI terms (the paper's sum / 6), plus the weighted
-        regularisers, plus the weighted ITM and MLM losses."""
+        regularisers, plus the weighted ITM and MLM losses. The symmetric sigmoid loss stands for both cross-modal
+        directions: it counts as two terms of the mean."""
         cfg = self.config
-        averaged_weights = {
-            "i2t": cfg.cma_weight,
-            "t2i": cfg.cma_weight,
-            "i2i": cfg.imc_weight,
-            "t2t": cfg.imc_weight,
-            "lmi_image": cfg.lmi_weight,
-            "lmi_text": cfg.lmi_weight,
+        # name -> (weight, number of terms it counts as in the mean)
+        averaged_terms = {
+            "i2t": (cfg.cma_weight, 1),
+            "t2i": (cfg.cma_weight, 1),
+            "sigmoid": (cfg.cma_weight, 2),
+            "i2i": (cfg.imc_weight, 1),
+            "t2t": (cfg.imc_weight, 1),
+            "lmi_image": (cfg.lmi_weight, 1),
+            "lmi_text": (cfg.lmi_weight, 1),
         }
-        averaged = [averaged_weights[n] * v for n, v in losses.items() if n in averaged_weights]
-        alignment = [torch.stack(averaged).sum() / len(averaged)] if averaged else []
+        present = [(averaged_terms[n], v) for n, v in losses.items() if n in averaged_terms]
+        averaged = [weight * count * v for (weight, count), v in present]
+        num_terms = sum(count for (_, count), _ in present)
+        alignment = [torch.stack(averaged).sum() / num_terms] if averaged else []
         alignment += [
             weight * losses[name]
             for name, weight in (
