@@ -1215,20 +1215,21 @@ def _check_lora_arguments(run: RunArguments) -> None:
         )
 
 
-def _check_lock_arguments(run: RunArguments, model_type: str) -> None:
-    """Locked towers are for the contrastive models' towers, and not with LoRA (which freezes every base weight)."""
+def _check_lock_arguments(run: RunArguments, model_type: str | None = None) -> None:
+    """Locked towers are not for LoRA (which freezes every base weight) and, once the model type is known, for the
+    contrastive models' towers only."""
     locked = [f"run.lock_{tower}" for tower in ("image", "text") if getattr(run, f"lock_{tower}")]
     if not locked:
         return
-    if model_type == "mivc":
-        raise SystemExit(
-            f"{locked[0]} locks a tower of TCL / CODIS; an MIVC model freezes its parts with its config "
-            "(model.freeze_vision_model, freeze_qformer, freeze_language_model)"
-        )
     if run.lora_r:
         raise SystemExit(
             f"{locked[0]} with run.lora_r: LoRA already freezes every base weight and trains its adapters only; keep "
             "a tower fixed by leaving it out of run.lora_target_modules (e.g. a regex over text_model only)"
+        )
+    if model_type == "mivc":
+        raise SystemExit(
+            f"{locked[0]} locks a tower of TCL / CODIS; an MIVC model freezes its parts with its config "
+            "(model.freeze_vision_model, freeze_qformer, freeze_language_model)"
         )
 
 
@@ -1587,6 +1588,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**config["run"])
     _check_lora_arguments(run)
+    _check_lock_arguments(run)
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
     if run.hub_model_id and not is_hub_id(run.hub_model_id):
