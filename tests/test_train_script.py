@@ -1770,6 +1770,13 @@ def test_locked_towers_stay_as_they_were_while_the_rest_trains_and_the_model_loa
         return model
 
     monkeypatch.setattr(train, "_apply_locks", recording)
+    original_train = train._train
+
+    def recording_train(trainer, training_args):
+        seen["trainer"] = trainer
+        return original_train(trainer, training_args)
+
+    monkeypatch.setattr(train, "_train", recording_train)
     caplog.set_level(logging.INFO, logger="vlalign.train")
     argv = ["--config", str(_locked_run_config(tmp_path)), "--lock_image", "--lock_image_unlocked_layers", "1"]
     train.main([*argv, "--lock_text", "--lock_text_unlocked_projection"])
@@ -1777,6 +1784,8 @@ def test_locked_towers_stay_as_they_were_while_the_rest_trains_and_the_model_loa
     model, before = seen["model"], seen["before"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"{trainable} parameters trainable" in caplog.text
+    optimized = {id(p) for group in seen["trainer"].optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
     saved = TCLModel.from_pretrained(tmp_path / "out")  # strict: every key of the model is in the file
     after = saved.state_dict()
     assert after.keys() == before.keys()
