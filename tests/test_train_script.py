@@ -1831,3 +1831,13 @@ def test_locked_tower_settings_that_make_no_sense_are_refused(tmp_path):
     (tmp_path / "mivc.yaml").write_text(yaml.safe_dump(mivc))
     with pytest.raises(SystemExit, match=r"run.lock_image locks a tower of TCL / CODIS; an MIVC model freezes"):
         train.main(["--config", str(tmp_path / "mivc.yaml"), "--lock_image"])
+
+
+def test_resuming_with_other_locks_is_refused_naming_them(tmp_path):
+    """The optimizer's state is per trainable parameter: a checkpoint resumes with the locks it was trained with."""
+    import train
+
+    config = _digits_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    train.main(["--config", str(config), "--lock_image"])
+    with pytest.raises(Exception, match=r"lock_image: True in the checkpoint, False now"):
+        train.main(["--config", str(config), "--max_steps", "3", "--resume_from_checkpoint", "latest"])

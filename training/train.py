@@ -1265,6 +1265,11 @@ def _apply_locks(model, run: RunArguments):
     return model
 
 
+def _lock_settings(run: RunArguments) -> dict:
+    """Every lock_* field of the run."""
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(RunArguments) if f.name.startswith("lock_")}
+
+
 def _lock_card_settings(run: RunArguments) -> dict:
     """The locked towers for the card's hyperparameters."""
     settings = {}
@@ -1634,6 +1639,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. trainer, once the evaluation split is known to be usable and the output folder is ours
     evaluation = task.evaluation_inputs(data, data_args, processor)
+    if "resume_fingerprint" in evaluation:  # a resumed run locks as its checkpoint did (the optimizer's parameters)
+        evaluation["resume_fingerprint"].update(_lock_settings(run))
     _claim_output_dir(training_args)  # before anything is written there
     trainer = task.trainer_class(
         model=model,
