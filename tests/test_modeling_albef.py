@@ -276,3 +276,254 @@ def test_dual_encoder_misuse_is_refused(tmp_path):
         TCLModel.from_dual_encoder_pretrained(str(tmp_path / "clip"), num_fusion_layers=1)
     with pytest.raises(ValueError, match=r"need a model built by from_dual_encoder_pretrained"):
         TCLModel(tiny_tcl_config()).save_pretrained(tmp_path / "plain", as_source_architecture=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Locked towers (LiT): lock_image_tower / lock_text_tower, eval mode of the frozen parts, EMA teachers not duplicated,
+# save / load of a locked model
+# ---------------------------------------------------------------------------------------------------------------------
+
+LOCK_VISION = {
+    "vit": dict(TINY_VISION),
+    "deit": dict(TINY_VISION, model_type="deit"),
+    "beit": dict(TINY_VISION, model_type="beit"),
+    "data2vec-vision": dict(TINY_VISION, model_type="data2vec-vision"),
+    "dinov2": dict(TINY_VISION, model_type="dinov2", mlp_ratio=2),
+    "dinov2_with_registers": dict(TINY_VISION, model_type="dinov2_with_registers", mlp_ratio=2, num_register_tokens=2),
+    "clip_vision_model": dict(TINY_VISION, model_type="clip_vision_model"),
+    "vit_msn": dict(TINY_VISION, model_type="vit_msn"),
+    "siglip_vision_model": dict(TINY_VISION, model_type="siglip_vision_model"),
+    "swin": dict(model_type="swin", image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                 window_size=4),
+    "convnext": dict(model_type="convnext", image_size=16, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1],
+                     num_stages=2),
+}  # fmt: skip
+_LOCK_TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+LOCK_TEXT = {
+    "bert": dict(TINY_TEXT),
+    "roberta": dict(TINY_TEXT, model_type="roberta", max_position_embeddings=40, **_LOCK_TEXT_IDS),
+    "xlm-roberta": dict(TINY_TEXT, model_type="xlm-roberta", max_position_embeddings=40, **_LOCK_TEXT_IDS),
+    "electra": dict(TINY_TEXT, model_type="electra", embedding_size=16),
+    "distilbert": dict(model_type="distilbert", vocab_size=144, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "modernbert": dict(
+        model_type="modernbert", vocab_size=144, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
+    ),
+    "clip_text_model": dict(
+        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **_LOCK_TEXT_IDS,
+    ),
+    "siglip_text_model": dict(
+        model_type="siglip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **_LOCK_TEXT_IDS,
+    ),
+}  # fmt: skip
+# parts of a tower that come before its blocks, by name: frozen whatever the number of unlocked blocks
+_BEFORE_BLOCKS = ("embed", "pre_layrnorm")
+
+
+def _lock_family_model(side, family):
+    from transformers import AutoConfig
+
+    from vlalign.towers import FUSION_TEXT_MODEL_TYPES, text_poolings, vision_poolings
+
+    vision = LOCK_VISION[family] if side == "vision" else dict(TINY_VISION)
+    text = LOCK_TEXT[family] if side == "text" else dict(TINY_TEXT)
+    fusion = text["model_type"] in FUSION_TEXT_MODEL_TYPES
+    objectives = {} if fusion else dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    # with the pooler where the family has one: it runs after the blocks
+    poolings = vision_poolings(AutoConfig.for_model(**vision)), text_poolings(AutoConfig.for_model(**text))
+    vision_pooling, text_pooling = ("pooler" if "pooler" in p else p[0] for p in poolings)
+    return TCLModel(
+        tiny_tcl_config(
+            vision_config=vision,
+            text_config=text,
+            use_momentum=False,
+            vision_pooling=vision_pooling,
+            text_pooling=text_pooling,
+            **objectives,
+        )
+    )
+
+
+def _unique_parameter_bytes(model):
+    storages = {}
+    for tensor in model.state_dict().values():
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "side,family", [("vision", f) for f in LOCK_VISION] + [("text", f) for f in LOCK_TEXT], ids=lambda v: str(v)
+)
+def test_locking_a_tower_of_every_family_freezes_what_runs_before_its_unlocked_blocks(side, family):
+    """unlocked_layers=0 freezes the whole tower and its projection; unlocked_layers=N leaves its last N blocks, what
+    follows them (final norm, pooler, head) and the projection trainable, and nothing else of the tower: with N =
+    every block only the embeddings (and CLIP's pre-norm) stay frozen. Other parts are untouched; a bad N is refused."""
+    from vlalign.modeling_albef import tower_blocks
+
+    model = _lock_family_model(side, family)
+    tower_name, proj_name = ("vision_model", "vision_proj") if side == "vision" else ("text_model", "text_proj")
+    lock = model.lock_image_tower if side == "vision" else model.lock_text_tower
+    other_side = "text_model" if side == "vision" else "vision_model"
+    tower = getattr(model, tower_name)
+    path, blocks = tower_blocks(tower)
+    assert len(blocks) == 2
+
+    lock()
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert not any(p.requires_grad for p in getattr(model, proj_name).parameters())
+    assert all(p.requires_grad for p in getattr(model, other_side).parameters())
+
+    lock(len(blocks))
+    frozen = {n for n, p in tower.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in tower.named_parameters() if any(m in n for m in _BEFORE_BLOCKS)}
+    assert frozen and all(p.requires_grad for p in getattr(model, proj_name).parameters())
+
+    lock(1)
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert any(n.startswith(f"{path}.1.") for n in trainable)
+    assert not any(n.startswith(f"{path}.0.") for n in trainable)
+    # what is neither a block nor before them is after them: trainable with the last block
+    assert trainable == {
+        n
+        for n, _ in tower.named_parameters()
+        if not n.startswith(f"{path}.0.") and not any(m in n for m in _BEFORE_BLOCKS)
+    }
+    for bad in (-1, len(blocks) + 1):
+        with pytest.raises(ValueError, match=rf"unlocked_layers = {bad}: {tower_name} has 2 blocks"):
+            lock(bad)
+
+
+def test_a_locked_text_tower_leaves_the_fusion_encoder_and_heads_trainable_and_only_the_projection_if_asked():
+    model = TCLModel(tiny_tcl_config(use_momentum=False))  # 3 BERT layers: 2 text layers, 1 fusion layer
+    model.lock_text_tower(unlocked_projection=True)
+    assert not any(p.requires_grad for p in model.text_model.parameters())
+    assert all(p.requires_grad for p in model.text_proj.parameters())
+    for name in ("fusion_model", "itm_head", "mlm_head", "vision_model", "vision_proj"):
+        assert all(p.requires_grad for p in getattr(model, name).parameters()), name
+    with pytest.raises(ValueError, match=r"unlocked_layers = 3: text_model has 2 blocks"):
+        model.lock_text_tower(3)  # the third BERT layer is the fusion layer, not the text tower's
+    # a training step: no gradient reaches the locked tower, the fusion encoder learns
+    model.train()
+    model(**tiny_batch(), return_loss=True).loss.backward()
+    assert all(p.grad is None for p in model.text_model.parameters())
+    assert all(p.grad is not None for p in model.fusion_model.parameters() if p.requires_grad)
+
+
+def test_the_frozen_parts_of_a_locked_tower_run_in_eval_mode_and_give_fixed_features():
+    """No dropout in a locked tower (LiT: fixed features), in train mode too; the unlocked blocks keep theirs."""
+    config = tiny_tcl_config(
+        vision_config=dict(TINY_VISION, hidden_dropout_prob=0.5), text_config=dict(TINY_TEXT, hidden_dropout_prob=0.5)
+    )
+    model = TCLModel(config)
+    model.lock_image_tower()
+    model.lock_text_tower(1)
+    model.train()
+    b = tiny_batch()
+    assert not model.vision_model.training and not model.momentum_vision_model.training
+    assert not model.text_model.encoder.layer[0].training and not model.text_model.embeddings.training
+    assert model.text_model.encoder.layer[1].training and model.momentum_text_model.encoder.layer[1].training
+    assert model.fusion_model.training
+    first, second = (model.get_image_features(b["pixel_values"]) for _ in range(2))
+    assert torch.equal(first, second)
+    texts = [model.get_text_features(b["input_ids"], b["attention_mask"]) for _ in range(2)]
+    assert not torch.equal(*texts)  # the unlocked block's dropout
+    model.eval()
+    assert not model.text_model.encoder.layer[1].training
+    model.train()
+    assert not model.vision_model.training and model.text_model.encoder.layer[1].training
+
+
+@pytest.mark.parametrize("model_class,make_config", [(TCLModel, tiny_tcl_config), (CODISModel, tiny_codis_config)])
+def test_the_ema_teacher_of_a_locked_tower_is_the_students_tensors_and_the_rest_still_follows(model_class, make_config):
+    """A locked tower's parameters are held once (unique storages: the model shrinks by exactly the locked tower and
+    projection); the EMA update leaves them the student's, bit for bit, and still moves the unlocked teachers."""
+    torch.manual_seed(0)
+    model = model_class(make_config())
+    before = _unique_parameter_bytes(model)
+    model.lock_image_tower()
+    model.lock_text_tower(1)
+    locked = [*model.vision_model.parameters(), *model.vision_proj.parameters()]
+    locked += [*model.text_model.embeddings.parameters(), *model.text_model.encoder.layer[0].parameters()]
+    assert before - _unique_parameter_bytes(model) == sum(p.numel() * p.element_size() for p in locked)
+    assert (
+        model.momentum_vision_model.layers[0].attention.q_proj.weight
+        is model.vision_model.layers[0].attention.q_proj.weight
+    )
+    assert (
+        model.momentum_text_model.encoder.layer[1].output.dense.weight
+        is not model.text_model.encoder.layer[1].output.dense.weight
+    )
+
+    # a training step moves the trainable students; then the EMA update
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model(**tiny_batch(), return_loss=True).loss.backward()
+    assert all(p.grad is None for p in locked)
+    optimizer.step()
+    # the frozen students (named_parameters lists a tensor once: the teachers that share it are not listed)
+    frozen_before = {
+        n: p.clone() for n, p in model.named_parameters() if not p.requires_grad and not n.startswith("momentum_")
+    }
+    assert len(frozen_before) == len(locked) + (model.config.learnable_temperature is False)
+    teacher_layer = model.momentum_text_model.encoder.layer[1].output.dense.weight
+    teacher_before = teacher_layer.clone()
+    model.momentum_update()
+    for name, value in frozen_before.items():  # frozen parts, and the teachers that share them, unchanged
+        assert torch.equal(model.get_parameter(name), value), name
+    for student, teacher in zip(*model._momentum_pairs()):
+        for (name, p_s), (_, p_t) in zip(student.named_parameters(), teacher.named_parameters()):
+            if not p_s.requires_grad:
+                assert p_t is p_s, name
+    student_layer = model.text_model.encoder.layer[1].output.dense.weight.detach()
+    m = model.config.momentum
+    assert torch.equal(teacher_layer, teacher_before.mul(m).add(student_layer, alpha=1 - m))
+    assert not torch.equal(teacher_layer, teacher_before)
+    # a skipped step restores what the forward updates: not the shared frozen tensors
+    updated = {id(t) for t in model.forward_updated_tensors()}
+    assert not any(id(p) in updated for p in locked)
+    assert id(teacher_layer) in updated
+
+
+def test_relocking_unties_the_teacher_of_what_is_unlocked_again():
+    model = TCLModel(tiny_tcl_config())
+    model.lock_image_tower()
+    model.lock_image_tower(1, unlocked_projection=True)
+    student, teacher = model.vision_model.layers[1].mlp.fc1.weight, model.momentum_vision_model.layers[1].mlp.fc1.weight
+    assert student.requires_grad and not teacher.requires_grad
+    assert teacher is not student and teacher.data_ptr() != student.data_ptr() and torch.equal(teacher, student)
+    assert model.momentum_vision_model.layers[0].mlp.fc1.weight is model.vision_model.layers[0].mlp.fc1.weight
+    assert model.vision_model.layers[1].training == model.training and not model.vision_model.layers[0].training
+
+
+def test_a_locked_model_saves_every_key_and_loads_strictly_bit_for_bit(tmp_path):
+    """save_pretrained writes the teachers of the locked towers too (safetensors holds no aliases, transformers
+    refuses untied shared tensors): the folder loads with the strict loader into a model that does not lock, bit for
+    bit, and locks again to the same shared layout."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = TCLModel(tiny_tcl_config())
+    model.lock_image_tower(1)
+    model.lock_text_tower()
+    with torch.no_grad():  # the students move away from their teachers (as after training)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    # every key (transformers writes some towers under their checkpoint names), teachers and students alike
+    assert len(keys) == len(model.state_dict())
+    teachers = {k for k in keys if k.startswith("momentum_vision_model.")}
+    assert teachers and {k.removeprefix("momentum_") for k in teachers} <= keys
+    # the model as saved still shares (the copy is the file's)
+    assert model.momentum_vision_model.layers[0].mlp.fc1.weight is model.vision_model.layers[0].mlp.fc1.weight
+    loaded = TCLModel.from_pretrained(tmp_path)
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    loaded.lock_image_tower(1)
+    loaded.lock_text_tower()
+    assert _unique_parameter_bytes(loaded) == _unique_parameter_bytes(model)

@@ -1213,6 +1213,13 @@ RESUME_CASES = {
         "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
         "run": {"cpu_threads": 1},
     },
+    # a locked vision tower (its EMA teacher the student's tensors) and a text tower locked but for its last layer
+    "tcl_locked": {
+        "model": {**TINY_TRAIN_MODEL, "queue_size": 16},
+        "data": {"max_train_samples": 40, "max_eval_samples": 20},
+        "training": {**RESUME_TRAINING, "per_device_train_batch_size": 8, "alpha_ramp_steps": 20},
+        "run": {"cpu_threads": 1, "lock_image": True, "lock_text": True, "lock_text_unlocked_layers": 1},
+    },
     "mivc": {
         "model": TINY_TRAIN_MIVC,
         "data": {"num_train_items": 40, "num_test_items": 8, "image_size": 16},
@@ -1723,3 +1730,114 @@ def test_a_tokenizer_that_fits_the_captions_badly_is_warned_about(captions, warn
         assert "--tokenizer_max_length" in messages[0] and "--train_tokenizer wordpiece" in messages[0]
     if not warned:
         assert fit.unknown_share == 0 and fit.truncated_share == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Locked towers (LiT) from the command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _locked_run_config(tmp_path: Path) -> Path:
+    model = {**TINY_TRAIN_MODEL, "vision_config": {**TINY_TRAIN_MODEL["vision_config"], "num_hidden_layers": 2}}
+    config = {
+        "model": model,
+        "data": {"max_train_samples": 32, "max_eval_samples": 16},
+        "training": {**FAILURE_TRAINING, "output_dir": str(tmp_path / "out"), "learning_rate": 1e-2},
+        "run": {"cpu_threads": 1},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_locked_towers_stay_as_they_were_while_the_rest_trains_and_the_model_loads_strictly(
+    tmp_path, monkeypatch, caplog
+):
+    """--lock_image --lock_image_unlocked_layers 1 --lock_text --lock_text_unlocked_projection: after training the
+    vision tower's embeddings and first block and the whole text tower are bit for bit what they were, their EMA
+    teachers too; the last vision block, the projections and the fusion encoder moved. The optimizer holds the
+    trainable parameters only, the log gives the counts, and the saved model loads with the strict loader."""
+    import train
+
+    from vlalign import TCLModel
+
+    seen = {}
+    original = train._apply_locks
+
+    def recording(model, run):
+        model = original(model, run)
+        seen["model"], seen["before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(train, "_apply_locks", recording)
+    original_train = train._train
+
+    def recording_train(trainer, training_args):
+        seen["trainer"] = trainer
+        return original_train(trainer, training_args)
+
+    monkeypatch.setattr(train, "_train", recording_train)
+    caplog.set_level(logging.INFO, logger="vlalign.train")
+    argv = ["--config", str(_locked_run_config(tmp_path)), "--lock_image", "--lock_image_unlocked_layers", "1"]
+    train.main([*argv, "--lock_text", "--lock_text_unlocked_projection"])
+
+    model, before = seen["model"], seen["before"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"{trainable} parameters trainable" in caplog.text
+    optimized = {id(p) for group in seen["trainer"].optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    saved = TCLModel.from_pretrained(tmp_path / "out")  # strict: every key of the model is in the file
+    after = saved.state_dict()
+    assert after.keys() == before.keys()
+    fixed = ("vision_model.embeddings.", "vision_model.layers.0.", "text_model.")
+    moved = ("vision_model.layers.1.", "vision_model.layernorm.", "vision_proj.", "text_proj.", "fusion_model.")
+    for key, value in before.items():
+        name = key.removeprefix("momentum_")
+        if name.startswith(fixed):
+            assert torch.equal(after[key], value), key
+        elif name.startswith(moved) and not key.startswith("momentum_") and value.is_floating_point():
+            assert not torch.equal(after[key], value), key
+    # the teachers of the unlocked parts followed their students
+    assert not torch.equal(
+        after["momentum_vision_model.layers.1.mlp.fc1.weight"], before["momentum_vision_model.layers.1.mlp.fc1.weight"]
+    )
+    assert (
+        model.momentum_text_model.encoder.layer[0].output.dense.weight
+        is model.text_model.encoder.layer[0].output.dense.weight
+    )
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "| lock\\_image\\_unlocked\\_layers | 1 |" in card.content
+    config_json = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not any("lock" in key for key in config_json)  # a run-time setting
+
+
+def test_locked_tower_settings_that_make_no_sense_are_refused(tmp_path):
+    import train
+    from fixtures import tiny_tcl_config
+
+    config = str(_locked_run_config(tmp_path))
+    tiny_tcl_config().save_pretrained(tmp_path / "base")  # a saved model's config: what LoRA would adapt
+    with pytest.raises(
+        ValueError, match=r"run.lock_image_unlocked_layers says what stays trainable .* set run.lock_image"
+    ):
+        train.main(["--config", config, "--lock_image_unlocked_layers", "1"])
+    with pytest.raises(ValueError, match=r"run.lock_text_unlocked_layers must be an integer >= 0, got -1"):
+        train.main(["--config", config, "--lock_text", "--lock_text_unlocked_layers", "-1"])
+    with pytest.raises(SystemExit, match=r"run.lock_image: unlocked_layers = 3: vision_model has 2 blocks"):
+        train.main(["--config", config, "--lock_image", "--lock_image_unlocked_layers", "3", "--max_steps", "1"])
+    with pytest.raises(SystemExit, match=r"run.lock_text with run.lora_r: LoRA already freezes every base weight"):
+        train.main(["--config", config, "--lock_text", "--lora_r", "4", "--model_name_or_path", str(tmp_path / "base")])
+    mivc = {"model": TINY_TRAIN_MIVC, "training": {"output_dir": str(tmp_path / "mivc"), "use_cpu": True}}
+    (tmp_path / "mivc.yaml").write_text(yaml.safe_dump(mivc))
+    with pytest.raises(SystemExit, match=r"run.lock_image locks a tower of TCL / CODIS; an MIVC model freezes"):
+        train.main(["--config", str(tmp_path / "mivc.yaml"), "--lock_image"])
+
+
+def test_resuming_with_other_locks_is_refused_naming_them(tmp_path):
+    """The optimizer's state is per trainable parameter: a checkpoint resumes with the locks it was trained with."""
+    import train
+
+    config = _digits_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    train.main(["--config", str(config), "--lock_image"])
+    with pytest.raises(Exception, match=r"lock_image: True in the checkpoint, False now"):
+        train.main(["--config", str(config), "--max_steps", "3", "--resume_from_checkpoint", "latest"])

@@ -161,6 +161,16 @@ class RunArguments:
     # modules trained fully and saved with the adapters (names, as above); default: those of LORA_MODULES_TO_SAVE
     # the model has
     lora_modules_to_save: list | str | None = None
+    # Locked towers (LiT; TCL / CODIS, not with LoRA): the tower is frozen for the run (`ALBEFModel.lock_image_tower`
+    # / `lock_text_tower`) and runs in eval mode, its EMA teacher is the student's tensors. Run-time settings only.
+    lock_image: bool = False  # freeze the vision tower and its projection
+    # ... except its last N blocks (transformer layers; Swin / ConvNeXt stages) with the final norm / pooler and
+    # the projection
+    lock_image_unlocked_layers: int = 0
+    lock_image_unlocked_projection: bool = False  # ... except the projection vision_proj (fixed features, a new head)
+    lock_text: bool = False  # the same for the text encoder (with fusion layers its lower num_text_layers only)
+    lock_text_unlocked_layers: int = 0
+    lock_text_unlocked_projection: bool = False
     # A tokenizer learnt from the training split's captions at the start of the run (offline), saved with the
     # processor: "wordpiece" (BERT-style, uncased) or "bpe" (RoBERTa-style byte-level, cased); vlalign.data.
     # train_caption_tokenizer. A new vocabulary: not with a tokenizer, processor, model or text tower of its own.
@@ -211,6 +221,23 @@ class RunArguments:
                 resolve_augmentation(self.augmentation)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"run.augmentation: {error}") from None
+        for tower in ("image", "text"):
+            layers = getattr(self, f"lock_{tower}_unlocked_layers")
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+                raise ValueError(f"run.lock_{tower}_unlocked_layers must be an integer >= 0, got {layers!r}")
+            if not getattr(self, f"lock_{tower}"):
+                given = [
+                    name
+                    for name, default in (
+                        (f"lock_{tower}_unlocked_layers", 0),
+                        (f"lock_{tower}_unlocked_projection", False),
+                    )
+                    if getattr(self, name) != default
+                ]
+                if given:
+                    raise ValueError(
+                        f"run.{given[0]} says what stays trainable in a locked tower: set run.lock_{tower}"
+                    )
         for name, what in (("tokenizer_max_length", "max_length"), ("augmentation", "augmentation")):
             if getattr(self, name) is not None and self.processor_name_or_path:
                 raise ValueError(
@@ -1188,6 +1215,71 @@ def _check_lora_arguments(run: RunArguments) -> None:
         )
 
 
+def _check_lock_arguments(run: RunArguments, model_type: str | None = None) -> None:
+    """Locked towers are not for LoRA (which freezes every base weight) and, once the model type is known, for the
+    contrastive models' towers only."""
+    locked = [f"run.lock_{tower}" for tower in ("image", "text") if getattr(run, f"lock_{tower}")]
+    if not locked:
+        return
+    if run.lora_r:
+        raise SystemExit(
+            f"{locked[0]} with run.lora_r: LoRA already freezes every base weight and trains its adapters only; keep "
+            "a tower fixed by leaving it out of run.lora_target_modules (e.g. a regex over text_model only)"
+        )
+    if model_type == "mivc":
+        raise SystemExit(
+            f"{locked[0]} locks a tower of TCL / CODIS; an MIVC model freezes its parts with its config "
+            "(model.freeze_vision_model, freeze_qformer, freeze_language_model)"
+        )
+
+
+def _apply_locks(model, run: RunArguments):
+    """Lock the towers the run asks for (before the Trainer, which gives the optimizer the trainable parameters
+    only) and log what trains."""
+    if not (run.lock_image or run.lock_text):
+        return model
+    for tower in ("image", "text"):
+        if getattr(run, f"lock_{tower}"):
+            try:
+                getattr(model, f"lock_{tower}_tower")(
+                    getattr(run, f"lock_{tower}_unlocked_layers"),
+                    unlocked_projection=getattr(run, f"lock_{tower}_unlocked_projection"),
+                )
+            except ValueError as error:
+                raise SystemExit(f"run.lock_{tower}: {error}") from None
+    # unique tensors: the EMA teacher of a locked part is the student's own
+    parameters = list(model.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    logger.info(
+        "Locked towers: %s; %d parameters trainable, %d frozen (EMA teachers included)",
+        ", ".join(
+            f"{tower} (last {getattr(run, f'lock_{tower}_unlocked_layers')} blocks unlocked"
+            + (", projection unlocked" if getattr(run, f"lock_{tower}_unlocked_projection") else "")
+            + ")"
+            for tower in ("image", "text")
+            if getattr(run, f"lock_{tower}")
+        ),
+        trainable,
+        sum(p.numel() for p in parameters) - trainable,
+    )
+    return model
+
+
+def _lock_settings(run: RunArguments) -> dict:
+    """Every lock_* field of the run."""
+    return {f.name: getattr(run, f.name) for f in dataclasses.fields(RunArguments) if f.name.startswith("lock_")}
+
+
+def _lock_card_settings(run: RunArguments) -> dict:
+    """The locked towers for the card's hyperparameters."""
+    settings = {}
+    for tower in ("image", "text"):
+        if getattr(run, f"lock_{tower}"):
+            settings[f"lock_{tower}_unlocked_layers"] = getattr(run, f"lock_{tower}_unlocked_layers")
+            settings[f"lock_{tower}_unlocked_projection"] = getattr(run, f"lock_{tower}_unlocked_projection")
+    return settings
+
+
 def _lora_names(value: list | str | None, field_name: str) -> list[str] | str | None:
     """A field of module names as peft takes it: a list (or "a,b" -> ["a", "b"]) of names, or one regex (a string
     with characters other than name characters, commas and spaces)."""
@@ -1501,6 +1593,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = RunArguments(**config["run"])
     _check_lora_arguments(run)
+    _check_lock_arguments(run)
     if run.push_to_hub and not run.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
     if run.hub_model_id and not is_hub_id(run.hub_model_id):
@@ -1526,6 +1619,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args = _training_arguments(config, f"outputs/{model_type}", task.training_arguments)
     if getattr(data_args, "streaming", False):
         _check_streaming(training_args)
+    _check_lock_arguments(run, model_type)
     set_seed(training_args.seed)
     _set_cpu_threads(run, training_args)
 
@@ -1540,10 +1634,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = task.build_model(run, model_section, processor, data)
     if isinstance(data.collator, ImageTextCollator):  # build only the augmented views the objectives use
         data.collator.two_views = model.training_views == 2
+    model = _apply_locks(model, run)
     model = _apply_lora(model, run, model_type, training_args)
 
     # 5. trainer, once the evaluation split is known to be usable and the output folder is ours
     evaluation = task.evaluation_inputs(data, data_args, processor)
+    if "resume_fingerprint" in evaluation:  # a resumed run locks as its checkpoint did (the optimizer's parameters)
+        evaluation["resume_fingerprint"].update(_lock_settings(run))
     _claim_output_dir(training_args)  # before anything is written there
     trainer = task.trainer_class(
         model=model,
@@ -1575,6 +1672,7 @@ def main(argv: list[str] | None = None) -> dict:
         if run.lora_r:  # the adapters need their base: it is the card's base model
             card["base_model"] = public_name(run.model_name_or_path)
             card["hyperparameters"].update(_lora_card_settings(model))
+        card["hyperparameters"].update(_lock_card_settings(run))
         build_card = lambda pictures: build_model_card(  # noqa: E731 (the pictures are written beside the model)
             _card_template(run, model_type),
             model_id=run.hub_model_id or output_dir.name,

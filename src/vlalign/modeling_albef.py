@@ -58,8 +58,10 @@ from .losses import (
     sample_hard_negatives,
     similarity_logits,
 )
-from .momentum import FeatureQueue, copy_parameters, ema_update
+from .momentum import FeatureQueue, _peft_classes, copy_parameters, ema_update, share_frozen_parameters
 from .towers import (
+    TEXT_MODEL_TYPES,
+    VISION_MODEL_TYPES,
     build_text_encoder,
     build_vision_encoder,
     encode_image,
@@ -175,6 +177,64 @@ def pool_patch_locals(patch_features: torch.Tensor, grid_size: int, pooled_grid:
     kernel = grid_size // pooled_grid
     pooled = F.avg_pool2d(grid, kernel_size=kernel, stride=kernel)
     return pooled.flatten(2).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Locked towers (LiT)
+
+# Where the tower families keep their blocks (transformer layers; the stages of Swin and ConvNeXt), from the tower's
+# root. transformers releases move them (ViT's `encoder.layer` became `layers`, CLIP's `vision_model.` wrapper went),
+# so the first of these that the tower has is its block list.
+TOWER_BLOCK_PATHS = (
+    "encoder.layer",
+    "encoder.layers",
+    "encoder.stages",
+    "transformer.layer",
+    "layers",
+    "vision_model.encoder.layers",
+    "text_model.encoder.layers",
+)
+# What a tower applies after its blocks (final norms, poolers, SigLIP's heads), by top-level name under the tower's
+# root (below CLIP's and SigLIP's `vision_model.` / `text_model.` where it has one): trainable with the unlocked
+# blocks. What is neither a block nor one of these (embeddings, CLIP's pre-norm, ELECTRA's embedding projection,
+# BEiT's shared relative position bias) comes before the blocks and stays frozen.
+AFTER_BLOCKS = ("layernorm", "post_layernorm", "final_layer_norm", "final_norm", "pooler", "head")
+
+
+def tower_blocks(tower: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, module list) of a tower's blocks (see `TOWER_BLOCK_PATHS`)."""
+    model_type = tower.config.model_type
+    if model_type not in VISION_MODEL_TYPES + TEXT_MODEL_TYPES:
+        raise ValueError(f"locking a {model_type!r} tower is not supported")
+    for path in TOWER_BLOCK_PATHS:
+        try:
+            blocks = tower.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return path, blocks
+    raise ValueError(
+        f"the {model_type!r} tower ({type(tower).__name__}) has none of the block lists {TOWER_BLOCK_PATHS}"
+    )
+
+
+def _after_blocks(name: str, blocks_path: str) -> bool:
+    """Whether a tower's parameter `name` (not in a block) belongs to what runs after the blocks."""
+    root = blocks_path.split(".")[0] + "." if blocks_path.startswith(("vision_model.", "text_model.")) else ""
+    return name.startswith(root) and name[len(root) :].split(".")[0] in AFTER_BLOCKS
+
+
+def _frozen_module_names(module: nn.Module, prefix: str) -> list[str]:
+    """The largest submodules of `module` that have parameters and none of them trainable (they run in eval mode)."""
+    parameters = list(module.parameters())
+    if not parameters:
+        return []
+    if not any(p.requires_grad for p in parameters):
+        return [prefix]
+    names = []
+    for child_name, child in module.named_children():
+        names += _frozen_module_names(child, f"{prefix}.{child_name}")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -334,7 +394,27 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
             for auto_class in self._extra_auto_classes:
                 auto_map[auto_class] = f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"
             self.config.auto_map = auto_map
+        if self._shares_locked_tensors():
+            kwargs["state_dict"] = self._state_dict_for_saving(kwargs.get("state_dict"))
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _shares_locked_tensors(self) -> bool:
+        return self.config.use_momentum and bool(getattr(self, "_locked_eval_modules", None))
+
+    def _state_dict_for_saving(self, state_dict: dict | None) -> dict:
+        """The state dict with a copy (on the CPU) of each teacher tensor that is its locked student's: safetensors
+        holds no aliases and transformers refuses shared tensors it does not know as tied, but the file keeps every
+        key, so that it loads strictly into a model that does not lock (or locks otherwise)."""
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        students = {
+            id(p) for name in self._momentum_names() for p in getattr(self, name).parameters() if not p.requires_grad
+        }
+        for name in self._momentum_names():
+            for key, parameter in getattr(self, f"momentum_{name}").named_parameters(remove_duplicate=False):
+                full_key = f"momentum_{name}.{key}"
+                if id(parameter) in students and full_key in state_dict:
+                    state_dict[full_key] = state_dict[full_key].detach().to("cpu", copy=True)
+        return state_dict
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -364,7 +444,10 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         queues and running statistics (buffers). A trainer that skips a step restores these (VLAlignTrainer)."""
         tensors = list(self.buffers())
         if self.config.use_momentum:
-            tensors += [p for teacher in self._momentum_pairs()[1] for p in teacher.parameters()]
+            students, teachers = self._momentum_pairs()
+            # a teacher's share of a locked student's tensors is not updated
+            shared = {id(p) for student in students for p in student.parameters()}
+            tensors += [p for teacher in teachers for p in teacher.parameters() if id(p) not in shared]
         return tensors
 
     def momentum_update(self) -> None:
@@ -376,6 +459,68 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         LoRA adapters to resume training: the teachers then start from base + LoRA)."""
         if self.config.use_momentum:
             copy_parameters(*self._momentum_pairs(), names=self._momentum_names())
+
+    # ------------------------------------------------------------------------------------------------------
+    # Locked towers (LiT: Zhai et al. 2022; open_clip's lock_image_tower / lock_text_tower)
+
+    def lock_image_tower(self, unlocked_layers: int = 0, unlocked_projection: bool = False) -> None:
+        """Freeze the vision tower (`vision_model`) and its projection (`vision_proj`), except its last
+        `unlocked_layers` blocks (transformer layers; Swin's and ConvNeXt's stages) with what follows them (the
+        final norm, pooler or attention-pooling head) and, when any block is unlocked or `unlocked_projection=True`,
+        the projection. `unlocked_layers=0, unlocked_projection=True`: the tower gives fixed features and only the
+        projection learns. See `_lock_tower` for eval mode and the EMA teachers. A run-time setting: nothing goes
+        into the config; each call sets every flag of the tower anew."""
+        self._lock_tower("vision_model", "vision_proj", unlocked_layers, unlocked_projection)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, unlocked_projection: bool = False) -> None:
+        """`lock_image_tower` for the text encoder (`text_model`, `text_proj`). With fusion layers the text tower is
+        the lower `num_text_layers` layers of the text model only: the fusion encoder (`fusion_model`, the upper
+        layers) and the ITM / MLM heads stay trainable."""
+        self._lock_tower("text_model", "text_proj", unlocked_layers, unlocked_projection)
+
+    def _lock_tower(self, tower_name: str, projection_name: str, unlocked_layers, unlocked_projection) -> None:
+        """Set the tower's trainable flags; then its frozen modules run in eval mode (no dropout: a locked tower
+        gives fixed features, as in LiT) and, with EMA teachers, the teacher's frozen parameters are the student's
+        own tensors (`momentum.share_frozen_parameters`: not held twice, skipped by the EMA update)."""
+        tower, projection = getattr(self, tower_name), getattr(self, projection_name)
+        classes = _peft_classes()
+        if classes is not None and any(
+            isinstance(m, (classes[0], classes[2])) for part in (tower, projection) for m in part.modules()
+        ):
+            raise ValueError(f"lock {tower_name} before adapting the model with PEFT, not after")
+        blocks_path, blocks = tower_blocks(tower)
+        if isinstance(unlocked_layers, bool) or not isinstance(unlocked_layers, int):
+            raise ValueError(f"unlocked_layers of {tower_name} must be an integer, got {unlocked_layers!r}")
+        if not 0 <= unlocked_layers <= len(blocks):
+            raise ValueError(
+                f"unlocked_layers = {unlocked_layers}: {tower_name} has {len(blocks)} blocks ({blocks_path}), "
+                f"so it must be in [0, {len(blocks)}]"
+            )
+        first_unlocked = len(blocks) - unlocked_layers
+        for name, parameter in tower.named_parameters():
+            if name.startswith(blocks_path + "."):
+                trainable = int(name[len(blocks_path) + 1 :].split(".")[0]) >= first_unlocked
+            else:
+                trainable = unlocked_layers > 0 and _after_blocks(name, blocks_path)
+            parameter.requires_grad_(trainable)
+        projection.requires_grad_(unlocked_layers > 0 or unlocked_projection)
+        frozen = _frozen_module_names(tower, tower_name) + _frozen_module_names(projection, projection_name)
+        if self.config.use_momentum:
+            for student_name in (tower_name, projection_name):
+                share_frozen_parameters(getattr(self, student_name), getattr(self, f"momentum_{student_name}"))
+            frozen += [f"momentum_{name}" for name in frozen]
+        eval_modules = dict(getattr(self, "_locked_eval_modules", {}))
+        eval_modules[tower_name] = frozen
+        self._locked_eval_modules = eval_modules
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        # the frozen modules of a locked tower (and of its teacher) keep eval-mode behaviour: no dropout
+        super().train(mode)
+        for names in getattr(self, "_locked_eval_modules", {}).values():
+            for name in names:
+                self.get_submodule(name).train(False)
+        return self
 
     @property
     def temperature(self) -> torch.Tensor:

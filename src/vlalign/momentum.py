@@ -2,6 +2,8 @@
 
 - `ema_update` / `copy_parameters`: teacher parameters follow their students, paired by name. A student adapted
   with PEFT (LoRA, `modules_to_save`) is read through its effective weights, so the teachers stay plain modules.
+- `share_frozen_parameters`: the teacher of a frozen (locked) student parameter would equal it forever, so it is
+  the student's own tensor instead of a copy; the EMA skips such pairs.
 - `FeatureQueue`: the memory bank of MoCo / ALBEF / TCL / CODIS. A stateful module: its buffers change in place on
   every `enqueue`, and with `gather=True` it takes the features of every process.
 """
@@ -79,7 +81,8 @@ def _effective_parameters(
 def _ema_pairs(
     students: list[nn.Module], teachers: list[nn.Module], names: list[str] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(teacher parameters, matching student tensors), paired by parameter name.
+    """(teacher parameters, matching student tensors), paired by parameter name. A teacher parameter that is its
+    student's own (frozen) tensor is left out: it has nothing to follow.
 
     A student adapted with PEFT (LoRA layers, `modules_to_save` copies) is read through its effective weights, so
     the teacher stays a plain module that tracks what the student computes. A teacher that PEFT adapted itself (its
@@ -109,12 +112,21 @@ def _ema_pairs(
             sources = {}
             _effective_parameters(student, "", sources, set(), classes)
         targets = dict(teacher.named_parameters())
+        shared = {id(p) for p in student.parameters()}
         if sources.keys() != targets.keys():
             raise RuntimeError(
                 f"student {name!r} and its teacher have different parameters: "
                 f"{sorted(sources.keys() ^ targets.keys())[:10]}"
             )
         for key, target in targets.items():
+            if target is sources[key]:  # a frozen student tensor the teacher shares (`share_frozen_parameters`)
+                continue
+            if id(target) in shared:
+                raise RuntimeError(
+                    f"momentum_{name}.{key} is the student's frozen (locked) tensor, but the student now computes "
+                    "with another weight there (a PEFT adapter on a locked layer): adapt only unlocked layers, or "
+                    "lock the towers after removing the adapters"
+                )
             if sources[key].shape != target.shape:
                 raise RuntimeError(
                     f"{name}.{key}: student shape {tuple(sources[key].shape)} != teacher shape {tuple(target.shape)}"
@@ -122,6 +134,26 @@ def _ema_pairs(
             teacher_params.append(target)
             student_tensors.append(sources[key])
     return teacher_params, student_tensors
+
+
+@torch.no_grad()
+def share_frozen_parameters(student: nn.Module, teacher: nn.Module) -> None:
+    """Make each teacher parameter whose student parameter is frozen that very tensor, and give each one whose
+    student is trainable again a copy of its own: an EMA teacher of a frozen parameter would equal it forever, so
+    a locked tower is held once. `state_dict` still lists both names (`ALBEFModel.save_pretrained` writes both)."""
+    for name, parameter in student.named_parameters(remove_duplicate=False):
+        owner_name, _, attribute = name.rpartition(".")
+        owner = teacher.get_submodule(owner_name)
+        current = owner._parameters[attribute]
+        if current.shape != parameter.shape:
+            raise RuntimeError(
+                f"{name}: student shape {tuple(parameter.shape)} != teacher shape {tuple(current.shape)}"
+            )
+        if not parameter.requires_grad:
+            if current is not parameter:
+                setattr(owner, attribute, parameter)
+        elif current is parameter:
+            setattr(owner, attribute, nn.Parameter(parameter.detach().clone(), requires_grad=False))
 
 
 @torch.no_grad()
