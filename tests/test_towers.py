@@ -455,6 +455,23 @@ def test_patch_dropout_applies_to_the_student_only():
     assert model.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
+def test_patch_dropout_follows_the_models_mode_on_a_locked_tower():
+    """LiT + FLIP: a locked image tower runs in eval mode (no dropout), yet drops patches while the model trains
+    (the cost saving does not depend on the tower being trained), and keeps every patch in evaluation."""
+    from fixtures import tiny_tcl_config
+
+    config = tiny_tcl_config(patch_dropout=0.5, num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
+    model = TCLModel(config)
+    model.lock_image_tower()
+    pixels = tiny_batch()["pixel_values"]
+    with torch.no_grad():
+        model.train()
+        assert not model.vision_model.training
+        assert model._encode_image(pixels)[0].shape[1] == 1 + 8
+        model.eval()
+        assert model._encode_image(pixels)[0].shape[1] == 1 + 16
+
+
 def test_mean_pooling_averages_the_kept_patches():
     """`mean` pooling averages the patch tokens the tower returned (the kept ones), not its prefix tokens."""
     from vlalign.towers import encode_image

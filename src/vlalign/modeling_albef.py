@@ -520,6 +520,9 @@ class ALBEFModel(KeepsTrainableFlagsOnLoad, PreTrainedModel):
         for names in getattr(self, "_locked_eval_modules", {}).values():
             for name in names:
                 self.get_submodule(name).train(False)
+        patch_dropout = getattr(self.vision_model, "patch_dropout", None)
+        if patch_dropout is not None:  # FLIP on a locked (eval-mode) tower too: it follows the model's mode
+            patch_dropout.active = mode
         return self
 
     @property

@@ -209,6 +209,9 @@ class PatchDropout:
 
     def __init__(self, prob: float, num_prefix_tokens: int):
         self.prob, self.num_prefix_tokens = prob, num_prefix_tokens
+        # None: drop in the embeddings module's training mode. The ALBEF models set it from their own mode, so that
+        # a locked tower, whose frozen modules run in eval mode, still drops patches while the model trains.
+        self.active: bool | None = None
 
     def num_kept(self, num_patches: int) -> int:
         return max(1, int(num_patches * (1 - self.prob)))
@@ -226,7 +229,8 @@ class PatchDropout:
         return torch.cat([prefix, kept], dim=1)
 
     def __call__(self, module: nn.Module, args, output):
-        if not module.training or self.prob == 0:
+        active = module.training if self.active is None else self.active
+        if not active or self.prob == 0:
             return output
         if isinstance(output, tuple):  # Data2Vec-vision's embeddings return (tokens, patch grid shape)
             return (self.drop(output[0]), *output[1:])
@@ -253,8 +257,8 @@ def build_vision_encoder(
         refusal = patch_dropout_refusal(vision_config)
         if refusal is not None:
             raise ValueError(f"patch_dropout: {refusal}")
-        dropout = PatchDropout(patch_dropout, vision_prefix_tokens(vision_config))
-        vision_embeddings(model).register_forward_hook(dropout)
+        model.patch_dropout = PatchDropout(patch_dropout, vision_prefix_tokens(vision_config))
+        vision_embeddings(model).register_forward_hook(model.patch_dropout)
     return model
 
 
