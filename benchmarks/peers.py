@@ -467,7 +467,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("torch", "transformers", "open_clip_torch", "vlalign"):
+    for package in ("torch", "torchvision", "transformers", "open_clip_torch", "vlalign"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
