@@ -21,7 +21,8 @@ What differs between the towers (the parameter counts in the table show by how m
 - open_clip's native towers are its own code: the ViT's patch convolution has no bias and it adds a pre-transformer
   LayerNorm; the text transformer is pre-LayerNorm (BERT is post-LayerNorm) with no token-type embeddings and no
   embedding LayerNorm, and by open_clip's defaults, kept here, its attention is causal and the feature is the token
-  with the highest id (CLIP's end-of-text rule). Projections are bias-free matrices.
+  with the highest id (CLIP's end-of-text rule); its position table is the context length long (BERT's is
+  `max_position_embeddings`, 32 for the digits). Projections are bias-free matrices.
 
 Timing: one long-lived worker subprocess per peer, driven in turn by this process: each of `--rounds` rounds runs
 `--steps_per_round` timed steps of every peer, one peer at a time (the order rotates each round), so machine noise
