@@ -47,6 +47,7 @@ BASE_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)}
         (dict(momentum=1.5), "momentum"),
         (dict(momentum=-0.1), "momentum"),
         (dict(lmi_image_grid=3), "lmi_image_grid"),
+        (dict(lmi_image_grid=3, lmi_weight=0.5), "lmi_image_grid"),
         (dict(num_fusion_layers=3), "num_fusion_layers"),
         (dict(num_fusion_layers=0), "num_fusion_layers"),
         (dict(mlm_probability=0.0), "mlm_probability"),
@@ -70,6 +71,22 @@ BASE_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)}
 def test_tcl_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"TCLConfig\.{field}"):
         tiny_tcl_config(**overrides)
+
+
+def test_lmi_image_grid_is_checked_only_when_lmi_is_on():
+    """A 224 px ViT-B/16 (grid 14) with the default lmi_image_grid 4 is refused only when LMI would pool to it."""
+    vision = dict(
+        model_type="vit",
+        image_size=56,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )  # grid 14
+    assert tiny_tcl_config(vision_config=vision, lmi_image_grid=4, lmi_weight=0.0).lmi_image_grid == 4
+    with pytest.raises(ValueError, match=r"TCLConfig\.lmi_image_grid: 4 does not divide the patch grid side 14"):
+        tiny_tcl_config(vision_config=vision, lmi_image_grid=4)
 
 
 @pytest.mark.parametrize(

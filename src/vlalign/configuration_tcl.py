@@ -83,10 +83,11 @@ class TCLConfig(ALBEFStackConfig):
         )
 
     def validate_architecture(self):
-        """The stack's towers, then the LMI pooling grid, which must divide the patch grid."""
+        """The stack's towers, then the LMI pooling grid, which must divide the patch grid when LMI is on (with
+        lmi_weight = 0 nothing reads it: a 224 px ViT-B/16, grid 14, needs no setting it does not use)."""
         super().validate_architecture()
         grid = self.patch_grid_size
-        if grid % self.lmi_image_grid != 0:
+        if self.lmi_weight > 0 and grid % self.lmi_image_grid != 0:
             vision = self.vision_config
             self.fail(
                 "lmi_image_grid",
