@@ -37,10 +37,9 @@ def _assert_same_grads(a, b, atol=1e-5):
         assert torch.allclose(grads_a[name], grads_b[name], atol=atol, rtol=1e-4), name
 
 
-def test_dropout_masks_are_replayed_per_chunk():
-    """With dropout on, the cached gradients equal those of the same chunked forward kept in one graph: the
-    re-run of each chunk sees exactly the dropout masks of its cached pass."""
-    config = _config(dropout=0.3, **{**CONTRASTIVE_ONLY, "use_geometric_consistency": True})
+def _cached_equals_chunked_in_one_graph(config):
+    """Gradient-cached step (chunks 4 + 2, seed 123) against the same chunked forward kept in one graph under the
+    same seed: equal gradients. Returns the batch and the cached model."""
     batch = tiny_batch(batch=6)
     torch.manual_seed(0)
     reference = TCLModel(config)
@@ -64,6 +63,14 @@ def test_dropout_masks_are_replayed_per_chunk():
     losses = reference._alignment_losses(student, {}, prepared, None, None, temp)
     reference._loss_total(losses).backward()
     _assert_same_grads(reference, cached, atol=1e-6)
+    return batch, cached
+
+
+def test_dropout_masks_are_replayed_per_chunk():
+    """With dropout on, the cached gradients equal those of the same chunked forward kept in one graph: the
+    re-run of each chunk sees exactly the dropout masks of its cached pass."""
+    config = _config(dropout=0.3, **{**CONTRASTIVE_ONLY, "use_geometric_consistency": True})
+    batch, cached = _cached_equals_chunked_in_one_graph(config)
     # and it differs from a single unchunked pass (different masks), so the test has teeth
     torch.manual_seed(0)
     unchunked = TCLModel(config)
@@ -132,29 +139,7 @@ def test_patch_dropout_is_replayed_per_chunk():
     """Patch dropout draws from torch's RNG: the re-run of each chunk keeps the patches of its cached pass, so the
     cached gradients equal those of the same chunked forward kept in one graph (which draws the same patches)."""
     config = _config(patch_dropout=0.5, **CONTRASTIVE_ONLY)
-    batch = tiny_batch(batch=6)
-    torch.manual_seed(0)
-    reference = TCLModel(config)
-    torch.manual_seed(0)
-    cached = TCLModel(config)
-    reference.train()
-    cached.train()
-
-    torch.manual_seed(123)
-    cached.gradient_cached_backward(**batch, chunk_size=4)
-
-    torch.manual_seed(123)
-    prepared, temp = reference._prepare_training(
-        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["pixel_values_view2"]
-    )
-    parts = [
-        reference._student_pass({k: v[a:b] for k, v in prepared.items()}, keep_tokens=False)
-        for a, b in ((0, 4), (4, 6))
-    ]
-    student = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    losses = reference._alignment_losses(student, {}, prepared, None, None, temp)
-    reference._loss_total(losses).backward()
-    _assert_same_grads(reference, cached, atol=1e-6)
+    batch, cached = _cached_equals_chunked_in_one_graph(config)
     # a chunked pass with other patches gives other gradients, so the test has teeth
     torch.manual_seed(0)
     other = TCLModel(config)
