@@ -87,9 +87,10 @@ def test_launcher_reads_the_intended_setup(name):
 
 
 def test_the_default_config_launches_one_process_without_the_launchers_warning(tmp_path, monkeypatch, caplog):
-    """Without a config file (and no `accelerate config` of the user's) the launcher warns that it picked defaults,
-    with `--num_processes` 0 on a machine without GPU; the README's commands pass default.yaml, which sets them
-    all: no warning, one process, full precision, no dynamo, on a machine with or without a GPU."""
+    """Without a config file (and no `accelerate config` of the user's) the launcher warns that it picked defaults
+    for `--num_processes` and the rest (the value it picks without a GPU changed across accelerate releases: 0, then
+    1); the README's commands pass default.yaml, which sets them all: no warning, one process, full precision, no
+    dynamo, on a machine with or without a GPU."""
     import accelerate.commands.launch as launch
 
     monkeypatch.setattr(launch, "default_config_file", str(tmp_path / "no_user_config.yaml"))  # as on a new machine
@@ -99,7 +100,7 @@ def test_the_default_config_launches_one_process_without_the_launchers_warning(t
         caplog.clear()
         parser = launch.launch_command_parser()
         launch._validate_launch_command(parser.parse_args(["training/train.py", "--config", "x.yaml"]))
-        assert "--num_processes` was set to a value of `" + str(gpus) in caplog.text  # the warning this avoids
+        assert "--num_processes` was set to a value of `" in caplog.text  # the warning this avoids
         caplog.clear()
         args, _, _ = _launch_args("default.yaml")
         assert not caplog.records, caplog.text
