@@ -29,11 +29,13 @@ from vlalign.losses import (
     code_prediction_loss,
     code_similarities,
     contrastive_cross_entropy,
+    contrastive_cross_entropy_with_ids,
     decomposable_info_nce,
     distillation_targets,
     estimate_log_z,
     feature_separation_loss,
     geometric_consistency_loss,
+    info_nce,
     ipot,
     local_mutual_information,
     mask_tokens_for_mlm,
@@ -87,6 +89,60 @@ def test_contrastive_cross_entropy_soft_targets_matches_reference():
 def test_contrastive_cross_entropy_computes_in_float32_under_bfloat16():
     q, k = _unit(4, 8).to(torch.bfloat16), _unit(4, 8, seed=9).to(torch.bfloat16)
     out = contrastive_cross_entropy(q, k, torch.tensor(0.07))
+    assert out.dtype == torch.float32
+    ref = contrastive_cross_entropy(q.double(), k.double(), 0.07)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("ids", [False, True])
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7])
+def test_contrastive_cross_entropy_with_ids_over_row_blocks_equals_the_dense_loss_and_gradients(ids, rows_per_block):
+    """Blocks of query rows (7 queries against 12 keys: this process's rows start at key 2, then other keys as from
+    other processes or a queue): the value and the gradients of queries, keys and a learnable temperature equal
+    the dense loss against `positive_targets`, including rows with several positives."""
+    query_ids = torch.tensor([0, 1, 0, 2, 3, 1, 4]) if ids else None
+    key_ids = torch.tensor([5, 6, 0, 1, 0, 2, 3, 1, 4, 0, 7, 1]) if ids else None
+
+    def run(blocked):
+        q = _unit(7, 8, seed=11).requires_grad_(True)
+        k = _unit(12, 8, seed=12).requires_grad_(True)
+        log_t = torch.tensor(math.log(0.07), dtype=torch.float64, requires_grad=True)
+        if blocked:
+            loss = contrastive_cross_entropy_with_ids(q, k, log_t.exp(), query_ids, key_ids, 2, rows_per_block)
+        else:
+            targets = positive_targets(query_ids, key_ids, 7, 12, offset=2, dtype=torch.float64)
+            loss = contrastive_cross_entropy(q, k, log_t.exp(), targets)
+        loss.backward()
+        return loss.detach(), q.grad, k.grad, log_t.grad
+
+    for got, expected in zip(run(True), run(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_info_nce_above_the_block_size_is_computed_over_row_blocks_with_the_same_value_and_gradients(monkeypatch):
+    """`info_nce` at a batch whose logits exceed the block (here set to 16 logits: blocks of 2 of 8 rows) runs
+    the row-blocked path and equals the dense one in float32 to rounding; with ids too."""
+    import vlalign.losses as losses_module
+
+    images, texts = _unit(8, 16, seed=13).float(), _unit(8, 16, seed=14).float()
+    for image_ids in (None, torch.tensor([0, 1, 0, 2, 3, 3, 4, 5])):
+        results = []
+        for block in (None, 16):
+            if block is not None:
+                monkeypatch.setattr(losses_module, "_LOGITS_PER_BLOCK", block)
+            i, t = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+            loss = info_nce(i, t, 0.05, image_ids)
+            loss.backward()
+            results.append((loss.detach(), i.grad, t.grad))
+        monkeypatch.undo()
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_cross_entropy_with_ids_computes_in_float32_under_bfloat16_over_blocks():
+    q, k = _unit(6, 8).to(torch.bfloat16), _unit(6, 8, seed=9).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = contrastive_cross_entropy_with_ids(q, k, torch.tensor(0.07), rows_per_block=2)
     assert out.dtype == torch.float32
     ref = contrastive_cross_entropy(q.double(), k.double(), 0.07)
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -154,6 +210,28 @@ def test_local_mutual_information_ignores_padded_locals():
     local_mutual_information(g, garbage, 0.1, mask).backward()
     assert torch.isfinite(garbage.grad).all()
     assert garbage.grad[~mask].abs().max() == 0
+
+
+def test_local_mutual_information_over_anchor_blocks_equals_the_whole_batch(monkeypatch):
+    """Above the block size (set here to 15 logits: one anchor of 5 against 3 x 5 locals per block) the B x B x P
+    logits are computed one block of anchors at a time and recomputed in backward: the value and the gradients of
+    globals, locals and a learnable temperature equal the whole-batch computation, with padded locals and a
+    sample that has none (it neither counts nor divides)."""
+    import vlalign.losses as losses_module
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    results = []
+    for block in (None, 15):
+        if block is not None:
+            monkeypatch.setattr(losses_module, "_LOGITS_PER_BLOCK", block)
+        g, loc = _unit(4, 8, seed=10).requires_grad_(True), _unit(4, 5, 8, seed=11).requires_grad_(True)
+        log_t = torch.tensor(math.log(0.2), dtype=torch.float64, requires_grad=True)
+        loss = local_mutual_information(g, loc, log_t.exp(), mask)
+        loss.backward()
+        results.append((loss.detach(), g.grad, loc.grad, log_t.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert results[1][0].item() == pytest.approx(_lmi_reference(g.detach(), loc.detach(), 0.2, mask), rel=1e-10)
 
 
 def test_local_mutual_information_single_sample_is_finite():

@@ -58,7 +58,9 @@ def gradient_cached_backward(
     1. The batch is embedded chunk by chunk without gradient (RNG state recorded per chunk; the last chunk
        keeps its graph for step 3);
     2. the alignment losses (CMA / IMC / LMI / decomposable / regularisers) are computed on the cached
-       features and back-propagated to them (and to the temperature);
+       features and back-propagated to them (and to the temperature); the in-batch InfoNCE and LMI terms run
+       over blocks of rows once their logits pass `losses._LOGITS_PER_BLOCK`, so that this step's memory grows
+       linearly in the batch, not as B^2 (momentum distillation's soft targets, B x (B + queue), stay whole);
     3. every chunk is embedded again with gradient under its recorded RNG state (same dropout), and the
        cached feature gradients are back-propagated through it.
     Peak activation memory is that of one chunk, and the parameter gradients equal those of the

@@ -13,6 +13,7 @@ their ``gather`` argument (the models pass `gather_across_processes()`). Names f
 - ``sigmoid_contrastive_loss``: SigLIP's pairwise sigmoid loss, across processes by passing the text features
   around the ring of processes one block at a time instead of gathering them;
 - ``contrastive_cross_entropy``: one direction of InfoNCE (queries vs keys) with hard or soft targets;
+  ``contrastive_cross_entropy_with_ids`` the same with positives given by ids, over blocks of rows when large;
 - ``positive_targets`` / ``distillation_targets``: the target distributions of TCL/ALBEF's momentum distillation;
 - ``local_mutual_information``: TCL's global-to-local InfoNCE (LMI) with a padding mask;
 - ``sample_hard_negatives``: ALBEF/TCL's ITM negative mining;
@@ -28,6 +29,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # Large negative used instead of -inf for masked logits: exp() of it is 0 in float32, but unlike -inf it keeps the
 # softmax/logsumexp backward finite when a whole row is masked.
@@ -83,6 +85,93 @@ def contrastive_cross_entropy(
         labels = torch.arange(queries.shape[0], device=queries.device)
         return F.cross_entropy(logits, labels)
     return -(F.log_softmax(logits, dim=1) * targets.to(dtype)).sum(dim=1).mean()
+
+
+# Above this many logits (16 MiB in float32) an InfoNCE with positives given by ids is computed over blocks of query
+# rows: the whole N x M matrix (and the half-dozen temporaries of its softmax, targets and gradient) would otherwise
+# be held at once -- B^2 at the batch sizes gradient caching reaches, where one chunk's activations are far smaller.
+_LOGITS_PER_BLOCK = 1 << 22
+
+
+def _block_positive_targets(query_ids, key_ids, rows: slice, keys: torch.Tensor, offset: int, dtype) -> torch.Tensor:
+    """`positive_targets` of the query rows `rows` only (row i's own positive is key ``offset + i``)."""
+    ids = None if query_ids is None else query_ids[rows]
+    count, num_keys = rows.stop - rows.start, keys.shape[0]
+    return positive_targets(ids, key_ids, count, num_keys, device=keys.device, offset=offset + rows.start, dtype=dtype)
+
+
+class _BlockedContrastiveCrossEntropy(torch.autograd.Function):
+    """`contrastive_cross_entropy` with id-defined targets, one block of query rows at a time in forward and again in
+    backward: memory O(block x M) instead of O(N x M), the same value and gradients up to float rounding.
+
+    With s_ij = q_i . k_j / t and targets t_ij (rows summing to 1), L = (1/N) sum_i (logsumexp_j s_ij - sum_j t_ij
+    s_ij), so dL/ds_ij = (softmax_j(s_i)_j - t_ij) / N; forward keeps only each row's logsumexp."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, temperature, query_ids, key_ids, offset, rows_per_block):
+        total = queries.new_zeros(())
+        log_normalisers = []
+        for start in range(0, queries.shape[0], rows_per_block):
+            rows = slice(start, min(start + rows_per_block, queries.shape[0]))
+            logits = (queries[rows] @ keys.t()) / temperature
+            targets = _block_positive_targets(query_ids, key_ids, rows, keys, offset, logits.dtype)
+            lse = torch.logsumexp(logits, dim=1)
+            total = total + (lse - (targets * logits).sum(dim=1)).sum()
+            log_normalisers.append(lse)
+        ctx.save_for_backward(queries, keys, temperature, torch.cat(log_normalisers))
+        ctx.ids, ctx.offset, ctx.rows_per_block = (query_ids, key_ids), offset, rows_per_block
+        return total / queries.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        queries, keys, temperature, log_normalisers = ctx.saved_tensors
+        (query_ids, key_ids), count = ctx.ids, queries.shape[0]
+        grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        grad_inverse_temperature = queries.new_zeros(())
+        for start in range(0, count, ctx.rows_per_block):
+            rows = slice(start, min(start + ctx.rows_per_block, count))
+            similarities = queries[rows] @ keys.t()
+            logits = similarities / temperature
+            targets = _block_positive_targets(query_ids, key_ids, rows, keys, ctx.offset, logits.dtype)
+            grad_logits = (torch.exp(logits - log_normalisers[rows, None]) - targets) * (grad_output / count)
+            grad_inverse_temperature = grad_inverse_temperature + (grad_logits * similarities).sum()
+            grad_logits = grad_logits / temperature
+            grad_queries[rows] = grad_logits @ keys
+            grad_keys += grad_logits.t() @ queries[rows]
+        # s = (q . k) * (1 / t): dL/dt = -dL/d(1/t) / t^2
+        grad_temperature = -grad_inverse_temperature / temperature**2 if ctx.needs_input_grad[2] else None
+        return grad_queries, grad_keys, grad_temperature, None, None, None, None
+
+
+@full_precision
+def contrastive_cross_entropy_with_ids(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    query_ids: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+    offset: int = 0,
+    rows_per_block: int | None = None,
+) -> torch.Tensor:
+    """`contrastive_cross_entropy` against `positive_targets(query_ids, key_ids, ..., offset)` (query i's positive
+    is key ``offset + i``, plus, with ids, every key of the same id), without building the N x M targets.
+
+    Up to `_LOGITS_PER_BLOCK` logits it is exactly `contrastive_cross_entropy` with those dense targets; above, it
+    runs over blocks of ``rows_per_block`` query rows (default: as many as fit in `_LOGITS_PER_BLOCK`), so memory
+    stays linear in N at any batch size."""
+    dtype = _loss_dtype(queries, keys)
+    num_queries, num_keys = queries.shape[0], keys.shape[0]
+    if rows_per_block is None:
+        rows_per_block = max(1, _LOGITS_PER_BLOCK // max(num_keys, 1))
+    if rows_per_block >= num_queries:
+        targets = positive_targets(
+            query_ids, key_ids, num_queries, num_keys, device=queries.device, offset=offset, dtype=dtype
+        )
+        return contrastive_cross_entropy(queries, keys, temperature, targets)
+    temperature = _as_temperature(temperature, dtype, queries.device)
+    return _BlockedContrastiveCrossEntropy.apply(
+        queries.to(dtype), keys.to(dtype), temperature, query_ids, key_ids, offset, rows_per_block
+    )
 
 
 @full_precision
@@ -156,21 +245,39 @@ def local_mutual_information(
     else:
         valid = local_mask.to(device=loc.device).bool()
     t = _as_temperature(temperature, dtype, g.device)
-    # logits[i, k, j] = g_i . l_kj / t
-    logits = torch.einsum("id,kjd->ikj", g, loc) / t
-    idx = torch.arange(batch, device=g.device)
-    positive = logits[idx, idx]  # (B, P)
-    # negatives of anchor i: every valid local of every other sample
-    negative_mask = valid.unsqueeze(0).expand(batch, batch, num_locals).clone()
-    negative_mask[idx, idx] = False
-    negatives = logits.masked_fill(~negative_mask, _MASKED_LOGIT).flatten(1)
-    negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (B, 1)
-    per_local = torch.logaddexp(positive, negative_lse) - positive  # (B, P)
-    per_local = per_local * valid
     counts = valid.sum(dim=1)
     has_locals = counts > 0
-    per_sample = per_local.sum(dim=1) / counts.clamp(min=1)
-    return per_sample[has_locals].mean() if has_locals.any() else per_sample.sum() * 0.0
+    rows_per_block = max(1, _LOGITS_PER_BLOCK // max(batch * num_locals, 1))
+    if rows_per_block >= batch:
+        per_sample = _lmi_per_anchor(g, loc, valid, t, 0)
+        return per_sample[has_locals].mean() if has_locals.any() else per_sample.sum() * 0.0
+    # B x B x P logits over blocks of anchors, each block recomputed in backward: memory linear in B
+    total = g.new_zeros(())
+    for start in range(0, batch, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, batch))
+        per_sample = torch.utils.checkpoint.checkpoint(
+            _lmi_per_anchor, g[rows], loc, valid, t, start, use_reentrant=False
+        )
+        total = total + per_sample[has_locals[rows]].sum()
+    return total / has_locals.sum() if has_locals.any() else total * 0.0
+
+
+def _lmi_per_anchor(g: torch.Tensor, loc: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, start: int):
+    """`local_mutual_information` of the anchors ``start, start + 1, ...`` (the rows of `g`), one value each."""
+    rows, (batch, num_locals) = g.shape[0], valid.shape
+    # logits[i, k, j] = g_i . l_kj / t
+    logits = torch.einsum("id,kjd->ikj", g, loc) / t
+    row = torch.arange(rows, device=g.device)
+    own = row + start
+    positive = logits[row, own]  # (rows, P)
+    # negatives of anchor i: every valid local of every other sample
+    negative_mask = valid.unsqueeze(0).expand(rows, batch, num_locals).clone()
+    negative_mask[row, own] = False
+    negatives = logits.masked_fill(~negative_mask, _MASKED_LOGIT).flatten(1)
+    negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (rows, 1)
+    per_local = torch.logaddexp(positive, negative_lse) - positive  # (rows, P)
+    per_local = per_local * valid[own]
+    return per_local.sum(dim=1) / valid[own].sum(dim=1).clamp(min=1)
 
 
 def sample_hard_negatives(
@@ -374,17 +481,8 @@ def info_nce(
     all_images, offset = gathered_keys(image_embeds, gather)
     all_texts, _ = gathered_keys(text_embeds, gather)
     all_ids = _gathered_ids(image_ids, gather)
-    targets = positive_targets(
-        image_ids,
-        all_ids,
-        image_embeds.shape[0],
-        all_texts.shape[0],
-        device=image_embeds.device,
-        offset=offset,
-        dtype=_loss_dtype(image_embeds, text_embeds),
-    )
-    loss_i2t = contrastive_cross_entropy(image_embeds, all_texts, temperature, targets)
-    loss_t2i = contrastive_cross_entropy(text_embeds, all_images, temperature, targets)
+    loss_i2t = contrastive_cross_entropy_with_ids(image_embeds, all_texts, temperature, image_ids, all_ids, offset)
+    loss_t2i = contrastive_cross_entropy_with_ids(text_embeds, all_images, temperature, image_ids, all_ids, offset)
     loss = (loss_i2t + loss_t2i) / 2
     return (loss, loss_i2t, loss_t2i) if return_directions else loss
 
@@ -402,16 +500,7 @@ def intra_modal_info_nce(
     uniformly over them)."""
     keys, offset = gathered_keys(other_view, gather)
     all_ids = _gathered_ids(ids, gather)
-    targets = positive_targets(
-        ids,
-        all_ids,
-        queries.shape[0],
-        keys.shape[0],
-        device=queries.device,
-        offset=offset,
-        dtype=_loss_dtype(queries, keys),
-    )
-    return contrastive_cross_entropy(queries, keys, temperature, targets)
+    return contrastive_cross_entropy_with_ids(queries, keys, temperature, ids, all_ids, offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
