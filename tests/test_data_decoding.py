@@ -347,6 +347,16 @@ def test_sanitise_caption_drops_and_repairs_with_reasons():
     assert text == "xyyy" and reasons == ("too_long", "control_chars")
 
 
+def test_the_printable_shortcut_skips_no_repair():
+    """`sanitise_caption` looks for control characters and surrogates only in text that is not printable: every
+    code point either repair acts on is non-printable, so the shortcut never lets one through."""
+    from vlalign.data.decoding import _CONTROL_CHARS, _SURROGATES
+
+    acted_on = [c for c in map(chr, range(0x110000)) if _CONTROL_CHARS.match(c) or _SURROGATES.match(c)]
+    assert len(acted_on) == 0x09 + 0x12 + 0x21 + 0x800
+    assert not any(c.isprintable() for c in acted_on)
+
+
 def test_a_megabyte_caption_is_cut_cheaply(digits_processor_16):
     huge = "a handwritten digit " * 52_429  # ~1 MB
     start = time.perf_counter()

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, ViTImageProcessorPil
 
-from vlalign.processing_vlalign import DEFAULT_AUGMENTATION, VLAlignProcessor, _adjust_hue, augment_image, to_rgb
+from vlalign.processing_vlalign import (
+    DEFAULT_AUGMENTATION,
+    VLAlignProcessor,
+    _adjust_contrast,
+    _adjust_hue,
+    augment_image,
+    to_rgb,
+)
 
 SIZE = 32
 WORDS = ["a", "handwritten", "digit", "one", "two", "three", "the", "number", "written", "by", "hand", "."]
@@ -152,6 +159,51 @@ def test_batch_augmentation_equals_augment_image_per_image():
     for key, view in zip(("pixel_values", "pixel_values_view2"), views):
         expected = proc.image_processor(view, do_resize=False, return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(out[key], expected, atol=0, rtol=0)
+
+
+def test_contrast_jitter_equals_pils_contrast_enhancement():
+    """`_adjust_contrast` (the mean by numpy) gives ImageEnhance.Contrast's image exactly, in L and RGB, on images
+    whose mean lands near a rounding boundary and at factors below, at and above 1."""
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(3)
+    images = [colour_image(seed=i) for i in range(3)] + [ramp_image(), Image.new("RGB", (5, 3), (10, 200, 30))]
+    images += [Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)) for h, w in ((1, 1), (7, 13), (64, 64))]
+    images.append(Image.fromarray(np.array([[0, 1]], dtype=np.uint8)))  # mean exactly 0.5
+    for image in images:
+        for factor in (0.0, 0.6, 1.0, 1.4, 2.5):
+            expected = ImageEnhance.Contrast(image).enhance(factor)
+            got = _adjust_contrast(image, factor)
+            assert got.mode == expected.mode
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_a_gray_view_augmented_as_one_band_equals_the_three_band_view_bit_for_bit(monkeypatch):
+    """Gray views (a grayscale scan converted to RGB) go through the augmentation as one band: every step, with
+    every step forced on in turn, gives the RGB view that augmenting the three equal bands gives, draw for draw,
+    and colour images are untouched by the shortcut."""
+    import vlalign.processing_vlalign as processing
+
+    rng = np.random.default_rng(7)
+    grays = [np.repeat(rng.integers(0, 256, (h, w, 1), dtype=np.uint8), 3, axis=2) for h, w in ((17, 23), (64, 48))]
+    images = [Image.fromarray(g) for g in grays] + [ramp_image(), colour_image()]
+    settings = [
+        DEFAULT_AUGMENTATION,
+        {"color_jitter_p": 1.0, "grayscale_p": 0.0, "blur_p": 0.0, "hflip_p": 0.0},
+        {"color_jitter_p": 0.0, "grayscale_p": 1.0, "blur_p": 1.0, "hflip_p": 1.0},
+    ]
+    for params in settings:
+        for size in ((SIZE, SIZE), (24, 40)):
+            views = {}
+            for one_band in (True, False):
+                if not one_band:
+                    monkeypatch.setattr(processing, "_is_gray", lambda image: False)
+                draws = np.random.default_rng(11)
+                views[one_band] = [np.asarray(augment_image(i, size, params, draws)) for i in images for _ in range(8)]
+                monkeypatch.undo()
+            assert all(v.shape == (*size, 3) for v in views[True])
+            for fast, slow in zip(views[True], views[False]):
+                np.testing.assert_array_equal(fast, slow)
 
 
 def test_augment_image_size_is_height_width():

@@ -87,10 +87,10 @@ def contrastive_cross_entropy(
     return -(F.log_softmax(logits, dim=1) * targets.to(dtype)).sum(dim=1).mean()
 
 
-# Above this many logits (16 MiB in float32) an InfoNCE with positives given by ids is computed over blocks of query
+# Above this many logits (4 MiB in float32) an InfoNCE with positives given by ids is computed over blocks of query
 # rows: the whole N x M matrix (and the half-dozen temporaries of its softmax, targets and gradient) would otherwise
 # be held at once -- B^2 at the batch sizes gradient caching reaches, where one chunk's activations are far smaller.
-_LOGITS_PER_BLOCK = 1 << 22
+_LOGITS_PER_BLOCK = 1 << 20
 
 
 def _block_positive_targets(query_ids, key_ids, rows: slice, keys: torch.Tensor, offset: int, dtype) -> torch.Tensor:

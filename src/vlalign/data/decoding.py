@@ -253,13 +253,15 @@ def sanitise_caption(value: Any, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> 
     if len(value) > max_chars:
         value = value[:max_chars]
         fixes.append("too_long")
-    if _SURROGATES.search(value):
-        value = _SURROGATES.sub("\ufffd", value)
-        if "invalid_utf8" not in fixes:
-            fixes.append("invalid_utf8")
-    if _CONTROL_CHARS.search(value):
-        value = _CONTROL_CHARS.sub("", value)
-        fixes.append("control_chars")
+    # printable text (most captions) holds neither control characters nor surrogates: one C-level check
+    if not value.isprintable():
+        if _SURROGATES.search(value):
+            value = _SURROGATES.sub("\ufffd", value)
+            if "invalid_utf8" not in fixes:
+                fixes.append("invalid_utf8")
+        if _CONTROL_CHARS.search(value):
+            value = _CONTROL_CHARS.sub("", value)
+            fixes.append("control_chars")
     if not value.strip():
         return None, ("empty",)
     return value, tuple(fixes)
