@@ -5,10 +5,10 @@ tokens), 8-token captions, embed_dim 64; the ALBEF-style models add 1 fusion lay
 
 - `batch_cached`: the batch, 64 -> 4,096, of the contrastive-only (plain CLIP) TCL configuration with gradient
   caching (`model.gradient_cached_backward`, what `ContrastiveTrainingArguments.gradient_cache_chunk_size` turns on)
-  in chunks of `--chunk_size` (64) rows: activations stay those of one chunk, the in-batch logits are B x B;
+  in chunks of `--chunk_size` (64) rows: activations stay those of one chunk; the in-batch logits, B x B, are computed
+  over blocks of rows above 1M of them;
 - `batch_lmi_cached`: the same with TCL's local mutual information term (`lmi_weight=1`, the student-locals variant
-  of the configuration without teachers) up to 2,048: its B x B x P logits (P locals per item) are computed on the
-  cached features, whole;
+  of the configuration without teachers) up to 2,048: its B x B x P logits (P locals per item), blocked likewise;
 - `queue`: the feature-queue length, 1k -> 64k, of full TCL (EMA teachers, CMA + IMC + LMI, ITM, MLM), batch 64;
 - `codebook`: the CODIS codebook size K, 64 -> 4,000 (IPOT, 50 iterations: an N x K plan per modality each step),
   batch 64, queue 1,024;
@@ -28,46 +28,10 @@ log(size), over all points and over the last two (the asymptotic one; constant o
 
     python benchmarks/cost_growth.py [--threads 2] [--steps 5] [--only queue,codebook] [--quick]
 
-The full run takes about 3 minutes on a 2-core CPU; `--quick` (two small points per dimension, one step) a few
+The full run takes about a minute on a 2-core CPU; `--quick` (two small points per dimension, one step) a few
 seconds per dimension. The last output line is one JSON object with every figure.
 
-Which term dominates at the papers' sizes (read from the code, per GPU: TCL / ALBEF with ViT-B/16 at 256 px +
-BERT-base, batch 512 over 8 GPUs = 64 per GPU, queue 65,536, embed_dim 256; CODIS the same with a 4,000-word
-codebook). Estimates, not measurements:
-- The towers. A ViT-B/16 forward on 257 tokens is about 2 x 86M x 257 = 44 GFLOP (plus 2.4 for attention) per
-  image; the 6 text layers on ~30 tokens about 2.6 GFLOP per caption, a fusion pass (6 layers, cross-attending to
-  the 257 image tokens) about 6 GFLOP per pair. With the students' forward + backward, the EMA teachers' forwards
-  and the fusion passes of ITM (positives and two negatives) and MLM, one step is roughly 15-20 TFLOP per GPU.
-- The queue adds, per contrastive term, a 64 x 65,600 x 256 matmul (2.1 GFLOP forward; TCL has 4 such terms plus 2
-  teacher similarity matrices for the distillation targets: about 20 GFLOP with backward, under 0.2% of the step)
-  and about 25 dense 64 x 65,600 float32 matrices (logits, log-softmax, targets, their products and gradients:
-  17 MB each at any embed_dim, about 0.4 GB; `queue` measures 0.4 GB more step memory at 65,536 than at 1,024)
-  against tens of GB of activations. Everything queue-related is linear in the queue size.
-- CODIS's OT solves an N x K plan per modality over the gathered batch (N = 512, K = 4,000: 2M entries) in 50 IPOT
-  iterations of about a dozen element-wise passes each: about 2.5 G element operations and some 2,000 small kernels
-  per step, linear in K and N, and replicated on every GPU (each solves the whole gathered plan). Negligible in
-  FLOPs, but memory- and launch-bound: on a fast GPU it may take on the order of 10 ms, a noticeable share of a
-  step of a few tens of ms (an estimate; `ot_iterations` trades it against the plan's accuracy).
-- MIVC with pooling: the vision encoder is linear in the images per item and the LM's sequence does not grow;
-  with concatenation the LM sequence is images x tokens, whose attention is quadratic (the MLPs, linear, dominate
-  until the sequence is several times the width).
-- The in-batch contrastive terms are B x B by definition (every pair is scored), gathered across GPUs as
-  B_local x B_global: at 64 x 512 negligible.
-
-What is quadratic where it need not be: nothing in compute (every pair score that is computed is a term of the
-loss). In memory, gradient caching's alignment step (`gradient_cache.gradient_cached_backward`, step 2) computes the
-losses on the whole cached batch at once, so the peak that caching should hold at one chunk's activations grows as
-B^2 instead. At B = 4,096 the in-batch InfoNCE holds about ten 4,096 x 4,096 float32 matrices: the logits of each
-direction (computed separately although one is the other's transpose), their log-softmax, the dense identity
-targets that `losses.positive_targets` builds when there are no ids, the products, and their gradients;
-`batch_cached` measures 0.6 GB at 4,096 against 0.1 GB at 1,024, where one chunk's activations are tens of MB.
-TCL's local MI term is B x B x P (`local_mutual_information` materialises the logits, a B x B x P boolean mask and
-a masked copy, all kept for backward): `batch_lmi_cached` measures 0.7 GB at B = 1,024 and 1.7 GB at 2,048 with 16
-image and 7 text locals. Both are cheap to make linear in B: every term of these losses is a mean over anchor rows,
-each row depending only on its own query and all keys, so step 2 can compute and back-propagate the loss over row
-chunks of the cached features (chunk x B logits, chunk x B x P for LMI; the same gradients, as sentence-transformers'
-cached losses do). Integer labels instead of the dense identity targets, and one matmul for both directions, would
-cut the constant besides.
+Results, and which term dominates at the papers' sizes: BENCHMARKS.md, "Cost as the work grows".
 """
 
 from __future__ import annotations
