@@ -723,6 +723,21 @@ def test_resume_with_changed_settings_allowed_records_the_changes(tmp_path):
     assert state["resume_changes"] == allowed.resume_changes
 
 
+def test_resuming_with_other_trainable_parameters_names_the_cause(tmp_path):
+    """A resume allowed to change settings cannot change which parameters train (here the vision tower locked):
+    the checkpoint's optimizer moments belong to other parameters. It is refused with the reason and the changed
+    setting, not torch's bare parameter-group error."""
+    from vlalign.trainer import ResumeArgumentsError
+
+    _in_process_trainer(tmp_path, resume_fingerprint={"lock_image": False}).train()
+    locked = _in_process_trainer(
+        tmp_path, max_steps=6, resume_with_changed_arguments=True, resume_fingerprint={"lock_image": True}
+    )
+    locked.model.lock_image_tower()
+    with pytest.raises(ResumeArgumentsError, match=r"optimizer state does not fit .*changed settings: lock_image"):
+        locked.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
 def test_a_checkpoint_appears_only_complete(tmp_path, monkeypatch):
     """A save that dies half-way (here: the optimizer file cannot be written) leaves no checkpoint-N folder, only a
     hidden staging folder that `latest` ignores and the next run removes."""

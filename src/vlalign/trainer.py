@@ -538,7 +538,18 @@ class VLAlignTrainer(Trainer):
             self.resume_changes[name] = {**change, "from_step": step + 1}
 
     def _load_optimizer_and_scheduler(self, checkpoint):  # transformers internal (listed in vlalign/__init__.py)
-        super()._load_optimizer_and_scheduler(checkpoint)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as error:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+            if checkpoint is None or "parameter group" not in str(error):
+                raise
+            changed = ", ".join(sorted(self.resume_changes)) or "none recorded"
+            raise ResumeArgumentsError(
+                f"{checkpoint}'s optimizer state does not fit this run's trainable parameters ({error}): which "
+                f"parameters train has changed (a tower locked or unlocked, LoRA added or removed; changed settings: "
+                f"{changed}). An optimizer's moments cannot carry over to other parameters: resume with the "
+                "checkpoint's settings, or start a new run from the checkpoint's weights"
+            ) from None
         if checkpoint is not None and self.resume_changes:
             self._apply_changed_optimizer_settings()
 
@@ -941,8 +952,8 @@ class ContrastiveTrainer(VLAlignTrainer):
 
     def contrastive_num_keys(self) -> int | None:
         """Keys each cross-modal query is scored against: the local batch + the queue with momentum (ALBEF), the
-        global batch for in-batch InfoNCE (gathered across processes); None for the decomposable loss, whose
-        uniform value is not ln(keys)."""
+        global batch for in-batch InfoNCE (gathered across processes); None for the decomposable and sigmoid
+        losses, whose values at chance are not ln(keys) (they are not checked)."""
         config = self.model.config
         if getattr(config, "contrastive_loss", "info_nce") != "info_nce":
             return None
