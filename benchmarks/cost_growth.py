@@ -122,42 +122,13 @@ def build_cached_clip(batch: int, chunk: int, lmi: bool):
     return model, forward_backward
 
 
-def build_tcl(queue: int):
-    from vlalign import TCLConfig, TCLModel
-
+def build_full_model(config_class, model_class, **fields):
+    """Full TCL or CODIS (EMA teachers, queues, every objective, one fusion layer), batch 64 with two views."""
     vision, text = tower_configs(LAYERS + 1)
-    config = TCLConfig(
-        vision_config=vision,
-        text_config=text,
-        num_fusion_layers=1,
-        embed_dim=EMBED,
-        queue_size=queue,
-        lmi_image_grid=2,
-        mask_token_id=4,
+    config = config_class(
+        vision_config=vision, text_config=text, num_fusion_layers=1, embed_dim=EMBED, mask_token_id=4, **fields
     )
-    model = TCLModel(config)
-    inputs = contrastive_batch(64, two_views=True)
-
-    def forward_backward():
-        model(**inputs, return_loss=True).loss.backward()
-
-    return model, forward_backward
-
-
-def build_codis(codebook: int):
-    from vlalign import CODISConfig, CODISModel
-
-    vision, text = tower_configs(LAYERS + 1)
-    config = CODISConfig(
-        vision_config=vision,
-        text_config=text,
-        num_fusion_layers=1,
-        embed_dim=EMBED,
-        queue_size=1024,
-        codebook_size=codebook,
-        mask_token_id=4,
-    )
-    model = CODISModel(config)
+    model = model_class(config)
     inputs = contrastive_batch(64, two_views=True)
 
     def forward_backward():
@@ -212,10 +183,12 @@ def build_mivc(images: int, mode: str):
 def build(dimension: str, value: int, chunk: int):
     if dimension in ("batch_cached", "batch_lmi_cached"):
         return build_cached_clip(value, chunk, lmi=dimension == "batch_lmi_cached")
+    from vlalign import CODISConfig, CODISModel, TCLConfig, TCLModel
+
     if dimension == "queue":
-        return build_tcl(value)
+        return build_full_model(TCLConfig, TCLModel, queue_size=value, lmi_image_grid=2)
     if dimension == "codebook":
-        return build_codis(value)
+        return build_full_model(CODISConfig, CODISModel, queue_size=1024, codebook_size=value)
     return build_mivc(value, "concatenate" if dimension == "mivc_images_concatenate" else "attention")
 
 

@@ -41,6 +41,44 @@ TINY_TEXT = dict(
 
 # A script prefix that makes `import vlalign` fail, so a subprocess proves that a saved folder loads through
 # transformers' remote code alone (the script can end by importing vlalign and expect the ImportError).
+# one tiny config per supported tower family (towers.py), 16 px images: a 4x4 output grid for every vision family
+# (Swin and ConvNeXt: 2 px stem, one 2x downsampling); text families share the 144-token vocabulary
+FAMILY_VISION = {
+    "vit": dict(TINY_VISION),
+    "deit": dict(TINY_VISION, model_type="deit"),
+    "beit": dict(TINY_VISION, model_type="beit"),  # use_mean_pooling: pooled by its normed mean patch token
+    "data2vec-vision": dict(TINY_VISION, model_type="data2vec-vision"),
+    "dinov2": dict(TINY_VISION, model_type="dinov2", mlp_ratio=2),
+    "dinov2_with_registers": dict(TINY_VISION, model_type="dinov2_with_registers", mlp_ratio=2, num_register_tokens=2),
+    "clip_vision_model": dict(TINY_VISION, model_type="clip_vision_model"),
+    "vit_msn": dict(TINY_VISION, model_type="vit_msn"),
+    "siglip_vision_model": dict(TINY_VISION, model_type="siglip_vision_model"),
+    "swin": dict(model_type="swin", image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                 window_size=4),
+    "convnext": dict(model_type="convnext", image_size=16, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1],
+                     num_stages=2),
+}  # fmt: skip
+FAMILY_TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+FAMILY_TEXT = {
+    "bert": dict(TINY_TEXT),
+    "roberta": dict(TINY_TEXT, model_type="roberta", max_position_embeddings=40, **FAMILY_TEXT_IDS),
+    "xlm-roberta": dict(TINY_TEXT, model_type="xlm-roberta", max_position_embeddings=40, **FAMILY_TEXT_IDS),
+    "electra": dict(TINY_TEXT, model_type="electra", embedding_size=16),
+    "distilbert": dict(model_type="distilbert", vocab_size=144, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "modernbert": dict(
+        model_type="modernbert", vocab_size=144, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
+    ),
+    "clip_text_model": dict(
+        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **FAMILY_TEXT_IDS,
+    ),
+    "siglip_text_model": dict(
+        model_type="siglip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, **FAMILY_TEXT_IDS,
+    ),
+}  # fmt: skip
+
 BLOCK_VLALIGN = """import sys
 sys.path = [p for p in sys.path if 'vlalign' not in p and not p.endswith('/src')]
 class Block:

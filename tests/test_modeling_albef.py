@@ -16,7 +16,16 @@ and LM: test_modeling_mivc.py)."""
 
 import pytest
 import torch
-from fixtures import TINY_TEXT, TINY_VISION, count_attention_calls, tiny_batch, tiny_codis_config, tiny_tcl_config
+from fixtures import (
+    FAMILY_TEXT,
+    FAMILY_VISION,
+    TINY_TEXT,
+    TINY_VISION,
+    count_attention_calls,
+    tiny_batch,
+    tiny_codis_config,
+    tiny_tcl_config,
+)
 from transformers import TrainingArguments
 
 from vlalign import CODISModel, TCLModel
@@ -283,41 +292,6 @@ def test_dual_encoder_misuse_is_refused(tmp_path):
 # save / load of a locked model
 # ---------------------------------------------------------------------------------------------------------------------
 
-LOCK_VISION = {
-    "vit": dict(TINY_VISION),
-    "deit": dict(TINY_VISION, model_type="deit"),
-    "beit": dict(TINY_VISION, model_type="beit"),
-    "data2vec-vision": dict(TINY_VISION, model_type="data2vec-vision"),
-    "dinov2": dict(TINY_VISION, model_type="dinov2", mlp_ratio=2),
-    "dinov2_with_registers": dict(TINY_VISION, model_type="dinov2_with_registers", mlp_ratio=2, num_register_tokens=2),
-    "clip_vision_model": dict(TINY_VISION, model_type="clip_vision_model"),
-    "vit_msn": dict(TINY_VISION, model_type="vit_msn"),
-    "siglip_vision_model": dict(TINY_VISION, model_type="siglip_vision_model"),
-    "swin": dict(model_type="swin", image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
-                 window_size=4),
-    "convnext": dict(model_type="convnext", image_size=16, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1],
-                     num_stages=2),
-}  # fmt: skip
-_LOCK_TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-LOCK_TEXT = {
-    "bert": dict(TINY_TEXT),
-    "roberta": dict(TINY_TEXT, model_type="roberta", max_position_embeddings=40, **_LOCK_TEXT_IDS),
-    "xlm-roberta": dict(TINY_TEXT, model_type="xlm-roberta", max_position_embeddings=40, **_LOCK_TEXT_IDS),
-    "electra": dict(TINY_TEXT, model_type="electra", embedding_size=16),
-    "distilbert": dict(model_type="distilbert", vocab_size=144, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
-    "modernbert": dict(
-        model_type="modernbert", vocab_size=144, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
-    ),
-    "clip_text_model": dict(
-        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, **_LOCK_TEXT_IDS,
-    ),
-    "siglip_text_model": dict(
-        model_type="siglip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, **_LOCK_TEXT_IDS,
-    ),
-}  # fmt: skip
 # parts of a tower that come before its blocks, by name: frozen whatever the number of unlocked blocks
 _BEFORE_BLOCKS = ("embed", "pre_layrnorm")
 
@@ -327,8 +301,8 @@ def _lock_family_model(side, family):
 
     from vlalign.towers import FUSION_TEXT_MODEL_TYPES, text_poolings, vision_poolings
 
-    vision = LOCK_VISION[family] if side == "vision" else dict(TINY_VISION)
-    text = LOCK_TEXT[family] if side == "text" else dict(TINY_TEXT)
+    vision = FAMILY_VISION[family] if side == "vision" else dict(TINY_VISION)
+    text = FAMILY_TEXT[family] if side == "text" else dict(TINY_TEXT)
     fusion = text["model_type"] in FUSION_TEXT_MODEL_TYPES
     objectives = {} if fusion else dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
     # with the pooler where the family has one: it runs after the blocks
@@ -355,7 +329,7 @@ def _unique_parameter_bytes(model):
 
 
 @pytest.mark.parametrize(
-    "side,family", [("vision", f) for f in LOCK_VISION] + [("text", f) for f in LOCK_TEXT], ids=lambda v: str(v)
+    "side,family", [("vision", f) for f in FAMILY_VISION] + [("text", f) for f in FAMILY_TEXT], ids=lambda v: str(v)
 )
 def test_locking_a_tower_of_every_family_freezes_what_runs_before_its_unlocked_blocks(side, family):
     """unlocked_layers=0 freezes the whole tower and its projection; unlocked_layers=N leaves its last N blocks, what

@@ -11,52 +11,14 @@ import textwrap
 
 import pytest
 import torch
-from fixtures import BLOCK_VLALIGN, TINY_TEXT, TINY_VISION, tiny_batch
+from fixtures import BLOCK_VLALIGN, FAMILY_TEXT, FAMILY_VISION, tiny_batch
 from transformers import AutoConfig, AutoModel, SiglipTextModel
 
 from vlalign import CODISModel, TCLModel
 from vlalign.towers import TEXT_MODEL_TYPES, VISION_MODEL_TYPES
 
 TOWER = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-# tiny configs, 16 px images: a 4x4 output grid for every family (Swin and ConvNeXt: 2 px stem, one 2x downsampling)
-VISION = {
-    "vit": dict(TINY_VISION),
-    "deit": dict(TINY_VISION, model_type="deit"),
-    "beit": dict(TINY_VISION, model_type="beit"),  # use_mean_pooling: pooled by its normed mean patch token
-    "data2vec-vision": dict(TINY_VISION, model_type="data2vec-vision"),
-    "dinov2": dict(TINY_VISION, model_type="dinov2", mlp_ratio=2),
-    "dinov2_with_registers": dict(TINY_VISION, model_type="dinov2_with_registers", mlp_ratio=2, num_register_tokens=2),
-    "clip_vision_model": dict(TINY_VISION, model_type="clip_vision_model"),
-    "vit_msn": dict(TINY_VISION, model_type="vit_msn"),
-    "siglip_vision_model": dict(TINY_VISION, model_type="siglip_vision_model"),
-    "swin": dict(model_type="swin", image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4]),
-    "convnext": dict(model_type="convnext", image_size=16, patch_size=2, hidden_sizes=[16, 32], depths=[1, 1]),
-}
-for _family, _kwargs in VISION.items():
-    if _family == "swin":
-        _kwargs["window_size"] = 4
-    if _family == "convnext":
-        _kwargs["num_stages"] = 2
-TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-TEXT = {
-    "bert": dict(TINY_TEXT),
-    "roberta": dict(TINY_TEXT, model_type="roberta", max_position_embeddings=40, **TEXT_IDS),
-    "xlm-roberta": dict(TINY_TEXT, model_type="xlm-roberta", max_position_embeddings=40, **TEXT_IDS),
-    "electra": dict(TINY_TEXT, model_type="electra", embedding_size=16),
-    "distilbert": dict(model_type="distilbert", vocab_size=144, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
-    "modernbert": dict(
-        model_type="modernbert", vocab_size=144, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, pad_token_id=0, bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3,
-    ),
-    "clip_text_model": dict(
-        model_type="clip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, **TEXT_IDS,
-    ),
-    "siglip_text_model": dict(
-        model_type="siglip_text_model", vocab_size=144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16, **TEXT_IDS,
-    ),
-}  # fmt: skip
+VISION, TEXT = FAMILY_VISION, FAMILY_TEXT
 DUAL_ENCODER = dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
 COMMON = dict(embed_dim=16, queue_size=32, mask_token_id=4)
 ALL_FAMILIES = [("vision", family) for family in VISION] + [("text", family) for family in TEXT]
