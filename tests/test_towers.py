@@ -18,15 +18,14 @@ from vlalign import CODISModel, TCLModel
 from vlalign.towers import TEXT_MODEL_TYPES, VISION_MODEL_TYPES
 
 TOWER = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-VISION, TEXT = FAMILY_VISION, FAMILY_TEXT
 DUAL_ENCODER = dict(num_fusion_layers=0, itm_weight=0.0, mlm_weight=0.0)
 COMMON = dict(embed_dim=16, queue_size=32, mask_token_id=4)
-ALL_FAMILIES = [("vision", family) for family in VISION] + [("text", family) for family in TEXT]
+ALL_FAMILIES = [("vision", family) for family in FAMILY_VISION] + [("text", family) for family in FAMILY_TEXT]
 
 
 def test_the_matrix_covers_every_supported_family():
-    assert set(VISION) == set(VISION_MODEL_TYPES)
-    assert set(TEXT) == set(TEXT_MODEL_TYPES)
+    assert set(FAMILY_VISION) == set(VISION_MODEL_TYPES)
+    assert set(FAMILY_TEXT) == set(TEXT_MODEL_TYPES)
 
 
 def _overrides(text_family):
@@ -52,7 +51,7 @@ def checkpoints(tmp_path_factory):
     """Each family saved by its own class (`AutoModel.from_config`, the class's default pooler switch)."""
     root = tmp_path_factory.mktemp("towers")
     paths = {}
-    for kind, families in (("vision", VISION), ("text", TEXT)):
+    for kind, families in (("vision", FAMILY_VISION), ("text", FAMILY_TEXT)):
         for family, kwargs in families.items():
             torch.manual_seed(0)
             config = AutoConfig.for_model(**kwargs)
@@ -102,7 +101,7 @@ def _tower_keys_loaded(tower, reference, key_map=lambda key: key):
     return saved
 
 
-@pytest.mark.parametrize("family", list(VISION))
+@pytest.mark.parametrize("family", list(FAMILY_VISION))
 def test_vision_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
     model = _build(TCLModel, checkpoints, "vision", family).eval()
     reference = _reference(checkpoints["vision", family], family)
@@ -148,7 +147,7 @@ def _fusion_key(n_text):
     return key_map
 
 
-@pytest.mark.parametrize("family", list(TEXT))
+@pytest.mark.parametrize("family", list(FAMILY_TEXT))
 def test_text_tower_loads_every_tensor_and_computes_what_its_family_computes(checkpoints, family):
     model = _build(TCLModel, checkpoints, "text", family).eval()
     reference = _reference(checkpoints["text", family], family)
@@ -280,7 +279,7 @@ def test_every_family_loads_through_remote_code_without_the_package(checkpoints,
 # ---------------------------------------------------------------------------------------------------------------
 # patch dropout (FLIP): the student tower runs on the prefix tokens and a random subset of its patch tokens
 
-PATCH_DROPOUT_FAMILIES = [family for family in VISION if family not in ("swin", "convnext")]
+PATCH_DROPOUT_FAMILIES = [family for family in FAMILY_VISION if family not in ("swin", "convnext")]
 # tokens before the grid in the tiny configs: [CLS]; DeiT's distillation token; DINOv2's 2 registers; SigLIP none
 PREFIX = {"deit": 2, "dinov2_with_registers": 3, "siglip_vision_model": 0}
 
@@ -289,7 +288,7 @@ def _tower_pair(family, prob, pooling=None):
     """A tower with patch dropout `prob` and the same tower without it (same weights)."""
     from vlalign.towers import build_vision_encoder
 
-    config = AutoConfig.for_model(**VISION[family])
+    config = AutoConfig.for_model(**FAMILY_VISION[family])
     torch.manual_seed(0)
     dropped = build_vision_encoder(config, pooling, patch_dropout=prob)
     plain = build_vision_encoder(config, pooling)

@@ -93,6 +93,10 @@ def contrastive_cross_entropy(
 _LOGITS_PER_BLOCK = 1 << 20
 
 
+def _row_blocks(count: int, rows_per_block: int) -> list[slice]:
+    return [slice(start, min(start + rows_per_block, count)) for start in range(0, count, rows_per_block)]
+
+
 def _block_positive_targets(query_ids, key_ids, rows: slice, keys: torch.Tensor, offset: int, dtype) -> torch.Tensor:
     """`positive_targets` of the query rows `rows` only (row i's own positive is key ``offset + i``)."""
     ids = None if query_ids is None else query_ids[rows]
@@ -111,8 +115,7 @@ class _BlockedContrastiveCrossEntropy(torch.autograd.Function):
     def forward(ctx, queries, keys, temperature, query_ids, key_ids, offset, rows_per_block):
         total = queries.new_zeros(())
         log_normalisers = []
-        for start in range(0, queries.shape[0], rows_per_block):
-            rows = slice(start, min(start + rows_per_block, queries.shape[0]))
+        for rows in _row_blocks(queries.shape[0], rows_per_block):
             logits = (queries[rows] @ keys.t()) / temperature
             targets = _block_positive_targets(query_ids, key_ids, rows, keys, offset, logits.dtype)
             lse = torch.logsumexp(logits, dim=1)
@@ -128,8 +131,7 @@ class _BlockedContrastiveCrossEntropy(torch.autograd.Function):
         (query_ids, key_ids), count = ctx.ids, queries.shape[0]
         grad_queries, grad_keys = torch.zeros_like(queries), torch.zeros_like(keys)
         grad_inverse_temperature = queries.new_zeros(())
-        for start in range(0, count, ctx.rows_per_block):
-            rows = slice(start, min(start + ctx.rows_per_block, count))
+        for rows in _row_blocks(count, ctx.rows_per_block):
             similarities = queries[rows] @ keys.t()
             logits = similarities / temperature
             targets = _block_positive_targets(query_ids, key_ids, rows, keys, ctx.offset, logits.dtype)
@@ -249,21 +251,22 @@ def local_mutual_information(
     has_locals = counts > 0
     rows_per_block = max(1, _LOGITS_PER_BLOCK // max(batch * num_locals, 1))
     if rows_per_block >= batch:
-        per_sample = _lmi_per_anchor(g, loc, valid, t, 0)
+        per_sample = _lmi_per_anchor(g, loc, valid, counts, t, 0)
         return per_sample[has_locals].mean() if has_locals.any() else per_sample.sum() * 0.0
     # B x B x P logits over blocks of anchors, each block recomputed in backward: memory linear in B
     total = g.new_zeros(())
-    for start in range(0, batch, rows_per_block):
-        rows = slice(start, min(start + rows_per_block, batch))
+    for rows in _row_blocks(batch, rows_per_block):
+        # no random draws inside: no RNG state to keep for the recomputation
         per_sample = torch.utils.checkpoint.checkpoint(
-            _lmi_per_anchor, g[rows], loc, valid, t, start, use_reentrant=False
+            _lmi_per_anchor, g[rows], loc, valid, counts, t, rows.start, use_reentrant=False, preserve_rng_state=False
         )
         total = total + per_sample[has_locals[rows]].sum()
     return total / has_locals.sum() if has_locals.any() else total * 0.0
 
 
-def _lmi_per_anchor(g: torch.Tensor, loc: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, start: int):
-    """`local_mutual_information` of the anchors ``start, start + 1, ...`` (the rows of `g`), one value each."""
+def _lmi_per_anchor(g, loc, valid: torch.Tensor, counts: torch.Tensor, t: torch.Tensor, start: int) -> torch.Tensor:
+    """`local_mutual_information` of the anchors ``start, start + 1, ...`` (the rows of `g`), one value each
+    (`counts`: every sample's number of valid locals)."""
     rows, (batch, num_locals) = g.shape[0], valid.shape
     # logits[i, k, j] = g_i . l_kj / t
     logits = torch.einsum("id,kjd->ikj", g, loc) / t
@@ -277,7 +280,7 @@ def _lmi_per_anchor(g: torch.Tensor, loc: torch.Tensor, valid: torch.Tensor, t: 
     negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (rows, 1)
     per_local = torch.logaddexp(positive, negative_lse) - positive  # (rows, P)
     per_local = per_local * valid[own]
-    return per_local.sum(dim=1) / valid[own].sum(dim=1).clamp(min=1)
+    return per_local.sum(dim=1) / counts[own].clamp(min=1)
 
 
 def sample_hard_negatives(
