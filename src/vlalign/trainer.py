@@ -546,7 +546,7 @@ class VLAlignTrainer(Trainer):
             changed = ", ".join(sorted(self.resume_changes)) or "none recorded"
             raise ResumeArgumentsError(
                 f"{checkpoint}'s optimizer state does not fit this run's trainable parameters ({error}): which "
-                f"parameters train has changed (a tower locked or unlocked, LoRA added or removed; changed settings: "
+                f"parameters train has changed (e.g. a tower locked or unlocked; changed settings: "
                 f"{changed}). An optimizer's moments cannot carry over to other parameters: resume with the "
                 "checkpoint's settings, or start a new run from the checkpoint's weights"
             ) from None
